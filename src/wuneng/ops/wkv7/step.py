@@ -1,0 +1,45 @@
+"""One WKV-7 step: the decoding form (one token per call, constant memory)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+
+
+def wkv7_step(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: Optional[torch.Tensor] = None,
+    *,
+    extra_query: Optional[torch.Tensor] = None,
+):
+    """Advance the state by one token.
+
+    Args:
+        r, log_w, k, v, a, b: [B, H, N] (one token). ``log_w`` is the log decay.
+        state: [B, H, N, N] or None (zeros).
+        extra_query: optional [B, H, N], a second read-out of the new state.
+
+    Returns:
+        ``(y, new_state)`` or ``(y, new_state, y_extra)``; y: [B, H, N] in r's dtype, state float32 (float64 for float64).
+    """
+    check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), state, extra_query, step=True)
+    B, H, N = r.shape
+    sdt = state_dtype(r.dtype)
+    S = r.new_zeros(B, H, N, N, dtype=sdt) if state is None else state.to(sdt)
+    r_, k_, v_, a_, b_ = (t.to(sdt) for t in (r, k, v, a, b))
+    w_ = torch.exp(log_w.to(sdt))
+    sa = torch.einsum("bhij,bhj->bhi", S, a_)
+    S = S * w_[:, :, None, :] + sa[..., :, None] * b_[:, :, None, :] + v_[..., :, None] * k_[:, :, None, :]
+    y = torch.einsum("bhij,bhj->bhi", S, r_).to(r.dtype)
+    if extra_query is None:
+        return y, S
+    y2 = torch.einsum("bhij,bhj->bhi", S, extra_query.to(sdt)).to(r.dtype)
+    return y, S, y2
