@@ -1,0 +1,379 @@
+"""RWKV-7 layers (SPEC section 2): the state heads, the time-mix and the channel-mix.
+
+Parameter names follow RWKV-LM x070 (``x_r``, ``w0/w1/w2``, ``k_k``, ``ln_x``, ...), with the [1, 1, C]
+vectors stored flat as [C]. LoRA matrices keep RWKV-LM's layout (``w1`` [C, D], used as ``x @ w1``).
+
+Widths: ``hidden_size`` C is the residual width; the state width A = H * N (heads x head size) equals C in a
+plain RWKV-7 model but may exceed it after Meta-State growth, or follow the teacher's query heads in a WuNeng
+hybrid. Projections are then A x C and C x A.
+
+The decay is handled as its logarithm: ``log_w = -0.606531 * sigmoid(z)`` (so w lies in (0.5452, 1)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import wkv7, wkv7_step
+
+# exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
+DECAY_SCALE = math.exp(-0.5)
+
+
+def lora_ranks(hidden_size: int, head_size: int = 64) -> dict:
+    """The current RWKV-LM LoRA ranks (SPEC section 2): {'w', 'a', 'v', 'g'} -> rank."""
+    c = hidden_size
+    rw = max(32, int(round(2.5 * math.sqrt(c) * (head_size / 64) / 32)) * 32)
+    rv = max(32, int(round(1.7 * math.sqrt(c) / 32)) * 32)
+    rg = max(32, int(round(5.0 * math.sqrt(c) / 32)) * 32)
+    return {"w": rw, "a": rw, "v": rv, "g": rg}
+
+
+def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``shift(x) - x``: the previous token minus this one.
+
+    x: [B, T, C]; prev: [B, C], the token before x[:, 0] (zeros when None). Returns [B, T, C].
+    """
+    first = torch.zeros_like(x[:, :1]) if prev is None else prev.unsqueeze(1).to(x.dtype)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    return shifted - x
+
+
+def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
+    """Orthogonal init as RWKV-LM does it: gain * sqrt(rows / cols) when rows > cols. Zero gain zeroes."""
+    if gain == 0:
+        return nn.init.zeros_(weight)
+    rows, cols = weight.shape
+    g = gain * (math.sqrt(rows / cols) if rows > cols else 1.0)
+    with torch.no_grad():
+        # orthogonal_ works in float32 on CPU; build there and copy, so meta/bf16 weights are fine too.
+        tmp = torch.empty(rows, cols, dtype=torch.float32)
+        nn.init.orthogonal_(tmp, gain=g)
+        weight.copy_(tmp)
+    return weight
+
+
+def _layer_ratios(layer_idx: int, num_layers: int) -> Tuple[float, float]:
+    """r01 = l / (L - 1) (0 for a single layer) and r1 = 1 - l / L."""
+    r01 = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
+    r1 = 1.0 - layer_idx / num_layers
+    return r01, r1
+
+
+def state_channel_init(state_size: int, head_size: int, layer_idx: int, num_layers: int) -> dict:
+    """Per-state-channel vectors of the current init (SPEC section 2), each [A]: w0, a0, v0, k_k."""
+    r01, _ = _layer_ratios(layer_idx, num_layers)
+    n = torch.arange(state_size, dtype=torch.float64)
+    denom = max(state_size - 1, 1)
+    lin = n / denom - 0.5
+    half = max((head_size - 1) / 2, 1e-12)
+    zz = ((n % head_size) - (head_size - 1) / 2) / half
+    zig = zz * zz.abs()
+    www = -6 + 6 * (n / denom) ** (1 + r01**0.3)
+    return {
+        "w0": www + 0.5 + 2.5 * zig,
+        "a0": -0.19 + 0.3 * zig + 0.4 * lin,
+        "v0": 0.73 - 0.4 * lin,
+        "k_k": 0.71 - 0.1 * lin,
+    }
+
+
+def mix_init(hidden_size: int, power: float) -> torch.Tensor:
+    """Token-shift mix vector mu = 1 - ddd^power, ddd_n = n / C. Returns [C] float64."""
+    ddd = torch.arange(hidden_size, dtype=torch.float64) / hidden_size
+    return 1.0 - ddd**power
+
+
+class RWKV7StateHeads(nn.Module):
+    """The RWKV-7 state-driven heads given projected r, k, v: decay, in-context learning rate, value
+    residual, the WKV-7 recurrence, GroupNorm and the bonus term.
+
+    This is shared by :class:`TimeMix` (which adds the r/k/v/gate/output projections) and by the WuNeng
+    hybrid mixer (whose r, k, v come from the teacher's attention projections).
+
+    Parameters (RWKV-LM names): ``x_w, x_a, x_v`` [C] token-shift mixes feeding the LoRAs;
+    ``w0`` [A], ``w1`` [C, D_w], ``w2`` [D_w, A] (decay); ``a0/a1/a2`` (alpha); ``v0/v1/v2`` (value
+    residual, unused when ``value_residual`` is False); ``k_k, k_a`` [A]; ``r_k`` [H, N]; ``ln_x`` GroupNorm.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_size: int,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        *,
+        decay_rank: Optional[int] = None,
+        a_rank: Optional[int] = None,
+        v_rank: Optional[int] = None,
+        value_residual: Optional[bool] = None,
+        norm_eps: float = 64e-5,
+        wkv_impl: str = "auto",
+    ):
+        super().__init__()
+        if hidden_size <= 0 or num_heads <= 0 or head_size <= 0:
+            raise ValueError(
+                f"RWKV7StateHeads: hidden_size, num_heads, head_size must be positive, got {hidden_size}, {num_heads}, {head_size}"
+            )
+        if not 0 <= layer_idx < num_layers:
+            raise ValueError(f"RWKV7StateHeads: layer_idx must be in [0, {num_layers}), got {layer_idx}")
+        ranks = lora_ranks(hidden_size, head_size)
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.state_size = num_heads * head_size
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        # the first layer produces v_first; later layers mix towards it (value residual)
+        self.value_residual = layer_idx > 0 if value_residual is None else value_residual
+        self.wkv_impl = wkv_impl
+        C, A = hidden_size, self.state_size
+        dw, da, dv = decay_rank or ranks["w"], a_rank or ranks["a"], v_rank or ranks["v"]
+        self.x_w = nn.Parameter(torch.empty(C))
+        self.x_a = nn.Parameter(torch.empty(C))
+        self.x_v = nn.Parameter(torch.empty(C))
+        self.w0 = nn.Parameter(torch.empty(A))
+        self.w1 = nn.Parameter(torch.empty(C, dw))
+        self.w2 = nn.Parameter(torch.empty(dw, A))
+        self.a0 = nn.Parameter(torch.empty(A))
+        self.a1 = nn.Parameter(torch.empty(C, da))
+        self.a2 = nn.Parameter(torch.empty(da, A))
+        self.v0 = nn.Parameter(torch.empty(A))
+        self.v1 = nn.Parameter(torch.empty(C, dv))
+        self.v2 = nn.Parameter(torch.empty(dv, A))
+        self.k_k = nn.Parameter(torch.empty(A))
+        self.k_a = nn.Parameter(torch.empty(A))
+        self.r_k = nn.Parameter(torch.empty(num_heads, head_size))
+        self.ln_x = nn.GroupNorm(num_heads, A, eps=norm_eps)
+        self.reset_state_parameters()
+
+    # -- initialisation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_state_parameters(self) -> None:
+        """The current RWKV-LM init of the state-head parameters (SPEC section 2)."""
+        C, N = self.hidden_size, self.head_size
+        _, r1 = _layer_ratios(self.layer_idx, self.num_layers)
+        self.x_w.copy_(mix_init(C, 0.9 * r1))
+        self.x_a.copy_(mix_init(C, 0.9 * r1))
+        self.x_v.copy_(mix_init(C, 0.7 * r1))
+        vec = state_channel_init(self.state_size, N, self.layer_idx, self.num_layers)
+        for name in ("w0", "a0", "v0", "k_k"):
+            getattr(self, name).copy_(vec[name])
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        for first, second in (("w1", "w2"), ("a1", "a2"), ("v1", "v2")):
+            nn.init.zeros_(getattr(self, first))
+            orthogonal_(getattr(self, second), 0.1)
+        self.ln_x.weight.fill_(((self.layer_idx + 1) / self.num_layers) ** 0.7)
+        self.ln_x.bias.zero_()
+
+    # -- the pieces of SPEC section 2 ----------------------------------------------------------------
+    def log_decay(self, x_w: torch.Tensor) -> torch.Tensor:
+        """log w = -e^{-1/2} sigmoid(w0 + tanh(x_w W1) W2), float32. x_w [B,T,C] -> [B,T,A]."""
+        z = self.w0 + torch.tanh(x_w @ self.w1) @ self.w2
+        return -DECAY_SCALE * torch.sigmoid(z.float())
+
+    def wkv_inputs(
+        self,
+        x: torch.Tensor,
+        xx: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        v_first: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+    ):
+        """Decay, keys, values, a and b of the recurrence.
+
+        x, xx: [B,T,C] (the token and ``shift(x) - x``); k, v: [B,T,A]; v_first: [B,T,A] or None;
+        mask: [B,T] (1 = real token) or None. Returns (log_w, k, v, a, b, v_first), all [B,T,A].
+        Padded positions get log_w = 0 and k = v = b = 0, so they leave the state untouched.
+        """
+        B, T, _ = x.shape
+        H, N = self.num_heads, self.head_size
+        x_w = x + xx * self.x_w
+        x_a = x + xx * self.x_a
+        x_v = x + xx * self.x_v
+        log_w = self.log_decay(x_w)
+        if self.value_residual:
+            if v_first is None:
+                raise ValueError("RWKV7StateHeads: a value-residual layer needs v_first from the first layer")
+            gate = torch.sigmoid(self.v0 + (x_v @ self.v1) @ self.v2)
+            v = v + (v_first - v) * gate
+        else:
+            v_first = v
+        alpha = torch.sigmoid(self.a0 + (x_a @ self.a1) @ self.a2)  # in-context learning rate
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, -1)  # kappa-hat
+        k = k * (1 + (alpha - 1) * self.k_a)
+        a, b = -kk, kk * alpha
+        if mask is not None:
+            m = mask.to(k.dtype).unsqueeze(-1)
+            log_w, k, v, b = log_w * m.to(log_w.dtype), k * m, v * m, b * m
+        return log_w, k, v, a, b, v_first
+
+    def read_out(self, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """GroupNorm per head plus the bonus (sum_n r k r_k) v. All [B,T,A] -> [B,T,A]."""
+        B, T, A = y.shape
+        H, N = self.num_heads, self.head_size
+        y = self.ln_x(y.reshape(B * T, A)).view(B, T, A)
+        bonus = ((r * k).view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        return y + bonus.view(B, T, A)
+
+    def recur(
+        self,
+        r: torch.Tensor,
+        log_w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        wkv_state: Optional[torch.Tensor],
+        extra_query: Optional[torch.Tensor] = None,
+    ):
+        """The WKV-7 recurrence over [B,T,A] inputs. Returns (y [B,T,A], state [B,H,N,N][, y_extra])."""
+        B, T, A = r.shape
+        shape = (B, T, self.num_heads, self.head_size)
+        args = [t.reshape(shape) for t in (r, log_w, k, v, a, b)]
+        q2 = None if extra_query is None else extra_query.reshape(shape)
+        if T == 1:
+            out = wkv7_step(*(t[:, 0] for t in args), wkv_state, extra_query=None if q2 is None else q2[:, 0])
+            out = (out[0].unsqueeze(1), out[1]) + tuple(o.unsqueeze(1) for o in out[2:])
+        else:
+            out = wkv7(*args, wkv_state, extra_query=q2, impl=self.wkv_impl)
+        y, state = out[0].reshape(B, T, A), out[1]
+        if q2 is None:
+            return y, state
+        return y, state, out[2].reshape(B, T, A)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        xx: torch.Tensor,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        v_first: Optional[torch.Tensor] = None,
+        wkv_state: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ):
+        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C].
+
+        Returns (y [B,T,A] after GroupNorm and bonus, new wkv state [B,H,N,N] float32, v_first [B,T,A]).
+        """
+        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask)
+        y, state = self.recur(r, log_w, k, v, a, b, wkv_state)
+        return self.read_out(y, r, k, v), state, v_first
+
+
+class TimeMix(RWKV7StateHeads):
+    """RWKV-7 time-mix (SPEC section 2): token shift, r/k/v projections, the state heads, the gate and
+    the output projection. Input and output [B, T, C]; state width A = H * N.
+
+    State for decoding: (shift [B, C] = the last input token, wkv [B, H, N, N] float32).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_size: int,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        *,
+        gate_rank: Optional[int] = None,
+        **kwargs,
+    ):
+        super().__init__(hidden_size, num_heads, head_size, layer_idx, num_layers, **kwargs)
+        C, A = hidden_size, self.state_size
+        dg = gate_rank or lora_ranks(hidden_size, head_size)["g"]
+        self.x_r = nn.Parameter(torch.empty(C))
+        self.x_k = nn.Parameter(torch.empty(C))
+        self.x_g = nn.Parameter(torch.empty(C))
+        self.g1 = nn.Parameter(torch.empty(C, dg))
+        self.g2 = nn.Parameter(torch.empty(dg, A))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The whole current RWKV-LM init of a time-mix (SPEC section 2)."""
+        self.reset_state_parameters()
+        _, r1 = _layer_ratios(self.layer_idx, self.num_layers)
+        self.x_r.copy_(mix_init(self.hidden_size, 0.2 * r1))
+        self.x_k.copy_(mix_init(self.hidden_size, 0.7 * r1))
+        self.x_g.copy_(mix_init(self.hidden_size, 0.2 * r1))
+        nn.init.zeros_(self.g1)
+        orthogonal_(self.g2, 0.1)
+        orthogonal_(self.receptance.weight, 1.0)
+        orthogonal_(self.key.weight, 0.1)
+        orthogonal_(self.value.weight, 1.0)
+        nn.init.zeros_(self.output.weight)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        v_first: Optional[torch.Tensor] = None,
+        state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        mask: Optional[torch.Tensor] = None,
+    ):
+        """x: [B,T,C] (the LN1 output); v_first: [B,T,A] from the first layer (None in it);
+        state: (shift [B,C], wkv [B,H,N,N]) or None; mask: [B,T] (1 = token, 0 = padding) or None.
+
+        Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"TimeMix: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+        if mask is not None:
+            x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
+        shift, wkv_state = (None, None) if state is None else state
+        xx = token_shift(x, shift)
+        r = self.receptance(x + xx * self.x_r)
+        k = self.key(x + xx * self.x_k)
+        v = self.value(x + xx * self.x_v)
+        g = torch.sigmoid((x + xx * self.x_g) @ self.g1) @ self.g2  # no sigmoid after G2
+        y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask)
+        out = self.output(y * g)
+        return out, v_first, (x[:, -1], wkv_state)
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 channel-mix: ``relu(x_k W_key)^2 W_value`` with a token shift. [B,T,C] -> [B,T,C].
+
+    State for decoding: shift [B, C], the last input token.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: Optional[int] = None, layer_idx: int = 0, num_layers: int = 1):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size or 4 * hidden_size
+        self.layer_idx, self.num_layers = layer_idx, num_layers
+        self.x_k = nn.Parameter(torch.empty(hidden_size))
+        self.key = nn.Linear(hidden_size, self.intermediate_size, bias=False)
+        self.value = nn.Linear(self.intermediate_size, hidden_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _, r1 = _layer_ratios(self.layer_idx, self.num_layers)
+        self.x_k.copy_(mix_init(self.hidden_size, r1**4))
+        orthogonal_(self.key.weight, 1.0)
+        nn.init.zeros_(self.value.weight)
+
+    def mixed_key(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_k = x + (shift(x) - x) * mu_k, [B,T,C]."""
+        return x + token_shift(x, shift) * self.x_k
+
+    def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        """x: [B,T,C] (LN2 output); shift: [B,C] or None. Returns (out [B,T,C], new shift [B,C])."""
+        if mask is not None:
+            x = x * mask.to(x.dtype).unsqueeze(-1)
+        k = torch.relu(self.key(self.mixed_key(x, shift))) ** 2
+        return self.value(k), x[:, -1]
