@@ -1,0 +1,203 @@
+"""Recurrent-state cache for ``generate()`` and for carrying state across forward calls.
+
+A recurrent model (RWKV-7) keeps, per layer, a few fixed-size tensors instead of a growing key/value cache.
+:class:`RecurrentStateCache` stores them as *named* tensors per layer, each with the batch on dim 0, so that
+batch selection and beam reordering are one generic ``index_select`` and the memory does not grow with the
+context. It is a :class:`transformers.Cache`, so ``generate()`` accepts it as ``past_key_values``, calls
+``get_seq_length()``, ``reorder_cache(beam_idx)`` (beam search), ``batch_repeat_interleave`` /
+``batch_select_indices`` (contrastive search and friends) on it, and never tries to compile it or roll it back
+(``is_compileable`` and ``is_croppable`` are False).
+
+Hybrid models: each entry of ``cache.layers`` is a transformers cache layer. For a pure recurrent model it is
+a :class:`transformers.cache_utils.DummyLayer` (no keys/values). A hybrid model (attention + state heads)
+passes its own layers, e.g. ``DynamicLayer()`` for the attention part, and uses ``cache.update(k, v, i)``
+(the ordinary transformers API) beside ``get_state``/``set_state``; every batch operation below acts on both.
+
+State names used by RWKV-7 (``wuneng.models.rwkv7``), per layer:
+
+=================  ===============  ================================================================
+name               shape            meaning
+=================  ===============  ================================================================
+``time_shift``     [B, C]           last LN1 output seen by the time-mix (token shift)
+``wkv``            [B, H, N, N]     WKV-7 state, float32, ``S[i, j]``: value index i, key index j
+``channel_shift``  [B, C]           last LN2 output seen by the channel-mix
+=================  ===============  ================================================================
+
+API summary (all a model needs):
+
+- ``RecurrentStateCache(num_layers, layers=None)``: an empty cache.
+- ``get_state(layer_idx, name) -> Tensor | None`` (None: nothing stored yet, i.e. the zero/initial state);
+  ``set_state(layer_idx, name, tensor)`` replaces it (old tensor freed, so the size stays constant).
+- ``advance(num_tokens)``: the model calls it once per forward; ``get_seq_length()`` returns the total.
+- ``reorder_cache(beam_idx)``, ``batch_select_indices(idx)``, ``batch_repeat_interleave(r)``: batch ops.
+- ``reset()`` forgets everything; ``detach_()`` cuts the autograd graph (truncated BPTT);
+  ``nbytes()`` the memory held; ``batch_size`` the batch of the stored states (-1 when empty).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
+
+__all__ = ["RecurrentStateCache", "RWKV7_STATE_NAMES"]
+
+# The per-layer state names of an RWKV-7 block (see the module docstring).
+RWKV7_STATE_NAMES = ("time_shift", "wkv", "channel_shift")
+
+
+class RecurrentStateCache(Cache):
+    """Constant-size per-layer recurrent state (plus, optionally, per-layer transformers KV layers).
+
+    Args:
+        num_layers: number of model layers (each gets a state dictionary).
+        layers: optional list of ``num_layers`` transformers cache layers (e.g. ``DynamicLayer()`` for the
+            attention half of a hybrid layer). Default: a ``DummyLayer`` per layer (no key/value cache).
+
+    Every stored tensor has the batch on dim 0. Tensors are stored as given (no copy); a model replaces them
+    with ``set_state`` after each forward, so memory stays constant however many tokens pass.
+    """
+
+    def __init__(self, num_layers: int, layers: Optional[Sequence] = None):
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
+            raise ValueError(f"RecurrentStateCache: num_layers must be a positive int, got {num_layers!r}")
+        if layers is None:
+            layers = [DummyLayer() for _ in range(num_layers)]
+        elif len(layers) != num_layers:
+            raise ValueError(f"RecurrentStateCache: got {len(layers)} cache layers for num_layers={num_layers}")
+        super().__init__(layers=list(layers))
+        self.states: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.seen_tokens = 0
+
+    # -- state access ---------------------------------------------------------------------------------
+    def _check_layer(self, layer_idx: int) -> None:
+        if not 0 <= layer_idx < len(self.states):
+            raise IndexError(f"RecurrentStateCache: layer_idx must be in [0, {len(self.states)}), got {layer_idx}")
+
+    def get_state(self, layer_idx: int, name: str) -> Optional[torch.Tensor]:
+        """The state ``name`` of layer ``layer_idx``, or None when nothing was stored (the initial state)."""
+        self._check_layer(layer_idx)
+        return self.states[layer_idx].get(name)
+
+    def set_state(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
+        """Store (replace) the state ``name`` of layer ``layer_idx``; its dim 0 must be the batch."""
+        self._check_layer(layer_idx)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"RecurrentStateCache: state {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() == 0:
+            raise ValueError(f"RecurrentStateCache: state {name!r} must have a batch dimension (dim 0), got a scalar")
+        batch = self.batch_size
+        if batch != -1 and tensor.shape[0] != batch:
+            raise ValueError(
+                f"RecurrentStateCache: state {name!r} of layer {layer_idx} has batch {tensor.shape[0]}, "
+                f"but the cache holds batch {batch}"
+            )
+        self.states[layer_idx][name] = tensor
+
+    def layer_states(self, layer_idx: int) -> Dict[str, torch.Tensor]:
+        """All named states of one layer (a shallow copy of the dictionary)."""
+        self._check_layer(layer_idx)
+        return dict(self.states[layer_idx])
+
+    def _num_states(self) -> int:
+        return sum(len(s) for s in self.states)
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        for layer_states in self.states:
+            yield from layer_states.values()
+
+    def advance(self, num_tokens: int) -> None:
+        """Count ``num_tokens`` more tokens as seen (call once per forward, after all layers ran)."""
+        self.seen_tokens += int(num_tokens)
+
+    # -- the transformers Cache interface ---------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (padding included, like ``input_ids.shape[1]``). Attention layers, if any, count."""
+        if 0 <= layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CacheLayerMixin):
+            return self.layers[layer_idx].get_seq_length()
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> Tuple[int, int]:
+        if 0 <= layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CacheLayerMixin):
+            return self.layers[layer_idx].get_mask_sizes(query_length)
+        return query_length, 0
+
+    @property
+    def batch_size(self) -> int:
+        """The batch of the stored states (or of the attention layers when no state is stored), -1 when empty."""
+        for t in self._tensors():
+            return t.shape[0]
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.numel() > 0:
+                return keys.shape[0]
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        """A recurrent state cannot be rolled back token by token."""
+        return False
+
+    def _map_states(self, fn) -> None:
+        for layer_states in self.states:
+            for name, t in layer_states.items():
+                layer_states[name] = fn(t)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row b of the new cache is row ``beam_idx[b]`` of the old one."""
+        super().reorder_cache(beam_idx)
+        self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices``."""
+        super().batch_select_indices(indices)
+        self._map_states(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times (row b becomes rows b*repeats ... b*repeats + repeats - 1)."""
+        super().batch_repeat_interleave(repeats)
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        """Forget everything: the next forward starts from the initial (zero) state."""
+        super().reset()
+        for layer_states in self.states:
+            layer_states.clear()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Only ``crop(0)`` is possible: a recurrent state keeps no per-token history to roll back."""
+        if tokens_to_remove != 0 and self._num_states() > 0:
+            raise ValueError(
+                f"RecurrentStateCache: cannot remove {abs(tokens_to_remove)} tokens, a recurrent state cannot be "
+                "rolled back (assisted generation / speculative decoding are not supported)"
+            )
+        super().crop(tokens_to_remove)
+
+    # -- utilities ---------------------------------------------------------------------------------------
+    def detach_(self) -> "RecurrentStateCache":
+        """Detach every stored state from the autograd graph in place (truncated backprop through time)."""
+        self._map_states(lambda t: t.detach())
+        return self
+
+    def nbytes(self) -> int:
+        """Bytes held by the recurrent states and by any attention keys/values."""
+        total = sum(t.numel() * t.element_size() for t in self._tensors())
+        for layer in self.layers:
+            for attr in ("keys", "values"):
+                t = getattr(layer, attr, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def __repr__(self) -> str:
+        names = sorted({n for s in self.states for n in s})
+        return (
+            f"{self.__class__.__name__}(num_layers={len(self.states)}, batch_size={self.batch_size}, "
+            f"seen_tokens={self.seen_tokens}, states={names})"
+        )
