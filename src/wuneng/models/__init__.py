@@ -1,0 +1,6 @@
+"""Language models (transformers ``PreTrainedModel`` classes). Importing this package registers every model
+with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``."""
+
+from .rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+
+__all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM"]
