@@ -1,0 +1,402 @@
+"""Training data: reading sources, tokenising documents and conversations, packing into sequences.
+
+Sources (see :class:`~wuneng.train.config.DataConfig`):
+
+- plain text files (``.txt``, ``.md``, or any other suffix not listed below) and folders of them;
+- JSONL (``.jsonl``): one JSON object per line with ``text``, or ``messages`` (a list of
+  ``{"role", "content"}``), or ``prompt`` + ``response`` (or ``completion``);
+- a Hugging Face ``datasets`` folder written by ``save_to_disk`` (``datasets`` imported lazily);
+- ``python:package.module:function``, or (from Python) any iterable or zero-argument callable, yielding
+  texts, records as above, or lists of token ids (taken as one already-tokenised document).
+
+A *document* becomes ``(ids, labels)``: a text gives ``ids + [eos]`` with every position a target;
+a conversation is rendered by the tokenizer's chat template and, for SFT, only the assistant
+responses are targets (``labels = -100`` elsewhere). Labels are aligned with ``ids`` (the model or
+the loss shifts them), as in Hugging Face.
+
+Packing (:func:`pack_documents`) yields fixed-length rows ``input_ids``/``labels``/``attention_mask``
+[N, seq_len]; padding has ``attention_mask = 0`` and ``labels = -100``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .config import DataConfig
+
+__all__ = [
+    "DataError",
+    "Document",
+    "PackedDataset",
+    "iter_records",
+    "encode_record",
+    "encode_conversation",
+    "pack_documents",
+    "build_dataset",
+]
+
+IGNORE_INDEX = -100
+TEXT_SUFFIXES = {".txt", ".md", ".text", ""}
+JSONL_SUFFIXES = {".jsonl"}
+SKIP_SUFFIXES = {".json", ".yaml", ".yml", ".arrow", ".parquet", ".bin", ".safetensors", ".pt", ".png", ".jpg"}
+
+SourceLike = Union[str, Path, Iterable, Callable[[], Iterable]]
+
+
+class DataError(ValueError):
+    """A problem with a data source; the message names the file (and line)."""
+
+
+@dataclass
+class Record:
+    """One item of a source before tokenisation: exactly one of text, messages, token_ids."""
+
+    origin: str  # "file:line" or "source[i]", for error messages
+    text: Optional[str] = None
+    messages: Optional[list[dict]] = None
+    token_ids: Optional[list[int]] = None
+
+
+@dataclass
+class Document:
+    """A tokenised document: ``ids`` and aligned ``labels`` (``-100`` = not a target)."""
+
+    ids: list[int]
+    labels: list[int]
+    splittable: bool = True  # texts may be cut into pieces; conversations are truncated instead
+
+
+# ------------------------------------------------------------------------------------ reading
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); convert the file to UTF-8") from None
+
+
+def _split_text(text: str, unit: str) -> list[str]:
+    if unit == "file":
+        parts = [text]
+    elif unit == "line":
+        parts = text.splitlines()
+    else:  # paragraph
+        parts = [p for p in text.replace("\r\n", "\n").split("\n\n")]
+    return [p for p in parts if p.strip()]
+
+
+def _check_messages(messages: Any, origin: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{origin}: `messages` must be a non-empty list of {{'role': ..., 'content': ...}} objects")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{origin}: message {j} must be an object with string 'role' and 'content', got {m!r}")
+    return messages
+
+
+def _record_from_obj(obj: Any, origin: str, cfg: DataConfig) -> Record:
+    if isinstance(obj, str):
+        return Record(origin, text=obj)
+    if isinstance(obj, dict):
+        if cfg.messages_field in obj:
+            return Record(origin, messages=_check_messages(obj[cfg.messages_field], origin))
+        if cfg.text_field in obj:
+            text = obj[cfg.text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{origin}: field {cfg.text_field!r} must be a string, got {type(text).__name__}")
+            return Record(origin, text=text)
+        if "prompt" in obj and ("response" in obj or "completion" in obj):
+            response = obj.get("response", obj.get("completion"))
+            if not isinstance(obj["prompt"], str) or not isinstance(response, str):
+                raise DataError(f"{origin}: 'prompt' and 'response' must be strings")
+            messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": response}]
+            return Record(origin, messages=messages)
+        raise DataError(
+            f"{origin}: a record needs a {cfg.text_field!r} string, a {cfg.messages_field!r} list, "
+            f"or 'prompt' and 'response'; found keys {sorted(obj)}"
+        )
+    if isinstance(obj, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
+        return Record(origin, token_ids=list(obj))
+    if isinstance(obj, torch.Tensor) and obj.ndim == 1 and not obj.is_floating_point():
+        return Record(origin, token_ids=obj.tolist())
+    raise DataError(f"{origin}: expected a text, a record (dict) or a list of token ids, got {type(obj).__name__}")
+
+
+def _iter_jsonl(path: Path, cfg: DataConfig) -> Iterator[Record]:
+    text = _read_utf8(path)
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield _record_from_obj(obj, f"{path}:{lineno}", cfg)
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _iter_hf_dataset(path: Path, cfg: DataConfig) -> Iterator[Record]:
+    try:
+        import datasets  # lazy: only this source needs it
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise DataError(f"{path}: reading a Hugging Face datasets folder needs `pip install datasets`") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.hf_split not in ds:
+            raise DataError(f"{path}: no split {cfg.hf_split!r}; set data.hf_split to one of {sorted(ds)}")
+        ds = ds[cfg.hf_split]
+    columns = set(ds.column_names)
+    if not columns & {cfg.text_field, cfg.messages_field, "prompt"}:
+        raise DataError(
+            f"{path}: needs a {cfg.text_field!r} or {cfg.messages_field!r} column (set data.text_field / "
+            f"data.messages_field); columns are {sorted(columns)}"
+        )
+    for i, row in enumerate(ds):
+        yield _record_from_obj(row, f"{path}[row {i}]", cfg)
+
+
+def _iter_python(spec: str, cfg: DataConfig) -> Iterator[Record]:
+    target = spec[len("python:") :]
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise DataError(f"data source {spec!r}: expected python:package.module:function")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"data source {spec!r}: cannot import ({e})") from None
+    items = obj(**cfg.generator_kwargs) if callable(obj) else obj
+    yield from _iter_objects(items, spec, cfg)
+
+
+def _iter_objects(items: Any, name: str, cfg: DataConfig) -> Iterator[Record]:
+    if callable(items) and not isinstance(items, (str, bytes)):
+        items = items()
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+        raise DataError(f"data source {name}: expected an iterable of texts/records, got {type(items).__name__}")
+    for i, obj in enumerate(items):
+        yield _record_from_obj(obj, f"{name}[{i}]", cfg)
+
+
+def _iter_path(path: Path, cfg: DataConfig) -> Iterator[Record]:
+    if path.is_dir():
+        if _is_hf_dataset_dir(path):
+            yield from _iter_hf_dataset(path, cfg)
+            return
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in files if p.suffix.lower() not in SKIP_SUFFIXES]
+        if not files:
+            raise DataError(f"{path}: the folder has no text (.txt/.md) or .jsonl files")
+        for p in files:
+            yield from _iter_path(p, cfg)
+        return
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        yield from _iter_jsonl(path, cfg)
+        return
+    text = _read_utf8(path)
+    for j, part in enumerate(_split_text(text, cfg.text_unit)):
+        yield Record(f"{path}#{j}", text=part)
+
+
+def iter_records(source: SourceLike, cfg: DataConfig, name: str = "source") -> Iterator[Record]:
+    """Records of one source (path string, ``python:`` spec, iterable or callable)."""
+    if isinstance(source, (str, Path)):
+        s = str(source)
+        if s.startswith("python:"):
+            yield from _iter_python(s, cfg)
+        else:
+            yield from _iter_path(Path(s).expanduser(), cfg)
+    else:
+        yield from _iter_objects(source, name, cfg)
+
+
+# ------------------------------------------------------------------------------- tokenisation
+def _encode_text(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_conversation(tokenizer, messages: list[dict], responses_only: bool, origin: str = "conversation") -> Document:
+    """Tokenise a chat through the tokenizer's chat template.
+
+    With ``responses_only`` only the assistant turns (their content and what the template closes them
+    with, e.g. ``<eos>``) are targets. The rendered text is cut at the boundaries
+    ``render(messages[:i], add_generation_prompt=True)`` / ``render(messages[:i+1])`` of every assistant
+    turn i and each piece tokenised on its own, so that the mask is exact for any tokenizer.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    pieces: list[tuple[str, bool]] = []  # (text, is_target)
+    done = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt_end = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        turn_end = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(prompt_end) and full.startswith(turn_end) and done <= len(prompt_end) <= len(turn_end)):
+            raise DataError(
+                f"{origin}: the chat template does not render conversations incrementally (the prompt up to "
+                f"turn {i} is not a prefix of the whole conversation), so responses cannot be located"
+            )
+        pieces.append((full[done : len(prompt_end)], False))
+        pieces.append((full[len(prompt_end) : len(turn_end)], True))
+        done = len(turn_end)
+    pieces.append((full[done:], False))
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_target in pieces:
+        if not text:
+            continue
+        piece = _encode_text(tokenizer, text)
+        ids += piece
+        labels += piece if (is_target or not responses_only) else [IGNORE_INDEX] * len(piece)
+    return Document(ids, labels, splittable=False)
+
+
+def encode_record(record: Record, tokenizer, responses_only: bool = False) -> Document:
+    """Tokenise one record. Texts get ``<eos>`` appended (the document boundary)."""
+    if record.token_ids is not None:
+        return Document(list(record.token_ids), list(record.token_ids))
+    if record.messages is not None:
+        return encode_conversation(tokenizer, record.messages, responses_only, record.origin)
+    if responses_only:
+        raise DataError(f"{record.origin}: the sft stage needs conversations (`messages` or `prompt`/`response`), got plain text")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos token; documents cannot be separated (set tokenizer.eos_token)")
+    ids = _encode_text(tokenizer, record.text) + [eos]
+    return Document(ids, list(ids))
+
+
+# ------------------------------------------------------------------------------------ packing
+@dataclass
+class PackedDataset:
+    """Fixed-length rows: ``input_ids``, ``labels``, ``attention_mask``, all ``[N, seq_len]`` int64."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    num_documents: int = 0
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "attention_mask": self.attention_mask[idx]}
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int, mode: str = "greedy") -> PackedDataset:
+    """Pack documents into rows of ``seq_len`` tokens.
+
+    ``greedy``: each row holds whole documents in order; a document that does not fit in what is
+    left of a row starts the next row (the rest is padding). Texts longer than ``seq_len`` are cut
+    into ``seq_len`` pieces; conversations are truncated to ``seq_len`` (counted in ``num_truncated``).
+    ``concat``: all documents are one stream cut every ``seq_len`` tokens; only the last row is padded.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    n_docs = 0
+    n_trunc = 0
+
+    def flush():
+        nonlocal cur_ids, cur_labels
+        if cur_ids:
+            rows.append((cur_ids, cur_labels))
+        cur_ids, cur_labels = [], []
+
+    for doc in docs:
+        if not doc.ids:
+            continue
+        n_docs += 1
+        if mode == "concat":
+            ids, labels = doc.ids, doc.labels
+            while ids:
+                room = seq_len - len(cur_ids)
+                cur_ids += ids[:room]
+                cur_labels += labels[:room]
+                ids, labels = ids[room:], labels[room:]
+                if len(cur_ids) == seq_len:
+                    flush()
+            continue
+        if mode != "greedy":
+            raise ValueError(f"packing mode must be 'greedy' or 'concat', got {mode!r}")
+        pieces: list[tuple[list[int], list[int]]]
+        if len(doc.ids) > seq_len:
+            if doc.splittable:
+                pieces = [(doc.ids[s : s + seq_len], doc.labels[s : s + seq_len]) for s in range(0, len(doc.ids), seq_len)]
+            else:
+                n_trunc += 1
+                pieces = [(doc.ids[:seq_len], doc.labels[:seq_len])]
+        else:
+            pieces = [(doc.ids, doc.labels)]
+        for ids, labels in pieces:
+            if len(cur_ids) + len(ids) > seq_len:
+                flush()
+            cur_ids = cur_ids + ids
+            cur_labels = cur_labels + labels
+            if len(cur_ids) == seq_len:
+                flush()
+    flush()
+    if not rows:
+        raise DataError("no training tokens: every source was empty")
+    n = len(rows)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    labels_t = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, seq_len), dtype=torch.long)
+    for r, (ids, labels) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels_t[r, : len(ids)] = torch.tensor(labels, dtype=torch.long)
+        mask[r, : len(ids)] = 1
+    return PackedDataset(input_ids, labels_t, mask, n_docs, n_trunc)
+
+
+def build_dataset(
+    cfg: DataConfig, tokenizer, stage: str, extra_sources: Sequence[SourceLike] = ()
+) -> PackedDataset:
+    """Read every source of ``cfg`` (plus ``extra_sources`` given from Python), tokenise and pack.
+
+    The ``sft`` stage targets only assistant responses; the other stages target every token.
+    """
+    responses_only = stage == "sft"
+    sources: list[SourceLike] = list(cfg.sources) + list(extra_sources)
+    if not sources:
+        raise DataError("no data sources: set data.sources")
+
+    def documents() -> Iterator[Document]:
+        count = 0
+        for k, source in enumerate(sources):
+            for record in iter_records(source, cfg, name=f"source[{k}]"):
+                if cfg.max_documents is not None and count >= cfg.max_documents:
+                    return
+                count += 1
+                yield encode_record(record, tokenizer, responses_only)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed = pack_documents(documents(), cfg.seq_len, pad_id if pad_id is not None else 0, cfg.packing)
+    if packed.num_target_tokens == 0:
+        raise DataError("the data has no target tokens (for sft: no assistant responses)")
+    return packed

@@ -1,0 +1,402 @@
+"""The training loop shared by every stage, on ``accelerate`` (one process, DDP, FSDP or ZeRO).
+
+One optimiser step = ``grad_accum_steps`` micro-batches of ``micro_batch_size`` rows on each of
+``world_size`` processes. Row order is a seeded permutation per epoch, indexed by the global sample
+position, so the data a step sees depends only on (seed, step) — not on the number of processes —
+and resuming needs no data-loader state. Losses are sums over tokens divided by the token count of
+the whole global step, so 1 process x batch 4 and 2 processes x batch 2 compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import yaml
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_to_dict, validate
+from .data import PackedDataset, SourceLike, build_dataset
+from .optim import build_optimizer, build_scheduler
+from .stages import build_objective
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "GlobalSampler", "load_model", "load_teacher"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    output_dir: Path
+    final_dir: Optional[Path]
+    last_checkpoint: Optional[Path]
+    history: list[dict] = field(default_factory=list)
+
+
+class GlobalSampler:
+    """Global sample position -> row index: a fresh seeded permutation of the rows every epoch."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows = num_rows
+        self.seed = seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache[epoch] = torch.randperm(self.num_rows, generator=g)
+        return self._cache[epoch]
+
+    def rows(self, start: int, count: int) -> list[int]:
+        out = []
+        for pos in range(start, start + count):
+            epoch, offset = divmod(pos, self.num_rows)
+            out.append(int(self._perm(epoch)[offset]))
+        return out
+
+
+# ------------------------------------------------------------------------------ model loading
+def _register_project_models() -> None:
+    try:  # the project's model classes register themselves with the Auto* factories on import
+        import wuneng.models  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_model(model_cfg) -> torch.nn.Module:
+    """Load (``path``) or build from a config (``config``) the causal LM to train."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _register_project_models()
+    dtype = getattr(torch, model_cfg.dtype)
+    if model_cfg.path is not None:
+        path = Path(model_cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {path}: no config.json there (expected a save_pretrained folder)")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    spec = model_cfg.config
+    if isinstance(spec, str):
+        hf_config = AutoConfig.from_pretrained(spec, local_files_only=True)
+    else:
+        spec = dict(spec)
+        if "model_type" not in spec:
+            raise ValueError("model.config needs a `model_type` (e.g. qwen2, llama, rwkv7, wuneng)")
+        model_type = spec.pop("model_type")
+        try:
+            hf_config = AutoConfig.for_model(model_type, **spec)
+        except ValueError as e:
+            raise ValueError(f"model.config: unknown model_type {model_type!r} ({e})") from None
+    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"teacher {p}: no config.json there (expected a local Qwen2/Llama save_pretrained folder)")
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+
+
+def _pick_tokenizer(config: TrainConfig):
+    from ..tokenization import load_tokenizer
+
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer)
+    for candidate in (config.teacher, config.model.path):
+        if candidate is not None and (Path(candidate) / "tokenizer_config.json").is_file():
+            return load_tokenizer(candidate)
+    return load_tokenizer("byte")
+
+
+# ---------------------------------------------------------------------------------- logging
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (+ TensorBoard when installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: metrics.jsonl only
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(enabled: bool, total: int, completed: int, stage: str):
+    if not enabled:
+        return contextlib.nullcontext(None), None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn(f"[bold]{stage}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss [cyan]{task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    task = progress.add_task(stage, total=total, completed=completed, loss="-", tps="-")
+    return progress, task
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+# ------------------------------------------------------------------------------------ train
+def train(
+    config: TrainConfig,
+    *,
+    model: Optional[torch.nn.Module] = None,
+    teacher: Optional[torch.nn.Module] = None,
+    tokenizer: Any = None,
+    data_sources: Sequence[SourceLike] = (),
+    dataset: Optional[PackedDataset] = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Run one training stage as described by ``config``.
+
+    Objects given here replace what the config would load: ``model`` (the model to train),
+    ``teacher`` (align/distill), ``tokenizer``, extra ``data_sources`` (iterables or callables of
+    texts/records, e.g. the eval task generators) or a ready ``dataset``. With ``resume`` the newest
+    complete checkpoint of ``config.output_dir`` is continued (model, optimizer, scheduler, data
+    position, RNG); without a checkpoint the run starts fresh.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+
+    validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)
+    stage = config.stage
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(config.mixed_precision),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
+    )
+    is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    run_dir = Path(config.output_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    set_seed(config.seed)
+
+    # ---- model, teacher, tokenizer, data
+    if tokenizer is None:
+        tokenizer = _pick_tokenizer(config)
+    student = model if model is not None else load_model(config.model)
+    if teacher is None and config.teacher is not None and stage in ("align", "distill"):
+        teacher = load_teacher(config.teacher, dtype=next(student.parameters()).dtype)
+    if stage in ("align", "distill") and teacher is None:
+        raise ValueError(f"stage {stage!r} needs a teacher")
+    vocab = getattr(getattr(student, "config", None), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} ids but the model's vocabulary is {vocab}: "
+            "use a model with vocab_size >= the tokenizer size (or the matching tokenizer)"
+        )
+    if dataset is None:
+        dataset = build_dataset(config.data, tokenizer, stage, data_sources)
+    if config.gradient_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(student).__name__} does not support gradient checkpointing; set gradient_checkpointing: false")
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "config"):
+            student.config.use_cache = False
+
+    student.to(accelerator.device)
+    student.train()
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        teacher.eval()
+        teacher.requires_grad_(False)
+    objective = build_objective(stage, student, teacher, config, tokenizer_size=len(tokenizer))
+    optimizer = build_optimizer(student, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
+    model_p, optimizer_p = accelerator.prepare(objective, optimizer)
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    # ---- resume
+    step, tokens_seen = 0, 0
+    resumed_from = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model=student, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=False)
+            step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+            rng_file = ckpt / f"rng_rank{rank}.pt"
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+            resumed_from = ckpt
+    stop_step = min(config.max_steps, config.stop_at_step or config.max_steps)
+    sampler = GlobalSampler(len(dataset), config.seed)
+    rows_per_micro = config.micro_batch_size
+    rows_per_step = rows_per_micro * world * config.grad_accum_steps
+    writer = MetricsWriter(run_dir, is_main, config.tensorboard)
+    if is_main:
+        writer.write(
+            {
+                "event": "resume" if resumed_from else "start",
+                "stage": stage,
+                "step": step,
+                "checkpoint": str(resumed_from) if resumed_from else None,
+                "rows": len(dataset),
+                "world_size": world,
+                "rows_per_step": rows_per_step,
+            }
+        )
+
+    history: list[dict] = []
+    last_ckpt: Optional[Path] = resumed_from or latest_checkpoint(run_dir)
+    last_loss = float("nan")
+    unwrapped = accelerator.unwrap_model(model_p)
+    progress, task = _progress(config.progress and is_main, stop_step, step, stage)
+    window_tokens, window_start = 0, time.perf_counter()
+
+    def checkpoint(at_step: int, last_metrics: dict) -> Path:
+        full_sd = None
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            sd = accelerator.get_state_dict(model_p)
+            full_sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")} if sd else None
+        return save_checkpoint(
+            run_dir,
+            at_step,
+            model=student,
+            optimizer=optimizer_p,
+            scheduler=scheduler,
+            trainer_state={"samples_consumed": at_step * rows_per_step, "tokens_seen": tokens_seen, "stage": stage, "metrics": last_metrics},
+            keep_last=config.keep_last,
+            rank=rank,
+            world_size=world,
+            barrier=accelerator.wait_for_everyone,
+            model_state_dict=full_sd,
+        )
+
+    with progress if progress is not None else contextlib.nullcontext():
+        while step < stop_step:
+            # -- the micro-batches of this step on this process
+            batches = []
+            for a in range(config.grad_accum_steps):
+                start = (step * config.grad_accum_steps + a) * world * rows_per_micro + rank * rows_per_micro
+                b = dataset.batch(sampler.rows(start, rows_per_micro))
+                batches.append({k: v.to(accelerator.device) for k, v in b.items()})
+            counts = torch.stack(
+                [
+                    sum(unwrapped.count_tokens(b) for b in batches).to(torch.float64),
+                    sum(b["attention_mask"].sum() for b in batches).to(torch.float64),
+                ]
+            ).to(accelerator.device)
+            counts = accelerator.reduce(counts, reduction="sum")
+            n_global, input_tokens = max(float(counts[0]), 1.0), int(counts[1])
+
+            sums: dict[str, torch.Tensor] = {}
+            for a, b in enumerate(batches):
+                sync = contextlib.nullcontext() if a == len(batches) - 1 else accelerator.no_sync(model_p)
+                with sync:
+                    out = model_p(b)
+                    # DDP averages gradients over processes: scale by world so the result is sum / n_global.
+                    accelerator.backward(out["loss_sum"] * (world / n_global))
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().to(torch.float64)
+            keys = sorted(sums)
+            totals = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), reduction="sum")
+            metrics = {("loss" if k == "loss_sum" else k): float(v) / n_global for k, v in zip(keys, totals)}
+            loss = metrics["loss"]
+            if config.optim.grad_clip is not None:
+                grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip)
+            else:
+                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+                grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            grad_norm = float(grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                bad = loss if not math.isfinite(loss) else grad_norm
+                msg = (
+                    f"{what} is {bad} at step {step + 1} (stage {stage}); the run stopped before updating the weights. "
+                    f"Last good checkpoint: {last_ckpt if last_ckpt else 'none (no checkpoint written yet)'}. "
+                    "Lower optim.lr or check the data, then continue with --resume."
+                )
+                writer.write({"event": "nonfinite", "step": step + 1, what.replace(" ", "_"): str(bad), "checkpoint": str(last_ckpt) if last_ckpt else None})
+                writer.close()
+                raise NonFiniteLossError(msg)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer_p.step()
+            scheduler.step()
+            optimizer_p.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += input_tokens
+            window_tokens += input_tokens
+            last_loss = loss
+
+            stop_now = step >= stop_step
+            if config.align.stop_loss is not None and stage == "align" and metrics.get("align_output", math.inf) <= config.align.stop_loss:
+                stop_now = True
+            if step % config.log_every == 0 or stop_now:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                record = {"step": step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "tokens_per_s": round(tps, 1)}
+                history.append(record)
+                writer.write(record)
+                window_tokens, window_start = 0, time.perf_counter()
+                if progress is not None:
+                    progress.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+            elif progress is not None:
+                progress.update(task, completed=step)
+            if step % config.save_every == 0 or stop_now:
+                last_ckpt = checkpoint(step, {k: v for k, v in metrics.items()})
+            if stop_now:
+                break
+
+    final_dir = None
+    if config.save_final:
+        final_dir = run_dir / "final"
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model_p) if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
+        if is_main:
+            if state_dict is not None:
+                state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
+                student.save_pretrained(str(final_dir), state_dict=state_dict)
+            else:
+                student.save_pretrained(str(final_dir))
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(final_dir))
+    if is_main:
+        writer.write({"event": "end", "step": step, "loss": last_loss})
+    writer.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(step, last_loss, run_dir, final_dir, last_ckpt, history)

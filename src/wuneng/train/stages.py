@@ -1,0 +1,325 @@
+"""The training objectives of the four stages (SPEC section 5).
+
+Each objective is an ``nn.Module`` wrapping the trained model (``.student``) so that data-parallel
+wrappers (DDP/FSDP) see one module whose ``forward(batch)`` returns *sums over tokens*:
+
+    {"loss_sum": scalar tensor with grad, "<metric>": detached scalar sums, ...}
+
+and ``count_tokens(batch)`` gives the number of tokens those sums run over. The loop divides by the
+token count of the whole optimiser step (all micro-batches, all processes), so the gradient is the
+exact token mean of the global batch however it is split.
+
+- :class:`CausalLMObjective` (pretrain, sft): next-token cross-entropy on positions whose label is
+  not -100 (sft data masks prompts).
+- :class:`DistillObjective` (stage 2): ``tau^2 * KL(p_T || p_S)`` per real token at temperature tau,
+  plus ``ce_weight`` x cross-entropy; teacher logits on the fly.
+- :class:`AlignObjective` (stage 1): per-layer ``||y_T - y_S||_2 / sqrt(C)`` of converted mixers fed
+  the teacher's own layer inputs (teacher-forced across depth).
+
+A teacher is held outside the module's parameters (``object.__setattr__``), so DDP never syncs it and
+the optimizer never sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Objective",
+    "CausalLMObjective",
+    "DistillObjective",
+    "AlignObjective",
+    "shifted_cross_entropy_sum",
+    "kl_divergence_sum",
+    "capture_teacher_attention",
+    "reconcile_vocab_size",
+    "build_objective",
+]
+
+IGNORE_INDEX = -100
+
+
+def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy and its token count.
+
+    logits [B, T, V], labels [B, T] aligned with the inputs (-100 = ignore); position t predicts
+    ``labels[t + 1]``. Computed in float32.
+    """
+    target = labels[:, 1:]
+    pred = logits[:, :-1].float()
+    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (target != IGNORE_INDEX).sum()
+
+
+def kl_divergence_sum(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``sum_t mask_t * tau^2 * sum_v p_T(v) (log p_T(v) - log p_S(v))`` with ``p = softmax(z / tau)``.
+
+    teacher_logits, student_logits [B, T, V] (same V), mask [B, T] (1 = real token). Forward KL, the
+    ``tau^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * temperature**2
+    return (per_token * mask.to(per_token.dtype)).sum()
+
+
+def _output_vocab(model: nn.Module) -> int:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def reconcile_vocab_size(teacher_vocab: int, student_vocab: int, tokenizer_size: Optional[int]) -> int:
+    """The vocabulary both logit tensors are cut to for distillation.
+
+    Equal sizes: that size. Different sizes (one model's embedding is padded): the smaller, provided
+    the tokenizer produces no id beyond it; otherwise the models do not share a vocabulary and a
+    ValueError says so.
+    """
+    if teacher_vocab == student_vocab:
+        return teacher_vocab
+    common = min(teacher_vocab, student_vocab)
+    if tokenizer_size is not None and tokenizer_size <= common:
+        return common
+    raise ValueError(
+        f"teacher vocabulary ({teacher_vocab}) and student vocabulary ({student_vocab}) differ and the tokenizer has "
+        f"{tokenizer_size} ids, more than the smaller one ({common}): the models do not share a vocabulary. "
+        "Distil from a teacher with the student's tokenizer (e.g. the model the student was converted from)."
+    )
+
+
+class Objective(nn.Module):
+    """Base: holds the trained model as ``self.student``."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+        # Let FSDP auto-wrap find the decoder layer classes through the wrapper.
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_trainable(self) -> None:
+        """Set ``requires_grad`` of the student's parameters for this stage (default: all)."""
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+
+
+class CausalLMObjective(Objective):
+    """Next-token cross-entropy (pretrain; sft with prompt labels = -100)."""
+
+    def count_tokens(self, batch):
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ce, _ = shifted_cross_entropy_sum(out.logits, batch["labels"])
+        return {"loss_sum": ce, "ce": ce.detach()}
+
+
+class DistillObjective(Objective):
+    """Stage 2: ``kl_weight * KL + ce_weight * CE``, both summed over the real tokens of the batch."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        temperature: float = 1.0,
+        kl_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        freeze_mlp: bool = False,
+        tokenizer_size: Optional[int] = None,
+    ):
+        super().__init__(student)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never synced nor optimised
+        self.temperature = temperature
+        self.kl_weight = kl_weight
+        self.ce_weight = ce_weight
+        self.freeze_mlp = freeze_mlp
+        self.vocab = reconcile_vocab_size(_output_vocab(teacher), _output_vocab(student), tokenizer_size)
+
+    def set_trainable(self) -> None:
+        frozen = 0
+        for name, p in self.student.named_parameters():
+            is_mlp = ".mlp." in f".{name}"
+            p.requires_grad_(not (self.freeze_mlp and is_mlp))
+            frozen += int(self.freeze_mlp and is_mlp)
+        if self.freeze_mlp and frozen == 0:
+            raise ValueError("distill.freeze_mlp is set but the student has no parameters named '*.mlp.*'")
+
+    def count_tokens(self, batch):
+        return batch["attention_mask"].sum()
+
+    def forward(self, batch):
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        v = self.vocab
+        kl = kl_divergence_sum(teacher_logits[..., :v], student_logits[..., :v], batch["attention_mask"], self.temperature)
+        loss = self.kl_weight * kl
+        metrics = {"kl": kl.detach()}
+        if self.ce_weight:
+            ce, _ = shifted_cross_entropy_sum(student_logits, batch["labels"])
+            loss = loss + self.ce_weight * ce
+            metrics["ce"] = ce.detach()
+        return {"loss_sum": loss, **metrics}
+
+
+# ------------------------------------------------------------------------------------ stage 1
+class _StopForward(Exception):
+    """Raised by the last capture hook: the teacher's remaining layers are not needed."""
+
+
+def capture_teacher_attention(
+    teacher: nn.Module, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+) -> dict[int, dict[str, Any]]:
+    """Run the teacher (no grad) and capture, for each layer i in ``layers``, what its attention
+    ``teacher.model.layers[i].self_attn`` received and returned:
+
+    ``{"hidden_states": [B,T,C] (the normed layer input), "position_embeddings": (cos, sin),
+    "attention_mask": the mask the attention got (4-D or None), "output": [B,T,C] y_T incl. o_proj}``.
+    The forward stops after the last captured layer.
+    """
+    captured: dict[int, dict[str, Any]] = {}
+    last = max(layers)
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs, output):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            captured[i] = {
+                "hidden_states": hidden.detach(),
+                "position_embeddings": kwargs.get("position_embeddings"),
+                "attention_mask": kwargs.get("attention_mask"),
+                "output": y.detach(),
+            }
+            if i == last:
+                raise _StopForward
+
+        return hook
+
+    try:
+        decoder_layers = teacher.model.layers
+    except AttributeError:
+        raise TypeError("the teacher must be a Hugging Face Llama/Qwen2-style causal LM (teacher.model.layers[i].self_attn)") from None
+    for i in layers:
+        if not 0 <= i < len(decoder_layers):
+            raise ValueError(f"align layer {i} is out of range: the teacher has {len(decoder_layers)} layers")
+        handles.append(decoder_layers[i].self_attn.register_forward_hook(make_hook(i), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            teacher(input_ids=input_ids, attention_mask=attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in layers if i not in captured]
+    if missing:
+        raise RuntimeError(f"the teacher's forward did not call self_attn of layers {missing}")
+    return captured
+
+
+def _rms_distance_sum(y_teacher: torch.Tensor, y_student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_tokens mask * ||y_T - y_S||_2 / sqrt(C)`` over [B, T, C] in float32."""
+    diff = y_teacher.float() - y_student.float()
+    per_token = diff.norm(dim=-1) / math.sqrt(diff.shape[-1])
+    return (per_token * mask.to(per_token.dtype)).sum()
+
+
+class AlignObjective(Objective):
+    """Stage 1 (ARWKV alignment, SPEC section 5), teacher-forced across depth.
+
+    The student follows the WuNeng contract: ``student.model.layers[i].self_attn.align_forward(
+    hidden_states, position_embeddings, attention_mask=None) -> {"output", ["state"]}``,
+    ``student.converted_layer_indices()`` and ``student.new_parameter_names()``. Only the new
+    parameters of the aligned layers train. Loss = mean over layers of the output term plus
+    ``state_weight`` x mean over layers of the state term (hybrid mixers only); both are reported
+    (``align_output``, ``align_state``).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: Optional[Sequence[int]] = None, state_weight: float = 1.0):
+        super().__init__(student)
+        for attr in ("converted_layer_indices", "new_parameter_names"):
+            if not callable(getattr(student, attr, None)):
+                raise TypeError(
+                    f"the align stage needs a converted student (WuNengForCausalLM from `wuneng convert`) with "
+                    f"`{attr}()`; got {type(student).__name__}"
+                )
+        object.__setattr__(self, "teacher", teacher)
+        converted = list(student.converted_layer_indices())
+        self.layers = list(layers) if layers is not None else converted
+        if not self.layers:
+            raise ValueError("the student has no converted layers to align")
+        not_converted = sorted(set(self.layers) - set(converted))
+        if not_converted:
+            raise ValueError(f"align.layers {not_converted} are not converted layers of the student (converted: {converted})")
+        self.state_weight = state_weight
+
+    def trainable_names(self) -> set[str]:
+        new = set(self.student.new_parameter_names())
+        prefixes = tuple(f"model.layers.{i}." for i in self.layers)
+        return {n for n in new if n.startswith(prefixes)}
+
+    def set_trainable(self) -> None:
+        names = self.trainable_names()
+        params = dict(self.student.named_parameters())
+        unknown = sorted(n for n in names if n not in params)
+        if unknown:
+            raise ValueError(f"new_parameter_names() lists parameters the student does not have: {unknown[:5]}")
+        if not names:
+            raise ValueError("the aligned layers have no new parameters to train")
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+
+    def count_tokens(self, batch):
+        return batch["attention_mask"].sum()
+
+    def forward(self, batch):
+        mask = batch["attention_mask"]
+        captured = capture_teacher_attention(self.teacher, self.layers, batch["input_ids"], mask)
+        out_sum = torch.zeros((), device=mask.device)
+        state_sum = torch.zeros((), device=mask.device)
+        n_state = 0
+        for i in self.layers:
+            c = captured[i]
+            mixer = self.student.model.layers[i].self_attn
+            result = mixer.align_forward(c["hidden_states"], c["position_embeddings"], attention_mask=c["attention_mask"])
+            out_sum = out_sum + _rms_distance_sum(c["output"], result["output"], mask)
+            if "state" in result and result["state"] is not None:
+                state_sum = state_sum + _rms_distance_sum(c["output"], result["state"], mask)
+                n_state += 1
+        n = len(self.layers)
+        out_term = out_sum / n
+        metrics = {"align_output": out_term.detach()}
+        loss = out_term
+        if n_state:
+            state_term = state_sum / n_state
+            loss = loss + self.state_weight * state_term
+            metrics["align_state"] = state_term.detach()
+        return {"loss_sum": loss, **metrics}
+
+
+def build_objective(stage: str, student: nn.Module, teacher: Optional[nn.Module], config, tokenizer_size: Optional[int] = None) -> Objective:
+    """The objective of ``stage`` with its trainable parameters set."""
+    if stage in ("pretrain", "sft"):
+        obj: Objective = CausalLMObjective(student)
+    elif stage == "distill":
+        d = config.distill
+        obj = DistillObjective(student, teacher, d.temperature, d.kl_weight, d.ce_weight, d.freeze_mlp, tokenizer_size)
+    elif stage == "align":
+        obj = AlignObjective(student, teacher, config.align.layers, config.align.state_weight)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; use one of pretrain, align, distill, sft")
+    obj.set_trainable()
+    return obj
