@@ -13,5 +13,102 @@ def _main() -> None:
     """wuneng command line."""
 
 
+@app.command("demo")
+def demo_command(
+    seconds: float = typer.Option(180.0, help="Training budget in seconds."),
+    fast: bool = typer.Option(False, "--fast", help="A 30-second run (CI smoke test)."),
+    max_steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
+    seed: int = typer.Option(0, help="Seed of data, model and sampling."),
+) -> None:
+    """The embedded default job: train a small RWKV-7 on generated problems, print its loss curve and samples."""
+    from wuneng.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(seconds=30.0 if fast else seconds, max_steps=max_steps, seed=seed)
+    if fast:
+        cfg.eval_per_category = 5
+    run_demo(cfg)
+
+
+@app.command("import-rwkv")
+def import_rwkv(
+    checkpoint: str = typer.Argument(..., help="RWKV-LM x070 .pth state dict (read with torch.load(weights_only=True))."),
+    out_dir: str = typer.Argument(..., help="Output directory (config.json + model.safetensors)."),
+    dtype: str = typer.Option("keep", help="Weights dtype: keep (the checkpoint's), float32, bfloat16 or float16."),
+    head_size: int = typer.Option(None, help="Expected head size (checked against the checkpoint's r_k shape)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Convert a BlinkDL RWKV-LM RWKV-7 checkpoint into a wuneng RWKV7ForCausalLM directory."""
+    import torch
+    from rich.console import Console
+
+    from wuneng.models.rwkv7.convert_rwkv_lm import import_rwkv_lm_checkpoint
+
+    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    console = Console()
+    try:
+        model = import_rwkv_lm_checkpoint(checkpoint, out_dir, dtype=dtypes[dtype], overwrite=overwrite, head_size=head_size)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+        console.print(f"[red]import-rwkv failed:[/red] {err}")
+        raise typer.Exit(code=1)
+    c = model.config
+    console.print(
+        f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
+        f"ranks w/a/v/g={c.decay_low_rank_dim}/{c.a_low_rank_dim}/{c.v_low_rank_dim}/{c.gate_low_rank_dim} "
+        f"dtype={model.dtype} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+    )
+
+
+@app.command("train")
+def train_command(
+    config: str = typer.Argument(..., help="Run description (YAML); see docs/training.md."),
+    stage: str = typer.Option(None, "--stage", help="pretrain | align | distill | sft (overrides `stage:` in the YAML)."),
+    overrides: list[str] = typer.Option([], "--set", "-o", help="KEY=VALUE override, repeatable, e.g. -o optim.lr=3e-4 -o data.seq_len=512."),
+    output_dir: str = typer.Option(None, "--output-dir", help="Run folder (overrides `output_dir:`)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimiser steps (overrides `max_steps:`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of the run folder."),
+) -> None:
+    """Train one stage: pretrain, align (stage 1), distill (stage 2) or sft (stage 3)."""
+    from rich.console import Console
+
+    from wuneng.train.config import ConfigError, load_config
+    from wuneng.train.data import DataError
+
+    console = Console(stderr=True)
+    try:
+        cfg = load_config(config, overrides, stage=stage, output_dir=output_dir, max_steps=max_steps)
+        from wuneng.train.loop import NonFiniteLossError, train
+
+        try:
+            result = train(cfg, resume=resume)
+        except NonFiniteLossError as e:
+            console.print(f"[bold red]stopped:[/] {e}")
+            raise typer.Exit(3)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2)
+    console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
+
+
+@app.command("plot")
+def plot_command(
+    run_dir: str = typer.Argument(..., help="A training run folder (holds metrics.jsonl)."),
+    out: str = typer.Option(None, "--out", help="PNG path (default RUN_DIR/loss.png)."),
+    linear: bool = typer.Option(False, "--linear", help="Linear instead of logarithmic loss axis."),
+) -> None:
+    """Draw a run's loss curves (and lr, gradient norm) to PNG."""
+    from rich.console import Console
+
+    from wuneng.train.plotting import plot_run
+
+    try:
+        path = plot_run(run_dir, out, log_y=not linear)
+    except (FileNotFoundError, ValueError) as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2)
+    typer.echo(str(path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -26,6 +26,7 @@ __all__ = [
     "load_rwkv_lm_state_dict",
     "rwkv_lm_to_hf_state_dict",
     "hf_to_rwkv_lm_state_dict",
+    "import_rwkv_lm_checkpoint",
     "RWKV_LM_VECTOR_KEYS",
 ]
 
@@ -195,3 +196,39 @@ def checkpoint_dtype(sd: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:
     """The single floating dtype of a state dict, or None if it mixes several."""
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def import_rwkv_lm_checkpoint(
+    path: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    *,
+    dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
+    **config_kwargs,
+):
+    """Convert an RWKV-LM ``.pth`` into a transformers directory (config.json + model.safetensors).
+
+    The directory is written beside ``out_dir`` first and moved into place, so an interrupted run leaves no
+    half-written model. An existing non-empty ``out_dir`` is an error unless ``overwrite``. Returns the model.
+    """
+    import shutil
+    import tempfile
+
+    from .modeling_rwkv7 import RWKV7ForCausalLM
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not overwrite)):
+        raise FileExistsError(f"{out_dir!r} exists and is not an empty directory; pass overwrite=True (CLI: --overwrite) to replace it")
+    model = RWKV7ForCausalLM.from_rwkv_lm(path, dtype=dtype, **config_kwargs)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".import-rwkv-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model
