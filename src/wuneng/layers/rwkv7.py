@@ -177,7 +177,8 @@ class RWKV7StateHeads(nn.Module):
     def log_decay(self, x_w: torch.Tensor) -> torch.Tensor:
         """log w = -e^{-1/2} sigmoid(w0 + tanh(x_w W1) W2), float32. x_w [B,T,C] -> [B,T,A]."""
         z = self.w0 + torch.tanh(x_w @ self.w1) @ self.w2
-        return -DECAY_SCALE * torch.sigmoid(z.float())
+        # float32 for half/bf16/float32 activations; float64 stays float64 (oracle tests)
+        return -DECAY_SCALE * torch.sigmoid(z if z.dtype == torch.float64 else z.float())
 
     def wkv_inputs(
         self,
