@@ -4,7 +4,8 @@ The stream of ``L`` tokens is cut into windows of ``context_length`` tokens star
 ``stride`` tokens (the Hugging Face "perplexity of fixed-length models" recipe). Every token
 ``1 .. L-1`` is scored exactly once, by the first window that contains it after the previous
 window's end, so with ``stride < context_length`` each scored token sees at least
-``context_length - stride`` tokens of context. Token 0 has no prediction and is never scored.
+``context_length - stride`` tokens of context (see :func:`window_plan`). Token 0 has no
+prediction and is never scored.
 
     nll = (1 / #scored) * sum_i -log p(x_i | x_{window(i) start .. i-1}),    ppl = exp(nll)
 """
@@ -72,21 +73,27 @@ def _streams(
 def window_plan(length: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows ``(begin, end, first_scored)`` over a stream of ``length`` tokens.
 
-    The window feeds tokens ``[begin, end)`` and scores tokens ``[first_scored, end)``; across
-    windows the scored ranges tile ``[1, length)``.
+    The window feeds tokens ``[begin, end)`` and scores tokens ``[first_scored, end)``. The first
+    window is ``[0, min(W, L))`` and scores tokens ``1 ..``; each later window scores the next
+    ``stride`` tokens and ends on the last of them, starting ``W`` tokens earlier, so every scored
+    token sees at least ``W - stride`` tokens of context. Across windows the scored ranges tile
+    ``[1, length)``. (This is the Hugging Face recipe, except that the final window keeps the full
+    ``W`` tokens instead of shrinking, which gives its tokens more context.)
     """
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2, got {context_length}")
-    if not 1 <= stride <= context_length:
-        raise ValueError(f"stride must lie in [1, context_length={context_length}] (else tokens go unscored), got {stride}")
-    plan = []
-    begin, prev_end = 0, 1  # token 0 is never a target
-    while prev_end < length:
-        end = min(begin + context_length, length)
-        if end > prev_end:
-            plan.append((begin, end, prev_end))
-            prev_end = end
-        begin += stride
+    if not 1 <= stride < context_length:
+        raise ValueError(
+            f"stride must lie in [1, context_length - 1] = [1, {context_length - 1}] so that every scored token "
+            f"has context (context_length - 1 gives almost disjoint windows), got {stride}"
+        )
+    if length < 2:
+        return []
+    end = min(context_length, length)
+    plan = [(0, end, 1)]
+    while end < length:
+        prev_end, end = end, min(end + stride, length)
+        plan.append((end - context_length, end, prev_end))
     return plan
 
 
@@ -113,7 +120,8 @@ def perplexity(
         texts, tokenizer: alternatively, texts and a tokenizer (``.encode`` or a callable ``str -> ids``).
             With ``concatenate`` (default) the texts are joined with ``separator`` into one stream.
         context_length: window length W.
-        stride: window step (default ``context_length // 2``); must be in ``[1, context_length]``.
+        stride: new tokens scored per window after the first (default ``context_length // 2``); must be
+            in ``[1, context_length - 1]``.
         batch_size: windows of equal length per forward pass.
         device: where to run (default: the model's parameters' device, else CPU).
 

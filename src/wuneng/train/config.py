@@ -218,6 +218,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -357,5 +362,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if v is not None:
             data[k] = v
     apply_overrides(data, list(overrides or []))
-    where = str(path) if path is not None else "config"
+    where = f"{path}: config" if path is not None else "config"
     return config_from_dict(data, TrainConfig, where)

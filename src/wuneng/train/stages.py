@@ -242,7 +242,8 @@ class AlignObjective(Objective):
 
     The student follows the WuNeng contract: ``student.model.layers[i].self_attn.align_forward(
     hidden_states, position_embeddings, attention_mask=None) -> {"output", ["state"]}``,
-    ``student.converted_layer_indices()`` and ``student.new_parameter_names()``. Only the new
+    ``student.converted_layer_indices()`` and ``student.new_parameter_names()``; ``attention_mask`` is the
+    2-D padding mask [B, T]. Only the new
     parameters of the aligned layers train. Loss = mean over layers of the output term plus
     ``state_weight`` x mean over layers of the state term (hybrid mixers only); both are reported
     (``align_output``, ``align_state``).
@@ -258,7 +259,8 @@ class AlignObjective(Objective):
                 )
         object.__setattr__(self, "teacher", teacher)
         converted = list(student.converted_layer_indices())
-        self.layers = list(layers) if layers is not None else converted
+        # Ascending: hybrid mixers share v_first, which the first converted layer publishes.
+        self.layers = sorted(layers) if layers is not None else sorted(converted)
         if not self.layers:
             raise ValueError("the student has no converted layers to align")
         not_converted = sorted(set(self.layers) - set(converted))
@@ -294,7 +296,8 @@ class AlignObjective(Objective):
         for i in self.layers:
             c = captured[i]
             mixer = self.student.model.layers[i].self_attn
-            result = mixer.align_forward(c["hidden_states"], c["position_embeddings"], attention_mask=c["attention_mask"])
+            # The mixer gets the 2-D padding mask [B, T] (the contract of align_forward), not the teacher's 4-D one.
+            result = mixer.align_forward(c["hidden_states"], c["position_embeddings"], attention_mask=mask)
             out_sum = out_sum + _rms_distance_sum(c["output"], result["output"], mask)
             if "state" in result and result["state"] is not None:
                 state_sum = state_sum + _rms_distance_sum(c["output"], result["state"], mask)
