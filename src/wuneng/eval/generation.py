@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from wuneng.eval._model import evaluating, model_device
+
 
 @torch.no_grad()
 def greedy_generate(
@@ -38,14 +40,9 @@ def greedy_generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     stops = set() if stop_ids is None else ({int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids})
-    if device is None:
-        params = list(model.parameters()) if hasattr(model, "parameters") else []
-        device = params[0].device if params else torch.device("cpu")
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    device = model_device(model, device)
     outputs: list[list[int]] = [[] for _ in prompts]
-    try:
+    with evaluating(model):
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             if len(p) == 0:
@@ -66,9 +63,6 @@ def greedy_generate(
                     if bool(done.all()):
                         break
                     seq = torch.cat([seq, nxt[:, None]], dim=1)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
     return outputs
 
 

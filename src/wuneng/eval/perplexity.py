@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from wuneng.eval._model import evaluating, model_device
+
 TokenIds = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
 
@@ -132,23 +134,18 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     streams = _streams(token_ids, texts, tokenizer, concatenate, separator)
-    if device is None:
-        params = list(model.parameters()) if hasattr(model, "parameters") else []
-        device = params[0].device if params else torch.device("cpu")
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    device = model_device(model, device)
     total_nll = torch.zeros((), dtype=torch.float64)
     total_tokens = 0
-    try:
-        # group windows of equal length (all full windows, then each stream's short tail) into batches
+    with evaluating(model):
+        # group windows of equal length (full windows; streams shorter than W give one short window)
         by_len: dict[int, list[tuple[torch.Tensor, int]]] = {}
         for ids in streams:
             if ids.dim() != 1:
                 raise ValueError(f"each token stream must be 1-D, got shape {tuple(ids.shape)}")
             for begin, end, first in window_plan(int(ids.numel()), context_length, stride):
                 by_len.setdefault(end - begin, []).append((ids[begin:end], first - begin))
-        for width, windows in by_len.items():
+        for windows in by_len.values():
             for i in range(0, len(windows), batch_size):
                 chunk = windows[i : i + batch_size]
                 inputs = torch.stack([w for w, _ in chunk]).to(device)  # [B, W]
@@ -167,9 +164,6 @@ def perplexity(
                 )
                 total_nll += nll.cpu()
                 total_tokens += int((targets != -100).sum())
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
     if total_tokens == 0:
         raise ValueError("nothing to score: every stream has fewer than 2 tokens")
     mean_nll = float(total_nll) / total_tokens
