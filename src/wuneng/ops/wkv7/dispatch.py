@@ -1,17 +1,117 @@
-"""``wkv7(..., impl="auto")``: one entry point over the forms of the operator."""
+"""``wkv7(..., impl="auto")``: one entry point over the forms of the WKV-7 operator.
+
+impl:
+    "auto"      CUDA tensors, no ``extra_query``, float16/bfloat16/float32 inputs and
+                flash-linear-attention importable -> fla's Triton ``chunk_rwkv7``; otherwise "chunked".
+    "chunked"   :func:`wkv7_chunked` (any device; the CPU path).
+    "reference" :func:`wkv7_reference` (token-by-token loop; the oracle).
+    "fla"       fla's ``chunk_rwkv7``; raises if fla (or CUDA) is unavailable or ``extra_query`` is given.
+"""
 
 from __future__ import annotations
 
-from .chunk import wkv7_chunked
+import functools
+from typing import Optional
+
+import torch
+
+from ._checks import SEQ_NAMES, check_wkv7_inputs
+from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunked
 from .naive import wkv7_reference
 
 IMPLS = ("auto", "chunked", "reference", "fla")
+_FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def wkv7(r, log_w, k, v, a, b, initial_state=None, *, extra_query=None, impl: str = "auto", chunk_size: int = 32):
-    """Dispatch to a WKV-7 form. ``auto``: chunked on CPU; fla's kernels on CUDA when installed."""
+@functools.lru_cache(maxsize=1)
+def _fla_chunk_rwkv7():
+    """fla's ``chunk_rwkv7``, or None when flash-linear-attention / triton cannot be imported."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception:  # ImportError, or triton failing at import time on a machine without a driver
+        return None
+    return chunk_rwkv7
+
+
+def fla_available() -> bool:
+    """True when fla's Triton WKV-7 kernel can be imported (it still needs CUDA tensors to run)."""
+    return _fla_chunk_rwkv7() is not None
+
+
+def wkv7_fla(r, log_w, k, v, a, b, initial_state: Optional[torch.Tensor] = None):
+    """WKV-7 through fla's ``chunk_rwkv7`` (CUDA only), in this package's conventions.
+
+    fla takes the log decay as ``w``, keeps the state transposed ([B, H, K, V], key index first) and
+    scales the query by K^-1/2 unless ``scale=1.0``. Returns ``(y, final_state)`` with the final state
+    [B, H, N, N] float32 in the S[i, j] = (value i, key j) layout.
+    """
+    chunk_rwkv7 = _fla_chunk_rwkv7()
+    if chunk_rwkv7 is None:
+        raise RuntimeError(
+            "wkv7: impl='fla' needs flash-linear-attention and triton (pip install 'wuneng[gpu]'); import failed"
+        )
+    if r.device.type != "cuda":
+        raise ValueError(f"wkv7: impl='fla' runs on CUDA tensors only, got device {r.device}")
+    if r.dtype not in _FLA_DTYPES:
+        raise TypeError(f"wkv7: impl='fla' supports {_FLA_DTYPES}, got {r.dtype}; use impl='chunked'")
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.to(torch.float32).transpose(-1, -2).contiguous()
+    y, final_kv = chunk_rwkv7(
+        r=r,
+        w=log_w.to(r.dtype),
+        k=k,
+        v=v,
+        a=a,
+        b=b,
+        scale=1.0,
+        initial_state=h0,
+        output_final_state=True,
+    )
+    return y, final_kv.to(torch.float32).transpose(-1, -2)
+
+
+def _auto_uses_fla(r: torch.Tensor, extra_query: Optional[torch.Tensor]) -> bool:
+    return (
+        extra_query is None
+        and r.device.type == "cuda"
+        and r.dtype in _FLA_DTYPES
+        and fla_available()
+    )
+
+
+def wkv7(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    *,
+    extra_query: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+):
+    """WKV-7 over a sequence through the chosen form (SPEC section 1).
+
+    Args:
+        r, log_w, k, v, a, b: [B, T, H, N]; ``log_w`` is the log decay (<= 0).
+        initial_state: [B, H, N, N] (S[i, j]: value i, key j) or None.
+        extra_query: optional [B, T, H, N], a second read-out of the same state (not served by fla).
+        impl: "auto", "chunked", "reference" or "fla" (see the module docstring).
+        chunk_size: chunk length of the chunked form.
+
+    Returns:
+        ``(y, final_state)`` or ``(y, final_state, y_extra)``; final_state float32 (float64 for float64).
+    """
     if impl not in IMPLS:
         raise ValueError(f"wkv7: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return wkv7_reference(r, log_w, k, v, a, b, initial_state, extra_query=extra_query)
+    if impl == "fla" or (impl == "auto" and _auto_uses_fla(r, extra_query)):
+        if extra_query is not None:
+            raise ValueError("wkv7: impl='fla' has no extra_query read-out; use impl='chunked' or 'auto'")
+        check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, None)
+        return wkv7_fla(r, log_w, k, v, a, b, initial_state)
     return wkv7_chunked(r, log_w, k, v, a, b, initial_state, extra_query=extra_query, chunk_size=chunk_size)
