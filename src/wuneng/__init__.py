@@ -10,6 +10,15 @@ _LAZY_EXPORTS = {
     "RWKV7Model": "wuneng.models.rwkv7",
     "RWKV7ForCausalLM": "wuneng.models.rwkv7",
     "RecurrentStateCache": "wuneng.cache",
+    "MetaStateConfig": "wuneng.models.metastate",
+    "MetaStateModel": "wuneng.models.metastate",
+    "MetaStateForCausalLM": "wuneng.models.metastate",
+    "WuNengConfig": "wuneng.models.wuneng",
+    "WuNengModel": "wuneng.models.wuneng",
+    "WuNengForCausalLM": "wuneng.models.wuneng",
+    "HybridMixer": "wuneng.layers.hybrid",
+    "grow": "wuneng.grow",
+    "state_report": "wuneng.grow",
 }
 
 

@@ -144,7 +144,7 @@ class SelfStateEncoder(nn.Module):
         super().__init__()
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
         self.num_sse_heads = resolve_sse_heads(sse_heads, num_heads)
-        self.register_buffer("blocks", head_blocks(num_heads, head_size, hidden_size), persistent=False)
+        head_blocks(num_heads, head_size, hidden_size)  # checks that C is a multiple of N
         self.eta = nn.Parameter(torch.zeros(num_heads, head_size))  # eta
 
     def reset_parameters(self) -> None:
@@ -156,7 +156,8 @@ class SelfStateEncoder(nn.Module):
             raise ValueError(f"SelfStateEncoder: expected a read-out [B, T, {self.num_heads}, {self.head_size}], got {tuple(readout.shape)}")
         P = self.num_sse_heads
         contrib = readout[:, :, :P] * self.eta[:P].to(readout.dtype)  # [B, T, P, N]
-        e = readout.new_zeros(B, T, self.hidden_size // N, N).index_add(2, self.blocks[:P], contrib)
+        blocks = head_blocks(P, N, self.hidden_size).to(readout.device)  # c(h) for h in P
+        e = readout.new_zeros(B, T, self.hidden_size // N, N).index_add(2, blocks, contrib)
         return e.view(B, T, self.hidden_size)
 
 
