@@ -110,5 +110,32 @@ def plot_command(
     typer.echo(str(path))
 
 
+@app.command("grow")
+def grow_command(
+    checkpoint: str = typer.Argument(..., help="A Meta-State model folder (save_pretrained: config.json + model.safetensors)."),
+    out_dir: str = typer.Argument(..., help="Output folder for the grown model."),
+    heads: int = typer.Option(None, "--heads", help="New WKV head count per layer (>= the current; default unchanged)."),
+    param_tokens: int = typer.Option(None, "--param-tokens", help="New parameter-token count per layer (>= the current)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for the new rows' random initialisation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Grow a Meta-State model's WKV state (heads) and parameter tokens, keeping its function (SPEC section 4)."""
+    from rich.console import Console
+
+    from wuneng.grow import grow_checkpoint, state_report
+
+    console = Console()
+    if heads is None and param_tokens is None:
+        console.print("[red]grow failed:[/red] nothing to grow; pass --heads and/or --param-tokens")
+        raise typer.Exit(code=2)
+    try:
+        old, grown = grow_checkpoint(checkpoint, out_dir, heads, param_tokens, overwrite=overwrite, seed=seed)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+        console.print(f"[red]grow failed:[/red] {err}")
+        raise typer.Exit(code=1)
+    console.print(f"[bold]before[/bold] ({checkpoint})\n{state_report(old)}")
+    console.print(f"[bold]after[/bold] ({out_dir})\n{state_report(grown)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
