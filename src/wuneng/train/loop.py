@@ -154,7 +154,7 @@ class MetricsWriter:
 
 def _progress(enabled: bool, total: int, completed: int, stage: str):
     if not enabled:
-        return contextlib.nullcontext(None), None
+        return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(

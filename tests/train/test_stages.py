@@ -1,0 +1,300 @@
+"""The four stages on tiny seeded models: losses fall, masks and frozen parts hold, oracles agree."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from wuneng.train.config import AlignConfig, DataConfig, DistillConfig, OptimConfig, TrainConfig
+from wuneng.train.data import build_dataset
+from wuneng.train.loop import NonFiniteLossError, train
+from wuneng.train.stages import (
+    AlignObjective,
+    CausalLMObjective,
+    DistillObjective,
+    capture_teacher_attention,
+    kl_divergence_sum,
+    reconcile_vocab_size,
+    shifted_cross_entropy_sum,
+)
+
+from train_helpers import CHATS, TEXTS, state_of, tiny_llama, tiny_qwen2
+
+
+def run_config(tmp_path, stage="pretrain", steps=30, **kw):
+    base = dict(
+        stage=stage,
+        output_dir=str(tmp_path / stage),
+        data=DataConfig(seq_len=32),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3),
+        micro_batch_size=4,
+        max_steps=steps,
+        save_every=1000,
+        progress=False,
+        tensorboard=False,
+        save_final=False,
+        mixed_precision="no",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(result, key="loss"):
+    return [h[key] for h in result.history]
+
+
+# ------------------------------------------------------------------------------- pretrain
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_llama], ids=["qwen2", "llama"])
+def test_pretrain_lowers_cross_entropy(tmp_path, tokenizer, make):
+    torch.manual_seed(0)
+    result = train(run_config(tmp_path), model=make(), tokenizer=tokenizer, data_sources=[TEXTS])
+    curve = losses(result)
+    assert len(curve) == 30 and all(math.isfinite(v) for v in curve)
+    assert math.log(259) * 0.85 < curve[0]  # starts near uniform over the byte vocabulary
+    assert curve[-1] < 0.8 * curve[0], curve
+
+
+def test_cross_entropy_sum_matches_hf_loss(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_qwen2()
+    ds = build_dataset(DataConfig(seq_len=32), tokenizer, "pretrain", [TEXTS[:4]])
+    batch = ds.batch([0, 1])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    total, count = shifted_cross_entropy_sum(out.logits, batch["labels"])
+    torch.testing.assert_close(total / count, out.loss, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ sft
+def test_sft_puts_no_loss_on_prompt_tokens(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_qwen2()
+    ds = build_dataset(DataConfig(seq_len=48), tokenizer, "sft", [CHATS[:6]])
+    batch = ds.batch([0, 1])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.retain_grad()
+    total, _ = shifted_cross_entropy_sum(logits, batch["labels"])
+    total.backward()
+    grad_norm = logits.grad.norm(dim=-1)  # [B, T]: position t predicts token t + 1
+    predicts_target = torch.zeros_like(grad_norm, dtype=torch.bool)
+    predicts_target[:, :-1] = batch["labels"][:, 1:] != -100
+    assert predicts_target.any() and (~predicts_target).any()
+    assert (grad_norm[~predicts_target] == 0).all()
+    assert (grad_norm[predicts_target] > 0).all()
+    # the targets are exactly the responses: "add a b" -> "a+b<eos>\n"
+    row = batch["labels"][0]
+    assert tokenizer.decode(batch["input_ids"][0][:26].tolist()) == "user: add 0 0<eos>\nassistant: "
+    assert tokenizer.decode(row[row != -100].tolist()).startswith("0<eos>\n1<eos>\n")
+
+
+def test_sft_lowers_response_loss(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    cfg = run_config(tmp_path, "sft", data=DataConfig(seq_len=48))
+    result = train(cfg, model=tiny_llama(), tokenizer=tokenizer, data_sources=[CHATS])
+    curve = losses(result)
+    assert curve[-1] < 0.7 * curve[0], curve
+
+
+# -------------------------------------------------------------------------------- distill
+def test_kl_oracle_float64():
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    tau = 2.0
+    p = torch.softmax(t.double() / tau, -1)
+    q = torch.softmax(s.double() / tau, -1)
+    expected = ((p * (p.log() - q.log())).sum(-1) * mask).sum() * tau**2
+    torch.testing.assert_close(kl_divergence_sum(t, s, mask, tau).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_kl_is_zero_when_student_is_teacher(tokenizer):
+    torch.manual_seed(0)
+    teacher = tiny_qwen2()
+    student = copy.deepcopy(teacher).train()
+    obj = DistillObjective(student, teacher, temperature=1.5, tokenizer_size=len(tokenizer))
+    ds = build_dataset(DataConfig(seq_len=32), tokenizer, "distill", [TEXTS[:4]])
+    out = obj(ds.batch([0, 1]))
+    assert abs(float(out["kl"])) < 1e-6
+    out["loss_sum"].backward()
+    assert max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None) < 1e-6
+
+
+def sharpen(model, factor=8.0):
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)  # tied: also scales the embedding; peaky teacher distributions
+    return model
+
+
+def test_distill_lowers_kl(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    teacher = sharpen(tiny_qwen2(seed=0))
+    cfg = run_config(tmp_path, "distill", distill=DistillConfig(temperature=1.0, ce_weight=0.5))
+    result = train(cfg, model=tiny_qwen2(seed=1), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    kl = losses(result, "kl")
+    assert "ce" in result.history[0]
+    assert kl[-1] < 0.7 * kl[0], kl
+
+
+def test_distill_freeze_mlp_keeps_mlp_weights(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    student = tiny_qwen2(seed=1)
+    before = state_of(student)
+    cfg = run_config(tmp_path, "distill", steps=3, distill=DistillConfig(freeze_mlp=True))
+    train(cfg, model=student, teacher=sharpen(tiny_qwen2(seed=0)), tokenizer=tokenizer, data_sources=[TEXTS])
+    after = state_of(student)
+    mlp = [k for k in before if ".mlp." in k]
+    assert mlp and all(torch.equal(before[k], after[k]) for k in mlp)
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_vocab_reconciliation():
+    assert reconcile_vocab_size(260, 260, 259) == 260
+    assert reconcile_vocab_size(272, 260, 259) == 260  # padded teacher embedding, shared tokenizer
+    with pytest.raises(ValueError, match=r"teacher vocabulary \(300\) and student vocabulary \(260\) differ"):
+        reconcile_vocab_size(300, 260, 280)
+    torch.manual_seed(0)
+    obj = DistillObjective(tiny_qwen2(vocab_size=260), tiny_qwen2(vocab_size=272), tokenizer_size=259)
+    assert obj.vocab == 260
+
+
+# ---------------------------------------------------------------------------------- align
+class FakeHybridMixer(nn.Module):
+    """Follows the WuNeng align contract: a copied attention plus new 'state' parameters.
+
+    output = attn(h) + mix * state_proj(h) (function-preserving at mix = 0); state = o_proj(state_proj(h)).
+    """
+
+    def __init__(self, attn: nn.Module, width: int, hybrid: bool = True):
+        super().__init__()
+        self.attn = attn
+        self.hybrid = hybrid
+        self.state_proj = nn.Linear(width, width, bias=False)
+        self.mix = nn.Parameter(torch.zeros(width))
+
+    def align_forward(self, hidden_states, position_embeddings, attention_mask=None):
+        assert attention_mask is None or attention_mask.ndim == 2  # the 2-D padding mask
+        s = self.state_proj(hidden_states)
+        if not self.hybrid:  # ARWKV-like replacement: only an output
+            return {"output": self.attn.o_proj(s)}
+        a = self.attn(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=None)[0]
+        return {"output": a + self.mix * s, "state": self.attn.o_proj(s)}
+
+
+class FakeStudent(nn.Module):
+    def __init__(self, teacher, hybrid=True):
+        super().__init__()
+        self.model = copy.deepcopy(teacher.model)
+        width = teacher.config.hidden_size
+        for layer in self.model.layers:
+            layer.self_attn = FakeHybridMixer(layer.self_attn, width, hybrid)
+
+    def converted_layer_indices(self):
+        return list(range(len(self.model.layers)))
+
+    def new_parameter_names(self):
+        return {n for n, _ in self.named_parameters() if n.endswith(("state_proj.weight", ".mix"))}
+
+
+def test_capture_is_teacher_forced(tokenizer):
+    """Captured inputs are the teacher's own normed hidden states; outputs are its attention outputs."""
+    torch.manual_seed(0)
+    teacher = tiny_qwen2()
+    ids = torch.randint(0, 259, (2, 16))
+    cap = capture_teacher_attention(teacher, [0, 1], ids)
+    hs = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    for i in (0, 1):
+        layer = teacher.model.layers[i]
+        torch.testing.assert_close(cap[i]["hidden_states"], layer.input_layernorm(hs[i]), rtol=0, atol=0)
+        torch.testing.assert_close(cap[i]["output"], layer.self_attn(cap[i]["hidden_states"], cap[i]["position_embeddings"], None)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_align_loss_oracle(tokenizer):
+    torch.manual_seed(0)
+    teacher = tiny_qwen2()
+    student = FakeStudent(teacher)
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.self_attn.mix.fill_(0.3)
+    obj = AlignObjective(student, teacher)
+    ds = build_dataset(DataConfig(seq_len=32), tokenizer, "align", [TEXTS[:4]])
+    batch = ds.batch([0, 1])
+    with torch.no_grad():
+        out = obj(batch)
+    cap = capture_teacher_attention(teacher, [0, 1], batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"].double()
+    terms = {"output": [], "state": []}
+    for i in (0, 1):
+        with torch.no_grad():
+            r = student.model.layers[i].self_attn.align_forward(cap[i]["hidden_states"], cap[i]["position_embeddings"])
+        for k in terms:
+            d = (cap[i]["output"].double() - r[k].double()).norm(dim=-1) / math.sqrt(32)
+            terms[k].append((d * mask).sum() / mask.sum())
+    n = float(obj.count_tokens(batch))
+    assert float(out["align_output"]) / n == pytest.approx(float(sum(terms["output"]) / 2), rel=1e-5)
+    assert float(out["align_state"]) / n == pytest.approx(float(sum(terms["state"]) / 2), rel=1e-5)
+    assert float(out["loss_sum"]) == pytest.approx(float(out["align_output"] + out["align_state"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("hybrid", [True, False], ids=["wuneng", "arwkv"])
+def test_align_trains_only_new_parameters(tmp_path, tokenizer, hybrid):
+    torch.manual_seed(0)
+    teacher = tiny_qwen2()
+    student = FakeStudent(teacher, hybrid=hybrid)
+    new = student.new_parameter_names()
+    before = state_of(student)
+    cfg = run_config(tmp_path, "align", steps=25)
+    result = train(cfg, model=student, teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    after = state_of(student)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in new)
+    assert all(not torch.equal(before[k], after[k]) for k in new if k.endswith("state_proj.weight"))
+    records = [json.loads(l) for l in open(tmp_path / "align" / "metrics.jsonl") if '"step"' in l and "event" not in l]
+    if hybrid:
+        assert records[0]["align_output"] < 1e-5  # function-preserving hybrid: output equals the teacher's
+        state = losses(result, "align_state")
+        assert state[-1] < 0.7 * state[0], state
+        assert records[-1]["loss"] == pytest.approx(records[-1]["align_output"] + records[-1]["align_state"])
+    else:
+        assert all("align_state" not in r for r in records)
+        out = losses(result, "align_output")
+        assert out[-1] < 0.7 * out[0], out
+
+
+def test_align_rejects_a_plain_model(tokenizer):
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="needs a converted student"):
+        AlignObjective(tiny_qwen2(), tiny_qwen2())
+
+
+# ------------------------------------------------------------------------------ NaN guard
+class NaNAfter(nn.Module):
+    """Wraps a causal LM; its logits become NaN from the n-th forward call on."""
+
+    def __init__(self, inner, n):
+        super().__init__()
+        self.inner, self.n, self.calls = inner, n, 0
+        self.config = inner.config
+
+    def forward(self, **kw):
+        self.calls += 1
+        out = self.inner(**kw)
+        if self.calls >= self.n:
+            out.logits = out.logits * float("nan")
+        return out
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = NaNAfter(tiny_qwen2(), n=5)
+    cfg = run_config(tmp_path, steps=10, save_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*Last good checkpoint: .*step_00000004"):
+        train(cfg, model=model, tokenizer=tokenizer, data_sources=[TEXTS])
+    # the NaN step did not touch the weights: they equal checkpoint 4
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "pretrain" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    current = model.state_dict()
+    assert all(torch.equal(current[k], v) for k, v in saved.items())
+    events = [json.loads(l) for l in open(tmp_path / "pretrain" / "metrics.jsonl")]
+    assert events[-1]["event"] == "nonfinite" and events[-1]["step"] == 5
