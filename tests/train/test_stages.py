@@ -86,7 +86,7 @@ def test_sft_puts_no_loss_on_prompt_tokens(tokenizer):
     # the targets are exactly the responses: "add a b" -> "a+b<eos>\n"
     row = batch["labels"][0]
     assert tokenizer.decode(batch["input_ids"][0][:26].tolist()) == "user: add 0 0<eos>\nassistant: "
-    assert tokenizer.decode(row[row != -100].tolist()).startswith("0<eos>\n1<eos>\n")
+    assert tokenizer.decode(row[row != -100].tolist()) == "0<eos>\n"  # one conversation per row at seq_len 48
 
 
 def test_sft_lowers_response_loss(tmp_path, tokenizer):
