@@ -45,15 +45,15 @@ def wkv7_fla(r, log_w, k, v, a, b, initial_state: Optional[torch.Tensor] = None)
     scales the query by K^-1/2 unless ``scale=1.0``. Returns ``(y, final_state)`` with the final state
     [B, H, N, N] float32 in the S[i, j] = (value i, key j) layout.
     """
+    if r.device.type != "cuda":
+        raise ValueError(f"wkv7: impl='fla' runs on CUDA tensors only, got device {r.device}")
+    if r.dtype not in _FLA_DTYPES:
+        raise TypeError(f"wkv7: impl='fla' supports {_FLA_DTYPES}, got {r.dtype}; use impl='chunked'")
     chunk_rwkv7 = _fla_chunk_rwkv7()
     if chunk_rwkv7 is None:
         raise RuntimeError(
             "wkv7: impl='fla' needs flash-linear-attention and triton (pip install 'wuneng[gpu]'); import failed"
         )
-    if r.device.type != "cuda":
-        raise ValueError(f"wkv7: impl='fla' runs on CUDA tensors only, got device {r.device}")
-    if r.dtype not in _FLA_DTYPES:
-        raise TypeError(f"wkv7: impl='fla' supports {_FLA_DTYPES}, got {r.dtype}; use impl='chunked'")
     h0 = None
     if initial_state is not None:
         h0 = initial_state.to(torch.float32).transpose(-1, -2).contiguous()
