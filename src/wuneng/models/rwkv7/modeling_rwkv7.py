@@ -98,26 +98,27 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers skips modules without direct parameters when it treats a model as custom code; our
+        # _init_weights checks the loaded flags itself, so every module is visited.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Current RWKV-LM init. Parameters loaded by ``from_pretrained`` (flagged ``_is_hf_initialized`` by
-        transformers) are never overwritten: a partly loaded layer is re-initialised and the loaded tensors
-        restored."""
+        """Current RWKV-LM init (SPEC section 2). Parameters loaded by ``from_pretrained`` (flagged
+        ``_is_hf_initialized`` by transformers) are never overwritten: a partly loaded layer is re-initialised
+        and its loaded tensors restored."""
         if isinstance(module, (TimeMix, ChannelMix)):
             _reset_keeping_loaded(module, module.reset_parameters)
         elif isinstance(module, RWKV7StateHeads):
             _reset_keeping_loaded(module, module.reset_state_parameters)
         elif isinstance(module, nn.LayerNorm):
             _reset_keeping_loaded(module, lambda: (module.weight.fill_(1.0), module.bias.zero_()))
-        elif isinstance(module, RWKV7Model):
-            emb = module.emb.weight
-            if not getattr(emb, "_is_hf_initialized", False):
-                nn.init.uniform_(emb, -1e-4, 1e-4)
-        elif isinstance(module, RWKV7ForCausalLM):
-            head = module.head.weight
-            if not getattr(head, "_is_hf_initialized", False):
-                V, C = head.shape
-                orthogonal_(head, 0.5 * (V / C) ** 0.5 if V > C else 0.5)
+        elif isinstance(module, nn.Embedding):
+            _reset_keeping_loaded(module, lambda: module.weight.uniform_(-1e-4, 1e-4))
+        elif module is getattr(self, "head", None):
+            # gain 0.5 * sqrt(V / C) when V > C, else 0.5: orthogonal_ adds the sqrt(rows / cols) factor itself
+            _reset_keeping_loaded(module, lambda: orthogonal_(module.weight, 0.5))
         # Linear / GroupNorm inside TimeMix and ChannelMix are set by their parent's reset (visited after them).
 
 
