@@ -250,6 +250,22 @@ def test_save_load_round_trip(model, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_from_pretrained_initialises_only_missing_weights(model, tmp_path):
+    """A checkpoint without two tensors: those get the SPEC init, every loaded tensor is kept as loaded."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.blocks.1.att.w1"], weights["head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = RWKV7ForCausalLM.from_pretrained(tmp_path)
+    changed = [n for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()) if not torch.equal(a, b)]
+    assert sorted(changed) == ["head.weight", "model.blocks.1.att.w1"]
+    assert torch.all(loaded.model.blocks[1].att.w1 == 0)
+    head = loaded.head.weight
+    assert torch.allclose(head.T @ head, 0.25 * V / C * torch.eye(C), atol=1e-4)
+
+
 def test_rwkv_lm_export_names_and_shapes(model):
     sd = model.to_rwkv_lm_state_dict()
     H = C // N
