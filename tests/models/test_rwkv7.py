@@ -365,6 +365,8 @@ def test_bad_forward_inputs(model):
         model(inputs_embeds=torch.randn(2, 5, C + 1))
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+        model(ids, attention_mask=torch.full((2, 5), 2))
     with pytest.raises(ValueError, match="is on meta"):
         model(ids.to("meta"))
     with pytest.raises(ValueError, match="is on meta"):

@@ -7,7 +7,9 @@ Model: ``emb -> ln0 (layer 0) -> blocks (h += TimeMix(ln1 h); h += ChannelMix(ln
 
 Decoding keeps a :class:`~wuneng.cache.RecurrentStateCache` (``past_key_values``): per layer the time-mix
 shift [B, C], the WKV state [B, H, N, N] (float32) and the channel-mix shift [B, C]; its size does not grow
-with the context. ``attention_mask`` (1 = token, 0 = left padding) keeps padding out of every state.
+with the context. ``attention_mask`` (1 = token, 0 = padding) keeps padding out of the WKV state and the
+token shift. Use left padding when the state is continued (generate): the returned shift states are those of
+the last position, which right padding would make a padding position.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ...auto_map import AutoMapMixin
 from ...cache import RecurrentStateCache
 from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, orthogonal_
 from .configuration_rwkv7 import RWKV7Config
@@ -83,7 +86,7 @@ class RWKV7Block(GradientCheckpointingLayer):
         return hidden, v_first, time_shift, wkv, channel_shift
 
 
-class RWKV7PreTrainedModel(PreTrainedModel):
+class RWKV7PreTrainedModel(AutoMapMixin, PreTrainedModel):
     """Weight init (SPEC section 2) and the transformers plumbing shared by the RWKV-7 models."""
 
     config_class = RWKV7Config
@@ -191,6 +194,8 @@ class RWKV7Model(RWKV7PreTrainedModel):
                     f"RWKV7: attention_mask must have shape [B, T] = [{B}, {T}] (or [B, past + T], as generate() "
                     f"passes it), got {tuple(attention_mask.shape)}"
                 )
+            if attention_mask.device.type == "cpu" and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("RWKV7: attention_mask must hold only 0 (padding) and 1 (token)")
         if past_key_values is not None:
             if not isinstance(past_key_values, RecurrentStateCache):
                 raise TypeError(
@@ -229,8 +234,8 @@ class RWKV7Model(RWKV7PreTrainedModel):
         T_ = self._validate_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)[1]
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if use_cache is None:
-            use_cache = self.config.use_cache and (past_key_values is not None or not self.training)
+        if use_cache is None:  # a given cache is always updated; otherwise config.use_cache, off in training
+            use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = RecurrentStateCache(self.config.num_hidden_layers)
 
