@@ -21,6 +21,8 @@ from pathlib import Path
 
 from transformers import AddedToken, PreTrainedTokenizer
 
+from wuneng.auto_map import AutoMapMixin
+
 __all__ = ["ByteLevelTokenizer", "BYTE_VOCAB_SIZE", "DEFAULT_CHAT_TEMPLATE", "load_tokenizer"]
 
 NUM_BYTES = 256
@@ -38,7 +40,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ByteLevelTokenizer(PreTrainedTokenizer):
+class ByteLevelTokenizer(AutoMapMixin, PreTrainedTokenizer):
     """UTF-8 bytes plus ``<pad>``/``<bos>``/``<eos>``; vocabulary size 259.
 
     Args:
