@@ -60,6 +60,8 @@ def pip_model(model, tmp_path_factory):
     os.environ["RWKV_CUDA_ON"] = "0"
     from rwkv.model import RWKV
 
+    # the package picks its model class at import time from RWKV_V7_ON
+    assert RWKV.__name__ == "RWKV_x070", "rwkv.model was imported before RWKV_V7_ON=1 was set"
     path = tmp_path_factory.mktemp("rwkv_pip") / "tiny.pth"
     torch.save(model.to_rwkv_lm_state_dict(), path)
     return RWKV(model=str(path)[: -len(".pth")], strategy="cpu fp32")
@@ -405,3 +407,19 @@ def test_bad_rwkv_lm_checkpoints(model, tmp_path):
         RWKV7ForCausalLM.from_rwkv_lm(tmp_path / "nope.pth")
     with pytest.raises(TypeError, match="state dict"):
         RWKV7ForCausalLM.from_rwkv_lm([1, 2, 3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(model):
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(15))
+    gpu = random_model(0).cuda()
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = gpu(ids.cuda())
+        assert rel_err(out.logits.cpu(), ref) <= 1e-4  # TF32 / kernel differences
+        cache = out.past_key_values
+        assert cache.get_state(0, "wkv").device.type == "cuda"
+        with pytest.raises(ValueError, match="is on cpu"):
+            gpu(ids)
+        gen = gpu.generate(ids[:, :5].cuda(), max_new_tokens=6, do_sample=False)
+    assert gen.shape == (2, 11)
