@@ -204,6 +204,8 @@ def train(
     validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)
     stage = config.stage
     accelerator = Accelerator(
+        # cpu=True on CPU-only machines: accelerate then runs torchrun's processes as MULTI_CPU (gloo).
+        cpu=not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(config.mixed_precision),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
     )

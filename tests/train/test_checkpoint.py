@@ -1,0 +1,140 @@
+"""Checkpoints: atomic and complete-or-ignored, keep-last-K, exact resume (also after a real SIGKILL)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from wuneng.cli import app
+from wuneng.train.checkpoint import latest_checkpoint, list_checkpoints
+from wuneng.train.config import DataConfig, OptimConfig, TrainConfig
+from wuneng.train.loop import train
+
+from train_helpers import PYTHON, REPO, TEXTS, tiny_qwen2, write_yaml
+
+
+def config(tmp_path, name, **kw):
+    base = dict(
+        output_dir=str(tmp_path / name),
+        data=DataConfig(seq_len=32),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3),
+        micro_batch_size=2,
+        grad_accum_steps=2,
+        max_steps=10,
+        save_every=2,
+        keep_last=3,
+        progress=False,
+        tensorboard=False,
+        save_final=False,
+        mixed_precision="no",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(ckpt_dir):
+    return load_file(str(ckpt_dir / "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"differ: {bad[:5]}"
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    train(config(tmp_path, "run", max_steps=4), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    root = tmp_path / "run" / "checkpoints"
+    good = root / "step_00000004"
+    assert latest_checkpoint(tmp_path / "run") == good
+    shutil.copytree(good, root / ".tmp-step_00000008")  # assembled but never renamed
+    shutil.copytree(good, root / "step_00000006")
+    (root / "step_00000006" / "trainer_state.json").unlink()  # killed before the last file
+    shutil.copytree(good, root / "step_00000007")
+    (root / "step_00000007" / "trainer_state.json").write_text('{"step": 7, "samp')  # truncated
+    shutil.copytree(good, root / "step_00000009")  # state says another step
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
+    assert latest_checkpoint(tmp_path / "run") == good
+
+
+def test_keep_last(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    train(config(tmp_path, "run", max_steps=8, keep_last=2), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    train(config(tmp_path, "full"), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    torch.manual_seed(0)
+    train(config(tmp_path, "sliced", stop_at_step=4), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    result = train(config(tmp_path, "sliced"), model=tiny_qwen2(seed=5), tokenizer=tokenizer, data_sources=[TEXTS], resume=True)
+    assert result.step == 10 and result.history[0]["step"] == 5
+    assert_same(weights(tmp_path / "full/checkpoints/step_00000010"), weights(tmp_path / "sliced/checkpoints/step_00000010"))
+    full_opt = torch.load(tmp_path / "full/checkpoints/step_00000010/optimizer.pt", weights_only=True)
+    sliced_opt = torch.load(tmp_path / "sliced/checkpoints/step_00000010/optimizer.pt", weights_only=True)
+    for k, st in full_opt["state"].items():
+        assert torch.equal(st["exp_avg_sq"], sliced_opt["state"][k]["exp_avg_sq"])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer):
+    """A subprocess run is SIGKILLed after checkpoint 4; `wuneng train --resume` finishes it; the weights at
+    step 12 equal those of a run that was never interrupted (bitwise: same data order, optimizer, RNG)."""
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    tiny_qwen2().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "data.txt").write_text("\n".join(TEXTS), encoding="utf-8")
+    cfg = {
+        "model": {"path": str(model_dir)},
+        "data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line"},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
+        "micro_batch_size": 2,
+        "max_steps": 1000,
+        "save_every": 2,
+        "keep_last": 50,
+        "progress": False,
+        "tensorboard": False,
+        "save_final": False,
+        "mixed_precision": "no",
+    }
+    path = write_yaml(tmp_path / "run.yaml", cfg)
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [PYTHON, "-m", "wuneng.cli", "train", str(path), "--output-dir", str(killed), "-o", "stop_at_step=400"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(step >= 4 for step, _ in list_checkpoints(killed)):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    newest = list_checkpoints(killed)[-1][0]
+    assert 4 <= newest < 12
+
+    result = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(killed), "--resume", "-o", "stop_at_step=12"])
+    assert result.exit_code == 0, result.output
+    train_ref = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(tmp_path / "ref"), "-o", "stop_at_step=12"])
+    assert train_ref.exit_code == 0, train_ref.output
+    assert_same(weights(killed / "checkpoints/step_00000012"), weights(tmp_path / "ref/checkpoints/step_00000012"))
+    # it really continued (a fresh start would also reach the same weights): resume event at the newest
+    # checkpoint, and the first step logged after it is the next one
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    at = next(i for i, r in enumerate(records) if r.get("event") == "resume")
+    assert records[at]["step"] == newest and records[at]["checkpoint"].endswith(f"step_{newest:08d}")
+    assert records[at + 1]["step"] == newest + 1
