@@ -13,6 +13,10 @@ _LAZY_EXPORTS = {
     "MetaStateConfig": "wuneng.models.metastate",
     "MetaStateModel": "wuneng.models.metastate",
     "MetaStateForCausalLM": "wuneng.models.metastate",
+    "WuNengConfig": "wuneng.models.wuneng",
+    "WuNengModel": "wuneng.models.wuneng",
+    "WuNengForCausalLM": "wuneng.models.wuneng",
+    "HybridMixer": "wuneng.layers.hybrid",
     "grow": "wuneng.grow",
     "state_report": "wuneng.grow",
 }

@@ -1,0 +1,340 @@
+"""Conversion of a Llama/Qwen2 teacher into a WuNeng model (SPEC sections 3 and 5), and ``wuneng convert``.
+
+``convert_teacher(teacher, ...)`` builds a :class:`~wuneng.models.wuneng.WuNengForCausalLM` with the teacher's
+shapes, copies every teacher tensor the student keeps (embeddings, norms, MLPs, attention of hybrid and
+attention layers, LM head) and leaves the new parameters at their function-preserving initialisation, so that
+the converted model's logits equal the teacher's (every fusion but ``hymba``). ARWKV replacement layers drop
+the teacher's attention (or, with ``arwkv_init="radlads"``, start from copies of it).
+
+``convert_checkpoint(teacher_dir, out_dir, ...)`` does the same from a local checkpoint directory, saves the
+result with ``save_pretrained`` (safetensors) atomically, and copies the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterable, Optional, Sequence, Union
+
+import torch
+
+from .models.wuneng import WuNengConfig, WuNengForCausalLM
+from .models.wuneng.modeling_wuneng import _loading_problems, checkpoint_mismatches
+
+__all__ = [
+    "SUPPORTED_TEACHERS",
+    "WUNENG_OPTIONS",
+    "TOKENIZER_FILES",
+    "check_teacher",
+    "config_from_teacher",
+    "load_teacher",
+    "convert_teacher",
+    "convert_checkpoint",
+    "copy_tokenizer_files",
+]
+
+#: teacher class name -> model_type
+SUPPORTED_TEACHERS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+#: WuNeng options ``from_teacher`` accepts (besides fusion, middle_heads, state_query and the layer selection)
+WUNENG_OPTIONS = (
+    "state_query_init",
+    "receptance_rank",
+    "gate_rank",
+    "middle_rank",
+    "decay_low_rank_dim",
+    "a_low_rank_dim",
+    "v_low_rank_dim",
+    "arwkv_head_size",
+    "arwkv_init",
+    "wkv_impl",
+)
+
+#: tokenizer files copied next to a converted checkpoint (names, or prefixes ending in "*")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "chat_templates*",
+)
+
+_TEACHER_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def check_teacher(teacher) -> str:
+    """The teacher's model_type ("llama" | "qwen2"); ValueError naming the class for anything else, or for a
+    feature the student does not reproduce (sliding-window attention)."""
+    name = type(teacher).__name__
+    if name not in SUPPORTED_TEACHERS:
+        raise ValueError(
+            f"unsupported teacher architecture {name}; WuNeng converts {' or '.join(SUPPORTED_TEACHERS)} models"
+        )
+    _check_teacher_config(teacher.config, name)
+    return SUPPORTED_TEACHERS[name]
+
+
+def _check_teacher_config(cfg, name: str) -> None:
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+        raise ValueError(
+            f"{name} teacher uses sliding-window attention (layer_types={sorted(set(layer_types))}); "
+            "WuNeng keeps full causal attention only"
+        )
+
+
+def config_from_teacher(
+    teacher_config,
+    *,
+    fusion: str = "gate",
+    middle_heads: int = 4,
+    state_query: bool = True,
+    hybrid_layers: Optional[Sequence[int]] = None,
+    attention: bool = True,
+    arwkv_layers: Optional[Sequence[int]] = None,
+    layer_kinds: Optional[Sequence[str]] = None,
+    **options,
+) -> WuNengConfig:
+    """A :class:`WuNengConfig` with the teacher's shapes (a ``LlamaConfig`` / ``Qwen2Config``) and the options."""
+    model_type = getattr(teacher_config, "model_type", None)
+    if model_type not in SUPPORTED_TEACHERS.values():
+        arch = (getattr(teacher_config, "architectures", None) or [type(teacher_config).__name__])[0]
+        raise ValueError(
+            f"unsupported teacher architecture {arch} (model_type {model_type!r}); WuNeng converts "
+            f"{' or '.join(SUPPORTED_TEACHERS)} models"
+        )
+    unknown = sorted(set(options) - set(WUNENG_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown conversion option(s) {unknown}; accepted: fusion, middle_heads, state_query, "
+                        f"hybrid_layers, attention, arwkv_layers, layer_kinds, dtype, {', '.join(WUNENG_OPTIONS)}")
+    _check_teacher_config(teacher_config, type(teacher_config).__name__)
+    c = teacher_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if model_type == "qwen2":
+        qkv_bias, out_bias, mlp_bias = True, False, False
+    else:
+        qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
+        mlp_bias = bool(getattr(c, "mlp_bias", False))
+    rope = dict(c.rope_parameters) if getattr(c, "rope_parameters", None) else None
+    return WuNengConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=head_dim,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        initializer_range=getattr(c, "initializer_range", 0.02),
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=rope,
+        attention_bias=qkv_bias,
+        attention_out_bias=out_bias,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        teacher_model_type=model_type,
+        fusion=fusion,
+        middle_heads=middle_heads,
+        state_query=state_query,
+        hybrid_layers=hybrid_layers,
+        attention=attention,
+        arwkv_layers=arwkv_layers,
+        layer_kinds=list(layer_kinds) if layer_kinds is not None else None,
+        pad_token_id=getattr(c, "pad_token_id", None),
+        bos_token_id=getattr(c, "bos_token_id", None),
+        eos_token_id=getattr(c, "eos_token_id", None),
+        **options,
+    )
+
+
+def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None):
+    """Load a local Llama/Qwen2 checkpoint directory (nothing is downloaded).
+
+    The architecture is checked from config.json before any weight is read; a checkpoint whose weights do not
+    match its config (missing, unexpected or differently shaped tensors) is a ValueError naming them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"teacher checkpoint directory {path!r} does not exist")
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot read the teacher config in {path!r}: {err}") from err
+    if getattr(cfg, "model_type", None) not in SUPPORTED_TEACHERS.values():
+        arch = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
+        raise ValueError(
+            f"unsupported teacher architecture {arch} (model_type {cfg.model_type!r}) in {path!r}; WuNeng converts "
+            f"{' or '.join(SUPPORTED_TEACHERS)} models"
+        )
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    problems = checkpoint_mismatches(path, skeleton, bool(getattr(cfg, "tie_word_embeddings", False)))
+    if problems:
+        raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
+    try:
+        teacher, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype or "auto", output_loading_info=True
+        )
+    except RuntimeError as err:  # transformers reports size mismatches this way
+        raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json: {err}") from err
+    info = dict(info)
+    if teacher.config.tie_word_embeddings:
+        info["missing_keys"] = [k for k in (info.get("missing_keys") or ()) if k != "lm_head.weight"]
+    problems = _loading_problems(info)
+    if problems:
+        raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
+    check_teacher(teacher)
+    return teacher
+
+
+def _radlads_init(student: WuNengForCausalLM, teacher_sd: Dict[str, torch.Tensor]) -> None:
+    """ARWKV layers from the teacher's attention: W_r <- W_q, W_k <- repeat_kv(W_k), W_v <- repeat_kv(W_v),
+    W_o <- W_o (biases dropped; the time-mix has none)."""
+    c = student.config
+    n_rep, d = c.num_attention_heads // c.num_key_value_heads, c.head_dim
+    for i in c.arwkv_layers:
+        mixer = student.model.layers[i].self_attn
+        pre = f"model.layers.{i}.self_attn."
+
+        def rep(w):  # [H_kv d, C] -> [H_q d, C], kv head j serving query heads j n_rep .. (j+1) n_rep - 1
+            return w.view(c.num_key_value_heads, 1, d, -1).expand(-1, n_rep, -1, -1).reshape(c.num_attention_heads * d, -1)
+
+        with torch.no_grad():
+            mixer.receptance.weight.copy_(teacher_sd[pre + "q_proj.weight"])
+            mixer.key.weight.copy_(rep(teacher_sd[pre + "k_proj.weight"]))
+            mixer.value.weight.copy_(rep(teacher_sd[pre + "v_proj.weight"]))
+            mixer.output.weight.copy_(teacher_sd[pre + "o_proj.weight"])
+
+
+def convert_teacher(
+    teacher,
+    fusion: str = "gate",
+    middle_heads: int = 4,
+    state_query: bool = True,
+    hybrid_layers: Optional[Sequence[int]] = None,
+    *,
+    attention: bool = True,
+    arwkv_layers: Optional[Sequence[int]] = None,
+    layer_kinds: Optional[Sequence[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+    **options,
+) -> WuNengForCausalLM:
+    """Convert a teacher into a WuNeng model.
+
+    Args:
+        teacher: a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` instance, or a local checkpoint directory.
+        fusion: "gate" (default) | "add" | "concat" | "hymba" | "none".
+        middle_heads: H_m (default 4; 0 = no middle heads).
+        state_query: state-query modulation q += lambda Y W^state (default True).
+        hybrid_layers: indices of the converted layers (default: all); the others keep the teacher's attention.
+        attention: False turns the converted layers into ARWKV replacements (pure RWKV-7 time-mix).
+        arwkv_layers: layers that become ARWKV replacements (beside hybrid ones).
+        layer_kinds: explicit per-layer "hybrid" | "arwkv" | "attention" (instead of the three above).
+        dtype: dtype of the result (default: the teacher's).
+        **options: any of :data:`WUNENG_OPTIONS` (ranks, ``state_query_init``, ``arwkv_head_size``,
+            ``arwkv_init`` = "rwkv7" | "radlads", ``wkv_impl``).
+
+    Returns the student in eval mode if the teacher was, on the teacher's device.
+    """
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher = load_teacher(teacher)
+    check_teacher(teacher)
+    config = config_from_teacher(
+        teacher.config, fusion=fusion, middle_heads=middle_heads, state_query=state_query,
+        hybrid_layers=hybrid_layers, attention=attention, arwkv_layers=arwkv_layers, layer_kinds=layer_kinds,
+        **options,
+    )
+    teacher_sd = teacher.state_dict()
+    ref = teacher_sd["model.embed_tokens.weight"]
+    device = ref.device
+    with torch.device(device):
+        student = WuNengForCausalLM(config)
+    student.to(dtype or ref.dtype)
+    student_params = dict(student.named_parameters())
+    teacher_names = student.teacher_parameter_names()
+    dropped = {f"model.layers.{i}.self_attn.{p}.{w}" for i in config.arwkv_layers for p in _TEACHER_ATTN for w in ("weight", "bias")}
+    copied, problems = set(), []
+    with torch.no_grad():
+        for name, tensor in teacher_sd.items():
+            if name in dropped:
+                continue
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied to the embedding
+            target = student_params.get(name)
+            if target is None or name not in teacher_names:
+                problems.append(f"teacher tensor {name} has no place in the student")
+                continue
+            if target.shape != tensor.shape:
+                problems.append(f"{name}: teacher {tuple(tensor.shape)} vs student {tuple(target.shape)}")
+                continue
+            target.copy_(tensor)
+            copied.add(name)
+    missing = sorted(teacher_names - copied - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        problems.append(f"student tensors the teacher did not provide: {', '.join(missing[:12])}")
+    if problems:
+        raise ValueError("conversion failed: " + "; ".join(problems))
+    if config.arwkv_init == "radlads" and config.arwkv_layers:
+        _radlads_init(student, teacher_sd)
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
+    student.train(teacher.training)
+    return student
+
+
+def copy_tokenizer_files(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os.PathLike],
+                         patterns: Iterable[str] = TOKENIZER_FILES) -> list:
+    """Copy the tokenizer files of ``src_dir`` (see :data:`TOKENIZER_FILES`) into ``dst_dir``; returns their names."""
+    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    copied = []
+    for entry in sorted(os.listdir(src_dir)):
+        if not os.path.isfile(os.path.join(src_dir, entry)):
+            continue
+        if any(entry == p or (p.endswith("*") and entry.startswith(p[:-1])) for p in patterns):
+            shutil.copy2(os.path.join(src_dir, entry), os.path.join(dst_dir, entry))
+            copied.append(entry)
+    return copied
+
+
+def convert_checkpoint(
+    teacher_dir: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    *,
+    overwrite: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    **kwargs,
+) -> WuNengForCausalLM:
+    """``wuneng convert``: load the teacher in ``teacher_dir``, convert it (``kwargs`` as :func:`convert_teacher`),
+    write ``out_dir`` (config.json, model.safetensors, generation_config.json and the teacher's tokenizer files).
+
+    The directory is assembled beside ``out_dir`` and moved into place, so an interrupted run leaves nothing
+    half-written. A non-empty ``out_dir`` is an error unless ``overwrite``. Returns the converted model."""
+    teacher_dir = os.fspath(teacher_dir)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not overwrite)):
+        raise FileExistsError(f"{out_dir!r} exists and is not an empty directory; pass overwrite=True (CLI: --overwrite)")
+    teacher = load_teacher(teacher_dir, dtype=dtype)
+    student = convert_teacher(teacher, dtype=dtype, **kwargs)
+    del teacher
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        student.save_pretrained(tmp)
+        copy_tokenizer_files(teacher_dir, tmp)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return student

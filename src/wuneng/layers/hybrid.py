@@ -1,0 +1,544 @@
+"""WuNeng token mixers (SPEC section 3): the teacher's attention, the hybrid mixer, the ARWKV replacement.
+
+Three mixers take the place of a Llama/Qwen2 decoder layer's ``self_attn``; all share one call signature::
+
+    out, v_first = mixer(u, position_embeddings, attention_mask=None, cache=None, v_first=None)
+
+with ``u`` [B, T, C] the RMSNorm output (the teacher's ``self_attn`` input), ``position_embeddings`` the
+(cos, sin) pair of the rotary embedding [B, T, d_h], ``attention_mask`` a 2-D padding mask [B, S]
+(1 = token, 0 = padding) over the cached plus the current tokens (S = past + T) or None,
+``cache`` a :class:`wuneng.cache.RecurrentStateCache` (or None) and ``v_first`` the value-residual
+source of the first layer of the same kind (None in that layer).
+
+- :class:`Attention`: the teacher's attention (GQA, RoPE, optional q/k/v and output biases), softmax via
+  ``torch.nn.functional.scaled_dot_product_attention``. Parameter names are the teacher's
+  (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so conversion is a plain weight copy.
+- :class:`HybridMixer`: the attention plus RWKV-7 state-driven heads aligned one per query head, the
+  multi-token state processing (state-query modulation, lambda), cross-head fusion
+  (gate | add | concat | hymba | none) and middle heads. Every new parameter has a zero factor at
+  initialisation (except for ``hymba``), so the mixer computes the teacher's attention exactly.
+- :class:`ARWKVMixer`: ARWKV's pure RWKV-7 time-mix replacing attention (own r/k/v/o, no RoPE).
+
+Padding: padded positions never write into the recurrent state (the state heads get ``log_w = 0`` and
+``k = v = b = 0`` there, the token shift sees zeros), and no real token attends to a padded key.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift
+
+__all__ = [
+    "FUSIONS",
+    "MIXER_KINDS",
+    "RMSNorm",
+    "Attention",
+    "HybridMixer",
+    "ARWKVMixer",
+    "apply_rotary",
+    "repeat_kv_heads",
+    "attention_padding_mask",
+    "middle_head_indices",
+    "check_state_head_size",
+]
+
+#: cross-head fusion modes (SPEC section 3)
+FUSIONS = ("gate", "add", "concat", "hymba", "none")
+#: what a decoder layer's mixer can be
+MIXER_KINDS = ("hybrid", "arwkv", "attention")
+#: smallest / granularity of a state head size: the WKV kernels of RWKV-LM and flash-linear-attention tile
+#: heads in blocks of 16, and a GroupNorm / L2 norm over fewer channels is degenerate.
+STATE_HEAD_MULTIPLE = 16
+
+
+def check_state_head_size(head_size: int, what: str = "state heads") -> None:
+    """Raise ValueError unless ``head_size`` is a positive multiple of 16 (the RWKV heads' constraint)."""
+    if not isinstance(head_size, int) or head_size <= 0 or head_size % STATE_HEAD_MULTIPLE != 0:
+        raise ValueError(
+            f"{what}: head size {head_size!r} cannot be used by RWKV-7 heads; it must be a positive multiple of "
+            f"{STATE_HEAD_MULTIPLE} (e.g. 16, 32, 64, 128)"
+        )
+
+
+class RMSNorm(nn.Module):
+    """Llama/Qwen2 RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 (float64 inputs stay
+    float64). [..., C] -> [..., C]."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states if dtype == torch.float64 else hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the Llama/Qwen2 (rotate-half) convention. x: [B, H, T, d]; cos, sin: [B, T, d]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def repeat_kv_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """GQA head sharing on the [B, T, H_kv, d] layout: kv head j serves query heads j*n_rep ... (j+1)*n_rep - 1
+    (the order of transformers' ``repeat_kv``). Returns [B, T, H_kv * n_rep, d]."""
+    if n_rep == 1:
+        return x
+    B, T, H, d = x.shape
+    return x[:, :, :, None, :].expand(B, T, H, n_rep, d).reshape(B, T, H * n_rep, d)
+
+
+def attention_padding_mask(
+    attention_mask: Optional[torch.Tensor], query_length: int, key_length: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """The boolean SDPA mask [B or 1, 1, T, S] (True = may attend), or None when plain causal attention
+    with no offset (``is_causal``) does it.
+
+    Query i (absolute position ``S - T + i``) sees key j iff j <= S - T + i and key j is not padding. Each query
+    also always sees itself: a padded query would otherwise see no key at all (softmax of nothing is NaN),
+    and a NaN at a padded position would leak through ``0 * NaN`` into later layers. Real queries never see
+    padded keys, so their outputs do not depend on the padding.
+    """
+    past = key_length - query_length
+    if attention_mask is None:
+        if past == 0 or query_length == 1:
+            return None
+    elif attention_mask.dim() != 2 or attention_mask.shape[1] != key_length:
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask [B, past + T] = [B, {key_length}] (1 = token, 0 = padding), "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    q_pos = torch.arange(query_length, device=device)[:, None] + past
+    k_pos = torch.arange(key_length, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+        keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        allowed = (allowed & keep) | (k_pos == q_pos)[None, None]
+    return allowed
+
+
+def middle_head_indices(num_heads: int, num_middle: int) -> list:
+    """pi(j): the query head the j-th middle head bridges, evenly spaced over the heads:
+    ``pi(j) = floor((j + 1/2) * H_q / H_m)`` (H_q 28, H_m 4 -> heads 3, 10, 17, 24)."""
+    return [int((j + 0.5) * num_heads / num_middle) for j in range(num_middle)]
+
+
+class Attention(nn.Module):
+    """The teacher's (Llama/Qwen2) multi-head attention with grouped-query heads and RoPE.
+
+    ``q = u W^Q (+b_q)``, ``k = u W^K (+b_k)``, ``v = u W^V (+b_v)`` (H_q, H_kv heads of size d_h),
+    ``A = softmax(RoPE(q) RoPE(k)^T / sqrt(d_h) + causal/padding mask) v``, ``out = A W^O (+b_o)``.
+    Cache: the rotated keys and the values of past tokens in ``cache.layers[layer_idx]`` (a transformers
+    ``DynamicLayer``).
+    """
+
+    kind = "attention"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int = 0,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"Attention: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_kv_groups = num_heads // num_kv_heads
+        self.layer_idx = layer_idx
+        self.scaling = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def project(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,T,H_q,d], k [B,T,H_kv,d], v [B,T,H_kv,d] (before RoPE)."""
+        B, T, _ = u.shape
+        q = self.q_proj(u).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(u).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(u).view(B, T, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """Causal softmax attention of q [B,T,H_q,d] on the cached plus current k, v [B,T,H_kv,d].
+        Returns A [B, T, H_q, d]."""
+        B, T = q.shape[:2]
+        cos, sin = position_embeddings
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        S = k.shape[2]
+        if self.num_kv_groups > 1:
+            # [B, H_kv, S, d] -> [B, H_q, S, d]; explicit, because SDPA's enable_gqa takes the slow path on CPU
+            k = k[:, :, None].expand(B, self.num_kv_heads, self.num_kv_groups, S, self.head_dim).reshape(B, self.num_heads, S, self.head_dim)
+            v = v[:, :, None].expand(B, self.num_kv_heads, self.num_kv_groups, S, self.head_dim).reshape(B, self.num_heads, S, self.head_dim)
+        mask = attention_padding_mask(attention_mask, T, S, q.device)
+        is_causal = mask is None and T > 1 and S == T
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+        return a.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        cache=None,
+        v_first: Optional[torch.Tensor] = None,
+    ):
+        """hidden_states [B,T,C] -> (out [B,T,C], v_first unchanged)."""
+        B, T, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states)
+        a = self.attend(q, k, v, position_embeddings, attention_mask, cache)
+        return self.o_proj(a.reshape(B, T, -1)), v_first
+
+
+def _token_mask(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """The [B, T] padding mask of the current tokens (the last T columns of the 2-D mask), or None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < T:
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask [B, past + T] with T = {T} current tokens, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    return attention_mask[:, -T:]
+
+
+class _VFirstMixin:
+    """Value-residual plumbing for ``align_forward``: the first layer of a kind publishes its v_first in a
+    store shared by the model's layers (``self.v_first_store``, a dict set by the model), later layers read
+    it when called one at a time (stage-1 alignment calls the mixers layer by layer, in order)."""
+
+    v_first_store: Optional[Dict[str, torch.Tensor]] = None
+
+    def _resolve_v_first(self, v_first: Optional[torch.Tensor], needs_v_first: bool) -> Optional[torch.Tensor]:
+        if not needs_v_first or v_first is not None:
+            return v_first
+        stored = None if self.v_first_store is None else self.v_first_store.get(self.kind)
+        if stored is None:
+            raise ValueError(
+                f"{type(self).__name__} (layer {self.layer_idx}): this layer mixes its values towards v_first of the "
+                f"first {self.kind} layer; pass v_first, or run the first {self.kind} layer's align_forward first"
+            )
+        return stored
+
+    def _publish_v_first(self, v_first: torch.Tensor, produced_here: bool) -> None:
+        if produced_here and self.v_first_store is not None:
+            self.v_first_store[self.kind] = v_first
+
+
+class HybridMixer(_VFirstMixin, Attention):
+    """WuNeng hybrid attention (SPEC section 3): the teacher's attention plus H_q RWKV-7 state heads.
+
+    With u the RMSNorm output, H_q query heads of size d_h (A = H_q d_h)::
+
+        q, k, v   = u W^Q, u W^K, u W^V                      teacher's projections (+ biases)
+        r         = q + (u R1) R2                            W^K-hat: the query plus a rank-D_r correction, R2 = 0
+        k_s, v_s  = repeat_kv(k), repeat_kv(v)               before RoPE
+        Y         = RWKV7StateHeads(u, r, k_s, v_s)          decay/alpha/value-residual LoRAs, WKV-7, GroupNorm, bonus
+        q_h      += lambda_h (Y_h W^state)                   state_query (before RoPE); lambda = 0, W^state = I
+        A         = softmax attention(RoPE(q), RoPE(k), v)
+        Z         = fusion(A, Y)                             gate | add | concat | hymba | none
+        M_j       = s_j(u) A_pi(j) + (1 - s_j(u)) Y_pi(j)    middle heads, s_j = sigmoid(u P1 P2)_j
+        out       = Z W^O  (+ Y W^O_s for concat)  (+ M W^O_m)
+
+    Fusions (per channel of head h; gamma, beta, rho, c are [H_q, d_h]):
+        ``gate``:  Z = A + gamma(u) (Y - A),  gamma(u) = sigmoid(u G1 G2 + c) rho,  rho = 0
+        ``add``:   Z = A + beta Y,  beta = 0
+        ``concat``: Z = A and out += Y W^O_s,  W^O_s = 0
+        ``hymba``: Z = (RMSNorm_a(A) + RMSNorm_s(Y)) / 2 (norms over the A channels, weights 1), W^O_new = W^O
+                   (initialised from the teacher's; not function-preserving)
+        ``none``:  Z = A
+
+    Cache per layer: the attention keys/values (``cache.layers[i]``) and the states ``time_shift`` [B, C]
+    (the last u) and ``wkv`` [B, H_q, d_h, d_h] float32.
+    """
+
+    kind = "hybrid"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        fusion: str = "gate",
+        middle_heads: int = 4,
+        state_query: bool = True,
+        state_query_init: float = 0.0,
+        receptance_rank: int = 64,
+        gate_rank: int = 64,
+        middle_rank: int = 64,
+        value_residual: bool = False,
+        decay_rank: Optional[int] = None,
+        a_rank: Optional[int] = None,
+        v_rank: Optional[int] = None,
+        hymba_eps: float = 1e-6,
+        wkv_impl: str = "auto",
+    ):
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias=qkv_bias, out_bias=out_bias)
+        if fusion not in FUSIONS:
+            raise ValueError(f"HybridMixer: unknown fusion {fusion!r}; expected one of {FUSIONS}")
+        check_state_head_size(head_dim, "HybridMixer state heads (one per query head, size = the teacher's head_dim)")
+        if not isinstance(middle_heads, int) or not 0 <= middle_heads <= num_heads:
+            raise ValueError(f"HybridMixer: middle_heads must be an int in [0, {num_heads}] (H_q), got {middle_heads!r}")
+        for name, rank in (("receptance_rank", receptance_rank), ("gate_rank", gate_rank), ("middle_rank", middle_rank)):
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"HybridMixer: {name} must be a positive int, got {rank!r}")
+        C, H, d = hidden_size, num_heads, head_dim
+        A = H * d
+        self.num_layers = num_layers
+        self.fusion = fusion
+        self.num_middle_heads = middle_heads
+        self.state_query = bool(state_query)
+        self.state_query_init = float(state_query_init)
+        # RWKV-7 state heads: one per query head, head size d_h (SPEC section 2 pieces)
+        self.state = RWKV7StateHeads(
+            C, H, d, layer_idx, num_layers,
+            decay_rank=decay_rank, a_rank=a_rank, v_rank=v_rank, value_residual=value_residual, wkv_impl=wkv_impl,
+        )
+        # W^K-hat = W^Q + R1 R2 (receptance correction)
+        self.receptance_lora_a = nn.Parameter(torch.empty(C, receptance_rank))  # R1
+        self.receptance_lora_b = nn.Parameter(torch.empty(receptance_rank, A))  # R2, init 0
+        if self.state_query:
+            self.state_query_proj = nn.Parameter(torch.empty(d, d))  # W^state, shared over heads
+            self.state_query_scale = nn.Parameter(torch.empty(H))  # lambda, init 0
+        if fusion == "gate":
+            self.gate_lora_a = nn.Parameter(torch.empty(C, gate_rank))  # G1
+            self.gate_lora_b = nn.Parameter(torch.empty(gate_rank, A))  # G2
+            self.gate_bias = nn.Parameter(torch.empty(H, d))  # c
+            self.gate_scale = nn.Parameter(torch.empty(H, d))  # rho, init 0
+        elif fusion == "add":
+            self.fusion_beta = nn.Parameter(torch.empty(H, d))  # beta, init 0
+        elif fusion == "concat":
+            self.o_state = nn.Linear(A, C, bias=False)  # W^O_s, init 0
+        elif fusion == "hymba":
+            self.norm_attn = RMSNorm(A, eps=hymba_eps)
+            self.norm_state = RMSNorm(A, eps=hymba_eps)
+        if middle_heads > 0:
+            self.middle_lora_a = nn.Parameter(torch.empty(C, middle_rank))  # P1
+            self.middle_lora_b = nn.Parameter(torch.empty(middle_rank, middle_heads * d))  # P2
+            self.o_middle = nn.Linear(middle_heads * d, C, bias=False)  # W^O_m, init 0
+            # pi(j) as a persistent buffer: saved with the weights, so a loaded checkpoint never re-derives it
+            self.register_buffer("middle_index", torch.tensor(middle_head_indices(H, middle_heads)))
+        self.reset_new_parameters()
+
+    @torch.no_grad()
+    def reset_new_parameters(self) -> None:
+        """The function-preserving initialisation of every parameter the teacher does not have."""
+        self.state.reset_state_parameters()
+        orthogonal_(self.receptance_lora_a, 1.0)
+        nn.init.zeros_(self.receptance_lora_b)
+        if self.state_query:
+            self.state_query_proj.copy_(torch.eye(self.head_dim))
+            self.state_query_scale.fill_(self.state_query_init)
+        if self.fusion == "gate":
+            nn.init.zeros_(self.gate_lora_a)
+            orthogonal_(self.gate_lora_b, 0.1)
+            nn.init.zeros_(self.gate_bias)
+            nn.init.zeros_(self.gate_scale)
+        elif self.fusion == "add":
+            nn.init.zeros_(self.fusion_beta)
+        elif self.fusion == "concat":
+            nn.init.zeros_(self.o_state.weight)
+        elif self.fusion == "hymba":
+            nn.init.ones_(self.norm_attn.weight)
+            nn.init.ones_(self.norm_state.weight)
+        if self.num_middle_heads > 0:
+            nn.init.zeros_(self.middle_lora_a)
+            orthogonal_(self.middle_lora_b, 0.1)
+            nn.init.zeros_(self.o_middle.weight)
+            self.middle_index.copy_(torch.tensor(middle_head_indices(self.num_heads, self.num_middle_heads)))
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def state_heads(
+        self,
+        u: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        v_first: Optional[torch.Tensor],
+        token_mask: Optional[torch.Tensor],
+        shift: Optional[torch.Tensor],
+        wkv_state: Optional[torch.Tensor],
+    ):
+        """Y [B,T,H_q,d] from u [B,T,C] and the teacher's q [B,T,H_q,d], k, v [B,T,H_kv,d] (before RoPE).
+
+        Returns (Y, new wkv state [B,H_q,d,d], v_first [B,T,A], last token of the masked u [B,C])."""
+        B, T, C = u.shape
+        x = u if token_mask is None else u * token_mask.to(u.dtype).unsqueeze(-1)  # padding never enters the shift
+        xx = token_shift(x, shift)
+        r = q.reshape(B, T, -1) + (u @ self.receptance_lora_a) @ self.receptance_lora_b
+        k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
+        v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
+        y, wkv_state, v_first = self.state(x, xx, r, k_s, v_s, v_first, wkv_state, token_mask)
+        return y.view(B, T, self.num_heads, self.head_dim), wkv_state, v_first, x[:, -1]
+
+    def modulate_query(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """q_h + lambda_h (Y_h W^state); q, y [B,T,H_q,d]."""
+        if not self.state_query:
+            return q
+        return q + self.state_query_scale[:, None] * (y @ self.state_query_proj)
+
+    def fuse(self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads)."""
+        B, T = u.shape[:2]
+        if self.fusion == "gate":
+            gamma = torch.sigmoid(((u @ self.gate_lora_a) @ self.gate_lora_b).view_as(a) + self.gate_bias) * self.gate_scale
+            z = a + gamma * (y - a)
+        elif self.fusion == "add":
+            z = a + self.fusion_beta * y
+        elif self.fusion == "hymba":
+            z = (self.norm_attn(a.reshape(B, T, -1)) + self.norm_state(y.reshape(B, T, -1))) * 0.5
+        else:  # none, concat
+            z = a
+        out = self.o_proj(z.reshape(B, T, -1))
+        if self.fusion == "concat":
+            out = out + self.o_state(y.reshape(B, T, -1))
+        if self.num_middle_heads > 0:
+            s = torch.sigmoid((u @ self.middle_lora_a) @ self.middle_lora_b).view(B, T, self.num_middle_heads, self.head_dim)
+            a_m, y_m = a.index_select(2, self.middle_index), y.index_select(2, self.middle_index)
+            m = y_m + s * (a_m - y_m)  # s A + (1 - s) Y
+            out = out + self.o_middle(m.reshape(B, T, -1))
+        return out
+
+    def _run(self, u, position_embeddings, attention_mask, cache, v_first, publish=False):
+        B, T, _ = u.shape
+        token_mask = _token_mask(attention_mask, T)
+        needs_v_first = self.state.value_residual
+        v_first = self._resolve_v_first(v_first, needs_v_first)
+        shift = wkv_state = None
+        if cache is not None:
+            shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
+        q, k, v = self.project(u)
+        y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state)
+        if cache is not None:
+            cache.set_state(self.layer_idx, "time_shift", last)
+            cache.set_state(self.layer_idx, "wkv", wkv_state)
+        a = self.attend(self.modulate_query(q, y), k, v, position_embeddings, attention_mask, cache)
+        if publish:
+            self._publish_v_first(v_first, not needs_v_first)
+        return a, y, v_first
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        cache=None,
+        v_first: Optional[torch.Tensor] = None,
+    ):
+        """hidden_states u [B,T,C] -> (out [B,T,C], v_first [B,T,A])."""
+        a, y, v_first = self._run(hidden_states, position_embeddings, attention_mask, cache, v_first)
+        return self.fuse(hidden_states, a, y), v_first
+
+    def align_forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        v_first: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Stage-1 alignment view (no cache): ``output`` [B,T,C] the mixer's output, ``state`` [B,T,C] the state
+        heads alone through the output projection (``o_proj(Y)``), ``v_first`` [B,T,A].
+
+        hidden_states: the normed layer input (what the teacher's ``self_attn`` receives); attention_mask: 2-D
+        padding mask [B, T] or None. Layers after the first hybrid layer take v_first from the model's shared
+        store (written by the first hybrid layer's align_forward) unless it is passed."""
+        B, T, _ = hidden_states.shape
+        a, y, v_first = self._run(hidden_states, position_embeddings, attention_mask, None, v_first, publish=True)
+        return {
+            "output": self.fuse(hidden_states, a, y),
+            "state": self.o_proj(y.reshape(B, T, -1)),
+            "v_first": v_first,
+        }
+
+
+class ARWKVMixer(_VFirstMixin, TimeMix):
+    """ARWKV's replacement of attention: a full RWKV-7 time-mix on the RMSNorm output (no RoPE, no KV cache).
+
+    Own r/k/v/o (A x C, C x A; A = H N, by default N = 64 and A = C), gate, GroupNorm and bonus exactly as
+    SPEC section 2. ``position_embeddings`` is accepted and ignored. Cache per layer: ``time_shift`` [B, C]
+    and ``wkv`` [B, H, N, N] float32.
+    """
+
+    kind = "arwkv"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache=None,
+        v_first: Optional[torch.Tensor] = None,
+        publish: bool = False,
+    ):
+        """hidden_states [B,T,C] -> (out [B,T,C], v_first [B,T,A])."""
+        T = hidden_states.shape[1]
+        token_mask = _token_mask(attention_mask, T)
+        v_first = self._resolve_v_first(v_first, self.value_residual)
+        state = None
+        if cache is not None:
+            shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
+            state = None if shift is None else (shift, wkv_state)
+        out, v_first_new, (shift, wkv_state) = TimeMix.forward(self, hidden_states, v_first, state, token_mask)
+        if cache is not None:
+            cache.set_state(self.layer_idx, "time_shift", shift)
+            cache.set_state(self.layer_idx, "wkv", wkv_state)
+        if publish:
+            self._publish_v_first(v_first_new, not self.value_residual)
+        return out, v_first_new
+
+    def align_forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        v_first: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Stage-1 alignment view: ``output`` [B,T,C] and ``v_first`` [B,T,A] (no cache)."""
+        out, v_first = self.forward(hidden_states, position_embeddings, attention_mask, None, v_first, publish=True)
+        return {"output": out, "v_first": v_first}

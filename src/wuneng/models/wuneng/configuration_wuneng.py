@@ -1,0 +1,209 @@
+"""Configuration of the WuNeng hybrid language model (SPEC section 3)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from transformers import PretrainedConfig
+
+from ...layers.hybrid import FUSIONS, MIXER_KINDS, check_state_head_size
+from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
+
+__all__ = ["WuNengConfig", "resolve_layer_kinds", "ARWKV_INITS"]
+
+#: how ARWKV replacement layers are initialised: the RWKV-7 init (SPEC section 2), or RADLADS-style copies of the
+#: teacher's attention projections (W_r <- W_q, W_k <- repeat_kv(W_k), W_v <- repeat_kv(W_v), W_o <- W_o)
+ARWKV_INITS = ("rwkv7", "radlads")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def resolve_layer_kinds(
+    num_layers: int,
+    hybrid_layers: Optional[Sequence[int]] = None,
+    attention: bool = True,
+    arwkv_layers: Optional[Sequence[int]] = None,
+    layer_kinds: Optional[Sequence[str]] = None,
+) -> List[str]:
+    """The per-layer mixer kind ("hybrid" | "arwkv" | "attention") from the user-facing options.
+
+    - ``layer_kinds``: explicit list of length L (wins; the other options must then be left at their defaults);
+    - ``hybrid_layers``: the converted layers (default: all); the others stay plain attention;
+    - ``attention=False``: the converted layers become ARWKV replacements instead of hybrids;
+    - ``arwkv_layers``: layers that become ARWKV replacements (taken out of the converted set).
+    Negative indices count from the end.
+    """
+    if not _is_int(num_layers) or num_layers <= 0:
+        raise ValueError(f"num_hidden_layers must be a positive int, got {num_layers!r}")
+
+    def indices(name, values):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"{name} must be a list of layer indices, got {values!r}")
+        out = []
+        for i in values:
+            if not _is_int(i) or not -num_layers <= i < num_layers:
+                raise ValueError(f"{name}: layer index {i!r} is out of range for {num_layers} layers")
+            out.append(i % num_layers)
+        return sorted(set(out))
+
+    if layer_kinds is not None:
+        if hybrid_layers is not None or arwkv_layers is not None or attention is not True:
+            raise ValueError("give either layer_kinds or hybrid_layers/arwkv_layers/attention, not both")
+        kinds = list(layer_kinds)
+        if len(kinds) != num_layers:
+            raise ValueError(f"layer_kinds must have one entry per layer ({num_layers}), got {len(kinds)}")
+        for kind in kinds:
+            if kind not in MIXER_KINDS:
+                raise ValueError(f"layer_kinds: unknown mixer kind {kind!r}; expected one of {MIXER_KINDS}")
+        return kinds
+    converted = list(range(num_layers)) if hybrid_layers is None else indices("hybrid_layers", hybrid_layers)
+    arwkv = set() if arwkv_layers is None else set(indices("arwkv_layers", arwkv_layers))
+    kind_converted = "hybrid" if attention else "arwkv"
+    kinds = ["attention"] * num_layers
+    for i in converted:
+        kinds[i] = kind_converted
+    for i in arwkv:
+        kinds[i] = "arwkv"
+    return kinds
+
+
+class WuNengConfig(PretrainedConfig):
+    r"""Configuration of :class:`~wuneng.WuNengForCausalLM`: a Llama/Qwen2 decoder whose attention modules are
+    replaced, layer by layer, by WuNeng hybrid mixers, ARWKV RWKV-7 time-mixes, or kept as attention.
+
+    Teacher shape (copied from a Llama/Qwen2 config by ``from_teacher``): ``vocab_size``, ``hidden_size`` C,
+    ``intermediate_size``, ``num_hidden_layers`` L, ``num_attention_heads`` H_q, ``num_key_value_heads`` H_kv,
+    ``head_dim`` d_h, ``hidden_act``, ``rms_norm_eps``, ``rope_parameters``, ``max_position_embeddings``,
+    ``attention_bias`` (q/k/v biases: True for Qwen2), ``attention_out_bias`` (o_proj bias: Llama's
+    attention_bias), ``mlp_bias``, ``tie_word_embeddings``; ``teacher_model_type`` ("qwen2" | "llama") records
+    where it came from.
+
+    WuNeng options (SPEC section 3; defaults are the paper's configuration):
+        layer_kinds: per-layer "hybrid" | "arwkv" | "attention" (default: all "hybrid"). The constructor also
+            accepts ``hybrid_layers``, ``arwkv_layers`` and ``attention`` (see :func:`resolve_layer_kinds`).
+        fusion: cross-head fusion, one of "gate" (default), "add", "concat", "hymba", "none".
+        middle_heads: H_m, number of middle heads (default 4; 0 = off).
+        state_query: multi-token state processing q_h += lambda_h Y_h W^state (default True).
+        state_query_init: initial lambda (default 0.0, function-preserving).
+        receptance_rank, gate_rank, middle_rank: ranks of R1 R2, G1 G2, P1 P2 (default 64 each).
+        decay_low_rank_dim, a_low_rank_dim, v_low_rank_dim: LoRA ranks of the state heads (None: the RWKV-LM
+            formula for C and head size d_h).
+        arwkv_head_size: head size of ARWKV replacement layers (default 64; A = C).
+        arwkv_init: "rwkv7" (default) or "radlads" (copy the teacher's q/k/v/o; needs head size d_h).
+        wkv_impl: WKV-7 form for sequences ("auto", "chunked", "reference", "fla").
+    """
+
+    model_type = "wuneng"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    attention_bias: bool = True
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float | int = 0.0
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    teacher_model_type: str | None = None
+    layer_kinds: list | None = None
+    fusion: str = "gate"
+    middle_heads: int = 4
+    state_query: bool = True
+    state_query_init: float = 0.0
+    receptance_rank: int = 64
+    gate_rank: int = 64
+    middle_rank: int = 64
+    decay_low_rank_dim: int | None = None
+    a_low_rank_dim: int | None = None
+    v_low_rank_dim: int | None = None
+    arwkv_head_size: int = 64
+    arwkv_init: str = "rwkv7"
+    wkv_impl: str = "auto"
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        hybrid_layers = kwargs.pop("hybrid_layers", None)
+        arwkv_layers = kwargs.pop("arwkv_layers", None)
+        attention = kwargs.pop("attention", True)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"WuNengConfig: {name} must be a positive int, got {value!r}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"WuNengConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"WuNengConfig: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"WuNengConfig: unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+        if not _is_int(self.middle_heads) or not 0 <= self.middle_heads <= self.num_attention_heads:
+            raise ValueError(
+                f"WuNengConfig: middle_heads must be an int in [0, num_attention_heads={self.num_attention_heads}], "
+                f"got {self.middle_heads!r}"
+            )
+        for name in ("receptance_rank", "gate_rank", "middle_rank", "arwkv_head_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"WuNengConfig: {name} must be a positive int, got {value!r}")
+        for name in ("decay_low_rank_dim", "a_low_rank_dim", "v_low_rank_dim"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"WuNengConfig: {name} must be a positive int or None, got {value!r}")
+        if self.arwkv_init not in ARWKV_INITS:
+            raise ValueError(f"WuNengConfig: arwkv_init must be one of {ARWKV_INITS}, got {self.arwkv_init!r}")
+        if self.wkv_impl not in WKV_IMPLS:
+            raise ValueError(f"WuNengConfig: wkv_impl must be one of {WKV_IMPLS}, got {self.wkv_impl!r}")
+        self.layer_kinds = resolve_layer_kinds(
+            self.num_hidden_layers, hybrid_layers, attention, arwkv_layers, self.layer_kinds
+        )
+        if "hybrid" in self.layer_kinds:
+            check_state_head_size(self.head_dim, "WuNeng hybrid layers (state heads of the teacher's head_dim)")
+        if "arwkv" in self.layer_kinds:
+            if self.arwkv_init == "radlads":
+                self.arwkv_head_size = self.head_dim
+            else:
+                check_state_head_size(self.arwkv_head_size, "ARWKV replacement layers")
+                if self.hidden_size % self.arwkv_head_size != 0:
+                    raise ValueError(
+                        f"WuNengConfig: arwkv_head_size ({self.arwkv_head_size}) must divide hidden_size "
+                        f"({self.hidden_size}); an ARWKV layer has hidden_size / arwkv_head_size heads"
+                    )
+        super().__post_init__(**kwargs)
+
+    # -- derived views ------------------------------------------------------------------------------------
+    @property
+    def hybrid_layers(self) -> List[int]:
+        """Indices of the hybrid (WuNeng) layers."""
+        return [i for i, k in enumerate(self.layer_kinds) if k == "hybrid"]
+
+    @property
+    def arwkv_layers(self) -> List[int]:
+        """Indices of the ARWKV replacement layers."""
+        return [i for i, k in enumerate(self.layer_kinds) if k == "arwkv"]
+
+    @property
+    def arwkv_num_heads(self) -> int:
+        """Heads of an ARWKV layer: H_q with the RADLADS init (head size d_h), else C / arwkv_head_size."""
+        if self.arwkv_init == "radlads":
+            return self.num_attention_heads
+        return self.hidden_size // self.arwkv_head_size

@@ -1,0 +1,334 @@
+"""HybridMixer / ARWKVMixer / Attention (wuneng.layers.hybrid) against a slow float64 reference written from
+SPEC section 3, plus cache, padding, initialisation and error behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wuneng.cache import RecurrentStateCache
+from wuneng.layers.hybrid import (
+    FUSIONS,
+    ARWKVMixer,
+    Attention,
+    HybridMixer,
+    attention_padding_mask,
+    middle_head_indices,
+)
+from transformers.cache_utils import DummyLayer, DynamicLayer
+
+C, H, HKV, D = 32, 2, 1, 16  # width, query heads, kv heads, head size
+
+
+def rope(T: int, d: int = D, offset: int = 0, dtype=torch.float64, batch: int = 1):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    pos = torch.arange(offset, offset + T, dtype=torch.float64)
+    freqs = pos[:, None] * inv[None]
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos().to(dtype).expand(batch, T, d), emb.sin().to(dtype).expand(batch, T, d)
+
+
+def make_mixer(seed=0, dtype=torch.float64, perturb=True, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("qkv_bias", True)
+    kw.setdefault("middle_heads", 2)
+    m = HybridMixer(C, H, HKV, D, kw.pop("layer_idx", 1), kw.pop("num_layers", 3), **kw).to(dtype)
+    if perturb:
+        perturb_new_(m)
+    return m
+
+
+@torch.no_grad()
+def perturb_new_(module, scale=0.2):
+    """Noise on every parameter that is not the teacher's attention, so that every path of the mixer matters."""
+    for name, p in module.named_parameters():
+        if not name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            p.add_(scale * torch.randn_like(p))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference: SPEC section 3 written out token by token, float64.
+# ---------------------------------------------------------------------------------------------------------
+def rms(x, w, eps):
+    return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def reference_state_heads(m: HybridMixer, u, q, k, v, v_first=None):
+    """Y [B,T,H,d] by the literal RWKV-7 recurrence (SPEC section 2) on r = q + u R1 R2, k_s, v_s = repeat_kv."""
+    st = m.state
+    B, T, _ = u.shape
+    Hq, d = m.num_heads, m.head_dim
+    rep = m.num_kv_groups
+    prev = torch.cat([torch.zeros_like(u[:, :1]), u[:, :-1]], 1)
+    xx = prev - u
+    r = q.reshape(B, T, -1) + u @ m.receptance_lora_a @ m.receptance_lora_b
+    ks = k.repeat_interleave(rep, dim=2).reshape(B, T, -1)
+    vs = v.repeat_interleave(rep, dim=2).reshape(B, T, -1)
+    xw, xa, xv = u + xx * st.x_w, u + xx * st.x_a, u + xx * st.x_v
+    w = torch.exp(-math.exp(-0.5) * torch.sigmoid(st.w0 + torch.tanh(xw @ st.w1) @ st.w2))
+    if st.value_residual:
+        vs = vs + (v_first - vs) * torch.sigmoid(st.v0 + (xv @ st.v1) @ st.v2)
+    alpha = torch.sigmoid(st.a0 + (xa @ st.a1) @ st.a2)
+    kk = F.normalize((ks * st.k_k).view(B, T, Hq, d), dim=-1, eps=1e-12).view(B, T, -1)
+    ks = ks * (1 + (alpha - 1) * st.k_a)
+    a, b = -kk, kk * alpha
+    view = lambda t: t.view(B, T, Hq, d)  # noqa: E731
+    r4, w4, k4, v4, a4, b4 = map(view, (r, w, ks, vs, a, b))
+    S = torch.zeros(B, Hq, d, d, dtype=u.dtype)
+    ys = []
+    for t in range(T):
+        sa = torch.einsum("bhij,bhj->bhi", S, a4[:, t])
+        S = S * w4[:, t, :, None, :] + sa[..., None] * b4[:, t, :, None, :] + v4[:, t, :, :, None] * k4[:, t, :, None, :]
+        ys.append(torch.einsum("bhij,bhj->bhi", S, r4[:, t]))
+    y = torch.stack(ys, 1)  # [B,T,H,d]
+    mu = y.mean(-1, keepdim=True)
+    var = y.var(-1, unbiased=False, keepdim=True)
+    y = (y - mu) / torch.sqrt(var + st.ln_x.eps) * st.ln_x.weight.view(Hq, d) + st.ln_x.bias.view(Hq, d)
+    bonus = (r4 * k4 * st.r_k).sum(-1, keepdim=True) * v4
+    return y + bonus, vs
+
+
+def reference_attention(m, q, k, v, cos, sin):
+    """Eager causal softmax attention, explicit RoPE and repeat_kv. q [B,T,H,d]; returns [B,T,H,d]."""
+    B, T = q.shape[:2]
+
+    def rot(x):  # [B,T,h,d]
+        half = x.shape[-1] // 2
+        return x * cos[:, :, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, :, None]
+
+    qr, kr = rot(q), rot(k).repeat_interleave(m.num_kv_groups, 2)
+    vr = v.repeat_interleave(m.num_kv_groups, 2)
+    scores = torch.einsum("bthd,bshd->bhts", qr, kr) / math.sqrt(m.head_dim)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), vr)
+
+
+def reference_hybrid(m: HybridMixer, u, cos, sin, v_first=None):
+    """out [B,T,C] and Y [B,T,H,d] of SPEC section 3."""
+    B, T, _ = u.shape
+    Hq, d = m.num_heads, m.head_dim
+    q = (u @ m.q_proj.weight.T + m.q_proj.bias).view(B, T, Hq, d)
+    k = (u @ m.k_proj.weight.T + m.k_proj.bias).view(B, T, -1, d)
+    v = (u @ m.v_proj.weight.T + m.v_proj.bias).view(B, T, -1, d)
+    y, _ = reference_state_heads(m, u, q, k, v, v_first)
+    if m.state_query:
+        q = q + m.state_query_scale.view(1, 1, Hq, 1) * torch.einsum("bthd,de->bthe", y, m.state_query_proj)
+    a = reference_attention(m, q, k, v, cos, sin)
+    wo = m.o_proj.weight.T
+    if m.fusion == "gate":
+        gamma = torch.sigmoid((u @ m.gate_lora_a @ m.gate_lora_b).view(B, T, Hq, d) + m.gate_bias) * m.gate_scale
+        z = a + gamma * (y - a)
+    elif m.fusion == "add":
+        z = a + m.fusion_beta * y
+    elif m.fusion == "hymba":
+        eps = m.norm_attn.variance_epsilon
+        z = (rms(a.reshape(B, T, -1), m.norm_attn.weight, eps) + rms(y.reshape(B, T, -1), m.norm_state.weight, eps)) / 2
+    else:
+        z = a
+    out = z.reshape(B, T, -1) @ wo
+    if m.fusion == "concat":
+        out = out + y.reshape(B, T, -1) @ m.o_state.weight.T
+    if m.num_middle_heads:
+        s = torch.sigmoid(u @ m.middle_lora_a @ m.middle_lora_b).view(B, T, -1, d)
+        idx = middle_head_indices(Hq, m.num_middle_heads)
+        mid = s * a[:, :, idx] + (1 - s) * y[:, :, idx]
+        out = out + mid.reshape(B, T, -1) @ m.o_middle.weight.T
+    return out, y
+
+
+# ---------------------------------------------------------------------------------------------------------
+CONFIGS = [dict(fusion=f, middle_heads=2, state_query=True) for f in FUSIONS] + [
+    dict(fusion="gate", middle_heads=0, state_query=False),
+    dict(fusion="concat", middle_heads=1, state_query=False),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}-sq{int(kw['state_query'])}")
+def test_hybrid_matches_float64_reference(kw):
+    """Forward and gradients of the mixer equal the token-by-token reference (float64, rel. error < 1e-9)."""
+    m = make_mixer(**kw)
+    torch.manual_seed(1)
+    B, T = 2, 13
+    u = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+    v_first = torch.randn(B, T, H * D, dtype=torch.float64)
+    cos, sin = rope(T, batch=B)
+    out, _ = m(u, (cos, sin), v_first=v_first)
+    ref, _ = reference_hybrid(m, u, cos, sin, v_first)
+    assert (out - ref).abs().max() <= 1e-9 * ref.abs().max()
+    g = torch.randn_like(out)
+    params = [p for p in m.parameters()]
+    grads = torch.autograd.grad((out * g).sum(), [u] + params, allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * g).sum(), [u] + params, allow_unused=True)
+    for (name, _), ga, gb in zip([("u", None)] + list(m.named_parameters()), grads, ref_grads):
+        if gb is None:
+            assert ga is None or ga.abs().max() == 0, name
+            continue
+        assert (ga - gb).abs().max() <= 1e-8 * (gb.abs().max() + 1e-30), name
+
+
+def test_align_forward_views():
+    """align_forward: output = forward(u); state = o_proj(Y) with Y from the reference."""
+    m = make_mixer(fusion="gate")
+    torch.manual_seed(2)
+    u = torch.randn(2, 9, C, dtype=torch.float64)
+    v_first = torch.randn(2, 9, H * D, dtype=torch.float64)
+    cos, sin = rope(9, batch=2)
+    res = m.align_forward(u, (cos, sin), v_first=v_first)
+    out, _ = m(u, (cos, sin), v_first=v_first)
+    _, y = reference_hybrid(m, u, cos, sin, v_first)
+    assert torch.allclose(res["output"], out, rtol=0, atol=1e-12)
+    assert torch.allclose(res["state"], m.o_proj(y.reshape(2, 9, -1)), rtol=0, atol=1e-9)
+
+
+def test_align_forward_value_residual_store():
+    """A value-residual layer called alone takes v_first from the first layer's align_forward (shared store)."""
+    first = make_mixer(seed=0, layer_idx=0, value_residual=False)
+    later = make_mixer(seed=1, layer_idx=1, value_residual=True)
+    store = {}
+    first.v_first_store = later.v_first_store = store
+    u = torch.randn(2, 7, C, dtype=torch.float64)
+    pe = rope(7, batch=2)
+    with pytest.raises(ValueError, match="v_first"):
+        later.align_forward(u, pe)
+    vf = first.align_forward(u, pe)["v_first"]
+    assert store["hybrid"] is vf
+    assert torch.equal(later.align_forward(u, pe)["output"], later(u, pe, v_first=vf)[0])
+
+
+@pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "hymba"])
+def test_function_preserving_init(fusion):
+    """Unperturbed, the hybrid mixer computes exactly the teacher's attention (with padding too)."""
+    torch.manual_seed(3)
+    m = HybridMixer(C, H, HKV, D, 1, 3, qkv_bias=True, fusion=fusion, middle_heads=2, value_residual=True)
+    att = Attention(C, H, HKV, D, 1, qkv_bias=True)
+    att.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    u = torch.randn(2, 10, C)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    pe = rope(10, dtype=torch.float32, batch=2)
+    out, _ = m(u, pe, mask, v_first=torch.randn(2, 10, H * D))
+    ref, _ = att(u, pe, mask)
+    assert torch.equal(out, ref)
+
+
+def test_hymba_is_not_function_preserving():
+    torch.manual_seed(4)
+    m = HybridMixer(C, H, HKV, D, 0, 1, fusion="hymba", middle_heads=2)
+    att = Attention(C, H, HKV, D, 0)
+    att.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    u = torch.randn(1, 6, C)
+    pe = rope(6, dtype=torch.float32)
+    assert not torch.allclose(m(u, pe)[0], att(u, pe)[0], atol=1e-3)
+
+
+def _cache(kind):
+    return RecurrentStateCache(1, layers=[DummyLayer() if kind == "arwkv" else DynamicLayer()])
+
+
+def _make(kind):
+    if kind == "hybrid":
+        m = make_mixer(layer_idx=0, num_layers=1, value_residual=False)
+    else:
+        torch.manual_seed(0)
+        m = ARWKVMixer(C, 2, 16, 0, 1).to(torch.float64)
+        perturb_new_(m)
+    return m
+
+
+def _run_chunks(m, u, mask, sizes):
+    cache = _cache(m.kind)
+    outs, start = [], 0
+    for n in sizes:
+        pe = rope(n, offset=start, batch=u.shape[0])
+        m_now = None if mask is None else mask[:, : start + n]
+        outs.append(m(u[:, start : start + n], pe, m_now, cache)[0])
+        cache.advance(n)
+        start += n
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "arwkv"])
+def test_chunked_and_token_by_token_equal_full(kind):
+    """Prefill in chunks / one token at a time with the cache equals one pass over the sequence."""
+    m = _make(kind)
+    torch.manual_seed(5)
+    u = torch.randn(2, 14, C, dtype=torch.float64)
+    full, _ = m(u, rope(14, batch=2))
+    for sizes in ([14], [5, 1, 1, 7], [1] * 14):
+        out, _ = _run_chunks(m, u, None, sizes)
+        assert (out - full).abs().max() <= 1e-10, sizes
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "arwkv"])
+def test_padding_never_enters_the_state(kind):
+    """Left padding with garbage at the padded positions: the real tokens' outputs and the cached state equal
+    those of the unpadded sequence."""
+    m = _make(kind)
+    torch.manual_seed(6)
+    P, T = 4, 9
+    u = torch.randn(1, T, C, dtype=torch.float64)
+    garbage = 100 * torch.randn(1, P, C, dtype=torch.float64)
+    padded = torch.cat([garbage, u], 1)
+    mask = torch.cat([torch.zeros(1, P, dtype=torch.long), torch.ones(1, T, dtype=torch.long)], 1)
+    cos, sin = rope(T)
+    # positions of the padded sequence: padding at 0, the tokens at 0..T-1 (as generate() derives them)
+    pe_pad = (torch.cat([cos[:, :1].expand(1, P, D), cos], 1), torch.cat([sin[:, :1].expand(1, P, D), sin], 1))
+    c_pad, c_ref = _cache(kind), _cache(kind)
+    out_pad, _ = m(padded, pe_pad, mask, c_pad)
+    out_ref, _ = m(u, (cos, sin), None, c_ref)
+    assert torch.isfinite(out_pad).all()
+    assert (out_pad[:, P:] - out_ref).abs().max() <= 1e-10
+    for name in ("time_shift", "wkv"):
+        assert (c_pad.get_state(0, name) - c_ref.get_state(0, name)).abs().max() <= 1e-10, name
+
+
+def test_attention_padding_mask_semantics():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    m = attention_padding_mask(mask, 4, 4, torch.device("cpu"))
+    # padded query 0 sees only itself; real query 2 sees keys 2 (not the padding), query 3 sees 2, 3
+    assert m[0, 0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                [False, False, True, False], [False, False, True, True]]
+    assert m[1, 0].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    assert attention_padding_mask(None, 4, 4, torch.device("cpu")) is None
+    assert attention_padding_mask(None, 1, 9, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        attention_padding_mask(torch.ones(2, 3), 4, 4, torch.device("cpu"))
+
+
+def test_middle_head_indices_evenly_spaced():
+    assert middle_head_indices(28, 4) == [3, 10, 17, 24]
+    assert middle_head_indices(4, 4) == [0, 1, 2, 3]
+    assert middle_head_indices(8, 1) == [4]
+
+
+def test_new_parameters_get_gradients_after_perturbation():
+    """Every parameter of the mixer receives a non-zero gradient once the zero inits are perturbed."""
+    m = make_mixer(fusion="gate", middle_heads=2, state_query=True, value_residual=True)
+    u = torch.randn(2, 8, C, dtype=torch.float64)
+    out, _ = m(u, rope(8, batch=2), v_first=torch.randn(2, 8, H * D, dtype=torch.float64))
+    out.square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fusion="mean", middle_heads=2), "unknown fusion 'mean'"),
+        (dict(middle_heads=3), "middle_heads"),
+        (dict(gate_rank=0, middle_heads=2), "gate_rank"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HybridMixer(C, H, HKV, D, **kwargs)
+
+
+@pytest.mark.parametrize("head_dim", [8, 12, 24])
+def test_head_size_the_state_heads_cannot_use(head_dim):
+    with pytest.raises(ValueError, match=f"head size {head_dim} cannot be used by RWKV-7 heads"):
+        HybridMixer(4 * head_dim, 4, 2, head_dim)
