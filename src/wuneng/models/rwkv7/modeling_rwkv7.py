@@ -231,7 +231,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
 
         Returns ``BaseModelOutputWithPast(last_hidden_state [B, T, C], past_key_values, hidden_states)``.
         """
-        T_ = self._validate_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)[1]
+        _, seq_len = self._validate_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:  # a given cache is always updated; otherwise config.use_cache, off in training
@@ -242,7 +242,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
         hidden = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[:, -T_:]
+            mask = attention_mask[:, -seq_len:]
             if bool((mask == 1).all()):
                 mask = None  # no padding: skip the masking work
         all_hidden = () if output_hidden_states else None
@@ -250,8 +250,9 @@ class RWKV7Model(RWKV7PreTrainedModel):
         for i, block in enumerate(self.blocks):
             if output_hidden_states:
                 all_hidden += (hidden,)
-            cache = past_key_values
-            states = (None, None, None) if cache is None else tuple(cache.get_state(i, n) for n in (TIME_SHIFT, WKV, CHANNEL_SHIFT))
+            states = (None, None, None)
+            if past_key_values is not None:
+                states = tuple(past_key_values.get_state(i, name) for name in (TIME_SHIFT, WKV, CHANNEL_SHIFT))
             hidden, v_first, *new_states = block(hidden, v_first, *states, mask)
             if use_cache:
                 for name, t in zip((TIME_SHIFT, WKV, CHANNEL_SHIFT), new_states):
@@ -260,7 +261,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
         if output_hidden_states:
             all_hidden += (hidden,)
         if use_cache:
-            past_key_values.advance(T_)
+            past_key_values.advance(seq_len)
         cache_out = past_key_values if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden, cache_out, all_hidden) if v is not None)
