@@ -261,6 +261,27 @@ def test_align_trains_only_new_parameters(tmp_path, tokenizer, hybrid):
         assert out[-1] < 0.7 * out[0], out
 
 
+@pytest.mark.parametrize("attention", [True, False], ids=["wuneng", "arwkv"])
+def test_align_real_converted_student(tmp_path, tokenizer, attention):
+    """The project's WuNengForCausalLM (hybrid, or ARWKV with attention=False) converted from a tiny Qwen2."""
+    wuneng = pytest.importorskip("wuneng.models.wuneng")
+    torch.manual_seed(0)
+    teacher = tiny_qwen2(hidden=64)
+    student = wuneng.WuNengForCausalLM.from_teacher(teacher, attention=attention)
+    new, unused = student.new_parameter_names(), student.unused_parameter_names()
+    before = state_of(student)
+    result = train(run_config(tmp_path, "align", steps=20), model=student, teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    after = state_of(student)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in new or k in unused)
+    if attention:
+        assert all(h["align_output"] < 1e-5 for h in result.history)  # function-preserving hybrid output
+        curve = losses(result, "align_state")
+    else:
+        assert "align_state" not in result.history[0]
+        curve = losses(result, "align_output")
+    assert curve[-1] < 0.7 * curve[0], curve
+
+
 def test_align_rejects_a_plain_model(tokenizer):
     torch.manual_seed(0)
     with pytest.raises(TypeError, match="needs a converted student"):

@@ -108,10 +108,18 @@ class Objective(nn.Module):
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def unused_names(self) -> set[str]:
+        """Parameters the student declares unused by its forward (``unused_parameter_names()``, e.g. the
+        value-residual LoRA of the layer that produces v_first): kept frozen, so that DDP needs no
+        ``find_unused_parameters``."""
+        fn = getattr(self.student, "unused_parameter_names", None)
+        return set(fn()) if callable(fn) else set()
+
     def set_trainable(self) -> None:
-        """Set ``requires_grad`` of the student's parameters for this stage (default: all)."""
-        for p in self.student.parameters():
-            p.requires_grad_(True)
+        """Set ``requires_grad`` of the student's parameters for this stage (default: all used ones)."""
+        unused = self.unused_names()
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(n not in unused)
 
 
 class CausalLMObjective(Objective):
@@ -149,9 +157,10 @@ class DistillObjective(Objective):
 
     def set_trainable(self) -> None:
         frozen = 0
+        unused = self.unused_names()
         for name, p in self.student.named_parameters():
             is_mlp = ".mlp." in f".{name}"
-            p.requires_grad_(not (self.freeze_mlp and is_mlp))
+            p.requires_grad_(not (self.freeze_mlp and is_mlp) and name not in unused)
             frozen += int(self.freeze_mlp and is_mlp)
         if self.freeze_mlp and frozen == 0:
             raise ValueError("distill.freeze_mlp is set but the student has no parameters named '*.mlp.*'")
@@ -271,7 +280,7 @@ class AlignObjective(Objective):
     def trainable_names(self) -> set[str]:
         new = set(self.student.new_parameter_names())
         prefixes = tuple(f"model.layers.{i}." for i in self.layers)
-        return {n for n in new if n.startswith(prefixes)}
+        return {n for n in new if n.startswith(prefixes)} - self.unused_names()
 
     def set_trainable(self) -> None:
         names = self.trainable_names()
