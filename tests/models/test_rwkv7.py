@@ -154,6 +154,17 @@ def test_cache_memory_does_not_grow(model):
     assert sizes == [expected, expected]
 
 
+def test_generate_continues_from_a_returned_cache(model):
+    """generate(..., past_key_values=cache) with the full sequence feeds only the tokens the cache has not seen."""
+    prompt = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        whole = model.generate(prompt, max_new_tokens=10, do_sample=False)
+        first = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        assert first.past_key_values.get_seq_length() == 6 + 3  # the last generated token is not fed yet
+        rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=6, do_sample=False)
+    assert torch.equal(rest, whole)
+
+
 def test_beam_search_with_cache_equals_without(model):
     """Beam search reorders the cache (reorder_cache); without a cache it recomputes everything."""
     prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
