@@ -25,6 +25,7 @@ keeps the top-k groups ranked by the mean relu^2 score of the group and zeroes t
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -63,8 +64,10 @@ def resolve_sse_heads(sse_heads: Union[int, float, None], num_heads: int) -> int
     raise TypeError(f"sse_heads must be None, an int or a float fraction, got {type(sse_heads).__name__}")
 
 
+@functools.lru_cache(maxsize=64)
 def head_blocks(num_heads: int, head_size: int, hidden_size: int) -> torch.Tensor:
-    """c(h) = h mod (C / N): the width block (N channels of the residual stream) tied to each head. [H] long."""
+    """c(h) = h mod (C / N): the width block (N channels of the residual stream) tied to each head. [H] long,
+    on CPU (cached: it is read at every decoding step)."""
     if hidden_size % head_size != 0:
         raise ValueError(
             f"Meta-State ties each head to a block of head_size={head_size} channels: hidden_size={hidden_size} "
