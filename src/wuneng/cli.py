@@ -75,7 +75,7 @@ def train_command(
     from wuneng.train.config import ConfigError, load_config
     from wuneng.train.data import DataError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line
     try:
         cfg = load_config(config, overrides, stage=stage, output_dir=output_dir, max_steps=max_steps)
         from wuneng.train.loop import NonFiniteLossError, train
@@ -105,7 +105,7 @@ def plot_command(
     try:
         path = plot_run(run_dir, out, log_y=not linear)
     except (FileNotFoundError, ValueError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
     typer.echo(str(path))
 
@@ -135,6 +135,116 @@ def grow_command(
         raise typer.Exit(code=1)
     console.print(f"[bold]before[/bold] ({checkpoint})\n{state_report(old)}")
     console.print(f"[bold]after[/bold] ({out_dir})\n{state_report(grown)}")
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: str = typer.Argument(..., help="A saved model folder (save_pretrained: config.json + weights, and its tokenizer if any)."),
+    tasks: str = typer.Option("arithmetic,mqar,state_tracking,passkey,perplexity", "--tasks", help="Comma-separated registry tasks ('none' for only --lm-eval)."),
+    limit: int = typer.Option(None, "--limit", help="Examples per task (lm-eval: documents per task); default: each task's standard size."),
+    lm_eval: str = typer.Option(None, "--lm-eval", help="Comma-separated lm-eval tasks too, e.g. wuneng_arith or mmlu,gsm8k (needs the eval extra)."),
+    presets: list[str] = typer.Option([], "--preset", help="TASK=PRESET, repeatable, e.g. --preset mqar=T128_n8 (default: the first preset)."),
+    text: str = typer.Option(None, "--text", help="UTF-8 text file for perplexity (default: held-out generated arithmetic text)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
+    passkey_lengths: str = typer.Option("256,512,1024", "--passkey-lengths", help="Passkey prompt lengths in tokens."),
+    context_length: int = typer.Option(512, "--context-length", help="Perplexity window in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward / generate call."),
+    seed: int = typer.Option(1, "--seed", help="Data seed (1 = the held-out test seed)."),
+) -> None:
+    """Evaluate a saved checkpoint on the synthetic tasks, perplexity and optionally lm-eval tasks; print a table."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from wuneng.eval.evaluate import evaluate_model, load_checkpoint, rows_table, write_rows_json
+
+    console, err = Console(), Console(stderr=True)
+    try:
+        task_list = [] if tasks.strip().lower() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
+        preset_map = {}
+        for item in presets:
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip() or not value.strip():
+                raise ValueError(f"--preset expects TASK=PRESET, got {item!r}")
+            preset_map[name.strip()] = value.strip()
+        lengths = [int(x) for x in passkey_lengths.split(",") if x.strip()]
+        lm_tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
+        if not task_list and not lm_tasks:
+            raise ValueError("nothing to run: give --tasks and/or --lm-eval")
+        held_out = Path(text).read_text(encoding="utf-8") if text is not None else None
+        model, tokenizer = load_checkpoint(checkpoint, device=device)
+        rows = evaluate_model(
+            model,
+            tokenizer,
+            task_list,
+            limit=limit,
+            presets=preset_map,
+            seed=seed,
+            text=held_out,
+            passkey_lengths=lengths,
+            context_length=context_length,
+            batch_size=batch_size,
+            lm_eval_tasks=lm_tasks,
+            progress=lambda name: err.print(f"[dim]running {name} ...[/dim]"),
+        )
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        err.print(f"[bold red]eval failed:[/] {e}")
+        raise typer.Exit(code=2)
+    console.print(rows_table(rows, title=f"wuneng eval {checkpoint}"))
+    if json_out:
+        meta = {"checkpoint": str(checkpoint), "model_class": type(model).__name__, "tokenizer": type(tokenizer).__name__, "limit": limit, "seed": seed}
+        console.print(f"wrote {write_rows_json(json_out, rows, meta)}")
+
+
+def _layer_list(text: str | None, option: str):
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated layer indices such as 0,1,5, got {text!r}", param_hint=option)
+
+
+@app.command("convert")
+def convert_command(
+    teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."),
+    out_dir: str = typer.Argument(..., help="Output folder (WuNeng config.json, model.safetensors, tokenizer files)."),
+    fusion: str = typer.Option("gate", help="Cross-head fusion: gate | add | concat | hymba | none."),
+    middle_heads: int = typer.Option(4, help="Middle heads H_m (0 = none)."),
+    state_query: bool = typer.Option(True, "--state-query/--no-state-query", help="State-query modulation q += lambda Y W^state."),
+    hybrid_layers: str = typer.Option(None, help="Comma-separated layers to convert (default: all); the others keep attention."),
+    arwkv: bool = typer.Option(False, "--arwkv", help="Converted layers become ARWKV RWKV-7 replacements (attention=False)."),
+    arwkv_layers: str = typer.Option(None, help="Comma-separated layers that become ARWKV replacements (beside hybrid ones)."),
+    arwkv_init: str = typer.Option("rwkv7", help="ARWKV layer init: rwkv7 | radlads (copy the teacher's q/k/v/o)."),
+    dtype: str = typer.Option("keep", help="Weights dtype: keep (the teacher's), float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Convert a Llama/Qwen2 teacher into a WuNeng hybrid (or ARWKV) model; logits equal the teacher's at step 0."""
+    import torch
+    from rich.console import Console
+
+    from wuneng.convert import convert_checkpoint
+
+    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    console = Console()
+    try:
+        model = convert_checkpoint(
+            teacher_dir, out_dir, overwrite=overwrite, dtype=dtypes[dtype], fusion=fusion, middle_heads=middle_heads,
+            state_query=state_query, hybrid_layers=_layer_list(hybrid_layers, "--hybrid-layers"), attention=not arwkv,
+            arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"), arwkv_init=arwkv_init,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+        console.print(f"[red]convert failed:[/red] {err}", highlight=False)
+        raise typer.Exit(code=1)
+    c = model.config
+    kinds = {k: [i for i, kind in enumerate(c.layer_kinds) if kind == k] for k in ("hybrid", "arwkv", "attention")}
+    console.print(f"wrote {out_dir}: hybrid layers {kinds['hybrid']}, ARWKV layers {kinds['arwkv']}, attention layers "
+                  f"{kinds['attention']}; fusion={c.fusion}, middle_heads={c.middle_heads}, state_query={c.state_query}, "
+                  f"dtype={model.dtype}", markup=False, highlight=False)
+    console.print(model.format_parameter_breakdown(), markup=False, highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
