@@ -203,6 +203,11 @@ def train(
 
     validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)
     stage = config.stage
+    # accelerate keeps one process-wide state; a second train() in the same process (tests, notebooks)
+    # may ask for another precision. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # cpu=True on CPU-only machines: accelerate then runs torchrun's processes as MULTI_CPU (gloo).
         cpu=not torch.cuda.is_available(),
@@ -237,7 +242,10 @@ def train(
     if config.gradient_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(student).__name__} does not support gradient checkpointing; set gradient_checkpointing: false")
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(student, "config"):
             student.config.use_cache = False
 
