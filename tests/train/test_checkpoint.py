@@ -138,3 +138,28 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer):
     at = next(i for i, r in enumerate(records) if r.get("event") == "resume")
     assert records[at]["step"] == newest and records[at]["checkpoint"].endswith(f"step_{newest:08d}")
     assert records[at + 1]["step"] == newest + 1
+
+
+def test_sharded_optimizer_files_round_trip(tmp_path):
+    """FSDP/ZeRO layout: each process keeps its own optimizer shard; resuming needs the same process count."""
+    from wuneng.train.checkpoint import load_checkpoint, save_checkpoint
+    from wuneng.train.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(0)
+    model = tiny_qwen2()
+    opt_cfg = OptimConfig(lr=1e-3)
+    opt = build_optimizer(model, opt_cfg)
+    sched = build_scheduler(opt, opt_cfg, 10)
+    model(input_ids=torch.randint(0, 259, (2, 8)), labels=torch.randint(0, 259, (2, 8))).loss.backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, trainer_state={}, keep_last=2, sharded_optimizer=True)
+    assert (path / "optimizer_rank0.pt").is_file()
+    model2 = tiny_qwen2(seed=3)
+    opt2 = build_optimizer(model2, opt_cfg)
+    state = load_checkpoint(path, model=model2, optimizer=opt2, scheduler=build_scheduler(opt2, opt_cfg, 10))
+    assert state["step"] == 1
+    assert_same(model.state_dict(), model2.state_dict())
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+    with pytest.raises(ValueError, match="sharded over 1 processes; resume with that many"):
+        load_checkpoint(path, model=model2, optimizer=opt2, rank=1)

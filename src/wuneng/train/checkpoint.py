@@ -114,11 +114,14 @@ def save_checkpoint(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     model_state_dict: Optional[dict] = None,
+    sharded_optimizer: bool = False,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last``; every process calls
     this (each writes its RNG state; process 0 writes the rest and renames). Returns the final path.
 
     ``model_state_dict``: an already gathered full state dict (FSDP/ZeRO); else ``model`` is saved.
+    ``sharded_optimizer`` (FSDP/ZeRO): every process writes its own ``optimizer_rank{r}.pt`` and
+    ``optimizer.pt`` only records that; resuming then needs the same number of processes.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
@@ -131,6 +134,9 @@ def save_checkpoint(
     barrier()
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     _fsync_file(tmp / f"rng_rank{rank}.pt")
+    if sharded_optimizer:
+        torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
+        _fsync_file(tmp / f"optimizer_rank{rank}.pt")
     barrier()
     if rank == 0:
         if model_state_dict is not None:
@@ -139,7 +145,7 @@ def save_checkpoint(
             save_file({k: v.detach().contiguous().cpu() for k, v in model_state_dict.items()}, str(tmp / "model.safetensors"))
         else:
             save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"sharded": True, "world_size": world_size} if sharded_optimizer else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         state = dict(trainer_state, step=step, world_size=world_size)
         with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
@@ -186,7 +192,16 @@ def load_checkpoint(
             f"unexpected {sorted(unexpected)[:5]} (was it saved from another model?)"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if opt_state.get("sharded"):
+            shard = path / f"optimizer_rank{rank}.pt"
+            if not shard.is_file():
+                raise ValueError(
+                    f"{path}: the optimizer state is sharded over {opt_state['world_size']} processes; "
+                    f"resume with that many processes (no {shard.name})"
+                )
+            opt_state = torch.load(shard, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     rng_file = path / f"rng_rank{rank}.pt"

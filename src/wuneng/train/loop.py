@@ -298,9 +298,11 @@ def train(
     progress, task = _progress(config.progress and is_main, stop_step, step, stage)
     window_tokens, window_start = 0, time.perf_counter()
 
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
     def checkpoint(at_step: int, last_metrics: dict) -> Path:
         full_sd = None
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if sharded:
             sd = accelerator.get_state_dict(model_p)
             full_sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")} if sd else None
         return save_checkpoint(
@@ -315,6 +317,7 @@ def train(
             world_size=world,
             barrier=accelerator.wait_for_everyone,
             model_state_dict=full_sd,
+            sharded_optimizer=sharded,
         )
 
     with progress if progress is not None else contextlib.nullcontext():
