@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up .venv at the repo root on a fresh machine: the CPU torch first, then wuneng and its extras.
-# Usage: bash scripts/setup.sh [EXTRAS]   (default extras: test,bench)
+# Usage: bash scripts/setup.sh [EXTRAS]   (default extras: test,bench,eval)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test,bench}"
+extras="${1:-test,bench,eval}"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
