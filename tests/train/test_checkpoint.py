@@ -163,3 +163,25 @@ def test_sharded_optimizer_files_round_trip(tmp_path):
     assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
     with pytest.raises(ValueError, match="sharded over 1 processes; resume with that many"):
         load_checkpoint(path, model=model2, optimizer=opt2, rank=1)
+
+
+def test_resume_with_another_batch_continues_the_data(tmp_path, tokenizer, monkeypatch):
+    """Checkpoint 4 at 4 rows/step has consumed 16 samples; resumed at 8 rows/step, step 5 reads samples 16..23."""
+    from wuneng.train.loop import GlobalSampler
+
+    torch.manual_seed(0)
+    train(config(tmp_path, "run", max_steps=6, stop_at_step=4), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    state = json.loads((tmp_path / "run/checkpoints/step_00000004/trainer_state.json").read_text())
+    assert state["samples_consumed"] == 16
+    seen = []
+    original = GlobalSampler.rows
+
+    def spy(self, start, count):
+        seen.append((start, count))
+        return original(self, start, count)
+
+    monkeypatch.setattr(GlobalSampler, "rows", spy)
+    cfg = config(tmp_path, "run", max_steps=6, micro_batch_size=4)
+    train(cfg, model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS], resume=True)
+    assert seen[:2] == [(16, 4), (20, 4)]  # step 5: two micro-batches of 4 from sample 16
+    assert json.loads((tmp_path / "run/checkpoints/step_00000006/trainer_state.json").read_text())["samples_consumed"] == 32

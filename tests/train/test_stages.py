@@ -343,3 +343,11 @@ def test_bf16_autocast_on_cpu(tmp_path, tokenizer):
         first[mp] = losses(train(cfg, model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS]))[0]
     assert first["bf16"] != first["no"]
     assert first["bf16"] == pytest.approx(first["no"], rel=2e-2)
+
+
+def test_align_stop_loss_ends_the_run(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    teacher = tiny_qwen2()
+    cfg = run_config(tmp_path, "align", steps=25, align=AlignConfig(stop_loss=0.5))
+    result = train(cfg, model=FakeStudent(teacher), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    assert result.step == 1  # the hybrid output term starts at 0 <= 0.5

@@ -263,12 +263,16 @@ def train(
 
     # ---- resume
     step, tokens_seen = 0, 0
+    # Data position: global sample index of step `base_step`'s first row. Counting consumed samples
+    # (not steps) lets a resumed run change its global batch and still continue where it stopped.
+    base_step, base_sample = 0, 0
     resumed_from = None
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
             state = load_checkpoint(ckpt, model=student, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=False)
             step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+            base_step, base_sample = step, int(state.get("samples_consumed", 0))
             rng_file = ckpt / f"rng_rank{rank}.pt"
             if rng_file.is_file():
                 set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
@@ -311,7 +315,7 @@ def train(
             model=student,
             optimizer=optimizer_p,
             scheduler=scheduler,
-            trainer_state={"samples_consumed": at_step * rows_per_step, "tokens_seen": tokens_seen, "stage": stage, "metrics": last_metrics},
+            trainer_state={"samples_consumed": base_sample + (at_step - base_step) * rows_per_step, "tokens_seen": tokens_seen, "stage": stage, "metrics": last_metrics},
             keep_last=config.keep_last,
             rank=rank,
             world_size=world,
@@ -325,7 +329,8 @@ def train(
             # -- the micro-batches of this step on this process
             batches = []
             for a in range(config.grad_accum_steps):
-                start = (step * config.grad_accum_steps + a) * world * rows_per_micro + rank * rows_per_micro
+                first = base_sample + (step - base_step) * rows_per_step
+                start = first + a * world * rows_per_micro + rank * rows_per_micro
                 b = dataset.batch(sampler.rows(start, rows_per_micro))
                 batches.append({k: v.to(accelerator.device) for k, v in b.items()})
             counts = torch.stack(
