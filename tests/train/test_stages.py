@@ -346,8 +346,14 @@ def test_bf16_autocast_on_cpu(tmp_path, tokenizer):
 
 
 def test_align_stop_loss_ends_the_run(tmp_path, tokenizer):
-    torch.manual_seed(0)
     teacher = tiny_qwen2()
-    cfg = run_config(tmp_path, "align", steps=25, align=AlignConfig(stop_loss=0.5))
+    torch.manual_seed(0)
+    full = train(run_config(tmp_path, "align", steps=25), model=FakeStudent(teacher), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    curve = losses(full)
+    threshold = 0.5 * (curve[0] + min(curve))
+    expected = next(i for i, v in enumerate(curve, start=1) if v <= threshold)
+    assert 1 < expected < 25
+    torch.manual_seed(0)
+    cfg = run_config(tmp_path, "align", steps=25, output_dir=str(tmp_path / "stop"), align=AlignConfig(stop_loss=threshold))
     result = train(cfg, model=FakeStudent(teacher), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
-    assert result.step == 1  # the hybrid output term starts at 0 <= 0.5
+    assert result.step == expected and (tmp_path / "stop" / "checkpoints" / f"step_{expected:08d}").is_dir()

@@ -104,7 +104,8 @@ class AlignConfig:
     layers: Optional[list[int]] = None
     # Weight of the state-heads-alone term of hybrid (WuNeng) mixers (SPEC: 1).
     state_weight: float = 1.0
-    # Stop once the logged alignment loss (hybrid output, or ARWKV output) is at or below this.
+    # Stop once the step's alignment loss (output term + state_weight x state term) is at or below this
+    # (ARWKV stops its pure replacement at 0.2).
     stop_loss: Optional[float] = None
 
 

@@ -382,7 +382,7 @@ def train(
             last_loss = loss
 
             stop_now = step >= stop_step
-            if config.align.stop_loss is not None and stage == "align" and metrics.get("align_output", math.inf) <= config.align.stop_loss:
+            if config.align.stop_loss is not None and stage == "align" and loss <= config.align.stop_loss:
                 stop_now = True
             if step % config.log_every == 0 or stop_now:
                 elapsed = time.perf_counter() - window_start
