@@ -201,3 +201,14 @@ def test_sparse_routing_model_runs_and_decodes():
     dense = tiny(moe_groups=1)
     dense.load_state_dict(m.state_dict())
     assert rel_max(dense(ids).logits, full) > 1e-4  # routing changes the function
+
+
+def test_from_rwkv_lm_state_dict_and_no_export():
+    torch.manual_seed(10)
+    rwkv = randomise_(RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))).eval()
+    ms = MetaStateForCausalLM.from_rwkv_lm(rwkv.to_rwkv_lm_state_dict(), head_size=N, sse_heads=1).eval()
+    assert ms.config.sse_heads == 1
+    ids = torch.randint(0, V, (1, 8))
+    assert rel_max(ms(ids).logits, rwkv(ids).logits) < 1e-5
+    with pytest.raises(NotImplementedError, match="save_pretrained"):
+        ms.to_rwkv_lm_state_dict()

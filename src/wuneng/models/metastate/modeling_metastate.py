@@ -179,8 +179,13 @@ class MetaStateForCausalLM(MetaStatePreTrainedModel, RWKV7ForCausalLM):
         dtype: Optional[torch.dtype] = None,
         **config_kwargs,
     ) -> "MetaStateForCausalLM":
-        """A BlinkDL RWKV-LM x070 checkpoint as a Meta-State model (see :meth:`from_rwkv7`)."""
-        return cls.from_rwkv7(RWKV7ForCausalLM.from_rwkv_lm(path_or_state_dict, dtype=dtype))
+        """A BlinkDL RWKV-LM x070 checkpoint as a Meta-State model (see :meth:`from_rwkv7`). Meta-State options
+        (``sse_heads``, ``moe_groups``, ``moe_top_k``) go to the Meta-State config, the rest to
+        :meth:`RWKV7ForCausalLM.from_rwkv_lm` (e.g. ``head_size``, checked against the checkpoint)."""
+        meta_only = ("sse_heads", "moe_groups", "moe_top_k")
+        meta_kwargs = {k: config_kwargs.pop(k) for k in meta_only if k in config_kwargs}
+        rwkv7 = RWKV7ForCausalLM.from_rwkv_lm(path_or_state_dict, dtype=dtype, **config_kwargs)
+        return cls.from_rwkv7(rwkv7, **meta_kwargs)
 
     def to_rwkv_lm_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict:
         raise NotImplementedError(
