@@ -111,17 +111,8 @@ class MetaStateTimeMix(TimeMix):
 
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv), read-out [B,T,H,N] or None).
         """
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"MetaStateTimeMix: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
-        if mask is not None:
-            x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
         shift, wkv_state = (None, None) if state is None else state
-        xx = token_shift(x, shift)
-        x_key = x + xx * self.x_k  # x_k^tm: the key mix, also the SSE query's source
-        r = self.receptance(x + xx * self.x_r)
-        k = self.key(x_key)
-        v = self.value(x + xx * self.x_v)
-        g = torch.sigmoid((x + xx * self.x_g) @ self.g1) @ self.g2  # no sigmoid after G2
+        x, xx, x_key, r, k, v, g = self.project(x, shift, mask)  # x_key = x_k^tm, also the SSE query's source
         log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask)
         readout = None
         if self.state_readout:

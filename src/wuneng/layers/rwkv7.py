@@ -318,6 +318,25 @@ class TimeMix(RWKV7StateHeads):
         orthogonal_(self.value.weight, 1.0)
         nn.init.zeros_(self.output.weight)
 
+    def project(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        """Token shift and the r/k/v/gate projections.
+
+        x: [B,T,C]; shift: [B,C] (the previous token) or None; mask: [B,T] or None.
+        Returns (x, xx, x_key, r, k, v, g): x with padding zeroed, xx = shift(x) - x, x_key = x + xx * mu_k
+        (the key's input, [B,T,C]), and r, k, v, g [B,T,A].
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{type(self).__name__}: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+        if mask is not None:
+            x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
+        xx = token_shift(x, shift)
+        x_key = x + xx * self.x_k
+        r = self.receptance(x + xx * self.x_r)
+        k = self.key(x_key)
+        v = self.value(x + xx * self.x_v)
+        g = torch.sigmoid((x + xx * self.x_g) @ self.g1) @ self.g2  # no sigmoid after G2
+        return x, xx, x_key, r, k, v, g
+
     def forward(
         self,
         x: torch.Tensor,
@@ -330,19 +349,10 @@ class TimeMix(RWKV7StateHeads):
 
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
         """
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"TimeMix: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
-        if mask is not None:
-            x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
         shift, wkv_state = (None, None) if state is None else state
-        xx = token_shift(x, shift)
-        r = self.receptance(x + xx * self.x_r)
-        k = self.key(x + xx * self.x_k)
-        v = self.value(x + xx * self.x_v)
-        g = torch.sigmoid((x + xx * self.x_g) @ self.g1) @ self.g2  # no sigmoid after G2
+        x, xx, _, r, k, v, g = self.project(x, shift, mask)
         y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask)
-        out = self.output(y * g)
-        return out, v_first, (x[:, -1], wkv_state)
+        return self.output(y * g), v_first, (x[:, -1], wkv_state)
 
 
 class ChannelMix(nn.Module):
