@@ -357,3 +357,25 @@ def test_align_stop_loss_ends_the_run(tmp_path, tokenizer):
     cfg = run_config(tmp_path, "align", steps=25, output_dir=str(tmp_path / "stop"), align=AlignConfig(stop_loss=threshold))
     result = train(cfg, model=FakeStudent(teacher), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
     assert result.step == expected and (tmp_path / "stop" / "checkpoints" / f"step_{expected:08d}").is_dir()
+
+
+@pytest.mark.parametrize("model_type", ["wuneng_rwkv7", "wuneng_metastate"])
+def test_pretrain_project_models_from_config(tmp_path, tokenizer, model_type):
+    """`model.config` with the project's model types (RWKV-7, Meta-State) builds and trains from scratch;
+    the RWKV-7 decay biases (*w0) sit in the 2x-lr group."""
+    pytest.importorskip("wuneng.models")
+    from wuneng.train.config import ModelConfig
+
+    torch.manual_seed(0)
+    spec = {"model_type": model_type, "vocab_size": 260, "hidden_size": 32, "num_hidden_layers": 2, "head_size": 16}
+    cfg = run_config(tmp_path, steps=20, model=ModelConfig(config=spec), optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=3))
+    from wuneng.train.loop import load_model
+    from wuneng.train.optim import param_groups
+
+    model = load_model(cfg.model)
+    w0 = [n for n, _ in model.named_parameters() if n.endswith("w0")]
+    groups = {g["name"]: g for g in param_groups(model.named_parameters(), cfg.optim)}
+    assert w0 and len(groups["w0"]["params"]) == len(w0) and groups["w0"]["lr"] == 2 * cfg.optim.lr
+    result = train(cfg, tokenizer=tokenizer, data_sources=[TEXTS])
+    curve = losses(result)
+    assert curve[-1] < 0.8 * curve[0], curve

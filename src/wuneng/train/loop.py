@@ -68,32 +68,47 @@ class GlobalSampler:
 
 
 # ------------------------------------------------------------------------------ model loading
-def _register_project_models() -> None:
-    try:  # the project's model classes register themselves with the Auto* factories on import
-        import wuneng.models  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
+def _register_project_models(model_type: Optional[str] = None) -> None:
+    """Import ``wuneng.models`` (its classes register with the Auto* factories) unless ``model_type`` is
+    one transformers knows already (saves the import for plain Llama/Qwen2 runs)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type is not None and model_type in CONFIG_MAPPING:
+        return
+    import wuneng.models  # noqa: F401
+
+
+def _model_type_of(path: Path) -> Optional[str]:
+    """``model_type`` of a config.json (or of the one inside a folder), None if unreadable."""
+    path = Path(path)
+    try:
+        with open(path / "config.json" if path.is_dir() else path, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def load_model(model_cfg) -> torch.nn.Module:
     """Load (``path``) or build from a config (``config``) the causal LM to train."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _register_project_models()
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.path is not None:
         path = Path(model_cfg.path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path {path}: no config.json there (expected a save_pretrained folder)")
+        _register_project_models(_model_type_of(path))
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     spec = model_cfg.config
     if isinstance(spec, str):
+        _register_project_models(_model_type_of(Path(spec)))
         hf_config = AutoConfig.from_pretrained(spec, local_files_only=True)
     else:
         spec = dict(spec)
         if "model_type" not in spec:
             raise ValueError("model.config needs a `model_type` (e.g. qwen2, llama, rwkv7, wuneng)")
         model_type = spec.pop("model_type")
+        _register_project_models(model_type)
         try:
             hf_config = AutoConfig.for_model(model_type, **spec)
         except ValueError as e:
@@ -107,6 +122,7 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"teacher {p}: no config.json there (expected a local Qwen2/Llama save_pretrained folder)")
+    _register_project_models(_model_type_of(p))
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
 
 
