@@ -116,6 +116,16 @@ def _intra_masks(L: int, n_left: int, dtype, device) -> torch.Tensor:
     return torch.cat(rows, dim=0)
 
 
+def _products(pairs) -> torch.Tensor:
+    """Stack x * f for (x, f) pairs of [BH, C, L, N] along the row axis -> [BH, C, len * L, N] (no extra cat pass)."""
+    x0 = pairs[0][0]
+    L = x0.shape[-2]
+    out = x0.new_empty(*x0.shape[:-2], len(pairs) * L, x0.shape[-1])
+    for i, (x, f) in enumerate(pairs):
+        torch.mul(x, f, out=out[..., i * L : (i + 1) * L, :])
+    return out
+
+
 class _ChunkedWKV7(torch.autograd.Function):
     """The chunked computation with a hand-written backward (see the module docstring for the algebra).
 
@@ -133,8 +143,8 @@ class _ChunkedWKV7(torch.autograd.Function):
         nR = len(queries)
 
         # Intra-chunk matrices in one matmul: rows [a; r; (q)] (factored decay to m) x columns [b; k].
-        left = torch.cat([a * e["e_a"]] + [x * e["e_r"] for x in queries], dim=-2).view(Z, (1 + nR) * L, N)
-        right = torch.cat([b * e["e_b"], k * e["e_b"]], dim=-2).view(Z, 2 * L, N)
+        left = _products([(a, e["e_a"])] + [(x, e["e_r"]) for x in queries]).view(Z, (1 + nR) * L, N)
+        right = _products([(b, e["e_b"]), (k, e["e_b"])]).view(Z, 2 * L, N)
         mask = _intra_masks(L, 1 + nR, dt, dev)
         A = torch.bmm(left, right.transpose(1, 2)).mul_(mask)  # [[A_ab A_ak]; [A_rb A_rk]; ([A_qb A_qk])]
         A_ab, A_ak, A_rq = A[:, :L, :L], A[:, :L, L:], A[:, L:, :]
@@ -143,18 +153,23 @@ class _ChunkedWKV7(torch.autograd.Function):
         eye = torch.eye(L, dtype=dt, device=dev)
         P = torch.linalg.solve_triangular(-A_ab, eye.expand(Z, L, L), upper=False, unitriangular=True)
         v3 = v.reshape(Z, L, N)
-        a_e = (a * e["e_0x"]).view(Z, L, N)
-        WU = torch.bmm(P, torch.cat([a_e, torch.bmm(A_ak, v3)], dim=-1))
+        X = r.new_empty(Z, L, 2 * N)
+        a_e = X[..., :N]
+        torch.mul(a.view(Z, L, N), e["e_0x"].view(Z, L, N), out=a_e)
+        torch.bmm(A_ak, v3, out=X[..., N:])
+        WU = torch.bmm(P, X)
         W = WU[..., :N]
-        UV = torch.cat([WU[..., N:], v3], dim=1)  # [U; V]  [Z, 2L, N]
+        UV = r.new_empty(Z, 2 * L, N)  # [U; V]
+        UV[:, :L] = WU[..., N:]
+        UV[:, L:] = v3
 
         # Read-outs, state-free parts: X' = x e^{g} + A_xb W,  Y_in = [A_xb A_xk] [U; V].
-        rq_e = torch.cat([x * e["e_0"] for x in queries], dim=-2).view(Z, nR * L, N)
+        rq_e = _products([(x, e["e_0"]) for x in queries]).view(Z, nR * L, N)
         RQp = torch.baddbmm(rq_e, A_rq[:, :, :L], W)
         Y = torch.bmm(A_rq, UV)
 
         # Chunk transitions S_{c+1} = S_c M_c + D_c.
-        bk_end = torch.cat([b * e["e_end"], k * e["e_end"]], dim=-2).view(Z, 2 * L, N)
+        bk_end = _products([(b, e["e_end"]), (k, e["e_end"])]).view(Z, 2 * L, N)
         M = torch.bmm(W.transpose(1, 2), bk_end[:, :L])
         M.diagonal(dim1=1, dim2=2).add_(e["decay_L"].reshape(Z, N))
         D = torch.bmm(UV.transpose(1, 2), bk_end)
@@ -206,28 +221,33 @@ class _ChunkedWKV7(torch.autograd.Function):
         d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(BH, nC, 1, N)
 
         # Y_in = A_rq [U; V],  RQ' = rq_e + A_rq[:, :, :L] W
-        dA_rq = torch.bmm(dY, UV.transpose(1, 2))
-        dA_rq[:, :, :L] += torch.bmm(dRQp, W.transpose(1, 2))
+        dA = dY.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
+        dA_rq = dA[:, L:]
+        torch.bmm(dY, UV.transpose(1, 2), out=dA_rq)
+        dA_rq[:, :, :L].baddbmm_(dRQp, W.transpose(1, 2))
         dUV.baddbmm_(A_rq.transpose(1, 2), dY)
         dW.baddbmm_(A_rq[:, :, :L].transpose(1, 2), dRQp)
 
         # [W | U] = P X, X = [a_e | A_ak V]:  dX = P^T d[W | U],  dA_ab = dX [W | U]^T
-        dX = torch.bmm(P.transpose(1, 2), torch.cat([dW, dUV[:, :L]], dim=-1))
-        dA_ab = torch.bmm(dX, WU.transpose(1, 2))
+        dWU = dW.new_empty(Z, L, 2 * N)
+        dWU[..., :N] = dW
+        dWU[..., N:] = dUV[:, :L]
+        dX = torch.bmm(P.transpose(1, 2), dWU)
+        torch.bmm(dX, WU.transpose(1, 2), out=dA[:, :L, :L])  # dA_ab
         da_e, dXu = dX[..., :N], dX[..., N:]
         v3 = UV[:, L:]
-        dA_ak = torch.bmm(dXu, v3.transpose(1, 2))
+        torch.bmm(dXu, v3.transpose(1, 2), out=dA[:, :L, L:])  # dA_ak
         dv = dUV[:, L:] + torch.bmm(A_ak.transpose(1, 2), dXu)
 
         mask = _intra_masks(L, 1 + nR, dt, dY.device)
-        dA = torch.cat([torch.cat([dA_ab, dA_ak], dim=-1), dA_rq], dim=1).mul_(mask)
+        dA.mul_(mask)
         d_left = torch.bmm(dA, right)
         d_right = torch.bmm(dA.transpose(1, 2), left)
 
         # Back to the chunked [BH, C, rows, N] layout for the elementwise parts.
         shape = (BH, nC, -1, N)
         d_left, d_right, left, right = (x.view(shape) for x in (d_left, d_right, left, right))
-        drq_e, rq_e, a_e, da_e = dRQp.view(shape), rq_e.view(shape), a_e.view(shape), da_e.reshape(shape)
+        drq_e, rq_e, a_e, da_e = dRQp.view(shape), rq_e.view(shape), a_e.reshape(shape), da_e.reshape(shape)
         dbk_end, bk_end = dbk_end.view(shape), bk_end.view(shape)
         d_a_hat, a_hat = d_left[:, :, :L], left[:, :, :L]
         d_b_hat, d_k_hat = d_right[:, :, :L], d_right[:, :, L:]
