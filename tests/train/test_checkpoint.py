@@ -185,3 +185,10 @@ def test_resume_with_another_batch_continues_the_data(tmp_path, tokenizer, monke
     train(cfg, model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS], resume=True)
     assert seen[:2] == [(16, 4), (20, 4)]  # step 5: two micro-batches of 4 from sample 16
     assert json.loads((tmp_path / "run/checkpoints/step_00000006/trainer_state.json").read_text())["samples_consumed"] == 32
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    train(config(tmp_path, "run", max_steps=2), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    with pytest.raises(FileExistsError, match="already holds checkpoints .*pass --resume"):
+        train(config(tmp_path, "run", max_steps=2), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])

@@ -172,25 +172,27 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path,
     *,
-    model: torch.nn.Module,
+    model: Optional[torch.nn.Module] = None,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
     rank: int = 0,
     restore_rng: bool = True,
 ) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into the given objects; returns the
-    trainer state (``step``, ``samples_consumed``, ...). RNG states of ``rank`` are restored when that
-    file exists (a run resumed on more processes than it was saved with re-seeds the extra ones)."""
+    trainer state (``step``, ``samples_consumed``, ...). Any of model / optimizer / scheduler may be
+    None (the loop loads weights before wrapping the model for DDP/FSDP, the rest after). RNG states of
+    ``rank`` are restored when that file exists (extra processes of a larger resumed run keep their seed)."""
     path = Path(path)
     missing = [f for f in _REQUIRED if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
-    missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing_keys or unexpected:
-        raise ValueError(
-            f"{path}/model.safetensors does not match the model: missing {sorted(missing_keys)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]} (was it saved from another model?)"
-        )
+    if model is not None:
+        missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing_keys or unexpected:
+            raise ValueError(
+                f"{path}/model.safetensors does not match the model: missing {sorted(missing_keys)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]} (was it saved from another model?)"
+            )
     if optimizer is not None:
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         if opt_state.get("sharded"):

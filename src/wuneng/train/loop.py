@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_to_dict, validate
 from .data import PackedDataset, SourceLike, build_dataset
 from .optim import build_optimizer, build_scheduler
@@ -272,27 +272,33 @@ def train(
         teacher.eval()
         teacher.requires_grad_(False)
     objective = build_objective(stage, student, teacher, config, tokenizer_size=len(tokenizer))
-    optimizer = build_optimizer(student, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
-    model_p, optimizer_p = accelerator.prepare(objective, optimizer)
-    params = [p for p in student.parameters() if p.requires_grad]
 
-    # ---- resume
+    # ---- resume, part 1: the weights, before DDP/FSDP wrap the model
     step, tokens_seen = 0, 0
     # Data position: global sample index of step `base_step`'s first row. Counting consumed samples
     # (not steps) lets a resumed run change its global batch and still continue where it stopped.
     base_step, base_sample = 0, 0
-    resumed_from = None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model=student, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=False)
-            step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-            base_step, base_sample = step, int(state.get("samples_consumed", 0))
-            rng_file = ckpt / f"rng_rank{rank}.pt"
-            if rng_file.is_file():
-                set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-            resumed_from = ckpt
+    resumed_from = latest_checkpoint(run_dir) if resume else None
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints ({latest_checkpoint(run_dir).name}): pass --resume to continue "
+            "that run, or choose another output_dir"
+        )
+    if resumed_from is not None:
+        state = load_checkpoint(resumed_from, model=student, restore_rng=False)
+        step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        base_step, base_sample = step, int(state.get("samples_consumed", 0))
+
+    optimizer = build_optimizer(student, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
+    model_p, optimizer_p = accelerator.prepare(objective, optimizer)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    # FSDP/ZeRO clip through the wrapped model's (flat) parameters; otherwise the trainable ones.
+    params = list(model_p.parameters()) if sharded else [p for p in student.parameters() if p.requires_grad]
+
+    # ---- resume, part 2: optimizer, scheduler, this process's RNG
+    if resumed_from is not None:
+        load_checkpoint(resumed_from, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=True)
     stop_step = min(config.max_steps, config.stop_at_step or config.max_steps)
     sampler = GlobalSampler(len(dataset), config.seed)
     rows_per_micro = config.micro_batch_size
@@ -317,8 +323,6 @@ def train(
     unwrapped = accelerator.unwrap_model(model_p)
     progress, task = _progress(config.progress and is_main, stop_step, step, stage)
     window_tokens, window_start = 0, time.perf_counter()
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def checkpoint(at_step: int, last_metrics: dict) -> Path:
         full_sd = None
