@@ -85,7 +85,7 @@ def train_command(
         except NonFiniteLossError as e:
             console.print(f"[bold red]stopped:[/] {e}")
             raise typer.Exit(3)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
     console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
