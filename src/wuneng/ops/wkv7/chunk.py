@@ -249,19 +249,22 @@ class _ChunkedWKV7(torch.autograd.Function):
         d_left, d_right, left, right = (x.view(shape) for x in (d_left, d_right, left, right))
         drq_e, rq_e, a_e, da_e = dRQp.view(shape), rq_e.view(shape), a_e.reshape(shape), da_e.reshape(shape)
         dbk_end, bk_end = dbk_end.view(shape), bk_end.view(shape)
-        d_a_hat, a_hat = d_left[:, :, :L], left[:, :, :L]
+        d_a_hat = d_left[:, :, :L]
         d_b_hat, d_k_hat = d_right[:, :, :L], d_right[:, :, L:]
         db_end, dk_end = dbk_end[:, :, :L], dbk_end[:, :, L:]
 
-        da = d_a_hat * e["e_a"] + da_e * e["e_0x"]
-        db = d_b_hat * e["e_b"] + db_end * e["e_end"]
-        dk = d_k_hat * e["e_b"] + dk_end * e["e_end"]
-        dqs = [d_left[:, :, (1 + i) * L : (2 + i) * L] * e["e_r"] + drq_e[:, :, i * L : (i + 1) * L] * e["e_0"] for i in range(nR)]
+        da = torch.addcmul(d_a_hat * e["e_a"], da_e, e["e_0x"])
+        db = torch.addcmul(d_b_hat * e["e_b"], db_end, e["e_end"])
+        dk = torch.addcmul(d_k_hat * e["e_b"], dk_end, e["e_end"])
+        dqs = [
+            torch.addcmul(d_left[:, :, (1 + i) * L : (2 + i) * L] * e["e_r"], drq_e[:, :, i * L : (i + 1) * L], e["e_0"])
+            for i in range(nR)
+        ]
 
         # Gradients of the exponents (d exp(x) / dx = exp(x)), gathered onto g_t, g_{t-1}, g_m and g_L.
-        d_to_ref = (d_left[:, :, L:] * left[:, :, L:]).view(BH, nC, nR, L, N).sum(2)
-        d_to_ref -= (d_right * right).view(BH, nC, 2, L, N).sum(2)
-        d_excl_ref = d_a_hat * a_hat
+        prod_left = (d_left * left).view(BH, nC, 1 + nR, L, N)
+        d_excl_ref = prod_left[:, :, 0]  # d/d(g_{t-1} - g_m)
+        d_to_ref = prod_left[:, :, 1:].sum(2) - (d_right * right).view(BH, nC, 2, L, N).sum(2)  # d/d(g_t - g_m)
         d_g0 = (drq_e * rq_e).view(BH, nC, nR, L, N).sum(2)
         d_g0x = da_e * a_e
         d_end = (dbk_end * bk_end).view(BH, nC, 2, L, N).sum(2)  # d/d(g_L - g_t)

@@ -1,0 +1,175 @@
+"""Throughput of the WKV-7 operator forms on CPU.
+
+Prints one table of tokens/s (B * T tokens per call), forward and forward+backward, for
+
+    reference      wkv7_reference: the token-by-token loop (the oracle)
+    chunked        wkv7_chunked at its default chunk size
+    fla-chunkwise  fla's pure-PyTorch dplr_chunkwise (CPU peer; forward+backward by autograd)
+
+and the chunked form's effective GFLOP/s (its matmul FLOPs / time) beside a float32 matmul measured
+in the same run, and the ratios chunked/reference and chunked/fla-chunkwise.
+
+Timing: warm-up call, then the median of ``--repeats`` calls; the methods take turns inside each
+repeat so that load from other processes on the machine hits them alike (compare ratios of one run).
+The reference loop's rate does not depend on T; at T > 1024 it is timed on the first 1024 tokens
+(its autograd graph holds every state, about 1.3 GB at T = 1024, B = H = 4, N = 64).
+
+    python benchmarks/wkv7.py                 # B=4 H=4 N=64, T in {1024, 4096}
+    python benchmarks/wkv7.py --quick --T 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from wuneng.ops.wkv7 import wkv7_chunked, wkv7_reference
+from wuneng.ops.wkv7.chunk import DEFAULT_CHUNK_SIZE
+
+REFERENCE_MAX_T = 1024
+
+
+def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0):
+    """RWKV-7-shaped float32 inputs [B, T, H, N]: a = -kk, b = kk * alpha, log w in [-0.6065, 0)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, H, N, generator=g) * 0.5
+    k = torch.randn(B, T, H, N, generator=g) * 0.5
+    v = torch.randn(B, T, H, N, generator=g)
+    kk = F.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    alpha = torch.rand(B, T, H, N, generator=g)
+    log_w = -0.6065306597126334 * torch.sigmoid(torch.randn(B, T, H, N, generator=g))
+    return [r, log_w, k, v, -kk, kk * alpha]
+
+
+def chunked_matmul_flops(B: int, T: int, H: int, N: int, L: int, backward: bool) -> float:
+    """Matmul FLOPs of wkv7_chunked (elementwise work not counted), forward or forward+backward."""
+    chunks = B * H * math.ceil(T / L)
+    forward = 20 * L * L * N + L**3 / 3 + 8 * L * N * N + 2 * N**3
+    total = forward + (40 * L * L * N + 16 * L * N * N + 4 * N**3 if backward else 0)
+    return chunks * total
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def _fla_chunkwise():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fla.ops.generalized_delta_rule.dplr.naive import dplr_chunkwise
+    except Exception as exc:  # noqa: BLE001 - fla or triton missing
+        print(f"(fla dplr_chunkwise unavailable: {exc})")
+        return None
+    return dplr_chunkwise
+
+
+def build_calls(args, T: int):
+    """name -> (forward(), forward_backward(), tokens per call)."""
+    B, H, N = args.B, args.H, args.N
+    x = make_inputs(B, T, H, N)
+    calls = {}
+
+    def with_grad(fn, inputs):
+        def run():
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            y, s = fn(*leaves)[:2]
+            (y.sum() + s.sum()).backward()
+
+        return run
+
+    t_ref = min(T, REFERENCE_MAX_T)
+    x_ref = [t[:, :t_ref].contiguous() for t in x]
+    calls["reference"] = (lambda: wkv7_reference(*x_ref), with_grad(wkv7_reference, x_ref), B * t_ref)
+
+    def chunked(*a):
+        return wkv7_chunked(*a, chunk_size=args.chunk)
+
+    calls["chunked"] = (lambda: chunked(*x), with_grad(chunked, x), B * T)
+
+    dplr_chunkwise = _fla_chunkwise()
+    if dplr_chunkwise is not None and T % args.fla_chunk == 0:
+        # fla layout [B, H, T, D]; it scales q by D^-1/2, so pass r * sqrt(N); state [K, V] (zero here).
+        xf = [t.transpose(1, 2).contiguous() for t in x]
+        xf[0] = xf[0] * math.sqrt(N)
+
+        def fla(r, log_w, k, v, a, b):
+            return dplr_chunkwise(r, k, v, a, b, log_w, None, True, chunk_size=args.fla_chunk)
+
+        calls["fla-chunkwise"] = (lambda: fla(*xf), with_grad(fla, xf), B * T)
+    return calls
+
+
+def time_calls(calls: dict, repeats: int) -> dict:
+    """Median seconds per call for every (name, mode); methods interleaved within each repeat."""
+    for fwd, fwd_bwd, _ in calls.values():  # warm-up
+        fwd()
+        fwd_bwd()
+    samples = {(name, mode): [] for name in calls for mode in ("fwd", "fwd+bwd")}
+    for _ in range(repeats):
+        for name, (fwd, fwd_bwd, _) in calls.items():
+            for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                t0 = time.perf_counter()
+                fn()
+                samples[(name, mode)].append(time.perf_counter() - t0)
+    return {key: statistics.median(v) for key, v in samples.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--N", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="chunk size of wkv7_chunked")
+    p.add_argument("--fla-chunk", type=int, default=32, help="chunk size of fla's dplr_chunkwise")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="one timed repeat")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else args.repeats
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.B} H={args.H} N={args.N}, "
+          f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}")
+    peak = matmul_gflops()
+    print(f"float32 matmul 1024^3: {peak:.1f} GFLOP/s")
+    header = f"{'T':>6} {'form':<14} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'GFLOP/s fwd':>12} {'GFLOP/s f+b':>12}"
+    rows, ratios = [header, "-" * len(header)], []
+    for T in args.T:
+        calls = build_calls(args, T)
+        times = time_calls(calls, repeats)
+        rate = {key: calls[key[0]][2] / t for key, t in times.items()}
+        for name in calls:
+            gf = ["", ""]
+            if name == "chunked":
+                for i, (mode, bwd) in enumerate((("fwd", False), ("fwd+bwd", True))):
+                    flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(args.chunk, T), bwd)
+                    gf[i] = f"{flops / times[(name, mode)] / 1e9:.1f}"
+            rows.append(f"{T:>6} {name:<14} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}")
+        for other in ("reference", "fla-chunkwise"):
+            if other in calls:
+                ratios.append(
+                    f"T={T}: chunked / {other}: fwd {rate[('chunked', 'fwd')] / rate[(other, 'fwd')]:.1f}x, "
+                    f"fwd+bwd {rate[('chunked', 'fwd+bwd')] / rate[(other, 'fwd+bwd')]:.1f}x"
+                )
+    print("\n".join(rows))
+    print("\n".join(ratios))
+    print(f"float32 matmul after the runs: {matmul_gflops():.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
