@@ -206,13 +206,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         S = k.shape[2]
-        if self.num_kv_groups > 1:
-            # [B, H_kv, S, d] -> [B, H_q, S, d]; explicit, because SDPA's enable_gqa takes the slow path on CPU
-            k = k[:, :, None].expand(B, self.num_kv_heads, self.num_kv_groups, S, self.head_dim).reshape(B, self.num_heads, S, self.head_dim)
-            v = v[:, :, None].expand(B, self.num_kv_heads, self.num_kv_groups, S, self.head_dim).reshape(B, self.num_heads, S, self.head_dim)
         mask = attention_padding_mask(attention_mask, T, S, q.device)
         is_causal = mask is None and T > 1 and S == T
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+        # GQA inside SDPA: no copy of the cached keys/values per query-head group
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling, enable_gqa=self.num_kv_groups > 1
+        )
         return a.transpose(1, 2)
 
     def forward(
