@@ -14,29 +14,15 @@ from typer.testing import CliRunner
 
 from wuneng.cli import app
 from wuneng.train.checkpoint import latest_checkpoint, list_checkpoints
-from wuneng.train.config import DataConfig, OptimConfig, TrainConfig
+from wuneng.train.config import OptimConfig
 from wuneng.train.loop import train
 
-from train_helpers import PYTHON, REPO, TEXTS, tiny_qwen2, write_yaml
+from train_helpers import PYTHON, REPO, TEXTS, quick_config, saved_run_files, tiny_qwen2
 
 
 def config(tmp_path, name, **kw):
-    base = dict(
-        output_dir=str(tmp_path / name),
-        data=DataConfig(seq_len=32),
-        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3),
-        micro_batch_size=2,
-        grad_accum_steps=2,
-        max_steps=10,
-        save_every=2,
-        keep_last=3,
-        progress=False,
-        tensorboard=False,
-        save_final=False,
-        mixed_precision="no",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(micro_batch_size=2, grad_accum_steps=2, max_steps=10, save_every=2, keep_last=3)
+    return quick_config(tmp_path / name, **{**base, **kw})
 
 
 def weights(ckpt_dir):
@@ -89,25 +75,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer):
     """A subprocess run is SIGKILLed after checkpoint 4; `wuneng train --resume` finishes it; the weights at
     step 12 equal those of a run that was never interrupted (bitwise: same data order, optimizer, RNG)."""
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    tiny_qwen2().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    (tmp_path / "data.txt").write_text("\n".join(TEXTS), encoding="utf-8")
-    cfg = {
-        "model": {"path": str(model_dir)},
-        "data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line"},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
-        "micro_batch_size": 2,
-        "max_steps": 1000,
-        "save_every": 2,
-        "keep_last": 50,
-        "progress": False,
-        "tensorboard": False,
-        "save_final": False,
-        "mixed_precision": "no",
-    }
-    path = write_yaml(tmp_path / "run.yaml", cfg)
+    path = saved_run_files(tmp_path, tokenizer, micro_batch_size=2, max_steps=1000, save_every=2, keep_last=50)
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [PYTHON, "-m", "wuneng.cli", "train", str(path), "--output-dir", str(killed), "-o", "stop_at_step=400"]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from wuneng.cli import app
 
-from train_helpers import PYTHON, REPO, TEXTS, tiny_qwen2, write_yaml
+from train_helpers import PYTHON, REPO, saved_run_files, tiny_qwen2
 
 STEPS = 6
 # float32 gradients summed in another order (all-reduce of two halves vs one batch); after 6 AdamW steps
@@ -27,24 +27,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    tiny_qwen2().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    (tmp_path / "data.txt").write_text("\n".join(TEXTS), encoding="utf-8")
-    cfg = {
-        "model": {"path": str(model_dir)},
-        "data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line", "packing": "greedy"},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "grad_accum_steps": 2,
-        "max_steps": STEPS,
-        "save_every": STEPS,
-        "progress": False,
-        "tensorboard": False,
-        "save_final": False,
-        "mixed_precision": "no",
-    }
-    path = write_yaml(tmp_path / "run.yaml", cfg)
+    path = saved_run_files(tmp_path, tokenizer, grad_accum_steps=2, max_steps=STEPS, save_every=STEPS,
+                           optim={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2})  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

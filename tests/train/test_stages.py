@@ -21,25 +21,13 @@ from wuneng.train.stages import (
     shifted_cross_entropy_sum,
 )
 
-from train_helpers import CHATS, TEXTS, state_of, tiny_llama, tiny_qwen2
+from train_helpers import CHATS, TEXTS, quick_config, state_of, tiny_llama, tiny_qwen2
 
 
 def run_config(tmp_path, stage="pretrain", steps=30, **kw):
-    base = dict(
-        stage=stage,
-        output_dir=str(tmp_path / stage),
-        data=DataConfig(seq_len=32),
-        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3),
-        micro_batch_size=4,
-        max_steps=steps,
-        save_every=1000,
-        progress=False,
-        tensorboard=False,
-        save_final=False,
-        mixed_precision="no",
-    )
+    base = dict(output_dir=tmp_path / stage, stage=stage, micro_batch_size=4, max_steps=steps, save_every=1000)
     base.update(kw)
-    return TrainConfig(**base)
+    return quick_config(**base)
 
 
 def losses(result, key="loss"):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from wuneng.train.config import DataConfig, OptimConfig, TrainConfig
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,3 +72,36 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# Quiet, deterministic, fast: no progress bar, no TensorBoard, no final save, full precision.
+QUIET = {"progress": False, "tensorboard": False, "save_final": False, "mixed_precision": "no"}
+
+
+def quick_config(output_dir: Any, **overrides: Any) -> TrainConfig:
+    """A TrainConfig for tiny in-process runs (seq_len 32, lr 3e-3 -> 3e-4, 3 warm-up steps)."""
+    base = dict(
+        output_dir=str(output_dir),
+        data=DataConfig(seq_len=32),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3),
+        **QUIET,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def saved_run_files(tmp_path: Path, tokenizer, **config: Any) -> Path:
+    """A tiny Qwen2 (+ tokenizer) saved to ``tmp_path/model``, TEXTS as one line each in ``data.txt``, and
+    a run YAML pointing at both (``config`` adds/overrides keys); returns the YAML path."""
+    torch.manual_seed(0)
+    tiny_qwen2().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.txt").write_text("\n".join(TEXTS), encoding="utf-8")
+    cfg = {
+        "model": {"path": str(tmp_path / "model")},
+        "data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line"},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
+        **QUIET,
+        **config,
+    }
+    return write_yaml(tmp_path / "run.yaml", cfg)
