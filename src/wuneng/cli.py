@@ -15,18 +15,32 @@ def _main() -> None:
 
 @app.command("demo")
 def demo_command(
-    seconds: float = typer.Option(180.0, help="Training budget in seconds."),
-    fast: bool = typer.Option(False, "--fast", help="A 30-second run (CI smoke test)."),
-    max_steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
-    seed: int = typer.Option(0, help="Seed of data, model and sampling."),
+    fast: bool = typer.Option(False, "--fast", help="A smoke-test run of every stage (under 3 minutes; CI)."),
+    out: str = typer.Option("runs/demo", "--out", help="Output folder (report.md, results.json, PNG plots, stage runs)."),
+    teacher_steps: int = typer.Option(None, help="Teacher pretraining steps (default: the budget's)."),
+    align_steps: int = typer.Option(None, help="Stage 1 steps per student."),
+    distill_steps: int = typer.Option(None, help="Stage 2 steps per student."),
+    sft_steps: int = typer.Option(None, help="Stage 3 steps per student."),
+    eval_per_category: int = typer.Option(None, help="Held-out problems per category."),
+    seed: int = typer.Option(0, help="Seed of data, models and training."),
+    threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
 ) -> None:
-    """The embedded default job: train a small RWKV-7 on generated problems, print its loss curve and samples."""
-    from wuneng.demo import DemoConfig, run_demo
+    """The embedded default job: train a small Qwen2 teacher on generated problems, convert it into a WuNeng and
+    an ARWKV student, run align -> distill -> SFT for both, evaluate everything and write report.md with plots."""
+    import sys
+    from dataclasses import replace
 
-    cfg = DemoConfig(seconds=30.0 if fast else seconds, max_steps=max_steps, seed=seed)
-    if fast:
-        cfg.eval_per_category = 5
-    run_demo(cfg)
+    from wuneng.demo import DemoBudget, DemoConfig, run_demo
+
+    budget = DemoBudget.fast() if fast else DemoBudget()
+    chosen = dict(teacher_steps=teacher_steps, align_steps=align_steps, distill_steps=distill_steps, sft_steps=sft_steps,
+                  eval_per_category=eval_per_category)
+    try:
+        budget = replace(budget, **{k: v for k, v in chosen.items() if v is not None})
+        cfg = DemoConfig(budget=budget, output_dir=out, seed=seed, threads=threads)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    run_demo(cfg, command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
 
 
 @app.command("import-rwkv")

@@ -1,159 +1,578 @@
-"""The embedded default job: train a small byte-level RWKV-7 on arithmetic word problems it generates
-itself, then print the loss curve, the held-out accuracy and a few samples.
+"""``wuneng demo``: the README's main job on the embedded default data (nothing is downloaded).
 
-Nothing is downloaded. The data comes from :mod:`wuneng.eval.tasks.arithmetic` (1-digit problems and
-short key-value recall, loss on answer bytes only, per ``shared/reference/feasibility.md``).
+1. Pretrain a small byte-level Qwen2 teacher (transformers' own ``Qwen2ForCausalLM``) on generated
+   arithmetic word problems and key-value recall lines (:mod:`wuneng.eval.tasks.arithmetic`), with the
+   loss on answer bytes only (``shared/reference/feasibility.md``: the loss on every byte wastes ~80% of
+   the gradient on random question text).
+2. Convert it into two students: WuNeng (hybrid state heads beside attention, the default options) and
+   ARWKV (every attention replaced by an RWKV-7 time-mix, ``attention=False``).
+3. Run stage 1 (alignment), stage 2 (distillation) and stage 3 (SFT, answer-only cross-entropy) for both
+   students with the same steps, batch and data, i.e. the same token budget per stage.
+4. Evaluate the teacher and every student after every stage on held-out problems (greedy exact match,
+   ``#### N`` final-number match, per category, recall) and on held-out text (perplexity), then write
+   ``report.md``, ``results.json`` and PNG plots (loss curves per stage, accuracy bars) and print the table.
+
+Every stage runs through :func:`wuneng.train.loop.train` (the same machinery as ``wuneng train``) with the
+models, tokenizer and an answer-masked :class:`~wuneng.train.data.PackedDataset` passed in memory.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+__all__ = ["DemoBudget", "DemoConfig", "answer_only_dataset", "build_teacher", "evaluate_student", "run_demo"]
+
+IGNORE_INDEX = -100
+STUDENTS = ("wuneng", "arwkv")
+STUDENT_STAGES = ("align", "distill", "sft")
+
+
+@dataclass
+class DemoBudget:
+    """Optimiser steps and batch sizes of every stage (rows of ``context`` bytes).
+
+    Both students get the same steps, rows and data per stage, so their token budgets are equal. The
+    defaults aim at about 15 minutes on 2 uncontended CPU cores: the teacher (~13 k tokens/s, feasibility
+    Probe A) takes about half of it; the students' stages, evaluations and process start the rest.
+    """
+
+    teacher_steps: int = 600
+    teacher_batch: int = 32
+    align_steps: int = 100
+    distill_steps: int = 150
+    sft_steps: int = 150
+    student_batch: int = 16
+    context: int = 128
+    eval_per_category: int = 50
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DemoBudget.{name} must be a positive int, got {value!r}")
+        if self.context < 16:
+            raise ValueError(f"DemoBudget.context must be >= 16 bytes (one problem line), got {self.context}")
+
+    def stage_steps(self, stage: str) -> int:
+        return {"align": self.align_steps, "distill": self.distill_steps, "sft": self.sft_steps}[stage]
+
+    def tokens(self, stage: str) -> int:
+        """Input tokens one run of ``stage`` ("teacher" or a student stage) consumes."""
+        if stage == "teacher":
+            return self.teacher_steps * self.teacher_batch * self.context
+        return self.stage_steps(stage) * self.student_batch * self.context
+
+    @classmethod
+    def fast(cls) -> "DemoBudget":
+        """The CI smoke test (``--fast``): every stage runs, the numbers mean little (under 3 minutes)."""
+        return cls(teacher_steps=40, teacher_batch=8, align_steps=5, distill_steps=5, sft_steps=5, student_batch=4, eval_per_category=4)
+
 
 @dataclass
 class DemoConfig:
-    """Sizes and budget of the demo (defaults: about 3 minutes on 2 CPU cores)."""
+    """Shapes, learning rates and output folder of the demo.
 
+    Teacher: Qwen2, ``hidden_size`` 128, 4 layers, 4 query / 2 kv heads (head size 32), MLP 512, tied
+    embeddings, byte vocabulary (259): about 1.0 M parameters (feasibility Probe A's model).
+    """
+
+    budget: DemoBudget = field(default_factory=DemoBudget)
+    output_dir: str = "runs/demo"
     hidden_size: int = 128
-    num_layers: int = 2
-    head_size: int = 32
-    context: int = 128
-    batch_size: int = 16
-    lr: float = 3e-3
-    seconds: float = 180.0
-    max_steps: Optional[int] = None
-    num_examples: int = 40_000
-    eval_per_category: int = 20
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    teacher_lr: float = 3e-3
+    align_lr: float = 3e-3
+    distill_lr: float = 1e-3
+    sft_lr: float = 1e-3
+    # WuNeng student options (SPEC section 3 defaults); the ARWKV student is attention=False.
+    fusion: str = "gate"
+    middle_heads: int = 4
+    state_query: bool = True
+    recall_fraction: float = 0.3
     seed: int = 0
+    # torch intra-op threads (None: torch's default, one per core). On a machine whose cores other jobs share,
+    # 1 thread is several times faster than oversubscribed OpenMP threads.
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 16:
+            raise ValueError(
+                f"DemoConfig: hidden_size / num_heads must be a multiple of 16 (RWKV-7 state heads), got "
+                f"{self.hidden_size} / {self.num_heads}"
+            )
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"DemoConfig.threads must be a positive int or None, got {self.threads!r}")
+        for name in ("teacher_lr", "align_lr", "distill_lr", "sft_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DemoConfig.{name} must be > 0, got {getattr(self, name)}")
 
 
-def _batches(ids: np.ndarray, answer: np.ndarray, cfg: DemoConfig, rng: np.random.Generator):
-    """Random windows [B, T] of the byte stream; labels only on answer bytes (-100 elsewhere)."""
-    T = cfg.context
-    while True:
-        starts = rng.integers(0, len(ids) - T - 1, size=cfg.batch_size)
-        x = np.stack([ids[s : s + T] for s in starts])
-        y = np.stack([np.where(answer[s : s + T], ids[s : s + T], -100) for s in starts])
-        yield torch.from_numpy(x).long(), torch.from_numpy(y).long()
+# ------------------------------------------------------------------------------------------------ data
+def answer_only_dataset(examples, context: int, num_rows: Optional[int] = None):
+    """Pack arithmetic examples into rows of ``context`` bytes with labels only on answer bytes.
+
+    ``examples``: :class:`~wuneng.eval.tasks.arithmetic.ArithmeticExample` list, joined as
+    ``prompt + " " + answer + "\\n"`` (:func:`~wuneng.eval.tasks.arithmetic.build_corpus`). The byte
+    stream is cut every ``context`` bytes (rows may straddle examples, as in the feasibility probes).
+    Labels are aligned with the inputs (the loss shifts them): the byte itself on answer bytes and the
+    closing newline, -100 elsewhere. Returns a :class:`~wuneng.train.data.PackedDataset` of
+    ``[N, context]`` rows (``N = num_rows`` or as many full rows as the text gives).
+    """
+    from .eval.tasks.arithmetic import build_corpus
+    from .train.data import PackedDataset
+
+    corpus = build_corpus(examples)
+    try:
+        ids = np.frombuffer(corpus.text.encode("ascii"), dtype=np.uint8).astype(np.int64)
+    except UnicodeEncodeError:
+        raise ValueError("the demo corpus must be ASCII so that the answer mask aligns with the bytes") from None
+    rows = len(ids) // context if num_rows is None else num_rows
+    if rows < 1 or rows * context > len(ids):
+        raise ValueError(f"{len(ids)} bytes of text cannot fill {rows} rows of {context} bytes; generate more examples")
+    ids = ids[: rows * context].reshape(rows, context)
+    mask = corpus.answer_mask[: rows * context].reshape(rows, context)
+    labels = np.where(mask, ids, IGNORE_INDEX)
+    input_ids = torch.from_numpy(ids.copy())
+    return PackedDataset(input_ids, torch.from_numpy(labels), torch.ones_like(input_ids), corpus.num_examples, 0)
 
 
-def _sparkline(values: list[float], width: int = 60) -> str:
-    """A one-line text plot of a loss curve (resampled to ``width`` points)."""
-    if not values:
-        return ""
-    bars = "▁▂▃▄▅▆▇█"
-    idx = np.linspace(0, len(values) - 1, num=min(width, len(values))).astype(int)
-    pts = [values[i] for i in idx]
-    lo, hi = min(pts), max(pts)
-    span = (hi - lo) or 1.0
-    return "".join(bars[min(len(bars) - 1, int((p - lo) / span * (len(bars) - 1)))] for p in pts)
+def _stage_dataset(task, test_set, rows: int, context: int, seed: int, epoch: int):
+    """``rows`` answer-masked rows of freshly generated problems (none of them held out)."""
+    from .eval.tasks.arithmetic import generate_training_examples
+
+    need = rows * context
+    n = max(64, need // 40)  # examples are ~45-60 bytes; top up below if short
+    examples = generate_training_examples(task, n, seed, test_set, epoch)
+    extra = 1
+    while sum(len(e.text) + 1 for e in examples) < need:
+        examples += generate_training_examples(task, max(64, n // 4), seed, test_set, epoch + 7919 * extra)
+        extra += 1
+    return answer_only_dataset(examples, context, rows)
 
 
-def run_demo(cfg: DemoConfig = DemoConfig(), console=None) -> dict:
-    """Train, evaluate, print. Returns {"losses": [...], "exact": float, "final": float, "steps": int}."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+# ---------------------------------------------------------------------------------------------- models
+def build_teacher(cfg: DemoConfig, tokenizer):
+    """A freshly initialised byte-level ``Qwen2ForCausalLM`` of the demo's shape."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max(512, 4 * cfg.budget.context),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def _convert(teacher, kind: str, cfg: DemoConfig):
+    from .models.wuneng import WuNengForCausalLM
+
+    torch.manual_seed(cfg.seed + (1 if kind == "wuneng" else 2))
+    if kind == "wuneng":
+        return WuNengForCausalLM.from_teacher(teacher, fusion=cfg.fusion, middle_heads=cfg.middle_heads, state_query=cfg.state_query)
+    return WuNengForCausalLM.from_teacher(teacher, attention=False)
+
+
+def _train_config(stage: str, run_dir: Path, steps: int, batch: int, lr: float, cfg: DemoConfig, seed: int):
+    from .train.config import OptimConfig, TrainConfig
+
+    return TrainConfig(
+        stage=stage,
+        output_dir=str(run_dir),
+        optim=OptimConfig(lr=lr, min_lr=lr / 10, schedule="cosine", warmup_steps=min(100, max(1, steps // 10))),
+        micro_batch_size=batch,
+        max_steps=steps,
+        seed=seed,
+        log_every=max(1, steps // 60),
+        save_every=10 * steps,  # only the end-of-run checkpoint
+        keep_last=1,
+        save_final=False,
+        progress=cfg.progress,
+        tensorboard=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate_student(model, tokenizer, examples, heldout_text: str, context: int) -> dict:
+    """Greedy accuracy on held-out problems and perplexity on held-out text.
+
+    Returns ``{"exact", "final", "recall", "per_category": {cat: {"exact", ["final"], "count"}},
+    "ppl", "nll", "samples": [(prompt, generation, answer), ...]}``; accuracies in [0, 1].
+    """
+    from .eval.evaluate import generate_continuations
+    from .eval.perplexity import perplexity
+    from .eval.scoring import exact_match
+    from .eval.tasks.arithmetic import score_arithmetic
+
+    max_new = max(len(e.answer) for e in examples) + 3
+    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size=64)
+    scores = score_arithmetic(gens, examples)
+    ppl = perplexity(model, texts=[heldout_text], tokenizer=lambda s: list(s.encode("utf-8")), context_length=context, batch_size=32)
+    arith = [e for e in examples if e.fact is not None]
+    exact_match_flags = [exact_match(g, e.answer) for g, e in zip(gens, examples)]
+    recall = scores["per_category"].get("recall", {}).get("exact", float("nan"))
+    step = max(1, len(examples) // 6)
+    return {
+        "exact": scores["exact"],
+        "exact_arithmetic": float(np.mean([exact_match_flags[i] for i, e in enumerate(examples) if e.fact is not None]))
+        if arith else float("nan"),
+        "final": scores["final"],
+        "recall": recall,
+        "per_category": scores["per_category"],
+        "ppl": ppl.ppl,
+        "nll": ppl.nll,
+        "samples": [(e.prompt, g.strip(), e.answer) for e, g in list(zip(examples, gens))[::step][:6]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _fmt_pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _last_mean(history: list[dict], key: str, n: int = 3) -> float:
+    vals = [r[key] for r in history if key in r]
+    return float(np.mean(vals[-n:])) if vals else float("nan")
+
+
+def _first(history: list[dict], key: str) -> float:
+    vals = [r[key] for r in history if key in r]
+    return float(vals[0]) if vals else float("nan")
+
+
+def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("teacher pretrain (answer CE)", [("teacher", "teacher", "loss")]),
+        ("stage 1: alignment ||y_T - y_S|| / sqrt(C)", [("wuneng/align", "WuNeng hybrid output", "align_output"),
+                                                         ("wuneng/align", "WuNeng state heads alone", "align_state"),
+                                                         ("arwkv/align", "ARWKV replacement", "align_output")]),
+        ("stage 2: distillation KL(p_T || p_S)", [("wuneng/distill", "WuNeng", "kl"), ("arwkv/distill", "ARWKV", "kl")]),
+        ("stage 3: SFT (answer CE)", [("wuneng/sft", "WuNeng", "loss"), ("arwkv/sft", "ARWKV", "loss")]),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for ax, (title, curves) in zip(axes, panels):
+        for run, label, key in curves:
+            recs = [r for r in histories.get(run, []) if key in r]
+            if recs:
+                ax.plot([r["step"] for r in recs], [max(r[key], 1e-6) for r in recs], label=label, marker="." if len(recs) < 20 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimiser step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_accuracy(final: dict[str, dict], stages: dict[str, dict[str, dict]], categories: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
+    models = list(final)
+    groups = categories + ["all (exact)"]
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        vals = [final[m]["per_category"].get(c, {}).get("exact", 0.0) for c in categories] + [final[m]["exact"]]
+        xs = np.arange(len(groups)) + (j - (len(models) - 1) / 2) * width
+        bars = ax1.bar(xs, [100 * v for v in vals], width, label=m)
+        ax1.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax1.set_xticks(np.arange(len(groups)), groups)
+    ax1.set_ylabel("exact match (%)")
+    ax1.set_ylim(0, 105)
+    ax1.set_title("held-out accuracy after SFT (teacher: after pretraining)", fontsize=10)
+    ax1.legend(fontsize=8)
+    order = ["converted", *STUDENT_STAGES]
+    for s, per_stage in stages.items():
+        ax2.plot(order, [100 * per_stage[k]["exact"] for k in order if k in per_stage], marker="o", label=s)
+    teacher = final.get("teacher")
+    if teacher is not None:
+        ax2.axhline(100 * teacher["exact"], color="gray", linestyle="--", label="teacher")
+    ax2.set_ylabel("exact match (%)")
+    ax2.set_ylim(0, 105)
+    ax2.set_title("students' accuracy after each stage", fontsize=10)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _main_rows(results: dict) -> list[list[str]]:
+    rows = []
+    cats = results["categories"]
+    for name, r in results["final"].items():
+        rows.append(
+            [name, f"{results['params'][name] / 1e6:.2f} M", _fmt_pct(r["exact"]), _fmt_pct(r["final"])]
+            + [_fmt_pct(r["per_category"].get(c, {}).get("exact")) for c in cats]
+            + [f"{r['ppl']:.3f}"]
+        )
+    return rows
+
+
+def _main_header(results: dict) -> list[str]:
+    return ["model", "params", "exact", "final (####)", *[f"{c} exact" for c in results["categories"]], "held-out ppl"]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _stage_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for s in STUDENTS:
+        for stage in ("converted", *STUDENT_STAGES):
+            r = results["stages"][s].get(stage)
+            if r is None:
+                continue
+            secs = results["seconds"].get(f"{s}/{stage}")
+            rows.append([s, stage, _fmt_pct(r["exact"]), _fmt_pct(r["final"]), _fmt_pct(r["recall"]), f"{r['ppl']:.3f}",
+                         "-" if secs is None else f"{secs:.0f}"])
+    return rows
+
+
+def _fmt_loss(x: float) -> str:
+    return f"{x:.2e}" if 0 < abs(x) < 1e-3 else f"{x:.4f}"
+
+
+def _align_rows(results: dict) -> list[list[str]]:
+    a = results["align"]
+    return [
+        ["WuNeng hybrid output (y_S = mixer)", _fmt_loss(a["wuneng_output_first"]), _fmt_loss(a["wuneng_output_final"])],
+        ["WuNeng state heads alone (Y W^O)", _fmt_loss(a["wuneng_state_first"]), _fmt_loss(a["wuneng_state_final"])],
+        ["ARWKV replacement (RWKV-7 time-mix)", _fmt_loss(a["arwkv_output_first"]), _fmt_loss(a["arwkv_output_final"])],
+    ]
+
+
+def write_report(results: dict, out_dir: Path) -> Path:
+    """``report.md`` with the tables, the plots and a few samples."""
+    b = results["budget"]
+    lines = [
+        "# wuneng demo report",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Wall time: {results['seconds']['total']:.0f} s on {results['threads']} CPU thread(s) "
+        f"(torch {results['torch']}, seed {results['config']['seed']}).",
+        "",
+        "Data: generated arithmetic word problems (1-digit `+`/`-`) and key-value recall lines, bytes as tokens; "
+        "pretraining and SFT put the loss on answer bytes only; held-out problems never occur in training.",
+        "",
+        "## Held-out results",
+        "",
+        _md_table(_main_header(results), _main_rows(results)),
+        "",
+        "exact: the whole answer line matches (greedy); final: the `#### N` number matches (arithmetic only); "
+        "ppl: per-byte perplexity of the held-out problem text (prompts included). "
+        f"{b['eval_per_category']} problems per category.",
+        "",
+        "## Students after each stage",
+        "",
+        _md_table(["student", "after", "exact", "final", "recall", "ppl", "stage seconds"], _stage_rows(results)),
+        "",
+        "## Stage 1: alignment loss (mean over layers of ||y_T - y_S||_2 / sqrt(C), per token)",
+        "",
+        _md_table(["mixer", "first logged step", "end of stage 1"], _align_rows(results)),
+        "",
+        "## Budgets (both students: same steps, rows and data per stage)",
+        "",
+        _md_table(
+            ["stage", "steps", "rows x bytes", "tokens", "lr (peak, cosine to 1/10)", "seconds (wuneng / arwkv)"],
+            [
+                ["teacher pretrain", str(b["teacher_steps"]), f"{b['teacher_batch']} x {b['context']}", f"{results['tokens']['teacher']:,}",
+                 f"{results['config']['teacher_lr']:g}", f"{results['seconds'].get('teacher', 0):.0f}"],
+            ]
+            + [
+                [stage, str(b[f"{stage}_steps"]), f"{b['student_batch']} x {b['context']}", f"{results['tokens'][stage]:,}",
+                 f"{results['config'][f'{stage}_lr']:g}",
+                 f"{results['seconds'].get(f'wuneng/{stage}', 0):.0f} / {results['seconds'].get(f'arwkv/{stage}', 0):.0f}"]
+                for stage in STUDENT_STAGES
+            ],
+        ),
+        "",
+        "Stage 1 trains only the new parameters (teacher-forced per layer); stages 2 and 3 train all parameters. "
+        "Stage 2 distils forward KL on every byte; stage 3 is cross-entropy on answer bytes.",
+        "",
+        "## Plots",
+        "",
+        "![loss curves](losses.png)",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "## Samples (after SFT; teacher after pretraining)",
+        "",
+    ]
+    for name, r in results["final"].items():
+        lines.append(f"**{name}**")
+        lines.append("")
+        lines.append("```")
+        lines += [f"{p} {g!r}   (expected {a})" for p, g, a in r["samples"]]
+        lines.append("```")
+        lines.append("")
+    path = out_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def print_results(results: dict, console) -> None:
     from rich.table import Table
 
-    from .eval.generation import generate_text
-    from .eval.tasks.arithmetic import ArithmeticConfig, make_test_set, score_arithmetic, training_corpus
-    from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
-    from .tokenization import ByteLevelTokenizer
-
-    console = console or Console()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    tok = ByteLevelTokenizer()
-    task = ArithmeticConfig()
-    test = make_test_set(task, per_category=cfg.eval_per_category, seed=cfg.seed + 1)
-    corpus = training_corpus(task, cfg.num_examples, seed=cfg.seed, test_set=test)
-    ids = np.frombuffer(corpus.text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    if len(ids) != len(corpus.answer_mask):
-        raise RuntimeError("demo corpus must be ASCII so that the answer mask aligns with bytes")
-
-    model = RWKV7ForCausalLM(
-        RWKV7Config(
-            vocab_size=len(tok),
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            head_size=cfg.head_size,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    console.print(
-        f"[bold]wuneng demo[/]: RWKV-7, {cfg.num_layers} layers x {cfg.hidden_size} wide ({n_params / 1e6:.2f} M parameters), "
-        f"{corpus.num_examples} generated problems, loss on answer bytes, budget {cfg.seconds:.0f} s"
-    )
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95)
-    )
-    warmup = 50
-    losses: list[float] = []
-    ema = None
-    batches = _batches(ids, corpus.answer_mask, cfg, rng)
-    start = time.perf_counter()
-    step = 0
-    model.train()
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        bar = progress.add_task("training", total=cfg.seconds, info="")
-        while True:
-            elapsed = time.perf_counter() - start
-            if elapsed >= cfg.seconds or (cfg.max_steps is not None and step >= cfg.max_steps):
-                break
-            frac = min(1.0, elapsed / cfg.seconds)
-            lr = cfg.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = next(batches)
-            loss = model(input_ids=x, labels=y).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            losses.append(ema)
-            tok_s = step * cfg.batch_size * cfg.context / max(elapsed, 1e-9)
-            progress.update(bar, completed=min(elapsed, cfg.seconds), info=f"step {step} loss {ema:.3f} {tok_s:,.0f} tok/s")
-
-    model.eval()
-    examples = list(test.examples)
-    with torch.no_grad():
-        gens = generate_text(
-            model,
-            [e.prompt for e in examples],
-            encode=lambda s: list(s.encode("utf-8")),
-            decode=lambda ids_: bytes(i for i in ids_ if i < 256).decode("utf-8", errors="replace"),
-            max_new_tokens=24,
-            stop_ids=[ord("\n")],
-        )
-    scores = score_arithmetic([" " + g.lstrip() for g in gens], examples)
-
-    console.print(f"\nloss (answer bytes, EMA) over {step} steps: {losses[0]:.3f} -> {losses[-1]:.3f}")
-    console.print(_sparkline(losses))
-    table = Table(title="held-out problems (greedy)")
-    table.add_column("category")
-    table.add_column("count", justify="right")
-    table.add_column("exact", justify="right")
-    for cat, row in sorted(scores["per_category"].items()):
-        table.add_row(cat, str(row["count"]), f"{row['exact']:.0%}")
-    table.add_row("[bold]all[/]", str(len(examples)), f"[bold]{scores['exact']:.0%}[/]")
+    table = Table(title="wuneng demo: held-out results")
+    for i, h in enumerate(_main_header(results)):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in _main_rows(results):
+        table.add_row(*row)
     console.print(table)
-    console.print("[bold]samples[/]:")
-    for e, g in list(zip(examples, gens))[:: max(1, len(examples) // 5)][:5]:
-        console.print(f"  {e.prompt} [cyan]{g.strip()}[/]   (expected {e.answer})")
-    return {"losses": losses, "exact": scores["exact"], "final": scores["final"], "steps": step}
+    align = Table(title="stage 1 alignment loss")
+    for h in ("mixer", "first", "end"):
+        align.add_column(h, justify="left" if h == "mixer" else "right")
+    for row in _align_rows(results):
+        align.add_row(*row)
+    console.print(align)
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wuneng demo") -> dict:
+    """Run the whole demo; returns the results dict (also written to ``OUTPUT_DIR/results.json``)."""
+    from rich.console import Console
+
+    from .eval.tasks.arithmetic import ArithmeticConfig, heldout_categories, make_test_set
+    from .tokenization import ByteLevelTokenizer
+    from .train.loop import train
+
+    cfg = cfg or DemoConfig()
+    console = console or Console()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    b = cfg.budget
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+    tokenizer = ByteLevelTokenizer()
+    task = ArithmeticConfig(recall_fraction=cfg.recall_fraction)
+    test = make_test_set(task, per_category=b.eval_per_category, seed=cfg.seed + 1)
+    heldout_text = "".join(e.text + "\n" for e in test.examples)
+    categories = heldout_categories(task)
+
+    def evaluate(model) -> dict:
+        t0 = time.perf_counter()
+        r = evaluate_student(model, tokenizer, test.examples, heldout_text, b.context)
+        seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - t0
+        return r
+
+    # -- teacher
+    teacher = build_teacher(cfg, tokenizer)
+    console.print(
+        f"[bold]wuneng demo[/]: teacher Qwen2 {cfg.num_layers}L x {cfg.hidden_size} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M "
+        f"parameters), {b.teacher_steps} steps x {b.teacher_batch} x {b.context} bytes; output {out}"
+    )
+    data = _stage_dataset(task, test, b.teacher_steps * b.teacher_batch, b.context, cfg.seed, epoch=0)
+    t0 = time.perf_counter()
+    res = train(_train_config("pretrain", out / "teacher", b.teacher_steps, b.teacher_batch, cfg.teacher_lr, cfg, cfg.seed),
+                model=teacher, tokenizer=tokenizer, dataset=data)
+    seconds["teacher"] = time.perf_counter() - t0
+    histories = {"teacher": res.history}
+    teacher.eval()
+    final = {"teacher": evaluate(teacher)}
+    console.print(f"teacher: exact {_fmt_pct(final['teacher']['exact'])}, recall {_fmt_pct(final['teacher']['recall'])}, "
+                  f"ppl {final['teacher']['ppl']:.3f} ({seconds['teacher']:.0f} s)")
+
+    # -- students: same data per stage for both
+    stage_data = {
+        stage: _stage_dataset(task, test, b.stage_steps(stage) * b.student_batch, b.context, cfg.seed, epoch=1 + k)
+        for k, stage in enumerate(STUDENT_STAGES)
+    }
+    stage_lr = {"align": cfg.align_lr, "distill": cfg.distill_lr, "sft": cfg.sft_lr}
+    params = {"teacher": sum(p.numel() for p in teacher.parameters())}
+    per_stage: dict[str, dict[str, dict]] = {}
+    for kind in STUDENTS:
+        student = _convert(teacher, kind, cfg)
+        params[kind] = sum(p.numel() for p in student.parameters())
+        per_stage[kind] = {"converted": evaluate(student)}
+        for stage in STUDENT_STAGES:
+            console.print(f"[bold]{kind}[/]: stage {stage} ({b.stage_steps(stage)} steps)")
+            t0 = time.perf_counter()
+            res = train(
+                _train_config(stage, out / kind / stage, b.stage_steps(stage), b.student_batch, stage_lr[stage], cfg, cfg.seed),
+                model=student, teacher=teacher, tokenizer=tokenizer, dataset=stage_data[stage],
+            )
+            seconds[f"{kind}/{stage}"] = time.perf_counter() - t0
+            histories[f"{kind}/{stage}"] = res.history
+            per_stage[kind][stage] = evaluate(student)
+            r = per_stage[kind][stage]
+            console.print(f"  after {stage}: exact {_fmt_pct(r['exact'])}, recall {_fmt_pct(r['recall'])}, ppl {r['ppl']:.3f}")
+        final[kind] = per_stage[kind]["sft"]
+        for p in student.parameters():  # let the next student's stages own the CPU caches
+            p.grad = None
+        del student
+
+    seconds["total"] = time.perf_counter() - t_start
+    wa, aa = histories["wuneng/align"], histories["arwkv/align"]
+    results: dict[str, Any] = {
+        "command": command,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "budget"},
+        "budget": asdict(b),
+        "tokens": {"teacher": b.tokens("teacher"), **{s: b.tokens(s) for s in STUDENT_STAGES}},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "categories": categories,
+        "params": params,
+        "final": final,
+        "stages": per_stage,
+        "align": {
+            "wuneng_output_first": _first(wa, "align_output"),
+            "wuneng_output_final": _last_mean(wa, "align_output"),
+            "wuneng_state_first": _first(wa, "align_state"),
+            "wuneng_state_final": _last_mean(wa, "align_state"),
+            "arwkv_output_first": _first(aa, "align_output"),
+            "arwkv_output_final": _last_mean(aa, "align_output"),
+        },
+        "seconds": seconds,
+        "histories": histories,
+    }
+    _plot_losses(histories, out / "losses.png")
+    _plot_accuracy(final, per_stage, categories, out / "accuracy.png")
+    results["seconds"]["total"] = time.perf_counter() - t_start
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
+    os.replace(tmp, out / "results.json")
+    report = write_report(results, out)
+    print_results(results, console)
+    console.print(f"wrote {report}, {out / 'losses.png'}, {out / 'accuracy.png'} ({results['seconds']['total']:.0f} s)")
+    return results

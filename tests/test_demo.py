@@ -1,0 +1,91 @@
+"""``wuneng demo``: the answer-only packing, and ``wuneng demo --fast`` end to end (report, plots, numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from wuneng.demo import DemoBudget, DemoConfig, answer_only_dataset
+from wuneng.eval.tasks.arithmetic import arithmetic_example, recall_example
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_answer_only_dataset_labels_exactly_the_answers():
+    torch.manual_seed(0)
+    examples = [arithmetic_example(5, "+", 3, "Tom", "shells"), recall_example([0, 3], [5, 9], 3)] * 4
+    text = "".join(e.text + "\n" for e in examples)
+    data = answer_only_dataset(examples, context=32)
+    assert data.input_ids.shape == (len(text) // 32, 32)
+    assert bytes(data.input_ids.flatten().tolist()).decode() == text[: data.input_ids.numel()]
+    labelled = "".join(chr(t) if t != -100 else "_" for t in data.labels.flatten().tolist())
+    # answers and their closing newline are targets; prompts and the separating space are not
+    expected = "".join("_" * (len(e.prompt) + 1) + e.answer + "\n" for e in examples)[: data.input_ids.numel()]
+    assert labelled == expected
+    assert bool((data.attention_mask == 1).all())
+
+
+def test_answer_only_dataset_rejects_too_little_text():
+    with pytest.raises(ValueError, match="cannot fill"):
+        answer_only_dataset([arithmetic_example(1, "+", 1, "Tom", "pens")], context=16, num_rows=10)
+
+
+def test_demo_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="positive int"):
+        DemoBudget(teacher_steps=0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        DemoConfig(hidden_size=96, num_heads=4)
+
+
+def _png_size(path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+@pytest.mark.slow
+def test_demo_fast_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    from typer.testing import CliRunner
+
+    from wuneng.cli import app
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--fast", "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "held-out results" in result.output
+
+    report = (out / "report.md").read_text()
+    for needle in ("## Held-out results", "| model | params | exact |", "## Students after each stage",
+                   "## Stage 1: alignment loss", "![loss curves](losses.png)", "![accuracy](accuracy.png)"):
+        assert needle in report
+    for model in ("teacher", "wuneng", "arwkv"):
+        assert f"| {model} |" in report
+    for png in ("losses.png", "accuracy.png"):
+        w, h = _png_size(out / png)
+        assert w > 400 and h > 200
+
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["final"]) == {"teacher", "wuneng", "arwkv"}
+    for name, r in [*res["final"].items(), *((f"{s}/{k}", v) for s, d in res["stages"].items() for k, v in d.items())]:
+        for key in ("exact", "final", "recall"):
+            assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
+        for cat, row in r["per_category"].items():
+            assert 0.0 <= row["exact"] <= 1.0 and row["count"] == res["budget"]["eval_per_category"], (name, cat)
+        assert math.isfinite(r["ppl"]) and r["ppl"] >= 1.0, (name, r["ppl"])
+    # the teacher trained: held-out byte perplexity below the uniform 259-way guess
+    assert res["final"]["teacher"]["ppl"] < 259
+    # function-preserving conversion: the converted WuNeng student computes the teacher's outputs
+    assert res["align"]["wuneng_output_first"] < 1e-4
+    assert res["stages"]["wuneng"]["converted"]["ppl"] == pytest.approx(res["final"]["teacher"]["ppl"], rel=1e-4)
+    assert res["align"]["wuneng_state_first"] > 1e-3 and res["align"]["arwkv_output_first"] > 1e-3
+    # same token budget for both students in every stage
+    for stage in ("align", "distill", "sft"):
+        w, a = res["histories"][f"wuneng/{stage}"], res["histories"][f"arwkv/{stage}"]
+        assert w[-1]["step"] == a[-1]["step"] == res["budget"][f"{stage}_steps"]
+        assert w[-1]["tokens"] == a[-1]["tokens"] == res["tokens"][stage]
