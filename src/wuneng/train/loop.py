@@ -426,6 +426,9 @@ def train(
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model_p) if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
         if is_main:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # no "Writing model shards" bar under the run's own output
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
                 student.save_pretrained(str(final_dir), state_dict=state_dict)
