@@ -104,6 +104,7 @@ def run_lm_eval(
     dtype: Optional[str] = None,
     trust_remote_code: bool = True,
     include_path: Optional[Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]] = None,
+    include_defaults: Optional[bool] = None,
     gen_kwargs: Optional[Union[str, dict]] = None,
     bootstrap_iters: int = 100_000,
     seed: int = 1234,
@@ -124,6 +125,8 @@ def run_lm_eval(
         trust_remote_code: let transformers run the folder's ``wuneng_auto.py`` shim (harmless here:
             wuneng is imported, so the registered classes are used anyway).
         include_path: more task folders, searched after the shipped tasks.
+        include_defaults: index lm-eval's built-in tasks (default: unless every task is a shipped one
+            and no ``include_path`` is given; indexing them takes tens of seconds on a small CPU).
         gen_kwargs: generation overrides for generate_until tasks (``"max_gen_toks=16"`` or a dict).
         bootstrap_iters: bootstrap resamples for the standard errors of non-mean metrics (0 = none).
         seed: python / numpy / torch / few-shot seed.
@@ -178,11 +181,12 @@ def run_lm_eval(
         local = prepare_include_path(tmp)
         manager = TaskManager(
             include_path=[str(local), *map(str, extra)],
-            include_defaults=not (set(tasks) <= shipped and not extra),
+            include_defaults=not (set(tasks) <= shipped and not extra) if include_defaults is None else include_defaults,
         )
         missing = [t for t in tasks if not manager.match_tasks([t])]
         if missing:
-            raise ValueError(f"unknown lm-eval task(s) {missing}; shipped tasks: {sorted(shipped)}")
+            where = "lm-eval's built-in tasks, " if manager.all_tasks != sorted(shipped) else ""
+            raise ValueError(f"unknown lm-eval task(s) {missing}; searched {where}the shipped tasks {sorted(shipped)} and include_path {extra}")
         raw = simple_evaluate(
             model=lm,
             tasks=list(tasks),
