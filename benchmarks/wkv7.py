@@ -11,8 +11,8 @@ in the same run, and the ratios chunked/reference and chunked/fla-chunkwise.
 
 Timing: warm-up call, then the median of ``--repeats`` calls; the methods take turns inside each
 repeat so that load from other processes on the machine hits them alike (compare ratios of one run).
-The reference loop's rate does not depend on T; at T > 1024 it is timed on the first 1024 tokens
-(its autograd graph holds every state, about 1.3 GB at T = 1024, B = H = 4, N = 64).
+The reference loop's rate does not depend on T, so it is timed on the first ``--ref-tokens`` tokens
+(default 256; its autograd graph holds every state, about 1.3 GB at T = 1024, B = H = 4, N = 64).
 
     python benchmarks/wkv7.py                 # B=4 H=4 N=64, T in {1024, 4096}
     python benchmarks/wkv7.py --quick --T 1024
@@ -31,8 +31,6 @@ import torch.nn.functional as F
 
 from wuneng.ops.wkv7 import wkv7_chunked, wkv7_reference
 from wuneng.ops.wkv7.chunk import DEFAULT_CHUNK_SIZE
-
-REFERENCE_MAX_T = 1024
 
 
 def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0):
@@ -91,7 +89,7 @@ def build_calls(args, T: int):
 
         return run
 
-    t_ref = min(T, REFERENCE_MAX_T)
+    t_ref = min(T, args.ref_tokens)
     x_ref = [t[:, :t_ref].contiguous() for t in x]
     calls["reference"] = (lambda: wkv7_reference(*x_ref), with_grad(wkv7_reference, x_ref), B * t_ref)
 
@@ -136,6 +134,7 @@ def main() -> None:
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="chunk size of wkv7_chunked")
     p.add_argument("--fla-chunk", type=int, default=32, help="chunk size of fla's dplr_chunkwise")
+    p.add_argument("--ref-tokens", type=int, default=256, help="tokens per sequence timed for the reference loop")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="one timed repeat")

@@ -103,6 +103,28 @@ def test_chunked_long_sequence_T4096(decay):
     assert rel_err(y[:, -64:], y_ref[:, -64:]) <= 1e-5
 
 
+@pytest.mark.slow
+def test_chunked_T16k_stays_finite_and_accurate():
+    """SPEC section 1: long sequences (T = 16k), float32 chunked vs float64 oracle."""
+    torch.manual_seed(0)
+    seq, s0, _ = make_inputs(1, 16384, 1, 8, seed=4)
+    y_ref, s_ref = wkv7_reference(*args_of(seq), s0)
+    y, s = wkv7_chunked(*[t.float() for t in args_of(seq)], s0.float(), chunk_size=64)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+
+
+def test_chunked_accepts_non_contiguous_inputs():
+    torch.manual_seed(0)
+    seq, s0, _ = make_inputs(2, 20, 3, 4, seed=18)
+    # [B, H, T, N] storage seen as [B, T, H, N]: every input is a non-contiguous view
+    strided = {n: t.transpose(1, 2).contiguous().transpose(1, 2) for n, t in seq.items()}
+    assert not strided["r"].is_contiguous()
+    y_ref, s_ref = wkv7_reference(*args_of(seq), s0)
+    y, s = wkv7_chunked(*args_of(strided), s0.transpose(-1, -2).contiguous().transpose(-1, -2), chunk_size=8)
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(s, s_ref) <= 1e-12
+
+
 def test_chunked_strong_decay_outside_rwkv_range_shortens_chunk():
     """log w = -6 (outside RWKV-7's range): a 64-token chunk would overflow float32 exponents."""
     torch.manual_seed(0)

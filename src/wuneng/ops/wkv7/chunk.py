@@ -73,7 +73,7 @@ def _to_chunks(x: torch.Tensor, n_chunks: int, L: int, pad: int) -> torch.Tensor
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
     B, _, H, N = x.shape
-    return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4).reshape(B * H, n_chunks, L, N).contiguous()
+    return x.reshape(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4).reshape(B * H, n_chunks, L, N).contiguous()
 
 
 def _from_chunks(y: torch.Tensor, T: int) -> torch.Tensor:
