@@ -48,6 +48,8 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, log_y: bool 
         by_step[int(rec["step"])] = rec
     steps = sorted(by_step)
     loss_keys = [k for k in LOSS_KEYS if any(k in by_step[s] for s in steps)]
+    # a term identical to the total (pretrain/sft: ce == loss) would only hide the loss curve
+    loss_keys = [k for k in loss_keys if k == "loss" or any(by_step[s].get(k) != by_step[s].get("loss") for s in steps)]
     side_keys = [k for k in SIDE_KEYS if any(k in by_step[s] for s in steps)]
     fig, axes = plt.subplots(1, 1 + len(side_keys), figsize=(6 + 3.5 * len(side_keys), 4), squeeze=False)
     ax = axes[0][0]
@@ -57,7 +59,11 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, log_y: bool 
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if log_y and all(by_step[s].get(k, 1.0) > 0 for s in steps for k in loss_keys):
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(ScalarFormatter())
     ax.legend()
     ax.grid(alpha=0.3)
     ax.set_title(Path(run_dir).name)
