@@ -102,7 +102,8 @@ def train_command(
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
-    console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
+    if result.is_main_process:
+        console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
 
 
 @app.command("plot")

@@ -41,6 +41,7 @@ class TrainResult:
     final_dir: Optional[Path]
     last_checkpoint: Optional[Path]
     history: list[dict] = field(default_factory=list)
+    is_main_process: bool = True
 
 
 class GlobalSampler:
@@ -217,7 +218,10 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
+    from transformers.utils import logging as hf_logging
+
     validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)
+    hf_logging.disable_progress_bar()  # transformers' loading/saving bars would interleave with the run's own
     stage = config.stage
     # accelerate keeps one process-wide state; a second train() in the same process (tests, notebooks)
     # may ask for another precision. The process group (PartialState) is kept.
@@ -426,9 +430,6 @@ def train(
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model_p) if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
         if is_main:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # no "Writing model shards" bar under the run's own output
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
                 student.save_pretrained(str(final_dir), state_dict=state_dict)
@@ -440,4 +441,4 @@ def train(
         writer.write({"event": "end", "step": step, "loss": last_loss})
     writer.close()
     accelerator.wait_for_everyone()
-    return TrainResult(step, last_loss, run_dir, final_dir, last_ckpt, history)
+    return TrainResult(step, last_loss, run_dir, final_dir, last_ckpt, history, is_main)
