@@ -43,6 +43,44 @@ def demo_command(
     run_demo(cfg, command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
 
 
+@app.command("bench-arch")
+def bench_arch_command(
+    quick: bool = typer.Option(False, "--quick", help="A few minutes: small MQAR and A5 k=16, one learning rate, short runs."),
+    full: bool = typer.Option(False, "--full", help="Zoology-scale sweep for a GPU (V=8192, T up to 256, to 99% or 20k steps)."),
+    out: str = typer.Option("runs/bench-arch", "--out", help="Run folder: results.jsonl (accumulates; finished runs are skipped), results.md, accuracy.png."),
+    variants: str = typer.Option(None, "--variants", help="Comma-separated subset of: " + ", ".join(
+        ("transformer", "rwkv7", "wuneng-gate", "wuneng-add", "wuneng-concat", "wuneng-hymba", "wuneng-gate-lambda0", "metastate"))),
+    lrs: str = typer.Option(None, "--lrs", help="Comma-separated learning rates (the sweep)."),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0)."),
+    steps: int = typer.Option(None, "--steps", help="Optimiser steps per run (the budget)."),
+    max_seconds: float = typer.Option(None, "--max-seconds", help="Wall-clock cap per run, in seconds."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu; --full: cuda when available)."),
+    threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
+) -> None:
+    """Train Transformer, RWKV-7, WuNeng (gate/add/concat/hymba, lambda=0) and Meta-State from scratch on MQAR and
+    state tracking with equal budgets and a small learning-rate sweep; print and plot accuracy per setting."""
+    from wuneng.bench_arch import BenchConfig, run_bench
+
+    if quick and full:
+        raise typer.BadParameter("choose one of --quick and --full")
+    kw = {}
+    try:
+        if variants:
+            kw["variants"] = tuple(v.strip() for v in variants.split(",") if v.strip())
+        if lrs:
+            kw["lrs"] = tuple(float(v) for v in lrs.split(",") if v.strip())
+        if seeds:
+            kw["seeds"] = tuple(int(v) for v in seeds.split(",") if v.strip())
+        for name, value in (("steps", steps), ("max_seconds", max_seconds), ("device", device), ("threads", threads)):
+            if value is not None:
+                kw[name] = value
+        kw["output_dir"] = out
+        cfg = (BenchConfig.quick if quick else BenchConfig.full if full else BenchConfig.default)(**kw)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    run_bench(cfg)
+
+
 @app.command("import-rwkv")
 def import_rwkv(
     checkpoint: str = typer.Argument(..., help="RWKV-LM x070 .pth state dict (read with torch.load(weights_only=True))."),

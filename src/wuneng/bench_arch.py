@@ -1,0 +1,504 @@
+"""``wuneng bench-arch``: train architectures from scratch on MQAR and group state tracking, at equal budgets.
+
+Variants (:data:`VARIANTS`), all 2 layers of width ``d_model`` with head size ``head_size``:
+
+- ``transformer``: transformers' ``Qwen2ForCausalLM`` (RoPE, GQA off, SwiGLU MLP);
+- ``rwkv7``: :class:`~wuneng.models.rwkv7.RWKV7ForCausalLM`;
+- ``wuneng-gate`` / ``-add`` / ``-concat`` / ``-hymba``: a Qwen2 of the transformer's shape converted with
+  :meth:`~wuneng.models.wuneng.WuNengForCausalLM.from_teacher` (that fusion, middle heads, state-query on),
+  then *every* parameter trained from that random start (there is no teacher to preserve here);
+- ``wuneng-gate-lambda0``: ``wuneng-gate`` without the state-query modulation (lambda = 0, ``state_query=False``);
+- ``metastate``: :class:`~wuneng.models.metastate.MetaStateForCausalLM`.
+
+Tasks (:class:`TaskSetting`): MQAR (Zoology's generator; accuracy on the queried values) and group word
+problems (accuracy on every prefix product; also the longest prefix length solved above 95%). Training data is
+drawn fresh every epoch; the test set has its own seed. The loss is cross-entropy at labelled positions only
+(the label at position t is predicted by the logits at t; nothing is shifted).
+
+Every run (setting x variant x learning rate x seed) has the same optimiser-step and batch budget (so the same
+token budget) and optionally a wall-clock cap. Finished runs are appended to ``OUTPUT_DIR/results.jsonl``; a run
+whose key is already there is skipped, so an interrupted sweep resumes and several invocations accumulate in
+one table (``results.md`` and ``accuracy.png`` are rewritten from the whole file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["VARIANTS", "TaskSetting", "BenchConfig", "build_model", "train_run", "run_bench", "read_results", "best_rows", "results_table"]
+
+VARIANTS = (
+    "transformer",
+    "rwkv7",
+    "wuneng-gate",
+    "wuneng-add",
+    "wuneng-concat",
+    "wuneng-hymba",
+    "wuneng-gate-lambda0",
+    "metastate",
+)
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """One task configuration.
+
+    Attributes:
+        task: "mqar" or "state".
+        seq_len: T (MQAR) or k (state tracking: elements per sequence).
+        num_kv_pairs: MQAR key-value pairs n.
+        vocab_size: MQAR vocabulary V (state tracking: the group order, set by ``group``).
+        group: state-tracking group ("A5", "S5", "Z60", ...).
+        variants: the variants run on this setting (None: all of the sweep's).
+    """
+
+    task: str
+    seq_len: int
+    num_kv_pairs: int = 4
+    vocab_size: int = 1024
+    group: str = "A5"
+    variants: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.task not in ("mqar", "state"):
+            raise ValueError(f"TaskSetting.task must be 'mqar' or 'state', got {self.task!r}")
+        self.task_config()  # validates the sizes
+        for v in self.variants or ():
+            if v not in VARIANTS:
+                raise ValueError(f"TaskSetting.variants: unknown variant {v!r}; expected some of {VARIANTS}")
+
+    @property
+    def name(self) -> str:
+        if self.task == "mqar":
+            return f"mqar T={self.seq_len} n={self.num_kv_pairs} V={self.vocab_size}"
+        return f"state {self.group} k={self.seq_len}"
+
+    def task_config(self):
+        if self.task == "mqar":
+            from .eval.tasks.mqar import MQARConfig
+
+            return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
+        from .eval.tasks.state_tracking import StateTrackingConfig
+
+        return StateTrackingConfig(group=self.group, seq_len=self.seq_len)
+
+    @property
+    def model_vocab(self) -> int:
+        return self.task_config().vocab_size
+
+    def generate(self, num_examples: int, seed: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, int64 ``[num_examples, T]``; labels -100 where nothing is scored."""
+        if self.task == "mqar":
+            from .eval.tasks.mqar import generate_mqar
+
+            d = generate_mqar(self.task_config(), num_examples, seed, epoch)
+        else:
+            from .eval.tasks.state_tracking import generate_word_problems
+
+            d = generate_word_problems(self.task_config(), num_examples, seed, epoch)
+        return d.input_ids, d.labels
+
+
+@dataclass
+class BenchConfig:
+    """The sweep: settings x variants x learning rates x seeds, each run with the same budget."""
+
+    output_dir: str = "runs/bench-arch"
+    settings: tuple[TaskSetting, ...] = ()
+    variants: tuple[str, ...] = VARIANTS
+    lrs: tuple[float, ...] = (2e-3, 6e-3)
+    seeds: tuple[int, ...] = (0,)
+    d_model: int = 64
+    num_layers: int = 2
+    head_size: int = 32
+    steps: int = 1000
+    batch_size: int = 64
+    max_seconds: Optional[float] = None  # wall-clock cap per run (the budget actually used is recorded)
+    examples_per_epoch: int = 20_000  # fresh data every epoch
+    test_examples: int = 1000
+    eval_every: Optional[int] = None  # with stop_accuracy: evaluate during training and stop once reached
+    stop_accuracy: Optional[float] = None
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    device: str = "cpu"
+    threads: Optional[int] = None
+    mode: str = "default"
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
+        if not self.settings:
+            raise ValueError("BenchConfig.settings is empty: give at least one TaskSetting")
+        for name in ("d_model", "num_layers", "head_size", "steps", "batch_size", "examples_per_epoch", "test_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BenchConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.head_size or self.head_size % 16:
+            raise ValueError(f"BenchConfig: head_size ({self.head_size}) must be a multiple of 16 dividing d_model ({self.d_model})")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"BenchConfig.lrs must be positive learning rates, got {self.lrs}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.d_model // self.head_size
+
+    def runs(self) -> list[tuple[TaskSetting, str, float, int]]:
+        """Every (setting, variant, lr, seed) of the sweep, in order."""
+        out = []
+        for s in self.settings:
+            chosen = [v for v in self.variants if s.variants is None or v in s.variants]
+            for v in chosen:
+                for lr in self.lrs:
+                    for seed in self.seeds:
+                        out.append((s, v, lr, seed))
+        return out
+
+    def run_key(self, setting: TaskSetting, variant: str, lr: float, seed: int) -> str:
+        """Identity of a run: what it trains and with which budget (a changed budget is a new run)."""
+        cap = "" if self.max_seconds is None else f" cap={self.max_seconds:g}s"
+        return (f"{setting.name} | {variant} | lr={lr:g} | seed={seed} | d={self.d_model} L={self.num_layers} "
+                f"hs={self.head_size} | steps={self.steps} bs={self.batch_size}{cap}")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def default(cls, **kw) -> "BenchConfig":
+        """About an hour on 2 CPU cores: MQAR (64, 4) for every variant, (128, 8) for four, A5 at k = 16 and 32."""
+        few = ("transformer", "rwkv7", "wuneng-gate", "wuneng-gate-lambda0")
+        settings = (
+            TaskSetting("mqar", 64, 4, 1024),
+            TaskSetting("mqar", 128, 8, 1024, variants=few),
+            TaskSetting("state", 16, group="A5"),
+            TaskSetting("state", 32, group="A5", variants=few),
+        )
+        return cls(**{**dict(settings=settings, steps=600, batch_size=64, mode="default"), **kw})
+
+    @classmethod
+    def quick(cls, **kw) -> "BenchConfig":
+        """A few minutes: every variant on a small MQAR and A5 at k = 16, one learning rate, short runs."""
+        settings = (TaskSetting("mqar", 64, 4, 256), TaskSetting("state", 16, group="A5"))
+        return cls(**{**dict(settings=settings, lrs=(4e-3,), steps=150, batch_size=32, test_examples=256,
+                             examples_per_epoch=4800, mode="quick"), **kw})
+
+    @classmethod
+    def full(cls, **kw) -> "BenchConfig":
+        """Zoology scale for a GPU: V = 8192, (64, 4), (128, 8), (256, 16), d = 128, trained to 99% or 20 k steps."""
+        settings = (
+            TaskSetting("mqar", 64, 4, 8192),
+            TaskSetting("mqar", 128, 8, 8192),
+            TaskSetting("mqar", 256, 16, 8192),
+            TaskSetting("state", 16, group="A5"),
+            TaskSetting("state", 32, group="A5"),
+            TaskSetting("state", 32, group="S5"),
+        )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(**{**dict(settings=settings, lrs=(1e-3, 3e-3, 1e-2), d_model=128, steps=20_000, batch_size=256,
+                             examples_per_epoch=100_000, eval_every=500, stop_accuracy=0.99, device=device, mode="full"), **kw})
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _qwen2(cfg: BenchConfig, vocab: int, seq_len: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=cfg.d_model,
+        intermediate_size=16 * math.ceil(8 * cfg.d_model / 3 / 16),  # SwiGLU with ~ the parameters of a 4C MLP
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(512, 2 * seq_len),
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def build_model(variant: str, cfg: BenchConfig, vocab: int, seq_len: int, seed: int) -> torch.nn.Module:
+    """A freshly initialised model of ``variant`` (seeded) for a task of ``vocab`` tokens."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    torch.manual_seed(seed)
+    if variant == "transformer":
+        return _qwen2(cfg, vocab, seq_len)
+    if variant == "rwkv7":
+        from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+
+        return RWKV7ForCausalLM(RWKV7Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+                                            head_size=cfg.head_size, bos_token_id=None, eos_token_id=None))
+    if variant == "metastate":
+        from .models.metastate import MetaStateConfig, MetaStateForCausalLM
+
+        return MetaStateForCausalLM(MetaStateConfig(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+                                                    head_size=cfg.head_size, bos_token_id=None, eos_token_id=None))
+    from .models.wuneng import WuNengForCausalLM
+
+    fusion = variant.split("-")[1]
+    base = _qwen2(cfg, vocab, seq_len)  # the same random Qwen2 as "transformer", then converted
+    model = WuNengForCausalLM.from_teacher(base, fusion=fusion, middle_heads=min(4, cfg.num_heads),
+                                           state_query=not variant.endswith("lambda0"))
+    model.requires_grad_(True)  # every parameter trains (from scratch, no teacher to preserve)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- training
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy at labelled positions: logits ``[B, T, V]`` at position t predict ``labels[:, t]``."""
+    mask = labels != IGNORE_INDEX
+    return F.cross_entropy(logits[mask].float(), labels[mask])
+
+
+@torch.no_grad()
+def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, task: str, batch_size: int = 256) -> dict:
+    """Accuracy at labelled positions (and, for state tracking, per length and the longest solved prefix)."""
+    from .eval.scoring import labelled_accuracy
+    from .eval.tasks.state_tracking import state_tracking_report
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for i in range(0, len(inputs), batch_size):
+        preds.append(model(input_ids=inputs[i : i + batch_size].to(device)).logits.argmax(-1).cpu())
+    model.train(was_training)
+    pred = torch.cat(preds)
+    if task == "state":
+        rep = state_tracking_report(pred, labels)
+        return {"accuracy": rep["accuracy"], "solved_up_to": rep["solved_up_to"]}
+    return {"accuracy": labelled_accuracy(pred, labels)}
+
+
+def train_run(setting: TaskSetting, variant: str, lr: float, seed: int, cfg: BenchConfig,
+              progress: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Train one model from scratch and evaluate it; returns the result row (without the key)."""
+    from .train.config import OptimConfig
+    from .train.optim import build_optimizer, build_scheduler
+
+    device = torch.device(cfg.device)
+    model = build_model(variant, cfg, setting.model_vocab, setting.seq_len, seed).to(device)
+    model.train()
+    optim_cfg = OptimConfig(lr=lr, min_lr=lr / 10, schedule="cosine", warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
+                            weight_decay=cfg.weight_decay, w0_lr_scale=1.0)
+    opt = build_optimizer(model, optim_cfg)
+    sched = build_scheduler(opt, optim_cfg, cfg.steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    test_x, test_y = setting.generate(cfg.test_examples, seed=10_000 + seed)
+    per_epoch = max(cfg.batch_size, cfg.examples_per_epoch - cfg.examples_per_epoch % cfg.batch_size)
+    epoch, pos = 0, per_epoch
+    data_x = data_y = None
+    curve: list[tuple[int, float]] = []
+    log_every = max(1, cfg.steps // 40)
+    ema = None
+    stopped_early = diverged = False
+    start = time.perf_counter()
+    step = 0
+    while step < cfg.steps:
+        if cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds:
+            break
+        if pos >= per_epoch:  # fresh data every epoch (a fixed set gets memorised: feasibility Probe B)
+            data_x, data_y = setting.generate(per_epoch, seed=seed, epoch=epoch)
+            epoch, pos = epoch + 1, 0
+        x = data_x[pos : pos + cfg.batch_size].to(device)
+        y = data_y[pos : pos + cfg.batch_size].to(device)
+        pos += cfg.batch_size
+        loss = labelled_cross_entropy(model(input_ids=x).logits, y)
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        value = loss.item()
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if step % log_every == 0 or step == cfg.steps:
+            curve.append((step, round(ema, 4)))
+            if progress is not None:
+                progress(step, ema)
+        if cfg.eval_every and cfg.stop_accuracy is not None and step % cfg.eval_every == 0:
+            if evaluate(model, test_x, test_y, setting.task)["accuracy"] >= cfg.stop_accuracy:
+                stopped_early = True
+                break
+    seconds = time.perf_counter() - start
+    result = evaluate(model, test_x, test_y, setting.task)
+    return {
+        "setting": setting.name,
+        "task": setting.task,
+        "variant": variant,
+        "lr": lr,
+        "seed": seed,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": step,
+        "tokens": step * cfg.batch_size * setting.seq_len,
+        "seconds": round(seconds, 2),
+        "final_loss": ema,
+        "diverged": bool(diverged),
+        "stopped_at_accuracy": stopped_early,
+        **result,
+        "loss_curve": curve,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ results
+def read_results(path: Path) -> list[dict]:
+    """Rows of a ``results.jsonl`` (a torn last line from an interrupted write is ignored)."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def best_rows(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
+    """Per (setting, variant): the learning rate with the best mean accuracy over seeds.
+
+    Returns ``{(setting, variant): {"lr", "accuracy" (mean over seeds), "seeds", "solved_up_to" (mean, state
+    tracking), "by_lr": {lr: mean accuracy}}}``.
+    """
+    groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["variant"]), {}).setdefault(r["lr"], []).append(r)
+    best = {}
+    for key, by_lr in groups.items():
+        means = {lr: float(np.mean([r["accuracy"] for r in rs])) for lr, rs in by_lr.items()}
+        lr = max(means, key=lambda k: (means[k], -k))
+        rs = by_lr[lr]
+        solved = [r["solved_up_to"] for r in rs if r.get("solved_up_to") is not None]
+        best[key] = {"lr": lr, "accuracy": means[lr], "seeds": sorted(r["seed"] for r in rs),
+                     "solved_up_to": float(np.mean(solved)) if solved else None, "by_lr": means}
+    return best
+
+
+def _ordered(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    return settings, variants
+
+
+def results_markdown(rows: Sequence[dict]) -> str:
+    """The best-lr accuracy table (one column per setting) and the full per-run table, as Markdown."""
+    best = best_rows(rows)
+    settings, variants = _ordered(rows)
+    header = "| variant | params | " + " | ".join(settings) + " |"
+    lines = [header, "|" + "---|" * (len(settings) + 2)]
+    for v in variants:
+        cells = []
+        for s in settings:
+            b = best.get((s, v))
+            if b is None:
+                cells.append("-")
+                continue
+            extra = f", solved k<={b['solved_up_to']:g}" if b.get("solved_up_to") is not None else ""
+            cells.append(f"{100 * b['accuracy']:.1f}% (lr {b['lr']:g}{extra})")
+        params = next((r["params"] for r in rows if r["variant"] == v), 0)
+        lines.append(f"| {v} | {params / 1e3:.0f} k | " + " | ".join(cells) + " |")
+    lines += ["", "| setting | variant | lr | seed | accuracy | steps | tokens | seconds | final loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flag = " (diverged)" if r.get("diverged") else ""
+        lines.append(f"| {r['setting']} | {r['variant']} | {r['lr']:g} | {r['seed']} | {100 * r['accuracy']:.1f}%{flag} | {r['steps']} | "
+                     f"{r['tokens']:,} | {r['seconds']:.0f} | {r['final_loss'] if r['final_loss'] is None else round(r['final_loss'], 3)} |")
+    return "\n".join(lines)
+
+
+def results_table(rows: Sequence[dict], title: str = "bench-arch: accuracy at the best learning rate"):
+    from rich.table import Table
+
+    best = best_rows(rows)
+    settings, variants = _ordered(rows)
+    table = Table(title=title)
+    table.add_column("variant")
+    for s in settings:
+        table.add_column(s, justify="right")
+    for v in variants:
+        cells = []
+        for s in settings:
+            b = best.get((s, v))
+            cells.append("-" if b is None else f"{100 * b['accuracy']:.1f}% @ {b['lr']:g}")
+        table.add_row(v, *cells)
+    return table
+
+
+def plot_results(rows: Sequence[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_rows(rows)
+    settings, variants = _ordered(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(settings) * max(1, len(variants)) / 3), 4.5))
+    width = 0.8 / max(1, len(variants))
+    for j, v in enumerate(variants):
+        xs = np.arange(len(settings)) + (j - (len(variants) - 1) / 2) * width
+        vals = [100 * best[(s, v)]["accuracy"] if (s, v) in best else np.nan for s in settings]
+        bars = ax.bar(xs, vals, width, label=v)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)
+    ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
+    ax.set_ylabel("test accuracy (%), best learning rate")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title("bench-arch: accuracy per variant and setting (equal step x batch budget)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
+    """Run every missing run of the sweep, then write ``results.md`` and ``accuracy.png`` from all rows."""
+    from rich.console import Console
+
+    console = console or Console()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    done = {r.get("key") for r in read_results(path)}
+    runs = cfg.runs()
+    todo = [r for r in runs if cfg.run_key(*r) not in done]
+    console.print(f"[bold]bench-arch[/] ({cfg.mode}): {len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to train; "
+                  f"{cfg.steps} steps x batch {cfg.batch_size} each, lrs {', '.join(f'{lr:g}' for lr in cfg.lrs)}, "
+                  f"seeds {list(cfg.seeds)}, d={cfg.d_model}, {cfg.num_layers} layers, device {cfg.device}")
+    for i, (setting, variant, lr, seed) in enumerate(todo):
+        row = train_run(setting, variant, lr, seed, cfg)
+        row = {"key": cfg.run_key(setting, variant, lr, seed), "mode": cfg.mode, **row}
+        _append_row(path, row)
+        extra = f", solved k<={row['solved_up_to']}" if "solved_up_to" in row else ""
+        console.print(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: acc {100 * row['accuracy']:.1f}%{extra} "
+                      f"loss {row['final_loss'] if row['final_loss'] is None else round(row['final_loss'], 3)} ({row['seconds']:.0f} s)")
+    rows = read_results(path)
+    (out / "results.md").write_text(results_markdown(rows) + "\n", encoding="utf-8")
+    if rows:
+        plot_results(rows, out / "accuracy.png")
+        console.print(results_table(rows))
+    console.print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'}")
+    return rows

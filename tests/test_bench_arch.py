@@ -1,0 +1,96 @@
+"""``wuneng bench-arch``: results accumulate in one table, finished runs are skipped on resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wuneng.bench_arch import VARIANTS, BenchConfig, TaskSetting, best_rows, build_model, labelled_cross_entropy, read_results, run_bench
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny(out, variants, **kw) -> BenchConfig:
+    settings = (TaskSetting("mqar", 16, 2, 64), TaskSetting("state", 6, group="A4"))
+    return BenchConfig(output_dir=str(out), settings=settings, variants=variants, lrs=(3e-3,), d_model=32, head_size=16,
+                       steps=3, batch_size=4, examples_per_epoch=8, test_examples=8, threads=1, **kw)
+
+
+def test_results_accumulate_and_resume_skips_finished_runs(tmp_path):
+    torch.manual_seed(0)
+    rows = run_bench(_tiny(tmp_path, ("transformer", "rwkv7")))
+    assert len(rows) == 4  # 2 settings x 2 variants
+    # examples_per_epoch=8 with batch 4: epoch 1 is fresh data (2 epochs over 3 steps), and the budget is the same
+    assert {r["steps"] for r in rows} == {3} and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert {r["tokens"] for r in rows if r["task"] == "mqar"} == {3 * 4 * 16}
+    assert all("solved_up_to" in r for r in rows if r["task"] == "state")
+    path = tmp_path / "results.jsonl"
+    before = path.read_text()
+
+    # the same sweep again: nothing is retrained, the file is unchanged
+    again = run_bench(_tiny(tmp_path, ("transformer", "rwkv7")))
+    assert path.read_text() == before and len(again) == 4
+
+    # a larger sweep: only the new variant trains; the table holds all three
+    rows = run_bench(_tiny(tmp_path, ("transformer", "rwkv7", "wuneng-gate")))
+    assert len(rows) == 6 and path.read_text().startswith(before)
+    assert [r["variant"] for r in rows[4:]] == ["wuneng-gate", "wuneng-gate"]
+    table = (tmp_path / "results.md").read_text()
+    for v in ("transformer", "rwkv7", "wuneng-gate"):
+        assert f"| {v} |" in table
+    assert "mqar T=16 n=2 V=64" in table and "state A4 k=6" in table
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+
+    # a changed budget is a different run
+    rows = run_bench(_tiny(tmp_path, ("transformer",), max_seconds=60.0))
+    assert len(rows) == 8
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"key": "a", "setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": 0, "accuracy": 0.5}) + "\n{\"key\": ")
+    assert [r["key"] for r in read_results(path)] == ["a"]
+
+
+def test_best_rows_picks_the_best_learning_rate_by_mean_over_seeds():
+    rows = [
+        {"setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": 0, "accuracy": 0.9},
+        {"setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": 1, "accuracy": 0.1},  # mean 0.5
+        {"setting": "s", "variant": "rwkv7", "lr": 3e-3, "seed": 0, "accuracy": 0.6},
+        {"setting": "s", "variant": "rwkv7", "lr": 3e-3, "seed": 1, "accuracy": 0.6},  # mean 0.6
+    ]
+    best = best_rows(rows)[("s", "rwkv7")]
+    assert best["lr"] == 3e-3 and best["accuracy"] == pytest.approx(0.6) and best["seeds"] == [0, 1]
+    assert best["by_lr"] == {1e-3: pytest.approx(0.5), 3e-3: pytest.approx(0.6)}
+
+
+def test_labelled_cross_entropy_scores_only_labelled_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.full((2, 5), -100)
+    labels[0, 3], labels[1, 1] = 4, 2
+    expected = -(torch.log_softmax(logits[0, 3], -1)[4] + torch.log_softmax(logits[1, 1], -1)[2]) / 2
+    assert labelled_cross_entropy(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_every_variant_builds_and_maps_tokens_to_logits(tmp_path):
+    torch.manual_seed(0)
+    cfg = _tiny(tmp_path, VARIANTS)
+    x = torch.randint(0, 64, (2, 16))
+    for v in VARIANTS:
+        model = build_model(v, cfg, 64, 16, seed=0)
+        assert model(input_ids=x).logits.shape == (2, 16, 64), v
+        assert all(p.requires_grad for p in model.parameters()), v
+    lam0 = build_model("wuneng-gate-lambda0", cfg, 64, 16, seed=0)
+    assert lam0.config.state_query is False and lam0.config.fusion == "gate"
+
+
+def test_bad_input_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown variant"):
+        _tiny(tmp_path, ("transformer", "mamba"))
+    with pytest.raises(ValueError, match="'mqar' or 'state'"):
+        TaskSetting("parity", 16)
+    with pytest.raises(ValueError, match="settings is empty"):
+        BenchConfig(settings=())
