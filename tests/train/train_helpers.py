@@ -90,11 +90,11 @@ def quick_config(output_dir: Any, **overrides: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def saved_run_files(tmp_path: Path, tokenizer, **config: Any) -> Path:
-    """A tiny Qwen2 (+ tokenizer) saved to ``tmp_path/model``, TEXTS as one line each in ``data.txt``, and
+def saved_run_files(tmp_path: Path, tokenizer, hidden: int = 32, **config: Any) -> Path:
+    """A tiny Qwen2 (width ``hidden``, + tokenizer) saved to ``tmp_path/model``, TEXTS as one line each in ``data.txt``, and
     a run YAML pointing at both (``config`` adds/overrides keys); returns the YAML path."""
     torch.manual_seed(0)
-    tiny_qwen2().save_pretrained(tmp_path / "model")
+    tiny_qwen2(hidden=hidden).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "data.txt").write_text("\n".join(TEXTS), encoding="utf-8")
     cfg = {
