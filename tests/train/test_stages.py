@@ -16,6 +16,7 @@ from wuneng.train.stages import (
     CausalLMObjective,
     DistillObjective,
     capture_teacher_attention,
+    chunked_kl_divergence_sum,
     kl_divergence_sum,
     reconcile_vocab_size,
     shifted_cross_entropy_sum,
@@ -95,6 +96,22 @@ def test_kl_oracle_float64():
     q = torch.softmax(s.double() / tau, -1)
     expected = ((p * (p.log() - q.log())).sum(-1) * mask).sum() * tau**2
     torch.testing.assert_close(kl_divergence_sum(t, s, mask, tau).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_kl_matches_reference_value_and_gradient():
+    torch.manual_seed(0)
+    t = torch.randn(2, 7, 13)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    grads = []
+    values = []
+    for chunk in (None, 3):
+        s = torch.randn(2, 7, 13, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        v = kl_divergence_sum(t, s, mask, 1.5) if chunk is None else chunked_kl_divergence_sum(t, s, mask, 1.5, chunk_tokens=chunk)
+        v.backward()
+        values.append(v.detach())
+        grads.append(s.grad)
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
 
 
 def test_distill_kl_is_zero_when_student_is_teacher(tokenizer):

@@ -117,6 +117,8 @@ class DistillConfig:
     ce_weight: float = 0.0
     kl_weight: float = 1.0
     freeze_mlp: bool = False
+    # The KL is computed over chunks of this many tokens, each recomputed in the backward (memory).
+    chunk_tokens: int = 4096
 
 
 @dataclass
@@ -315,6 +317,8 @@ def validate(config: TrainConfig, *, has_model: bool = False, has_teacher: bool 
         raise ConfigError("config.optim: warmup_steps and weight_decay must be >= 0 and eps > 0")
     if o.grad_clip is not None and o.grad_clip <= 0:
         raise ConfigError("config.optim.grad_clip: must be > 0, or null to disable clipping")
+    if config.distill.chunk_tokens < 1:
+        raise ConfigError(f"config.distill.chunk_tokens: must be >= 1, got {config.distill.chunk_tokens}")
     if config.distill.temperature <= 0:
         raise ConfigError(f"config.distill.temperature: must be > 0, got {config.distill.temperature}")
     if not has_model:
