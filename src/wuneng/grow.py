@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import sys
-import tempfile
 import types
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+
+from .saving import check_output_dir, save_pretrained_atomic
 
 __all__ = ["grow", "grow_checkpoint", "state_report", "StateReport"]
 
@@ -157,9 +157,6 @@ def state_report(model) -> StateReport:
 
 
 # Files of a checkpoint folder that are not the model (copied to the grown one unchanged).
-_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
 def load_metastate_checkpoint(path: str):
     """A ``save_pretrained`` folder holding a Meta-State model -> MetaStateForCausalLM (clear errors otherwise)."""
     from transformers import AutoConfig
@@ -196,25 +193,10 @@ def grow_checkpoint(
     The folder is assembled beside ``out_dir`` and moved into place (an interrupted run leaves nothing half
     written); tokenizer files of ``path`` are copied along. Returns (old model, grown model).
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not overwrite)):
-        raise FileExistsError(f"{out_dir!r} exists and is not an empty directory; pass overwrite=True to replace it")
+    check_output_dir(out_dir, overwrite)  # fail before the work
     model = load_metastate_checkpoint(path)
     grown = grow(model, num_heads=num_heads, num_param_tokens=num_param_tokens, seed=seed)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".grow-", dir=parent)
-    try:
-        grown.save_pretrained(tmp)
-        for name in sorted(os.listdir(path)):
-            if name.startswith("tokenizer") or name in _TOKENIZER_FILES:
-                shutil.copy2(os.path.join(path, name), os.path.join(tmp, name))
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained_atomic(grown, out_dir, overwrite=overwrite, tokenizer_from=path)
     return model, grown
 
 

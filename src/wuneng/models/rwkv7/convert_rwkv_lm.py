@@ -211,24 +211,10 @@ def import_rwkv_lm_checkpoint(
     The directory is written beside ``out_dir`` first and moved into place, so an interrupted run leaves no
     half-written model. An existing non-empty ``out_dir`` is an error unless ``overwrite``. Returns the model.
     """
-    import shutil
-    import tempfile
-
+    from ...saving import check_output_dir, save_pretrained_atomic
     from .modeling_rwkv7 import RWKV7ForCausalLM
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not overwrite)):
-        raise FileExistsError(f"{out_dir!r} exists and is not an empty directory; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_output_dir(out_dir, overwrite)  # fail before reading the checkpoint
     model = RWKV7ForCausalLM.from_rwkv_lm(path, dtype=dtype, **config_kwargs)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".import-rwkv-", dir=parent)
-    try:
-        model.save_pretrained(tmp)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained_atomic(model, out_dir, overwrite=overwrite)
     return model
