@@ -287,6 +287,22 @@ def test_align_real_converted_student(tmp_path, tokenizer, attention):
     assert curve[-1] < 0.7 * curve[0], curve
 
 
+def test_align_a_later_layer_only(tmp_path, tokenizer):
+    """Aligning layer 1 alone still runs layer 0's mixer (it publishes v_first), trains only layer 1's new
+    parameters, and reports layer 1's terms alone."""
+    wuneng = pytest.importorskip("wuneng.models.wuneng")
+    torch.manual_seed(0)
+    teacher = tiny_qwen2(hidden=64)
+    student = wuneng.WuNengForCausalLM.from_teacher(teacher)
+    before = state_of(student)
+    result = train(run_config(tmp_path, "align", steps=3, align=AlignConfig(layers=[1])), model=student, teacher=teacher,
+                   tokenizer=tokenizer, data_sources=[TEXTS])  # fmt: skip
+    after = state_of(student)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.self_attn.") for k in changed)
+    assert math.isfinite(result.loss) and "align_state" in result.history[0]
+
+
 def test_align_rejects_a_plain_model(tokenizer):
     torch.manual_seed(0)
     with pytest.raises(TypeError, match="needs a converted student"):

@@ -22,6 +22,7 @@ the optimizer never sees it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -303,6 +304,9 @@ class AlignObjective(Objective):
         self.layers = sorted(layers) if layers is not None else sorted(converted)
         if not self.layers:
             raise ValueError("the student has no converted layers to align")
+        # Converted layers below the last aligned one also run (without grad, no loss): a hybrid/ARWKV
+        # mixer may read v_first, which the first converted layer publishes in its align_forward.
+        self.run_layers = [i for i in sorted(converted) if i <= max(self.layers)] if self.layers else []
         not_converted = sorted(set(self.layers) - set(converted))
         if not_converted:
             raise ValueError(f"align.layers {not_converted} are not converted layers of the student (converted: {converted})")
@@ -329,15 +333,19 @@ class AlignObjective(Objective):
 
     def forward(self, batch):
         mask = batch["attention_mask"]
-        captured = capture_teacher_attention(self.teacher, self.layers, batch["input_ids"], mask)
+        captured = capture_teacher_attention(self.teacher, self.run_layers, batch["input_ids"], mask)
         out_sum = torch.zeros((), device=mask.device)
         state_sum = torch.zeros((), device=mask.device)
         n_state = 0
-        for i in self.layers:
+        aligned = set(self.layers)
+        for i in self.run_layers:
             c = captured[i]
             mixer = self.student.model.layers[i].self_attn
             # The mixer gets the 2-D padding mask [B, T] (the contract of align_forward), not the teacher's 4-D one.
-            result = mixer.align_forward(c["hidden_states"], c["position_embeddings"], attention_mask=mask)
+            with contextlib.nullcontext() if i in aligned else torch.no_grad():
+                result = mixer.align_forward(c["hidden_states"], c["position_embeddings"], attention_mask=mask)
+            if i not in aligned:
+                continue
             out_sum = out_sum + _rms_distance_sum(c["output"], result["output"], mask)
             if "state" in result and result["state"] is not None:
                 state_sum = state_sum + _rms_distance_sum(c["output"], result["state"], mask)
