@@ -98,6 +98,11 @@ def test_hf_datasets_folder(tmp_path, tokenizer):
     datasets.Dataset.from_dict({"text": ["alpha", "beta"]}).save_to_disk(str(tmp_path / "ds"))
     recs = list(iter_records(tmp_path / "ds", cfg()))
     assert [r.text for r in recs] == ["alpha", "beta"]
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": ["gamma"]}).to_parquet(str(tmp_path / "pq" / "data" / "train-0.parquet"))
+    datasets.Dataset.from_dict({"text": ["delta"]}).to_parquet(str(tmp_path / "pq" / "data" / "train-1.parquet"))
+    assert [r.text for r in iter_records(tmp_path / "pq", cfg())] == ["gamma", "delta"]
+    assert [r.text for r in iter_records(tmp_path / "pq" / "data" / "train-1.parquet", cfg())] == ["delta"]
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "ds2"))
     with pytest.raises(DataError, match=r"needs a 'text' or 'messages' column"):
         list(iter_records(tmp_path / "ds2", cfg()))

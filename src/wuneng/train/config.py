@@ -60,7 +60,8 @@ class DataConfig:
     """Training data.
 
     ``sources``: files or folders (``.txt``/``.md`` plain text, ``.jsonl`` with ``text`` or ``messages``
-    or ``prompt``/``response`` per line), a Hugging Face ``datasets`` folder (``save_to_disk``), or
+    or ``prompt``/``response`` per line), a Hugging Face ``datasets`` folder (``save_to_disk``),
+    ``.parquet`` files or folders of them, or
     ``python:package.module:function`` (a callable returning an iterable of texts / records; called
     with ``generator_kwargs``).
     """

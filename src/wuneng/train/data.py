@@ -5,7 +5,8 @@ Sources (see :class:`~wuneng.train.config.DataConfig`):
 - plain text files (``.txt``, ``.md``, or any other suffix not listed below) and folders of them;
 - JSONL (``.jsonl``): one JSON object per line with ``text``, or ``messages`` (a list of
   ``{"role", "content"}``), or ``prompt`` + ``response`` (or ``completion``);
-- a Hugging Face ``datasets`` folder written by ``save_to_disk`` (``datasets`` imported lazily);
+- a Hugging Face ``datasets`` folder written by ``save_to_disk``, and ``.parquet`` files or folders of
+  them (e.g. a dataset repository downloaded from the Hub); ``datasets`` is imported lazily;
 - ``python:package.module:function``, or (from Python) any iterable or zero-argument callable, yielding
   texts, records as above, or lists of token ids (taken as one already-tokenised document).
 
@@ -147,16 +148,15 @@ def _is_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _iter_hf_dataset(path: Path, cfg: DataConfig) -> Iterator[Record]:
+def _import_datasets(path: Path):
     try:
-        import datasets  # lazy: only this source needs it
+        import datasets  # lazy: only these sources need it
     except ImportError:  # pragma: no cover - depends on the environment
-        raise DataError(f"{path}: reading a Hugging Face datasets folder needs `pip install datasets`") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.hf_split not in ds:
-            raise DataError(f"{path}: no split {cfg.hf_split!r}; set data.hf_split to one of {sorted(ds)}")
-        ds = ds[cfg.hf_split]
+        raise DataError(f"{path}: reading Hugging Face datasets / parquet needs `pip install datasets`") from None
+    return datasets
+
+
+def _iter_dataset_rows(ds, path: Path, cfg: DataConfig) -> Iterator[Record]:
     columns = set(ds.column_names)
     if not columns & {cfg.text_field, cfg.messages_field, "prompt"}:
         raise DataError(
@@ -165,6 +165,24 @@ def _iter_hf_dataset(path: Path, cfg: DataConfig) -> Iterator[Record]:
         )
     for i, row in enumerate(ds):
         yield _record_from_obj(row, f"{path}[row {i}]", cfg)
+
+
+def _iter_hf_dataset(path: Path, cfg: DataConfig) -> Iterator[Record]:
+    """A ``save_to_disk`` folder (Dataset or DatasetDict)."""
+    datasets = _import_datasets(path)
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.hf_split not in ds:
+            raise DataError(f"{path}: no split {cfg.hf_split!r}; set data.hf_split to one of {sorted(ds)}")
+        ds = ds[cfg.hf_split]
+    yield from _iter_dataset_rows(ds, path, cfg)
+
+
+def _iter_parquet(files: list[Path], path: Path, cfg: DataConfig) -> Iterator[Record]:
+    """Parquet files (e.g. a dataset repository downloaded from the Hub), read by ``datasets``."""
+    datasets = _import_datasets(path)
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    yield from _iter_dataset_rows(ds, path, cfg)
 
 
 def _iter_python(spec: str, cfg: DataConfig) -> Iterator[Record]:
@@ -195,9 +213,12 @@ def _iter_path(path: Path, cfg: DataConfig) -> Iterator[Record]:
             yield from _iter_hf_dataset(path, cfg)
             return
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        parquet = [p for p in files if p.suffix.lower() == ".parquet"]
         files = [p for p in files if p.suffix.lower() not in SKIP_SUFFIXES]
-        if not files:
-            raise DataError(f"{path}: the folder has no text (.txt/.md) or .jsonl files")
+        if parquet:
+            yield from _iter_parquet(parquet, path, cfg)
+        elif not files:
+            raise DataError(f"{path}: the folder has no text (.txt/.md), .jsonl or .parquet files")
         for p in files:
             yield from _iter_path(p, cfg)
         return
@@ -205,6 +226,9 @@ def _iter_path(path: Path, cfg: DataConfig) -> Iterator[Record]:
         raise DataError(f"{path}: no such file or folder")
     if path.suffix.lower() in JSONL_SUFFIXES:
         yield from _iter_jsonl(path, cfg)
+        return
+    if path.suffix.lower() == ".parquet":
+        yield from _iter_parquet([path], path, cfg)
         return
     text = _read_utf8(path)
     for j, part in enumerate(_split_text(text, cfg.text_unit)):

@@ -385,7 +385,9 @@ def train(
                 grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
                 grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
             grad_norm = float(grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # fp16: an inf gradient norm is the loss scaler's overflow signal (it skips the step), not a failure
+            grad_ok = math.isfinite(grad_norm) or accelerator.mixed_precision == "fp16"
+            if not (math.isfinite(loss) and grad_ok):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 bad = loss if not math.isfinite(loss) else grad_norm
                 msg = (
