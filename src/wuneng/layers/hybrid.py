@@ -403,14 +403,18 @@ class HybridMixer(_VFirstMixin, Attention):
         token_mask: Optional[torch.Tensor],
         shift: Optional[torch.Tensor],
         wkv_state: Optional[torch.Tensor],
+        r_low: Optional[torch.Tensor] = None,
     ):
-        """Y [B,T,H_q,d] from u [B,T,C] and the teacher's q [B,T,H_q,d], k, v [B,T,H_kv,d] (before RoPE).
+        """Y [B,T,H_q,d] from u [B,T,C] and the teacher's q [B,T,H_q,d], k, v [B,T,H_kv,d] (before RoPE);
+        r_low = u R1 when already computed (see :meth:`low_rank_inputs`).
 
         Returns (Y, new wkv state [B,H_q,d,d], v_first [B,T,A], last token of the masked u [B,C])."""
         B, T, C = u.shape
         x = u if token_mask is None else u * token_mask.to(u.dtype).unsqueeze(-1)  # padding never enters the shift
         xx = token_shift(x, shift)
-        r = q.reshape(B, T, -1) + (u @ self.receptance_lora_a) @ self.receptance_lora_b
+        if r_low is None:
+            r_low = u @ self.receptance_lora_a
+        r = q.reshape(B, T, -1) + r_low @ self.receptance_lora_b
         k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
         v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
         y, wkv_state, v_first = self.state(x, xx, r, k_s, v_s, v_first, wkv_state, token_mask)
@@ -422,11 +426,25 @@ class HybridMixer(_VFirstMixin, Attention):
             return q
         return q + self.state_query_scale[:, None] * (y @ self.state_query_proj)
 
-    def fuse(self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads)."""
+    def low_rank_inputs(self, u: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The first low-rank factors applied to u, in one matmul: ``{"r": u R1, "gate": u G1, "middle": u P1}``
+        (those that exist)."""
+        names = ["r"] + (["gate"] if self.fusion == "gate" else []) + (["middle"] if self.num_middle_heads > 0 else [])
+        weights = [self.receptance_lora_a] + ([self.gate_lora_a] if self.fusion == "gate" else [])
+        weights += [self.middle_lora_a] if self.num_middle_heads > 0 else []
+        if len(weights) == 1:
+            return {"r": u @ weights[0]}
+        parts = (u @ torch.cat(weights, dim=1)).split([w.shape[1] for w in weights], dim=-1)
+        return dict(zip(names, parts))
+
+    def fuse(self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, low: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads); ``low`` as returned by
+        :meth:`low_rank_inputs` (computed when None)."""
         B, T = u.shape[:2]
+        if low is None:
+            low = self.low_rank_inputs(u)
         if self.fusion == "gate":
-            gamma = torch.sigmoid(((u @ self.gate_lora_a) @ self.gate_lora_b).view_as(a) + self.gate_bias) * self.gate_scale
+            gamma = torch.sigmoid((low["gate"] @ self.gate_lora_b).view_as(a) + self.gate_bias) * self.gate_scale
             z = a + gamma * (y - a)
         elif self.fusion == "add":
             z = a + self.fusion_beta * y
@@ -438,7 +456,7 @@ class HybridMixer(_VFirstMixin, Attention):
         if self.fusion == "concat":
             out = out + self.o_state(y.reshape(B, T, -1))
         if self.num_middle_heads > 0:
-            s = torch.sigmoid((u @ self.middle_lora_a) @ self.middle_lora_b).view(B, T, self.num_middle_heads, self.head_dim)
+            s = torch.sigmoid(low["middle"] @ self.middle_lora_b).view(B, T, self.num_middle_heads, self.head_dim)
             a_m, y_m = a.index_select(2, self.middle_index), y.index_select(2, self.middle_index)
             m = y_m + s * (a_m - y_m)  # s A + (1 - s) Y
             out = out + self.o_middle(m.reshape(B, T, -1))
@@ -453,14 +471,15 @@ class HybridMixer(_VFirstMixin, Attention):
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
         q, k, v = self.project(u)
-        y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state)
+        low = self.low_rank_inputs(u)
+        y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"])
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", last)
             cache.set_state(self.layer_idx, "wkv", wkv_state)
         a = self.attend(self.modulate_query(q, y), k, v, position_embeddings, attention_mask, cache)
         if publish:
             self._publish_v_first(v_first, not needs_v_first)
-        return a, y, v_first
+        return a, y, v_first, low
 
     def forward(
         self,
@@ -471,8 +490,8 @@ class HybridMixer(_VFirstMixin, Attention):
         v_first: Optional[torch.Tensor] = None,
     ):
         """hidden_states u [B,T,C] -> (out [B,T,C], v_first [B,T,A])."""
-        a, y, v_first = self._run(hidden_states, position_embeddings, attention_mask, cache, v_first)
-        return self.fuse(hidden_states, a, y), v_first
+        a, y, v_first, low = self._run(hidden_states, position_embeddings, attention_mask, cache, v_first)
+        return self.fuse(hidden_states, a, y, low), v_first
 
     def align_forward(
         self,
@@ -488,9 +507,9 @@ class HybridMixer(_VFirstMixin, Attention):
         padding mask [B, T] or None. Layers after the first hybrid layer take v_first from the model's shared
         store (written by the first hybrid layer's align_forward) unless it is passed."""
         B, T, _ = hidden_states.shape
-        a, y, v_first = self._run(hidden_states, position_embeddings, attention_mask, None, v_first, publish=True)
+        a, y, v_first, low = self._run(hidden_states, position_embeddings, attention_mask, None, v_first, publish=True)
         return {
-            "output": self.fuse(hidden_states, a, y),
+            "output": self.fuse(hidden_states, a, y, low),
             "state": self.o_proj(y.reshape(B, T, -1)),
             "v_first": v_first,
         }

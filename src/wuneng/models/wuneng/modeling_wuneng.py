@@ -189,7 +189,8 @@ class WuNengModel(WuNengPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, T, _ = inputs_embeds.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a training forward does not need (or keep alive) an inference cache
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # recomputation would write the cache twice
         if past_key_values is not None and not isinstance(past_key_values, RecurrentStateCache):
@@ -398,9 +399,9 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         return sum(p.numel() for p in self.parameters()) - self.teacher_num_parameters()
 
     def parameter_breakdown(self) -> Dict[str, int]:
-        """Parameter counts per component: the teacher's parts, then the new ones (and the teacher attention
-        dropped by ARWKV layers, negative). Sums to ``num_parameters()`` minus nothing; extras sum to
-        :meth:`num_extra_parameters`."""
+        """Parameter counts per component: the teacher's parts ("teacher: ..."), the new ones ("new: ...") and the
+        teacher attention dropped by ARWKV layers ("dropped: ...", negative). The teacher and new entries sum to
+        the model's parameter count; the new and dropped entries sum to :meth:`num_extra_parameters`."""
         teacher = self.teacher_parameter_names()
         out: Dict[str, int] = {}
 
@@ -431,7 +432,8 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         dropped = len(self.config.arwkv_layers) * _attention_params(self.config)
         if dropped:
             out["dropped: teacher attention of ARWKV layers"] = -dropped
-        return out
+        order = ("teacher", "new", "dropped")
+        return dict(sorted(out.items(), key=lambda kv: order.index(kv[0].split(":")[0])))
 
     def format_parameter_breakdown(self) -> str:
         """The breakdown as a text table with shares of the teacher's parameter count."""
