@@ -1,9 +1,6 @@
 """Data sources, error messages naming file and line, packing, and SFT masks."""
 
-import json
-
 import pytest
-import torch
 
 from wuneng.train.config import DataConfig
 from wuneng.train.data import (

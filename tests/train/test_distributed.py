@@ -5,7 +5,6 @@ import socket
 import subprocess
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from wuneng.train.config import AlignConfig, DataConfig, DistillConfig, OptimConfig, TrainConfig
+from wuneng.train.config import AlignConfig, DataConfig, DistillConfig, OptimConfig
 from wuneng.train.data import build_dataset
 from wuneng.train.loop import NonFiniteLossError, train
 from wuneng.train.stages import (
     AlignObjective,
-    CausalLMObjective,
     DistillObjective,
     capture_teacher_attention,
     chunked_kl_divergence_sum,
