@@ -13,15 +13,6 @@ C, N, L = 32, 8, 3  # width, head size, layers of the tiny layers under test
 H = C // N
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes on a shared 2-core machine: one intra-op thread is 10-100x faster than contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def perturb_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """Add noise to every parameter (the zero-initialised ones too), so that every path matters."""
     with torch.no_grad():
