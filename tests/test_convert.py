@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from typer.testing import CliRunner
 
 from wuneng.cli import app
-from wuneng.convert import convert_checkpoint, convert_teacher, copy_tokenizer_files, load_teacher
+from wuneng.convert import convert_checkpoint, convert_teacher, load_teacher
 from wuneng.models.wuneng import WuNengForCausalLM
 from wuneng.tokenization import ByteLevelTokenizer, load_tokenizer
 
@@ -44,7 +44,7 @@ def test_convert_checkpoint_writes_a_loadable_function_preserving_folder(tmp_pat
     convert_checkpoint(tmp_path / "teacher", out)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= names
-    assert not any(n.startswith(".convert-") for n in (p.name for p in tmp_path.iterdir()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "teacher"]  # no temporary folder left
     student = WuNengForCausalLM.from_pretrained(out)
     assert student.config.teacher_model_type == arch and student.config.fusion == "gate"
     x = ids()
@@ -52,15 +52,6 @@ def test_convert_checkpoint_writes_a_loadable_function_preserving_folder(tmp_pat
         assert (student(x).logits - teacher(x).logits).abs().max() <= 1e-4
     tok = load_tokenizer(str(out))
     assert tok.decode(tok.encode("hi", add_special_tokens=False)) == "hi"
-
-
-def test_copy_tokenizer_files_only_copies_tokenizer_files(tmp_path):
-    (tmp_path / "src").mkdir()
-    (tmp_path / "dst").mkdir()
-    for name in ("tokenizer.json", "vocab.json", "merges.txt", "model.safetensors", "config.json", "chat_template.jinja"):
-        (tmp_path / "src" / name).write_text("x")
-    copied = copy_tokenizer_files(tmp_path / "src", tmp_path / "dst")
-    assert copied == ["chat_template.jinja", "merges.txt", "tokenizer.json", "vocab.json"]
 
 
 def test_cli_convert_with_options(tmp_path):

@@ -13,25 +13,22 @@ result with ``save_pretrained`` (safetensors) atomically, and copies the tokeniz
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from typing import Dict, Iterable, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
 from .models.wuneng import WuNengConfig, WuNengForCausalLM
-from .models.wuneng.modeling_wuneng import _loading_problems, checkpoint_mismatches
+from .models.wuneng.modeling_wuneng import describe_loading_problems, checkpoint_mismatches
+from .saving import check_output_dir, save_pretrained_atomic
 
 __all__ = [
     "SUPPORTED_TEACHERS",
     "WUNENG_OPTIONS",
-    "TOKENIZER_FILES",
     "check_teacher",
     "config_from_teacher",
     "load_teacher",
     "convert_teacher",
     "convert_checkpoint",
-    "copy_tokenizer_files",
 ]
 
 #: teacher class name -> model_type
@@ -49,21 +46,6 @@ WUNENG_OPTIONS = (
     "arwkv_head_size",
     "arwkv_init",
     "wkv_impl",
-)
-
-#: tokenizer files copied next to a converted checkpoint (names, or prefixes ending in "*")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "chat_templates*",
 )
 
 _TEACHER_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -186,10 +168,7 @@ def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = N
         )
     except RuntimeError as err:  # transformers reports size mismatches this way
         raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json: {err}") from err
-    info = dict(info)
-    if teacher.config.tie_word_embeddings:
-        info["missing_keys"] = [k for k in (info.get("missing_keys") or ()) if k != "lm_head.weight"]
-    problems = _loading_problems(info)
+    problems = describe_loading_problems(dict(info), bool(teacher.config.tie_word_embeddings))
     if problems:
         raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
     check_teacher(teacher)
@@ -291,20 +270,6 @@ def convert_teacher(
     return student
 
 
-def copy_tokenizer_files(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os.PathLike],
-                         patterns: Iterable[str] = TOKENIZER_FILES) -> list:
-    """Copy the tokenizer files of ``src_dir`` (see :data:`TOKENIZER_FILES`) into ``dst_dir``; returns their names."""
-    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
-    copied = []
-    for entry in sorted(os.listdir(src_dir)):
-        if not os.path.isfile(os.path.join(src_dir, entry)):
-            continue
-        if any(entry == p or (p.endswith("*") and entry.startswith(p[:-1])) for p in patterns):
-            shutil.copy2(os.path.join(src_dir, entry), os.path.join(dst_dir, entry))
-            copied.append(entry)
-    return copied
-
-
 def convert_checkpoint(
     teacher_dir: Union[str, os.PathLike],
     out_dir: Union[str, os.PathLike],
@@ -314,27 +279,15 @@ def convert_checkpoint(
     **kwargs,
 ) -> WuNengForCausalLM:
     """``wuneng convert``: load the teacher in ``teacher_dir``, convert it (``kwargs`` as :func:`convert_teacher`),
-    write ``out_dir`` (config.json, model.safetensors, generation_config.json and the teacher's tokenizer files).
+    write ``out_dir`` (config.json, model.safetensors, generation_config.json and the teacher's tokenizer files,
+    :data:`wuneng.saving.TOKENIZER_FILES`).
 
     The directory is assembled beside ``out_dir`` and moved into place, so an interrupted run leaves nothing
     half-written. A non-empty ``out_dir`` is an error unless ``overwrite``. Returns the converted model."""
     teacher_dir = os.fspath(teacher_dir)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not overwrite)):
-        raise FileExistsError(f"{out_dir!r} exists and is not an empty directory; pass overwrite=True (CLI: --overwrite)")
+    check_output_dir(out_dir, overwrite)  # fail before the (slow) conversion
     teacher = load_teacher(teacher_dir, dtype=dtype)
     student = convert_teacher(teacher, dtype=dtype, **kwargs)
     del teacher
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
-        student.save_pretrained(tmp)
-        copy_tokenizer_files(teacher_dir, tmp)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained_atomic(student, out_dir, overwrite=overwrite, tokenizer_from=teacher_dir)
     return student

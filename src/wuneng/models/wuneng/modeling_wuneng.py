@@ -335,10 +335,7 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
             check_checkpoint_matches_config(path)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        info = dict(info)
-        if model.config.tie_word_embeddings:
-            info["missing_keys"] = [k for k in (info.get("missing_keys") or ()) if k != "lm_head.weight"]
-        problems = _loading_problems(info)
+        problems = describe_loading_problems(dict(info), model.config.tie_word_embeddings)
         if problems:
             raise ValueError(f"WuNengForCausalLM.from_pretrained: the checkpoint's weights do not match its config.json ({problems})")
         return (model, info) if want_info else model
@@ -453,10 +450,12 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         print(self.format_parameter_breakdown())
 
 
-def _loading_problems(info: dict) -> str:
+def describe_loading_problems(info: dict, tied: bool = False) -> str:
+    """'' or a description of a loading report's missing / unexpected / mismatched tensors (a tied LM head may be
+    missing)."""
     parts = []
     for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "shape mismatch")):
-        names = sorted(str(k) for k in (info.get(key) or ()))
+        names = sorted(str(k) for k in (info.get(key) or ()) if not (tied and key == "missing_keys" and k == "lm_head.weight"))
         if names:
             parts.append(f"{label}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
     return "; ".join(parts)
@@ -500,7 +499,7 @@ def checkpoint_mismatches(path: str, model: nn.Module, tied: bool = False) -> st
         "mismatched_keys": [f"{k} (checkpoint {found[k]} vs config {expected[k]})" for k in sorted(set(found) & set(expected))
                             if found[k] != expected[k]],
     }
-    return _loading_problems(info)
+    return describe_loading_problems(info)
 
 
 def check_checkpoint_matches_config(path: str) -> None:
