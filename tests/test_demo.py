@@ -23,8 +23,8 @@ def test_answer_only_dataset_labels_exactly_the_answers():
     assert data.input_ids.shape == (len(text) // 32, 32)
     assert bytes(data.input_ids.flatten().tolist()).decode() == text[: data.input_ids.numel()]
     labelled = "".join(chr(t) if t != -100 else "_" for t in data.labels.flatten().tolist())
-    # answers and their closing newline are targets; prompts and the separating space are not
-    expected = "".join("_" * (len(e.prompt) + 1) + e.answer + "\n" for e in examples)[: data.input_ids.numel()]
+    # the separating space, the answers and their closing newline are targets; prompts are not
+    expected = "".join("_" * len(e.prompt) + " " + e.answer + "\n" for e in examples)[: data.input_ids.numel()]
     assert labelled == expected
     assert bool((data.attention_mask == 1).all())
 
@@ -78,7 +78,7 @@ def test_demo_fast_end_to_end(tmp_path):
         for cat, row in r["per_category"].items():
             assert 0.0 <= row["exact"] <= 1.0 and row["count"] == res["budget"]["eval_per_category"], (name, cat)
         assert math.isfinite(r["ppl"]) and r["ppl"] >= 1.0, (name, r["ppl"])
-    # the teacher trained: held-out byte perplexity below the uniform 259-way guess
+    # the teacher trained on answers: their held-out per-byte perplexity is below the uniform 259-way guess
     assert res["final"]["teacher"]["ppl"] < 259
     # function-preserving conversion: the converted WuNeng student computes the teacher's outputs
     assert res["align"]["wuneng_output_first"] < 1e-4

@@ -93,8 +93,10 @@ class DemoConfig:
     intermediate_size: int = 512
     teacher_lr: float = 3e-3
     align_lr: float = 3e-3
-    distill_lr: float = 1e-3
-    sft_lr: float = 1e-3
+    # Stages 2 and 3 train every parameter; a converted WuNeng starts at the teacher's optimum, where Adam's
+    # normalised steps are pure noise, so these stay below the teacher's peak lr.
+    distill_lr: float = 5e-4
+    sft_lr: float = 5e-4
     # WuNeng student options (SPEC section 3 defaults); the ARWKV student is attention=False.
     fusion: str = "gate"
     middle_heads: int = 4
@@ -126,8 +128,9 @@ def answer_only_dataset(examples, context: int, num_rows: Optional[int] = None):
     ``examples``: :class:`~wuneng.eval.tasks.arithmetic.ArithmeticExample` list, joined as
     ``prompt + " " + answer + "\\n"`` (:func:`~wuneng.eval.tasks.arithmetic.build_corpus`). The byte
     stream is cut every ``context`` bytes (rows may straddle examples, as in the feasibility probes).
-    Labels are aligned with the inputs (the loss shifts them): the byte itself on answer bytes and the
-    closing newline, -100 elsewhere. Returns a :class:`~wuneng.train.data.PackedDataset` of
+    Labels are aligned with the inputs (the loss shifts them): the byte itself on the space that separates
+    prompt and answer, the answer bytes and the closing newline, -100 elsewhere. (The space is a target
+    because greedy generation from the prompt must produce it first.) Returns a :class:`~wuneng.train.data.PackedDataset` of
     ``[N, context]`` rows (``N = num_rows`` or as many full rows as the text gives).
     """
     from .eval.tasks.arithmetic import build_corpus
@@ -141,8 +144,11 @@ def answer_only_dataset(examples, context: int, num_rows: Optional[int] = None):
     rows = len(ids) // context if num_rows is None else num_rows
     if rows < 1 or rows * context > len(ids):
         raise ValueError(f"{len(ids)} bytes of text cannot fill {rows} rows of {context} bytes; generate more examples")
+    answer = corpus.answer_mask
+    mask = answer.copy()
+    mask[:-1] |= answer[1:] & ~answer[:-1]  # the byte before each answer: the separating space
     ids = ids[: rows * context].reshape(rows, context)
-    mask = corpus.answer_mask[: rows * context].reshape(rows, context)
+    mask = mask[: rows * context].reshape(rows, context)
     labels = np.where(mask, ids, IGNORE_INDEX)
     input_ids = torch.from_numpy(ids.copy())
     return PackedDataset(input_ids, torch.from_numpy(labels), torch.ones_like(input_ids), corpus.num_examples, 0)
@@ -213,21 +219,51 @@ def _train_config(stage: str, run_dir: Path, steps: int, batch: int, lr: float, 
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate_student(model, tokenizer, examples, heldout_text: str, context: int) -> dict:
-    """Greedy accuracy on held-out problems and perplexity on held-out text.
+@torch.no_grad()
+def answer_perplexity(model, examples, batch_size: int = 64):
+    """Per-byte perplexity of the held-out answers given their prompts: the bytes ``" " + answer + "\n"`` of
+    ``prompt + " " + answer + "\n"`` are scored (what answer-only training teaches; the prompt bytes, never a
+    target, are not). Sequences of equal length are batched (no padding). Returns a
+    :class:`~wuneng.eval.perplexity.PerplexityResult`."""
+    from .eval._model import evaluating, model_device
+    from .eval.perplexity import PerplexityResult
+    from .train.stages import shifted_cross_entropy_sum
+
+    device = model_device(model)
+    by_len: dict[int, list[tuple[list[int], int]]] = {}
+    for e in examples:
+        ids = list((e.text + "\n").encode("utf-8"))
+        by_len.setdefault(len(ids), []).append((ids, len(e.prompt.encode("utf-8"))))
+    total, count = 0.0, 0
+    with evaluating(model):
+        for items in by_len.values():
+            for i in range(0, len(items), batch_size):
+                chunk = items[i : i + batch_size]
+                x = torch.tensor([ids for ids, _ in chunk], dtype=torch.long, device=device)
+                labels = x.clone()
+                for r, (_, prompt_len) in enumerate(chunk):
+                    labels[r, :prompt_len] = IGNORE_INDEX
+                loss, n = shifted_cross_entropy_sum(model(input_ids=x).logits, labels)
+                total += float(loss)
+                count += int(n)
+    nll = total / max(count, 1)
+    return PerplexityResult(nll, math.exp(nll), count)
+
+
+def evaluate_student(model, tokenizer, examples) -> dict:
+    """Greedy accuracy on held-out problems and the per-byte perplexity of their answers.
 
     Returns ``{"exact", "final", "recall", "per_category": {cat: {"exact", ["final"], "count"}},
     "ppl", "nll", "samples": [(prompt, generation, answer), ...]}``; accuracies in [0, 1].
     """
     from .eval.evaluate import generate_continuations
-    from .eval.perplexity import perplexity
     from .eval.scoring import exact_match
     from .eval.tasks.arithmetic import score_arithmetic
 
     max_new = max(len(e.answer) for e in examples) + 3
     gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size=64)
     scores = score_arithmetic(gens, examples)
-    ppl = perplexity(model, texts=[heldout_text], tokenizer=lambda s: list(s.encode("utf-8")), context_length=context, batch_size=32)
+    ppl = answer_perplexity(model, examples)
     arith = [e for e in examples if e.fact is not None]
     exact_match_flags = [exact_match(g, e.answer) for g, e in zip(gens, examples)]
     recall = scores["per_category"].get("recall", {}).get("exact", float("nan"))
@@ -342,7 +378,7 @@ def _main_rows(results: dict) -> list[list[str]]:
 
 
 def _main_header(results: dict) -> list[str]:
-    return ["model", "params", "exact", "final (####)", *[f"{c} exact" for c in results["categories"]], "held-out ppl"]
+    return ["model", "params", "exact", "final (####)", *[f"{c} exact" for c in results["categories"]], "answer ppl"]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -388,14 +424,14 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"(torch {results['torch']}, seed {results['config']['seed']}).",
         "",
         "Data: generated arithmetic word problems (1-digit `+`/`-`) and key-value recall lines, bytes as tokens; "
-        "pretraining and SFT put the loss on answer bytes only; held-out problems never occur in training.",
+        "pretraining and SFT put the loss on answer bytes only (with the space before and the newline after); held-out problems never occur in training.",
         "",
         "## Held-out results",
         "",
         _md_table(_main_header(results), _main_rows(results)),
         "",
         "exact: the whole answer line matches (greedy); final: the `#### N` number matches (arithmetic only); "
-        "ppl: per-byte perplexity of the held-out problem text (prompts included). "
+        "ppl: per-byte perplexity of the held-out answers (`\" \" + answer + newline`) given their prompts. "
         f"{b['eval_per_category']} problems per category.",
         "",
         "## Students after each stage",
@@ -487,12 +523,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     tokenizer = ByteLevelTokenizer()
     task = ArithmeticConfig(recall_fraction=cfg.recall_fraction)
     test = make_test_set(task, per_category=b.eval_per_category, seed=cfg.seed + 1)
-    heldout_text = "".join(e.text + "\n" for e in test.examples)
     categories = heldout_categories(task)
 
     def evaluate(model) -> dict:
         t0 = time.perf_counter()
-        r = evaluate_student(model, tokenizer, test.examples, heldout_text, b.context)
+        r = evaluate_student(model, tokenizer, test.examples)
         seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - t0
         return r
 
