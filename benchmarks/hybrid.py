@@ -20,6 +20,7 @@ arwkv decode > 1x the teacher.
     python benchmarks/hybrid.py
     python benchmarks/hybrid.py --quick          # batch 2 x 256, prompt 512, for a smoke run
     python benchmarks/hybrid.py --threads 2      # default 1 thread (least sensitive to other processes)
+    python benchmarks/hybrid.py --skip-train --skip-prefill --prompt 8192     # decode at a longer context
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="batch 2 x 256, prompt 512, 8 decode steps, 1 repeat")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-prefill", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.prompt, args.decode_steps, args.repeats = 2, 256, 512, 16, 1
@@ -146,8 +148,9 @@ def main(argv=None):
         sec = measure(models, lambda name, m: time_train(m, opts[name], train_ids), args.repeats)
         results["train"] = {k: args.batch * args.seq / v for k, v in sec.items()}
         del opts
-    sec = measure(models, lambda name, m: time_prefill(m, prompt), args.repeats)
-    results["prefill"] = {k: args.prompt / v for k, v in sec.items()}
+    if not args.skip_prefill:
+        sec = measure(models, lambda name, m: time_prefill(m, prompt), args.repeats)
+        results["prefill"] = {k: args.prompt / v for k, v in sec.items()}
     results["decode"] = decode_rates(models, prompt, args.decode_steps)
 
     labels = {
