@@ -237,6 +237,22 @@ def test_gradients_reach_every_new_parameter():
             assert p.grad is None, name
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    student = WuNengForCausalLM.from_teacher(tiny_teacher(), layer_kinds=["hybrid", "arwkv", "hybrid"])
+    perturb_new_(student)
+    student.train()
+    ids = prompts(length=12)
+    student(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    student.activation_checkpointing_enable()
+    assert student.model.gradient_checkpointing
+    student(ids, labels=ids).loss.backward()
+    for name, p in student.named_parameters():
+        if name in plain:
+            assert torch.allclose(p.grad, plain[name], rtol=1e-5, atol=1e-7), name
+
+
 def test_frozen_teacher_mode_leaves_teacher_weights_bit_identical():
     teacher = tiny_teacher()
     student = WuNengForCausalLM.from_teacher(teacher)
