@@ -157,3 +157,26 @@ except ValueError as e:
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "refused True"
+
+
+@pytest.mark.parametrize("family", ["wuneng", "metastate"])
+def test_every_model_family_writes_its_auto_map(tmp_path, family):
+    """WuNeng (converted from a tiny Qwen2) and Meta-State folders name their own classes in auto_map."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from wuneng import MetaStateConfig, MetaStateForCausalLM, WuNengForCausalLM
+
+    if family == "wuneng":
+        teacher = Qwen2ForCausalLM(
+            Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+        )  # fmt: skip
+        model, expected = WuNengForCausalLM.from_teacher(teacher), "wuneng_auto.WuNengForCausalLM"
+    else:
+        config = MetaStateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, head_size=16)
+        model, expected = MetaStateForCausalLM(config), "wuneng_auto.MetaStateForCausalLM"
+    model.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        auto_map = json.load(f)["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == expected
+    assert expected.split(".")[1] in shim_namespace(tmp_path)

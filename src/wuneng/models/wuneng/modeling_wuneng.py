@@ -25,6 +25,7 @@ from transformers.cache_utils import DummyLayer, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from ...auto_map import AutoMapMixin
 from ...cache import RecurrentStateCache
 from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
@@ -119,7 +120,7 @@ class WuNengDecoderLayer(nn.Module):
         return hidden_states, v_first
 
 
-class WuNengPreTrainedModel(PreTrainedModel):
+class WuNengPreTrainedModel(AutoMapMixin, PreTrainedModel):
     config_class = WuNengConfig
     config: WuNengConfig
     base_model_prefix = "model"
