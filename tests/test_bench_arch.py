@@ -48,6 +48,15 @@ def test_results_accumulate_and_resume_skips_finished_runs(tmp_path):
     assert len(rows) == 8
 
 
+def test_only_keeps_the_run_keys_of_the_whole_sweep(tmp_path):
+    cfg = _tiny(tmp_path, ("transformer",))
+    part = cfg.only(["state"])
+    assert [s.name for s in part.settings] == ["state A4 k=6"]
+    assert {part.run_key(*r) for r in part.runs()} < {cfg.run_key(*r) for r in cfg.runs()}
+    with pytest.raises(ValueError, match="no setting matches"):
+        cfg.only(["parity"])
+
+
 def test_torn_last_line_is_ignored(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps({"key": "a", "setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": 0, "accuracy": 0.5}) + "\n{\"key\": ")

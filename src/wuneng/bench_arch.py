@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -149,6 +149,14 @@ class BenchConfig:
             raise ValueError(f"BenchConfig: head_size ({self.head_size}) must be a multiple of 16 dividing d_model ({self.d_model})")
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"BenchConfig.lrs must be positive learning rates, got {self.lrs}")
+
+    def only(self, patterns: Sequence[str]) -> "BenchConfig":
+        """This sweep restricted to the settings whose name contains one of ``patterns`` (e.g. ``"state A5 k=16"``).
+        Run keys do not change, so the rows count toward (and are skipped by) the whole sweep later."""
+        chosen = tuple(s for s in self.settings if any(p in s.name for p in patterns))
+        if not chosen:
+            raise ValueError(f"no setting matches {list(patterns)}; settings are: {[s.name for s in self.settings]}")
+        return replace(self, settings=chosen)
 
     @property
     def num_heads(self) -> int:

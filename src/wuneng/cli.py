@@ -56,6 +56,7 @@ def bench_arch_command(
     max_seconds: float = typer.Option(None, "--max-seconds", help="Wall-clock cap per run, in seconds."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu; --full: cuda when available)."),
     threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
+    only: str = typer.Option(None, "--only", help="Comma-separated setting-name substrings to run now, e.g. 'state A5 k=16' (same run keys as the whole sweep)."),
 ) -> None:
     """Train Transformer, RWKV-7, WuNeng (gate/add/concat/hymba, lambda=0) and Meta-State from scratch on MQAR and
     state tracking with equal budgets and a small learning-rate sweep; print and plot accuracy per setting."""
@@ -76,6 +77,8 @@ def bench_arch_command(
                 kw[name] = value
         kw["output_dir"] = out
         cfg = (BenchConfig.quick if quick else BenchConfig.full if full else BenchConfig.default)(**kw)
+        if only:
+            cfg = cfg.only([p.strip() for p in only.split(",") if p.strip()])
     except ValueError as e:
         raise typer.BadParameter(str(e))
     run_bench(cfg)
