@@ -36,10 +36,12 @@ def wkv7_step(
     S = r.new_zeros(B, H, N, N, dtype=sdt) if state is None else state.to(sdt)
     r_, k_, v_, a_, b_ = (t.to(sdt) for t in (r, k, v, a, b))
     w_ = torch.exp(log_w.to(sdt))
-    sa = torch.einsum("bhij,bhj->bhi", S, a_)
-    S = S * w_[:, :, None, :] + sa[..., :, None] * b_[:, :, None, :] + v_[..., :, None] * k_[:, :, None, :]
-    y = torch.einsum("bhij,bhj->bhi", S, r_).to(r.dtype)
+    # matmul/addcmul rather than einsum: at one token the per-op overhead is the cost
+    sa = torch.matmul(S, a_.unsqueeze(-1))  # [B,H,N,1], the OLD state
+    S = torch.addcmul(S * w_.unsqueeze(-2), sa, b_.unsqueeze(-2))
+    S = torch.addcmul(S, v_.unsqueeze(-1), k_.unsqueeze(-2))
+    y = torch.matmul(S, r_.unsqueeze(-1)).squeeze(-1).to(r.dtype)
     if extra_query is None:
         return y, S
-    y2 = torch.einsum("bhij,bhj->bhi", S, extra_query.to(sdt)).to(r.dtype)
+    y2 = torch.matmul(S, extra_query.to(sdt).unsqueeze(-1)).squeeze(-1).to(r.dtype)
     return y, S, y2
