@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -573,8 +573,6 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
             r = per_stage[kind][stage]
             console.print(f"  after {stage}: exact {_fmt_pct(r['exact'])}, recall {_fmt_pct(r['recall'])}, ppl {r['ppl']:.3f}")
         final[kind] = per_stage[kind]["sft"]
-        for p in student.parameters():  # let the next student's stages own the CPU caches
-            p.grad = None
         del student
 
     seconds["total"] = time.perf_counter() - t_start
