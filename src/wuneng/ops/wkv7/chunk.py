@@ -69,44 +69,14 @@ def effective_chunk_size(log_w: torch.Tensor, chunk_size: int, dtype: torch.dtyp
     return max(1, int(limit // max_abs)) if math.isfinite(max_abs) else 1
 
 
-def _to_chunks(x: torch.Tensor, n_chunks: int, L: int, pad: int) -> torch.Tensor:
-    """[B, T, H, N] -> [B * H, n_chunks, L, N] (zero-padded at the end of time)."""
-    if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-    B, _, H, N = x.shape
-    return x.reshape(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4).reshape(B * H, n_chunks, L, N).contiguous()
+def _chunk_view(x: torch.Tensor, n_chunks: int, L: int) -> torch.Tensor:
+    """[B, n_chunks * L, H, N] -> [n_chunks, B, H, L, N], a strided view (chunk-major, no copy).
 
-
-def _from_chunks(y: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, H, n_chunks, L, N] -> [B, T, H, N] (drops the padding)."""
-    B, H, nC, L, N = y.shape
-    return y.permute(0, 2, 3, 1, 4).reshape(B, nC * L, H, N)[:, :T]
-
-
-def _decay_factors(log_w: torch.Tensor):
-    """Every decay factor a chunk needs, each the exp of a difference of cumulative log decays.
-
-    log_w: [..., L, N] (one chunk per leading index), in the state dtype.
-    Returns the reference index m and a dict of [..., L, N] and [..., 1, N] factors.
+    The elementwise ops that scale the operands read through this view and write contiguous chunk
+    buffers, so the layout change costs no separate pass; gradients are written back through it.
     """
-    L = log_w.shape[-2]
-    g = log_w.cumsum(dim=-2)  # g_t, inclusive
-    m = (L - 1) // 2  # reference point in the middle of the chunk
-    g_ref = g[..., m : m + 1, :]
-    g_end = g[..., L - 1 :, :]
-    to_ref = g - g_ref
-    e_r = torch.exp(to_ref)
-    return m, {
-        "e_r": e_r,  # e^{g_t - g_m}          (r, q side of the intra-chunk matrices)
-        "e_b": torch.reciprocal(e_r),  # e^{g_m - g_t}  (b, k side)
-        "e_a": torch.exp(to_ref - log_w),  # e^{g_{t-1} - g_m}  (a side)
-        # [..., 1, N] factors, all <= 1; they turn the factored operands into decays from the chunk
-        # start (a e^{g_{t-1}} = a_hat e^{g_m}, r e^{g_t} = r_hat e^{g_m}) and to the chunk end
-        # (b e^{g_L - g_t} = b_hat e^{g_L - g_m}).
-        "start_to_ref": torch.exp(g_ref),  # e^{g_m}
-        "ref_to_end": torch.exp(g_end - g_ref),  # e^{g_L - g_m}
-        "decay_L": torch.exp(g_end),  # e^{g_L}
-    }
+    B, _, H, N = x.shape
+    return x.reshape(B, n_chunks, L, H, N).permute(1, 0, 3, 2, 4)
 
 
 def _intra_masks(L: int, n_left: int, dtype, device) -> torch.Tensor:
@@ -117,110 +87,127 @@ def _intra_masks(L: int, n_left: int, dtype, device) -> torch.Tensor:
     return torch.cat(rows, dim=0)
 
 
-def _products(pairs) -> torch.Tensor:
-    """Stack x * f for (x, f) pairs of [BH, C, L, N] along the row axis -> [BH, C, len * L, N] (no extra cat pass)."""
-    x0 = pairs[0][0]
-    L = x0.shape[-2]
-    out = x0.new_empty(*x0.shape[:-2], len(pairs) * L, x0.shape[-1])
-    for i, (x, f) in enumerate(pairs):
-        torch.mul(x, f, out=out[..., i * L : (i + 1) * L, :])
-    return out
-
-
 class _ChunkedWKV7(torch.autograd.Function):
     """The chunked computation with a hand-written backward (see the module docstring for the algebra).
 
-    Inputs are already chunked, [BH, C, L, N], in the state dtype; S0 [BH, N, N]; q may be None.
-    Outputs: Y [BH, C, nR * L, N] (rows: the r read-outs, then the q read-outs if any) and S_final.
+    Inputs r, log_w, k, v, a, b, q: [B, n_chunks * L, H, N] in the state dtype (q may be None);
+    S0 [B * H, N, N]. Internally every chunk tensor is chunk-major, [n_chunks, B, H, rows, N], so that
+    the sequential state loop reads and writes contiguous [B * H, N, N] slices.
+    Outputs: Y [n_chunks, B, H, nR * L, N] (rows: the r read-outs, then the q read-outs if any) and S_final.
     """
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, S0, q):
-        BH, nC, L, N = r.shape
-        Z = BH * nC
+    def forward(ctx, r, log_w, k, v, a, b, S0, q, L):
+        B, Tp, H, N = r.shape
+        nC, BH = Tp // L, B * H
+        Z = nC * BH
         dt, dev = r.dtype, r.device
-        m, e = _decay_factors(log_w)
+        m = (L - 1) // 2  # reference point in the middle of the chunk
         queries = [r] if q is None else [r, q]
         nR = len(queries)
 
-        # Intra-chunk matrices in one matmul: rows [a; r; (q)] (factored decay to m) x columns [b; k].
-        left4 = _products([(a, e["e_a"])] + [(x, e["e_r"]) for x in queries])
-        right4 = _products([(b, e["e_b"]), (k, e["e_b"])])
-        left, right = left4.view(Z, (1 + nR) * L, N), right4.view(Z, 2 * L, N)
+        def cv(x):
+            return _chunk_view(x, nC, L)
+
+        # Decay factors, each exp of a difference of cumulative log decays g_t = sum_{s<=t} log w_s.
+        # One exp pass: E[..., t + 1, :] = e^{g_t - g_m} for t = -1 .. L-1 (g_{-1} = 0), so that
+        # e_r = e^{g_t - g_m} (r, q side), e_a = e^{g_{t-1} - g_m} (a side; the same rows shifted by one)
+        # and e^{g_L - g_m} (the last row) are all views of it; the b, k side e^{g_m - g_t} is a division by e_r.
+        g = r.new_empty(nC, B, H, L, N)
+        torch.cumsum(cv(log_w), dim=-2, out=g)
+        decay_L = torch.exp(g[..., L - 1 :, :])  # e^{g_L}
+        g_ref = g[..., m : m + 1, :].clone()
+        start_to_ref = torch.exp(g_ref)  # e^{g_m}
+        E = r.new_empty(nC, B, H, L + 1, N)
+        torch.neg(g_ref, out=E[..., :1, :])
+        torch.sub(g, g_ref, out=E[..., 1:, :])
+        E.exp_()
+        e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
+
+        # Factored operands, written chunk-major: rows [a; r; (q)] x columns [b; k].
+        left = r.new_empty(nC, B, H, (1 + nR) * L, N)
+        torch.mul(cv(a), e_a, out=left[..., :L, :])
+        for i, x in enumerate(queries):
+            torch.mul(cv(x), e_r, out=left[..., (1 + i) * L : (2 + i) * L, :])
+        right = r.new_empty(nC, B, H, 2 * L, N)
+        torch.div(cv(b), e_r, out=right[..., :L, :])
+        torch.div(cv(k), e_r, out=right[..., L:, :])
+        left3, right3 = left.view(Z, (1 + nR) * L, N), right.view(Z, 2 * L, N)
+
+        # Intra-chunk matrices in one matmul: [[A_ab A_ak]; [A_rb A_rk]; ([A_qb A_qk])].
         mask = _intra_masks(L, 1 + nR, dt, dev)
-        A = torch.bmm(left, right.transpose(1, 2)).mul_(mask)  # [[A_ab A_ak]; [A_rb A_rk]; ([A_qb A_qk])]
+        A = torch.bmm(left3, right3.transpose(1, 2)).mul_(mask)
         A_ab, A_ak, A_rq = A[:, :L, :L], A[:, :L, L:], A[:, L:, :]
 
-        # P = (I - A_ab)^{-1} (unit lower triangular), then [W | U] = P [a e^{g_-} | A_ak V].
+        # P = (I - A_ab)^{-1} (unit lower triangular); W = P (a e^{g_-}), U = P (A_ak V), stored as [U; V].
         eye = torch.eye(L, dtype=dt, device=dev)
         P = torch.linalg.solve_triangular(-A_ab, eye.expand(Z, L, L), upper=False, unitriangular=True)
-        v3 = v.reshape(Z, L, N)
-        X = r.new_empty(Z, L, 2 * N)
-        a_e = X[..., :N]
-        torch.mul(left4[:, :, :L], e["start_to_ref"], out=X.view(BH, nC, L, 2 * N)[..., :N])  # a e^{g_{t-1}}
-        torch.bmm(A_ak, v3, out=X[..., N:])
-        WU = torch.bmm(P, X)
-        W = WU[..., :N]
-        UV = r.new_empty(Z, 2 * L, N)  # [U; V]
-        UV[:, :L] = WU[..., N:]
-        UV[:, L:] = v3
+        UV5 = r.new_empty(nC, B, H, 2 * L, N)
+        UV5[..., L:, :] = cv(v)
+        UV = UV5.view(Z, 2 * L, N)
+        v3 = UV[:, L:]
+        a_e = torch.mul(left[..., :L, :], start_to_ref).view(Z, L, N)  # a e^{g_{t-1}}
+        W = torch.bmm(P, a_e)
+        torch.bmm(P, torch.bmm(A_ak, v3), out=UV[:, :L])
+        U = UV[:, :L]
 
         # Read-outs, state-free parts: X' = x e^{g} + A_xb W,  Y_in = [A_xb A_xk] [U; V].
-        rq_e = (left4[:, :, L:] * e["start_to_ref"]).view(Z, nR * L, N)  # r e^{g_t} (and q)
-        RQp = torch.baddbmm(rq_e, A_rq[:, :, :L], W)
+        RQp = torch.mul(left[..., L:, :], start_to_ref).view(Z, nR * L, N)
+        RQp.baddbmm_(A_rq[:, :, :L], W)
         Y = torch.bmm(A_rq, UV)
 
-        # Chunk transitions S_{c+1} = S_c M_c + D_c.
-        bk_end = (right4 * e["ref_to_end"]).view(Z, 2 * L, N)  # [b; k] e^{g_L - g_t}
+        # Chunk transitions S_{c+1} = S_c M_c + D_c, written in place into the chunk-major state stack.
+        bk_end = torch.mul(right, ref_to_end).view(Z, 2 * L, N)  # [b; k] e^{g_L - g_t}
         M = torch.bmm(W.transpose(1, 2), bk_end[:, :L])
-        M.diagonal(dim1=1, dim2=2).add_(e["decay_L"].reshape(Z, N))
+        M.diagonal(dim1=1, dim2=2).add_(decay_L.reshape(Z, N))
         D = torch.bmm(UV.transpose(1, 2), bk_end)
-        M4, D4 = M.view(BH, nC, N, N), D.view(BH, nC, N, N)
-        S_starts = torch.empty(BH, nC, N, N, dtype=dt, device=dev)
-        S = S0
+        M4, D4 = M.view(nC, BH, N, N), D.view(nC, BH, N, N)
+        S_all = r.new_empty(nC + 1, BH, N, N)
+        S_all[0] = S0
         for c in range(nC):
-            S_starts[:, c] = S
-            S = torch.baddbmm(D4[:, c], S, M4[:, c])
+            torch.baddbmm(D4[c], S_all[c], M4[c], out=S_all[c + 1])
 
-        Y.baddbmm_(RQp, S_starts.view(Z, N, N).transpose(1, 2))
-        ctx.save_for_backward(left, right, A, P, WU, UV, RQp, rq_e, a_e, bk_end, M, S_starts, *e.values())
-        ctx.dims = (BH, nC, L, N, nR, m)
-        return Y.view(BH, nC, nR * L, N), S
+        Y.baddbmm_(RQp, S_all[:nC].view(Z, N, N).transpose(1, 2))
+        ctx.save_for_backward(left, right, A, P, W, UV, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L)
+        ctx.dims = (B, H, nC, L, N, nR, m)
+        return Y.view(nC, B, H, nR * L, N), S_all[nC].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dY, dS_final):
-        left, right, A, P, WU, UV, RQp, rq_e, a_e, bk_end, M, S_starts, *e_vals = ctx.saved_tensors
-        e = dict(zip(("e_r", "e_b", "e_a", "start_to_ref", "ref_to_end", "decay_L"), e_vals))
-        BH, nC, L, N, nR, m = ctx.dims
-        Z = BH * nC
-        dt = left.dtype
+        left, right, A, P, W, UV, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L = ctx.saved_tensors
+        B, H, nC, L, N, nR, m = ctx.dims
+        BH = B * H
+        Z = nC * BH
+        dt, dev = left.dtype, left.device
+        need = ctx.needs_input_grad
+        e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
         dY = dY.reshape(Z, nR * L, N)
-        S3 = S_starts.view(Z, N, N)
-        W = WU[..., :N]
-        A_ab, A_ak, A_rq = A[:, :L, :L], A[:, :L, L:], A[:, L:, :]
+        S3 = S_all[:nC].view(Z, N, N)
+        left3, right3 = left.view(Z, -1, N), right.view(Z, 2 * L, N)
+        A_ak, A_rq = A[:, :L, L:], A[:, L:, :]
+        U, v3 = UV[:, :L], UV[:, L:]
 
         # Y = RQ' S_c^T + Y_in
         dRQp = torch.bmm(dY, S3)
-        dS_from_y = torch.bmm(dY.transpose(1, 2), RQp).view(BH, nC, N, N)
+        dS_from_y = torch.bmm(dY.transpose(1, 2), RQp).view(nC, BH, N, N)
 
-        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; keep dS_{c+1} for dM, dD.
-        M4 = M.view(BH, nC, N, N)
-        G = dS_final.to(dt)
-        G_next = torch.empty(BH, nC, N, N, dtype=dt, device=dY.device)
+        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} feeds dM_c, dD_c.
+        M4 = M.view(nC, BH, N, N)
+        G_all = dY.new_empty(nC + 1, BH, N, N)
+        G_all[nC] = dS_final
         for c in range(nC - 1, -1, -1):
-            G_next[:, c] = G
-            G = torch.baddbmm(dS_from_y[:, c], G, M4[:, c].transpose(1, 2))
-        dS0 = G
-        dD = G_next.view(Z, N, N)
+            torch.baddbmm(dS_from_y[c], G_all[c + 1], M4[c].transpose(1, 2), out=G_all[c])
+        dS0 = G_all[0]
+        dD = G_all[1:].view(Z, N, N)
         dM = torch.bmm(S3.transpose(1, 2), dD)
 
         # D = [U; V]^T [B'; K'],  M = W^T B' + diag(e^{g_L})
         dUV = torch.bmm(bk_end, dD.transpose(1, 2))
         dbk_end = torch.bmm(UV, dD)
         dW = torch.bmm(bk_end[:, :L], dM.transpose(1, 2))
-        dbk_end[:, :L] += torch.bmm(W, dM)
-        d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(BH, nC, 1, N)
+        dbk_end[:, :L].baddbmm_(W, dM)
+        d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(nC, B, H, 1, N)
 
         # Y_in = A_rq [U; V],  RQ' = rq_e + A_rq[:, :, :L] W
         dA = dY.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
@@ -230,51 +217,78 @@ class _ChunkedWKV7(torch.autograd.Function):
         dUV.baddbmm_(A_rq.transpose(1, 2), dY)
         dW.baddbmm_(A_rq[:, :, :L].transpose(1, 2), dRQp)
 
-        # [W | U] = P X, X = [a_e | A_ak V]:  dX = P^T d[W | U],  dA_ab = dX [W | U]^T
-        dWU = dW.new_empty(Z, L, 2 * N)
-        dWU[..., :N] = dW
-        dWU[..., N:] = dUV[:, :L]
-        dX = torch.bmm(P.transpose(1, 2), dWU)
-        torch.bmm(dX, WU.transpose(1, 2), out=dA[:, :L, :L])  # dA_ab
-        da_e, dXu = dX[..., :N], dX[..., N:]
-        v3 = UV[:, L:]
-        torch.bmm(dXu, v3.transpose(1, 2), out=dA[:, :L, L:])  # dA_ak
-        dv = dUV[:, L:] + torch.bmm(A_ak.transpose(1, 2), dXu)
+        # W = P a_e, U = P (A_ak V), P = (I - A_ab)^{-1}:  d a_e = P^T dW,  d(A_ak V) = P^T dU,
+        # dA_ab = d a_e W^T + d(A_ak V) U^T,  dA_ak = d(A_ak V) V^T,  dV += A_ak^T d(A_ak V)
+        Pt = P.transpose(1, 2)
+        da_e = torch.bmm(Pt, dW)
+        dAkV = torch.bmm(Pt, dUV[:, :L])
+        dA_ab = dA[:, :L, :L]
+        torch.bmm(da_e, W.transpose(1, 2), out=dA_ab)
+        dA_ab.baddbmm_(dAkV, U.transpose(1, 2))
+        torch.bmm(dAkV, v3.transpose(1, 2), out=dA[:, :L, L:])
+        dv = dUV[:, L:].baddbmm_(A_ak.transpose(1, 2), dAkV)
 
-        mask = _intra_masks(L, 1 + nR, dt, dY.device)
-        dA.mul_(mask)
-        d_left = torch.bmm(dA, right)
-        d_right = torch.bmm(dA.transpose(1, 2), left)
+        dA.mul_(_intra_masks(L, 1 + nR, dt, dev))
+        d_left = torch.bmm(dA, right3)
+        d_right = torch.bmm(dA.transpose(1, 2), left3)
 
-        # Back to the chunked [BH, C, rows, N] layout for the elementwise parts.
-        shape = (BH, nC, -1, N)
-        d_left, d_right, left, right = (x.view(shape) for x in (d_left, d_right, left, right))
-        drq_e, rq_e, a_e, da_e = dRQp.view(shape), rq_e.view(shape), a_e.reshape(shape), da_e.reshape(shape)
-        dbk_end, bk_end = dbk_end.view(shape), bk_end.view(shape)
+        # Elementwise parts in the chunk-major [nC, B, H, rows, N] layout.
+        shape = (nC, B, H, -1, N)
+        d_left, d_right, drq_e, da_e5, dbk, bk5, a_e5 = (
+            x.view(shape) for x in (d_left, d_right, dRQp, da_e, dbk_end, bk_end, a_e)
+        )
+        # Exponent gradients of the [.., 1, N] factors, taken before the operand gradients absorb them.
+        d_end_direct = (dbk * bk5).sum(-2, keepdim=True)  # d/d(g_L - g_m)
+        d_ref_direct = (  # d/d g_m through e^{g_m} (rq_e = r_hat e^{g_m}, a_e = a_hat e^{g_m})
+            (drq_e * left[..., L:, :]).sum(-2, keepdim=True) * start_to_ref
+            + (da_e5 * a_e5).sum(-2, keepdim=True)
+            - d_end_direct
+        )
         # Total gradients of the factored operands (they also feed a_e, rq_e and bk_end).
-        d_left[:, :, :L].addcmul_(da_e, e["start_to_ref"])
-        d_left[:, :, L:].addcmul_(drq_e, e["start_to_ref"])
-        d_right.addcmul_(dbk_end, e["ref_to_end"])
-        da = d_left[:, :, :L] * e["e_a"]
-        dqs = [d_left[:, :, (1 + i) * L : (2 + i) * L] * e["e_r"] for i in range(nR)]
-        db = d_right[:, :, :L] * e["e_b"]
-        dk = d_right[:, :, L:] * e["e_b"]
+        d_left[..., :L, :].addcmul_(da_e5, start_to_ref)
+        d_left[..., L:, :].addcmul_(drq_e, start_to_ref)
+        d_right.addcmul_(dbk, ref_to_end)
 
         # Gradients of the exponents (d exp(x) / dx = exp(x)), gathered onto g_t, g_{t-1}, g_m and g_L.
-        prod_left = (d_left * left).view(BH, nC, 1 + nR, L, N)
-        d_excl_ref = prod_left[:, :, 0]  # d/d(g_{t-1} - g_m)
-        d_to_ref = prod_left[:, :, 1:].sum(2) - (d_right * right).view(BH, nC, 2, L, N).sum(2)  # d/d(g_t - g_m)
-        d_end_direct = (dbk_end * bk_end).sum(2)  # d/d(g_L - g_m)
-        d_ref_direct = (drq_e * rq_e).sum(2) + (da_e * a_e).sum(2) - d_end_direct  # d/d g_m (the [.., 1, N] factors)
-        d_g = d_to_ref + d_excl_ref
-        d_g[:, :, m] += d_ref_direct - d_g.sum(2)
-        d_g[:, :, L - 1] += d_end_direct + (d_decay_L * e["decay_L"]).squeeze(2)
+        prod_left = d_left * left
+        prod_right = d_right * right
+        d_excl_ref = prod_left[..., :L, :]  # d/d(g_{t-1} - g_m)
+        d_g = prod_left[..., L : 2 * L, :] - prod_right[..., :L, :]  # d/d(g_t - g_m), then + d_excl_ref
+        d_g -= prod_right[..., L:, :]
+        for i in range(1, nR):
+            d_g += prod_left[..., (1 + i) * L : (2 + i) * L, :]
+        d_g += d_excl_ref
+        d_g[..., m : m + 1, :] += d_ref_direct - d_g.sum(-2, keepdim=True)
+        d_g[..., L - 1 :, :] += d_end_direct + d_decay_L * decay_L
         # g = cumsum(log_w), g_{t-1} = g_t - log_w_t
-        dlog_w = d_g.flip(2).cumsum(2).flip(2) - d_excl_ref
+        grads = {}
+        Tp = nC * L
 
-        dr = dqs[0]
-        dq = dqs[1] if nR > 1 else None
-        return dr, dlog_w, dk, dv.view(BH, nC, L, N), da, db, dS0, dq
+        def out_like():
+            return left.new_empty(B, Tp, H, N)
+
+        dlog_w = out_like()
+        torch.sub(d_g.flip(-2).cumsum(-2).flip(-2), d_excl_ref, out=_chunk_view(dlog_w, nC, L))
+        if need[0]:
+            grads["r"] = out_like()
+            torch.mul(d_left[..., L : 2 * L, :], e_r, out=_chunk_view(grads["r"], nC, L))
+        if need[7] and nR > 1:
+            grads["q"] = out_like()
+            torch.mul(d_left[..., 2 * L :, :], e_r, out=_chunk_view(grads["q"], nC, L))
+        if need[4]:
+            grads["a"] = out_like()
+            torch.mul(d_left[..., :L, :], e_a, out=_chunk_view(grads["a"], nC, L))
+        if need[5]:
+            grads["b"] = out_like()
+            torch.div(d_right[..., :L, :], e_r, out=_chunk_view(grads["b"], nC, L))
+        if need[2]:
+            grads["k"] = out_like()
+            torch.div(d_right[..., L:, :], e_r, out=_chunk_view(grads["k"], nC, L))
+        if need[3]:
+            grads["v"] = out_like()
+            _chunk_view(grads["v"], nC, L).copy_(dv.view(shape))
+        g_ = grads.get
+        return g_("r"), dlog_w, g_("k"), g_("v"), g_("a"), g_("b"), dS0, g_("q"), None
 
 
 def wkv7_chunked(
@@ -315,13 +329,19 @@ def wkv7_chunked(
     L = effective_chunk_size(log_w, min(chunk_size, T), sdt)
     n_chunks = -(-T // L)
     pad = n_chunks * L - T
-    # Padding tokens have w = 1 and zero r, k, v, a, b: they leave the state unchanged.
-    chunked = [_to_chunks(t.to(sdt), n_chunks, L, pad) for t in (r, log_w, k, v, a, b)]
-    q = None if extra_query is None else _to_chunks(extra_query.to(sdt), n_chunks, L, pad)
-    Y, S = _ChunkedWKV7.apply(*chunked, S0.reshape(B * H, N, N), q)
-    Y = Y.view(B, H, n_chunks, -1, N)
-    y = _from_chunks(Y[:, :, :, :L], T).to(r.dtype)
+
+    def prepare(x):
+        # Padding tokens have w = 1 and zero r, k, v, a, b: they leave the state unchanged.
+        x = x.to(sdt)
+        return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+
+    q = None if extra_query is None else prepare(extra_query)
+    ins = [prepare(t) for t in (r, log_w, k, v, a, b)]
+    Y, S = _ChunkedWKV7.apply(*ins, S0.reshape(B * H, N, N), q, L)
+    # [nC, B, H, rows, N] -> [B, nC * L, H, N] (drops the padding)
+    Y = Y.permute(1, 0, 3, 2, 4)  # [B, nC, rows, H, N]
+    y = Y[:, :, :L].reshape(B, n_chunks * L, H, N)[:, :T].to(r.dtype)
     S = S.view(B, H, N, N)
     if extra_query is None:
         return y, S
-    return y, S, _from_chunks(Y[:, :, :, L:], T).to(r.dtype)
+    return y, S, Y[:, :, L:].reshape(B, n_chunks * L, H, N)[:, :T].to(r.dtype)
