@@ -160,12 +160,13 @@ class _ChunkedWKV7(torch.autograd.Function):
         bk_end = torch.mul(right, ref_to_end).view(Z, 2 * L, N)  # [b; k] e^{g_L - g_t}
         M = torch.bmm(W.transpose(1, 2), bk_end[:, :L])
         M.diagonal(dim1=1, dim2=2).add_(decay_L.reshape(Z, N))
-        D = torch.bmm(UV.transpose(1, 2), bk_end)
-        M4, D4 = M.view(nC, BH, N, N), D.view(nC, BH, N, N)
+        # D_c is written straight into the slot of S_{c+1}, which then accumulates S_c M_c in place.
+        M4 = M.view(nC, BH, N, N)
         S_all = r.new_empty(nC + 1, BH, N, N)
         S_all[0] = S0
+        torch.bmm(UV.transpose(1, 2), bk_end, out=S_all[1:].view(Z, N, N))  # D = [U; V]^T [B'; K']
         for c in range(nC):
-            torch.baddbmm(D4[c], S_all[c], M4[c], out=S_all[c + 1])
+            S_all[c + 1].baddbmm_(S_all[c], M4[c])
 
         Y.baddbmm_(RQp, S_all[:nC].view(Z, N, N).transpose(1, 2))
         ctx.save_for_backward(left, right, A, P, W, UV, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L)
@@ -190,14 +191,14 @@ class _ChunkedWKV7(torch.autograd.Function):
 
         # Y = RQ' S_c^T + Y_in
         dRQp = torch.bmm(dY, S3)
-        dS_from_y = torch.bmm(dY.transpose(1, 2), RQp).view(nC, BH, N, N)
-
         # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} feeds dM_c, dD_c.
+        # dS_from_y_c = dY_c^T RQ'_c is written straight into the slot of dS_c, which then accumulates.
         M4 = M.view(nC, BH, N, N)
         G_all = dY.new_empty(nC + 1, BH, N, N)
         G_all[nC] = dS_final
+        torch.bmm(dY.transpose(1, 2), RQp, out=G_all[:nC].view(Z, N, N))
         for c in range(nC - 1, -1, -1):
-            torch.baddbmm(dS_from_y[c], G_all[c + 1], M4[c].transpose(1, 2), out=G_all[c])
+            G_all[c].baddbmm_(G_all[c + 1], M4[c].transpose(1, 2))
         dS0 = G_all[0]
         dD = G_all[1:].view(Z, N, N)
         dM = torch.bmm(S3.transpose(1, 2), dD)
@@ -250,13 +251,13 @@ class _ChunkedWKV7(torch.autograd.Function):
         d_right.addcmul_(dbk, ref_to_end)
 
         # Gradients of the exponents (d exp(x) / dx = exp(x)), gathered onto g_t, g_{t-1}, g_m and g_L.
-        prod_left = d_left * left
-        prod_right = d_right * right
-        d_excl_ref = prod_left[..., :L, :]  # d/d(g_{t-1} - g_m)
-        d_g = prod_left[..., L : 2 * L, :] - prod_right[..., :L, :]  # d/d(g_t - g_m), then + d_excl_ref
-        d_g -= prod_right[..., L:, :]
+        # (addcmul chains: no full-size product temporaries)
+        d_excl_ref = d_left[..., :L, :] * left[..., :L, :]  # d/d(g_{t-1} - g_m)
+        d_g = d_left[..., L : 2 * L, :] * left[..., L : 2 * L, :]  # d/d(g_t - g_m), then + d_excl_ref
         for i in range(1, nR):
-            d_g += prod_left[..., (1 + i) * L : (2 + i) * L, :]
+            d_g.addcmul_(d_left[..., (1 + i) * L : (2 + i) * L, :], left[..., (1 + i) * L : (2 + i) * L, :])
+        d_g.addcmul_(d_right[..., :L, :], right[..., :L, :], value=-1.0)
+        d_g.addcmul_(d_right[..., L:, :], right[..., L:, :], value=-1.0)
         d_g += d_excl_ref
         d_g[..., m : m + 1, :] += d_ref_direct - d_g.sum(-2, keepdim=True)
         d_g[..., L - 1 :, :] += d_end_direct + d_decay_L * decay_L
@@ -268,7 +269,9 @@ class _ChunkedWKV7(torch.autograd.Function):
             return left.new_empty(B, Tp, H, N)
 
         dlog_w = out_like()
-        torch.sub(d_g.flip(-2).cumsum(-2).flip(-2), d_excl_ref, out=_chunk_view(dlog_w, nC, L))
+        # Reverse cumulative sum over the chunk as one batched matmul with an upper-triangular ones matrix.
+        rev_cumsum = torch.ones(L, L, dtype=dt, device=dev).triu_()
+        torch.sub(torch.matmul(rev_cumsum, d_g), d_excl_ref, out=_chunk_view(dlog_w, nC, L))
         if need[0]:
             grads["r"] = out_like()
             torch.mul(d_left[..., L : 2 * L, :], e_r, out=_chunk_view(grads["r"], nC, L))
