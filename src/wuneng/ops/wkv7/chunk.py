@@ -38,8 +38,18 @@ allows L <= 131 without capping. The cumulative sums are taken in the state dtyp
 float64 was measured 2-4x more accurate (T = 4096: 1-3e-7 instead of 2-9e-7 relative) but 15% slower.
 The state is float32 whatever the input dtype (float64 inputs stay float64).
 
-Gradients: plain autograd through these tensor operations (to r, log_w, k, v, a, b, initial_state and
-extra_query).
+Layout and passes. Chunk tensors are chunk-major, [n_chunks, B, H, rows, N]: the operand scalings
+read the [B, T, H, N] inputs through a strided view and write the chunk buffers (the layout change
+costs no separate copy), and the sequential loops over chunks read and write contiguous [B*H, N, N]
+slices in place (D_c is computed straight into the slot of S_{c+1}). All decay factors come from one
+exp pass over [L + 1] rows of ``g_t - g_m`` (t = -1 .. L-1): e^{g_t - g_m}, e^{g_{t-1} - g_m} (the
+same rows shifted by one) and e^{g_L - g_m} are views of it; the b, k side divides by e^{g_t - g_m}.
+
+Gradients: a hand-written ``autograd.Function`` backward (``_ChunkedWKV7``) that reuses the forward's
+matrices (A, P = (I - A_ab)^{-1}, W, [U; V], the chunk-start states) and runs the chunk recurrence in
+reverse (dS_c = dY_c^T R'_c + dS_{c+1} M_c^T). Gradients to log_w and initial_state always, to r, k,
+v, a, b and extra_query only when needed (``ctx.needs_input_grad``); the sequence gradients are written
+straight into the [B, T, H, N] layout. Not twice differentiable.
 """
 
 from __future__ import annotations
@@ -341,10 +351,15 @@ def wkv7_chunked(
     q = None if extra_query is None else prepare(extra_query)
     ins = [prepare(t) for t in (r, log_w, k, v, a, b)]
     Y, S = _ChunkedWKV7.apply(*ins, S0.reshape(B * H, N, N), q, L)
-    # [nC, B, H, rows, N] -> [B, nC * L, H, N] (drops the padding)
     Y = Y.permute(1, 0, 3, 2, 4)  # [B, nC, rows, H, N]
-    y = Y[:, :, :L].reshape(B, n_chunks * L, H, N)[:, :T].to(r.dtype)
+
+    def to_sequence(rows):
+        # [B, nC, L, H, N] -> [B, T, H, N], dropping the padding; no-op slices are skipped (their
+        # backward would allocate and fill a full-size gradient).
+        y = rows.reshape(B, n_chunks * L, H, N)
+        return (y[:, :T] if pad else y).to(r.dtype)
+
     S = S.view(B, H, N, N)
     if extra_query is None:
-        return y, S
-    return y, S, Y[:, :, L:].reshape(B, n_chunks * L, H, N)[:, :T].to(r.dtype)
+        return to_sequence(Y), S
+    return to_sequence(Y[:, :, :L]), S, to_sequence(Y[:, :, L:])
