@@ -416,8 +416,8 @@ def results_markdown(rows: Sequence[dict]) -> str:
     """The best-lr accuracy table (one column per setting) and the full per-run table, as Markdown."""
     best = best_rows(rows)
     settings, variants = _ordered(rows)
-    header = "| variant | params | " + " | ".join(settings) + " |"
-    lines = [header, "|" + "---|" * (len(settings) + 2)]
+    header = "| variant | " + " | ".join(settings) + " |"
+    lines = [header, "|" + "---|" * (len(settings) + 1)]
     for v in variants:
         cells = []
         for s in settings:
@@ -427,12 +427,12 @@ def results_markdown(rows: Sequence[dict]) -> str:
                 continue
             extra = f", solved k<={b['solved_up_to']:g}" if b.get("solved_up_to") is not None else ""
             cells.append(f"{100 * b['accuracy']:.1f}% (lr {b['lr']:g}{extra})")
-        params = next((r["params"] for r in rows if r["variant"] == v), 0)
-        lines.append(f"| {v} | {params / 1e3:.0f} k | " + " | ".join(cells) + " |")
-    lines += ["", "| setting | variant | lr | seed | accuracy | steps | tokens | seconds | final loss |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "| setting | variant | params | lr | seed | accuracy | steps | tokens | seconds | final loss |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flag = " (diverged)" if r.get("diverged") else ""
-        lines.append(f"| {r['setting']} | {r['variant']} | {r['lr']:g} | {r['seed']} | {100 * r['accuracy']:.1f}%{flag} | {r['steps']} | "
+        lines.append(f"| {r['setting']} | {r['variant']} | {r['params'] / 1e3:.0f} k | {r['lr']:g} | {r['seed']} | {100 * r['accuracy']:.1f}%{flag} | {r['steps']} | "
                      f"{r['tokens']:,} | {r['seconds']:.0f} | {r['final_loss'] if r['final_loss'] is None else round(r['final_loss'], 3)} |")
     return "\n".join(lines)
 
