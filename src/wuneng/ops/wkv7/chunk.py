@@ -158,7 +158,8 @@ class _ChunkedWKV7(torch.autograd.Function):
         v3 = UV[:, L:]
         a_e = torch.mul(left[..., :L, :], start_to_ref).view(Z, L, N)  # a e^{g_{t-1}}
         W = torch.bmm(P, a_e)
-        torch.bmm(P, torch.bmm(A_ak, v3), out=UV[:, :L])
+        # (bmm into a strided slice falls back to a per-matrix loop, ~5x slower: compute, then copy)
+        UV[:, :L] = torch.bmm(P, torch.bmm(A_ak, v3))
         U = UV[:, :L]
 
         # Read-outs, state-free parts: X' = x e^{g} + A_xb W,  Y_in = [A_xb A_xk] [U; V].
@@ -211,20 +212,23 @@ class _ChunkedWKV7(torch.autograd.Function):
             G_all[c].baddbmm_(G_all[c + 1], M4[c].transpose(1, 2))
         dS0 = G_all[0]
         dD = G_all[1:].view(Z, N, N)
-        dM = torch.bmm(S3.transpose(1, 2), dD)
 
-        # D = [U; V]^T [B'; K'],  M = W^T B' + diag(e^{g_L})
+        # D = [U; V]^T [B'; K']:  d[U; V] = [B'; K'] dD^T,  d[B'; K'] = [U; V] dD.
+        # (Every matmul below writes a fresh contiguous tensor: bmm into a strided slice falls back to a
+        # per-matrix loop, ~5x slower; the blocks are copied or added into place afterwards.)
         dUV = torch.bmm(bk_end, dD.transpose(1, 2))
         dbk_end = torch.bmm(UV, dD)
-        dW = torch.bmm(bk_end[:, :L], dM.transpose(1, 2))
-        dbk_end[:, :L].baddbmm_(W, dM)
-        d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(nC, B, H, 1, N)
+        # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD; never formed (an N x N x N product per chunk):
+        # dW = B' dM^T = (B' dD^T) S_c = dU_from_D S_c,  dB' += W dM = (W S_c^T) dD,  d e^{g_L} = diag(dM).
+        dW = torch.bmm(dUV[:, :L], S3)
+        dbk_end[:, :L] += torch.bmm(torch.bmm(W, S3.transpose(1, 2)), dD)
+        d_decay_L = (S3 * dD).sum(1).view(nC, B, H, 1, N)
 
         # Y_in = A_rq [U; V],  RQ' = rq_e + A_rq[:, :, :L] W
         dA = dY.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
-        dA_rq = dA[:, L:]
-        torch.bmm(dY, UV.transpose(1, 2), out=dA_rq)
-        dA_rq[:, :, :L].baddbmm_(dRQp, W.transpose(1, 2))
+        dA_rq = torch.bmm(dY, UV.transpose(1, 2))
+        dA_rq[:, :, :L] += torch.bmm(dRQp, W.transpose(1, 2))
+        dA[:, L:] = dA_rq
         dUV.baddbmm_(A_rq.transpose(1, 2), dY)
         dW.baddbmm_(A_rq[:, :, :L].transpose(1, 2), dRQp)
 
@@ -233,11 +237,10 @@ class _ChunkedWKV7(torch.autograd.Function):
         Pt = P.transpose(1, 2)
         da_e = torch.bmm(Pt, dW)
         dAkV = torch.bmm(Pt, dUV[:, :L])
-        dA_ab = dA[:, :L, :L]
-        torch.bmm(da_e, W.transpose(1, 2), out=dA_ab)
-        dA_ab.baddbmm_(dAkV, U.transpose(1, 2))
-        torch.bmm(dAkV, v3.transpose(1, 2), out=dA[:, :L, L:])
-        dv = dUV[:, L:].baddbmm_(A_ak.transpose(1, 2), dAkV)
+        dA[:, :L, :L] = torch.bmm(da_e, W.transpose(1, 2)).baddbmm_(dAkV, U.transpose(1, 2))
+        dA[:, :L, L:] = torch.bmm(dAkV, v3.transpose(1, 2))
+        dv = dUV[:, L:]
+        dv += torch.bmm(A_ak.transpose(1, 2), dAkV)
 
         dA.mul_(_intra_masks(L, 1 + nR, dt, dev))
         d_left = torch.bmm(dA, right3)
