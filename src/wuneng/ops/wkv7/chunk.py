@@ -147,100 +147,104 @@ class _ChunkedWKV7(torch.autograd.Function):
         # Intra-chunk matrices in one matmul: [[A_ab A_ak]; [A_rb A_rk]; ([A_qb A_qk])].
         mask = _intra_masks(L, 1 + nR, dt, dev)
         A = torch.bmm(left3, right3.transpose(1, 2)).mul_(mask)
-        A_ab, A_ak, A_rq = A[:, :L, :L], A[:, :L, L:], A[:, L:, :]
+        A_ab, A_ak, A_rqb, A_rqk = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
 
-        # P = (I - A_ab)^{-1} (unit lower triangular); W = P (a e^{g_-}), U = P (A_ak V), stored as [U; V].
+        # P = (I - A_ab)^{-1} (unit lower triangular); W = P (a e^{g_-}) (the state-dependent part of sa);
+        # Q = P A_ak, so that the state-free part of sa is U = Q V (U itself is never formed).
         eye = torch.eye(L, dtype=dt, device=dev)
         P = torch.linalg.solve_triangular(-A_ab, eye.expand(Z, L, L), upper=False, unitriangular=True)
-        UV5 = r.new_empty(nC, B, H, 2 * L, N)
-        UV5[..., L:, :] = cv(v)
-        UV = UV5.view(Z, 2 * L, N)
-        v3 = UV[:, L:]
+        V5 = r.new_empty(nC, B, H, L, N)
+        V5.copy_(cv(v))
+        V = V5.view(Z, L, N)
         a_e = torch.mul(left[..., :L, :], start_to_ref).view(Z, L, N)  # a e^{g_{t-1}}
         W = torch.bmm(P, a_e)
-        # (bmm into a strided slice falls back to a per-matrix loop, ~5x slower: compute, then copy)
-        UV[:, :L] = torch.bmm(P, torch.bmm(A_ak, v3))
-        U = UV[:, :L]
+        Q = torch.bmm(P, A_ak)
 
-        # Read-outs, state-free parts: X' = x e^{g} + A_xb W,  Y_in = [A_xb A_xk] [U; V].
+        # Read-outs: X' = x e^{g} + A_xb W (state part),  Y_in = A_xb U + A_xk V = (A_xk + A_xb Q) V.
         RQp = torch.mul(left[..., L:, :], start_to_ref).view(Z, nR * L, N)
-        RQp.baddbmm_(A_rq[:, :, :L], W)
-        Y = torch.bmm(A_rq, UV)
+        RQp.baddbmm_(A_rqb, W)
+        A_eff = torch.baddbmm(A_rqk, A_rqb, Q)
+        Y = torch.bmm(A_eff, V)
 
-        # Chunk transitions S_{c+1} = S_c M_c + D_c, written in place into the chunk-major state stack.
-        bk_end = torch.mul(right, ref_to_end).view(Z, 2 * L, N)  # [b; k] e^{g_L - g_t}
-        M = torch.bmm(W.transpose(1, 2), bk_end[:, :L])
+        # Chunk transitions S_{c+1} = S_c M_c + D_c:  M = diag(e^{g_L}) + W^T B',
+        # D = U^T B' + V^T K' = V^T K_eff with K_eff = K' + Q^T B'. Written in place into the state stack.
+        bk_end = torch.mul(right, ref_to_end).view(Z, 2 * L, N)  # [B'; K'] = [b; k] e^{g_L - g_t}
+        B_end, K_end = bk_end[:, :L], bk_end[:, L:]
+        M = torch.bmm(W.transpose(1, 2), B_end)
         M.diagonal(dim1=1, dim2=2).add_(decay_L.reshape(Z, N))
+        K_eff = torch.baddbmm(K_end, Q.transpose(1, 2), B_end)
         # D_c is written straight into the slot of S_{c+1}, which then accumulates S_c M_c in place.
         M4 = M.view(nC, BH, N, N)
         S_all = r.new_empty(nC + 1, BH, N, N)
         S_all[0] = S0
-        torch.bmm(UV.transpose(1, 2), bk_end, out=S_all[1:].view(Z, N, N))  # D = [U; V]^T [B'; K']
+        torch.bmm(V.transpose(1, 2), K_eff, out=S_all[1:].view(Z, N, N))
+        S_list, M_list = S_all.unbind(0), M4.unbind(0)
         for c in range(nC):
-            S_all[c + 1].baddbmm_(S_all[c], M4[c])
+            S_list[c + 1].baddbmm_(S_list[c], M_list[c])
 
         Y.baddbmm_(RQp, S_all[:nC].view(Z, N, N).transpose(1, 2))
-        ctx.save_for_backward(left, right, A, P, W, UV, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L)
+        ctx.save_for_backward(left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L)
         ctx.dims = (B, H, nC, L, N, nR, m)
         return Y.view(nC, B, H, nR * L, N), S_all[nC].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dY, dS_final):
-        left, right, A, P, W, UV, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L = ctx.saved_tensors
+        left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L = (
+            ctx.saved_tensors
+        )
         B, H, nC, L, N, nR, m = ctx.dims
         BH = B * H
         Z = nC * BH
         dt, dev = left.dtype, left.device
         need = ctx.needs_input_grad
         e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
-        dY = dY.reshape(Z, nR * L, N)
+        # contiguous: a real gradient arrives through the output's permute and is already copied by the
+        # reshape; an expanded one (y.sum().backward()) would otherwise send every matmul down a per-matrix loop
+        dY = dY.reshape(Z, nR * L, N).contiguous()
         S3 = S_all[:nC].view(Z, N, N)
         left3, right3 = left.view(Z, -1, N), right.view(Z, 2 * L, N)
-        A_ak, A_rq = A[:, :L, L:], A[:, L:, :]
-        U, v3 = UV[:, :L], UV[:, L:]
+        A_rqb = A[:, L:, :L]
+        B_end = bk_end[:, :L]
+        # (Every matmul below writes a fresh contiguous tensor: bmm into a strided slice falls back to a
+        # per-matrix loop, ~5x slower; blocks are copied into place afterwards.)
 
-        # Y = RQ' S_c^T + Y_in
+        # Y = RQ' S_c^T + A_eff V
         dRQp = torch.bmm(dY, S3)
-        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} feeds dM_c, dD_c.
+        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} = dD_c.
         # dS_from_y_c = dY_c^T RQ'_c is written straight into the slot of dS_c, which then accumulates.
-        M4 = M.view(nC, BH, N, N)
         G_all = dY.new_empty(nC + 1, BH, N, N)
         G_all[nC] = dS_final
         torch.bmm(dY.transpose(1, 2), RQp, out=G_all[:nC].view(Z, N, N))
+        G_list, M_list = G_all.unbind(0), M.view(nC, BH, N, N).unbind(0)
         for c in range(nC - 1, -1, -1):
-            G_all[c].baddbmm_(G_all[c + 1], M4[c].transpose(1, 2))
+            G_list[c].baddbmm_(G_list[c + 1], M_list[c].transpose(1, 2))
         dS0 = G_all[0]
         dD = G_all[1:].view(Z, N, N)
 
-        # D = [U; V]^T [B'; K']:  d[U; V] = [B'; K'] dD^T,  d[B'; K'] = [U; V] dD.
-        # (Every matmul below writes a fresh contiguous tensor: bmm into a strided slice falls back to a
-        # per-matrix loop, ~5x slower; the blocks are copied or added into place afterwards.)
-        dUV = torch.bmm(bk_end, dD.transpose(1, 2))
-        dbk_end = torch.bmm(UV, dD)
-        # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD; never formed (an N x N x N product per chunk):
-        # dW = B' dM^T = (B' dD^T) S_c = dU_from_D S_c,  dB' += W dM = (W S_c^T) dD,  d e^{g_L} = diag(dM).
-        dW = torch.bmm(dUV[:, :L], S3)
-        dbk_end[:, :L] += torch.bmm(torch.bmm(W, S3.transpose(1, 2)), dD)
+        # D = V^T K_eff, K_eff = K' + Q^T B',  Y_in = A_eff V
+        dK_end = torch.bmm(V, dD)  # = dK_eff
+        dV = torch.bmm(K_eff, dD.transpose(1, 2)).baddbmm_(A_eff.transpose(1, 2), dY)
+        dA_eff = torch.bmm(dY, V.transpose(1, 2))  # = dA_rqk
+        # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD is never formed (an N x N x N product per chunk):
+        # dB' = W dM + Q dK_eff = (W S_c^T) dD + Q dK_eff,  dW = B' dM^T = (B' dD^T) S_c,  d e^{g_L} = diag(dM)
+        dB_end = torch.bmm(torch.bmm(W, S3.transpose(1, 2)), dD).baddbmm_(Q, dK_end)
+        dW = torch.bmm(torch.bmm(B_end, dD.transpose(1, 2)), S3)
         d_decay_L = (S3 * dD).sum(1).view(nC, B, H, 1, N)
-
-        # Y_in = A_rq [U; V],  RQ' = rq_e + A_rq[:, :, :L] W
+        # RQ' = rq_e + A_rqb W,  A_eff = A_rqk + A_rqb Q,  K_eff = K' + Q^T B'
+        dW.baddbmm_(A_rqb.transpose(1, 2), dRQp)
+        dQ = torch.bmm(B_end, dK_end.transpose(1, 2)).baddbmm_(A_rqb.transpose(1, 2), dA_eff)
         dA = dY.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
-        dA_rq = torch.bmm(dY, UV.transpose(1, 2))
-        dA_rq[:, :, :L] += torch.bmm(dRQp, W.transpose(1, 2))
-        dA[:, L:] = dA_rq
-        dUV.baddbmm_(A_rq.transpose(1, 2), dY)
-        dW.baddbmm_(A_rq[:, :, :L].transpose(1, 2), dRQp)
+        dA[:, L:, :L] = torch.bmm(dA_eff, Q.transpose(1, 2)).baddbmm_(dRQp, W.transpose(1, 2))
+        dA[:, L:, L:] = dA_eff
 
-        # W = P a_e, U = P (A_ak V), P = (I - A_ab)^{-1}:  d a_e = P^T dW,  d(A_ak V) = P^T dU,
-        # dA_ab = d a_e W^T + d(A_ak V) U^T,  dA_ak = d(A_ak V) V^T,  dV += A_ak^T d(A_ak V)
+        # W = P a_e, Q = P A_ak, P = (I - A_ab)^{-1}:  d a_e = P^T dW,  dA_ak = P^T dQ,
+        # dA_ab = P^T (dW a_e^T + dQ A_ak^T) P^T = d a_e W^T + dA_ak Q^T
         Pt = P.transpose(1, 2)
         da_e = torch.bmm(Pt, dW)
-        dAkV = torch.bmm(Pt, dUV[:, :L])
-        dA[:, :L, :L] = torch.bmm(da_e, W.transpose(1, 2)).baddbmm_(dAkV, U.transpose(1, 2))
-        dA[:, :L, L:] = torch.bmm(dAkV, v3.transpose(1, 2))
-        dv = dUV[:, L:]
-        dv += torch.bmm(A_ak.transpose(1, 2), dAkV)
+        dA_ak = torch.bmm(Pt, dQ)
+        dA[:, :L, L:] = dA_ak
+        dA[:, :L, :L] = torch.bmm(dA_ak, Q.transpose(1, 2)).baddbmm_(da_e, W.transpose(1, 2))
 
         dA.mul_(_intra_masks(L, 1 + nR, dt, dev))
         d_left = torch.bmm(dA, right3)
@@ -248,11 +252,13 @@ class _ChunkedWKV7(torch.autograd.Function):
 
         # Elementwise parts in the chunk-major [nC, B, H, rows, N] layout.
         shape = (nC, B, H, -1, N)
-        d_left, d_right, drq_e, da_e5, dbk, bk5, a_e5 = (
-            x.view(shape) for x in (d_left, d_right, dRQp, da_e, dbk_end, bk_end, a_e)
+        d_left, d_right, drq_e, da_e5, db_end, dk_end, bk5, a_e5 = (
+            x.view(shape) for x in (d_left, d_right, dRQp, da_e, dB_end, dK_end, bk_end, a_e)
         )
         # Exponent gradients of the [.., 1, N] factors, taken before the operand gradients absorb them.
-        d_end_direct = (dbk * bk5).sum(-2, keepdim=True)  # d/d(g_L - g_m)
+        d_end_direct = (  # d/d(g_L - g_m)
+            (db_end * bk5[..., :L, :]).sum(-2, keepdim=True) + (dk_end * bk5[..., L:, :]).sum(-2, keepdim=True)
+        )
         d_ref_direct = (  # d/d g_m through e^{g_m} (rq_e = r_hat e^{g_m}, a_e = a_hat e^{g_m})
             (drq_e * left[..., L:, :]).sum(-2, keepdim=True) * start_to_ref
             + (da_e5 * a_e5).sum(-2, keepdim=True)
@@ -261,7 +267,8 @@ class _ChunkedWKV7(torch.autograd.Function):
         # Total gradients of the factored operands (they also feed a_e, rq_e and bk_end).
         d_left[..., :L, :].addcmul_(da_e5, start_to_ref)
         d_left[..., L:, :].addcmul_(drq_e, start_to_ref)
-        d_right.addcmul_(dbk, ref_to_end)
+        d_right[..., :L, :].addcmul_(db_end, ref_to_end)
+        d_right[..., L:, :].addcmul_(dk_end, ref_to_end)
 
         # Gradients of the exponents (d exp(x) / dx = exp(x)), gathered onto g_t, g_{t-1}, g_m and g_L.
         # (addcmul chains: no full-size product temporaries)
@@ -302,7 +309,7 @@ class _ChunkedWKV7(torch.autograd.Function):
             torch.div(d_right[..., L:, :], e_r, out=_chunk_view(grads["k"], nC, L))
         if need[3]:
             grads["v"] = out_like()
-            _chunk_view(grads["v"], nC, L).copy_(dv.view(shape))
+            _chunk_view(grads["v"], nC, L).copy_(dV.view(shape))
         g_ = grads.get
         return g_("r"), dlog_w, g_("k"), g_("v"), g_("a"), g_("b"), dS0, g_("q"), None
 
