@@ -226,11 +226,12 @@ class _ChunkedWKV7(torch.autograd.Function):
         dK_end = torch.bmm(V, dD)  # = dK_eff
         dV = torch.bmm(K_eff, dD.transpose(1, 2)).baddbmm_(A_eff.transpose(1, 2), dY)
         dA_eff = torch.bmm(dY, V.transpose(1, 2))  # = dA_rqk
-        # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD is never formed (an N x N x N product per chunk):
-        # dB' = W dM + Q dK_eff = (W S_c^T) dD + Q dK_eff,  dW = B' dM^T = (B' dD^T) S_c,  d e^{g_L} = diag(dM)
-        dB_end = torch.bmm(torch.bmm(W, S3.transpose(1, 2)), dD).baddbmm_(Q, dK_end)
-        dW = torch.bmm(torch.bmm(B_end, dD.transpose(1, 2)), S3)
-        d_decay_L = (S3 * dD).sum(1).view(nC, B, H, 1, N)
+        # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD:  dB' = W dM + Q dK_eff,  dW = B' dM^T,  d e^{g_L} = diag(dM).
+        # (Forming dM costs the same FLOPs as (W S_c^T) dD + (B' dD^T) S_c in fewer, larger matmuls.)
+        dM = torch.bmm(S3.transpose(1, 2), dD)
+        dB_end = torch.bmm(W, dM).baddbmm_(Q, dK_end)
+        dW = torch.bmm(B_end, dM.transpose(1, 2))
+        d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(nC, B, H, 1, N)
         # RQ' = rq_e + A_rqb W,  A_eff = A_rqk + A_rqb Q,  K_eff = K' + Q^T B'
         dW.baddbmm_(A_rqb.transpose(1, 2), dRQp)
         dQ = torch.bmm(B_end, dK_end.transpose(1, 2)).baddbmm_(A_rqb.transpose(1, 2), dA_eff)
