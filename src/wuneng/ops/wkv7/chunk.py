@@ -67,6 +67,10 @@ DEFAULT_CHUNK_SIZE = 32
 # Largest total |log decay| over one chunk: the factored exponents stay within +-half of it.
 _MAX_CHUNK_LOG_DECAY = {torch.float32: 80.0, torch.float64: 600.0}
 
+# Chunks are processed in groups of about this many (chunk, batch, head) matrices, so that the dozens of
+# steps of a group run on operands that are still in cache (see the module docstring).
+_GROUP_MATRICES = 96
+
 
 def effective_chunk_size(log_w: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> int:
     """The chunk length actually used: ``chunk_size``, shortened if ``L * max|log_w|`` would leave the safe range."""
@@ -97,12 +101,19 @@ def _intra_masks(L: int, n_left: int, dtype, device) -> torch.Tensor:
     return torch.cat(rows, dim=0)
 
 
+def _chunk_groups(n_chunks: int, BH: int) -> list[tuple[int, int]]:
+    """Consecutive chunk ranges [c0, c1) of about ``_GROUP_MATRICES`` (chunk, batch, head) matrices each."""
+    step = max(1, _GROUP_MATRICES // BH)
+    return [(c0, min(c0 + step, n_chunks)) for c0 in range(0, n_chunks, step)]
+
+
 class _ChunkedWKV7(torch.autograd.Function):
     """The chunked computation with a hand-written backward (see the module docstring for the algebra).
 
     Inputs r, log_w, k, v, a, b, q: [B, n_chunks * L, H, N] in the state dtype (q may be None);
-    S0 [B * H, N, N]. Internally every chunk tensor is chunk-major, [n_chunks, B, H, rows, N], so that
-    the sequential state loop reads and writes contiguous [B * H, N, N] slices.
+    S0 [B * H, N, N]. Chunk tensors are chunk-major, [chunks, B, H, rows, N], and are computed one group
+    of consecutive chunks at a time (``_chunk_groups``): forward runs each group's state-free part, its
+    stretch of the state recurrence and its read-out before moving on; backward does the same in reverse.
     Outputs: Y [n_chunks, B, H, nR * L, N] (rows: the r read-outs, then the q read-outs if any) and S_final.
     """
 
@@ -110,209 +121,214 @@ class _ChunkedWKV7(torch.autograd.Function):
     def forward(ctx, r, log_w, k, v, a, b, S0, q, L):
         B, Tp, H, N = r.shape
         nC, BH = Tp // L, B * H
-        Z = nC * BH
         dt, dev = r.dtype, r.device
         m = (L - 1) // 2  # reference point in the middle of the chunk
         queries = [r] if q is None else [r, q]
         nR = len(queries)
+        R = (1 + nR) * L  # rows of the left operand: a, then each query
+        mask = _intra_masks(L, 1 + nR, dt, dev)
+        eye = torch.eye(L, dtype=dt, device=dev)
 
         def cv(x):
             return _chunk_view(x, nC, L)
 
-        # Decay factors, each exp of a difference of cumulative log decays g_t = sum_{s<=t} log w_s.
-        # One exp pass: E[..., t + 1, :] = e^{g_t - g_m} for t = -1 .. L-1 (g_{-1} = 0), so that
-        # e_r = e^{g_t - g_m} (r, q side), e_a = e^{g_{t-1} - g_m} (a side; the same rows shifted by one)
-        # and e^{g_L - g_m} (the last row) are all views of it; the b, k side e^{g_m - g_t} is a division by e_r.
-        g = r.new_empty(nC, B, H, L, N)
-        torch.cumsum(cv(log_w), dim=-2, out=g)
-        decay_L = torch.exp(g[..., L - 1 :, :])  # e^{g_L}
-        g_ref = g[..., m : m + 1, :].clone()
-        start_to_ref = torch.exp(g_ref)  # e^{g_m}
-        E = r.new_empty(nC, B, H, L + 1, N)
-        torch.neg(g_ref, out=E[..., :1, :])
-        torch.sub(g, g_ref, out=E[..., 1:, :])
-        E.exp_()
-        e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
-
-        # Factored operands, written chunk-major: rows [a; r; (q)] x columns [b; k].
-        left = r.new_empty(nC, B, H, (1 + nR) * L, N)
-        torch.mul(cv(a), e_a, out=left[..., :L, :])
-        for i, x in enumerate(queries):
-            torch.mul(cv(x), e_r, out=left[..., (1 + i) * L : (2 + i) * L, :])
-        right = r.new_empty(nC, B, H, 2 * L, N)
-        torch.div(cv(b), e_r, out=right[..., :L, :])
-        torch.div(cv(k), e_r, out=right[..., L:, :])
-        left3, right3 = left.view(Z, (1 + nR) * L, N), right.view(Z, 2 * L, N)
-
-        # Intra-chunk matrices in one matmul: [[A_ab A_ak]; [A_rb A_rk]; ([A_qb A_qk])].
-        mask = _intra_masks(L, 1 + nR, dt, dev)
-        A = torch.bmm(left3, right3.transpose(1, 2)).mul_(mask)
-        A_ab, A_ak, A_rqb, A_rqk = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
-
-        # P = (I - A_ab)^{-1} (unit lower triangular); W = P (a e^{g_-}) (the state-dependent part of sa);
-        # Q = P A_ak, so that the state-free part of sa is U = Q V (U itself is never formed).
-        eye = torch.eye(L, dtype=dt, device=dev)
-        P = torch.linalg.solve_triangular(-A_ab, eye.expand(Z, L, L), upper=False, unitriangular=True)
-        V5 = r.new_empty(nC, B, H, L, N)
-        V5.copy_(cv(v))
-        V = V5.view(Z, L, N)
-        a_e = torch.mul(left[..., :L, :], start_to_ref).view(Z, L, N)  # a e^{g_{t-1}}
-        W = torch.bmm(P, a_e)
-        Q = torch.bmm(P, A_ak)
-
-        # Read-outs: X' = x e^{g} + A_xb W (state part),  Y_in = A_xb U + A_xk V = (A_xk + A_xb Q) V.
-        RQp = torch.mul(left[..., L:, :], start_to_ref).view(Z, nR * L, N)
-        RQp.baddbmm_(A_rqb, W)
-        A_eff = torch.baddbmm(A_rqk, A_rqb, Q)
-        Y = torch.bmm(A_eff, V)
-
-        # Chunk transitions S_{c+1} = S_c M_c + D_c:  M = diag(e^{g_L}) + W^T B',
-        # D = U^T B' + V^T K' = V^T K_eff with K_eff = K' + Q^T B'. Written in place into the state stack.
-        bk_end = torch.mul(right, ref_to_end).view(Z, 2 * L, N)  # [B'; K'] = [b; k] e^{g_L - g_t}
-        B_end, K_end = bk_end[:, :L], bk_end[:, L:]
-        M = torch.bmm(W.transpose(1, 2), B_end)
-        M.diagonal(dim1=1, dim2=2).add_(decay_L.reshape(Z, N))
-        K_eff = torch.baddbmm(K_end, Q.transpose(1, 2), B_end)
-        # D_c is written straight into the slot of S_{c+1}, which then accumulates S_c M_c in place.
-        M4 = M.view(nC, BH, N, N)
-        S_all = r.new_empty(nC + 1, BH, N, N)
+        log_w_c, a_c, b_c, k_c, v_c = cv(log_w), cv(a), cv(b), cv(k), cv(v)
+        queries_c = [cv(x) for x in queries]
+        Y = r.new_empty(nC, BH, nR * L, N)
+        S_all = r.new_empty(nC + 1, BH, N, N)  # chunk-start states, then the final state
         S_all[0] = S0
-        torch.bmm(V.transpose(1, 2), K_eff, out=S_all[1:].view(Z, N, N))
-        S_list, M_list = S_all.unbind(0), M4.unbind(0)
-        for c in range(nC):
-            S_list[c + 1].baddbmm_(S_list[c], M_list[c])
+        S_list = S_all.unbind(0)
+        groups = []
+        for c0, c1 in _chunk_groups(nC, BH):
+            G, sl = c1 - c0, slice(c0, c1)
+            Z = G * BH
+            # Decay factors, each exp of a difference of cumulative log decays g_t = sum_{s<=t} log w_s.
+            # One exp pass: E[..., t + 1, :] = e^{g_t - g_m} for t = -1 .. L-1 (g_{-1} = 0), so that
+            # e_r = e^{g_t - g_m} (r, q side), e_a = e^{g_{t-1} - g_m} (a side; the same rows shifted by
+            # one) and e^{g_L - g_m} (the last row) are views of it; the b, k side divides by e_r.
+            g = torch.cumsum(log_w_c[sl], dim=-2)
+            decay_L = torch.exp(g[..., L - 1 :, :])  # e^{g_L}
+            g_ref = g[..., m : m + 1, :]
+            start_to_ref = torch.exp(g_ref)  # e^{g_m}
+            E = r.new_empty(G, B, H, L + 1, N)
+            torch.neg(g_ref, out=E[..., :1, :])
+            torch.sub(g, g_ref, out=E[..., 1:, :])
+            E.exp_()
+            e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
 
-        Y.baddbmm_(RQp, S_all[:nC].view(Z, N, N).transpose(1, 2))
-        ctx.save_for_backward(left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L)
+            # Factored operands: rows [a; r; (q)] x columns [b; k]; intra-chunk matrices in one matmul,
+            # A = [[A_ab A_ak]; [A_rb A_rk]; ([A_qb A_qk])].
+            left = r.new_empty(G, B, H, R, N)
+            torch.mul(a_c[sl], e_a, out=left[..., :L, :])
+            for i, x in enumerate(queries_c):
+                torch.mul(x[sl], e_r, out=left[..., (1 + i) * L : (2 + i) * L, :])
+            right = r.new_empty(G, B, H, 2 * L, N)
+            torch.div(b_c[sl], e_r, out=right[..., :L, :])
+            torch.div(k_c[sl], e_r, out=right[..., L:, :])
+            A = torch.bmm(left.view(Z, R, N), right.view(Z, 2 * L, N).transpose(1, 2)).mul_(mask)
+            A_ab, A_ak, A_rqb, A_rqk = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
+
+            # P = (I - A_ab)^{-1} (unit lower triangular); W = P (a e^{g_-}) (the state-dependent part
+            # of sa); Q = P A_ak, so that the state-free part of sa is U = Q V (never formed).
+            P = torch.linalg.solve_triangular(-A_ab, eye.expand(Z, L, L), upper=False, unitriangular=True)
+            V = r.new_empty(G, B, H, L, N)
+            V.copy_(v_c[sl])
+            V = V.view(Z, L, N)
+            a_e = torch.mul(left[..., :L, :], start_to_ref).view(Z, L, N)  # a e^{g_{t-1}}
+            W = torch.bmm(P, a_e)
+            Q = torch.bmm(P, A_ak)
+
+            # Read-outs: X' = x e^{g} + A_xb W (state part),  Y_in = A_xb U + A_xk V = (A_xk + A_xb Q) V.
+            RQp = torch.mul(left[..., L:, :], start_to_ref).view(Z, nR * L, N)
+            RQp.baddbmm_(A_rqb, W)
+            A_eff = torch.baddbmm(A_rqk, A_rqb, Q)
+            Y_g = Y[sl].view(Z, nR * L, N)
+            torch.bmm(A_eff, V, out=Y_g)
+
+            # Chunk transitions S_{c+1} = S_c M_c + D_c:  M = diag(e^{g_L}) + W^T B',
+            # D = U^T B' + V^T K' = V^T K_eff with K_eff = K' + Q^T B'.
+            bk_end = torch.mul(right, ref_to_end).view(Z, 2 * L, N)  # [B'; K'] = [b; k] e^{g_L - g_t}
+            B_end, K_end = bk_end[:, :L], bk_end[:, L:]
+            M = torch.bmm(W.transpose(1, 2), B_end)
+            M.diagonal(dim1=1, dim2=2).add_(decay_L.reshape(Z, N))
+            K_eff = torch.baddbmm(K_end, Q.transpose(1, 2), B_end)
+            # D_c is written straight into the slot of S_{c+1}, which then accumulates S_c M_c in place.
+            torch.bmm(V.transpose(1, 2), K_eff, out=S_all[c0 + 1 : c1 + 1].view(Z, N, N))
+            for c, M_c in enumerate(M.view(G, BH, N, N).unbind(0), start=c0):
+                S_list[c + 1].baddbmm_(S_list[c], M_c)
+            Y_g.baddbmm_(RQp, S_all[sl].view(Z, N, N).transpose(1, 2))
+            # Intermediates that are neither inputs nor outputs may live on ctx (no reference cycle).
+            groups.append((left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L))
+        ctx.save_for_backward(S_all)
+        ctx.groups = groups
         ctx.dims = (B, H, nC, L, N, nR, m)
         return Y.view(nC, B, H, nR * L, N), S_all[nC].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dY, dS_final):
-        left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, S_all, E, start_to_ref, decay_L = (
-            ctx.saved_tensors
-        )
+        (S_all,) = ctx.saved_tensors
         B, H, nC, L, N, nR, m = ctx.dims
         BH = B * H
-        Z = nC * BH
-        dt, dev = left.dtype, left.device
+        dt, dev = S_all.dtype, S_all.device
         need = ctx.needs_input_grad
-        e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
-        # contiguous: a real gradient arrives through the output's permute and is already copied by the
-        # reshape; an expanded one (y.sum().backward()) would otherwise send every matmul down a per-matrix loop
-        dY = dY.reshape(Z, nR * L, N).contiguous()
-        S3 = S_all[:nC].view(Z, N, N)
-        left3, right3 = left.view(Z, -1, N), right.view(Z, 2 * L, N)
-        A_rqb = A[:, L:, :L]
-        B_end = bk_end[:, :L]
-        # (Every matmul below writes a fresh contiguous tensor: bmm into a strided slice falls back to a
-        # per-matrix loop, ~5x slower; blocks are copied into place afterwards.)
-
-        # Y = RQ' S_c^T + A_eff V
-        dRQp = torch.bmm(dY, S3)
-        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} = dD_c.
-        # dS_from_y_c = dY_c^T RQ'_c is written straight into the slot of dS_c, which then accumulates.
-        G_all = dY.new_empty(nC + 1, BH, N, N)
-        G_all[nC] = dS_final
-        torch.bmm(dY.transpose(1, 2), RQp, out=G_all[:nC].view(Z, N, N))
-        G_list, M_list = G_all.unbind(0), M.view(nC, BH, N, N).unbind(0)
-        for c in range(nC - 1, -1, -1):
-            G_list[c].baddbmm_(G_list[c + 1], M_list[c].transpose(1, 2))
-        dS0 = G_all[0]
-        dD = G_all[1:].view(Z, N, N)
-
-        # D = V^T K_eff, K_eff = K' + Q^T B',  Y_in = A_eff V
-        dK_end = torch.bmm(V, dD)  # = dK_eff
-        dV = torch.bmm(K_eff, dD.transpose(1, 2)).baddbmm_(A_eff.transpose(1, 2), dY)
-        dA_eff = torch.bmm(dY, V.transpose(1, 2))  # = dA_rqk
-        # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD:  dB' = W dM + Q dK_eff,  dW = B' dM^T,  d e^{g_L} = diag(dM).
-        # (Forming dM costs the same FLOPs as (W S_c^T) dD + (B' dD^T) S_c in fewer, larger matmuls.)
-        dM = torch.bmm(S3.transpose(1, 2), dD)
-        dB_end = torch.bmm(W, dM).baddbmm_(Q, dK_end)
-        dW = torch.bmm(B_end, dM.transpose(1, 2))
-        d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(nC, B, H, 1, N)
-        # RQ' = rq_e + A_rqb W,  A_eff = A_rqk + A_rqb Q,  K_eff = K' + Q^T B'
-        dW.baddbmm_(A_rqb.transpose(1, 2), dRQp)
-        dQ = torch.bmm(B_end, dK_end.transpose(1, 2)).baddbmm_(A_rqb.transpose(1, 2), dA_eff)
-        dA = dY.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
-        dA[:, L:, :L] = torch.bmm(dA_eff, Q.transpose(1, 2)).baddbmm_(dRQp, W.transpose(1, 2))
-        dA[:, L:, L:] = dA_eff
-
-        # W = P a_e, Q = P A_ak, P = (I - A_ab)^{-1}:  d a_e = P^T dW,  dA_ak = P^T dQ,
-        # dA_ab = P^T (dW a_e^T + dQ A_ak^T) P^T = d a_e W^T + dA_ak Q^T
-        Pt = P.transpose(1, 2)
-        da_e = torch.bmm(Pt, dW)
-        dA_ak = torch.bmm(Pt, dQ)
-        dA[:, :L, L:] = dA_ak
-        dA[:, :L, :L] = torch.bmm(dA_ak, Q.transpose(1, 2)).baddbmm_(da_e, W.transpose(1, 2))
-
-        dA.mul_(_intra_masks(L, 1 + nR, dt, dev))
-        d_left = torch.bmm(dA, right3)
-        d_right = torch.bmm(dA.transpose(1, 2), left3)
-
-        # Elementwise parts in the chunk-major [nC, B, H, rows, N] layout.
-        shape = (nC, B, H, -1, N)
-        d_left, d_right, drq_e, da_e5, db_end, dk_end, bk5, a_e5 = (
-            x.view(shape) for x in (d_left, d_right, dRQp, da_e, dB_end, dK_end, bk_end, a_e)
-        )
-        # Exponent gradients of the [.., 1, N] factors, taken before the operand gradients absorb them.
-        d_end_direct = (  # d/d(g_L - g_m)
-            (db_end * bk5[..., :L, :]).sum(-2, keepdim=True) + (dk_end * bk5[..., L:, :]).sum(-2, keepdim=True)
-        )
-        d_ref_direct = (  # d/d g_m through e^{g_m} (rq_e = r_hat e^{g_m}, a_e = a_hat e^{g_m})
-            (drq_e * left[..., L:, :]).sum(-2, keepdim=True) * start_to_ref
-            + (da_e5 * a_e5).sum(-2, keepdim=True)
-            - d_end_direct
-        )
-        # Total gradients of the factored operands (they also feed a_e, rq_e and bk_end).
-        d_left[..., :L, :].addcmul_(da_e5, start_to_ref)
-        d_left[..., L:, :].addcmul_(drq_e, start_to_ref)
-        d_right[..., :L, :].addcmul_(db_end, ref_to_end)
-        d_right[..., L:, :].addcmul_(dk_end, ref_to_end)
-
-        # Gradients of the exponents (d exp(x) / dx = exp(x)), gathered onto g_t, g_{t-1}, g_m and g_L.
-        # (addcmul chains: no full-size product temporaries)
-        d_excl_ref = d_left[..., :L, :] * left[..., :L, :]  # d/d(g_{t-1} - g_m)
-        d_g = d_left[..., L : 2 * L, :] * left[..., L : 2 * L, :]  # d/d(g_t - g_m), then + d_excl_ref
-        for i in range(1, nR):
-            d_g.addcmul_(d_left[..., (1 + i) * L : (2 + i) * L, :], left[..., (1 + i) * L : (2 + i) * L, :])
-        d_g.addcmul_(d_right[..., :L, :], right[..., :L, :], value=-1.0)
-        d_g.addcmul_(d_right[..., L:, :], right[..., L:, :], value=-1.0)
-        d_g += d_excl_ref
-        d_g[..., m : m + 1, :] += d_ref_direct - d_g.sum(-2, keepdim=True)
-        d_g[..., L - 1 :, :] += d_end_direct + d_decay_L * decay_L
-        # g = cumsum(log_w), g_{t-1} = g_t - log_w_t
-        grads = {}
-        Tp = nC * L
-
-        def out_like():
-            return left.new_empty(B, Tp, H, N)
-
-        dlog_w = out_like()
+        mask = _intra_masks(L, 1 + nR, dt, dev)
         # Reverse cumulative sum over the chunk as one batched matmul with an upper-triangular ones matrix.
         rev_cumsum = torch.ones(L, L, dtype=dt, device=dev).triu_()
-        torch.sub(torch.matmul(rev_cumsum, d_g), d_excl_ref, out=_chunk_view(dlog_w, nC, L))
-        if need[0]:
-            grads["r"] = out_like()
-            torch.mul(d_left[..., L : 2 * L, :], e_r, out=_chunk_view(grads["r"], nC, L))
+
+        # Sequence gradients, written group by group through chunk-major views.
+        def out_like():
+            return S_all.new_empty(B, nC * L, H, N)
+
+        grads = {"log_w": out_like()}
+        for name, i in (("r", 0), ("k", 2), ("v", 3), ("a", 4), ("b", 5)):
+            if need[i]:
+                grads[name] = out_like()
         if need[7] and nR > 1:
             grads["q"] = out_like()
-            torch.mul(d_left[..., 2 * L :, :], e_r, out=_chunk_view(grads["q"], nC, L))
-        if need[4]:
-            grads["a"] = out_like()
-            torch.mul(d_left[..., :L, :], e_a, out=_chunk_view(grads["a"], nC, L))
-        if need[5]:
-            grads["b"] = out_like()
-            torch.div(d_right[..., :L, :], e_r, out=_chunk_view(grads["b"], nC, L))
-        if need[2]:
-            grads["k"] = out_like()
-            torch.div(d_right[..., L:, :], e_r, out=_chunk_view(grads["k"], nC, L))
-        if need[3]:
-            grads["v"] = out_like()
-            _chunk_view(grads["v"], nC, L).copy_(dV.view(shape))
+        grads_c = {name: _chunk_view(x, nC, L) for name, x in grads.items()}
+
+        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} = dD_c.
+        G_all = S_all.new_empty(nC + 1, BH, N, N)
+        G_all[nC] = dS_final
+        G_list = G_all.unbind(0)
+        for (c0, c1), saved in zip(reversed(_chunk_groups(nC, BH)), reversed(ctx.groups)):
+            left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L = saved
+            G, sl = c1 - c0, slice(c0, c1)
+            Z = G * BH
+            e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
+            # contiguous: an expanded gradient (y.sum().backward()) would otherwise send every matmul
+            # down a per-matrix loop; a real one arrives permuted and is copied by the reshape anyway.
+            dY_g = dY[sl].reshape(Z, nR * L, N).contiguous()
+            S3 = S_all[sl].view(Z, N, N)
+            A_rqb = A[:, L:, :L]
+            B_end = bk_end[:, :L]
+            # (Every matmul below writes a fresh contiguous tensor: bmm into a strided slice falls back
+            # to a per-matrix loop, ~5x slower; blocks are copied into place afterwards.)
+
+            # Y = RQ' S_c^T + A_eff V.  dS_from_y_c = dY_c^T RQ'_c is written straight into the slot
+            # of dS_c, which then accumulates dS_{c+1} M_c^T.
+            dRQp = torch.bmm(dY_g, S3)
+            torch.bmm(dY_g.transpose(1, 2), RQp, out=G_all[sl].view(Z, N, N))
+            M_list = M.view(G, BH, N, N).unbind(0)
+            for c in range(c1 - 1, c0 - 1, -1):
+                G_list[c].baddbmm_(G_list[c + 1], M_list[c - c0].transpose(1, 2))
+            dD = G_all[c0 + 1 : c1 + 1].view(Z, N, N)
+
+            # D = V^T K_eff, K_eff = K' + Q^T B',  Y_in = A_eff V
+            dK_end = torch.bmm(V, dD)  # = dK_eff
+            dV = torch.bmm(K_eff, dD.transpose(1, 2)).baddbmm_(A_eff.transpose(1, 2), dY_g)
+            dA_eff = torch.bmm(dY_g, V.transpose(1, 2))  # = dA_rqk
+            # M = W^T B' + diag(e^{g_L}), dM = S_c^T dD:  dB' = W dM + Q dK_eff,  dW = B' dM^T,
+            # d e^{g_L} = diag(dM).
+            dM = torch.bmm(S3.transpose(1, 2), dD)
+            dB_end = torch.bmm(W, dM).baddbmm_(Q, dK_end)
+            dW = torch.bmm(B_end, dM.transpose(1, 2))
+            d_decay_L = dM.diagonal(dim1=1, dim2=2).reshape(G, B, H, 1, N)
+            # RQ' = rq_e + A_rqb W,  A_eff = A_rqk + A_rqb Q,  K_eff = K' + Q^T B'
+            dW.baddbmm_(A_rqb.transpose(1, 2), dRQp)
+            dQ = torch.bmm(B_end, dK_end.transpose(1, 2)).baddbmm_(A_rqb.transpose(1, 2), dA_eff)
+            dA = S_all.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
+            dA[:, L:, :L] = torch.bmm(dA_eff, Q.transpose(1, 2)).baddbmm_(dRQp, W.transpose(1, 2))
+            dA[:, L:, L:] = dA_eff
+            # W = P a_e, Q = P A_ak, P = (I - A_ab)^{-1}:  d a_e = P^T dW,  dA_ak = P^T dQ,
+            # dA_ab = P^T (dW a_e^T + dQ A_ak^T) P^T = d a_e W^T + dA_ak Q^T
+            Pt = P.transpose(1, 2)
+            da_e = torch.bmm(Pt, dW)
+            dA_ak = torch.bmm(Pt, dQ)
+            dA[:, :L, L:] = dA_ak
+            dA[:, :L, :L] = torch.bmm(dA_ak, Q.transpose(1, 2)).baddbmm_(da_e, W.transpose(1, 2))
+            dA.mul_(mask)
+            d_left = torch.bmm(dA, right.view(Z, 2 * L, N))
+            d_right = torch.bmm(dA.transpose(1, 2), left.view(Z, -1, N))
+
+            # Elementwise parts in the chunk-major [G, B, H, rows, N] layout.
+            shape = (G, B, H, -1, N)
+            d_left, d_right, drq_e, da_e5, db_end, dk_end, bk5, a_e5 = (
+                x.view(shape) for x in (d_left, d_right, dRQp, da_e, dB_end, dK_end, bk_end, a_e)
+            )
+            # Exponent gradients of the [.., 1, N] factors, taken before the operand gradients absorb them.
+            d_end_direct = (  # d/d(g_L - g_m)
+                (db_end * bk5[..., :L, :]).sum(-2, keepdim=True) + (dk_end * bk5[..., L:, :]).sum(-2, keepdim=True)
+            )
+            d_ref_direct = (  # d/d g_m through e^{g_m} (rq_e = r_hat e^{g_m}, a_e = a_hat e^{g_m})
+                (drq_e * left[..., L:, :]).sum(-2, keepdim=True) * start_to_ref
+                + (da_e5 * a_e5).sum(-2, keepdim=True)
+                - d_end_direct
+            )
+            # Total gradients of the factored operands (they also feed a_e, rq_e and bk_end).
+            d_left[..., :L, :].addcmul_(da_e5, start_to_ref)
+            d_left[..., L:, :].addcmul_(drq_e, start_to_ref)
+            d_right[..., :L, :].addcmul_(db_end, ref_to_end)
+            d_right[..., L:, :].addcmul_(dk_end, ref_to_end)
+
+            # Gradients of the exponents (d exp(x) / dx = exp(x)), gathered onto g_t, g_{t-1}, g_m and g_L.
+            # (addcmul chains: no full-size product temporaries)
+            d_excl_ref = d_left[..., :L, :] * left[..., :L, :]  # d/d(g_{t-1} - g_m)
+            d_g = d_left[..., L : 2 * L, :] * left[..., L : 2 * L, :]  # d/d(g_t - g_m), then + d_excl_ref
+            for i in range(1, nR):
+                d_g.addcmul_(d_left[..., (1 + i) * L : (2 + i) * L, :], left[..., (1 + i) * L : (2 + i) * L, :])
+            d_g.addcmul_(d_right[..., :L, :], right[..., :L, :], value=-1.0)
+            d_g.addcmul_(d_right[..., L:, :], right[..., L:, :], value=-1.0)
+            d_g += d_excl_ref
+            d_g[..., m : m + 1, :] += d_ref_direct - d_g.sum(-2, keepdim=True)
+            d_g[..., L - 1 :, :] += d_end_direct + d_decay_L * decay_L
+            # g = cumsum(log_w), g_{t-1} = g_t - log_w_t
+            torch.sub(torch.matmul(rev_cumsum, d_g), d_excl_ref, out=grads_c["log_w"][sl])
+            if "r" in grads:
+                torch.mul(d_left[..., L : 2 * L, :], e_r, out=grads_c["r"][sl])
+            if "q" in grads:
+                torch.mul(d_left[..., 2 * L :, :], e_r, out=grads_c["q"][sl])
+            if "a" in grads:
+                torch.mul(d_left[..., :L, :], e_a, out=grads_c["a"][sl])
+            if "b" in grads:
+                torch.div(d_right[..., :L, :], e_r, out=grads_c["b"][sl])
+            if "k" in grads:
+                torch.div(d_right[..., L:, :], e_r, out=grads_c["k"][sl])
+            if "v" in grads:
+                grads_c["v"][sl].copy_(dV.view(shape))
         g_ = grads.get
-        return g_("r"), dlog_w, g_("k"), g_("v"), g_("a"), g_("b"), dS0, g_("q"), None
+        return g_("r"), grads["log_w"], g_("k"), g_("v"), g_("a"), g_("b"), G_all[0], g_("q"), None
 
 
 def wkv7_chunked(
