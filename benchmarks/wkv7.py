@@ -48,8 +48,8 @@ def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0):
 def chunked_matmul_flops(B: int, T: int, H: int, N: int, L: int, backward: bool) -> float:
     """Matmul FLOPs of wkv7_chunked (elementwise work not counted), forward or forward+backward."""
     chunks = B * H * math.ceil(T / L)
-    forward = 20 * L * L * N + L**3 / 3 + 8 * L * N * N + 2 * N**3
-    total = forward + (40 * L * L * N + 16 * L * N * N + 4 * N**3 if backward else 0)
+    forward = 16 * L * L * N + 4 * L**3 + L**3 / 3 + 6 * L * N * N + 2 * N**3
+    total = forward + (34 * L * L * N + 8 * L**3 + 12 * L * N * N + 4 * N**3 if backward else 0)
     return chunks * total
 
 
