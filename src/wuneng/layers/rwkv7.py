@@ -44,6 +44,17 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.T
     return shifted - x
 
 
+def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``x + xx * mu`` for every row ``mu`` of ``mixes`` [M, C], in one op; x, xx [..., C] -> M tensors [..., C].
+
+    The token-shift interpolations of a time-mix (RWKV-LM's ``x_r, x_w, x_k, x_v, x_a, x_g``): one fused
+    multiply-add over a [M, ..., C] block (each slice contiguous) instead of 2M small ops, which is most of
+    their cost at one token per step.
+    """
+    shape = (mixes.shape[0],) + (1,) * (x.dim() - 1) + (mixes.shape[-1],)
+    return torch.addcmul(x.unsqueeze(0), xx.unsqueeze(0), mixes.view(shape)).unbind(0)
+
+
 def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
     """Orthogonal init as RWKV-LM does it: gain * sqrt(rows / cols) when rows > cols. Zero gain zeroes."""
     if gain == 0:
@@ -176,7 +187,7 @@ class RWKV7StateHeads(nn.Module):
     # -- the pieces of SPEC section 2 ----------------------------------------------------------------
     def log_decay(self, x_w: torch.Tensor) -> torch.Tensor:
         """log w = -e^{-1/2} sigmoid(w0 + tanh(x_w W1) W2), float32. x_w [B,T,C] -> [B,T,A]."""
-        z = self.w0 + torch.tanh(x_w @ self.w1) @ self.w2
+        z = F.linear(torch.tanh(x_w @ self.w1), self.w2.t(), self.w0)  # one addmm for "+ w0"
         # float32 for half/bf16/float32 activations; float64 stays float64 (oracle tests)
         return -DECAY_SCALE * torch.sigmoid(z if z.dtype == torch.float64 else z.float())
 
@@ -188,29 +199,33 @@ class RWKV7StateHeads(nn.Module):
         v: torch.Tensor,
         v_first: Optional[torch.Tensor],
         mask: Optional[torch.Tensor] = None,
+        mixed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     ):
         """Decay, keys, values, a and b of the recurrence.
 
         x, xx: [B,T,C] (the token and ``shift(x) - x``); k, v: [B,T,A]; v_first: [B,T,A] or None;
-        mask: [B,T] (1 = real token) or None. Returns (log_w, k, v, a, b, v_first), all [B,T,A].
+        mask: [B,T] (1 = real token) or None; mixed: the token-shift mixes (x_w, x_a, x_v) [B,T,C] when the
+        caller already has them (:meth:`TimeMix.project`), else computed here.
+        Returns (log_w, k, v, a, b, v_first), all [B,T,A].
         Padded positions get log_w = 0 and k = v = b = 0, so they leave the state untouched.
         """
         B, T, _ = x.shape
         H, N = self.num_heads, self.head_size
-        x_w = x + xx * self.x_w
-        x_a = x + xx * self.x_a
-        x_v = x + xx * self.x_v
+        if mixed is None:  # (x_v only where it is used, so that an unused x_v gets no gradient)
+            mixes = [self.x_w, self.x_a] + ([self.x_v] if self.value_residual else [])
+            mixed = tuple(token_mixes(x, xx, torch.stack(mixes))) + (None,) * (3 - len(mixes))
+        x_w, x_a, x_v = mixed
         log_w = self.log_decay(x_w)
         if self.value_residual:
             if v_first is None:
                 raise ValueError("RWKV7StateHeads: a value-residual layer needs v_first from the first layer")
-            gate = torch.sigmoid(self.v0 + (x_v @ self.v1) @ self.v2)
-            v = v + (v_first - v) * gate
+            gate = torch.sigmoid(F.linear(x_v @ self.v1, self.v2.t(), self.v0))
+            v = torch.lerp(v, v_first, gate)  # v + (v_first - v) * gate
         else:
             v_first = v
-        alpha = torch.sigmoid(self.a0 + (x_a @ self.a1) @ self.a2)  # in-context learning rate
+        alpha = torch.sigmoid(F.linear(x_a @ self.a1, self.a2.t(), self.a0))  # in-context learning rate
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, -1)  # kappa-hat
-        k = k * (1 + (alpha - 1) * self.k_a)
+        k = k * torch.addcmul(1 - self.k_a, alpha, self.k_a)  # k (1 + (alpha - 1) k_a)
         a, b = -kk, kk * alpha
         if mask is not None:
             m = mask.to(k.dtype).unsqueeze(-1)
@@ -261,12 +276,13 @@ class RWKV7StateHeads(nn.Module):
         v_first: Optional[torch.Tensor] = None,
         wkv_state: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        mixed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     ):
-        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C].
+        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C]; mixed as in :meth:`wkv_inputs`.
 
         Returns (y [B,T,A] after GroupNorm and bonus, new wkv state [B,H,N,N] float32, v_first [B,T,A]).
         """
-        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask)
+        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, mixed)
         y, state = self.recur(r, log_w, k, v, a, b, wkv_state)
         return self.read_out(y, r, k, v), state, v_first
 
@@ -322,20 +338,22 @@ class TimeMix(RWKV7StateHeads):
         """Token shift and the r/k/v/gate projections.
 
         x: [B,T,C]; shift: [B,C] (the previous token) or None; mask: [B,T] or None.
-        Returns (x, xx, x_key, r, k, v, g): x with padding zeroed, xx = shift(x) - x, x_key = x + xx * mu_k
-        (the key's input, [B,T,C]), and r, k, v, g [B,T,A].
+        Returns (x, xx, x_key, r, k, v, g, mixed): x with padding zeroed, xx = shift(x) - x, x_key = x + xx * mu_k
+        (the key's input, [B,T,C]), r, k, v, g [B,T,A], and mixed = (x_w, x_a, x_v) [B,T,C] for
+        :meth:`wkv_inputs`.
         """
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{type(self).__name__}: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
         xx = token_shift(x, shift)
-        x_key = x + xx * self.x_k
-        r = self.receptance(x + xx * self.x_r)
+        mixes = torch.stack([self.x_r, self.x_k, self.x_g, self.x_w, self.x_a, self.x_v])
+        x_r, x_key, x_g, x_w, x_a, x_v = token_mixes(x, xx, mixes)
+        r = self.receptance(x_r)
         k = self.key(x_key)
-        v = self.value(x + xx * self.x_v)
-        g = torch.sigmoid((x + xx * self.x_g) @ self.g1) @ self.g2  # no sigmoid after G2
-        return x, xx, x_key, r, k, v, g
+        v = self.value(x_v)
+        g = torch.sigmoid(x_g @ self.g1) @ self.g2  # no sigmoid after G2
+        return x, xx, x_key, r, k, v, g, (x_w, x_a, x_v)
 
     def forward(
         self,
@@ -350,8 +368,8 @@ class TimeMix(RWKV7StateHeads):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
         """
         shift, wkv_state = (None, None) if state is None else state
-        x, xx, _, r, k, v, g = self.project(x, shift, mask)
-        y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask)
+        x, xx, _, r, k, v, g, mixed = self.project(x, shift, mask)
+        y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask, mixed)
         return self.output(y * g), v_first, (x[:, -1], wkv_state)
 
 

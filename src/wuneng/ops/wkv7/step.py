@@ -38,8 +38,8 @@ def wkv7_step(
     w_ = torch.exp(log_w.to(sdt))
     # matmul/addcmul rather than einsum: at one token the per-op overhead is the cost
     sa = torch.matmul(S, a_.unsqueeze(-1))  # [B,H,N,1], the OLD state
-    S = torch.addcmul(S * w_.unsqueeze(-2), sa, b_.unsqueeze(-2))
-    S = torch.addcmul(S, v_.unsqueeze(-1), k_.unsqueeze(-2))
+    S = S * w_.unsqueeze(-2)  # a fresh tensor: the rank-1 updates go into it in place (the input state is kept)
+    S.addcmul_(sa, b_.unsqueeze(-2)).addcmul_(v_.unsqueeze(-1), k_.unsqueeze(-2))
     y = torch.matmul(S, r_.unsqueeze(-1)).squeeze(-1).to(r.dtype)
     if extra_query is None:
         return y, S
