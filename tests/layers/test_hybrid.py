@@ -332,3 +332,21 @@ def test_bad_options(kwargs, match):
 def test_head_size_the_state_heads_cannot_use(head_dim):
     with pytest.raises(ValueError, match=f"head size {head_dim} cannot be used by RWKV-7 heads"):
         HybridMixer(4 * head_dim, 4, 2, head_dim)
+
+
+def test_joined_low_rank_weights_follow_in_place_updates():
+    """Without autograd the joined [R1 | G1 | P1] copy is reused between calls; an in-place change of any
+    factor (an optimizer step, a weight load) must be seen by the next call."""
+    m = make_mixer(dtype=torch.float32, middle_heads=2)
+    u = torch.randn(2, 3, m.hidden_size)
+    with torch.no_grad():
+        before = m.low_rank_inputs(u)
+        assert torch.equal(m.low_rank_inputs(u)["gate"], before["gate"])  # cached copy, same result
+        m.gate_lora_a.add_(1.0)
+        after = m.low_rank_inputs(u)
+    expected = u @ m.gate_lora_a
+    assert torch.allclose(after["gate"], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(after["gate"], before["gate"])
+    # with autograd the gradient reaches every factor through the join
+    m.low_rank_inputs(u)["middle"].sum().backward()
+    assert m.middle_lora_a.grad is not None and m.middle_lora_a.grad.abs().sum() > 0

@@ -414,7 +414,8 @@ class HybridMixer(_VFirstMixin, Attention):
         xx = token_shift(x, shift)
         if r_low is None:
             r_low = u @ self.receptance_lora_a
-        r = q.reshape(B, T, -1) + r_low @ self.receptance_lora_b
+        # r = q + r_low R2 in one addmm over the flattened tokens
+        r = torch.addmm(q.reshape(B * T, -1), r_low.reshape(B * T, -1), self.receptance_lora_b).view(B, T, -1)
         k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
         v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
         y, wkv_state, v_first = self.state(x, xx, r, k_s, v_s, v_first, wkv_state, token_mask)
@@ -424,7 +425,7 @@ class HybridMixer(_VFirstMixin, Attention):
         """q_h + lambda_h (Y_h W^state); q, y [B,T,H_q,d]."""
         if not self.state_query:
             return q
-        return q + self.state_query_scale[:, None] * (y @ self.state_query_proj)
+        return torch.addcmul(q, self.state_query_scale[:, None], y @ self.state_query_proj)
 
     def low_rank_inputs(self, u: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The first low-rank factors applied to u, in one matmul: ``{"r": u R1, "gate": u G1, "middle": u P1}``
@@ -434,8 +435,20 @@ class HybridMixer(_VFirstMixin, Attention):
         weights += [self.middle_lora_a] if self.num_middle_heads > 0 else []
         if len(weights) == 1:
             return {"r": u @ weights[0]}
-        parts = (u @ torch.cat(weights, dim=1)).split([w.shape[1] for w in weights], dim=-1)
+        parts = (u @ self._joined(weights)).split([w.shape[1] for w in weights], dim=-1)
         return dict(zip(names, parts))
+
+    def _joined(self, weights) -> torch.Tensor:
+        """``torch.cat(weights, dim=1)``; without autograd (decoding) the joined copy is kept until one of the
+        weights changes (data pointer or in-place version), so a decode step does not re-copy them."""
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.cat(weights, dim=1)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        cached = self.__dict__.get("_joined_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat(weights, dim=1))
+            self.__dict__["_joined_cache"] = cached
+        return cached[1]
 
     def fuse(self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, low: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads); ``low`` as returned by
@@ -444,8 +457,8 @@ class HybridMixer(_VFirstMixin, Attention):
         if low is None:
             low = self.low_rank_inputs(u)
         if self.fusion == "gate":
-            gamma = torch.sigmoid((low["gate"] @ self.gate_lora_b).view_as(a) + self.gate_bias) * self.gate_scale
-            z = a + gamma * (y - a)
+            gate_in = F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1))  # bias in the addmm
+            z = torch.lerp(a, y, torch.sigmoid(gate_in).view_as(a) * self.gate_scale)  # a + gamma (y - a)
         elif self.fusion == "add":
             z = a + self.fusion_beta * y
         elif self.fusion == "hymba":
@@ -458,7 +471,7 @@ class HybridMixer(_VFirstMixin, Attention):
         if self.num_middle_heads > 0:
             s = torch.sigmoid(low["middle"] @ self.middle_lora_b).view(B, T, self.num_middle_heads, self.head_dim)
             a_m, y_m = a.index_select(2, self.middle_index), y.index_select(2, self.middle_index)
-            m = y_m + s * (a_m - y_m)  # s A + (1 - s) Y
+            m = torch.lerp(y_m, a_m, s)  # s A + (1 - s) Y
             out = out + self.o_middle(m.reshape(B, T, -1))
         return out
 

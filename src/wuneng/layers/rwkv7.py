@@ -253,14 +253,15 @@ class RWKV7StateHeads(nn.Module):
     ):
         """The WKV-7 recurrence over [B,T,A] inputs. Returns (y [B,T,A], state [B,H,N,N][, y_extra])."""
         B, T, A = r.shape
-        shape = (B, T, self.num_heads, self.head_size)
-        args = [t.reshape(shape) for t in (r, log_w, k, v, a, b)]
-        q2 = None if extra_query is None else extra_query.reshape(shape)
-        if T == 1:
-            out = wkv7_step(*(t[:, 0] for t in args), wkv_state, extra_query=None if q2 is None else q2[:, 0])
-            out = (out[0].unsqueeze(1), out[1]) + tuple(o.unsqueeze(1) for o in out[2:])
+        if T == 1:  # decoding: [B,1,A] -> [B,H,N] views, one step
+            step_shape = (B, self.num_heads, self.head_size)
+            args = [t.view(step_shape) if t.is_contiguous() else t.reshape(step_shape) for t in (r, log_w, k, v, a, b)]
+            q2 = None if extra_query is None else extra_query.reshape(step_shape)
+            out = wkv7_step(*args, wkv_state, extra_query=q2)
         else:
-            out = wkv7(*args, wkv_state, extra_query=q2, impl=self.wkv_impl)
+            shape = (B, T, self.num_heads, self.head_size)
+            q2 = None if extra_query is None else extra_query.reshape(shape)
+            out = wkv7(*(t.reshape(shape) for t in (r, log_w, k, v, a, b)), wkv_state, extra_query=q2, impl=self.wkv_impl)
         y, state = out[0].reshape(B, T, A), out[1]
         if q2 is None:
             return y, state
