@@ -85,7 +85,8 @@ def effective_chunk_size(log_w: torch.Tensor, chunk_size: int, dtype: torch.dtyp
     """The chunk length actually used: ``chunk_size``, shortened if ``L * max|log_w|`` would leave the safe range."""
     if log_w.numel() == 0:
         return chunk_size
-    max_abs = float(log_w.detach().abs().max())
+    lo, hi = torch.aminmax(log_w.detach())  # one pass, no |log_w| temporary
+    max_abs = max(-float(lo), float(hi))
     limit = _MAX_CHUNK_LOG_DECAY[dtype]
     if max_abs * chunk_size <= limit:
         return chunk_size
@@ -123,7 +124,7 @@ class _ChunkedWKV7(torch.autograd.Function):
     S0 [B * H, N, N]. Chunk tensors are chunk-major, [chunks, B, H, rows, N], and are computed one group
     of consecutive chunks at a time (``_chunk_groups``): forward runs each group's state-free part, its
     stretch of the state recurrence and its read-out before moving on; backward does the same in reverse.
-    Outputs: Y [n_chunks, B, H, nR * L, N] (rows: the r read-outs, then the q read-outs if any) and S_final.
+    Outputs: Y [nR, B, n_chunks * L, H, N] (the r read-out, then the q read-out if any) and S_final.
     """
 
     @staticmethod
@@ -143,7 +144,8 @@ class _ChunkedWKV7(torch.autograd.Function):
 
         log_w_c, a_c, b_c, k_c, v_c = cv(log_w), cv(a), cv(b), cv(k), cv(v)
         queries_c = [cv(x) for x in queries]
-        Y = r.new_empty(nC, BH, nR * L, N)
+        Y_seq = r.new_empty(nR, B, Tp, H, N)  # the read-outs, written group by group in sequence layout
+        Y_c = [cv(y) for y in Y_seq]
         S_all = r.new_empty(nC + 1, BH, N, N)  # chunk-start states, then the final state
         S_all[0] = S0
         S_list = S_all.unbind(0)
@@ -191,8 +193,7 @@ class _ChunkedWKV7(torch.autograd.Function):
             RQp = torch.mul(left[..., L:, :], start_to_ref).view(Z, nR * L, N)
             RQp.baddbmm_(A_rqb, W)
             A_eff = torch.baddbmm(A_rqk, A_rqb, Q)
-            Y_g = Y[sl].view(Z, nR * L, N)
-            torch.bmm(A_eff, V, out=Y_g)
+            Y_g = torch.bmm(A_eff, V)
 
             # Chunk transitions S_{c+1} = S_c M_c + D_c:  M = diag(e^{g_L}) + W^T B',
             # D = U^T B' + V^T K' = V^T K_eff with K_eff = K' + Q^T B'.
@@ -206,12 +207,15 @@ class _ChunkedWKV7(torch.autograd.Function):
             for c, M_c in enumerate(M.view(G, BH, N, N).unbind(0), start=c0):
                 S_list[c + 1].baddbmm_(S_list[c], M_c)
             Y_g.baddbmm_(RQp, S_all[sl].view(Z, N, N).transpose(1, 2))
+            Y_g5 = Y_g.view(G, B, H, nR * L, N)
+            for i, y in enumerate(Y_c):  # into the [B, T, H, N] output while the group is in cache
+                y[sl].copy_(Y_g5[..., i * L : (i + 1) * L, :])
             # Intermediates that are neither inputs nor outputs may live on ctx (no reference cycle).
             groups.append((left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L))
         ctx.save_for_backward(S_all)
         ctx.groups = groups
         ctx.dims = (B, H, nC, L, N, nR, m)
-        return Y.view(nC, B, H, nR * L, N), S_all[nC].clone()
+        return Y_seq, S_all[nC].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -236,6 +240,7 @@ class _ChunkedWKV7(torch.autograd.Function):
         if need[7] and nR > 1:
             grads["q"] = out_like()
         grads_c = {name: _chunk_view(x, nC, L) for name, x in grads.items()}
+        dY_c = [_chunk_view(dy, nC, L) for dy in dY]  # dY [nR, B, T, H, N], any strides (expanded too)
 
         # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} = dD_c.
         G_all = S_all.new_empty(nC + 1, BH, N, N)
@@ -246,9 +251,12 @@ class _ChunkedWKV7(torch.autograd.Function):
             G, sl = c1 - c0, slice(c0, c1)
             Z = G * BH
             e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
-            # contiguous: an expanded gradient (y.sum().backward()) would otherwise send every matmul
-            # down a per-matrix loop; a real one arrives permuted and is copied by the reshape anyway.
-            dY_g = dY[sl].reshape(Z, nR * L, N).contiguous()
+            # the group's output gradient, gathered into one contiguous chunk-major block (any input strides,
+            # an expanded y.sum() gradient too: strided matmul operands would take a per-matrix loop)
+            dY_g = S_all.new_empty(G, B, H, nR * L, N)
+            for i, dy in enumerate(dY_c):
+                dY_g[..., i * L : (i + 1) * L, :].copy_(dy[sl])
+            dY_g = dY_g.view(Z, nR * L, N)
             S3 = S_all[sl].view(Z, N, N)
             A_rqb = A[:, L:, :L]
             B_end = bk_end[:, :L]
@@ -386,16 +394,14 @@ def wkv7_chunked(
 
     q = None if extra_query is None else prepare(extra_query)
     ins = [prepare(t) for t in (r, log_w, k, v, a, b)]
-    Y, S = _ChunkedWKV7.apply(*ins, S0.reshape(B * H, N, N), q, L)
-    Y = Y.permute(1, 0, 3, 2, 4)  # [B, nC, rows, H, N]
+    Y, S = _ChunkedWKV7.apply(*ins, S0.reshape(B * H, N, N), q, L)  # Y [nR, B, n_chunks * L, H, N]
 
-    def to_sequence(rows):
-        # [B, nC, L, H, N] -> [B, T, H, N], dropping the padding; no-op slices are skipped (their
+    def to_sequence(y):
+        # [B, n_chunks * L, H, N] -> [B, T, H, N], dropping the padding; no-op slices are skipped (their
         # backward would allocate and fill a full-size gradient).
-        y = rows.reshape(B, n_chunks * L, H, N)
         return (y[:, :T] if pad else y).to(r.dtype)
 
     S = S.view(B, H, N, N)
     if extra_query is None:
-        return to_sequence(Y), S
-    return to_sequence(Y[:, :, :L]), S, to_sequence(Y[:, :, L:])
+        return to_sequence(Y[0]), S
+    return to_sequence(Y[0]), S, to_sequence(Y[1])
