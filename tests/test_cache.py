@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from wuneng.cache import RecurrentStateCache
+from wuneng.cache import GrowingKVLayer, RecurrentStateCache
 
 
 def filled_cache(batch: int = 3) -> RecurrentStateCache:
@@ -83,3 +83,62 @@ def test_hybrid_layers_share_the_batch_operations():
     cache.reorder_cache(torch.tensor([1, 1, 0]))
     assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [1, 1, 0]
     assert cache.get_state(1, "wkv")[:, 0].tolist() == [1, 1, 0]
+
+
+# -- GrowingKVLayer ------------------------------------------------------------------------------------------
+def _kv(generator, batch, length, heads=2, dim=3):
+    return (torch.randn(batch, heads, length, dim, generator=generator),
+            torch.randn(batch, heads, length, dim, generator=generator))
+
+
+def test_growing_kv_layer_equals_dynamic_layer_through_growth_and_batch_operations():
+    """In-place appends into a buffer with spare room give the same keys/values as concatenation, across
+    reallocations (the buffer doubles), beam reordering, batch selection/repetition and crop."""
+    g = torch.Generator().manual_seed(0)
+    grow, ref = GrowingKVLayer(), DynamicLayer()
+    GrowingKVLayer.min_capacity, saved = 4, GrowingKVLayer.min_capacity
+    try:
+        capacities = []
+        for step, length in enumerate([3, 1, 1, 2, 1, 5, 1]):
+            k, v = _kv(g, 3, length)
+            kg, vg = grow.update(k, v)
+            kr, vr = ref.update(k, v)
+            assert torch.equal(kg, kr) and torch.equal(vg, vr), step
+            assert grow.get_seq_length() == ref.get_seq_length() == kr.shape[-2]
+            capacities.append(grow.capacity)
+        assert capacities == [4, 4, 8, 8, 8, 16, 16]  # doubled when full (3, 4, 5, 7, 8, 13, 14 positions)
+        assert grow.nbytes() == 2 * 3 * 2 * 16 * 3 * 4
+        beams = torch.tensor([2, 0, 0])
+        grow.reorder_cache(beams); ref.reorder_cache(beams)
+        assert grow.capacity == 16 and torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
+        grow.batch_repeat_interleave(2); ref.batch_repeat_interleave(2)
+        grow.batch_select_indices(torch.tensor([0, 3, 5])); ref.batch_select_indices(torch.tensor([0, 3, 5]))
+        grow.crop(-4); ref.crop(-4)
+        k, v = _kv(g, 3, 2)
+        kg, vg = grow.update(k, v)
+        kr, vr = ref.update(k, v)
+        assert torch.equal(kg, kr) and torch.equal(vg, vr) and grow.get_seq_length() == 12
+        with pytest.raises(ValueError, match="negative number of tokens"):
+            grow.crop(2)
+        grow.reset()
+        assert grow.get_seq_length() == 0 and grow.nbytes() == 0 and grow.keys is None
+    finally:
+        GrowingKVLayer.min_capacity = saved
+
+
+def test_growing_kv_layer_concatenates_under_autograd():
+    """With grad, earlier keys saved by an attention call must not be overwritten in place: backward through two
+    updates works and the gradients equal those through DynamicLayer."""
+    g = torch.Generator().manual_seed(1)
+    parts = [_kv(g, 1, n) for n in (4, 1)]
+    grads = []
+    for layer in (GrowingKVLayer(), DynamicLayer()):
+        leaves = [(k.clone().requires_grad_(), v.clone().requires_grad_()) for k, v in parts]
+        loss = 0
+        for k, v in leaves:
+            keys, values = layer.update(k, v)
+            loss = loss + (keys.sin() * values).sum()
+        loss.backward()
+        grads.append([t.grad for pair in leaves for t in pair])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -10,7 +10,8 @@ context. It is a :class:`transformers.Cache`, so ``generate()`` accepts it as ``
 
 Hybrid models: each entry of ``cache.layers`` is a transformers cache layer. For a pure recurrent model it is
 a :class:`transformers.cache_utils.DummyLayer` (no keys/values). A hybrid model (attention + state heads)
-passes its own layers, e.g. ``DynamicLayer()`` for the attention part, and uses ``cache.update(k, v, i)``
+passes its own layers, e.g. :class:`GrowingKVLayer` (a ``DynamicLayer`` that appends in place instead of
+concatenating) for the attention part, and uses ``cache.update(k, v, i)``
 (the ordinary transformers API) beside ``get_state``/``set_state``; every batch operation below acts on both.
 
 State names used by RWKV-7 (``wuneng.models.rwkv7``), per layer:
@@ -39,12 +40,121 @@ from __future__ import annotations
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicLayer
 
-__all__ = ["RecurrentStateCache", "RWKV7_STATE_NAMES"]
+__all__ = ["RecurrentStateCache", "GrowingKVLayer", "RWKV7_STATE_NAMES"]
 
 # The per-layer state names of an RWKV-7 block (see the module docstring).
 RWKV7_STATE_NAMES = ("time_shift", "wkv", "channel_shift")
+
+
+class GrowingKVLayer(DynamicLayer):
+    """A key/value cache layer whose tensors live in a buffer with spare room, grown geometrically.
+
+    transformers' ``DynamicLayer`` concatenates on every ``update``: one decoded token copies the whole cache
+    (2 x B x H_kv x S x d values per layer), which at batch 1 costs more than the attention that reads it.
+    Here a token is written in place into ``[B, H_kv, capacity, d]`` buffers and ``keys``/``values`` are the
+    views ``buffer[:, :, :S]``; when the room runs out the buffers are reallocated at twice the size (at least
+    :attr:`min_capacity` positions), so a sequence of S tokens copies O(S) values in all instead of O(S^2).
+
+    Under autograd (any input requiring grad while grad mode is on) it concatenates like ``DynamicLayer``: an
+    in-place write would bump the version of a buffer that an earlier attention call saved for backward.
+    The views returned by :meth:`update` are only valid until the next ``update`` (as with any cache).
+    """
+
+    #: smallest capacity (positions) of a buffer: prefill of a short prompt leaves room for this many tokens
+    min_capacity = 256
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key_buffer: Optional[torch.Tensor] = None
+        self._value_buffer: Optional[torch.Tensor] = None
+        self._length = 0
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers can hold before the next reallocation (0 when empty)."""
+        return 0 if self._key_buffer is None else self._key_buffer.shape[-2]
+
+    def _set_buffers(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        self._key_buffer, self._value_buffer, self._length = keys, values, length
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+    def _grown(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        shape = buffer.shape[:-2] + (capacity, buffer.shape[-1])
+        new = buffer.new_empty(shape)
+        new[..., : self._length, :].copy_(buffer[..., : self._length, :])
+        return new
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append key/value states [B, H_kv, T, d]; returns all cached keys and values [B, H_kv, S, d] (views)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T = key_states.shape[-2]
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad or
+                                        (self.keys is not None and self.keys.requires_grad)):
+            keys, values = key_states, value_states
+            if self._length > 0:
+                keys = torch.cat([self.keys, key_states], dim=-2)
+                values = torch.cat([self.values, value_states], dim=-2)
+            self._set_buffers(keys, values, keys.shape[-2])
+            return self.keys, self.values
+        if self._key_buffer is None or self._length == 0:
+            capacity = max(self.min_capacity, T)
+            self._key_buffer = key_states.new_empty(key_states.shape[:-2] + (capacity, key_states.shape[-1]))
+            self._value_buffer = value_states.new_empty(value_states.shape[:-2] + (capacity, value_states.shape[-1]))
+            self._length = 0
+        elif self._length + T > self.capacity:
+            capacity = max(2 * self.capacity, self._length + T)
+            self._key_buffer, self._value_buffer = self._grown(self._key_buffer, capacity), self._grown(self._value_buffer, capacity)
+        end = self._length + T
+        self._key_buffer[..., self._length : end, :].copy_(key_states)
+        self._value_buffer[..., self._length : end, :].copy_(value_states)
+        self._set_buffers(self._key_buffer, self._value_buffer, end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        self._length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (a negative count, as in ``DynamicLayer``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"GrowingKVLayer.crop: expected a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or self._key_buffer is None:
+            return
+        self._set_buffers(self._key_buffer, self._value_buffer, max(self._length + tokens_to_remove, 0))
+
+    def _map_buffers(self, fn) -> None:
+        if self._key_buffer is not None and self._length > 0:
+            self._set_buffers(fn(self._key_buffer), fn(self._value_buffer), self._length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row b becomes row ``beam_idx[b]`` (the buffers keep their spare room)."""
+        self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_buffers(lambda t: t[indices, ...])
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (spare room included)."""
+        if self._key_buffer is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self._key_buffer, self._value_buffer))
+
+    def offload(self):
+        self._map_buffers(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self._key_buffer is not None and self._key_buffer.device != self.device:
+            self._map_buffers(lambda t: t.to(self.device, non_blocking=True))
 
 
 class RecurrentStateCache(Cache):
@@ -186,9 +296,13 @@ class RecurrentStateCache(Cache):
         return self
 
     def nbytes(self) -> int:
-        """Bytes held by the recurrent states and by any attention keys/values."""
+        """Bytes held by the recurrent states and by any attention keys/values (with a :class:`GrowingKVLayer`'s
+        spare room)."""
         total = sum(t.numel() * t.element_size() for t in self._tensors())
         for layer in self.layers:
+            if isinstance(layer, GrowingKVLayer):
+                total += layer.nbytes()
+                continue
             for attr in ("keys", "values"):
                 t = getattr(layer, attr, None)
                 if isinstance(t, torch.Tensor):

@@ -7,7 +7,7 @@ or ``"attention"`` (the teacher's attention, unchanged). Parameter names are the
 has the parameter, so a converted model loads the teacher's state dict directly.
 
 Inference state: a :class:`wuneng.cache.RecurrentStateCache` holding, per layer, the attention keys/values (a
-transformers ``DynamicLayer``; none in ARWKV layers) and the RWKV state ``time_shift`` [B, C] and ``wkv``
+:class:`wuneng.cache.GrowingKVLayer`, appended in place; none in ARWKV layers) and the RWKV state ``time_shift`` [B, C] and ``wkv``
 [B, H, N, N] (none in attention layers). ``generate()`` creates it; beam search reorders it.
 """
 
@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DummyLayer, DynamicLayer
+from transformers.cache_utils import DummyLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ...auto_map import AutoMapMixin
-from ...cache import RecurrentStateCache
+from ...cache import GrowingKVLayer, RecurrentStateCache
 from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
 from .configuration_wuneng import WuNengConfig
@@ -168,7 +168,7 @@ class WuNengModel(WuNengPreTrainedModel):
 
     def new_cache(self) -> RecurrentStateCache:
         """An empty inference cache: a KV layer per attention/hybrid layer, a dummy per ARWKV layer."""
-        layers = [DummyLayer() if kind == "arwkv" else DynamicLayer() for kind in self.config.layer_kinds]
+        layers = [DummyLayer() if kind == "arwkv" else GrowingKVLayer() for kind in self.config.layer_kinds]
         return RecurrentStateCache(self.config.num_hidden_layers, layers=layers)
 
     def forward(
