@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .low_rank import LowRankMap, derived_weight, low_rank_bank
 from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift
 
 __all__ = [
@@ -404,22 +405,34 @@ class HybridMixer(_VFirstMixin, Attention):
         shift: Optional[torch.Tensor],
         wkv_state: Optional[torch.Tensor],
         r_low: Optional[torch.Tensor] = None,
+        low: Optional[Dict[str, torch.Tensor]] = None,
+        shifted: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
         """Y [B,T,H_q,d] from u [B,T,C] and the teacher's q [B,T,H_q,d], k, v [B,T,H_kv,d] (before RoPE);
-        r_low = u R1 when already computed (see :meth:`low_rank_inputs`).
+        r_low = u R1 when already computed (see :meth:`low_rank_inputs`); low: the LoRA outputs of
+        :meth:`low_rank_outputs` (no autograd; then r_low is not used); shifted: (x, xx) of :meth:`shifted`
+        when already computed.
 
         Returns (Y, new wkv state [B,H_q,d,d], v_first [B,T,A], last token of the masked u [B,C])."""
         B, T, C = u.shape
-        x = u if token_mask is None else u * token_mask.to(u.dtype).unsqueeze(-1)  # padding never enters the shift
-        xx = token_shift(x, shift)
-        if r_low is None:
-            r_low = u @ self.receptance_lora_a
-        # r = q + r_low R2 in one addmm over the flattened tokens
-        r = torch.addmm(q.reshape(B * T, -1), r_low.reshape(B * T, -1), self.receptance_lora_b).view(B, T, -1)
+        x, xx = self.shifted(u, token_mask, shift) if shifted is None else shifted
+        if low is not None:
+            r = q.reshape(B, T, -1) + low["receptance"]
+        else:
+            if r_low is None:
+                r_low = u @ self.receptance_lora_a
+            # r = q + r_low R2 in one addmm over the flattened tokens
+            r = torch.addmm(q.reshape(B * T, -1), r_low.reshape(B * T, -1), self.receptance_lora_b).view(B, T, -1)
         k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
         v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
-        y, wkv_state, v_first = self.state(x, xx, r, k_s, v_s, v_first, wkv_state, token_mask)
+        y, wkv_state, v_first = self.state(x, xx, r, k_s, v_s, v_first, wkv_state, token_mask, low=low)
         return y.view(B, T, self.num_heads, self.head_dim), wkv_state, v_first, x[:, -1]
+
+    @staticmethod
+    def shifted(u: torch.Tensor, token_mask: Optional[torch.Tensor], shift: Optional[torch.Tensor]):
+        """(x, xx): x = u with padding zeroed (padding never enters the token shift), xx = shift(x) - x. [B,T,C]."""
+        x = u if token_mask is None else u * token_mask.to(u.dtype).unsqueeze(-1)
+        return x, token_shift(x, shift)
 
     def modulate_query(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """q_h + lambda_h (Y_h W^state); q, y [B,T,H_q,d]."""
@@ -435,30 +448,41 @@ class HybridMixer(_VFirstMixin, Attention):
         weights += [self.middle_lora_a] if self.num_middle_heads > 0 else []
         if len(weights) == 1:
             return {"r": u @ weights[0]}
-        parts = (u @ self._joined(weights)).split([w.shape[1] for w in weights], dim=-1)
+        joined = derived_weight(self, "joined_low_rank", weights, lambda: torch.cat(weights, dim=1))
+        parts = (u @ joined).split([w.shape[1] for w in weights], dim=-1)
         return dict(zip(names, parts))
 
-    def _joined(self, weights) -> torch.Tensor:
-        """``torch.cat(weights, dim=1)``; without autograd (decoding) the joined copy is kept until one of the
-        weights changes (data pointer or in-place version), so a decode step does not re-copy them."""
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return torch.cat(weights, dim=1)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        cached = self.__dict__.get("_joined_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, torch.cat(weights, dim=1))
-            self.__dict__["_joined_cache"] = cached
-        return cached[1]
+    def low_rank_outputs(self, u: torch.Tensor, x: torch.Tensor, xx: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Every low-rank map of the mixer, evaluated together without autograd (:func:`low_rank_bank`): the
+        state heads' ``decay``, ``alpha`` (, ``value_gate``) on the token-shift mixes of x (the masked u), and
+        ``gate_sigmoid`` = sigmoid(u G1 G2 + c), ``middle_sigmoid`` = sigmoid(u P1 P2), ``receptance`` = u R1 R2
+        on u. u, x, xx [B,T,C] -> [B,T,A] each ([B,T,H_m d] for the middle heads)."""
+        maps = self.state.low_rank_maps()
+        if self.fusion == "gate":
+            maps.append(LowRankMap("gate_sigmoid", self.gate_lora_a, self.gate_lora_b, self.gate_bias.view(-1), None, True))
+        if self.num_middle_heads > 0:
+            maps.append(LowRankMap("middle_sigmoid", self.middle_lora_a, self.middle_lora_b, None, None, True))
+        maps.append(LowRankMap("receptance", self.receptance_lora_a, self.receptance_lora_b))
+        mixes = self.state.mix_vectors()
+        n_state, n_u = len(mixes), len(maps) - len(mixes)
+        # rows of u-fed maps get a zero mix: x + xx * 0 = x, which is u unless padding zeroed it
+        mu = derived_weight(self, "low_rank_mixes", mixes, lambda: torch.cat([torch.stack(mixes), mixes[0].new_zeros(n_u, mixes[0].shape[0])]))
+        base = x if x is u else torch.cat([x.expand(n_state, *x.shape), u.expand(n_u, *u.shape)])
+        inputs = torch.addcmul(base, xx, mu.view(len(maps), *([1] * (x.dim() - 1)), -1))
+        return low_rank_bank(self, "low_rank_bank", maps, inputs)
 
     def fuse(self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, low: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads); ``low`` as returned by
-        :meth:`low_rank_inputs` (computed when None)."""
+        :meth:`low_rank_inputs` or :meth:`low_rank_outputs` (computed when None)."""
         B, T = u.shape[:2]
         if low is None:
             low = self.low_rank_inputs(u)
         if self.fusion == "gate":
-            gate_in = F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1))  # bias in the addmm
-            z = torch.lerp(a, y, torch.sigmoid(gate_in).view_as(a) * self.gate_scale)  # a + gamma (y - a)
+            if "gate_sigmoid" in low:
+                gamma = low["gate_sigmoid"]
+            else:
+                gamma = torch.sigmoid(F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1)))  # bias in the addmm
+            z = torch.lerp(a, y, gamma.view_as(a) * self.gate_scale)  # a + gamma (y - a)
         elif self.fusion == "add":
             z = a + self.fusion_beta * y
         elif self.fusion == "hymba":
@@ -469,7 +493,8 @@ class HybridMixer(_VFirstMixin, Attention):
         if self.fusion == "concat":
             out = out + self.o_state(y.reshape(B, T, -1))
         if self.num_middle_heads > 0:
-            s = torch.sigmoid(low["middle"] @ self.middle_lora_b).view(B, T, self.num_middle_heads, self.head_dim)
+            s = low["middle_sigmoid"] if "middle_sigmoid" in low else torch.sigmoid(low["middle"] @ self.middle_lora_b)
+            s = s.view(B, T, self.num_middle_heads, self.head_dim)
             a_m, y_m = a.index_select(2, self.middle_index), y.index_select(2, self.middle_index)
             m = torch.lerp(y_m, a_m, s)  # s A + (1 - s) Y
             out = out + self.o_middle(m.reshape(B, T, -1))
@@ -484,8 +509,15 @@ class HybridMixer(_VFirstMixin, Attention):
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
         q, k, v = self.project(u)
-        low = self.low_rank_inputs(u)
-        y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"])
+        if torch.is_grad_enabled():
+            low = self.low_rank_inputs(u)
+            y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"])
+        else:  # inference: every low-rank map in two batched matmuls
+            x, xx = self.shifted(u, token_mask, shift)
+            low = self.low_rank_outputs(u, x, xx)
+            y, wkv_state, v_first, last = self.state_heads(
+                u, q, k, v, v_first, token_mask, shift, wkv_state, low=low, shifted=(x, xx)
+            )
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", last)
             cache.set_state(self.layer_idx, "wkv", wkv_state)

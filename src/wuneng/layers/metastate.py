@@ -112,8 +112,8 @@ class MetaStateTimeMix(TimeMix):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv), read-out [B,T,H,N] or None).
         """
         shift, wkv_state = (None, None) if state is None else state
-        x, xx, x_key, r, k, v, g, mixed = self.project(x, shift, mask)  # x_key = x_k^tm, also the SSE query's source
-        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, mixed)
+        x, xx, x_key, r, k, v, g, state_inputs = self.project(x, shift, mask)  # x_key = x_k^tm, the SSE query's source
+        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, **state_inputs)
         readout = None
         if self.state_readout:
             query = self_state_query(x_key, self.num_heads, self.head_size).to(r.dtype)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
+from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
 DECAY_SCALE = math.exp(-0.5)
@@ -44,15 +45,17 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.T
     return shifted - x
 
 
-def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """``x + xx * mu`` for every row ``mu`` of ``mixes`` [M, C], in one op; x, xx [..., C] -> M tensors [..., C].
+def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor, unbind: bool = True):
+    """``x + xx * mu`` for every row ``mu`` of ``mixes`` [M, C], in one op; x, xx [..., C] -> M tensors [..., C]
+    (or, with ``unbind=False``, the [M, ..., C] block).
 
     The token-shift interpolations of a time-mix (RWKV-LM's ``x_r, x_w, x_k, x_v, x_a, x_g``): one fused
     multiply-add over a [M, ..., C] block (each slice contiguous) instead of 2M small ops, which is most of
     their cost at one token per step.
     """
     shape = (mixes.shape[0],) + (1,) * (x.dim() - 1) + (mixes.shape[-1],)
-    return torch.addcmul(x.unsqueeze(0), xx.unsqueeze(0), mixes.view(shape)).unbind(0)
+    block = torch.addcmul(x.unsqueeze(0), xx.unsqueeze(0), mixes.view(shape))
+    return block.unbind(0) if unbind else block
 
 
 def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
@@ -191,6 +194,20 @@ class RWKV7StateHeads(nn.Module):
         # float32 for half/bf16/float32 activations; float64 stays float64 (oracle tests)
         return -DECAY_SCALE * torch.sigmoid(z if z.dtype == torch.float64 else z.float())
 
+    def low_rank_maps(self) -> list:
+        """The state heads' LoRAs as :class:`~wuneng.layers.low_rank.LowRankMap` (for the no-grad
+        :func:`~wuneng.layers.low_rank.low_rank_bank`): ``decay`` (tanh inside; sigmoid(w0 + tanh(x_w W1) W2)),
+        ``alpha`` and, with value residual, ``value_gate``, each read from its token-shift mix (:meth:`mix_vectors`)."""
+        maps = [LowRankMap("decay", self.w1, self.w2, self.w0, "tanh", True),
+                LowRankMap("alpha", self.a1, self.a2, self.a0, None, True)]
+        if self.value_residual:
+            maps.append(LowRankMap("value_gate", self.v1, self.v2, self.v0, None, True))
+        return maps
+
+    def mix_vectors(self) -> list:
+        """The token-shift mixes feeding :meth:`low_rank_maps`, in its order: x_w, x_a (, x_v)."""
+        return [self.x_w, self.x_a] + ([self.x_v] if self.value_residual else [])
+
     def wkv_inputs(
         self,
         x: torch.Tensor,
@@ -200,30 +217,38 @@ class RWKV7StateHeads(nn.Module):
         v_first: Optional[torch.Tensor],
         mask: Optional[torch.Tensor] = None,
         mixed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        low: Optional[dict] = None,
     ):
         """Decay, keys, values, a and b of the recurrence.
 
         x, xx: [B,T,C] (the token and ``shift(x) - x``); k, v: [B,T,A]; v_first: [B,T,A] or None;
         mask: [B,T] (1 = real token) or None; mixed: the token-shift mixes (x_w, x_a, x_v) [B,T,C] when the
-        caller already has them (:meth:`TimeMix.project`), else computed here.
+        caller already has them (:meth:`TimeMix.project`), else computed here; low: the LoRA outputs
+        ``{"decay", "alpha"(, "value_gate")}`` [B,T,A] when already evaluated by the no-grad
+        :func:`~wuneng.layers.low_rank.low_rank_bank` (then x, xx and mixed are not read).
         Returns (log_w, k, v, a, b, v_first), all [B,T,A].
         Padded positions get log_w = 0 and k = v = b = 0, so they leave the state untouched.
         """
-        B, T, _ = x.shape
+        B, T, _ = k.shape
         H, N = self.num_heads, self.head_size
-        if mixed is None:  # (x_v only where it is used, so that an unused x_v gets no gradient)
-            mixes = [self.x_w, self.x_a] + ([self.x_v] if self.value_residual else [])
-            mixed = tuple(token_mixes(x, xx, torch.stack(mixes))) + (None,) * (3 - len(mixes))
-        x_w, x_a, x_v = mixed
-        log_w = self.log_decay(x_w)
+        if low is not None:
+            decay = low["decay"]  # sigmoid(z), in the activations' dtype
+            log_w = -DECAY_SCALE * (decay if decay.dtype == torch.float64 else decay.float())
+            alpha, value_gate = low["alpha"], low.get("value_gate")
+        else:
+            if mixed is None:  # (x_v only where it is used, so that an unused x_v gets no gradient)
+                mixes = self.mix_vectors()
+                mixed = tuple(token_mixes(x, xx, torch.stack(mixes))) + (None,) * (3 - len(mixes))
+            x_w, x_a, x_v = mixed
+            log_w = self.log_decay(x_w)
+            alpha = torch.sigmoid(F.linear(x_a @ self.a1, self.a2.t(), self.a0))  # in-context learning rate
+            value_gate = torch.sigmoid(F.linear(x_v @ self.v1, self.v2.t(), self.v0)) if self.value_residual else None
         if self.value_residual:
             if v_first is None:
                 raise ValueError("RWKV7StateHeads: a value-residual layer needs v_first from the first layer")
-            gate = torch.sigmoid(F.linear(x_v @ self.v1, self.v2.t(), self.v0))
-            v = torch.lerp(v, v_first, gate)  # v + (v_first - v) * gate
+            v = torch.lerp(v, v_first, value_gate)  # v + (v_first - v) * gate
         else:
             v_first = v
-        alpha = torch.sigmoid(F.linear(x_a @ self.a1, self.a2.t(), self.a0))  # in-context learning rate
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, -1)  # kappa-hat
         k = k * torch.addcmul(1 - self.k_a, alpha, self.k_a)  # k (1 + (alpha - 1) k_a)
         a, b = -kk, kk * alpha
@@ -278,12 +303,13 @@ class RWKV7StateHeads(nn.Module):
         wkv_state: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         mixed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        low: Optional[dict] = None,
     ):
-        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C]; mixed as in :meth:`wkv_inputs`.
+        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C]; mixed and low as in :meth:`wkv_inputs`.
 
         Returns (y [B,T,A] after GroupNorm and bonus, new wkv state [B,H,N,N] float32, v_first [B,T,A]).
         """
-        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, mixed)
+        log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, mixed, low)
         y, state = self.recur(r, log_w, k, v, a, b, wkv_state)
         return self.read_out(y, r, k, v), state, v_first
 
@@ -339,22 +365,36 @@ class TimeMix(RWKV7StateHeads):
         """Token shift and the r/k/v/gate projections.
 
         x: [B,T,C]; shift: [B,C] (the previous token) or None; mask: [B,T] or None.
-        Returns (x, xx, x_key, r, k, v, g, mixed): x with padding zeroed, xx = shift(x) - x, x_key = x + xx * mu_k
-        (the key's input, [B,T,C]), r, k, v, g [B,T,A], and mixed = (x_w, x_a, x_v) [B,T,C] for
-        :meth:`wkv_inputs`.
+        Returns (x, xx, x_key, r, k, v, g, state_inputs): x with padding zeroed, xx = shift(x) - x, x_key =
+        x + xx * mu_k (the key's input, [B,T,C]), r, k, v, g [B,T,A], and the keyword arguments that complete
+        :meth:`wkv_inputs`: ``{"mixed": (x_w, x_a, x_v)}`` (the token-shift mixes [B,T,C]) with autograd, or,
+        without it (inference), ``{"low": ...}``, every LoRA already evaluated in one
+        :func:`~wuneng.layers.low_rank.low_rank_bank` (the gate's among them).
         """
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{type(self).__name__}: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
         xx = token_shift(x, shift)
-        mixes = torch.stack([self.x_r, self.x_k, self.x_g, self.x_w, self.x_a, self.x_v])
-        x_r, x_key, x_g, x_w, x_a, x_v = token_mixes(x, xx, mixes)
+        if torch.is_grad_enabled():
+            mixes = torch.stack([self.x_r, self.x_k, self.x_g, self.x_w, self.x_a, self.x_v])
+            x_r, x_key, x_g, x_w, x_a, x_v = token_mixes(x, xx, mixes)
+            g = torch.sigmoid(x_g @ self.g1) @ self.g2  # no sigmoid after G2
+            state_inputs = {"mixed": (x_w, x_a, x_v)}
+        else:  # rows: the LoRA inputs (x_w, x_a[, x_v], x_g) first, for the bank, then x_r, x_k[, x_v]
+            vectors = self.mix_vectors() + [self.x_g, self.x_r, self.x_k] + ([] if self.value_residual else [self.x_v])
+            block = token_mixes(x, xx, derived_weight(self, "time_mixes", vectors, lambda: torch.stack(vectors)), False)
+            maps = self.low_rank_maps() + [LowRankMap("gate", self.g1, self.g2, None, "sigmoid", False)]
+            low = low_rank_bank(self, "low_rank_bank", maps, block[: len(maps)])
+            n = len(maps)
+            x_r, x_key = block[n], block[n + 1]
+            x_v = block[2] if self.value_residual else block[n + 2]
+            g = low["gate"]
+            state_inputs = {"low": low}
         r = self.receptance(x_r)
         k = self.key(x_key)
         v = self.value(x_v)
-        g = torch.sigmoid(x_g @ self.g1) @ self.g2  # no sigmoid after G2
-        return x, xx, x_key, r, k, v, g, (x_w, x_a, x_v)
+        return x, xx, x_key, r, k, v, g, state_inputs
 
     def forward(
         self,
@@ -369,8 +409,8 @@ class TimeMix(RWKV7StateHeads):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
         """
         shift, wkv_state = (None, None) if state is None else state
-        x, xx, _, r, k, v, g, mixed = self.project(x, shift, mask)
-        y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask, mixed)
+        x, xx, _, r, k, v, g, state_inputs = self.project(x, shift, mask)
+        y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask, **state_inputs)
         return self.output(y * g), v_first, (x[:, -1], wkv_state)
 
 
