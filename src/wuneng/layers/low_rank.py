@@ -4,8 +4,8 @@ An RWKV-7 time-mix has four LoRA-shaped maps (decay, in-context rate, value resi
 mixer three more (receptance correction, fusion gate, middle heads), each ``act_out(act_mid(x_i A_i) B_i + c_i)``
 on its own token-shift mix ``x_i`` of the input. Evaluated one by one that is ~5 small ops per map, which at one
 token per step (decoding) costs more than the arithmetic. :func:`low_rank_bank` evaluates all of them with two
-batched matmuls on weights stacked once (ranks and widths zero-padded to the largest): ``bmm``, the middle
-activations in place, ``baddbmm`` with the biases, the output sigmoids in place.
+batched matmuls on weights stacked once (adjacent maps of equal rank together; widths zero-padded to the
+largest): ``bmm``, the middle activations in place, ``baddbmm`` with the biases, the output sigmoids in place.
 
 It runs without autograd only (inference, decoding); training keeps the plain per-map ops, which are the
 reference the tests compare it with. The stacked weights live on the owning module until one of the source
@@ -54,49 +54,68 @@ def derived_weight(owner: nn.Module, slot: str, sources: Sequence[torch.Tensor],
     return hit[1]
 
 
-def _stack(maps: Sequence[LowRankMap]):
-    """first [M, C, R], second [M, R, W], bias [M, 1, W] (zero-padded), and the runs of the activations."""
-    C = maps[0].first.shape[0]
-    R = max(m.first.shape[1] for m in maps)
-    W = max(m.second.shape[1] for m in maps)
-    ref = maps[0].first
-    first = ref.new_zeros(len(maps), C, R)
-    second = ref.new_zeros(len(maps), R, W)
-    bias = ref.new_zeros(len(maps), 1, W)
-    for i, m in enumerate(maps):
-        r, n = m.second.shape
-        first[i, :, :r] = m.first
-        second[i, :r, :n] = m.second
-        if m.bias is not None:
-            bias[i, 0, :n] = m.bias
-    # contiguous runs of rows with an output sigmoid: one in-place op per run
+def _runs(flags) -> tuple:
+    """[(start, stop)] of the maximal runs of True in ``flags``."""
     runs, start = [], None
-    for i, m in enumerate(list(maps) + [None]):
-        if m is not None and m.out_sigmoid:
-            start = i if start is None else start
-        elif start is not None:
+    for i, flag in enumerate(list(flags) + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
             runs.append((start, i))
             start = None
-    return first, second, bias, tuple(runs)
+    return tuple(runs)
+
+
+def _stack(maps: Sequence[LowRankMap]):
+    """The maps split into runs of equal rank (no padding of the rank within a run); per run (start, stop,
+    first [m, C, r], second [m, r, W] and bias [m, 1, W], widths zero-padded to the run's widest, and the
+    sub-runs with an output sigmoid)."""
+    groups = []
+    ranks = [m.first.shape[1] for m in maps]
+    start = 0
+    while start < len(maps):
+        stop = start + 1
+        while stop < len(maps) and ranks[stop] == ranks[start]:
+            stop += 1
+        run = maps[start:stop]
+        C, r = run[0].first.shape
+        W = max(m.second.shape[1] for m in run)
+        first = torch.stack([m.first for m in run])
+        second = run[0].first.new_zeros(len(run), r, W)
+        bias = run[0].first.new_zeros(len(run), 1, W)
+        for i, m in enumerate(run):
+            second[i, :, : m.second.shape[1]] = m.second
+            if m.bias is not None:
+                bias[i, 0, : m.bias.shape[0]] = m.bias
+        groups.append((start, stop, first, second, bias, _runs([m.out_sigmoid for m in run])))
+        start = stop
+    return groups
 
 
 @torch.no_grad()
 def low_rank_bank(owner: nn.Module, slot: str, maps: Sequence[LowRankMap], inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
     """All ``maps`` at once: ``inputs`` [M, ..., C] holds map i's input in row i. Returns {name: [..., n_i]}.
 
-    Equal (up to float rounding of the summation order) to evaluating each map with its own matmuls. The stacked
-    weights are cached on ``owner`` under ``slot`` (:func:`derived_weight`); a map with rank or width below the
-    largest reads zero padding."""
+    Equal (up to float rounding of the summation order) to evaluating each map with its own matmuls. Adjacent
+    maps of equal rank share one ``bmm`` / ``baddbmm`` pair (order maps by rank to get fewer pairs); their
+    stacked weights are cached on ``owner`` under ``slot`` (:func:`derived_weight`), output widths below the
+    widest of a pair read zero padding."""
     if inputs.shape[0] != len(maps):
         raise ValueError(f"low_rank_bank: inputs has {inputs.shape[0]} rows for {len(maps)} maps")
     sources = [t for m in maps for t in (m.first, m.second, m.bias) if t is not None]
-    first, second, bias, runs = derived_weight(owner, slot, sources, lambda: _stack(maps))
-    M, lead, C = inputs.shape[0], inputs.shape[1:-1], inputs.shape[-1]
-    h = torch.bmm(inputs.reshape(M, -1, C), first)  # [M, P, R]
-    for i, m in enumerate(maps):
-        if m.mid is not None:
-            _MID[m.mid](h[i])
-    z = torch.baddbmm(bias, h, second)  # [M, P, W]
-    for start, stop in runs:
-        z[start:stop].sigmoid_()
-    return {m.name: z[i, :, : m.second.shape[1]].view(*lead, m.second.shape[1]) for i, m in enumerate(maps)}
+    groups = derived_weight(owner, slot, sources, lambda: _stack(maps))
+    lead, C = inputs.shape[1:-1], inputs.shape[-1]
+    flat = inputs.reshape(len(maps), -1, C)
+    out = {}
+    for start, stop, first, second, bias, runs in groups:
+        h = torch.bmm(flat[start:stop], first)  # [m, P, r]
+        for i in range(start, stop):
+            if maps[i].mid is not None:
+                _MID[maps[i].mid](h[i - start])
+        z = torch.baddbmm(bias, h, second)  # [m, P, W]
+        for a, b in runs:
+            z[a:b].sigmoid_()
+        for i in range(start, stop):
+            n = maps[i].second.shape[1]
+            out[maps[i].name] = z[i - start, :, :n].view(*lead, n)
+    return out
