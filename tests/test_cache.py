@@ -142,3 +142,18 @@ def test_growing_kv_layer_concatenates_under_autograd():
         grads.append([t.grad for pair in leaves for t in pair])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_growing_kv_layer_continues_outside_inference_mode():
+    """A prefill under torch.inference_mode() followed by decoding under no_grad: the buffers made in inference
+    mode cannot be written outside it, so the layer moves to fresh ones (same keys/values as concatenation)."""
+    g = torch.Generator().manual_seed(2)
+    grow, ref = GrowingKVLayer(), DynamicLayer()
+    first, second = _kv(g, 1, 5), _kv(g, 1, 1)
+    with torch.inference_mode():
+        grow.update(*first)
+    ref.update(*first)
+    with torch.no_grad():
+        keys, values = grow.update(*second)
+    kr, vr = ref.update(*second)
+    assert torch.equal(keys, kr) and torch.equal(values, vr)

@@ -99,6 +99,9 @@ class GrowingKVLayer(DynamicLayer):
                 values = torch.cat([self.values, value_states], dim=-2)
             self._set_buffers(keys, values, keys.shape[-2])
             return self.keys, self.values
+        if self._key_buffer is not None and self._key_buffer.is_inference() and not torch.is_inference_mode_enabled():
+            # buffers made under torch.inference_mode() cannot be written outside it: continue in fresh ones
+            self._key_buffer, self._value_buffer = self._key_buffer.clone(), self._value_buffer.clone()
         if self._key_buffer is None or self._length == 0:
             capacity = max(self.min_capacity, T)
             self._key_buffer = key_states.new_empty(key_states.shape[:-2] + (capacity, key_states.shape[-1]))
