@@ -6,6 +6,9 @@ Three models of the same shapes (a Qwen2 teacher of about 20M parameters, random
     wuneng    WuNengForCausalLM.from_teacher(teacher) with the defaults (gate fusion, 4 middle heads,
               state-query modulation), its new parameters perturbed so that nothing is skipped
     arwkv     WuNengForCausalLM.from_teacher(teacher, attention=False): RWKV-7 time-mix in every layer
+    attn      WuNengForCausalLM.from_teacher(teacher, hybrid_layers=[]): the teacher's own function in this
+              library's implementation (a control: wuneng / attn is the cost of the state heads alone, free of
+              the differences between two implementations of the same attention, e.g. the KV cache)
 
 Measured (tokens/s; the models take turns, so that load from other processes hits them alike; train and
 prefill: the best of --repeats; decode: the median step of --decode-steps):
@@ -14,8 +17,8 @@ prefill: the best of --repeats; decode: the median step of --decode-steps):
     prefill   forward of one 2048-token prompt, no grad
     decode    one token at a time at batch 1 after a 2048-token prompt (its cache), greedy, no grad
 
-and the ratios to the teacher. Targets (issue 3): wuneng train >= 0.7x, wuneng decode >= 0.7x,
-arwkv decode > 1x the teacher.
+and the ratios to the teacher (and wuneng / attn). Targets (issue 3): wuneng train >= 0.7x, wuneng decode
+>= 0.7x, arwkv decode > 1x the teacher.
 
     python benchmarks/hybrid.py
     python benchmarks/hybrid.py --quick          # batch 2 x 256, prompt 512, for a smoke run
@@ -50,7 +53,8 @@ def build_models(seed: int = 0):
             if name in new:
                 p.add_(0.01 * torch.randn_like(p))
     arwkv = WuNengForCausalLM.from_teacher(teacher, attention=False)
-    return {"teacher": teacher, "wuneng": wuneng, "arwkv": arwkv}
+    attn = WuNengForCausalLM.from_teacher(teacher, hybrid_layers=[])
+    return {"teacher": teacher, "wuneng": wuneng, "arwkv": arwkv, "attn": attn}
 
 
 def new_cache(model):
@@ -159,11 +163,12 @@ def main(argv=None):
         "decode": f"decode tok/s (B 1, after {args.prompt})",
     }
     print()
-    print(f"{'measure':<40}{'teacher':>10}{'wuneng':>10}{'arwkv':>10}{'wuneng/T':>10}{'arwkv/T':>10}")
+    print(f"{'measure':<40}{'teacher':>10}{'wuneng':>10}{'arwkv':>10}{'attn':>10}"
+          f"{'wuneng/T':>10}{'arwkv/T':>10}{'wuneng/attn':>12}")
     for key, row in results.items():
         t = row["teacher"]
-        print(f"{labels[key]:<40}{row['teacher']:>10.1f}{row['wuneng']:>10.1f}{row['arwkv']:>10.1f}"
-              f"{row['wuneng'] / t:>10.2f}{row['arwkv'] / t:>10.2f}")
+        print(f"{labels[key]:<40}{row['teacher']:>10.1f}{row['wuneng']:>10.1f}{row['arwkv']:>10.1f}{row['attn']:>10.1f}"
+              f"{row['wuneng'] / t:>10.2f}{row['arwkv'] / t:>10.2f}{row['wuneng'] / row['attn']:>12.2f}")
     return results
 
 
