@@ -101,6 +101,8 @@ def repeat_kv_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     (the order of transformers' ``repeat_kv``). Returns [B, T, H_kv * n_rep, d]."""
     if n_rep == 1:
         return x
+    if not torch.is_grad_enabled():  # one op (inference); the expand below has the cheaper backward
+        return x.repeat_interleave(n_rep, dim=2)
     B, T, H, d = x.shape
     return x[:, :, :, None, :].expand(B, T, H, n_rep, d).reshape(B, T, H * n_rep, d)
 

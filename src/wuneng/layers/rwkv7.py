@@ -41,6 +41,8 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.T
     x: [B, T, C]; prev: [B, C], the token before x[:, 0] (zeros when None). Returns [B, T, C].
     """
     first = torch.zeros_like(x[:, :1]) if prev is None else prev.unsqueeze(1).to(x.dtype)
+    if x.shape[1] == 1:  # decoding: the previous token is the whole shift (no concatenation)
+        return first - x
     shifted = torch.cat([first, x[:, :-1]], dim=1)
     return shifted - x
 
@@ -261,7 +263,7 @@ class RWKV7StateHeads(nn.Module):
         """GroupNorm per head plus the bonus (sum_n r k r_k) v. All [B,T,A] -> [B,T,A]."""
         B, T, A = y.shape
         H, N = self.num_heads, self.head_size
-        y = self.ln_x(y.reshape(B * T, A)).view(B, T, A)
+        y = F.group_norm(y.reshape(B * T, A), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps).view(B, T, A)
         bonus = ((r * k).view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
         return y + bonus.view(B, T, A)
 
