@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wuneng.layers.low_rank import LowRankMap, derived_weight, low_rank_bank
+from wuneng.layers.low_rank import LowRankMap, clear_derived_weights, derived_weight, low_rank_bank
 
 
 def one_by_one(m: LowRankMap, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,9 @@ def test_stacked_weights_follow_in_place_updates():
     ref = one_by_one(maps[2], x[2]).detach()
     assert (after["gate"] - ref).abs().max() <= 1e-13 * ref.abs().max()
     assert not torch.allclose(after["gate"], before["gate"])
+    parent = nn.Sequential(owner)
+    assert clear_derived_weights(parent) == 1 and "_derived_weights" not in owner.__dict__
+    assert torch.equal(low_rank_bank(owner, "bank", maps, x)["gate"], after["gate"])  # rebuilt on demand
 
 
 def test_derived_weight_is_not_cached_under_autograd():

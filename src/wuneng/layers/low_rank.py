@@ -9,7 +9,7 @@ largest): ``bmm``, the middle activations in place, ``baddbmm`` with the biases,
 
 It runs without autograd only (inference, decoding); training keeps the plain per-map ops, which are the
 reference the tests compare it with. The stacked weights live on the owning module until one of the source
-parameters changes (:func:`derived_weight`).
+parameters changes (:func:`derived_weight`) or :func:`clear_derived_weights` drops them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["LowRankMap", "derived_weight", "low_rank_bank"]
+__all__ = ["LowRankMap", "derived_weight", "low_rank_bank", "clear_derived_weights"]
 
 
 class LowRankMap(NamedTuple):
@@ -52,6 +52,17 @@ def derived_weight(owner: nn.Module, slot: str, sources: Sequence[torch.Tensor],
         hit = (key, build())
         cache[slot] = hit
     return hit[1]
+
+
+def clear_derived_weights(module: nn.Module) -> int:
+    """Drop every cached derived weight in ``module`` and its submodules (e.g. after inference, before training
+    a large model: the stacked copies hold about as much memory as the LoRAs themselves). Returns how many
+    modules held some. They are rebuilt on the next no-grad call."""
+    cleared = 0
+    for sub in module.modules():
+        if sub.__dict__.pop("_derived_weights", None):
+            cleared += 1
+    return cleared
 
 
 def _runs(flags) -> tuple:
