@@ -157,3 +157,20 @@ def test_growing_kv_layer_continues_outside_inference_mode():
         keys, values = grow.update(*second)
     kr, vr = ref.update(*second)
     assert torch.equal(keys, kr) and torch.equal(values, vr)
+
+
+def test_growing_kv_layer_never_writes_into_tensors_it_adopted_under_autograd():
+    """After an autograd-path update (the caller's tensors are adopted as buffers) and a crop, a no-grad update
+    must go to fresh buffers: writing in place would change the caller's keys (and tensors saved for backward)."""
+    g = torch.Generator().manual_seed(3)
+    layer = GrowingKVLayer()
+    k, v = (t.requires_grad_() for t in _kv(g, 1, 4))
+    layer.update(k, v)
+    layer.crop(-2)
+    before = k.detach().clone()
+    with torch.no_grad():
+        k2, v2 = _kv(g, 1, 1)
+        keys, values = layer.update(k2, v2)
+    assert torch.equal(k.detach(), before)
+    assert torch.equal(keys, torch.cat([before[..., :2, :], k2], dim=-2))
+    assert layer.capacity >= 3 and not keys.requires_grad

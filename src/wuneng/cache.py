@@ -70,6 +70,7 @@ class GrowingKVLayer(DynamicLayer):
         self._key_buffer: Optional[torch.Tensor] = None
         self._value_buffer: Optional[torch.Tensor] = None
         self._length = 0
+        self._adopted = False  # the buffers are tensors from the autograd path: never written in place
 
     @property
     def capacity(self) -> int:
@@ -98,6 +99,7 @@ class GrowingKVLayer(DynamicLayer):
                 keys = torch.cat([self.keys, key_states], dim=-2)
                 values = torch.cat([self.values, value_states], dim=-2)
             self._set_buffers(keys, values, keys.shape[-2])
+            self._adopted = True
             return self.keys, self.values
         if self._key_buffer is not None and self._key_buffer.is_inference() and not torch.is_inference_mode_enabled():
             # buffers made under torch.inference_mode() cannot be written outside it: continue in fresh ones
@@ -107,9 +109,10 @@ class GrowingKVLayer(DynamicLayer):
             self._key_buffer = key_states.new_empty(key_states.shape[:-2] + (capacity, key_states.shape[-1]))
             self._value_buffer = value_states.new_empty(value_states.shape[:-2] + (capacity, value_states.shape[-1]))
             self._length = 0
-        elif self._length + T > self.capacity:
-            capacity = max(2 * self.capacity, self._length + T)
+        elif self._adopted or self._length + T > self.capacity:
+            capacity = max(2 * self._length, self._length + T, self.min_capacity)
             self._key_buffer, self._value_buffer = self._grown(self._key_buffer, capacity), self._grown(self._value_buffer, capacity)
+        self._adopted = False
         end = self._length + T
         self._key_buffer[..., self._length : end, :].copy_(key_states)
         self._value_buffer[..., self._length : end, :].copy_(value_states)
@@ -122,6 +125,7 @@ class GrowingKVLayer(DynamicLayer):
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
         self._length = 0
+        self._adopted = False
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
