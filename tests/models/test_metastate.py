@@ -55,8 +55,11 @@ def test_config_defaults_and_round_trip(tmp_path):
         (dict(moe_groups=3), "moe_groups"),
         (dict(moe_groups=4, moe_top_k=5), "moe_top_k"),
         (dict(wkv_impl="cuda"), "wkv_impl"),
+        (dict(a_low_rank_dim=0), "MetaStateConfig: a_low_rank_dim must be a positive int"),
+        (dict(layer_norm_eps=0.0), "MetaStateConfig: layer_norm_eps must be a positive float"),
+        (dict(vocab_size=True), "MetaStateConfig: vocab_size must be a positive int"),
     ],
-    ids=["width", "heads", "sse", "groups", "topk", "impl"],
+    ids=["width", "heads", "sse", "groups", "topk", "impl", "rank", "eps", "vocab"],
 )
 def test_config_rejects_bad_values(kwargs, match):
     base = dict(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N)

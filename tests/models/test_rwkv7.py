@@ -349,6 +349,12 @@ def test_bad_config():
         RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=0, head_size=16)
     with pytest.raises(ValueError, match="wkv_impl"):
         RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=1, head_size=16, wkv_impl="cuda")
+    with pytest.raises(ValueError, match=r"RWKV7Config: gate_low_rank_dim must be a positive int \(or None"):
+        RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=1, head_size=16, gate_low_rank_dim=-1)
+    with pytest.raises(ValueError, match="RWKV7Config: intermediate_size must be a positive int"):
+        RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=1, head_size=16, intermediate_size=0)
+    with pytest.raises(ValueError, match="RWKV7Config: layer_norm_eps must be a positive float"):
+        RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=1, head_size=16, layer_norm_eps=-1.0)
 
 
 def test_bad_forward_inputs(model):

@@ -5,14 +5,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from ...layers.metastate import resolve_sse_heads
-from ...layers.rwkv7 import lora_ranks
-from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
+from ..rwkv7.configuration_rwkv7 import _is_int, check_positive_ints, validate_rwkv7_core
 
 __all__ = ["MetaStateConfig"]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class MetaStateConfig(PretrainedConfig):
@@ -66,27 +61,14 @@ class MetaStateConfig(PretrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"MetaStateConfig: {name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.head_size != 0:
-            raise ValueError(
-                f"MetaStateConfig: head_size ({self.head_size}) must divide hidden_size ({self.hidden_size}); "
-                "the Self-State Encoder ties each head to a block of head_size channels"
-            )
+        validate_rwkv7_core(
+            self, "MetaStateConfig", "the Self-State Encoder ties each head to a block of head_size channels"
+        )
         if self.num_heads is None:
             self.num_heads = self.hidden_size // self.head_size
         if self.num_param_tokens is None:
             self.num_param_tokens = 4 * self.hidden_size
-        ranks = lora_ranks(self.hidden_size, self.head_size)
-        for name, key in (("decay_low_rank_dim", "w"), ("a_low_rank_dim", "a"), ("v_low_rank_dim", "v"), ("gate_low_rank_dim", "g")):
-            if getattr(self, name) is None:
-                setattr(self, name, ranks[key])
-        for name in ("num_heads", "num_param_tokens", "decay_low_rank_dim", "a_low_rank_dim", "v_low_rank_dim", "gate_low_rank_dim"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"MetaStateConfig: {name} must be a positive int (or None for the default), got {value!r}")
+        check_positive_ints(self, ("num_heads", "num_param_tokens"), "MetaStateConfig", default_hint=True)
         try:
             resolve_sse_heads(self.sse_heads, self.num_heads)
         except (TypeError, ValueError) as err:
@@ -98,10 +80,6 @@ class MetaStateConfig(PretrainedConfig):
             )
         if not _is_int(self.moe_top_k) or not 1 <= self.moe_top_k <= self.moe_groups:
             raise ValueError(f"MetaStateConfig: moe_top_k must be an int in [1, moe_groups={self.moe_groups}], got {self.moe_top_k!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise ValueError(f"MetaStateConfig: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
-        if self.wkv_impl not in WKV_IMPLS:
-            raise ValueError(f"MetaStateConfig: wkv_impl must be one of {WKV_IMPLS}, got {self.wkv_impl!r}")
         super().__post_init__(**kwargs)
 
     @property

@@ -7,11 +7,44 @@ from transformers import PretrainedConfig
 from ...layers.rwkv7 import lora_ranks
 from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
 
-__all__ = ["RWKV7Config"]
+__all__ = ["RWKV7Config", "validate_rwkv7_core"]
+
+#: LoRA rank fields of an RWKV-7 config -> key of :func:`~wuneng.layers.rwkv7.lora_ranks`
+LORA_RANK_FIELDS = (("decay_low_rank_dim", "w"), ("a_low_rank_dim", "a"), ("v_low_rank_dim", "v"), ("gate_low_rank_dim", "g"))
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_positive_ints(config, names, what: str, default_hint: bool = False) -> None:
+    """Raise ValueError naming the field unless each of ``names`` is a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if not _is_int(value) or value <= 0:
+            hint = " (or None for the default)" if default_hint else ""
+            raise ValueError(f"{what}: {name} must be a positive int{hint}, got {value!r}")
+
+
+def validate_rwkv7_core(config, what: str, head_reason: str) -> None:
+    """The checks and defaults every RWKV-7-based config shares (RWKV7Config, MetaStateConfig): positive
+    vocab_size / hidden_size / num_hidden_layers / head_size, head_size dividing hidden_size (``head_reason``
+    says why), the LoRA ranks (None -> the RWKV-LM formula, then checked), layer_norm_eps and wkv_impl.
+    Messages start with ``what`` (the config class)."""
+    check_positive_ints(config, ("vocab_size", "hidden_size", "num_hidden_layers", "head_size"), what)
+    if config.hidden_size % config.head_size != 0:
+        raise ValueError(
+            f"{what}: head_size ({config.head_size}) must divide hidden_size ({config.hidden_size}); {head_reason}"
+        )
+    ranks = lora_ranks(config.hidden_size, config.head_size)
+    for name, key in LORA_RANK_FIELDS:
+        if getattr(config, name) is None:
+            setattr(config, name, ranks[key])
+    check_positive_ints(config, [name for name, _ in LORA_RANK_FIELDS], what, default_hint=True)
+    if not isinstance(config.layer_norm_eps, (int, float)) or not config.layer_norm_eps > 0:
+        raise ValueError(f"{what}: layer_norm_eps must be a positive float, got {config.layer_norm_eps!r}")
+    if config.wkv_impl not in WKV_IMPLS:
+        raise ValueError(f"{what}: wkv_impl must be one of {WKV_IMPLS}, got {config.wkv_impl!r}")
 
 
 class RWKV7Config(PretrainedConfig):
@@ -54,34 +87,10 @@ class RWKV7Config(PretrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"RWKV7Config: {name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.head_size != 0:
-            raise ValueError(
-                f"RWKV7Config: head_size ({self.head_size}) must divide hidden_size ({self.hidden_size}); "
-                f"the width is split into hidden_size / head_size heads"
-            )
+        validate_rwkv7_core(self, "RWKV7Config", "the width is split into hidden_size / head_size heads")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        ranks = lora_ranks(self.hidden_size, self.head_size)
-        for name, key in (
-            ("intermediate_size", None),
-            ("decay_low_rank_dim", "w"),
-            ("a_low_rank_dim", "a"),
-            ("v_low_rank_dim", "v"),
-            ("gate_low_rank_dim", "g"),
-        ):
-            if key is not None and getattr(self, name) is None:
-                setattr(self, name, ranks[key])
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"RWKV7Config: {name} must be a positive int (or None for the default), got {value!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise ValueError(f"RWKV7Config: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
-        if self.wkv_impl not in WKV_IMPLS:
-            raise ValueError(f"RWKV7Config: wkv_impl must be one of {WKV_IMPLS}, got {self.wkv_impl!r}")
+        check_positive_ints(self, ("intermediate_size",), "RWKV7Config", default_hint=True)
         super().__post_init__(**kwargs)
 
     @property
