@@ -29,7 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ...layers.metastate import MetaStateLayer, MetaStateTimeMix, resolve_sse_heads
 from ..rwkv7 import RWKV7ForCausalLM, RWKV7Model
 from ..rwkv7.configuration_rwkv7 import RWKV7Config
-from ..rwkv7.modeling_rwkv7 import RWKV7PreTrainedModel, _reset_keeping_loaded
+from ..rwkv7.modeling_rwkv7 import RWKV7PreTrainedModel, _reset_keeping_loaded, time_mix_options
 from .configuration_metastate import MetaStateConfig
 
 __all__ = ["MetaStateBlock", "MetaStatePreTrainedModel", "MetaStateModel", "MetaStateForCausalLM"]
@@ -49,16 +49,7 @@ class MetaStateBlock(GradientCheckpointingLayer):
         self.ln1 = nn.LayerNorm(C, eps=eps)
         self.ln2 = nn.LayerNorm(C, eps=eps)
         self.att = MetaStateTimeMix(
-            C,
-            config.num_heads,
-            config.head_size,
-            layer_idx,
-            L,
-            decay_rank=config.decay_low_rank_dim,
-            a_rank=config.a_low_rank_dim,
-            v_rank=config.v_low_rank_dim,
-            gate_rank=config.gate_low_rank_dim,
-            wkv_impl=config.wkv_impl,
+            C, config.num_heads, config.head_size, layer_idx, L, **time_mix_options(config),
             state_readout=resolve_sse_heads(config.sse_heads, config.num_heads) > 0,  # no SSE head: no 2nd query
         )
         self.ffn = MetaStateLayer(

@@ -41,6 +41,17 @@ __all__ = ["RWKV7Block", "RWKV7PreTrainedModel", "RWKV7Model", "RWKV7ForCausalLM
 TIME_SHIFT, WKV, CHANNEL_SHIFT = "time_shift", "wkv", "channel_shift"
 
 
+def time_mix_options(config) -> dict:
+    """The keyword arguments of a block's time-mix taken from an RWKV-7-based config (LoRA ranks, WKV form)."""
+    return dict(
+        decay_rank=config.decay_low_rank_dim,
+        a_rank=config.a_low_rank_dim,
+        v_rank=config.v_low_rank_dim,
+        gate_rank=config.gate_low_rank_dim,
+        wkv_impl=config.wkv_impl,
+    )
+
+
 class RWKV7Block(GradientCheckpointingLayer):
     """One RWKV-7 block: ``h += att(ln1 h); h += ffn(ln2 h)``; layer 0 first applies ``ln0``."""
 
@@ -51,18 +62,7 @@ class RWKV7Block(GradientCheckpointingLayer):
         self.ln0 = nn.LayerNorm(C, eps=eps) if layer_idx == 0 else None
         self.ln1 = nn.LayerNorm(C, eps=eps)
         self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = TimeMix(
-            C,
-            config.num_heads,
-            config.head_size,
-            layer_idx,
-            L,
-            decay_rank=config.decay_low_rank_dim,
-            a_rank=config.a_low_rank_dim,
-            v_rank=config.v_low_rank_dim,
-            gate_rank=config.gate_low_rank_dim,
-            wkv_impl=config.wkv_impl,
-        )
+        self.att = TimeMix(C, config.num_heads, config.head_size, layer_idx, L, **time_mix_options(config))
         self.ffn = ChannelMix(C, config.intermediate_size, layer_idx, L)
 
     def forward(
