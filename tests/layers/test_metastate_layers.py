@@ -17,10 +17,7 @@ from wuneng.layers.metastate import (
     sparse_route_scores,
 )
 from wuneng.layers.rwkv7 import ChannelMix, token_shift
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from _helpers import rel_err
 
 
 def randomise_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from wuneng.layers.rwkv7 import ChannelMix, TimeMix, lora_ranks
+from _helpers import rel_err
 
 C, N, L = 32, 8, 3  # width, head size, layers of the tiny layers under test
 H = C // N
@@ -134,10 +135,9 @@ def test_time_mix_matches_float64_oracle_values_and_gradients(layer_idx):
     v_first = None if layer_idx == 0 else torch.randn(B, T, C, dtype=torch.float64)
     out, vf, (shift, S) = tm(x, v_first)
     ref, vf_ref, shift_ref, S_ref = time_mix_oracle(tm, x, v_first)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(out, ref) <= 1e-12
-    assert rel(vf, vf_ref) <= 1e-12
-    assert rel(S, S_ref) <= 1e-12 and torch.equal(shift, shift_ref)
+    assert rel_err(out, ref) <= 1e-12
+    assert rel_err(vf, vf_ref) <= 1e-12
+    assert rel_err(S, S_ref) <= 1e-12 and torch.equal(shift, shift_ref)
     # gradients w.r.t. the input and every parameter agree with the oracle's autograd
     cot = torch.randn_like(out)
     params = [x] + list(tm.parameters())
@@ -147,7 +147,7 @@ def test_time_mix_matches_float64_oracle_values_and_gradients(layer_idx):
         if b is None:  # v0/v1/v2 in layer 0 are unused by both
             assert a is None or torch.all(a == 0), name
             continue
-        assert rel(a, b) <= 1e-10, name
+        assert rel_err(a, b) <= 1e-10, name
 
 
 def test_channel_mix_matches_oracle():
@@ -175,9 +175,8 @@ def test_state_carry_equals_whole_sequence():
     for t in range(13, 16):
         o, _, s = tm(x[:, t : t + 1], state=s)
         pieces.append(o)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(torch.cat(pieces, 1), out) <= 1e-5
-    assert rel(s[1], state[1]) <= 1e-5 and torch.equal(s[0], state[0])
+    assert rel_err(torch.cat(pieces, 1), out) <= 1e-5
+    assert rel_err(s[1], state[1]) <= 1e-5 and torch.equal(s[0], state[0])
     c1, sh = cm(x[:, :9])
     c2, sh = cm(x[:, 9:], sh)
     assert torch.allclose(torch.cat([c1, c2], 1), cout, atol=1e-6) and torch.equal(sh, cshift)

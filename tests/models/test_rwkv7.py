@@ -12,13 +12,10 @@ import torch
 
 from wuneng import RWKV7Config, RWKV7ForCausalLM
 from wuneng.cache import RecurrentStateCache
+from _helpers import rel_err
 
 V, C, L, N = 97, 64, 3, 16
 REL_TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def tiny_config(**kw) -> RWKV7Config:

@@ -16,15 +16,10 @@ import torch.nn.functional as F
 from wuneng.ops.wkv7 import wkv7, wkv7_chunked, wkv7_reference, wkv7_step
 from wuneng.ops.wkv7.chunk import effective_chunk_size
 from wuneng.ops.wkv7.dispatch import fla_available
+from _helpers import rel_err
 
 LOG_W_MIN = -0.6065306597126334  # log of the smallest RWKV-7 decay, exp(-e^{-1/2})
 NAMES = ("r", "log_w", "k", "v", "a", "b")
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref||, in float64."""
-    x, ref = x.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def make_inputs(B, T, H, N, *, seed=0, decay=(0.0, 1.0), dtype=torch.float64, state=True, extra=False):
