@@ -2,8 +2,10 @@
 
 impl:
     "auto"      CUDA tensors, no ``extra_query``, float16/bfloat16/float32 inputs and
-                flash-linear-attention importable -> fla's Triton ``chunk_rwkv7``; otherwise "chunked".
-    "chunked"   :func:`wkv7_chunked` (any device; the CPU path).
+                flash-linear-attention importable -> fla's Triton ``chunk_rwkv7``; CPU tensors with the C
+                kernel built (:func:`~wuneng.ops.wkv7.cpu.cpu_kernel_available`) -> "cpu"; otherwise "chunked".
+    "cpu"       :func:`wkv7_cpu`, the sequential recurrence compiled from C (CPU tensors only).
+    "chunked"   :func:`wkv7_chunked` (any device, pure PyTorch).
     "reference" :func:`wkv7_reference` (token-by-token loop; the oracle).
     "fla"       fla's ``chunk_rwkv7``; raises if fla (or CUDA) is unavailable or ``extra_query`` is given.
 """
@@ -17,9 +19,10 @@ import torch
 
 from ._checks import SEQ_NAMES, check_wkv7_inputs
 from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunked
+from .cpu import cpu_kernel_available, wkv7_cpu
 from .naive import wkv7_reference
 
-IMPLS = ("auto", "chunked", "reference", "fla")
+IMPLS = ("auto", "cpu", "chunked", "reference", "fla")
 _FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -99,7 +102,7 @@ def wkv7(
         r, log_w, k, v, a, b: [B, T, H, N]; ``log_w`` is the log decay (<= 0).
         initial_state: [B, H, N, N] (S[i, j]: value i, key j) or None.
         extra_query: optional [B, T, H, N], a second read-out of the same state (not served by fla).
-        impl: "auto", "chunked", "reference" or "fla" (see the module docstring).
+        impl: "auto", "cpu", "chunked", "reference" or "fla" (see the module docstring).
         chunk_size: chunk length of the chunked form.
 
     Returns:
@@ -114,4 +117,6 @@ def wkv7(
             raise ValueError("wkv7: impl='fla' has no extra_query read-out; use impl='chunked' or 'auto'")
         check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, None)
         return wkv7_fla(r, log_w, k, v, a, b, initial_state)
+    if impl == "cpu" or (impl == "auto" and r.device.type == "cpu" and cpu_kernel_available()):
+        return wkv7_cpu(r, log_w, k, v, a, b, initial_state, extra_query=extra_query)
     return wkv7_chunked(r, log_w, k, v, a, b, initial_state, extra_query=extra_query, chunk_size=chunk_size)

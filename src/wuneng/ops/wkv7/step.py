@@ -7,6 +7,9 @@ from typing import Optional
 import torch
 
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+from .cpu import cpu_kernel_available, cpu_kernel_error, wkv7_cpu_forward
+
+STEP_IMPLS = ("auto", "cpu", "torch")
 
 
 def wkv7_step(
@@ -19,6 +22,7 @@ def wkv7_step(
     state: Optional[torch.Tensor] = None,
     *,
     extra_query: Optional[torch.Tensor] = None,
+    impl: str = "auto",
 ):
     """Advance the state by one token.
 
@@ -26,6 +30,9 @@ def wkv7_step(
         r, log_w, k, v, a, b: [B, H, N] (one token). ``log_w`` is the log decay.
         state: [B, H, N, N] or None (zeros).
         extra_query: optional [B, H, N], a second read-out of the new state.
+        impl: "torch" (the tensor ops below, differentiable), "cpu" (one call of the C kernel of
+            :mod:`.cpu`; no autograd) or "auto" (the C kernel for CPU tensors when it is built and no
+            gradient is needed, else "torch").
 
     Returns:
         ``(y, new_state)`` or ``(y, new_state, y_extra)``; y: [B, H, N] in r's dtype, state float32 (float64 for float64).
@@ -33,6 +40,30 @@ def wkv7_step(
     check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), state, extra_query, step=True)
     B, H, N = r.shape
     sdt = state_dtype(r.dtype)
+    if impl not in STEP_IMPLS:
+        raise ValueError(f"wkv7_step: impl must be one of {STEP_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        use_kernel = (
+            r.device.type == "cpu"
+            and not _needs_autograd(r, log_w, k, v, a, b, state, extra_query)
+            and cpu_kernel_available()
+        )
+        impl = "cpu" if use_kernel else "torch"
+    if impl == "cpu":
+        # one C call instead of ~8 small ops (the C kernel's forward with T = 1; tested equal to the ops below)
+        if r.device.type != "cpu":
+            raise ValueError(f"wkv7_step: impl='cpu' runs on CPU tensors, got device {r.device}")
+        if _needs_autograd(r, log_w, k, v, a, b, state, extra_query):
+            raise ValueError("wkv7_step: impl='cpu' has no autograd; use impl='torch' (or 'auto') for gradients")
+        if not cpu_kernel_available():
+            raise RuntimeError(f"wkv7_step: impl='cpu' needs the C kernel, which is unavailable ({cpu_kernel_error()})")
+        seq = [t.to(sdt).unsqueeze(1).contiguous() for t in (r, k, v, a, b)]
+        w = torch.exp(log_w.to(sdt)).unsqueeze(1).contiguous()
+        q = None if extra_query is None else extra_query.to(sdt).unsqueeze(1).contiguous()
+        S0 = None if state is None else state.to(sdt).contiguous()
+        y, S, y2, _ = wkv7_cpu_forward(seq[0], w, *seq[1:], S0, q)
+        y = y.squeeze(1).to(r.dtype)
+        return (y, S) if q is None else (y, S, y2.squeeze(1).to(r.dtype))
     S = r.new_zeros(B, H, N, N, dtype=sdt) if state is None else state.to(sdt)
     r_, k_, v_, a_, b_ = (t.to(sdt) for t in (r, k, v, a, b))
     w_ = torch.exp(log_w.to(sdt))
@@ -45,6 +76,10 @@ def wkv7_step(
         return y, S
     y2 = _state_times(S, extra_query.to(sdt)).squeeze(-1).to(r.dtype)
     return y, S, y2
+
+
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # Below this many state entries a matrix-vector product is faster as multiply + row sum than as a batched

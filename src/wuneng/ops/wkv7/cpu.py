@@ -1,0 +1,267 @@
+"""WKV-7 on the CPU through a small C kernel: the sequential recurrence, one state row at a time.
+
+The chunked form (:mod:`.chunk`) turns the recurrence into batched matmuls, which is what GPUs want; on a
+CPU the plain recurrence is cheaper when it runs as compiled code: per head and token it is 4 N^2 fused
+multiply-adds on a state of N^2 floats that stays in the L1 cache (16 KB at N = 64), with nothing else
+materialised. Python cannot run it fast; ``csrc/wkv7_cpu.c`` does, for float32 and float64.
+
+- Forward: writes y (and the extra read-out), the final state and, when a backward will follow, the
+  state at the start of every chunk of ``L`` tokens (``CHECKPOINT_LEN``): T / L states per head instead of
+  the chunked form's dozens of [L, L] / [L, N] intermediates.
+- Backward: from the last chunk to the first, recompute the chunk's states from its checkpoint (one
+  state row at a time: rows evolve independently) and run the row backward through the chunk.
+- Threads: heads are split across ``torch.get_num_threads()`` Python threads; ctypes releases the GIL
+  for the duration of a C call, so they run in parallel.
+
+Build: the first call compiles the C file with the system compiler (``$CC`` or ``cc``; ``-O3
+-march=native``) into ``$WUNENG_KERNEL_CACHE`` (default ``~/.cache/wuneng/kernels``), named by a hash of
+the source, the flags, the compiler and the CPU, written atomically (temp file + rename), so a later
+process loads it at once. Without a compiler (or with ``WUNENG_CPU_KERNEL=0``) :func:`cpu_kernel_available`
+is False and ``wkv7(impl="auto")`` uses the chunked form; ``impl="cpu"`` then raises with the reason.
+
+Tested against :func:`~wuneng.ops.wkv7.naive.wkv7_reference` in float64, values and gradients.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+
+#: tokens between two stored states (the backward recomputes at most this many steps per row)
+CHECKPOINT_LEN = 16
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("wkv7_cpu.c", "wkv7_cpu_impl.h")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_build_error: Optional[str] = None
+_lock = threading.Lock()
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags (Linux), else the platform string."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(keep))) or platform.processor()
+    except OSError:
+        return platform.platform() + platform.processor()
+
+
+def _compiler() -> list:
+    return os.environ.get("CC", "cc").split()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("WUNENG_KERNEL_CACHE", Path.home() / ".cache" / "wuneng" / "kernels"))
+
+
+def _build() -> Path:
+    """Compile the kernel unless a matching build is cached; return the shared library's path."""
+    cc = _compiler()
+    version = subprocess.run(cc + ["--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((_CSRC / name).read_bytes())
+    for part in (" ".join(_CFLAGS), version, _cpu_signature(), platform.machine()):
+        digest.update(part.encode())
+    out = _cache_dir() / f"wkv7_cpu_{digest.hexdigest()[:20]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            cc + _CFLAGS + ["-o", tmp, str(_CSRC / "wkv7_cpu.c")], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+        os.replace(tmp, out)  # atomic: another process sees no file or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+    """The loaded kernel library, or None (reason in ``_build_error``)."""
+    global _build_error
+    if os.environ.get("WUNENG_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        _build_error = "disabled by WUNENG_CPU_KERNEL=0"
+        return None
+    try:
+        with _lock:
+            lib = ctypes.CDLL(str(_build()))
+    except Exception as err:  # no compiler, a read-only cache, an unexpected platform
+        _build_error = f"{type(err).__name__}: {err}"
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in _SUFFIX.values():
+        fwd = getattr(lib, f"wkv7_forward_{suffix}")
+        fwd.argtypes = [i64] * 6 + [ptr] * 13
+        fwd.restype = None
+        bwd = getattr(lib, f"wkv7_backward_{suffix}")
+        bwd.argtypes = [i64] * 6 + [ptr] * 20
+        bwd.restype = None
+    return lib
+
+
+def cpu_kernel_available() -> bool:
+    """True when the C kernel is built (or builds now) and loads."""
+    return _library() is not None
+
+
+def cpu_kernel_error() -> Optional[str]:
+    """Why :func:`cpu_kernel_available` is False (None when it is True or was not tried yet)."""
+    _library()
+    return _build_error
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="wkv7")
+
+
+# Below this many multiply-adds per call the kernel runs on the calling thread: handing work to a pool
+# costs tens of microseconds, more than a decoding step's whole recurrence.
+_MIN_PARALLEL_WORK = 1 << 22
+
+
+def _over_heads(fn, n_heads: int, work_per_head: int, args: tuple, work_row: int, like: torch.Tensor) -> None:
+    """Run ``fn(bh0, bh1, *args, work)`` over ranges of the ``n_heads`` heads, split across torch's intra-op
+    thread count when the call is large enough; each range gets its own ``work_row`` scratch reals."""
+    n = max(1, min(torch.get_num_threads(), n_heads))
+    if n_heads * work_per_head < _MIN_PARALLEL_WORK:
+        n = 1
+    work = like.new_empty(n, work_row)
+    if n == 1:
+        fn(0, n_heads, *args, work.data_ptr())
+        return
+    bounds = [n_heads * i // n for i in range(n + 1)]
+    futures = [_pool().submit(fn, bounds[i], bounds[i + 1], *args, work[i].data_ptr()) for i in range(n)]
+    for f in futures:
+        f.result()
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def wkv7_cpu_forward(r, w, k, v, a, b, S0=None, q=None, checkpoint_len: Optional[int] = None):
+    """The forward kernel on contiguous [B, T, H, N] tensors of one dtype (float32/float64), w = exp(log_w).
+
+    Returns (y, final state [B, H, N, N], y2 or None, checkpoints or None); checkpoints (the key-major
+    chunk-start states the backward needs) are stored when ``checkpoint_len`` is given."""
+    B, T, H, N = r.shape
+    y = torch.empty_like(r)
+    y2 = torch.empty_like(r) if q is not None else None
+    S = r.new_empty(B, H, N, N)
+    L = checkpoint_len or T
+    ckpt = r.new_empty(B * H, -(-T // L), N, N) if checkpoint_len else None
+    fn = getattr(_library(), f"wkv7_forward_{_SUFFIX[r.dtype]}")
+    args = (T, H, N, L) + tuple(_ptr(t) for t in (r, w, k, v, a, b, q, S0, y, y2, S, ckpt))
+    _over_heads(fn, B * H, T * N * N, args, N * N + 3 * N, r)
+    return y, S, y2, ckpt
+
+
+class _CpuWKV7(torch.autograd.Function):
+    """Inputs r, log_w, k, v, a, b (, q): contiguous [B, T, H, N] in the state dtype; S0 contiguous
+    [B, H, N, N] or None. Returns (y, final state, y2 or an empty tensor)."""
+
+    @staticmethod
+    def forward(ctx, r, log_w, k, v, a, b, S0, q, L):
+        w = torch.exp(log_w)
+        needs_grad = any(ctx.needs_input_grad[:8])
+        y, S, y2, ckpt = wkv7_cpu_forward(r, w, k, v, a, b, S0, q, L if needs_grad else None)
+        if needs_grad:
+            ctx.save_for_backward(r, w, k, v, a, b, q, ckpt)
+            ctx.L = L
+            ctx.has_s0 = S0 is not None
+        if y2 is None:
+            y2 = r.new_empty(0)
+            ctx.mark_non_differentiable(y2)
+        return y, S, y2
+
+    @staticmethod
+    def backward(ctx, dy, dS, dy2):
+        r, w, k, v, a, b, q, ckpt = ctx.saved_tensors
+        B, T, H, N = r.shape
+        L = ctx.L
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dS = None if dS is None else dS.contiguous()
+        if q is not None:
+            dy2 = torch.zeros_like(r) if dy2 is None else dy2.contiguous()
+        else:
+            dy2 = None
+        dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
+        dq = torch.empty_like(r) if q is not None else None
+        dS0 = r.new_empty(B, H, N, N)
+        fn = getattr(_library(), f"wkv7_backward_{_SUFFIX[r.dtype]}")
+        args = (T, H, N, L) + tuple(
+            _ptr(t) for t in (r, w, k, v, a, b, q, ckpt, dy, dy2, dS, dr, dw, dk, dv, da, db, dq, dS0)
+        )
+        _over_heads(fn, B * H, 3 * T * N * N, args, (L + 2) * N * N + (L + 2) * N, r)
+        dlog_w = dw.mul_(w)  # d/dlog_w = d/dw * w
+        return dr, dlog_w, dk, dv, da, db, (dS0 if ctx.has_s0 else None), dq, None
+
+
+def wkv7_cpu(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    *,
+    extra_query: Optional[torch.Tensor] = None,
+    checkpoint_len: int = CHECKPOINT_LEN,
+):
+    """WKV-7 over a sequence by the C kernel (CPU tensors).
+
+    Args:
+        r, log_w, k, v, a, b: [B, T, H, N] on the CPU; ``log_w`` is the log decay (<= 0). Any T.
+        initial_state: [B, H, N, N] (S[i, j]: value i, key j) or None (zeros).
+        extra_query: optional [B, T, H, N]; a second read-out ``S_t q_t`` of the same new state.
+        checkpoint_len: tokens between the states stored for the backward.
+
+    Returns:
+        ``(y, final_state)`` or ``(y, final_state, y_extra)``; y in r's dtype, final_state float32
+        (float64 for float64 inputs). Computed in the state dtype (float32 for half/bfloat16 inputs).
+    """
+    check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
+    if r.device.type != "cpu":
+        raise ValueError(f"wkv7: impl='cpu' runs on CPU tensors, got device {r.device}")
+    if not isinstance(checkpoint_len, int) or isinstance(checkpoint_len, bool) or checkpoint_len < 1:
+        raise ValueError(f"wkv7_cpu: checkpoint_len must be a positive int, got {checkpoint_len!r}")
+    if _library() is None:
+        raise RuntimeError(f"wkv7: impl='cpu' needs the C kernel, which is unavailable ({_build_error}); use impl='chunked'")
+    B, T, H, N = r.shape
+    sdt = state_dtype(r.dtype)
+    S0 = None if initial_state is None else initial_state.to(sdt).contiguous()
+    if T == 0:
+        S = r.new_zeros(B, H, N, N, dtype=sdt) if S0 is None else S0.clone()
+        y = r.new_zeros(B, 0, H, N)
+        return (y, S) if extra_query is None else (y, S, y.clone())
+    ins = [t.to(sdt).contiguous() for t in (r, log_w, k, v, a, b)]
+    q = None if extra_query is None else extra_query.to(sdt).contiguous()
+    y, S, y2 = _CpuWKV7.apply(*ins, S0, q, min(checkpoint_len, T))
+    if extra_query is None:
+        return y.to(r.dtype), S
+    return y.to(r.dtype), S, y2.to(r.dtype)

@@ -1,0 +1,221 @@
+/* The WKV-7 recurrence on the CPU, one head at a time, for one scalar type.
+ *
+ * Included twice by wkv7_cpu.c, with `real` = float and = double and NAME(x) adding the suffix.
+ * Layout (row-major, contiguous): sequences [B, T, H, N] (token stride H * N), states [B, H, N, N]
+ * with S[i][j] = (value i, key j). Per head and token (SPEC section 1):
+ *
+ *     sa_i    = sum_j S[i][j] a[j]                          (the OLD state)
+ *     S[i][j] = S[i][j] w[j] + sa_i b[j] + v[i] k[j]
+ *     y_i     = sum_j S[i][j] r[j]      (and y2_i with q, when q is given)
+ *
+ * Inside the kernels the state is held transposed, key-major (ST[j][i] = S[i][j]): then every loop
+ * over a key j is a vector operation over the N values i (sa, y and the update accumulate without
+ * horizontal sums), which the compiler vectorises. Only the backward's sums over i (dr, dk, db, dw,
+ * da) are reductions. States cross the interface value-major and are transposed on entry and exit.
+ *
+ * Backward: the forward stores the (key-major) state at the start of every chunk of L tokens; the
+ * backward walks the chunks from the last, recomputes the chunk's L + 1 states from its checkpoint
+ * into a work buffer (in L2 at N = 64, L = 16: 272 KB) and runs the state gradient G = dL/dS back
+ * through them.
+ *
+ * Heads [bh0, bh1) of the B * H heads: callers split heads across threads, each with its own work.
+ */
+
+/* dst[j][i] = src[i][j], N x N */
+static void NAME(transpose)(real *restrict dst, const real *restrict src, int64_t N)
+{
+    for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j)
+            dst[j * N + i] = src[i * N + j];
+}
+
+/* One token: ST (key-major) advances in place (old -> nw may alias only when equal, see callers), sa
+ * receives S_old a. y/y2 (nullable) receive the read-outs. */
+static inline void NAME(step)(int64_t N, const real *old, real *nw, real *restrict sa, real *restrict ys,
+                              real *restrict y2s, const real *restrict rt, const real *restrict wt,
+                              const real *restrict kt, const real *restrict vt, const real *restrict at,
+                              const real *restrict bt, const real *restrict qt)
+{
+    for (int64_t i = 0; i < N; ++i)
+        sa[i] = 0;
+    for (int64_t j = 0; j < N; ++j) {
+        const real aj = at[j];
+        const real *restrict row = old + j * N;
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i)
+            sa[i] += aj * row[i];
+    }
+    if (ys)
+        for (int64_t i = 0; i < N; ++i)
+            ys[i] = 0;
+    if (y2s)
+        for (int64_t i = 0; i < N; ++i)
+            y2s[i] = 0;
+    for (int64_t j = 0; j < N; ++j) {
+        const real wj = wt[j], bj = bt[j], kj = kt[j];
+        const real *ro = old + j * N;
+        real *rn = nw + j * N;
+        if (!ys) {
+#pragma omp simd
+            for (int64_t i = 0; i < N; ++i)
+                rn[i] = ro[i] * wj + bj * sa[i] + kj * vt[i];
+        } else if (!y2s) {
+            const real rj = rt[j];
+#pragma omp simd
+            for (int64_t i = 0; i < N; ++i) {
+                const real s = ro[i] * wj + bj * sa[i] + kj * vt[i];
+                rn[i] = s;
+                ys[i] += rj * s;
+            }
+        } else {
+            const real rj = rt[j], qj = qt[j];
+#pragma omp simd
+            for (int64_t i = 0; i < N; ++i) {
+                const real s = ro[i] * wj + bj * sa[i] + kj * vt[i];
+                rn[i] = s;
+                ys[i] += rj * s;
+                y2s[i] += qj * s;
+            }
+        }
+    }
+}
+
+/* y (and y2 when q), the final states s_out [B*H, N, N] value-major; ckpt (nullable): [B*H, ceil(T/L),
+ * N, N] key-major chunk-start states for the backward. s0 may be NULL (zero state). work: N*N + 3N reals. */
+void NAME(wkv7_forward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t N, int64_t L,
+                        const real *r, const real *w, const real *k, const real *v, const real *a,
+                        const real *b, const real *q, const real *s0, real *y, real *y2, real *s_out,
+                        real *ckpt, real *work)
+{
+    const int64_t stride = H * N, NN = N * N, n_chunks = (T + L - 1) / L;
+    real *ST = work, *sa = work + NN, *ys = sa + N, *y2s = ys + N;
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t base = (bh / H) * T * stride + (bh % H) * N;
+        if (s0)
+            NAME(transpose)(ST, s0 + bh * NN, N);
+        else
+            memset(ST, 0, NN * sizeof(real));
+        for (int64_t t = 0; t < T; ++t) {
+            if (ckpt && t % L == 0)
+                memcpy(ckpt + (bh * n_chunks + t / L) * NN, ST, NN * sizeof(real));
+            const int64_t o = base + t * stride;
+            NAME(step)(N, ST, ST, sa, ys, q ? y2s : 0, r + o, w + o, k + o, v + o, a + o, b + o, q ? q + o : 0);
+            memcpy(y + o, ys, N * sizeof(real));
+            if (q)
+                memcpy(y2 + o, y2s, N * sizeof(real));
+        }
+        NAME(transpose)(s_out + bh * NN, ST, N);
+    }
+}
+
+/* Gradients of wkv7_forward. q, dy2 and dq go together (all NULL without the extra query); ds_final
+ * may be NULL (zero). Writes dr, dw (d/dw, not d/dlog_w), dk, dv, da, db (, dq) [B, T, H, N] for the
+ * heads and ds0 [B*H, N, N] value-major. work: (L + 2) N^2 + (L + 2) N reals. */
+void NAME(wkv7_backward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t N, int64_t L,
+                         const real *r, const real *w, const real *k, const real *v, const real *a,
+                         const real *b, const real *q, const real *ckpt, const real *dy, const real *dy2,
+                         const real *ds_final, real *dr, real *dw, real *dk, real *dv, real *da, real *db,
+                         real *dq, real *ds0, real *work)
+{
+    const int64_t stride = H * N, NN = N * N, n_chunks = (T + L - 1) / L;
+    real *G = work, *states = work + NN, *sas = states + (L + 1) * NN, *dsa = sas + L * N, *spare = dsa + N;
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t base = (bh / H) * T * stride + (bh % H) * N;
+        if (ds_final)
+            NAME(transpose)(G, ds_final + bh * NN, N);
+        else
+            memset(G, 0, NN * sizeof(real));
+        for (int64_t c = n_chunks - 1; c >= 0; --c) {
+            const int64_t t0 = c * L, n = (T - t0 < L) ? T - t0 : L;
+            /* states[l] = before token t0 + l, states[l + 1] = after it */
+            memcpy(states, ckpt + (bh * n_chunks + c) * NN, NN * sizeof(real));
+            for (int64_t l = 0; l < n; ++l) {
+                const int64_t o = base + (t0 + l) * stride;
+                NAME(step)(N, states + l * NN, states + (l + 1) * NN, sas + l * N, 0, 0, 0, w + o, k + o, v + o,
+                           a + o, b + o, 0);
+            }
+            for (int64_t l = n - 1; l >= 0; --l) {
+                const int64_t o = base + (t0 + l) * stride;
+                const real *restrict old = states + l * NN, *restrict nw = states + (l + 1) * NN;
+                const real *restrict sa = sas + l * N, *restrict vt = v + o, *restrict dyt = dy + o;
+                const real *restrict dy2t = dq ? dy2 + o : 0;
+                real *restrict dvt = dv + o;
+                for (int64_t i = 0; i < N; ++i)
+                    dvt[i] = 0, dsa[i] = 0;
+                /* G += dy r^T (+ dy2 q^T); then through S_t = S_{t-1} w + sa b^T + v k^T. Two keys per
+                 * pass: the sums over i are dependency chains, and two in flight halve their latency. */
+                for (int64_t j0 = 0; j0 < N; j0 += 2) {
+                    const int64_t j1 = j0 + 1 < N ? j0 + 1 : j0;
+                    const real on = j1 != j0; /* 0: the odd last key, seen once */
+                    real *restrict g0 = G + j0 * N, *restrict g1 = spare;
+                    if (on)
+                        g1 = G + j1 * N;
+                    else
+                        memset(spare, 0, N * sizeof(real)); /* a zero row with zero weights: adds nothing */
+                    const real *rn0 = nw + j0 * N, *rn1 = nw + j1 * N, *ro0 = old + j0 * N, *ro1 = old + j1 * N;
+                    if (dy2t) {
+                        const real q0 = q[o + j0], q1 = q[o + j1] * on;
+                        real s0 = 0, s1 = 0;
+#pragma omp simd reduction(+:s0, s1)
+                        for (int64_t i = 0; i < N; ++i) {
+                            s0 += rn0[i] * dy2t[i];
+                            s1 += rn1[i] * dy2t[i];
+                            g0[i] += q0 * dy2t[i];
+                            g1[i] += q1 * dy2t[i];
+                        }
+                        dq[o + j0] = s0;
+                        dq[o + j1] = s1;
+                    }
+                    const real r0 = r[o + j0], r1 = r[o + j1] * on;
+                    const real k0 = k[o + j0], k1 = k[o + j1] * on, b0 = b[o + j0], b1 = b[o + j1] * on;
+                    real sr0 = 0, sk0 = 0, sb0 = 0, sw0 = 0, sr1 = 0, sk1 = 0, sb1 = 0, sw1 = 0;
+#pragma omp simd reduction(+:sr0, sk0, sb0, sw0, sr1, sk1, sb1, sw1)
+                    for (int64_t i = 0; i < N; ++i) {
+                        const real x0 = g0[i] + r0 * dyt[i], x1 = g1[i] + r1 * dyt[i];
+                        sr0 += rn0[i] * dyt[i];
+                        sr1 += rn1[i] * dyt[i];
+                        dvt[i] += k0 * x0 + k1 * x1;
+                        dsa[i] += b0 * x0 + b1 * x1;
+                        sk0 += x0 * vt[i];
+                        sk1 += x1 * vt[i];
+                        sb0 += x0 * sa[i];
+                        sb1 += x1 * sa[i];
+                        sw0 += x0 * ro0[i];
+                        sw1 += x1 * ro1[i];
+                        g1[i] = x1;
+                        g0[i] = x0;
+                    }
+                    dr[o + j0] = sr0, dk[o + j0] = sk0, db[o + j0] = sb0, dw[o + j0] = sw0;
+                    if (on)
+                        dr[o + j1] = sr1, dk[o + j1] = sk1, db[o + j1] = sb1, dw[o + j1] = sw1;
+                }
+                /* sa = S_{t-1} a: into da and the gradient of the old state */
+                for (int64_t j0 = 0; j0 < N; j0 += 2) {
+                    const int64_t j1 = j0 + 1 < N ? j0 + 1 : j0;
+                    real *restrict g0 = G + j0 * N, *restrict g1 = G + j1 * N;
+                    const real *ro0 = old + j0 * N, *ro1 = old + j1 * N;
+                    const real w0 = w[o + j0], a0 = a[o + j0], w1 = w[o + j1], a1 = a[o + j1];
+                    real s0 = 0, s1 = 0;
+                    if (j1 != j0) {
+#pragma omp simd reduction(+:s0, s1)
+                        for (int64_t i = 0; i < N; ++i) {
+                            s0 += ro0[i] * dsa[i];
+                            s1 += ro1[i] * dsa[i];
+                            g0[i] = g0[i] * w0 + a0 * dsa[i];
+                            g1[i] = g1[i] * w1 + a1 * dsa[i];
+                        }
+                        da[o + j1] = s1;
+                    } else {
+#pragma omp simd reduction(+:s0)
+                        for (int64_t i = 0; i < N; ++i) {
+                            s0 += ro0[i] * dsa[i];
+                            g0[i] = g0[i] * w0 + a0 * dsa[i];
+                        }
+                    }
+                    da[o + j0] = s0;
+                }
+            }
+        }
+        NAME(transpose)(ds0 + bh * NN, G, N);
+    }
+}
