@@ -148,6 +148,9 @@ class TrainConfig:
     # "auto": bf16 autocast where the device supports it (CUDA with bf16), else full precision.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # On CPU: keep freed memory in the process instead of returning it to the kernel after every step
+    # (glibc mallopt; wuneng.runtime.tune_cpu_allocator). Process-wide; off = the C library's defaults.
+    tune_cpu_allocator: bool = True
     log_every: int = 1
     save_every: int = 100
     keep_last: int = 3

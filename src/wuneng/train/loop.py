@@ -228,6 +228,10 @@ def train(
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    if config.tune_cpu_allocator and not torch.cuda.is_available():
+        from ..runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()  # a CPU step otherwise re-faults its activations' pages every step
     accelerator = Accelerator(
         # cpu=True on CPU-only machines: accelerate then runs torchrun's processes as MULTI_CPU (gloo).
         cpu=not torch.cuda.is_available(),
