@@ -24,6 +24,7 @@ and the ratios to the teacher (and wuneng / attn). Targets (issue 3): wuneng tra
     python benchmarks/hybrid.py --quick          # batch 2 x 256, prompt 512, for a smoke run
     python benchmarks/hybrid.py --threads 2      # default 1 thread (least sensitive to other processes)
     python benchmarks/hybrid.py --skip-train --skip-prefill --prompt 8192     # decode at a longer context
+    python benchmarks/hybrid.py --allocator system --wkv-impl chunked          # as in sessions 1-3
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from wuneng.models.wuneng import WuNengForCausalLM
+from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
+from wuneng.runtime import cpu_allocator_tuned, tune_cpu_allocator
 
 TEACHER_SHAPES = dict(vocab_size=8192, hidden_size=384, intermediate_size=2048, num_hidden_layers=5,
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
@@ -130,19 +133,32 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="batch 2 x 256, prompt 512, 8 decode steps, 1 repeat")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
+                        help="tuned (default): wuneng.runtime.tune_cpu_allocator() for the whole process, as "
+                             "`wuneng train` does on CPU; system: the C library's defaults. All models share it.")
+    parser.add_argument("--wkv-impl", choices=("auto", "chunked"), default="auto",
+                        help="WKV-7 form of the wuneng/arwkv models (auto: the C kernel on CPU when it builds)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.prompt, args.decode_steps, args.repeats = 2, 256, 512, 16, 1
     warnings.filterwarnings("ignore")
+    if args.allocator == "tuned":
+        tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models()
+    for name in ("wuneng", "arwkv"):
+        for module in models[name].modules():
+            if hasattr(module, "wkv_impl"):
+                module.wkv_impl = args.wkv_impl
     vocab = TEACHER_SHAPES["vocab_size"]
     g = torch.Generator().manual_seed(1)
     train_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=g)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    kernel = "C kernel" if cpu_kernel_available() else f"unavailable ({cpu_kernel_error()})"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator {args.allocator} "
+          f"(tuned: {cpu_allocator_tuned()}), wkv {args.wkv_impl} [{kernel}]")
     for name, model in models.items():
         n = sum(p.numel() for p in model.parameters())
         print(f"{name:>8}: {n / 1e6:6.2f}M parameters")
