@@ -121,6 +121,8 @@ def test_dispatch_auto_uses_the_kernel_on_cpu_and_step_forms_agree():
     ops = wkv7_step(*step_args, s0, extra_query=q[:, 0], impl="torch")
     for x, y in zip(kern, ops):
         assert rel_err(x, y) <= 1e-12
+    for x, y in zip(wkv7_step(*step_args, None, impl="cpu"), wkv7_step(*step_args, None, impl="torch")):
+        assert rel_err(x, y) <= 1e-12  # no state: zeros
     assert torch.equal(s0, make_inputs(2, 1, 3, 16, seed=11, extra=True)[1])  # the input state is not modified
     # with autograd, "auto" takes the differentiable ops
     r = step_args[0].clone().requires_grad_()

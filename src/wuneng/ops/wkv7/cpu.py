@@ -119,6 +119,9 @@ def _library():
         bwd = getattr(lib, f"wkv7_backward_{suffix}")
         bwd.argtypes = [i64] * 6 + [ptr] * 20
         bwd.restype = None
+        one = getattr(lib, f"wkv7_one_token_{suffix}")
+        one.argtypes = [i64] * 3 + [ptr] * 11
+        one.restype = None
     return lib
 
 
@@ -178,6 +181,19 @@ def wkv7_cpu_forward(r, w, k, v, a, b, S0=None, q=None, checkpoint_len: Optional
     args = (T, H, N, L) + tuple(_ptr(t) for t in (r, w, k, v, a, b, q, S0, y, y2, S, ckpt))
     _over_heads(fn, B * H, T * N * N, args, N * N + 3 * N, r)
     return y, S, y2, ckpt
+
+
+def wkv7_cpu_one_token(r, w, k, v, a, b, S0=None, q=None):
+    """One token by the kernel, in the state's own layout (decoding; no autograd): contiguous [B, H, N] inputs
+    of one dtype (float32/float64), w = exp(log_w), S0 [B, H, N, N] or None. Returns (y, new state, y2 or None);
+    S0 is not modified."""
+    B, H, N = r.shape
+    y = torch.empty_like(r)
+    y2 = torch.empty_like(r) if q is not None else None
+    S = r.new_empty(B, H, N, N)
+    fn = getattr(_library(), f"wkv7_one_token_{_SUFFIX[r.dtype]}")
+    fn(0, B * H, N, *(_ptr(t) for t in (r, w, k, v, a, b, q, S0, y, y2, S)))
+    return y, S, y2
 
 
 class _CpuWKV7(torch.autograd.Function):

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
-from .cpu import cpu_kernel_available, cpu_kernel_error, wkv7_cpu_forward
+from .cpu import cpu_kernel_available, cpu_kernel_error, wkv7_cpu_one_token
 
 STEP_IMPLS = ("auto", "cpu", "torch")
 
@@ -57,13 +57,11 @@ def wkv7_step(
             raise ValueError("wkv7_step: impl='cpu' has no autograd; use impl='torch' (or 'auto') for gradients")
         if not cpu_kernel_available():
             raise RuntimeError(f"wkv7_step: impl='cpu' needs the C kernel, which is unavailable ({cpu_kernel_error()})")
-        seq = [t.to(sdt).unsqueeze(1).contiguous() for t in (r, k, v, a, b)]
-        w = torch.exp(log_w.to(sdt)).unsqueeze(1).contiguous()
-        q = None if extra_query is None else extra_query.to(sdt).unsqueeze(1).contiguous()
+        r_, k_, v_, a_, b_ = (t.to(sdt).contiguous() for t in (r, k, v, a, b))
+        q = None if extra_query is None else extra_query.to(sdt).contiguous()
         S0 = None if state is None else state.to(sdt).contiguous()
-        y, S, y2, _ = wkv7_cpu_forward(seq[0], w, *seq[1:], S0, q)
-        y = y.squeeze(1).to(r.dtype)
-        return (y, S) if q is None else (y, S, y2.squeeze(1).to(r.dtype))
+        y, S, y2 = wkv7_cpu_one_token(r_, torch.exp(log_w.to(sdt)), k_, v_, a_, b_, S0, q)
+        return (y.to(r.dtype), S) if q is None else (y.to(r.dtype), S, y2.to(r.dtype))
     S = r.new_zeros(B, H, N, N, dtype=sdt) if state is None else state.to(sdt)
     r_, k_, v_, a_, b_ = (t.to(sdt) for t in (r, k, v, a, b))
     w_ = torch.exp(log_w.to(sdt))

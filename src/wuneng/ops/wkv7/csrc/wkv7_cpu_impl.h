@@ -21,6 +21,15 @@
  * Heads [bh0, bh1) of the B * H heads: callers split heads across threads, each with its own work.
  */
 
+static inline real NAME(dot)(const real *restrict x, const real *restrict y, int64_t n)
+{
+    real s = 0;
+#pragma omp simd reduction(+:s)
+    for (int64_t j = 0; j < n; ++j)
+        s += x[j] * y[j];
+    return s;
+}
+
 /* dst[j][i] = src[i][j], N x N */
 static void NAME(transpose)(real *restrict dst, const real *restrict src, int64_t N)
 {
@@ -217,5 +226,35 @@ void NAME(wkv7_backward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t
             }
         }
         NAME(transpose)(ds0 + bh * NN, G, N);
+    }
+}
+
+/* One token (decoding) in the interface's value-major layout, no transposes: per row i, sa_i and y_i are
+ * dot products of the row (latency-bound, but a decoding step is one token: the transposes of
+ * wkv7_forward would cost more than the step). r..b, q, y, y2: [B*H, N]; s0 (nullable), s_out: [B*H, N, N]. */
+void NAME(wkv7_one_token)(int64_t bh0, int64_t bh1, int64_t N, const real *r, const real *w, const real *k,
+                          const real *v, const real *a, const real *b, const real *q, const real *s0, real *y,
+                          real *y2, real *s_out)
+{
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t o = bh * N;
+        const real *rt = r + o, *wt = w + o, *kt = k + o, *at = a + o, *bt = b + o, *qt = q ? q + o : 0;
+        for (int64_t i = 0; i < N; ++i) {
+            real *restrict row = s_out + (bh * N + i) * N;
+            const real *restrict old = s0 ? s0 + (bh * N + i) * N : 0;
+            const real sa = old ? NAME(dot)(old, at, N) : 0, vi = v[o + i];
+            if (old) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j)
+                    row[j] = old[j] * wt[j] + sa * bt[j] + vi * kt[j];
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j)
+                    row[j] = vi * kt[j];
+            }
+            y[o + i] = NAME(dot)(row, rt, N);
+            if (qt)
+                y2[o + i] = NAME(dot)(row, qt, N);
+        }
     }
 }
