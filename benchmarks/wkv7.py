@@ -4,10 +4,11 @@ Prints one table of tokens/s (B * T tokens per call), forward and forward+backwa
 
     reference      wkv7_reference: the token-by-token loop (the oracle)
     chunked        wkv7_chunked at its default chunk size
+    cpu            wkv7_cpu: the C kernel (sequential recurrence, checkpointed backward), when it builds
     fla-chunkwise  fla's pure-PyTorch dplr_chunkwise (CPU peer; forward+backward by autograd)
 
 and the chunked form's effective GFLOP/s (its matmul FLOPs / time) beside a float32 matmul measured
-in the same run, and the ratios chunked/reference and chunked/fla-chunkwise.
+in the same run, and the ratios chunked/reference, chunked/fla-chunkwise and cpu/chunked.
 
 Timing: warm-up call, then the median of ``--repeats`` calls; the methods take turns inside each
 repeat so that load from other processes on the machine hits them alike (compare ratios of one run).
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from wuneng.ops.wkv7 import wkv7_chunked, wkv7_reference
 from wuneng.ops.wkv7.chunk import DEFAULT_CHUNK_SIZE
+from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error, wkv7_cpu
 
 
 def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0):
@@ -97,6 +99,10 @@ def build_calls(args, T: int):
         return wkv7_chunked(*a, chunk_size=args.chunk)
 
     calls["chunked"] = (lambda: chunked(*x), with_grad(chunked, x), B * T)
+    if cpu_kernel_available():
+        calls["cpu"] = (lambda: wkv7_cpu(*x), with_grad(wkv7_cpu, x), B * T)
+    else:
+        print(f"(C kernel unavailable: {cpu_kernel_error()})")
 
     dplr_chunkwise = _fla_chunkwise()
     if dplr_chunkwise is not None and T % args.fla_chunk == 0:
@@ -159,11 +165,11 @@ def main() -> None:
                     flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(args.chunk, T), bwd)
                     gf[i] = f"{flops / times[(name, mode)] / 1e9:.1f}"
             rows.append(f"{T:>6} {name:<14} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}")
-        for other in ("reference", "fla-chunkwise"):
-            if other in calls:
+        for form, other in (("chunked", "reference"), ("chunked", "fla-chunkwise"), ("cpu", "chunked")):
+            if form in calls and other in calls:
                 ratios.append(
-                    f"T={T}: chunked / {other}: fwd {rate[('chunked', 'fwd')] / rate[(other, 'fwd')]:.1f}x, "
-                    f"fwd+bwd {rate[('chunked', 'fwd+bwd')] / rate[(other, 'fwd+bwd')]:.1f}x"
+                    f"T={T}: {form} / {other}: fwd {rate[(form, 'fwd')] / rate[(other, 'fwd')]:.1f}x, "
+                    f"fwd+bwd {rate[(form, 'fwd+bwd')] / rate[(other, 'fwd+bwd')]:.1f}x"
                 )
     print("\n".join(rows))
     print("\n".join(ratios))
