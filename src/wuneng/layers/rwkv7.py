@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
+from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
@@ -260,12 +261,15 @@ class RWKV7StateHeads(nn.Module):
         return log_w, k, v, a, b, v_first
 
     def read_out(self, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """GroupNorm per head plus the bonus (sum_n r k r_k) v. All [B,T,A] -> [B,T,A]."""
+        """GroupNorm per head plus the bonus (sum_n r k r_k) v. All [B,T,A] -> [B,T,A]
+        (:func:`~wuneng.ops.wkv7.readout.group_norm_bonus`: one fused C pass on CPU, tensor ops elsewhere)."""
         B, T, A = y.shape
-        H, N = self.num_heads, self.head_size
-        y = F.group_norm(y.reshape(B * T, A), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps).view(B, T, A)
-        bonus = ((r * k).view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
-        return y + bonus.view(B, T, A)
+        shape = (B, T, self.num_heads, self.head_size)
+        out = group_norm_bonus(
+            y.reshape(shape), r.reshape(shape), k.reshape(shape), v.reshape(shape),
+            self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps,
+        )
+        return out.view(B, T, A)
 
     def recur(
         self,

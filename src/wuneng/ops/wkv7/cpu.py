@@ -44,7 +44,7 @@ from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
 CHECKPOINT_LEN = 16
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("wkv7_cpu.c", "wkv7_cpu_impl.h")
+_SOURCES = ("wkv7_cpu.c", "wkv7_cpu_impl.h", "readout_impl.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -87,7 +87,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            cc + _CFLAGS + ["-o", tmp, str(_CSRC / "wkv7_cpu.c")], capture_output=True, text=True
+            cc + _CFLAGS + ["-o", tmp, str(_CSRC / "wkv7_cpu.c"), "-lm"], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
@@ -122,6 +122,12 @@ def _library():
         one = getattr(lib, f"wkv7_one_token_{suffix}")
         one.argtypes = [i64] * 3 + [ptr] * 11
         one.restype = None
+        ro_f = getattr(lib, f"readout_forward_{suffix}")
+        ro_f.argtypes = [i64] * 4 + [ptr] * 7 + [ctypes.c_double] + [ptr] * 2
+        ro_f.restype = None
+        ro_b = getattr(lib, f"readout_backward_{suffix}")
+        ro_b.argtypes = [i64] * 4 + [ptr] * 15
+        ro_b.restype = None
     return lib
 
 
@@ -146,20 +152,30 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 _MIN_PARALLEL_WORK = 1 << 22
 
 
+def _split(n_items: int, work_per_item: int) -> list:
+    """[i0, i1, ..., n_items]: ranges for torch's intra-op thread count, one range when the call is small."""
+    n = max(1, min(torch.get_num_threads(), n_items))
+    if n_items * work_per_item < _MIN_PARALLEL_WORK:
+        n = 1
+    return [n_items * i // n for i in range(n + 1)]
+
+
+def _run_ranges(fn, bounds: list, args_of) -> None:
+    """``fn(bounds[i], bounds[i + 1], *args_of(i))`` for every range, on the pool when there are several."""
+    if len(bounds) == 2:
+        fn(bounds[0], bounds[1], *args_of(0))
+        return
+    futures = [_pool().submit(fn, bounds[i], bounds[i + 1], *args_of(i)) for i in range(len(bounds) - 1)]
+    for f in futures:
+        f.result()
+
+
 def _over_heads(fn, n_heads: int, work_per_head: int, args: tuple, work_row: int, like: torch.Tensor) -> None:
     """Run ``fn(bh0, bh1, *args, work)`` over ranges of the ``n_heads`` heads, split across torch's intra-op
     thread count when the call is large enough; each range gets its own ``work_row`` scratch reals."""
-    n = max(1, min(torch.get_num_threads(), n_heads))
-    if n_heads * work_per_head < _MIN_PARALLEL_WORK:
-        n = 1
-    work = like.new_empty(n, work_row)
-    if n == 1:
-        fn(0, n_heads, *args, work.data_ptr())
-        return
-    bounds = [n_heads * i // n for i in range(n + 1)]
-    futures = [_pool().submit(fn, bounds[i], bounds[i + 1], *args, work[i].data_ptr()) for i in range(n)]
-    for f in futures:
-        f.result()
+    bounds = _split(n_heads, work_per_head)
+    work = like.new_empty(len(bounds) - 1, work_row)
+    _run_ranges(fn, bounds, lambda i: args + (work[i].data_ptr(),))
 
 
 def _ptr(t: Optional[torch.Tensor]):

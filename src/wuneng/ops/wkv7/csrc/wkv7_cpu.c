@@ -1,16 +1,19 @@
-/* WKV-7 CPU kernels, float32 and float64 (see wkv7_cpu_impl.h). Built on first use by
+/* RWKV-7 CPU kernels, float32 and float64: WKV-7 (wkv7_cpu_impl.h) and the fused read-out (readout_impl.h). Built on first use by
  * wuneng/ops/wkv7/cpu.py with the system C compiler and called through ctypes. */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define real float
 #define NAME(x) x##_f32
 #include "wkv7_cpu_impl.h"
+#include "readout_impl.h"
 #undef real
 #undef NAME
 
 #define real double
 #define NAME(x) x##_f64
 #include "wkv7_cpu_impl.h"
+#include "readout_impl.h"
 #undef real
 #undef NAME
