@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
+from ..ops.wkv7.time_mix import TimeMixWeights, time_mix_kernel_fits, time_mix_one_token
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
@@ -402,6 +403,19 @@ class TimeMix(RWKV7StateHeads):
         v = self.value(x_v)
         return x, xx, x_key, r, k, v, g, state_inputs
 
+    def one_token_weights(self) -> TimeMixWeights:
+        """The weights in the layout of :func:`~wuneng.ops.wkv7.time_mix.time_mix_one_token` (the stacked
+        token-shift mixes cached, :func:`~wuneng.layers.low_rank.derived_weight`)."""
+        mixes = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]
+        vr = self.value_residual
+        return TimeMixWeights(
+            derived_weight(self, "one_token_mixes", mixes, lambda: torch.stack(mixes)),
+            self.receptance.weight, self.key.weight, self.value.weight, self.output.weight,
+            self.w0, self.w1, self.w2, self.a0, self.a1, self.a2,
+            self.v0 if vr else None, self.v1 if vr else None, self.v2 if vr else None,
+            self.g1, self.g2, self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps,
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -413,11 +427,32 @@ class TimeMix(RWKV7StateHeads):
         state: (shift [B,C], wkv [B,H,N,N]) or None; mask: [B,T] (1 = token, 0 = padding) or None.
 
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
+
+        One token without autograd on CPU (decoding) with ``wkv_impl`` "auto" or "cpu" runs as one fused C call
+        (:func:`~wuneng.ops.wkv7.time_mix.time_mix_one_token`); tests hold it equal to the tensor path below.
         """
         shift, wkv_state = (None, None) if state is None else state
+        if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.wkv_impl in ("auto", "cpu"):
+            fused = self._one_token_fused(x, v_first, shift, wkv_state, mask)
+            if fused is not None:
+                return fused
         x, xx, _, r, k, v, g, state_inputs = self.project(x, shift, mask)
         y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask, **state_inputs)
         return self.output(y * g), v_first, (x[:, -1], wkv_state)
+
+
+    def _one_token_fused(self, x, v_first, shift, wkv_state, mask):
+        """The fused one-token path, or None where it does not apply (not CPU float32/64, no C kernel)."""
+        if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
+            return None  # the tensor path raises the precise error
+        B = x.shape[0]
+        weights = self.one_token_weights()
+        vf = None if v_first is None or not self.value_residual else v_first.reshape(B, -1)
+        m = None if mask is None else mask.reshape(B)
+        if not time_mix_kernel_fits(x, weights):
+            return None
+        out, shift, wkv_state, vf = time_mix_one_token(x.reshape(B, -1), shift, wkv_state, vf, weights, m, impl="cpu")
+        return out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state)
 
 
 class ChannelMix(nn.Module):

@@ -1,4 +1,5 @@
-/* RWKV-7 CPU kernels, float32 and float64: WKV-7 (wkv7_cpu_impl.h) and the fused read-out (readout_impl.h). Built on first use by
+/* RWKV-7 CPU kernels, float32 and float64: WKV-7 (wkv7_cpu_impl.h), the fused read-out (readout_impl.h) and
+ * the one-token time-mix (time_mix_impl.h). Built on first use by
  * wuneng/ops/wkv7/cpu.py with the system C compiler and called through ctypes. */
 #include <math.h>
 #include <stdint.h>
@@ -8,6 +9,7 @@
 #define NAME(x) x##_f32
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
+#include "time_mix_impl.h"
 #undef real
 #undef NAME
 
@@ -15,5 +17,6 @@
 #define NAME(x) x##_f64
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
+#include "time_mix_impl.h"
 #undef real
 #undef NAME

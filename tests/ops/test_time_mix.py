@@ -1,0 +1,159 @@
+"""The fused one-token RWKV-7 time-mix: the C kernel against the tensor-op reference, and the reference against
+the TimeMix layer's own (training) path.
+
+Relative errors ||x - ref|| / ||ref||: 1e-12 in float64 (same arithmetic, another order), 1e-5 for float32
+against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wuneng.layers.rwkv7 import TimeMix
+from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
+from wuneng.ops.wkv7.time_mix import TimeMixWeights, time_mix_one_token, time_mix_one_token_reference
+from _helpers import rel_err
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
+
+
+def make_weights(C, H, N, value_residual, dtype=torch.float64, seed=0, ranks=(16, 16, 8, 24)):
+    """Random weights of every kind (the LoRAs too, so that each path matters)."""
+    g = torch.Generator().manual_seed(seed)
+    A = H * N
+    dw, da, dv, dg = ranks
+
+    def rnd(*shape, scale=0.3):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    return TimeMixWeights(
+        mix=torch.rand(6, C, generator=g, dtype=torch.float64).to(dtype),
+        W_r=rnd(A, C), W_k=rnd(A, C), W_v=rnd(A, C), W_o=rnd(C, A),
+        w0=rnd(A, scale=1.0), w1=rnd(C, dw), w2=rnd(dw, A),
+        a0=rnd(A), a1=rnd(C, da), a2=rnd(da, A),
+        v0=rnd(A) if value_residual else None, v1=rnd(C, dv) if value_residual else None,
+        v2=rnd(dv, A) if value_residual else None,
+        g1=rnd(C, dg), g2=rnd(dg, A), k_k=1 + rnd(A), k_a=1 + rnd(A), r_k=rnd(H, N),
+        ln_w=1 + rnd(A), ln_b=rnd(A), eps=64e-5,
+    )  # fmt: skip
+
+
+def make_inputs(B, C, H, N, dtype=torch.float64, seed=1, state=True, value_residual=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
+    shift = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
+    S = 0.3 * torch.randn(B, H, N, N, generator=g, dtype=torch.float64).to(dtype) if state else None
+    v_first = torch.randn(B, H * N, generator=g, dtype=torch.float64).to(dtype) if value_residual else None
+    return x, shift, S, v_first
+
+
+@needs_kernel
+@pytest.mark.parametrize("value_residual", [False, True], ids=["first-layer", "value-residual"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("B,C,H,N,state", [(1, 64, 4, 16, True), (3, 38, 3, 16, True), (2, 40, 2, 32, False)], ids=str)
+def test_kernel_matches_reference_float64(value_residual, masked, B, C, H, N, state):
+    # C = 38: neither the input width nor the output projection's rows a multiple of the kernel's blocks
+    wt = make_weights(C, H, N, value_residual, seed=C)
+    x, shift, S, v_first = make_inputs(B, C, H, N, state=state, value_residual=value_residual)
+    mask = torch.tensor([1.0, 0.0, 1.0][:B], dtype=torch.float64) if masked else None
+    S_before = None if S is None else S.clone()
+    ref = time_mix_one_token_reference(x, shift, S, v_first, wt, mask)
+    out = time_mix_one_token(x, shift, S, v_first, wt, mask, impl="cpu")
+    for name, got, want in zip(("out", "shift", "state", "v_first"), out, ref):
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-12, name
+    assert S is None or torch.equal(S, S_before)  # the input state is not modified
+
+
+@needs_kernel
+def test_kernel_float32_against_float64_reference_and_auto_dispatch():
+    wt64 = make_weights(48, 3, 16, True, seed=5)
+    ins64 = make_inputs(2, 48, 3, 16, seed=6)
+    ref = time_mix_one_token_reference(*ins64, wt64)
+    wt32 = TimeMixWeights(*(t.float() if isinstance(t, torch.Tensor) else t for t in wt64))
+    with torch.no_grad():
+        out = time_mix_one_token(*(t.float() for t in ins64), wt32)  # auto: the kernel
+    assert all(o.dtype == torch.float32 for o in out)
+    assert all(rel_err(o, r) <= 1e-5 for o, r in zip(out, ref))
+
+
+@needs_kernel
+def test_padding_leaves_the_state_and_shift_alone():
+    wt = make_weights(32, 2, 16, False, seed=7)
+    x, shift, S, _ = make_inputs(2, 32, 2, 16, value_residual=False, seed=8)
+    out, new_shift, new_S, _ = time_mix_one_token(x, shift, S, None, wt, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(new_S[0], S[0]) and not torch.allclose(new_S[1], S[1])
+    assert torch.all(new_shift[0] == 0) and torch.equal(new_shift[1], x[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("layer_idx", [0, 2])
+def test_reference_and_kernel_equal_the_time_mix_layer(layer_idx):
+    """The layer's tensor path (training and prefill) at T = 1 is the same function as the fused step."""
+    torch.manual_seed(layer_idx)
+    C, H, N, B = 48, 4, 16, 3
+    tm = TimeMix(C, H, N, layer_idx, 4).double()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x, shift, S, v_first = make_inputs(B, C, H, N, value_residual=tm.value_residual, seed=9)
+    mask = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)
+    vf3 = None if v_first is None else v_first.unsqueeze(1)
+    tm.wkv_impl = "chunked"  # the tensor path
+    out, vf, (new_shift, new_S) = tm(x.unsqueeze(1), vf3, (shift, S), mask)  # with autograd: no fused path
+    assert out.requires_grad
+    wt = tm.one_token_weights()
+    for impl in ("reference", "cpu"):
+        with torch.no_grad():
+            got = time_mix_one_token(x, shift, S, v_first, wt, mask.view(B), impl=impl)
+        for name, g, want in zip(("out", "shift", "state", "v_first"), got, (out[:, 0], new_shift, new_S, vf[:, 0])):
+            assert rel_err(g, want) <= 1e-12, (impl, name)
+    with torch.no_grad():  # and the layer's own decoding path (auto) takes the kernel and agrees
+        tm.wkv_impl = "auto"
+        fused, vf_fused, (s_fused, S_fused) = tm(x.unsqueeze(1), vf3, (shift, S), mask)
+    for g, want in ((fused, out), (vf_fused, vf), (s_fused, new_shift), (S_fused, new_S)):
+        assert rel_err(g, want) <= 1e-12
+
+
+@needs_kernel
+def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
+    import wuneng.layers.rwkv7 as rwkv7_layers
+
+    calls = []
+    real = rwkv7_layers.time_mix_one_token
+    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token", lambda *a, **k: calls.append(k) or real(*a, **k))
+    tm = TimeMix(32, 2, 16, 1, 3)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        tm(x, torch.randn(2, 1, 32))  # decoding: fused
+        tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
+    tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
+    assert calls == [{"impl": "cpu"}]
+
+
+def test_reference_is_differentiable_and_auto_falls_back_under_autograd():
+    wt = make_weights(32, 2, 16, True, seed=3)
+    wt = TimeMixWeights(*(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in wt))
+    x, shift, S, v_first = make_inputs(2, 32, 2, 16, seed=4)
+    out = time_mix_one_token(x, shift, S, v_first, wt)  # auto under autograd: the reference
+    out[0].square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in wt[:-1] if isinstance(t, torch.Tensor))
+
+
+def test_bad_input_names_the_problem():
+    wt = make_weights(32, 2, 16, True)
+    x, shift, S, v_first = make_inputs(2, 32, 2, 16)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        time_mix_one_token(x, shift, S, v_first, wt, impl="fast")
+    with pytest.raises(ValueError, match=r"x must be \[B, C\]"):
+        time_mix_one_token(x.unsqueeze(1), shift, S, v_first, wt)
+    with pytest.raises(ValueError, match="needs v_first"):
+        time_mix_one_token(x, shift, S, None, wt)
+    with pytest.raises(ValueError, match=r"state must be \[B, H, N, N\]"):
+        time_mix_one_token(x, shift, S[:, :1], v_first, wt)
+    with pytest.raises(ValueError, match="W_o must have shape"):
+        time_mix_one_token(x, shift, S, v_first, wt._replace(W_o=wt.W_o[:, :-1]))
+    with pytest.raises(ValueError, match=r"w1, w2 must be \[C, D\] and \[D, A\]"):
+        time_mix_one_token(x, shift, S, v_first, wt._replace(w2=wt.w2[:, :-1]))
+    with pytest.raises(ValueError, match="impl='cpu' needs"):
+        time_mix_one_token(x, shift, S, v_first, wt._replace(W_r=wt.W_r.float()), impl="cpu")
