@@ -19,6 +19,7 @@ from wuneng.layers.hybrid import (
     middle_head_indices,
 )
 from transformers.cache_utils import DummyLayer, DynamicLayer
+from wuneng.ops.wkv7.cpu import cpu_kernel_available
 
 C, H, HKV, D = 32, 2, 1, 16  # width, query heads, kv heads, head size
 
@@ -175,7 +176,8 @@ def test_hybrid_matches_float64_reference(kw):
 def test_inference_path_equals_autograd_path(kw, value_residual):
     """Without autograd every low-rank map runs in one batched pair of matmuls (low_rank_bank); it must equal the
     per-map path used in training (float64, rel. error < 1e-12), for prefill with left padding and for the
-    following decode steps through the cache, outputs and cached states alike."""
+    following decode steps through the cache (on CPU one C call for the state side,
+    :func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`), outputs and cached states alike."""
     m = make_mixer(value_residual=value_residual, layer_idx=0, num_layers=2, **kw)
     torch.manual_seed(2)
     B, P, T = 2, 3, 6
@@ -200,7 +202,9 @@ def test_inference_path_equals_autograd_path(kw, value_residual):
     for name in ("time_shift", "wkv"):
         ref = cache_g.get_state(0, name).detach()
         assert (cache_n.get_state(0, name) - ref).abs().max() <= 1e-12 * ref.abs().max(), name
-    assert "low_rank_bank" in m.__dict__.get("_derived_weights", {})  # the inference path did run
+    assert "low_rank_bank" in m.__dict__.get("_derived_weights", {})  # the inference path did run (prefill)
+    if cpu_kernel_available():  # and the decode steps took the fused one-token kernel
+        assert "one_token_mixes" in m.__dict__["_derived_weights"]
 
 
 def test_align_forward_views():

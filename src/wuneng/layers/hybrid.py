@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.wkv7.one_token import HybridStateWeights, hybrid_state_one_token, time_mix_kernel_fits
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift
 
@@ -502,6 +503,43 @@ class HybridMixer(_VFirstMixin, Attention):
             out = out + self.o_middle(m.reshape(B, T, -1))
         return out
 
+    def one_token_weights(self) -> HybridStateWeights:
+        """The state-side weights in the layout of :func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`."""
+        st, gate, middle = self.state, self.fusion == "gate", self.num_middle_heads > 0
+        mixes = st.mix_vectors()
+        vr = st.value_residual
+        return HybridStateWeights(
+            derived_weight(self, "one_token_mixes", mixes, lambda: torch.stack(mixes)),
+            st.w0, st.w1, st.w2, st.a0, st.a1, st.a2,
+            st.v0 if vr else None, st.v1 if vr else None, st.v2 if vr else None,
+            self.receptance_lora_a, self.receptance_lora_b,
+            self.gate_lora_a if gate else None, self.gate_lora_b if gate else None,
+            self.gate_bias.view(-1) if gate else None,
+            self.middle_lora_a if middle else None, self.middle_lora_b if middle else None,
+            st.k_k, st.k_a, st.r_k, st.ln_x.weight, st.ln_x.bias, st.ln_x.eps,
+        )
+
+    def _state_one_token(self, u, q, k, v, v_first, token_mask, shift, wkv_state):
+        """The state side for one token by one C call (:func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`),
+        as (Y [B,1,H_q,d], wkv state, v_first [B,1,A], new shift [B,C], the fusion's low-rank outputs), or None
+        where the kernel cannot serve (not CPU float32/64, no C kernel). Tests hold it equal to the tensor path."""
+        weights = self.one_token_weights()
+        if not time_mix_kernel_fits(u, weights) or (self.state.value_residual and v_first is None):
+            return None
+        B = u.shape[0]
+        vf = v_first.reshape(B, -1) if self.state.value_residual else None
+        m = None if token_mask is None else token_mask.reshape(B)
+        y, last, wkv_state, vf, gamma, middle = hybrid_state_one_token(
+            u.reshape(B, -1), shift, wkv_state, vf, q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), weights, m,
+            impl="cpu",
+        )
+        low = {}
+        if gamma is not None:
+            low["gate_sigmoid"] = gamma.unsqueeze(1)
+        if middle is not None:
+            low["middle_sigmoid"] = middle.unsqueeze(1)
+        return y.view(B, 1, self.num_heads, self.head_dim), wkv_state, vf.unsqueeze(1), last, low
+
     def _run(self, u, position_embeddings, attention_mask, cache, v_first, publish=False):
         B, T, _ = u.shape
         token_mask = _token_mask(attention_mask, T)
@@ -511,7 +549,12 @@ class HybridMixer(_VFirstMixin, Attention):
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
         q, k, v = self.project(u)
-        if torch.is_grad_enabled():
+        fused = None
+        if T == 1 and not torch.is_grad_enabled() and self.state.wkv_impl in ("auto", "cpu"):
+            fused = self._state_one_token(u, q, k, v, v_first, token_mask, shift, wkv_state)
+        if fused is not None:  # decoding on CPU: the state side in one C call
+            y, wkv_state, v_first, last, low = fused
+        elif torch.is_grad_enabled():
             low = self.low_rank_inputs(u)
             y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"])
         else:  # inference: every low-rank map in two batched matmuls

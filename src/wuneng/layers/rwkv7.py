@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
-from ..ops.wkv7.time_mix import TimeMixWeights, time_mix_kernel_fits, time_mix_one_token
+from ..ops.wkv7.one_token import TimeMixWeights, time_mix_kernel_fits, time_mix_one_token
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
@@ -404,7 +404,7 @@ class TimeMix(RWKV7StateHeads):
         return x, xx, x_key, r, k, v, g, state_inputs
 
     def one_token_weights(self) -> TimeMixWeights:
-        """The weights in the layout of :func:`~wuneng.ops.wkv7.time_mix.time_mix_one_token` (the stacked
+        """The weights in the layout of :func:`~wuneng.ops.wkv7.one_token.time_mix_one_token` (the stacked
         token-shift mixes cached, :func:`~wuneng.layers.low_rank.derived_weight`)."""
         mixes = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]
         vr = self.value_residual
@@ -429,7 +429,7 @@ class TimeMix(RWKV7StateHeads):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
 
         One token without autograd on CPU (decoding) with ``wkv_impl`` "auto" or "cpu" runs as one fused C call
-        (:func:`~wuneng.ops.wkv7.time_mix.time_mix_one_token`); tests hold it equal to the tensor path below.
+        (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`); tests hold it equal to the tensor path below.
         """
         shift, wkv_state = (None, None) if state is None else state
         if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.wkv_impl in ("auto", "cpu"):

@@ -44,7 +44,7 @@ from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
 CHECKPOINT_LEN = 16
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("wkv7_cpu.c", "wkv7_cpu_impl.h", "readout_impl.h", "time_mix_impl.h")
+_SOURCES = ("wkv7_cpu.c", "wkv7_cpu_impl.h", "readout_impl.h", "one_token_impl.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -131,6 +131,9 @@ def _library():
         tm = getattr(lib, f"time_mix_one_token_{suffix}")
         tm.argtypes = [i64] * 9 + [ctypes.c_double] + [ptr] * 31
         tm.restype = None
+        hs = getattr(lib, f"hybrid_state_one_token_{suffix}")
+        hs.argtypes = [i64] * 13 + [ctypes.c_double] + [ptr] * 37
+        hs.restype = None
     return lib
 
 

@@ -1,5 +1,5 @@
 /* RWKV-7 CPU kernels, float32 and float64: WKV-7 (wkv7_cpu_impl.h), the fused read-out (readout_impl.h) and
- * the one-token time-mix (time_mix_impl.h). Built on first use by
+ * the one-token time-mix and hybrid state side (one_token_impl.h). Built on first use by
  * wuneng/ops/wkv7/cpu.py with the system C compiler and called through ctypes. */
 #include <math.h>
 #include <stdint.h>
@@ -9,7 +9,7 @@
 #define NAME(x) x##_f32
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
-#include "time_mix_impl.h"
+#include "one_token_impl.h"
 #undef real
 #undef NAME
 
@@ -17,6 +17,6 @@
 #define NAME(x) x##_f64
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
-#include "time_mix_impl.h"
+#include "one_token_impl.h"
 #undef real
 #undef NAME

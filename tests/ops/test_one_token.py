@@ -1,5 +1,6 @@
-"""The fused one-token RWKV-7 time-mix: the C kernel against the tensor-op reference, and the reference against
-the TimeMix layer's own (training) path.
+"""The fused one-token RWKV-7 mixers (decoding): the time-mix and the WuNeng hybrid mixer's state side, each C
+kernel against its tensor-op reference, and the time-mix reference against the TimeMix layer's own (training)
+path (the hybrid layer's fused path against its tensor path is in tests/layers/test_hybrid.py).
 
 Relative errors ||x - ref|| / ||ref||: 1e-12 in float64 (same arithmetic, another order), 1e-5 for float32
 against the float64 reference.
@@ -12,7 +13,14 @@ import torch
 
 from wuneng.layers.rwkv7 import TimeMix
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
-from wuneng.ops.wkv7.time_mix import TimeMixWeights, time_mix_one_token, time_mix_one_token_reference
+from wuneng.ops.wkv7.one_token import (
+    HybridStateWeights,
+    TimeMixWeights,
+    hybrid_state_one_token,
+    hybrid_state_one_token_reference,
+    time_mix_one_token,
+    time_mix_one_token_reference,
+)
 from _helpers import rel_err
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
@@ -157,3 +165,60 @@ def test_bad_input_names_the_problem():
         time_mix_one_token(x, shift, S, v_first, wt._replace(w2=wt.w2[:, :-1]))
     with pytest.raises(ValueError, match="impl='cpu' needs"):
         time_mix_one_token(x, shift, S, v_first, wt._replace(W_r=wt.W_r.float()), impl="cpu")
+
+
+# -- the state side of a WuNeng hybrid mixer ------------------------------------------------------------------
+
+
+def make_hybrid_weights(C, H, N, value_residual, gate, middle_width, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = H * N
+
+    def rnd(*shape, scale=0.3):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    return HybridStateWeights(
+        mix=torch.rand(3 if value_residual else 2, C, generator=g, dtype=torch.float64).to(dtype),
+        w0=rnd(A, scale=1.0), w1=rnd(C, 16), w2=rnd(16, A), a0=rnd(A), a1=rnd(C, 16), a2=rnd(16, A),
+        v0=rnd(A) if value_residual else None, v1=rnd(C, 8) if value_residual else None,
+        v2=rnd(8, A) if value_residual else None,
+        R1=rnd(C, 12), R2=rnd(12, A),
+        G1=rnd(C, 8) if gate else None, G2=rnd(8, A) if gate else None, gate_bias=rnd(A) if gate else None,
+        P1=rnd(C, 8) if middle_width else None, P2=rnd(8, middle_width) if middle_width else None,
+        k_k=1 + rnd(A), k_a=1 + rnd(A), r_k=rnd(H, N), ln_w=1 + rnd(A), ln_b=rnd(A), eps=64e-5,
+    )  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("value_residual", [False, True], ids=["first-layer", "value-residual"])
+@pytest.mark.parametrize("gate,middle_width", [(True, 32), (False, 0)], ids=["gate+middle", "plain"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("H_kv,state", [(2, True), (4, False), (1, True)], ids=["gqa", "mha-no-state", "mqa"])
+def test_hybrid_kernel_matches_reference_float64(value_residual, gate, middle_width, masked, H_kv, state):
+    B, C, H, N = 3, 38, 4, 16
+    wt = make_hybrid_weights(C, H, N, value_residual, gate, middle_width, seed=H_kv)
+    u, shift, S, v_first = make_inputs(B, C, H, N, state=state, value_residual=value_residual, seed=2)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, n, generator=g, dtype=torch.float64) for n in (H * N, H_kv * N, H_kv * N))
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) if masked else None
+    ref = hybrid_state_one_token_reference(u, shift, S, v_first, q, k, v, wt, mask)
+    out = hybrid_state_one_token(u, shift, S, v_first, q, k, v, wt, mask, impl="cpu")
+    for name, got, want in zip(("y", "shift", "state", "v_first", "gamma", "middle"), out, ref):
+        if want is None:
+            assert got is None, name
+        else:
+            assert got.shape == want.shape and rel_err(got, want) <= 1e-12, name
+
+
+def test_hybrid_bad_input_names_the_problem():
+    wt = make_hybrid_weights(32, 2, 16, True, True, 16)
+    u, shift, S, v_first = make_inputs(2, 32, 2, 16)
+    q, k, v = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"q must be \[B, A\]"):
+        hybrid_state_one_token(u, shift, S, v_first, q[:, :-1], k, v, wt)
+    with pytest.raises(ValueError, match="H_kv dividing H"):
+        hybrid_state_one_token(u, shift, S, v_first, q, k[:, :8], v[:, :8], wt)
+    with pytest.raises(ValueError, match="value residual needs v_first"):
+        hybrid_state_one_token(u, shift, S, None, q, k, v, wt)
+    with pytest.raises(ValueError, match="gate needs gate_bias"):
+        hybrid_state_one_token(u, shift, S, v_first, q, k, v, wt._replace(gate_bias=None))

@@ -1,4 +1,5 @@
-"""The RWKV-7 time-mix for one token (decoding), as one fused operation (SPEC section 2).
+"""RWKV-7 mixers for one token (decoding), each as one fused operation: the time-mix (SPEC section 2) and the
+state side of a WuNeng hybrid mixer (SPEC section 3).
 
 At one token per step a time-mix is ~60 small tensor ops (token shift, three projections, four LoRAs, the
 key normalisation, the WKV step, the read-out, the gate, the output projection) whose fixed per-op cost
@@ -6,7 +7,7 @@ outweighs their arithmetic at the widths of small models. :func:`time_mix_one_to
 thing:
 
 - ``impl="reference"``: :func:`time_mix_one_token_reference`, the obvious tensor ops (any dtype/device);
-- ``impl="cpu"``: one call of ``csrc/time_mix_impl.h`` (in the library of :mod:`.cpu`), float32/float64
+- ``impl="cpu"``: one call of ``csrc/one_token_impl.h`` (in the library of :mod:`.cpu`), float32/float64
   CPU tensors, no autograd, single-threaded (a decoding step streams its weights from memory once; the
   matrix-vector products are bandwidth-bound and as fast as the BLAS's on one core).
 
@@ -25,6 +26,9 @@ Per token, with x the input [B, C], shift the previous token [B, C] (zeros at th
 
 Returns (out [B, C], new shift [B, C] = the masked x, new state [B, H, N, N], v_first [B, A]). The input
 state is not modified. Tests hold the two forms equal in float64.
+
+:func:`hybrid_state_one_token` does the same for a hybrid mixer's state heads, whose r, k, v come from the
+teacher's attention projections: everything but the attention and the fusion (see its docstring).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .step import wkv7_step
 
 __all__ = [
     "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "time_mix_kernel_fits", "TIME_MIX_IMPLS",
-    "MIX_ROWS",
+    "MIX_ROWS", "HybridStateWeights", "hybrid_state_one_token", "hybrid_state_one_token_reference",
 ]
 
 TIME_MIX_IMPLS = ("auto", "cpu", "reference")
@@ -230,3 +234,192 @@ def time_mix_one_token(
         *(_ptr(t) for t in (work, out, shift_out, state_out, v_out)),
     )
     return out, shift_out, state_out, (v_first if wt.value_residual else v_out)
+
+
+# -- the state side of a WuNeng hybrid mixer ---------------------------------------------------------------
+
+
+class HybridStateWeights(NamedTuple):
+    """The state-side weights of a WuNeng hybrid mixer (C the width, H query heads of size N, A = H N).
+
+    mix [2 or 3, C]: the token-shift mixes of the decay, in-context rate (and value-residual) LoRAs, in that
+    order; w0/w1/w2, a0/a1/a2, v0/v1/v2 (None without value residual) as :class:`TimeMixWeights`; R1 [C, D_r],
+    R2 [D_r, A] the receptance correction; G1 [C, D_g], G2 [D_g, A], gate_bias [A] the fusion gate (None when
+    the fusion is not ``gate``); P1 [C, D_m], P2 [D_m, W_m] the middle-head mix (None without middle heads);
+    k_k, k_a [A]; r_k [H, N]; ln_w, ln_b [A]; eps the GroupNorm epsilon."""
+
+    mix: torch.Tensor
+    w0: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    a0: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v0: Optional[torch.Tensor]
+    v1: Optional[torch.Tensor]
+    v2: Optional[torch.Tensor]
+    R1: torch.Tensor
+    R2: torch.Tensor
+    G1: Optional[torch.Tensor]
+    G2: Optional[torch.Tensor]
+    gate_bias: Optional[torch.Tensor]
+    P1: Optional[torch.Tensor]
+    P2: Optional[torch.Tensor]
+    k_k: torch.Tensor
+    k_a: torch.Tensor
+    r_k: torch.Tensor
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+    eps: float
+
+    @property
+    def value_residual(self) -> bool:
+        return self.v1 is not None
+
+
+def _check_hybrid(u, shift, state, v_first, q, k, v, wt: HybridStateWeights, mask) -> Tuple[int, int, int, int, int]:
+    """Validate shapes; returns (B, C, H, H_kv, N)."""
+    if u.dim() != 2:
+        raise ValueError(f"hybrid_state_one_token: u must be [B, C] (one token), got shape {tuple(u.shape)}")
+    B, C = u.shape
+    H, N = wt.r_k.shape
+    A = H * N
+    if tuple(q.shape) != (B, A):
+        raise ValueError(f"hybrid_state_one_token: q must be [B, A] = {(B, A)}, got {tuple(q.shape)}")
+    if k.dim() != 2 or k.shape[0] != B or k.shape[1] % N or H % (k.shape[1] // N or 1) or k.shape != v.shape:
+        raise ValueError(
+            f"hybrid_state_one_token: k, v must be [B, H_kv N] with H_kv dividing H = {H} (N = {N}), got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    rows = 3 if wt.value_residual else 2
+    for name, shape in {"mix": (rows, C), "w0": (A,), "a0": (A,), "k_k": (A,), "k_a": (A,), "ln_w": (A,), "ln_b": (A,)}.items():
+        if tuple(getattr(wt, name).shape) != shape:
+            raise ValueError(f"hybrid_state_one_token: {name} must have shape {shape}, got {tuple(getattr(wt, name).shape)}")
+    pairs = [("w1", "w2", A), ("a1", "a2", A), ("R1", "R2", A)]
+    pairs += [("v1", "v2", A)] if wt.value_residual else []
+    pairs += [("G1", "G2", A)] if wt.G1 is not None else []
+    pairs += [("P1", "P2", None)] if wt.P1 is not None else []
+    for first, second, width in pairs:
+        f, s = getattr(wt, first), getattr(wt, second)
+        if s is None or f.dim() != 2 or s.dim() != 2 or f.shape[0] != C or s.shape[0] != f.shape[1] or (width and s.shape[1] != width):
+            raise ValueError(
+                f"hybrid_state_one_token: {first}, {second} must be [C, D] and [D, {width or 'W'}] with C = {C}; got "
+                f"{tuple(f.shape)} and {None if s is None else tuple(s.shape)}"
+            )
+    if wt.G1 is not None and (wt.gate_bias is None or tuple(wt.gate_bias.shape) != (A,)):
+        raise ValueError(f"hybrid_state_one_token: the gate needs gate_bias [A] = ({A},)")
+    if wt.value_residual and (v_first is None or tuple(v_first.shape) != (B, A)):
+        raise ValueError(f"hybrid_state_one_token: value residual needs v_first [B, A] = {(B, A)}")
+    if tuple(shift.shape) != (B, C):
+        raise ValueError(f"hybrid_state_one_token: shift must be [B, C] = {(B, C)}, got {tuple(shift.shape)}")
+    if state is not None and tuple(state.shape) != (B, H, N, N):
+        raise ValueError(f"hybrid_state_one_token: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+    if mask is not None and tuple(mask.shape) != (B,):
+        raise ValueError(f"hybrid_state_one_token: mask must be [B] = ({B},), got {tuple(mask.shape)}")
+    return B, C, H, k.shape[1] // N, N
+
+
+def hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights: HybridStateWeights, mask=None):
+    """The tensor-op form of :func:`hybrid_state_one_token` (differentiable, any dtype and device)."""
+    wt = weights
+    B, C, H, H_kv, N = _check_hybrid(u, shift, state, v_first, q, k, v, wt, mask)
+    x = u if mask is None else u * mask.to(u.dtype).unsqueeze(-1)
+    xx = shift.to(u.dtype) - x
+    x_w, x_a, *x_v = (x + xx * mu for mu in wt.mix)
+    r = q + u @ wt.R1 @ wt.R2
+    k = k.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, -1)
+    v = v.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, -1)
+    log_w = -_DECAY_SCALE * torch.sigmoid(wt.w0 + torch.tanh(x_w @ wt.w1) @ wt.w2)
+    alpha = torch.sigmoid(wt.a0 + x_a @ wt.a1 @ wt.a2)
+    if wt.value_residual:
+        v = v + (v_first - v) * torch.sigmoid(wt.v0 + x_v[0] @ wt.v1 @ wt.v2)
+    else:
+        v_first = v
+    kk = F.normalize((k * wt.k_k).view(B, H, N), dim=-1, eps=1e-12).view(B, -1)
+    k = k * ((1 - wt.k_a) + alpha * wt.k_a)
+    a, b = -kk, kk * alpha
+    if mask is not None:
+        m = mask.to(u.dtype).unsqueeze(-1)
+        log_w, k, v, b = log_w * m, k * m, v * m, b * m
+    heads = (B, H, N)
+    y, new_state = wkv7_step(*(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, impl="torch")
+    y = group_norm_bonus_reference(y, r.view(heads), k.view(heads), v.view(heads), wt.r_k, wt.ln_w, wt.ln_b, wt.eps)
+    gamma = None if wt.G1 is None else torch.sigmoid(u @ wt.G1 @ wt.G2 + wt.gate_bias)
+    middle = None if wt.P1 is None else torch.sigmoid(u @ wt.P1 @ wt.P2)
+    return y.reshape(B, -1), x, new_state, v_first, gamma, middle
+
+
+def hybrid_state_one_token(
+    u: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    state: Optional[torch.Tensor],
+    v_first: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weights: HybridStateWeights,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    impl: str = "auto",
+):
+    """The state side of a WuNeng hybrid mixer (SPEC section 3) for one token::
+
+        x = u mask;  x_q = x + (shift - x) mix_q            (q = w, a(, v))
+        r = q + u R1 R2;   k_s, v_s = k, v repeated over the H / H_kv query heads of each kv head
+        y = the RWKV-7 state heads on (r, k_s, v_s), as :func:`time_mix_one_token` computes them from r, k, v
+        gamma = sigmoid(u G1 G2 + gate_bias);   middle = sigmoid(u P1 P2)
+
+    Args:
+        u: [B, C] the mixer input; shift [B, C] the previous (masked) input or None (zeros);
+        state: [B, H, N, N] or None (zeros), not modified; v_first: [B, A] (value residual) or None;
+        q: [B, A] the teacher's query projection (before RoPE); k, v: [B, H_kv N] its key/value projections;
+        weights: :class:`HybridStateWeights`; mask: [B] (1 = token, 0 = padding) or None;
+        impl: "auto" | "cpu" | "reference", as :func:`time_mix_one_token`.
+
+    Returns:
+        (y [B, A] the state heads' output after the read-out, new shift [B, C], new state [B, H, N, N],
+        v_first [B, A], gamma [B, A] or None, middle [B, W_m] or None).
+    """
+    if impl not in TIME_MIX_IMPLS:
+        raise ValueError(f"hybrid_state_one_token: impl must be one of {TIME_MIX_IMPLS}, got {impl!r}")
+    if shift is None:
+        shift = torch.zeros_like(u)
+    if impl == "reference":
+        return hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights, mask)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, shift, state, v_first, q, k, v, *weights[:-1])
+    )
+    fits = not needs_grad and all(t.dtype == u.dtype and t.device == u.device for t in (q, k, v))
+    fits = fits and time_mix_kernel_fits(u, weights)
+    if impl == "auto" and not fits:
+        return hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights, mask)
+    if not fits:
+        raise ValueError(
+            "hybrid_state_one_token: impl='cpu' needs float32/float64 CPU tensors of one dtype, contiguous weights, "
+            "no autograd and the C kernel (see wuneng.ops.wkv7.cpu.cpu_kernel_error())"
+        )
+    wt = weights
+    B, C, H, H_kv, N = _check_hybrid(u, shift, state, v_first, q, k, v, wt, mask)
+    A = H * N
+    rank = lambda t: 0 if t is None else t.shape[1]  # noqa: E731
+    dw, da, dv, dr, dg, dm = rank(wt.w1), rank(wt.a1), rank(wt.v1), rank(wt.R1), rank(wt.G1), rank(wt.P1)
+    width_m = 0 if wt.P2 is None else wt.P2.shape[1]
+    dt = u.dtype
+    u, q, k, v = (t.contiguous() for t in (u, q, k, v))
+    shift = shift.to(dt).contiguous()
+    state = None if state is None else state.to(dt).contiguous()
+    v_in = v_first.to(dt).contiguous() if wt.value_residual else None
+    m = None if mask is None else mask.to(dt).contiguous()
+    y, shift_out, state_out = u.new_empty(B, A), u.new_empty(B, C), u.new_empty(B, H, N, N)
+    v_out = None if wt.value_residual else u.new_empty(B, A)
+    gamma = None if wt.G1 is None else u.new_empty(B, A)
+    middle = None if wt.P1 is None else u.new_empty(B, width_m)
+    work = u.new_empty(4 * B * C + 8 * B * A + B * (dw + da + dv + dr + dg + dm) + 2 * B * H)
+    fn = getattr(_library(), f"hybrid_state_one_token_{_SUFFIX[dt]}")
+    fn(
+        B, C, H, H_kv, N, dw, da, dv, dr, dg, dm, width_m, int(wt.value_residual), float(wt.eps),
+        *(_ptr(t) for t in (u, m, shift, state, v_in, q, k, v)),
+        *(_ptr(t) for t in wt[:-1]),
+        *(_ptr(t) for t in (work, y, shift_out, state_out, v_out, gamma, middle)),
+    )
+    return y, shift_out, state_out, (v_first if wt.value_residual else v_out), gamma, middle

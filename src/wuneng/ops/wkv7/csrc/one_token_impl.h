@@ -1,0 +1,279 @@
+/* The whole RWKV-7 time-mix for one token (decoding), fused: token shift, the r/k/v projections, the
+ * decay / in-context-rate / value-residual / gate LoRAs, the WKV-7 step, the read-out and the output
+ * projection, in one call instead of ~60 small tensor ops (whose per-op cost is most of a decoding step
+ * at small widths).
+ *
+ * Included by wkv7_cpu.c after wkv7_cpu_impl.h and readout_impl.h (`real`, NAME). Shapes (row-major,
+ * contiguous): x, shift, shift_out, out [B, C]; v_first, v_first_out [B, A]; state, state_out
+ * [B, H, N, N] value-major (S[i][j] = value i, key j); A = H * N. Weights in the layer's layout:
+ * nn.Linear W_r, W_k, W_v [A, C] and W_o [C, A] (y = W x); LoRA factors w1 [C, Dw], w2 [Dw, A] etc.
+ * (y = x w1 w2); mix [6, C] the token-shift mixes in the order r, w, k, v, a, g; w0, a0, v0, k_k, k_a
+ * [A]; r_k [H, N]; ln_w, ln_b [A] (GroupNorm affine). Per token (SPEC section 2, as TimeMix computes it):
+ *
+ *     x    = x * mask;  xx = shift - x;  x_q = x + xx mix_q                    (q in r, w, k, v, a, g)
+ *     r, k, v = W_r x_r, W_k x_k, W_v x_v
+ *     w    = exp(-e^{-1/2} sigmoid(w0 + tanh(x_w w1) w2))
+ *     alpha = sigmoid(a0 + x_a a1 a2)
+ *     v    = v + (v_first - v) sigmoid(v0 + x_v v1 v2)      (value residual; else v_first_out = v)
+ *     g    = sigmoid(x_g g1) g2
+ *     kk   = normalize_per_head(k k_k);  k = k ((1 - k_a) + alpha k_a);  a = -kk;  b = kk alpha
+ *     (masked: w = 1, k = v = b = 0)
+ *     y    = WKV-7 step;  out = W_o ((GroupNorm(y) + bonus) g)
+ *
+ * `work` holds 7 B C + 10 B A + B (Dw + Da + Dv + Dg) + 2 B H reals. mask, v_first (first layer), state
+ * (no state yet) and v_first_out (value-residual layers) may be NULL; v1, v2, v0 are read only with
+ * value_residual. */
+
+/* y[b][o] = sum_i W[o][i] x[b][i]: nn.Linear's layout, four weight rows at a time against every batch row
+ * (the rows stay in L1 while the batch reuses them), each dot product in 16 independent lanes (vectorised
+ * without reassociation). */
+static void NAME(linear)(int64_t B, int64_t O, int64_t I, const real *W, const real *x, real *y)
+{
+    int64_t o = 0;
+    for (; o + 4 <= O; o += 4) {
+        const real *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+        for (int64_t b = 0; b < B; ++b) {
+            const real *xb = x + b * I;
+            real l0[16] = {0}, l1[16] = {0}, l2[16] = {0}, l3[16] = {0};
+            int64_t i = 0;
+            for (; i + 16 <= I; i += 16)
+                for (int j = 0; j < 16; ++j) {
+                    const real xv = xb[i + j];
+                    l0[j] += w0[i + j] * xv;
+                    l1[j] += w1[i + j] * xv;
+                    l2[j] += w2[i + j] * xv;
+                    l3[j] += w3[i + j] * xv;
+                }
+            real s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            for (int j = 0; j < 16; ++j) {
+                s0 += l0[j];
+                s1 += l1[j];
+                s2 += l2[j];
+                s3 += l3[j];
+            }
+            for (; i < I; ++i) {
+                s0 += w0[i] * xb[i];
+                s1 += w1[i] * xb[i];
+                s2 += w2[i] * xb[i];
+                s3 += w3[i] * xb[i];
+            }
+            real *yb = y + b * O + o;
+            yb[0] = s0;
+            yb[1] = s1;
+            yb[2] = s2;
+            yb[3] = s3;
+        }
+    }
+    for (; o < O; ++o)
+        for (int64_t b = 0; b < B; ++b)
+            y[b * O + o] = NAME(dot)(W + o * I, x + b * I, I);
+}
+
+/* y[b][o] = sum_i x[b][i] W[i][o]: the LoRA layout (x @ W), a row of W at a time. */
+static void NAME(matmul)(int64_t B, int64_t I, int64_t O, const real *x, const real *W, real *y)
+{
+    memset(y, 0, (size_t)(B * O) * sizeof(real));
+    for (int64_t i = 0; i < I; ++i) {
+        const real *restrict wi = W + i * O;
+        for (int64_t b = 0; b < B; ++b) {
+            const real xi = x[b * I + i];
+            real *restrict yb = y + b * O;
+#pragma omp simd
+            for (int64_t o = 0; o < O; ++o)
+                yb[o] += xi * wi[o];
+        }
+    }
+}
+
+static inline real NAME(sigmoid)(real z)
+{
+    return (real)1 / ((real)1 + (real)exp(-(double)z));
+}
+
+/* The state heads from projected r, k, v [B][A] and the LoRA pre-activations (without their biases) wz
+ * (decay), az (in-context rate) and, with value residual, vz (value gate): decay, value residual, key
+ * normalisation, a and b, the mask, the WKV-7 step and the read-out into `ro` [B][A]. Overwrites k, v
+ * (with the recurrence's k, v), wz (with w), az (with alpha), vz (with a = -kk); bb [B][A], y [B][A] and
+ * stats [B H][2] are scratch. */
+static void NAME(state_heads_one_token)(int64_t B, int64_t H, int64_t N, int64_t value_residual, double eps,
+                                        const real *mask, const real *r, real *k, real *v, real *wz, real *az,
+                                        real *vz, real *bb, real *y, real *stats, const real *v_first,
+                                        real *v_first_out, const real *w0, const real *a0, const real *v0,
+                                        const real *k_k, const real *k_a, const real *r_k, const real *ln_w,
+                                        const real *ln_b, const real *state, real *state_out, real *ro)
+{
+    const int64_t A = H * N;
+    const real decay_scale = (real)0.6065306597126334; /* e^{-1/2} */
+    real *w = wz, *al = az, *aa = vz;
+    for (int64_t b = 0; b < B; ++b) {
+        const real m = mask ? mask[b] : (real)1;
+        for (int64_t i = 0; i < A; ++i) {
+            const int64_t o = b * A + i;
+            /* log w = -e^{-1/2} sigmoid(z), times the mask as the tensor path does (masked: w = 1) */
+            const real log_w = -decay_scale * NAME(sigmoid)(w[o] + w0[i]);
+            w[o] = (real)exp((double)(mask ? log_w * m : log_w));
+            al[o] = NAME(sigmoid)(al[o] + a0[i]);
+            if (value_residual) {
+                const real gate = NAME(sigmoid)(vz[o] + v0[i]);
+                v[o] = v[o] + (v_first[o] - v[o]) * gate;
+            } else if (v_first_out) {
+                v_first_out[o] = v[o];
+            }
+        }
+        for (int64_t h = 0; h < H; ++h) {
+            const int64_t o = b * A + h * N;
+            real ss = 0;
+            for (int64_t j = 0; j < N; ++j) {
+                const real t = k[o + j] * k_k[h * N + j];
+                ss += t * t;
+            }
+            real nrm = (real)sqrt((double)ss);
+            if (nrm < (real)1e-12)
+                nrm = (real)1e-12;
+            for (int64_t j = 0; j < N; ++j) {
+                const int64_t p = h * N + j;
+                const real kk = k[o + j] * k_k[p] / nrm;
+                aa[o + j] = -kk;
+                bb[o + j] = kk * al[o + j];
+                k[o + j] = k[o + j] * (((real)1 - k_a[p]) + al[o + j] * k_a[p]);
+            }
+        }
+        if (mask)
+            for (int64_t i = 0; i < A; ++i) {
+                k[b * A + i] *= m;
+                v[b * A + i] *= m;
+                bb[b * A + i] *= m;
+            }
+    }
+    NAME(wkv7_one_token)(0, B * H, N, r, w, k, v, aa, bb, 0, state, y, 0, state_out);
+    NAME(readout_forward)(0, B * H, H, N, y, r, k, v, r_k, ln_w, ln_b, eps, ro, stats);
+}
+
+/* xm[q][b][c] = x[b][c] + (shift[b][c] - x[b][c]) mix[q][c] for the Q mixes, x masked first (into xin). */
+static void NAME(token_mixes)(int64_t B, int64_t C, int64_t Q, const real *x, const real *mask, const real *shift,
+                              const real *mix, real *xin, real *xm)
+{
+    const int64_t BC = B * C;
+    for (int64_t b = 0; b < B; ++b) {
+        const real m = mask ? mask[b] : (real)1;
+        for (int64_t c = 0; c < C; ++c) {
+            const real xc = mask ? x[b * C + c] * m : x[b * C + c];
+            const real xx = shift[b * C + c] - xc;
+            xin[b * C + c] = xc;
+            for (int64_t q = 0; q < Q; ++q)
+                xm[q * BC + b * C + c] = xc + xx * mix[q * C + c];
+        }
+    }
+}
+
+/* act(x w1) w2 into y [B][A] through the hidden h [B][D]; act: 0 none, 1 tanh, 2 sigmoid. */
+static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x, const real *w1, const real *w2,
+                       int act, real *h, real *y)
+{
+    NAME(matmul)(B, C, D, x, w1, h);
+    if (act == 1)
+        for (int64_t i = 0; i < B * D; ++i)
+            h[i] = (real)tanh((double)h[i]);
+    else if (act == 2)
+        for (int64_t i = 0; i < B * D; ++i)
+            h[i] = NAME(sigmoid)(h[i]);
+    NAME(matmul)(B, D, A, h, w2, y);
+}
+
+void NAME(time_mix_one_token)(int64_t B, int64_t C, int64_t H, int64_t N, int64_t Dw, int64_t Da, int64_t Dv,
+                              int64_t Dg, int64_t value_residual, double eps, const real *x, const real *mask,
+                              const real *shift, const real *state, const real *v_first, const real *mix,
+                              const real *W_r, const real *W_k, const real *W_v, const real *W_o,
+                              const real *w0, const real *w1, const real *w2, const real *a0, const real *a1,
+                              const real *a2, const real *v0, const real *v1, const real *v2, const real *g1,
+                              const real *g2, const real *k_k, const real *k_a, const real *r_k,
+                              const real *ln_w, const real *ln_b, real *work, real *out, real *shift_out,
+                              real *state_out, real *v_first_out)
+{
+    const int64_t A = H * N, BC = B * C, BA = B * A;
+    real *xm = work;              /* [6][B][C]: x_r, x_w, x_k, x_v, x_a, x_g */
+    real *xin = xm + 6 * BC;      /* [B][C] the masked token */
+    real *r = xin + BC, *k = r + BA, *v = k + BA, *w = v + BA, *al = w + BA, *g = al + BA;
+    real *aa = g + BA, *bb = aa + BA, *y = bb + BA, *yo = y + BA; /* [B][A] each */
+    real *h = yo + BA;            /* LoRA hidden, [B][max(D)] */
+    real *stats = h + B * (Dw + Da + Dv + Dg);    /* [B * H][2] */
+
+    NAME(token_mixes)(B, C, 6, x, mask, shift, mix, xin, xm);
+    const real *x_r = xm, *x_w = xm + BC, *x_k = xm + 2 * BC, *x_v = xm + 3 * BC, *x_a = xm + 4 * BC;
+    const real *x_g = xm + 5 * BC;
+    NAME(linear)(B, A, C, W_r, x_r, r);
+    NAME(linear)(B, A, C, W_k, x_k, k);
+    NAME(linear)(B, A, C, W_v, x_v, v);
+    NAME(lora)(B, C, Dw, A, x_w, w1, w2, 1, h, w);
+    NAME(lora)(B, C, Da, A, x_a, a1, a2, 0, h, al);
+    NAME(lora)(B, C, Dg, A, x_g, g1, g2, 2, h, g);
+    if (value_residual)
+        NAME(lora)(B, C, Dv, A, x_v, v1, v2, 0, h, aa);
+    NAME(state_heads_one_token)(B, H, N, value_residual, eps, mask, r, k, v, w, al, aa, bb, y, stats, v_first,
+                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, yo);
+    for (int64_t i = 0; i < BA; ++i)
+        yo[i] *= g[i];
+    NAME(linear)(B, C, A, W_o, yo, out);
+    memcpy(shift_out, xin, (size_t)BC * sizeof(real));
+}
+
+/* The state side of a WuNeng hybrid mixer for one token (SPEC section 3; HybridMixer decoding): from the
+ * layer input u [B][C], the teacher's projections q [B][A] (before RoPE) and k, v [B][Hkv N] (kv head j
+ * serving query heads j n_rep ... (j + 1) n_rep - 1), the state heads' output (after the read-out)
+ * y_out [B][A], and the low-rank maps the fusion reads: gamma_out = sigmoid(u G1 G2 + gate_bias) [B][A]
+ * (Dg > 0) and middle_out = sigmoid(u P1 P2) [B][Wm] (Dm > 0):
+ *
+ *     x = u mask;  x_q = x + (shift - x) mix_q        (q = w, a(, v): the rows of mix)
+ *     r = q + (u R1) R2;  k_s, v_s = k, v repeated over the query heads
+ *     state heads (as time_mix_one_token from r, k_s, v_s, the decay / rate / value LoRAs on x_w, x_a, x_v)
+ *
+ * The receptance, gate and middle maps read u itself (unmasked), as the tensor path does. work holds
+ * 4 B C + 8 B A + B (Dw + Da + Dv + Dr + Dg + Dm) + 2 B H reals. */
+void NAME(hybrid_state_one_token)(int64_t B, int64_t C, int64_t H, int64_t Hkv, int64_t N, int64_t Dw, int64_t Da,
+                                  int64_t Dv, int64_t Dr, int64_t Dg, int64_t Dm, int64_t Wm, int64_t value_residual,
+                                  double eps, const real *u, const real *mask, const real *shift, const real *state,
+                                  const real *v_first, const real *q, const real *k, const real *v, const real *mix,
+                                  const real *w0, const real *w1, const real *w2, const real *a0, const real *a1,
+                                  const real *a2, const real *v0, const real *v1, const real *v2, const real *R1,
+                                  const real *R2, const real *G1, const real *G2, const real *gate_bias,
+                                  const real *P1, const real *P2, const real *k_k, const real *k_a, const real *r_k,
+                                  const real *ln_w, const real *ln_b, real *work, real *y_out, real *shift_out,
+                                  real *state_out, real *v_first_out, real *gamma_out, real *middle_out)
+{
+    const int64_t A = H * N, BC = B * C, BA = B * A, n_rep = H / Hkv, Akv = Hkv * N;
+    real *xm = work;              /* [3][B][C]: x_w, x_a, x_v */
+    real *xin = xm + 3 * BC;      /* [B][C] the masked token */
+    real *r = xin + BC, *ks = r + BA, *vs = ks + BA, *w = vs + BA, *al = w + BA, *aa = al + BA, *bb = aa + BA;
+    real *y = bb + BA;            /* [B][A] each */
+    real *h = y + BA;             /* LoRA hidden, [B][max(D)] */
+    real *stats = h + B * (Dw + Da + Dv + Dr + Dg + Dm); /* [B * H][2] */
+
+    NAME(token_mixes)(B, C, value_residual ? 3 : 2, u, mask, shift, mix, xin, xm);
+    NAME(lora)(B, C, Dr, A, u, R1, R2, 0, h, r);
+    for (int64_t i = 0; i < BA; ++i)
+        r[i] += q[i];
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t hh = 0; hh < H; ++hh) {
+            const int64_t src = b * Akv + (hh / n_rep) * N, dst = b * A + hh * N;
+            memcpy(ks + dst, k + src, (size_t)N * sizeof(real));
+            memcpy(vs + dst, v + src, (size_t)N * sizeof(real));
+        }
+    NAME(lora)(B, C, Dw, A, xm, w1, w2, 1, h, w);
+    NAME(lora)(B, C, Da, A, xm + BC, a1, a2, 0, h, al);
+    if (value_residual)
+        NAME(lora)(B, C, Dv, A, xm + 2 * BC, v1, v2, 0, h, aa);
+    if (Dg > 0) {
+        NAME(lora)(B, C, Dg, A, u, G1, G2, 0, h, gamma_out);
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < A; ++i)
+                gamma_out[b * A + i] = NAME(sigmoid)(gamma_out[b * A + i] + gate_bias[i]);
+    }
+    if (Dm > 0) {
+        NAME(lora)(B, C, Dm, Wm, u, P1, P2, 0, h, middle_out);
+        for (int64_t i = 0; i < B * Wm; ++i)
+            middle_out[i] = NAME(sigmoid)(middle_out[i]);
+    }
+    NAME(state_heads_one_token)(B, H, N, value_residual, eps, mask, r, ks, vs, w, al, aa, bb, y, stats, v_first,
+                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out);
+    memcpy(shift_out, xin, (size_t)BC * sizeof(real));
+}
