@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from wuneng.layers.rwkv7 import TimeMix
+from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
 from wuneng.ops.wkv7.one_token import (
     HybridStateWeights,
@@ -137,6 +138,16 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
         tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
     tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
     assert calls == [{"impl": "cpu"}]
+    # large projections with several threads: the BLAS's threads beat the single-threaded kernel
+    monkeypatch.setattr(one_token_mod, "FUSED_PROJECTION_LIMIT", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            tm(x, torch.randn(2, 1, 32))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 1
 
 
 def test_reference_is_differentiable_and_auto_falls_back_under_autograd():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
-from ..ops.wkv7.one_token import TimeMixWeights, time_mix_kernel_fits, time_mix_one_token
+from ..ops.wkv7.one_token import TimeMixWeights, time_mix_kernel_fits, time_mix_kernel_preferred, time_mix_one_token
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
@@ -429,7 +429,8 @@ class TimeMix(RWKV7StateHeads):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
 
         One token without autograd on CPU (decoding) with ``wkv_impl`` "auto" or "cpu" runs as one fused C call
-        (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`); tests hold it equal to the tensor path below.
+        (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`, where it is preferred); tests hold it equal to the
+        tensor path below.
         """
         shift, wkv_state = (None, None) if state is None else state
         if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.wkv_impl in ("auto", "cpu"):
@@ -442,14 +443,15 @@ class TimeMix(RWKV7StateHeads):
 
 
     def _one_token_fused(self, x, v_first, shift, wkv_state, mask):
-        """The fused one-token path, or None where it does not apply (not CPU float32/64, no C kernel)."""
+        """The fused one-token path, or None where it does not apply (not CPU float32/64, no C kernel, or large
+        projections with several threads: :func:`~wuneng.ops.wkv7.one_token.time_mix_kernel_preferred`)."""
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
             return None  # the tensor path raises the precise error
         B = x.shape[0]
         weights = self.one_token_weights()
         vf = None if v_first is None or not self.value_residual else v_first.reshape(B, -1)
         m = None if mask is None else mask.reshape(B)
-        if not time_mix_kernel_fits(x, weights):
+        if not (time_mix_kernel_fits(x, weights) and time_mix_kernel_preferred(weights)):
             return None
         out, shift, wkv_state, vf = time_mix_one_token(x.reshape(B, -1), shift, wkv_state, vf, weights, m, impl="cpu")
         return out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state)

@@ -44,7 +44,8 @@ from .readout import group_norm_bonus_reference
 from .step import wkv7_step
 
 __all__ = [
-    "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "time_mix_kernel_fits", "TIME_MIX_IMPLS",
+    "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "time_mix_kernel_fits", "time_mix_kernel_preferred",
+    "FUSED_PROJECTION_LIMIT", "TIME_MIX_IMPLS",
     "MIX_ROWS", "HybridStateWeights", "hybrid_state_one_token", "hybrid_state_one_token_reference",
 ]
 
@@ -168,6 +169,20 @@ def time_mix_kernel_fits(x: torch.Tensor, weights: TimeMixWeights) -> bool:
     if any(t.dtype != x.dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return False
     return _library() is not None
+
+
+#: Above this many projection parameters (W_r, W_k, W_v and W_o together; 2M is C = A ~ 720) the fused time-mix
+#: is preferred only with one torch thread: its matrix-vector products run on one core, while the BLAS spreads
+#: large ones over all cores. Below it the per-op cost that fusing removes outweighs that (measured at C 384 with
+#: 2 threads: 106 vs 85 tokens/s for the 20M ARWKV model of benchmarks/hybrid.py).
+FUSED_PROJECTION_LIMIT = 1 << 21
+
+
+def time_mix_kernel_preferred(weights: TimeMixWeights) -> bool:
+    """Whether a decoding step should take the fused kernel rather than tensor ops (see FUSED_PROJECTION_LIMIT)."""
+    if torch.get_num_threads() == 1:
+        return True
+    return sum(t.numel() for t in (weights.W_r, weights.W_k, weights.W_v, weights.W_o)) <= FUSED_PROJECTION_LIMIT
 
 
 def time_mix_one_token(
