@@ -164,15 +164,15 @@ def test_bad_input_names_the_problem():
     x, shift, S, v_first = make_inputs(2, 32, 2, 16)
     with pytest.raises(ValueError, match="impl must be one of"):
         time_mix_one_token(x, shift, S, v_first, wt, impl="fast")
-    with pytest.raises(ValueError, match=r"x must be \[B, C\]"):
+    with pytest.raises(ValueError, match=r"input must be \[B, C\] \(one token\)"):
         time_mix_one_token(x.unsqueeze(1), shift, S, v_first, wt)
-    with pytest.raises(ValueError, match="needs v_first"):
+    with pytest.raises(ValueError, match="value residual needs v_first"):
         time_mix_one_token(x, shift, S, None, wt)
     with pytest.raises(ValueError, match=r"state must be \[B, H, N, N\]"):
         time_mix_one_token(x, shift, S[:, :1], v_first, wt)
     with pytest.raises(ValueError, match="W_o must have shape"):
         time_mix_one_token(x, shift, S, v_first, wt._replace(W_o=wt.W_o[:, :-1]))
-    with pytest.raises(ValueError, match=r"w1, w2 must be \[C, D\] and \[D, A\]"):
+    with pytest.raises(ValueError, match=r"w1, w2 must be \[C, D\] and \[D, A = 32\]"):
         time_mix_one_token(x, shift, S, v_first, wt._replace(w2=wt.w2[:, :-1]))
     with pytest.raises(ValueError, match="impl='cpu' needs"):
         time_mix_one_token(x, shift, S, v_first, wt._replace(W_r=wt.W_r.float()), impl="cpu")

@@ -91,43 +91,99 @@ class TimeMixWeights(NamedTuple):
         return self.v1 is not None
 
 
-def _check(x, shift, state, v_first, wt: TimeMixWeights, mask) -> Tuple[int, int, int, int]:
-    """Validate shapes; returns (B, C, H, N)."""
+def _check_weights(fn: str, wt, C: int, expected: dict, pairs: list) -> None:
+    """Weights of exactly the ``expected`` shapes, and LoRA pairs (first, second, width) of shapes [C, D] and
+    [D, width] (any width when None)."""
+    for name, shape in expected.items():
+        if tuple(getattr(wt, name).shape) != shape:
+            raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(getattr(wt, name).shape)}")
+    for first, second, width in pairs:
+        f, s = getattr(wt, first), getattr(wt, second)
+        if s is None or f.dim() != 2 or s.dim() != 2 or f.shape[0] != C or s.shape[0] != f.shape[1] or (
+            width is not None and s.shape[1] != width
+        ):
+            raise ValueError(
+                f"{fn}: {first}, {second} must be [C, D] and [D, {'W' if width is None else f'A = {width}'}] with C = {C}; "
+                f"got {tuple(f.shape)} and {None if s is None else tuple(s.shape)}"
+            )
+    if wt.value_residual and (wt.v0 is None or tuple(wt.v0.shape) != (wt.r_k.numel(),)):
+        raise ValueError(f"{fn}: value residual needs v0 [A], v1 [C, D_v] and v2 [D_v, A]")
+
+
+def _check_token(fn: str, x, shift, state, v_first, mask, value_residual: bool, r_k) -> Tuple[int, int, int, int]:
+    """The per-call inputs of a one-token op: x [B, C], shift [B, C], state [B, H, N, N] or None, v_first [B, A]
+    (value residual), mask [B] or None; H, N from r_k [H, N]. Returns (B, C, H, N)."""
     if x.dim() != 2:
-        raise ValueError(f"time_mix_one_token: x must be [B, C] (one token), got shape {tuple(x.shape)}")
-    B, C = x.shape
-    if wt.r_k.dim() != 2:
-        raise ValueError(f"time_mix_one_token: r_k must be [H, N], got shape {tuple(wt.r_k.shape)}")
-    H, N = wt.r_k.shape
+        raise ValueError(f"{fn}: the input must be [B, C] (one token), got shape {tuple(x.shape)}")
+    if r_k.dim() != 2:
+        raise ValueError(f"{fn}: r_k must be [H, N], got shape {tuple(r_k.shape)}")
+    (B, C), (H, N) = x.shape, r_k.shape
+    if tuple(shift.shape) != (B, C):
+        raise ValueError(f"{fn}: shift must be [B, C] = {(B, C)}, got {tuple(shift.shape)}")
+    if state is not None and tuple(state.shape) != (B, H, N, N):
+        raise ValueError(f"{fn}: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+    if value_residual and (v_first is None or tuple(v_first.shape) != (B, H * N)):
+        got = None if v_first is None else tuple(v_first.shape)
+        raise ValueError(f"{fn}: value residual needs v_first [B, A] = {(B, H * N)}, got {got}")
+    if mask is not None and tuple(mask.shape) != (B,):
+        raise ValueError(f"{fn}: mask must be [B] = ({B},), got {tuple(mask.shape)}")
+    return B, C, H, N
+
+
+def _check(x, shift, state, v_first, wt: TimeMixWeights, mask) -> Tuple[int, int, int, int]:
+    """Validate a time-mix step's inputs; returns (B, C, H, N)."""
+    fn = "time_mix_one_token"
+    B, C, H, N = _check_token(fn, x, shift, state, v_first, mask, wt.value_residual, wt.r_k)
     A = H * N
     expected = {
         "mix": (len(MIX_ROWS), C), "W_r": (A, C), "W_k": (A, C), "W_v": (A, C), "W_o": (C, A),
         "w0": (A,), "a0": (A,), "k_k": (A,), "k_a": (A,), "ln_w": (A,), "ln_b": (A,),
     }
-    for name, shape in expected.items():
-        if tuple(getattr(wt, name).shape) != shape:
-            raise ValueError(f"time_mix_one_token: {name} must have shape {shape}, got {tuple(getattr(wt, name).shape)}")
-    pairs = [("w1", "w2"), ("a1", "a2"), ("g1", "g2")] + ([("v1", "v2")] if wt.value_residual else [])
-    for first, second in pairs:
-        f, s = getattr(wt, first), getattr(wt, second)
-        if f.dim() != 2 or s.dim() != 2 or f.shape[0] != C or s.shape != (f.shape[1], A):
-            raise ValueError(
-                f"time_mix_one_token: {first}, {second} must be [C, D] and [D, A] with C = {C}, A = {A}; got "
-                f"{tuple(f.shape)} and {tuple(s.shape)}"
-            )
-    if wt.value_residual and (wt.v2 is None or wt.v0 is None or tuple(wt.v0.shape) != (A,)):
-        raise ValueError("time_mix_one_token: value residual needs v0 [A], v1 [C, D_v] and v2 [D_v, A]")
-    if tuple(shift.shape) != (B, C):
-        raise ValueError(f"time_mix_one_token: shift must be [B, C] = {(B, C)}, got {tuple(shift.shape)}")
-    if state is not None and tuple(state.shape) != (B, H, N, N):
-        raise ValueError(f"time_mix_one_token: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
-    if wt.value_residual:
-        if v_first is None or tuple(v_first.shape) != (B, A):
-            got = None if v_first is None else tuple(v_first.shape)
-            raise ValueError(f"time_mix_one_token: a value-residual time-mix needs v_first [B, A] = {(B, A)}, got {got}")
-    if mask is not None and tuple(mask.shape) != (B,):
-        raise ValueError(f"time_mix_one_token: mask must be [B] = ({B},), got {tuple(mask.shape)}")
+    pairs = [("w1", "w2", A), ("a1", "a2", A), ("g1", "g2", A)] + ([("v1", "v2", A)] if wt.value_residual else [])
+    _check_weights(fn, wt, C, expected, pairs)
     return B, C, H, N
+
+
+def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask):
+    """The state heads from r, k, v, log w, alpha (and the value gate) [B, A]: value residual, key normalisation,
+    a and b, padding, the WKV step and the read-out. Returns (y [B, A], new state, v_first)."""
+    B = r.shape[0]
+    H, N = wt.r_k.shape
+    if value_gate is not None:
+        v = v + (v_first - v) * value_gate
+    else:
+        v_first = v
+    kk = F.normalize((k * wt.k_k).view(B, H, N), dim=-1, eps=1e-12).view(B, -1)
+    k = k * ((1 - wt.k_a) + alpha * wt.k_a)
+    a, b = -kk, kk * alpha
+    if mask is not None:
+        m = mask.to(r.dtype).unsqueeze(-1)
+        log_w, k, v, b = log_w * m, k * m, v * m, b * m
+    heads = (B, H, N)
+    y, new_state = wkv7_step(*(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, impl="torch")
+    y = group_norm_bonus_reference(y, r.view(heads), k.view(heads), v.view(heads), wt.r_k, wt.ln_w, wt.ln_b, wt.eps)
+    return y.reshape(B, -1), new_state, v_first
+
+
+def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tuple = ()) -> bool:
+    """True to run the C kernel, False for the reference; raises for impl="cpu" where the kernel cannot serve
+    (autograd needed by any of ``inputs`` or the weights; ``same_dtype`` tensors not of x's dtype and device;
+    not :func:`time_mix_kernel_fits`)."""
+    if impl not in TIME_MIX_IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {TIME_MIX_IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*inputs, *weights[:-1])
+    )  # (short-circuits in decoding, which runs without grad)
+    fits = not needs_grad and all(t.dtype == x.dtype and t.device == x.device for t in same_dtype)
+    fits = fits and time_mix_kernel_fits(x, weights)
+    if impl == "cpu" and not fits:
+        raise ValueError(
+            f"{fn}: impl='cpu' needs float32/float64 CPU tensors of one dtype, contiguous weights, no autograd and "
+            "the C kernel (see wuneng.ops.wkv7.cpu.cpu_kernel_error())"
+        )
+    return fits
 
 
 def time_mix_one_token_reference(x, shift, state, v_first, weights: TimeMixWeights, mask=None):
@@ -141,21 +197,9 @@ def time_mix_one_token_reference(x, shift, state, v_first, weights: TimeMixWeigh
     r, k, v = x_r @ wt.W_r.t(), x_k @ wt.W_k.t(), x_v @ wt.W_v.t()
     log_w = -_DECAY_SCALE * torch.sigmoid(wt.w0 + torch.tanh(x_w @ wt.w1) @ wt.w2)
     alpha = torch.sigmoid(wt.a0 + x_a @ wt.a1 @ wt.a2)
-    if wt.value_residual:
-        v = v + (v_first - v) * torch.sigmoid(wt.v0 + x_v @ wt.v1 @ wt.v2)
-    else:
-        v_first = v
-    g = torch.sigmoid(x_g @ wt.g1) @ wt.g2
-    kk = F.normalize((k * wt.k_k).view(B, H, N), dim=-1, eps=1e-12).view(B, -1)
-    k = k * ((1 - wt.k_a) + alpha * wt.k_a)
-    a, b = -kk, kk * alpha
-    if mask is not None:
-        m = mask.to(x.dtype).unsqueeze(-1)
-        log_w, k, v, b = log_w * m, k * m, v * m, b * m
-    heads = (B, H, N)
-    y, new_state = wkv7_step(*(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, impl="torch")
-    y = group_norm_bonus_reference(y, r.view(heads), k.view(heads), v.view(heads), wt.r_k, wt.ln_w, wt.ln_b, wt.eps)
-    out = (y.reshape(B, -1) * g) @ wt.W_o.t()
+    value_gate = torch.sigmoid(wt.v0 + x_v @ wt.v1 @ wt.v2) if wt.value_residual else None
+    y, new_state, v_first = _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask)
+    out = (y * (torch.sigmoid(x_g @ wt.g1) @ wt.g2)) @ wt.W_o.t()
     return out, x, new_state, v_first
 
 
@@ -210,23 +254,10 @@ def time_mix_one_token(
     Returns:
         (out [B, C], new shift [B, C], new state [B, H, N, N], v_first [B, A]).
     """
-    if impl not in TIME_MIX_IMPLS:
-        raise ValueError(f"time_mix_one_token: impl must be one of {TIME_MIX_IMPLS}, got {impl!r}")
     if shift is None:
         shift = torch.zeros_like(x)
-    if impl == "reference":
+    if not _kernel_chosen("time_mix_one_token", impl, x, weights, (x, shift, state, v_first)):
         return time_mix_one_token_reference(x, shift, state, v_first, weights, mask)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, shift, state, v_first, *weights[:-1])
-    )  # (short-circuits in decoding, which runs without grad)
-    fits = not needs_grad and time_mix_kernel_fits(x, weights)
-    if impl == "auto" and not fits:
-        return time_mix_one_token_reference(x, shift, state, v_first, weights, mask)
-    if not fits:
-        raise ValueError(
-            "time_mix_one_token: impl='cpu' needs float32/float64 CPU tensors of one dtype, contiguous weights, "
-            "no autograd and the C kernel (see wuneng.ops.wkv7.cpu.cpu_kernel_error())"
-        )
     wt = weights
     B, C, H, N = _check(x, shift, state, v_first, wt, mask)
     A = H * N
@@ -293,44 +324,26 @@ class HybridStateWeights(NamedTuple):
 
 
 def _check_hybrid(u, shift, state, v_first, q, k, v, wt: HybridStateWeights, mask) -> Tuple[int, int, int, int, int]:
-    """Validate shapes; returns (B, C, H, H_kv, N)."""
-    if u.dim() != 2:
-        raise ValueError(f"hybrid_state_one_token: u must be [B, C] (one token), got shape {tuple(u.shape)}")
-    B, C = u.shape
-    H, N = wt.r_k.shape
+    """Validate a hybrid state step's inputs; returns (B, C, H, H_kv, N)."""
+    fn = "hybrid_state_one_token"
+    B, C, H, N = _check_token(fn, u, shift, state, v_first, mask, wt.value_residual, wt.r_k)
     A = H * N
     if tuple(q.shape) != (B, A):
-        raise ValueError(f"hybrid_state_one_token: q must be [B, A] = {(B, A)}, got {tuple(q.shape)}")
+        raise ValueError(f"{fn}: q must be [B, A] = {(B, A)}, got {tuple(q.shape)}")
     if k.dim() != 2 or k.shape[0] != B or k.shape[1] % N or H % (k.shape[1] // N or 1) or k.shape != v.shape:
         raise ValueError(
-            f"hybrid_state_one_token: k, v must be [B, H_kv N] with H_kv dividing H = {H} (N = {N}), got "
-            f"{tuple(k.shape)} and {tuple(v.shape)}"
+            f"{fn}: k, v must be [B, H_kv N] with H_kv dividing H = {H} (N = {N}), got {tuple(k.shape)} and "
+            f"{tuple(v.shape)}"
         )
     rows = 3 if wt.value_residual else 2
-    for name, shape in {"mix": (rows, C), "w0": (A,), "a0": (A,), "k_k": (A,), "k_a": (A,), "ln_w": (A,), "ln_b": (A,)}.items():
-        if tuple(getattr(wt, name).shape) != shape:
-            raise ValueError(f"hybrid_state_one_token: {name} must have shape {shape}, got {tuple(getattr(wt, name).shape)}")
+    expected = {"mix": (rows, C), "w0": (A,), "a0": (A,), "k_k": (A,), "k_a": (A,), "ln_w": (A,), "ln_b": (A,)}
     pairs = [("w1", "w2", A), ("a1", "a2", A), ("R1", "R2", A)]
     pairs += [("v1", "v2", A)] if wt.value_residual else []
     pairs += [("G1", "G2", A)] if wt.G1 is not None else []
     pairs += [("P1", "P2", None)] if wt.P1 is not None else []
-    for first, second, width in pairs:
-        f, s = getattr(wt, first), getattr(wt, second)
-        if s is None or f.dim() != 2 or s.dim() != 2 or f.shape[0] != C or s.shape[0] != f.shape[1] or (width and s.shape[1] != width):
-            raise ValueError(
-                f"hybrid_state_one_token: {first}, {second} must be [C, D] and [D, {width or 'W'}] with C = {C}; got "
-                f"{tuple(f.shape)} and {None if s is None else tuple(s.shape)}"
-            )
+    _check_weights(fn, wt, C, expected, pairs)
     if wt.G1 is not None and (wt.gate_bias is None or tuple(wt.gate_bias.shape) != (A,)):
-        raise ValueError(f"hybrid_state_one_token: the gate needs gate_bias [A] = ({A},)")
-    if wt.value_residual and (v_first is None or tuple(v_first.shape) != (B, A)):
-        raise ValueError(f"hybrid_state_one_token: value residual needs v_first [B, A] = {(B, A)}")
-    if tuple(shift.shape) != (B, C):
-        raise ValueError(f"hybrid_state_one_token: shift must be [B, C] = {(B, C)}, got {tuple(shift.shape)}")
-    if state is not None and tuple(state.shape) != (B, H, N, N):
-        raise ValueError(f"hybrid_state_one_token: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
-    if mask is not None and tuple(mask.shape) != (B,):
-        raise ValueError(f"hybrid_state_one_token: mask must be [B] = ({B},), got {tuple(mask.shape)}")
+        raise ValueError(f"{fn}: the gate needs gate_bias [A] = ({A},)")
     return B, C, H, k.shape[1] // N, N
 
 
@@ -346,22 +359,11 @@ def hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights:
     v = v.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, -1)
     log_w = -_DECAY_SCALE * torch.sigmoid(wt.w0 + torch.tanh(x_w @ wt.w1) @ wt.w2)
     alpha = torch.sigmoid(wt.a0 + x_a @ wt.a1 @ wt.a2)
-    if wt.value_residual:
-        v = v + (v_first - v) * torch.sigmoid(wt.v0 + x_v[0] @ wt.v1 @ wt.v2)
-    else:
-        v_first = v
-    kk = F.normalize((k * wt.k_k).view(B, H, N), dim=-1, eps=1e-12).view(B, -1)
-    k = k * ((1 - wt.k_a) + alpha * wt.k_a)
-    a, b = -kk, kk * alpha
-    if mask is not None:
-        m = mask.to(u.dtype).unsqueeze(-1)
-        log_w, k, v, b = log_w * m, k * m, v * m, b * m
-    heads = (B, H, N)
-    y, new_state = wkv7_step(*(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, impl="torch")
-    y = group_norm_bonus_reference(y, r.view(heads), k.view(heads), v.view(heads), wt.r_k, wt.ln_w, wt.ln_b, wt.eps)
+    value_gate = torch.sigmoid(wt.v0 + x_v[0] @ wt.v1 @ wt.v2) if wt.value_residual else None
+    y, new_state, v_first = _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask)
     gamma = None if wt.G1 is None else torch.sigmoid(u @ wt.G1 @ wt.G2 + wt.gate_bias)
     middle = None if wt.P1 is None else torch.sigmoid(u @ wt.P1 @ wt.P2)
-    return y.reshape(B, -1), x, new_state, v_first, gamma, middle
+    return y, x, new_state, v_first, gamma, middle
 
 
 def hybrid_state_one_token(
@@ -395,24 +397,10 @@ def hybrid_state_one_token(
         (y [B, A] the state heads' output after the read-out, new shift [B, C], new state [B, H, N, N],
         v_first [B, A], gamma [B, A] or None, middle [B, W_m] or None).
     """
-    if impl not in TIME_MIX_IMPLS:
-        raise ValueError(f"hybrid_state_one_token: impl must be one of {TIME_MIX_IMPLS}, got {impl!r}")
     if shift is None:
         shift = torch.zeros_like(u)
-    if impl == "reference":
+    if not _kernel_chosen("hybrid_state_one_token", impl, u, weights, (u, shift, state, v_first, q, k, v), (q, k, v)):
         return hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights, mask)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, shift, state, v_first, q, k, v, *weights[:-1])
-    )
-    fits = not needs_grad and all(t.dtype == u.dtype and t.device == u.device for t in (q, k, v))
-    fits = fits and time_mix_kernel_fits(u, weights)
-    if impl == "auto" and not fits:
-        return hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights, mask)
-    if not fits:
-        raise ValueError(
-            "hybrid_state_one_token: impl='cpu' needs float32/float64 CPU tensors of one dtype, contiguous weights, "
-            "no autograd and the C kernel (see wuneng.ops.wkv7.cpu.cpu_kernel_error())"
-        )
     wt = weights
     B, C, H, H_kv, N = _check_hybrid(u, shift, state, v_first, q, k, v, wt, mask)
     A = H * N
