@@ -1,6 +1,8 @@
 """Helpers shared by test modules (importable as ``_helpers``: pytest puts tests/, the conftest's folder, on
 sys.path)."""
 
+from typing import Callable, Optional
+
 import torch
 
 
@@ -8,3 +10,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative error ||x - ref|| / ||ref|| (Frobenius norms), computed in float64 on CPU."""
     x, ref = x.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def perturb_(
+    module: torch.nn.Module,
+    scale: float = 0.2,
+    *,
+    only: Optional[Callable[[str], bool]] = None,
+    seed: Optional[int] = None,
+) -> torch.nn.Module:
+    """Add ``scale * N(0, 1)`` noise to the parameters whose name passes ``only`` (all when None), so that the
+    zero-initialised paths matter. Noise from a private generator seeded with ``seed``, else the global RNG.
+    Returns the module."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if only is None or only(name):
+            noise = torch.randn_like(p) if gen is None else torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.add_(scale * noise.to(p.device))
+    return module

@@ -15,6 +15,7 @@ from wuneng.cli import app
 from wuneng.grow import grow, grow_checkpoint, state_report
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+from _helpers import perturb_
 
 V, C, L, N = 64, 32, 2, 16  # C / N = 2 heads at the start; layer 1 uses layer 0's v_first
 
@@ -28,10 +29,7 @@ def trained_like(seed: int = 0, **kw) -> MetaStateForCausalLM:
     cfg = dict(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N)
     cfg.update(kw)
     model = MetaStateForCausalLM(MetaStateConfig(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
+    return perturb_(model, 0.2).eval()
 
 
 @pytest.mark.parametrize(

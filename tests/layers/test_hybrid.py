@@ -20,6 +20,7 @@ from wuneng.layers.hybrid import (
 )
 from transformers.cache_utils import DummyLayer, DynamicLayer
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
+from _helpers import perturb_
 
 C, H, HKV, D = 32, 2, 1, 16  # width, query heads, kv heads, head size
 
@@ -42,12 +43,9 @@ def make_mixer(seed=0, dtype=torch.float64, perturb=True, **kw):
     return m
 
 
-@torch.no_grad()
 def perturb_new_(module, scale=0.2):
     """Noise on every parameter that is not the teacher's attention, so that every path of the mixer matters."""
-    for name, p in module.named_parameters():
-        if not name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            p.add_(scale * torch.randn_like(p))
+    return perturb_(module, scale, only=lambda name: name.split(".")[0] not in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,15 +17,12 @@ from wuneng.layers.metastate import (
     sparse_route_scores,
 )
 from wuneng.layers.rwkv7 import ChannelMix, token_shift
-from _helpers import rel_err
+from _helpers import perturb_, rel_err
 
 
 def randomise_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
     """Perturb every parameter so that zero-initialised pieces (eta, W_o, V_P, LoRAs) take part."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
+    return perturb_(module, scale)
 
 
 # -- eta = 0: the channel-mix ------------------------------------------------------------------------------

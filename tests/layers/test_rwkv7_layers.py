@@ -8,18 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from wuneng.layers.rwkv7 import ChannelMix, TimeMix, lora_ranks
-from _helpers import rel_err
+from _helpers import perturb_, rel_err
 
 C, N, L = 32, 8, 3  # width, head size, layers of the tiny layers under test
 H = C // N
-
-
-def perturb_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
-    """Add noise to every parameter (the zero-initialised ones too), so that every path matters."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
 
 
 # -- initialisation (SPEC section 2), formulas written out independently of the layer code -------------------

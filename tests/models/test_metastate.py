@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from wuneng.cache import RecurrentStateCache
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+from _helpers import perturb_
 
 V, C, L, N = 64, 32, 2, 16
 
@@ -21,10 +22,7 @@ def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def randomise_(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """Perturb every parameter, so that eta, W_o, V_P and the LoRAs (zero at init) all take part."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model
+    return perturb_(model, scale)
 
 
 def tiny(**kw) -> MetaStateForCausalLM:

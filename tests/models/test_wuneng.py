@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from wuneng.models.wuneng import WuNengConfig, WuNengForCausalLM
+from _helpers import perturb_
 
 VOCAB = 97
 PAD = VOCAB - 1  # never sampled as a prompt token, so generate() never mistakes a token for padding
@@ -28,21 +29,14 @@ def tiny_teacher(arch: str = "qwen2", seed: int = 0, **overrides):
         common.setdefault("attention_bias", True)
         common.setdefault("rope_theta", 5000.0)
         teacher = LlamaForCausalLM(LlamaConfig(**common))
-    with torch.no_grad():  # non-trivial norms and biases, so that copying them matters
-        for name, p in teacher.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    # non-trivial norms and biases, so that copying them matters
+    perturb_(teacher, 0.1, only=lambda name: name.endswith(("norm.weight", ".bias")))
     return teacher.eval()
 
 
-@torch.no_grad()
 def perturb_new_(model, scale=0.1, seed=123):
     """Noise on every new parameter, so that the RWKV path changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    new = model.new_parameter_names()
-    for name, p in model.named_parameters():
-        if name in new:
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return perturb_(model, scale, only=model.new_parameter_names().__contains__, seed=seed)
 
 
 def prompts(batch=2, length=10, seed=7):

@@ -22,7 +22,7 @@ from wuneng.ops.wkv7.one_token import (
     time_mix_one_token,
     time_mix_one_token_reference,
 )
-from _helpers import rel_err
+from _helpers import perturb_, rel_err
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
 
@@ -101,10 +101,7 @@ def test_reference_and_kernel_equal_the_time_mix_layer(layer_idx):
     """The layer's tensor path (training and prefill) at T = 1 is the same function as the fused step."""
     torch.manual_seed(layer_idx)
     C, H, N, B = 48, 4, 16, 3
-    tm = TimeMix(C, H, N, layer_idx, 4).double()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    tm = perturb_(TimeMix(C, H, N, layer_idx, 4).double(), 0.2)
     x, shift, S, v_first = make_inputs(B, C, H, N, value_residual=tm.value_residual, seed=9)
     mask = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)
     vf3 = None if v_first is None else v_first.unsqueeze(1)
