@@ -19,6 +19,8 @@ from wuneng.layers.hybrid import (
     middle_head_indices,
 )
 from transformers.cache_utils import DummyLayer, DynamicLayer
+import wuneng.layers.hybrid as hybrid_mod
+from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
 from _helpers import perturb_
 
@@ -171,12 +173,13 @@ def test_hybrid_matches_float64_reference(kw):
 
 @pytest.mark.parametrize("value_residual", [False, True])
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}-sq{int(kw['state_query'])}")
-def test_inference_path_equals_autograd_path(kw, value_residual):
+def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     """Without autograd every low-rank map runs in one batched pair of matmuls (low_rank_bank); it must equal the
     per-map path used in training (float64, rel. error < 1e-12), for prefill with left padding and for the
     following decode steps through the cache (on CPU one C call for the state side,
     :func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`), outputs and cached states alike."""
     m = make_mixer(value_residual=value_residual, layer_idx=0, num_layers=2, **kw)
+    fused_calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
     torch.manual_seed(2)
     B, P, T = 2, 3, 6
     u = torch.randn(B, T + 2, C, dtype=torch.float64)
@@ -201,8 +204,36 @@ def test_inference_path_equals_autograd_path(kw, value_residual):
         ref = cache_g.get_state(0, name).detach()
         assert (cache_n.get_state(0, name) - ref).abs().max() <= 1e-12 * ref.abs().max(), name
     assert "low_rank_bank" in m.__dict__.get("_derived_weights", {})  # the inference path did run (prefill)
-    if cpu_kernel_available():  # and the decode steps took the fused one-token kernel
-        assert "one_token_mixes" in m.__dict__["_derived_weights"]
+    assert len(fused_calls) == (2 if cpu_kernel_available() else 0)  # and the two decode steps took the fused kernel
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends its keyword arguments to the returned list."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="C kernel unavailable")
+def test_fused_decoding_only_where_preferred(monkeypatch):
+    """Large low-rank weights with several threads keep the tensor path (the kernel runs on one core)."""
+    m = make_mixer(layer_idx=0, num_layers=1, value_residual=False)
+    calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
+    u, pe = torch.randn(1, 1, C, dtype=torch.float64), rope(1)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(2)
+            m(u, pe)
+            assert len(calls) == 1
+            monkeypatch.setattr(one_token_mod, "FUSED_WEIGHT_LIMIT", 0)
+            m(u, pe)
+            assert len(calls) == 1
+            torch.set_num_threads(1)
+            m(u, pe)
+            assert len(calls) == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_align_forward_views():

@@ -135,8 +135,8 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
         tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
     tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
     assert calls == [{"impl": "cpu"}]
-    # large projections with several threads: the BLAS's threads beat the single-threaded kernel
-    monkeypatch.setattr(one_token_mod, "FUSED_PROJECTION_LIMIT", 0)
+    # large weights with several threads: the BLAS's threads beat the single-threaded kernel
+    monkeypatch.setattr(one_token_mod, "FUSED_WEIGHT_LIMIT", 0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

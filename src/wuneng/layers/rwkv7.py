@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
-from ..ops.wkv7.one_token import TimeMixWeights, time_mix_kernel_fits, time_mix_kernel_preferred, time_mix_one_token
+from ..ops.wkv7.one_token import TimeMixWeights, one_token_kernel_fits, one_token_kernel_preferred, time_mix_one_token
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
@@ -444,14 +444,14 @@ class TimeMix(RWKV7StateHeads):
 
     def _one_token_fused(self, x, v_first, shift, wkv_state, mask):
         """The fused one-token path, or None where it does not apply (not CPU float32/64, no C kernel, or large
-        projections with several threads: :func:`~wuneng.ops.wkv7.one_token.time_mix_kernel_preferred`)."""
+        weights with several threads: :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
             return None  # the tensor path raises the precise error
         B = x.shape[0]
         weights = self.one_token_weights()
         vf = None if v_first is None or not self.value_residual else v_first.reshape(B, -1)
         m = None if mask is None else mask.reshape(B)
-        if not (time_mix_kernel_fits(x, weights) and time_mix_kernel_preferred(weights)):
+        if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights)):
             return None
         out, shift, wkv_state, vf = time_mix_one_token(x.reshape(B, -1), shift, wkv_state, vf, weights, m, impl="cpu")
         return out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state)

@@ -44,8 +44,8 @@ from .readout import group_norm_bonus_reference
 from .step import wkv7_step
 
 __all__ = [
-    "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "time_mix_kernel_fits", "time_mix_kernel_preferred",
-    "FUSED_PROJECTION_LIMIT", "TIME_MIX_IMPLS",
+    "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "one_token_kernel_fits", "one_token_kernel_preferred",
+    "FUSED_WEIGHT_LIMIT", "TIME_MIX_IMPLS",
     "MIX_ROWS", "HybridStateWeights", "hybrid_state_one_token", "hybrid_state_one_token_reference",
 ]
 
@@ -168,7 +168,7 @@ def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt
 def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tuple = ()) -> bool:
     """True to run the C kernel, False for the reference; raises for impl="cpu" where the kernel cannot serve
     (autograd needed by any of ``inputs`` or the weights; ``same_dtype`` tensors not of x's dtype and device;
-    not :func:`time_mix_kernel_fits`)."""
+    not :func:`one_token_kernel_fits`)."""
     if impl not in TIME_MIX_IMPLS:
         raise ValueError(f"{fn}: impl must be one of {TIME_MIX_IMPLS}, got {impl!r}")
     if impl == "reference":
@@ -177,7 +177,7 @@ def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tu
         t is not None and t.requires_grad for t in (*inputs, *weights[:-1])
     )  # (short-circuits in decoding, which runs without grad)
     fits = not needs_grad and all(t.dtype == x.dtype and t.device == x.device for t in same_dtype)
-    fits = fits and time_mix_kernel_fits(x, weights)
+    fits = fits and one_token_kernel_fits(x, weights)
     if impl == "cpu" and not fits:
         raise ValueError(
             f"{fn}: impl='cpu' needs float32/float64 CPU tensors of one dtype, contiguous weights, no autograd and "
@@ -203,7 +203,7 @@ def time_mix_one_token_reference(x, shift, state, v_first, weights: TimeMixWeigh
     return out, x, new_state, v_first
 
 
-def time_mix_kernel_fits(x: torch.Tensor, weights: TimeMixWeights) -> bool:
+def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
     """Whether ``impl="cpu"`` can serve x and these weights: float32/float64 CPU tensors of one dtype,
     contiguous weights, and the C library built (autograd aside)."""
     wt = weights
@@ -215,18 +215,20 @@ def time_mix_kernel_fits(x: torch.Tensor, weights: TimeMixWeights) -> bool:
     return _library() is not None
 
 
-#: Above this many projection parameters (W_r, W_k, W_v and W_o together; 2M is C = A ~ 720) the fused time-mix
-#: is preferred only with one torch thread: its matrix-vector products run on one core, while the BLAS spreads
-#: large ones over all cores. Below it the per-op cost that fusing removes outweighs that (measured at C 384 with
-#: 2 threads: 106 vs 85 tokens/s for the 20M ARWKV model of benchmarks/hybrid.py).
-FUSED_PROJECTION_LIMIT = 1 << 21
+#: Above this many weight parameters in one call (for a time-mix, its four projections and LoRAs: 2M is C = A
+#: ~ 700) the fused kernels are preferred only with one torch thread: they run on one core, while the BLAS spreads
+#: large products over all cores. Below it the per-op cost that fusing removes outweighs that (measured at C 384
+#: with 2 threads: 106 vs 85 tokens/s for the 20M ARWKV model of benchmarks/hybrid.py).
+FUSED_WEIGHT_LIMIT = 1 << 21
 
 
-def time_mix_kernel_preferred(weights: TimeMixWeights) -> bool:
-    """Whether a decoding step should take the fused kernel rather than tensor ops (see FUSED_PROJECTION_LIMIT)."""
+def one_token_kernel_preferred(weights) -> bool:
+    """Whether a decoding step should take a fused kernel (``weights``: :class:`TimeMixWeights` or
+    :class:`HybridStateWeights`) rather than tensor ops: with one torch thread, or at most FUSED_WEIGHT_LIMIT
+    weight parameters."""
     if torch.get_num_threads() == 1:
         return True
-    return sum(t.numel() for t in (weights.W_r, weights.W_k, weights.W_v, weights.W_o)) <= FUSED_PROJECTION_LIMIT
+    return sum(t.numel() for t in weights[:-1] if t is not None) <= FUSED_WEIGHT_LIMIT
 
 
 def time_mix_one_token(
