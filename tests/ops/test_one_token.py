@@ -134,7 +134,7 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
         tm(x, torch.randn(2, 1, 32))  # decoding: fused
         tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
     tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
-    assert calls == [{"impl": "cpu"}]
+    assert calls == [{"self_state_query": False, "impl": "cpu"}]
     # large weights with several threads: the BLAS's threads beat the single-threaded kernel
     monkeypatch.setattr(one_token_mod, "FUSED_WEIGHT_LIMIT", 0)
     threads = torch.get_num_threads()
@@ -230,3 +230,50 @@ def test_hybrid_bad_input_names_the_problem():
         hybrid_state_one_token(u, shift, S, None, q, k, v, wt)
     with pytest.raises(ValueError, match="gate needs gate_bias"):
         hybrid_state_one_token(u, shift, S, v_first, q, k, v, wt._replace(gate_bias=None))
+
+
+# -- Meta-State's self-state query ---------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("H", [2, 5], ids=["A=C", "grown A>C"])
+def test_self_state_query_kernel_matches_reference(H):
+    # C = 32 holds two blocks of N = 16: with H = 5 heads (a grown state) heads 2-4 reuse the blocks
+    C, N, B = 32, 16, 3
+    wt = make_weights(C, H, N, True, seed=H)
+    x, shift, S, v_first = make_inputs(B, C, H, N, seed=H + 1)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    ref = time_mix_one_token_reference(x, shift, S, v_first, wt, mask, self_state_query=True)
+    out = time_mix_one_token(x, shift, S, v_first, wt, mask, self_state_query=True, impl="cpu")
+    assert len(out) == len(ref) == 5 and out[4].shape == (B, H, N)
+    for name, got, want in zip(("out", "shift", "state", "v_first", "readout"), out, ref):
+        assert rel_err(got, want) <= 1e-12, name
+    with pytest.raises(ValueError, match="not a multiple"):
+        time_mix_one_token(x[:, :30], shift[:, :30], S, v_first, make_weights(30, H, N, True), self_state_query=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_heads", [2, 3])
+def test_meta_state_time_mix_decoding_equals_its_tensor_path(num_heads, monkeypatch):
+    from wuneng.layers.metastate import MetaStateTimeMix
+    import wuneng.layers.rwkv7 as rwkv7_layers
+
+    calls = []
+    real = rwkv7_layers.time_mix_one_token
+    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(num_heads)
+    C, N, B = 32, 16, 2
+    tm = perturb_(MetaStateTimeMix(C, num_heads, N, 1, 3).double(), 0.2)
+    x = torch.randn(B, 1, C, dtype=torch.float64)
+    v_first = torch.randn(B, 1, num_heads * N, dtype=torch.float64)
+    state = (torch.randn(B, C, dtype=torch.float64), 0.3 * torch.randn(B, num_heads, N, N, dtype=torch.float64))
+    results = []
+    with torch.no_grad():
+        for impl in ("auto", "chunked"):  # auto: the fused kernel; chunked: the tensor path
+            tm.wkv_impl = impl
+            results.append(tm(x, v_first, state))
+    assert calls == [{"self_state_query": True, "impl": "cpu"}]
+    (out, vf, (s, S), ro), (out_t, vf_t, (s_t, S_t), ro_t) = results
+    assert ro.shape == ro_t.shape == (B, 1, num_heads, N)
+    for got, want in ((out, out_t), (vf, vf_t), (s, s_t), (S, S_t), (ro, ro_t)):
+        assert rel_err(got, want) <= 1e-12

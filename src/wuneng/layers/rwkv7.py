@@ -442,9 +442,10 @@ class TimeMix(RWKV7StateHeads):
         return self.output(y * g), v_first, (x[:, -1], wkv_state)
 
 
-    def _one_token_fused(self, x, v_first, shift, wkv_state, mask):
-        """The fused one-token path, or None where it does not apply (not CPU float32/64, no C kernel, or large
-        weights with several threads: :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
+    def _one_token_fused(self, x, v_first, shift, wkv_state, mask, self_state_query: bool = False):
+        """The fused one-token path (out, v_first, (shift, wkv)[, self-state read-out [B, H, N]]), or None where it
+        does not apply (not CPU float32/64, no C kernel, or large weights with several threads:
+        :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
             return None  # the tensor path raises the precise error
         B = x.shape[0]
@@ -453,8 +454,12 @@ class TimeMix(RWKV7StateHeads):
         m = None if mask is None else mask.reshape(B)
         if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights)):
             return None
-        out, shift, wkv_state, vf = time_mix_one_token(x.reshape(B, -1), shift, wkv_state, vf, weights, m, impl="cpu")
-        return out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state)
+        if self_state_query and self.hidden_size % self.head_size:
+            return None
+        out, shift, wkv_state, vf, *readout = time_mix_one_token(
+            x.reshape(B, -1), shift, wkv_state, vf, weights, m, self_state_query=self_state_query, impl="cpu"
+        )
+        return (out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state), *readout)
 
 
 class ChannelMix(nn.Module):

@@ -129,7 +129,7 @@ def _library():
         ro_b.argtypes = [i64] * 4 + [ptr] * 15
         ro_b.restype = None
         tm = getattr(lib, f"time_mix_one_token_{suffix}")
-        tm.argtypes = [i64] * 9 + [ctypes.c_double] + [ptr] * 31
+        tm.argtypes = [i64] * 10 + [ctypes.c_double] + [ptr] * 32
         tm.restype = None
         hs = getattr(lib, f"hybrid_state_one_token_{suffix}")
         hs.argtypes = [i64] * 13 + [ctypes.c_double] + [ptr] * 37

@@ -130,10 +130,12 @@ def _check_token(fn: str, x, shift, state, v_first, mask, value_residual: bool, 
     return B, C, H, N
 
 
-def _check(x, shift, state, v_first, wt: TimeMixWeights, mask) -> Tuple[int, int, int, int]:
+def _check(x, shift, state, v_first, wt: TimeMixWeights, mask, self_state_query=False) -> Tuple[int, int, int, int]:
     """Validate a time-mix step's inputs; returns (B, C, H, N)."""
     fn = "time_mix_one_token"
     B, C, H, N = _check_token(fn, x, shift, state, v_first, mask, wt.value_residual, wt.r_k)
+    if self_state_query and C % N:
+        raise ValueError(f"{fn}: the self-state query reads blocks of N = {N} channels; C = {C} is not a multiple")
     A = H * N
     expected = {
         "mix": (len(MIX_ROWS), C), "W_r": (A, C), "W_k": (A, C), "W_v": (A, C), "W_o": (C, A),
@@ -144,9 +146,10 @@ def _check(x, shift, state, v_first, wt: TimeMixWeights, mask) -> Tuple[int, int
     return B, C, H, N
 
 
-def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask):
+def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask, extra_query=None):
     """The state heads from r, k, v, log w, alpha (and the value gate) [B, A]: value residual, key normalisation,
-    a and b, padding, the WKV step and the read-out. Returns (y [B, A], new state, v_first)."""
+    a and b, padding, the WKV step and the read-out. Returns (y [B, A], new state, v_first), and the raw
+    read-out S q [B, H, N] of ``extra_query`` [B, H, N] when given."""
     B = r.shape[0]
     H, N = wt.r_k.shape
     if value_gate is not None:
@@ -160,9 +163,11 @@ def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt
         m = mask.to(r.dtype).unsqueeze(-1)
         log_w, k, v, b = log_w * m, k * m, v * m, b * m
     heads = (B, H, N)
-    y, new_state = wkv7_step(*(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, impl="torch")
+    y, new_state, *extra = wkv7_step(
+        *(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, extra_query=extra_query, impl="torch"
+    )
     y = group_norm_bonus_reference(y, r.view(heads), k.view(heads), v.view(heads), wt.r_k, wt.ln_w, wt.ln_b, wt.eps)
-    return y.reshape(B, -1), new_state, v_first
+    return (y.reshape(B, -1), new_state, v_first, *extra)
 
 
 def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tuple = ()) -> bool:
@@ -186,10 +191,10 @@ def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tu
     return fits
 
 
-def time_mix_one_token_reference(x, shift, state, v_first, weights: TimeMixWeights, mask=None):
+def time_mix_one_token_reference(x, shift, state, v_first, weights: TimeMixWeights, mask=None, self_state_query=False):
     """The tensor-op form (differentiable, any dtype and device); arguments as :func:`time_mix_one_token`."""
     wt = weights
-    B, C, H, N = _check(x, shift, state, v_first, wt, mask)
+    B, C, H, N = _check(x, shift, state, v_first, wt, mask, self_state_query)
     if mask is not None:
         x = x * mask.to(x.dtype).unsqueeze(-1)
     xx = shift.to(x.dtype) - x
@@ -198,9 +203,15 @@ def time_mix_one_token_reference(x, shift, state, v_first, weights: TimeMixWeigh
     log_w = -_DECAY_SCALE * torch.sigmoid(wt.w0 + torch.tanh(x_w @ wt.w1) @ wt.w2)
     alpha = torch.sigmoid(wt.a0 + x_a @ wt.a1 @ wt.a2)
     value_gate = torch.sigmoid(wt.v0 + x_v @ wt.v1 @ wt.v2) if wt.value_residual else None
-    y, new_state, v_first = _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask)
+    query = None
+    if self_state_query:  # head h: the unit-norm block h mod (C / N) of x_k
+        blocks = F.normalize(x_k.view(B, C // N, N), dim=-1, eps=1e-12)
+        query = blocks[:, torch.arange(H, device=x.device) % (C // N)]
+    y, new_state, v_first, *readout = _state_heads_reference(
+        r, k, v, log_w, alpha, value_gate, v_first, state, wt, mask, query
+    )
     out = (y * (torch.sigmoid(x_g @ wt.g1) @ wt.g2)) @ wt.W_o.t()
-    return out, x, new_state, v_first
+    return (out, x, new_state, v_first, *readout)
 
 
 def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
@@ -239,6 +250,7 @@ def time_mix_one_token(
     weights: TimeMixWeights,
     mask: Optional[torch.Tensor] = None,
     *,
+    self_state_query: bool = False,
     impl: str = "auto",
 ):
     """One token through an RWKV-7 time-mix (see the module docstring for the equations).
@@ -250,18 +262,20 @@ def time_mix_one_token(
         v_first: [B, A] the first layer's values (value-residual time-mixes), else None.
         weights: :class:`TimeMixWeights`.
         mask: [B] 1 = token, 0 = padding (padding leaves the state unchanged), or None.
+        self_state_query: also read the new state with Meta-State's self-state query (head h: the unit-norm block
+            h mod (C / N) of x_k; C must be a multiple of N) and return that raw read-out S q [B, H, N].
         impl: "auto" (the C kernel for float32/float64 CPU tensors without autograd, else the reference),
             "cpu" or "reference".
 
     Returns:
-        (out [B, C], new shift [B, C], new state [B, H, N, N], v_first [B, A]).
+        (out [B, C], new shift [B, C], new state [B, H, N, N], v_first [B, A][, read-out [B, H, N]]).
     """
     if shift is None:
         shift = torch.zeros_like(x)
     if not _kernel_chosen("time_mix_one_token", impl, x, weights, (x, shift, state, v_first)):
-        return time_mix_one_token_reference(x, shift, state, v_first, weights, mask)
+        return time_mix_one_token_reference(x, shift, state, v_first, weights, mask, self_state_query)
     wt = weights
-    B, C, H, N = _check(x, shift, state, v_first, wt, mask)
+    B, C, H, N = _check(x, shift, state, v_first, wt, mask, self_state_query)
     A = H * N
     dw, da, dg = wt.w1.shape[1], wt.a1.shape[1], wt.g1.shape[1]
     dv = wt.v1.shape[1] if wt.value_residual else 0
@@ -273,15 +287,17 @@ def time_mix_one_token(
     out, shift_out = x.new_empty(B, C), x.new_empty(B, C)
     state_out = x.new_empty(B, H, N, N)
     v_out = None if wt.value_residual else x.new_empty(B, A)
-    work = x.new_empty(7 * B * C + 10 * B * A + B * (dw + da + dv + dg) + 2 * B * H)
+    readout = x.new_empty(B, H, N) if self_state_query else None
+    work = x.new_empty(7 * B * C + 11 * B * A + B * (dw + da + dv + dg) + 2 * B * H)
     fn = getattr(_library(), f"time_mix_one_token_{_SUFFIX[dt]}")
     fn(
-        B, C, H, N, dw, da, dv, dg, int(wt.value_residual), float(wt.eps),
+        B, C, H, N, dw, da, dv, dg, int(wt.value_residual), C // N if self_state_query else 0, float(wt.eps),
         *(_ptr(t) for t in (x, m, shift, state, v_in)),
         *(_ptr(t) for t in wt[:-1]),
-        *(_ptr(t) for t in (work, out, shift_out, state_out, v_out)),
+        *(_ptr(t) for t in (work, out, shift_out, state_out, v_out, readout)),
     )
-    return out, shift_out, state_out, (v_first if wt.value_residual else v_out)
+    result = (out, shift_out, state_out, v_first if wt.value_residual else v_out)
+    return result + ((readout,) if self_state_query else ())
 
 
 # -- the state side of a WuNeng hybrid mixer ---------------------------------------------------------------

@@ -20,9 +20,12 @@
  *     (masked: w = 1, k = v = b = 0)
  *     y    = WKV-7 step;  out = W_o ((GroupNorm(y) + bonus) g)
  *
- * `work` holds 7 B C + 10 B A + B (Dw + Da + Dv + Dg) + 2 B H reals. mask, v_first (first layer), state
- * (no state yet) and v_first_out (value-residual layers) may be NULL; v1, v2, v0 are read only with
- * value_residual. */
+ * With sse_blocks > 0 (Meta-State's Self-State Encoder, C = sse_blocks N) head h also reads its new state with
+ * q_h = x_k[block h mod sse_blocks] / |.| into readout_out [B][A] (S q_h, before any norm).
+ *
+ * `work` holds 7 B C + 11 B A + B (Dw + Da + Dv + Dg) + 2 B H reals. mask, v_first (first layer), state
+ * (no state yet), v_first_out (value-residual layers) and readout_out (no SSE) may be NULL; v1, v2, v0 are read
+ * only with value_residual. */
 
 /* y[b][o] = sum_i W[o][i] x[b][i]: nn.Linear's layout, four weight rows at a time against every batch row
  * (the rows stay in L1 while the batch reuses them), each dot product in 16 independent lanes (vectorised
@@ -92,7 +95,8 @@ static inline real NAME(sigmoid)(real z)
 
 /* The state heads from projected r, k, v [B][A] and the LoRA pre-activations (without their biases) wz
  * (decay), az (in-context rate) and, with value residual, vz (value gate): decay, value residual, key
- * normalisation, a and b, the mask, the WKV-7 step and the read-out into `ro` [B][A]. Overwrites k, v
+ * normalisation, a and b, the mask, the WKV-7 step and the read-out into `ro` [B][A] (and, with a second query
+ * q [B][A], the raw read-out S q into y2 [B][A]; both may be NULL). Overwrites k, v
  * (with the recurrence's k, v), wz (with w), az (with alpha), vz (with a = -kk); bb [B][A], y [B][A] and
  * stats [B H][2] are scratch. */
 static void NAME(state_heads_one_token)(int64_t B, int64_t H, int64_t N, int64_t value_residual, double eps,
@@ -100,7 +104,8 @@ static void NAME(state_heads_one_token)(int64_t B, int64_t H, int64_t N, int64_t
                                         real *vz, real *bb, real *y, real *stats, const real *v_first,
                                         real *v_first_out, const real *w0, const real *a0, const real *v0,
                                         const real *k_k, const real *k_a, const real *r_k, const real *ln_w,
-                                        const real *ln_b, const real *state, real *state_out, real *ro)
+                                        const real *ln_b, const real *state, real *state_out, real *ro,
+                                        const real *q, real *y2)
 {
     const int64_t A = H * N;
     const real decay_scale = (real)0.6065306597126334; /* e^{-1/2} */
@@ -145,7 +150,7 @@ static void NAME(state_heads_one_token)(int64_t B, int64_t H, int64_t N, int64_t
                 bb[b * A + i] *= m;
             }
     }
-    NAME(wkv7_one_token)(0, B * H, N, r, w, k, v, aa, bb, 0, state, y, 0, state_out);
+    NAME(wkv7_one_token)(0, B * H, N, r, w, k, v, aa, bb, q, state, y, y2, state_out);
     NAME(readout_forward)(0, B * H, H, N, y, r, k, v, r_k, ln_w, ln_b, eps, ro, stats);
 }
 
@@ -181,14 +186,15 @@ static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x
 }
 
 void NAME(time_mix_one_token)(int64_t B, int64_t C, int64_t H, int64_t N, int64_t Dw, int64_t Da, int64_t Dv,
-                              int64_t Dg, int64_t value_residual, double eps, const real *x, const real *mask,
+                              int64_t Dg, int64_t value_residual, int64_t sse_blocks, double eps, const real *x,
+                              const real *mask,
                               const real *shift, const real *state, const real *v_first, const real *mix,
                               const real *W_r, const real *W_k, const real *W_v, const real *W_o,
                               const real *w0, const real *w1, const real *w2, const real *a0, const real *a1,
                               const real *a2, const real *v0, const real *v1, const real *v2, const real *g1,
                               const real *g2, const real *k_k, const real *k_a, const real *r_k,
                               const real *ln_w, const real *ln_b, real *work, real *out, real *shift_out,
-                              real *state_out, real *v_first_out)
+                              real *state_out, real *v_first_out, real *readout_out)
 {
     const int64_t A = H * N, BC = B * C, BA = B * A;
     real *xm = work;              /* [6][B][C]: x_r, x_w, x_k, x_v, x_a, x_g */
@@ -197,6 +203,7 @@ void NAME(time_mix_one_token)(int64_t B, int64_t C, int64_t H, int64_t N, int64_
     real *aa = g + BA, *bb = aa + BA, *y = bb + BA, *yo = y + BA; /* [B][A] each */
     real *h = yo + BA;            /* LoRA hidden, [B][max(D)] */
     real *stats = h + B * (Dw + Da + Dv + Dg);    /* [B * H][2] */
+    real *q = stats + 2 * B * H;  /* [B][A] the self-state query (sse_blocks > 0) */
 
     NAME(token_mixes)(B, C, 6, x, mask, shift, mix, xin, xm);
     const real *x_r = xm, *x_w = xm + BC, *x_k = xm + 2 * BC, *x_v = xm + 3 * BC, *x_a = xm + 4 * BC;
@@ -209,8 +216,20 @@ void NAME(time_mix_one_token)(int64_t B, int64_t C, int64_t H, int64_t N, int64_
     NAME(lora)(B, C, Dg, A, x_g, g1, g2, 2, h, g);
     if (value_residual)
         NAME(lora)(B, C, Dv, A, x_v, v1, v2, 0, h, aa);
+    if (sse_blocks > 0) /* Meta-State: head h also reads S q_h, q_h = the unit block h mod sse_blocks of x_k */
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t hh = 0; hh < H; ++hh) {
+                const real *blk = x_k + b * C + (hh % sse_blocks) * N;
+                real *qh = q + b * A + hh * N;
+                real nrm = (real)sqrt((double)NAME(dot)(blk, blk, N));
+                if (nrm < (real)1e-12)
+                    nrm = (real)1e-12;
+                for (int64_t j = 0; j < N; ++j)
+                    qh[j] = blk[j] / nrm;
+            }
     NAME(state_heads_one_token)(B, H, N, value_residual, eps, mask, r, k, v, w, al, aa, bb, y, stats, v_first,
-                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, yo);
+                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, yo,
+                                sse_blocks > 0 ? q : 0, sse_blocks > 0 ? readout_out : 0);
     for (int64_t i = 0; i < BA; ++i)
         yo[i] *= g[i];
     NAME(linear)(B, C, A, W_o, yo, out);
@@ -274,6 +293,6 @@ void NAME(hybrid_state_one_token)(int64_t B, int64_t C, int64_t H, int64_t Hkv, 
             middle_out[i] = NAME(sigmoid)(middle_out[i]);
     }
     NAME(state_heads_one_token)(B, H, N, value_residual, eps, mask, r, ks, vs, w, al, aa, bb, y, stats, v_first,
-                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out);
+                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out, 0, 0);
     memcpy(shift_out, xin, (size_t)BC * sizeof(real));
 }
