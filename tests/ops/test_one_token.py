@@ -224,8 +224,9 @@ def test_hybrid_bad_input_names_the_problem():
     q, k, v = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"q must be \[B, A\]"):
         hybrid_state_one_token(u, shift, S, v_first, q[:, :-1], k, v, wt)
-    with pytest.raises(ValueError, match="H_kv dividing H"):
-        hybrid_state_one_token(u, shift, S, v_first, q, k[:, :8], v[:, :8], wt)
+    for width in (8, 0):  # part of a head; no head at all
+        with pytest.raises(ValueError, match="H_kv dividing H"):
+            hybrid_state_one_token(u, shift, S, v_first, q, k[:, :width], v[:, :width], wt)
     with pytest.raises(ValueError, match="value residual needs v_first"):
         hybrid_state_one_token(u, shift, S, None, q, k, v, wt)
     with pytest.raises(ValueError, match="gate needs gate_bias"):

@@ -218,7 +218,7 @@ def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
     """Whether ``impl="cpu"`` can serve x and these weights: float32/float64 CPU tensors of one dtype,
     contiguous weights, and the C library built (autograd aside)."""
     wt = weights
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX:
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX or x.numel() == 0:
         return False
     tensors = [t for t in wt[:-1] if t is not None]
     if any(t.dtype != x.dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
@@ -348,7 +348,8 @@ def _check_hybrid(u, shift, state, v_first, q, k, v, wt: HybridStateWeights, mas
     A = H * N
     if tuple(q.shape) != (B, A):
         raise ValueError(f"{fn}: q must be [B, A] = {(B, A)}, got {tuple(q.shape)}")
-    if k.dim() != 2 or k.shape[0] != B or k.shape[1] % N or H % (k.shape[1] // N or 1) or k.shape != v.shape:
+    H_kv = k.shape[1] // N if k.dim() == 2 else 0
+    if k.dim() != 2 or k.shape[0] != B or k.shape[1] != H_kv * N or H_kv == 0 or H % H_kv or k.shape != v.shape:
         raise ValueError(
             f"{fn}: k, v must be [B, H_kv N] with H_kv dividing H = {H} (N = {N}), got {tuple(k.shape)} and "
             f"{tuple(v.shape)}"
@@ -362,7 +363,7 @@ def _check_hybrid(u, shift, state, v_first, q, k, v, wt: HybridStateWeights, mas
     _check_weights(fn, wt, C, expected, pairs)
     if wt.G1 is not None and (wt.gate_bias is None or tuple(wt.gate_bias.shape) != (A,)):
         raise ValueError(f"{fn}: the gate needs gate_bias [A] = ({A},)")
-    return B, C, H, k.shape[1] // N, N
+    return B, C, H, H_kv, N
 
 
 def hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights: HybridStateWeights, mask=None):
