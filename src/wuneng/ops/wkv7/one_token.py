@@ -156,7 +156,7 @@ def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt
         v = v + (v_first - v) * value_gate
     else:
         v_first = v
-    kk = F.normalize((k * wt.k_k).view(B, H, N), dim=-1, eps=1e-12).view(B, -1)
+    kk = F.normalize((k * wt.k_k).view(B, H, N), dim=-1, eps=1e-12).view(B, H * N)
     k = k * ((1 - wt.k_a) + alpha * wt.k_a)
     a, b = -kk, kk * alpha
     if mask is not None:
@@ -167,7 +167,7 @@ def _state_heads_reference(r, k, v, log_w, alpha, value_gate, v_first, state, wt
         *(t.reshape(heads) for t in (r, log_w, k, v, a, b)), state, extra_query=extra_query, impl="torch"
     )
     y = group_norm_bonus_reference(y, r.view(heads), k.view(heads), v.view(heads), wt.r_k, wt.ln_w, wt.ln_b, wt.eps)
-    return (y.reshape(B, -1), new_state, v_first, *extra)
+    return (y.reshape(B, H * N), new_state, v_first, *extra)
 
 
 def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tuple = ()) -> bool:
@@ -374,8 +374,8 @@ def hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights:
     xx = shift.to(u.dtype) - x
     x_w, x_a, *x_v = (x + xx * mu for mu in wt.mix)
     r = q + u @ wt.R1 @ wt.R2
-    k = k.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, -1)
-    v = v.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, -1)
+    k = k.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, H * N)
+    v = v.view(B, H_kv, 1, N).expand(B, H_kv, H // H_kv, N).reshape(B, H * N)
     log_w = -_DECAY_SCALE * torch.sigmoid(wt.w0 + torch.tanh(x_w @ wt.w1) @ wt.w2)
     alpha = torch.sigmoid(wt.a0 + x_a @ wt.a1 @ wt.a2)
     value_gate = torch.sigmoid(wt.v0 + x_v[0] @ wt.v1 @ wt.v2) if wt.value_residual else None
