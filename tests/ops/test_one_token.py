@@ -19,6 +19,7 @@ from wuneng.ops.wkv7.one_token import (
     TimeMixWeights,
     hybrid_state_one_token,
     hybrid_state_one_token_reference,
+    one_token_kernel_preferred,
     time_mix_one_token,
     time_mix_one_token_reference,
 )
@@ -135,16 +136,24 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
         tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
     tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
     assert calls == [{"self_state_query": False, "impl": "cpu"}]
-    # large weights with several threads: the BLAS's threads beat the single-threaded kernel
-    monkeypatch.setattr(one_token_mod, "FUSED_WEIGHT_LIMIT", 0)
+    # more work than one core should take (FUSED_WORK_LIMIT): the tensor path
+    monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", 0)
+    with torch.no_grad():
+        tm(x, torch.randn(2, 1, 32))
+    assert len(calls) == 1
+
+
+def test_kernel_preference_counts_weights_batch_and_threads(monkeypatch):
+    wt = make_weights(32, 2, 16, True)
+    params = sum(t.numel() for t in wt[:-1] if t is not None)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        with torch.no_grad():
-            tm(x, torch.randn(2, 1, 32))
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", params * 4 * n)
+            assert one_token_kernel_preferred(wt, 4) and not one_token_kernel_preferred(wt, 5)
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == 1
 
 
 def test_reference_is_differentiable_and_auto_falls_back_under_autograd():

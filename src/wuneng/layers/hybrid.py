@@ -527,13 +527,13 @@ class HybridMixer(_VFirstMixin, Attention):
     def _state_one_token(self, u, q, k, v, v_first, token_mask, shift, wkv_state):
         """The state side for one token by one C call (:func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`),
         as (Y [B,1,H_q,d], wkv state, v_first [B,1,A], new shift [B,C], the fusion's low-rank outputs), or None
-        where the kernel cannot serve (not CPU float32/64, no C kernel) or is not preferred (large low-rank maps with
-        several threads, :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`). Tests hold it equal to the
-        tensor path."""
+        where the kernel cannot serve (not CPU float32/64, no C kernel) or is not preferred (too much work for one
+        core, :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`). Tests hold it equal to the tensor
+        path."""
         weights = self.one_token_weights()
         if self.state.value_residual and v_first is None:
             return None  # the tensor path raises the precise error
-        if not (one_token_kernel_fits(u, weights) and one_token_kernel_preferred(weights)):
+        if not (one_token_kernel_fits(u, weights) and one_token_kernel_preferred(weights, u.shape[0])):
             return None
         B = u.shape[0]
         vf = v_first.reshape(B, -1) if self.state.value_residual else None

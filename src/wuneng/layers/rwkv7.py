@@ -444,7 +444,7 @@ class TimeMix(RWKV7StateHeads):
 
     def _one_token_fused(self, x, v_first, shift, wkv_state, mask, self_state_query: bool = False):
         """The fused one-token path (out, v_first, (shift, wkv)[, self-state read-out [B, H, N]]), or None where it
-        does not apply (not CPU float32/64, no C kernel, or large weights with several threads:
+        does not apply (not CPU float32/64, no C kernel, or too much work for one core:
         :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
             return None  # the tensor path raises the precise error
@@ -452,7 +452,7 @@ class TimeMix(RWKV7StateHeads):
         weights = self.one_token_weights()
         vf = None if v_first is None or not self.value_residual else v_first.reshape(B, -1)
         m = None if mask is None else mask.reshape(B)
-        if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights)):
+        if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights, x.shape[0])):
             return None
         if self_state_query and self.hidden_size % self.head_size:
             return None

@@ -45,7 +45,7 @@ from .step import wkv7_step
 
 __all__ = [
     "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "one_token_kernel_fits", "one_token_kernel_preferred",
-    "FUSED_WEIGHT_LIMIT", "TIME_MIX_IMPLS",
+    "FUSED_WORK_LIMIT", "TIME_MIX_IMPLS",
     "MIX_ROWS", "HybridStateWeights", "hybrid_state_one_token", "hybrid_state_one_token_reference",
 ]
 
@@ -226,20 +226,20 @@ def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
     return _library() is not None
 
 
-#: Above this many weight parameters in one call (for a time-mix, its four projections and LoRAs: 2M is C = A
-#: ~ 700) the fused kernels are preferred only with one torch thread: they run on one core, while the BLAS spreads
-#: large products over all cores. Below it the per-op cost that fusing removes outweighs that (measured at C 384
-#: with 2 threads: 106 vs 85 tokens/s for the 20M ARWKV model of benchmarks/hybrid.py).
-FUSED_WEIGHT_LIMIT = 1 << 21
+#: The fused kernels run on one core with plain C loops; the tensor path's BLAS uses every thread and blocks
+#: large products better. A decoding step takes a kernel while (weight parameters in the call) x batch x torch
+#: threads <= FUSED_WORK_LIMIT. Measured on the 2-core development machine (TimeMix, fused / tensor time):
+#: 1 thread: C 384 B 64 (50M) 0.67, C 1024 B 16 (78M) 0.82, C 1024 B 64 (314M) 1.06; 2 threads: C 384 B 16
+#: (13M x 2) 0.89, C 1024 B 4 (20M x 2) 0.52, C 384 B 64 (50M x 2) 1.44, C 1024 B 16 (78M x 2) 1.12
+#: (benchmarks/README.md, WuNeng hybrid, session 5).
+FUSED_WORK_LIMIT = 1 << 26
 
 
-def one_token_kernel_preferred(weights) -> bool:
-    """Whether a decoding step should take a fused kernel (``weights``: :class:`TimeMixWeights` or
-    :class:`HybridStateWeights`) rather than tensor ops: with one torch thread, or at most FUSED_WEIGHT_LIMIT
-    weight parameters."""
-    if torch.get_num_threads() == 1:
-        return True
-    return sum(t.numel() for t in weights[:-1] if t is not None) <= FUSED_WEIGHT_LIMIT
+def one_token_kernel_preferred(weights, batch: int) -> bool:
+    """Whether a decoding step of ``batch`` sequences should take a fused kernel (``weights``:
+    :class:`TimeMixWeights` or :class:`HybridStateWeights`) rather than tensor ops (see FUSED_WORK_LIMIT)."""
+    params = sum(t.numel() for t in weights[:-1] if t is not None)
+    return params * batch * torch.get_num_threads() <= FUSED_WORK_LIMIT
 
 
 def time_mix_one_token(
