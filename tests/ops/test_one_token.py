@@ -144,6 +144,7 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
 
 
 def test_kernel_preference_counts_weights_batch_and_threads(monkeypatch):
+    """Fused while weights x batch x threads <= FUSED_WORK_LIMIT and batch <= FUSED_MAX_BATCH."""
     wt = make_weights(32, 2, 16, True)
     params = sum(t.numel() for t in wt[:-1] if t is not None)
     threads = torch.get_num_threads()
@@ -152,6 +153,9 @@ def test_kernel_preference_counts_weights_batch_and_threads(monkeypatch):
             torch.set_num_threads(n)
             monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", params * 4 * n)
             assert one_token_kernel_preferred(wt, 4) and not one_token_kernel_preferred(wt, 5)
+        monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", 1 << 62)
+        monkeypatch.setattr(one_token_mod, "FUSED_MAX_BATCH", 3)
+        assert one_token_kernel_preferred(wt, 3) and not one_token_kernel_preferred(wt, 4)
     finally:
         torch.set_num_threads(threads)
 

@@ -45,7 +45,7 @@ from .step import wkv7_step
 
 __all__ = [
     "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "one_token_kernel_fits", "one_token_kernel_preferred",
-    "FUSED_WORK_LIMIT", "TIME_MIX_IMPLS",
+    "FUSED_WORK_LIMIT", "FUSED_MAX_BATCH", "TIME_MIX_IMPLS",
     "MIX_ROWS", "HybridStateWeights", "hybrid_state_one_token", "hybrid_state_one_token_reference",
 ]
 
@@ -226,18 +226,21 @@ def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
     return _library() is not None
 
 
-#: The fused kernels run on one core with plain C loops; the tensor path's BLAS uses every thread and blocks
-#: large products better. A decoding step takes a kernel while (weight parameters in the call) x batch x torch
-#: threads <= FUSED_WORK_LIMIT. Measured on the 2-core development machine (TimeMix, fused / tensor time):
-#: 1 thread: C 384 B 64 (50M) 0.67, C 1024 B 16 (78M) 0.82, C 1024 B 64 (314M) 1.06; 2 threads: C 384 B 16
-#: (13M x 2) 0.89, C 1024 B 4 (20M x 2) 0.52, C 384 B 64 (50M x 2) 1.44, C 1024 B 16 (78M x 2) 1.12
-#: (benchmarks/README.md, WuNeng hybrid, session 5).
-FUSED_WORK_LIMIT = 1 << 26
+#: The fused kernels run on one core with plain C loops (matrix-vector products, four weight rows against one batch
+#: row at a time); the tensor path's BLAS uses every thread and blocks batched products far better. A decoding step
+#: takes a kernel while the batch is at most FUSED_MAX_BATCH and (weight parameters in the call) x batch x torch
+#: threads is at most FUSED_WORK_LIMIT. Chosen from `python benchmarks/one_token.py` on the 2-core development
+#: machine (TimeMix, fused / tensor time; benchmarks/README.md): 0.36-0.91 up to B 16 at C 384 and 1024 with 1 and
+#: 2 threads, 0.98-1.64 at B 64.
+FUSED_MAX_BATCH = 16
+FUSED_WORK_LIMIT = 1 << 27
 
 
 def one_token_kernel_preferred(weights, batch: int) -> bool:
     """Whether a decoding step of ``batch`` sequences should take a fused kernel (``weights``:
     :class:`TimeMixWeights` or :class:`HybridStateWeights`) rather than tensor ops (see FUSED_WORK_LIMIT)."""
+    if batch > FUSED_MAX_BATCH:
+        return False
     params = sum(t.numel() for t in weights[:-1] if t is not None)
     return params * batch * torch.get_num_threads() <= FUSED_WORK_LIMIT
 

@@ -1,0 +1,89 @@
+"""One decoding step of an RWKV-7 time-mix: the fused C kernel against the tensor ops, on CPU.
+
+For each width C (heads of 64, state width A = C), batch B and torch thread count, a perturbed ``TimeMix`` runs
+one token without autograd through
+
+    fused    wkv_impl="auto" with the preference rule lifted: one call of
+             wuneng.ops.wkv7.one_token.time_mix_one_token (single-threaded C)
+    tensor   wkv_impl="chunked": the layer's tensor ops (token mixes, low_rank_bank, projections through the
+             BLAS, wkv7_step, the read-out, the output projection)
+
+and the table gives the median time of each and fused / tensor, beside the work the preference rule counts
+(weight parameters x B x threads) and what the rule picks (fused while B <= ``FUSED_MAX_BATCH`` and the work is at
+most ``FUSED_WORK_LIMIT``). This is how the rule was chosen; the whole-model effect is in benchmarks/hybrid.py.
+
+    python benchmarks/one_token.py
+    python benchmarks/one_token.py --widths 384 --batches 1 8 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from wuneng.layers.rwkv7 import TimeMix
+from wuneng.ops.wkv7 import one_token
+from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
+
+
+def median_us(fn, steps: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=[384, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per case (median)")
+    args = parser.parse_args()
+    if not cpu_kernel_available():
+        raise SystemExit(f"the C kernel is unavailable: {cpu_kernel_error()}")
+    limit, max_batch = one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH
+    print(
+        f"torch {torch.__version__}; FUSED_WORK_LIMIT = {limit / 2**20:.0f}M, FUSED_MAX_BATCH = {max_batch}; "
+        f"median of {args.steps} steps"
+    )
+    print(f"{'threads':>7} {'C':>5} {'B':>4} {'work':>8} {'fused us':>9} {'tensor us':>10} {'fused/tensor':>13}  rule")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for width in args.widths:
+            torch.manual_seed(0)
+            mixer = TimeMix(width, width // 64, 64, 1, 3)
+            with torch.no_grad():
+                for p in mixer.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            params = sum(t.numel() for t in mixer.one_token_weights()[:-1] if t is not None)
+            for batch in args.batches:
+                x, v_first = torch.randn(batch, 1, width), torch.randn(batch, 1, width)
+                state = (torch.randn(batch, width), torch.randn(batch, width // 64, 64, 64))
+                times = {}
+                with torch.no_grad():
+                    for impl in ("auto", "chunked"):
+                        mixer.wkv_impl = impl
+                        # measure the kernel wherever it applies
+                        one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH = 1 << 62, 1 << 62
+                        try:
+                            times[impl] = median_us(lambda: mixer(x, v_first, state), args.steps)
+                        finally:
+                            one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH = limit, max_batch
+                work = params * batch * threads
+                pick = "fused" if work <= limit and batch <= max_batch else "tensor"
+                print(
+                    f"{threads:>7} {width:>5} {batch:>4} {work / 2**20:>7.0f}M {times['auto']:>9.0f} "
+                    f"{times['chunked']:>10.0f} {times['auto'] / times['chunked']:>13.2f}  {pick}"
+                )
+
+
+if __name__ == "__main__":
+    main()
