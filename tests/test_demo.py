@@ -89,3 +89,24 @@ def test_demo_fast_end_to_end(tmp_path):
         w, a = res["histories"][f"wuneng/{stage}"], res["histories"][f"arwkv/{stage}"]
         assert w[-1]["step"] == a[-1]["step"] == res["budget"][f"{stage}_steps"]
         assert w[-1]["tokens"] == a[-1]["tokens"] == res["tokens"][stage]
+
+
+def test_an_earlier_demo_run_is_refused_unless_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from wuneng.cli import app
+    from wuneng.demo import prepare_output_dir
+
+    out = tmp_path / "demo"
+    (out / "teacher" / "step_00000040").mkdir(parents=True)
+    (out / "report.md").write_text("old")
+    (out / "notes.txt").write_text("mine")  # not the demo's: never touched
+    result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)])
+    assert result.exit_code == 2 and "earlier demo run" in result.output and "--overwrite" in result.output
+    assert (out / "teacher" / "step_00000040").is_dir()  # nothing removed
+    with pytest.raises(FileExistsError, match=r"teacher, report\.md"):
+        prepare_output_dir(out, overwrite=False)
+    prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    prepare_output_dir(tmp_path / "new" / "demo", overwrite=False)  # a fresh folder is created
+    assert (tmp_path / "new" / "demo").is_dir()

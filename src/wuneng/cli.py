@@ -24,6 +24,7 @@ def demo_command(
     eval_per_category: int = typer.Option(None, help="Held-out problems per category."),
     seed: int = typer.Option(0, help="Seed of data, models and training."),
     threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run in --out (its stage runs, report, plots)."),
 ) -> None:
     """The embedded default job: train a small Qwen2 teacher on generated problems, convert it into a WuNeng and
     an ARWKV student, run align -> distill -> SFT for both, evaluate everything and write report.md with plots."""
@@ -37,10 +38,13 @@ def demo_command(
                   eval_per_category=eval_per_category)
     try:
         budget = replace(budget, **{k: v for k, v in chosen.items() if v is not None})
-        cfg = DemoConfig(budget=budget, output_dir=out, seed=seed, threads=threads)
+        cfg = DemoConfig(budget=budget, output_dir=out, seed=seed, threads=threads, overwrite=overwrite)
     except ValueError as e:
         raise typer.BadParameter(str(e))
-    run_demo(cfg, command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
+    try:  # an earlier run in --out is refused before any work (run_demo checks first), as a usage error
+        run_demo(cfg, command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
+    except FileExistsError as e:
+        raise typer.BadParameter(str(e), param_hint="--out")
 
 
 @app.command("bench-arch")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +108,8 @@ class DemoConfig:
     # 1 thread is several times faster than oversubscribed OpenMP threads.
     threads: Optional[int] = None
     progress: bool = True
+    # replace an earlier demo run in output_dir (only the entries the demo writes, DEMO_OUTPUTS); False: refuse
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 16:
@@ -502,6 +505,28 @@ def print_results(results: dict, console) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- run
+#: what a demo run writes into its output folder (stage runs, then the report and its companions)
+DEMO_OUTPUTS = ("teacher", "wuneng", "arwkv", "report.md", "results.json", "results.json.tmp", "losses.png", "accuracy.png")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Create ``out``; an earlier demo run there is refused (FileExistsError naming what is there) unless
+    ``overwrite``, which removes only the entries of :data:`DEMO_OUTPUTS` (nothing else in the folder)."""
+    existing = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} holds an earlier demo run ({', '.join(existing)}): pass --overwrite to replace it, or --out "
+            "another folder"
+        )
+    for name in existing:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wuneng demo") -> dict:
     """Run the whole demo; returns the results dict (also written to ``OUTPUT_DIR/results.json``)."""
     from rich.console import Console
@@ -516,7 +541,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         torch.set_num_threads(cfg.threads)
     b = cfg.budget
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, cfg.overwrite)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
