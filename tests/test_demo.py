@@ -90,8 +90,15 @@ def test_demo_fast_end_to_end(tmp_path):
         assert w[-1]["step"] == a[-1]["step"] == res["budget"][f"{stage}_steps"]
         assert w[-1]["tokens"] == a[-1]["tokens"] == res["tokens"][stage]
 
+    # the same command again (here with a tiny budget) replaces the earlier run instead of failing on its checkpoints
+    tiny = ["--teacher-steps", "2", "--align-steps", "1", "--distill-steps", "1", "--sft-steps", "1", "--eval-per-category", "1"]
+    again = CliRunner().invoke(app, ["demo", "--fast", "--threads", "1", "--out", str(out), *tiny])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert "replacing the earlier demo run" in again.output
+    assert json.loads((out / "results.json").read_text())["budget"]["teacher_steps"] == 2
 
-def test_an_earlier_demo_run_is_refused_unless_overwrite(tmp_path):
+
+def test_an_earlier_demo_run_is_replaced_or_with_no_overwrite_refused(tmp_path):
     from typer.testing import CliRunner
 
     from wuneng.cli import app
@@ -101,12 +108,12 @@ def test_an_earlier_demo_run_is_refused_unless_overwrite(tmp_path):
     (out / "teacher" / "step_00000040").mkdir(parents=True)
     (out / "report.md").write_text("old")
     (out / "notes.txt").write_text("mine")  # not the demo's: never touched
-    result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)])
-    assert result.exit_code == 2 and "earlier demo run" in result.output and "--overwrite" in result.output
+    result = CliRunner().invoke(app, ["demo", "--fast", "--no-overwrite", "--out", str(out)])
+    assert result.exit_code == 2 and "earlier demo run" in result.output and "--no-overwrite" in result.output
     assert (out / "teacher" / "step_00000040").is_dir()  # nothing removed
     with pytest.raises(FileExistsError, match=r"teacher, report\.md"):
         prepare_output_dir(out, overwrite=False)
-    prepare_output_dir(out, overwrite=True)
+    prepare_output_dir(out, overwrite=True)  # the default: the demo's own entries go, nothing else
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     prepare_output_dir(tmp_path / "new" / "demo", overwrite=False)  # a fresh folder is created
     assert (tmp_path / "new" / "demo").is_dir()

@@ -24,7 +24,7 @@ def demo_command(
     eval_per_category: int = typer.Option(None, help="Held-out problems per category."),
     seed: int = typer.Option(0, help="Seed of data, models and training."),
     threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run in --out (its stage runs, report, plots)."),
+    overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite", help="Replace an earlier demo run in --out (only the demo's own stage runs, report and plots), or refuse it."),
 ) -> None:
     """The embedded default job: train a small Qwen2 teacher on generated problems, convert it into a WuNeng and
     an ARWKV student, run align -> distill -> SFT for both, evaluate everything and write report.md with plots."""

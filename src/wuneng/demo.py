@@ -108,8 +108,9 @@ class DemoConfig:
     # 1 thread is several times faster than oversubscribed OpenMP threads.
     threads: Optional[int] = None
     progress: bool = True
-    # replace an earlier demo run in output_dir (only the entries the demo writes, DEMO_OUTPUTS); False: refuse
-    overwrite: bool = False
+    # an earlier demo run in output_dir is replaced (only the entries the demo writes, DEMO_OUTPUTS: its output is
+    # regenerated from the same command); False: refuse it, so that nothing is replaced by accident
+    overwrite: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 16:
@@ -515,8 +516,8 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     existing = [name for name in DEMO_OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{out} holds an earlier demo run ({', '.join(existing)}): pass --overwrite to replace it, or --out "
-            "another folder"
+            f"{out} holds an earlier demo run ({', '.join(existing)}): drop --no-overwrite to replace it, or pass "
+            "--out another folder"
         )
     for name in existing:
         path = out / name
@@ -541,7 +542,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         torch.set_num_threads(cfg.threads)
     b = cfg.budget
     out = Path(cfg.output_dir)
+    replaced = [name for name in DEMO_OUTPUTS if (out / name).exists()]
     prepare_output_dir(out, cfg.overwrite)
+    if replaced:
+        console.print(f"replacing the earlier demo run in {out} ({', '.join(replaced)})")
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
