@@ -291,3 +291,30 @@ def test_meta_state_time_mix_decoding_equals_its_tensor_path(num_heads, monkeypa
     assert ro.shape == ro_t.shape == (B, 1, num_heads, N)
     for got, want in ((out, out_t), (vf, vf_t), (s, s_t), (S, S_t), (ro, ro_t)):
         assert rel_err(got, want) <= 1e-12
+
+
+def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
+    """WUNENG_CPU_KERNEL=0 (or no compiler): TimeMix and HybridMixer decode through their tensor paths, and
+    impl='cpu' says why it cannot run."""
+    from wuneng.layers.hybrid import HybridMixer
+    from wuneng.ops.wkv7 import cpu as cpu_mod
+
+    torch.manual_seed(0)
+    tm = perturb_(TimeMix(32, 2, 16, 0, 2).double(), 0.2)
+    hm = perturb_(HybridMixer(32, 2, 1, 16, 0, 2, middle_heads=1).double(), 0.2)
+    x = torch.randn(2, 1, 32, dtype=torch.float64)
+    pe = (torch.ones(2, 1, 16, dtype=torch.float64), torch.zeros(2, 1, 16, dtype=torch.float64))
+    with torch.no_grad():
+        want_tm, want_hm = tm(x)[0], hm(x, pe)[0]
+    monkeypatch.setenv("WUNENG_CPU_KERNEL", "0")
+    cpu_mod._library.cache_clear()
+    try:
+        with torch.no_grad():
+            assert rel_err(tm(x)[0], want_tm) <= 1e-12 and rel_err(hm(x, pe)[0], want_hm) <= 1e-12
+        wt = make_weights(32, 2, 16, False)
+        x2, shift, S, _ = make_inputs(2, 32, 2, 16, value_residual=False)
+        with pytest.raises(ValueError, match="impl='cpu' needs"):
+            time_mix_one_token(x2, shift, S, None, wt, impl="cpu")
+    finally:
+        monkeypatch.delenv("WUNENG_CPU_KERNEL")
+        cpu_mod._library.cache_clear()
