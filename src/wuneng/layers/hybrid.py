@@ -530,12 +530,12 @@ class HybridMixer(_VFirstMixin, Attention):
         where the kernel cannot serve (not CPU float32/64, no C kernel) or is not preferred (too much work for one
         core, :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`). Tests hold it equal to the tensor
         path."""
-        weights = self.one_token_weights()
         if self.state.value_residual and v_first is None:
             return None  # the tensor path raises the precise error
-        if not (one_token_kernel_fits(u, weights) and one_token_kernel_preferred(weights, u.shape[0])):
-            return None
         B = u.shape[0]
+        weights = self.one_token_weights()
+        if not (one_token_kernel_fits(u, weights) and one_token_kernel_preferred(weights, B)):
+            return None
         vf = v_first.reshape(B, -1) if self.state.value_residual else None
         m = None if token_mask is None else token_mask.reshape(B)
         y, last, wkv_state, vf, gamma, middle = hybrid_state_one_token(

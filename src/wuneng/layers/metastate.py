@@ -115,11 +115,10 @@ class MetaStateTimeMix(TimeMix):
         (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`), as :class:`TimeMix` does.
         """
         shift, wkv_state = (None, None) if state is None else state
-        if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.wkv_impl in ("auto", "cpu"):
-            fused = self._one_token_fused(x, v_first, shift, wkv_state, mask, self_state_query=self.state_readout)
-            if fused is not None:  # decoding on CPU: one C call, the SSE read-out included
-                out, v_first, new_state, *readout = fused
-                return out, v_first, new_state, (readout[0].unsqueeze(1) if readout else None)
+        fused = self._one_token_fused(x, v_first, shift, wkv_state, mask, self_state_query=self.state_readout)
+        if fused is not None:  # decoding on CPU: one C call, the SSE read-out included
+            out, v_first, new_state, *readout = fused
+            return out, v_first, new_state, (readout[0].unsqueeze(1) if readout else None)
         x, xx, x_key, r, k, v, g, state_inputs = self.project(x, shift, mask)  # x_key = x_k^tm, the SSE query's source
         log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, **state_inputs)
         readout = None

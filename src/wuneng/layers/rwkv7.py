@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import wkv7, wkv7_step
-from ..ops.wkv7.readout import group_norm_bonus
 from ..ops.wkv7.one_token import TimeMixWeights, one_token_kernel_fits, one_token_kernel_preferred, time_mix_one_token
+from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
 # exp(-0.5): the decay is w = exp(-e^{-1/2} * sigmoid(z)), bounded below by exp(-e^{-1/2}) ~ 0.5452.
@@ -433,29 +433,30 @@ class TimeMix(RWKV7StateHeads):
         tensor path below.
         """
         shift, wkv_state = (None, None) if state is None else state
-        if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.wkv_impl in ("auto", "cpu"):
-            fused = self._one_token_fused(x, v_first, shift, wkv_state, mask)
-            if fused is not None:
-                return fused
+        fused = self._one_token_fused(x, v_first, shift, wkv_state, mask)
+        if fused is not None:
+            return fused
         x, xx, _, r, k, v, g, state_inputs = self.project(x, shift, mask)
         y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask, **state_inputs)
         return self.output(y * g), v_first, (x[:, -1], wkv_state)
 
-
     def _one_token_fused(self, x, v_first, shift, wkv_state, mask, self_state_query: bool = False):
-        """The fused one-token path (out, v_first, (shift, wkv)[, self-state read-out [B, H, N]]), or None where it
-        does not apply (not CPU float32/64, no C kernel, or too much work for one core:
-        :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
+        """The fused path for one token without autograd (out, v_first, (shift, wkv)[, self-state read-out
+        [B, H, N]]), or None where it does not apply: several tokens, autograd, ``wkv_impl`` not "auto"/"cpu", not
+        CPU float32/64, no C kernel, or too much work for one core
+        (:func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
+        if x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled() or self.wkv_impl not in ("auto", "cpu"):
+            return None
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
             return None  # the tensor path raises the precise error
-        B = x.shape[0]
-        weights = self.one_token_weights()
-        vf = None if v_first is None or not self.value_residual else v_first.reshape(B, -1)
-        m = None if mask is None else mask.reshape(B)
-        if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights, x.shape[0])):
-            return None
         if self_state_query and self.hidden_size % self.head_size:
             return None
+        B = x.shape[0]
+        weights = self.one_token_weights()
+        if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights, B)):
+            return None
+        vf = v_first.reshape(B, -1) if self.value_residual else None
+        m = None if mask is None else mask.reshape(B)
         out, shift, wkv_state, vf, *readout = time_mix_one_token(
             x.reshape(B, -1), shift, wkv_state, vf, weights, m, self_state_query=self_state_query, impl="cpu"
         )
