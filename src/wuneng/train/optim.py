@@ -1,7 +1,11 @@
 """AdamW parameter groups and learning-rate schedules (SPEC section 5, RWKV-LM conventions).
 
-Groups: ``decay`` (trainable tensors with ndim >= 2: weight decay), ``no_decay`` (ndim < 2: norms,
-biases, vectors), ``w0`` (names ending in ``w0``: RWKV-7 decay biases, ``w0_lr_scale`` x lr, no decay).
+Groups, by RWKV-LM's rule (``configure_optimizers`` of RWKV-v7): ``decay`` (the ``.weight`` matrices of
+Linear/Embedding-like layers: the name's last part is ``weight`` and the tensor has at least two dimensions
+of size > 1), ``no_decay`` (everything else: norms, biases, token-shift mixes, LoRA factors ``w1``/``a1``/
+``receptance_lora_a``..., ``r_k``, WuNeng's per-channel fusion tables ``gate_bias``/``gate_scale``/
+``fusion_beta`` stored as [H, d] matrices, Meta-State's parameter tokens), ``w0`` (names ending in ``w0``:
+RWKV-7 decay biases, ``w0_lr_scale`` x lr, no decay).
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ from torch import nn
 
 from .config import OptimConfig
 
-__all__ = ["param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
+__all__ = ["is_decayed", "param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
+
+
+def is_decayed(name: str, p: torch.Tensor) -> bool:
+    """RWKV-LM's weight-decay rule: a ``.weight`` tensor with >= 2 dimensions of size > 1 (a 1 x C "matrix" is a
+    vector). Low-rank factors and per-channel tables are not named ``weight`` and are not decayed."""
+    return name.rsplit(".", 1)[-1] == "weight" and p.squeeze().ndim >= 2
 
 
 def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list[dict]:
@@ -30,7 +40,7 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: Opti
         seen.add(id(p))
         if name.endswith("w0"):
             buckets["w0"].append(p)
-        elif p.ndim >= 2:
+        elif is_decayed(name, p):
             buckets["decay"].append(p)
         else:
             buckets["no_decay"].append(p)
