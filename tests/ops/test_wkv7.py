@@ -84,6 +84,37 @@ def test_chunked_decay_extremes(decay, chunk_size):
     assert rel_err(s, s_ref) <= 1e-5, rel_err(s, s_ref)
 
 
+@pytest.mark.parametrize("decay", ["w=0.5452", "w-to-1"])
+@pytest.mark.parametrize("chunk_size", [16, 64, 128, 256], ids=lambda c: f"chunk{c}")
+def test_chunked_outlier_channels_at_any_chunk_length(chunk_size, decay):
+    """SPEC section 1: any chunk length is safe. r and k carry an outlier channel of +-400 (real query/key
+    activations do), the extra query one of 300; decays at the lower bound (every log w = -0.6065, the largest
+    in-chunk factors) or near 1. At chunk 128 the non-causal intra-chunk products overflowed float32 and the
+    causal mask turned them into NaN (inf * 0). Float32 chunked against the float64 oracle: values <= 1e-5,
+    gradients of every input <= 1e-4 (measured 2e-7 .. 3e-6)."""
+    B, T, H, N = 1, 260, 2, 16  # T covers two chunks of 128 and a padded tail
+    seq, s0, q = make_inputs(B, T, H, N, seed=21, extra=True)
+    seq["log_w"] = torch.full_like(seq["log_w"], LOG_W_MIN if decay == "w=0.5452" else 1e-4 * LOG_W_MIN)
+    g = torch.Generator().manual_seed(22)
+    for name in ("r", "k"):
+        seq[name][..., 3] = 400.0 * torch.randn(B, T, H, generator=g, dtype=torch.float64).sign()
+    q[..., 5] = 300.0
+    cot = [torch.randn(B, T, H, N, generator=g, dtype=torch.float64), torch.randn(B, H, N, N, generator=g, dtype=torch.float64)]
+    cot.append(torch.randn(B, T, H, N, generator=g, dtype=torch.float64))
+    ref_grads, ref_out = _grads(wkv7_reference, seq, s0, q, cot)
+
+    def chunked(*args, extra_query=None):
+        return wkv7_chunked(*args, extra_query=extra_query, chunk_size=chunk_size)
+
+    grads, out = _grads(chunked, {n: t.float() for n, t in seq.items()}, s0.float(), q.float(), cot)
+    for name, o, o_ref in zip(("y", "final_state", "y_extra"), out, ref_out):
+        assert torch.isfinite(o).all(), name
+        assert rel_err(o, o_ref) <= 1e-5, (name, rel_err(o, o_ref))
+    for name, ref in ref_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert rel_err(grads[name], ref) <= 1e-4, (name, rel_err(grads[name], ref))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("decay", list(DECAYS.values()), ids=list(DECAYS))
 def test_chunked_long_sequence_T4096(decay):
