@@ -188,12 +188,26 @@ def _progress(enabled: bool, total: int, completed: int, stage: str):
     return progress, task
 
 
-def _mixed_precision(choice: str) -> str:
+def _mixed_precision(choice: Any) -> str:
+    """accelerate's ``mixed_precision`` for the config's value (any spelling :func:`parse_mixed_precision` takes):
+    "auto" -> "bf16" on a CUDA device with bf16, else "no". "fp16" without CUDA is refused: accelerate runs fp16
+    autocast and loss scaling only on GPUs/accelerators and would silently train in float32 on the CPU."""
+    import logging
+
+    from .config import ConfigError, parse_mixed_precision
+
+    choice = parse_mixed_precision(choice)
+    cuda = torch.cuda.is_available()
+    if choice == "fp16" and not cuda:
+        raise ConfigError(
+            "config.mixed_precision: 'fp16' cannot act on the CPU (accelerate applies fp16 autocast and loss scaling "
+            "only on a GPU, and would train in float32); use bf16 (CPU autocast) or no"
+        )
     if choice != "auto":
         return choice
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    resolved = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    logging.getLogger(__name__).info("mixed_precision auto -> %s", resolved)
+    return resolved
 
 
 # ------------------------------------------------------------------------------------ train
@@ -361,20 +375,27 @@ def train(
                 start = first + a * world * rows_per_micro + rank * rows_per_micro
                 b = dataset.batch(sampler.rows(start, rows_per_micro))
                 batches.append({k: v.to(accelerator.device) for k, v in b.items()})
+            # Terms with their own normaliser (the distillation CE over labels): global counts, then scales.
+            term_counts = [unwrapped.term_counts(b) for b in batches]
+            term_names = sorted(term_counts[0])
             counts = torch.stack(
                 [
                     sum(unwrapped.count_tokens(b) for b in batches).to(torch.float64),
                     sum(b["attention_mask"].sum() for b in batches).to(torch.float64),
+                    *[sum(c[name] for c in term_counts).to(torch.float64) for name in term_names],
                 ]
             ).to(accelerator.device)
             counts = accelerator.reduce(counts, reduction="sum")
             n_global, input_tokens = max(float(counts[0]), 1.0), int(counts[1])
+            forward_kwargs = {}
+            if term_names:
+                forward_kwargs["term_scales"] = {n: n_global / max(float(c), 1.0) for n, c in zip(term_names, counts[2:])}
 
             sums: dict[str, torch.Tensor] = {}
             for a, b in enumerate(batches):
                 sync = contextlib.nullcontext() if a == len(batches) - 1 else accelerator.no_sync(model_p)
                 with sync:
-                    out = model_p(b)
+                    out = model_p(b, **forward_kwargs)
                     # DDP averages gradients over processes: scale by world so the result is sum / n_global.
                     accelerator.backward(out["loss_sum"] * (world / n_global))
                 for k, v in out.items():

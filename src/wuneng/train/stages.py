@@ -7,7 +7,10 @@ wrappers (DDP/FSDP) see one module whose ``forward(batch)`` returns *sums over t
 
 and ``count_tokens(batch)`` gives the number of tokens those sums run over. The loop divides by the
 token count of the whole optimiser step (all micro-batches, all processes), so the gradient is the
-exact token mean of the global batch however it is split.
+exact token mean of the global batch however it is split. A term averaged over *other* tokens (the
+distillation CE over labels, the KL over input tokens) names its count in ``term_counts(batch)``; the
+loop then passes ``term_scales={term: n_tokens / n_term}`` (global counts of the step) to ``forward``,
+which multiplies that term's sum by it, so the term ends up divided by its own global count.
 
 - :class:`CausalLMObjective` (pretrain, sft): next-token cross-entropy on positions whose label is
   not -100 (sft data masks prompts).
@@ -136,6 +139,11 @@ class Objective(nn.Module):
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def term_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{term: count}`` for terms normalised by their own count instead of :meth:`count_tokens` (default
+        none); ``forward`` then takes ``term_scales`` (see the module docstring)."""
+        return {}
+
     def unused_names(self) -> set[str]:
         """Parameters the student declares unused by its forward (``unused_parameter_names()``, e.g. the
         value-residual LoRA of the layer that produces v_first): kept frozen, so that DDP needs no
@@ -163,7 +171,9 @@ class CausalLMObjective(Objective):
 
 
 class DistillObjective(Objective):
-    """Stage 2: ``kl_weight * KL + ce_weight * CE``, both summed over the real tokens of the batch."""
+    """Stage 2: ``kl_weight * KL + ce_weight * CE``: the KL is a mean over the real (attention-mask) tokens, the
+    CE a mean over the labels that are not -100 (next-token targets: one fewer per row, none on masked
+    prompts), each over its own count of the whole optimiser step."""
 
     def __init__(
         self,
@@ -198,7 +208,13 @@ class DistillObjective(Objective):
     def count_tokens(self, batch):
         return batch["attention_mask"].sum()
 
-    def forward(self, batch):
+    def term_counts(self, batch):
+        return {"ce": (batch["labels"][:, 1:] != IGNORE_INDEX).sum()} if self.ce_weight else {}
+
+    def forward(self, batch, term_scales: Optional[dict[str, float]] = None):
+        """Sums over the batch (see the module docstring). ``term_scales["ce"]`` = tokens / labels of the whole
+        optimiser step (the loop's); without it, this batch's own ratio: ``loss_sum / count_tokens(batch)`` is
+        then the KL's token mean plus ``ce_weight`` x the CE's label mean of this batch."""
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -209,7 +225,12 @@ class DistillObjective(Objective):
         loss = self.kl_weight * kl
         metrics = {"kl": kl.detach()}
         if self.ce_weight:
-            ce, _ = shifted_cross_entropy_sum(student_logits, batch["labels"])
+            ce, n_labels = shifted_cross_entropy_sum(student_logits, batch["labels"])
+            if term_scales is None:
+                scale = self.count_tokens(batch).to(ce.dtype) / n_labels.clamp_min(1).to(ce.dtype)
+            else:
+                scale = term_scales["ce"]
+            ce = ce * scale  # divided by the token count later: the CE's mean over its labels
             loss = loss + self.ce_weight * ce
             metrics["ce"] = ce.detach()
         return {"loss_sum": loss, **metrics}
