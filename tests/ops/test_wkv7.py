@@ -393,6 +393,32 @@ def test_dispatch_fla_explicit_on_cpu_raises_clearly():
         wkv7(*args_of(seq), s0, extra_query=q, impl="fla")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_fla_receives_the_log_decay_in_float32(monkeypatch, dtype):
+    """SPEC section 1: the decay stays float32 whatever the activation dtype. fla's function is replaced by a
+    stand-in that records its arguments (the conversions run on CPU; the CUDA call itself is the test below)."""
+    from wuneng.ops.wkv7 import dispatch
+
+    seen = {}
+
+    def fake_chunk_rwkv7(**kwargs):
+        seen.update(kwargs)
+        B, T, H, N = kwargs["r"].shape
+        return torch.zeros_like(kwargs["r"]), torch.zeros(B, H, N, N)
+
+    monkeypatch.setattr(dispatch, "_fla_chunk_rwkv7", lambda: fake_chunk_rwkv7)
+    seq, s0, _ = make_inputs(1, 6, 2, 4, seed=23)
+    low = {n: t.to(dtype) for n, t in seq.items()}
+    low["log_w"] = seq["log_w"].float() * 1e-3  # near w = 1, where bfloat16 rounding matters most
+    y, s = dispatch._call_fla(*args_of(low), s0.float())
+    assert seen["w"].dtype == torch.float32 and torch.equal(seen["w"], low["log_w"])
+    assert seen["r"].dtype == dtype and seen["scale"] == 1.0
+    assert torch.equal(seen["initial_state"], s0.float().transpose(-1, -2))  # fla's [K, V] layout
+    low["log_w"] = low["log_w"].to(dtype)  # a half-precision log decay is widened, not kept
+    dispatch._call_fla(*args_of(low), None)
+    assert seen["w"].dtype == torch.float32 and torch.equal(seen["w"], low["log_w"].float())
+
+
 needs_cuda_fla = pytest.mark.skipif(
     not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and flash-linear-attention"
 )

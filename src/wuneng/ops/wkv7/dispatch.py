@@ -45,11 +45,19 @@ def wkv7_fla(r, log_w, k, v, a, b, initial_state: Optional[torch.Tensor] = None)
     """WKV-7 through fla's ``chunk_rwkv7`` (CUDA only), in this package's conventions.
 
     fla takes the log decay as ``w``, keeps the state transposed ([B, H, K, V], key index first) and
-    scales the query by K^-1/2 unless ``scale=1.0``. Returns ``(y, final_state)`` with the final state
-    [B, H, N, N] float32 in the S[i, j] = (value i, key j) layout.
+    scales the query by K^-1/2 unless ``scale=1.0``. The log decay reaches fla in float32 whatever the
+    input dtype (SPEC section 1: the decay stays float32; a bfloat16 log decay keeps 3 significant digits).
+    Returns ``(y, final_state)`` with the final state [B, H, N, N] float32 in the S[i, j] = (value i,
+    key j) layout.
     """
     if r.device.type != "cuda":
         raise ValueError(f"wkv7: impl='fla' runs on CUDA tensors only, got device {r.device}")
+    return _call_fla(r, log_w, k, v, a, b, initial_state)
+
+
+def _call_fla(r, log_w, k, v, a, b, initial_state):
+    """:func:`wkv7_fla` past its device check: the argument conversions and the call (tested on CPU with
+    a stand-in for fla's function)."""
     if r.dtype not in _FLA_DTYPES:
         raise TypeError(f"wkv7: impl='fla' supports {_FLA_DTYPES}, got {r.dtype}; use impl='chunked'")
     chunk_rwkv7 = _fla_chunk_rwkv7()
@@ -62,7 +70,7 @@ def wkv7_fla(r, log_w, k, v, a, b, initial_state: Optional[torch.Tensor] = None)
         h0 = initial_state.to(torch.float32).transpose(-1, -2).contiguous()
     y, final_kv = chunk_rwkv7(
         r=r,
-        w=log_w.to(r.dtype),
+        w=log_w.to(torch.float32),
         k=k,
         v=v,
         a=a,
