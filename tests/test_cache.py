@@ -118,8 +118,6 @@ def test_growing_kv_layer_equals_dynamic_layer_through_growth_and_batch_operatio
         kg, vg = grow.update(k, v)
         kr, vr = ref.update(k, v)
         assert torch.equal(kg, kr) and torch.equal(vg, vr) and grow.get_seq_length() == 12
-        with pytest.raises(ValueError, match="negative number of tokens"):
-            grow.crop(2)
         grow.reset()
         assert grow.get_seq_length() == 0 and grow.nbytes() == 0 and grow.keys is None
     finally:
@@ -174,3 +172,31 @@ def test_growing_kv_layer_never_writes_into_tensors_it_adopted_under_autograd():
     assert torch.equal(k.detach(), before)
     assert torch.equal(keys, torch.cat([before[..., :2, :], k2], dim=-2))
     assert layer.capacity >= 3 and not keys.requires_grad
+
+
+def test_growing_kv_layer_crop_accepts_a_positive_length_like_dynamic_layer_max_length():
+    """crop(n > 0) keeps the first n positions (transformers' DynamicLayer.crop(max_length) before version 5; the
+    pinned version refuses a positive value, so the reference is its equivalent negative crop); a length at or
+    beyond the held positions changes nothing; crop(-n) drops n positions as DynamicLayer.crop(-n) does."""
+    g = torch.Generator().manual_seed(4)
+    k, v = _kv(g, 2, 7)
+    for length in (5, 1, 7, 9, -3, -7):
+        grow, ref = GrowingKVLayer(), DynamicLayer()
+        grow.update(k, v)
+        ref.update(k, v)
+        grow.crop(length)
+        if length > 0:
+            if length < 7:
+                ref.crop(length - 7)
+        else:
+            ref.crop(length)
+        expected = min(length, 7) if length > 0 else 7 + length
+        assert grow.get_seq_length() == ref.get_seq_length() == expected, length
+        assert torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values), length
+        # decoding continues after the crop exactly as with the reference
+        k2, v2 = _kv(g, 2, 1)
+        kg, vg = grow.update(k2, v2)
+        kr, vr = ref.update(k2, v2)
+        assert torch.equal(kg, kr) and torch.equal(vg, vr), length
+    with pytest.raises(TypeError, match="int number of positions"):
+        GrowingKVLayer().crop(2.0)

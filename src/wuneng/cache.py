@@ -29,10 +29,12 @@ API summary (all a model needs):
 - ``RecurrentStateCache(num_layers, layers=None)``: an empty cache.
 - ``get_state(layer_idx, name) -> Tensor | None`` (None: nothing stored yet, i.e. the zero/initial state);
   ``set_state(layer_idx, name, tensor)`` replaces it (old tensor freed, so the size stays constant).
+  A state is stored as an *owned* tensor: a view into a larger tensor (``x[:, -1]`` of a [B, T, C] layer
+  input) is copied, so that the cache never keeps the activations it was cut from (:func:`owned_state`).
 - ``advance(num_tokens)``: the model calls it once per forward; ``get_seq_length()`` returns the total.
 - ``reorder_cache(beam_idx)``, ``batch_select_indices(idx)``, ``batch_repeat_interleave(r)``: batch ops.
 - ``reset()`` forgets everything; ``detach_()`` cuts the autograd graph (truncated BPTT);
-  ``nbytes()`` the memory held; ``batch_size`` the batch of the stored states (-1 when empty).
+  ``nbytes()`` the memory held (the storage behind every tensor, each storage counted once); ``batch_size`` the batch of the stored states (-1 when empty).
 """
 
 from __future__ import annotations
@@ -42,10 +44,42 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicLayer
 
-__all__ = ["RecurrentStateCache", "GrowingKVLayer", "RWKV7_STATE_NAMES"]
+__all__ = ["RecurrentStateCache", "GrowingKVLayer", "RWKV7_STATE_NAMES", "owned_state", "storage_nbytes"]
 
 # The per-layer state names of an RWKV-7 block (see the module docstring).
 RWKV7_STATE_NAMES = ("time_shift", "wkv", "channel_shift")
+
+
+def owned_state(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when it is contiguous and alone in a storage of exactly its size, else a contiguous copy.
+
+    A token-shift state is ``x[:, -1]``, a [B, C] view of a [B, T, C] layer input: storing the view would keep
+    the whole input (T times the state) alive as long as the cache. The copy is differentiable (``clone``), so
+    a cache used under autograd (truncated BPTT) still carries gradients. One decoded token (T = 1) gives a
+    view that already owns its storage: no copy.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if (tensor.is_contiguous() and tensor.storage_offset() == 0 and tensor.device.type != "meta"
+            and tensor.untyped_storage().nbytes() == nbytes):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def storage_nbytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors`` (None entries skipped), each storage counted once: what keeping
+    these tensors alive really costs (a view counts its whole storage, spare room included)."""
+    seen = set()
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr(), storage.nbytes())
+        if storage.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
 
 
 class GrowingKVLayer(DynamicLayer):
@@ -128,13 +162,16 @@ class GrowingKVLayer(DynamicLayer):
         self._adopted = False
         super().reset()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` positions (a negative count, as in ``DynamicLayer``)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"GrowingKVLayer.crop: expected a negative number of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or self._key_buffer is None:
+    def crop(self, length: int) -> None:
+        """A negative ``length`` drops the last ``-length`` positions (transformers 5's ``DynamicLayer.crop``); a
+        positive one keeps the first ``length`` positions (the older ``DynamicLayer.crop(max_length)``: nothing
+        happens when at most ``length`` are held); 0 does nothing. The buffers keep their room."""
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"GrowingKVLayer.crop: expected an int number of positions, got {length!r}")
+        if length == 0 or self._key_buffer is None:
             return
-        self._set_buffers(self._key_buffer, self._value_buffer, max(self._length + tokens_to_remove, 0))
+        keep = self._length + length if length < 0 else min(length, self._length)
+        self._set_buffers(self._key_buffer, self._value_buffer, max(keep, 0))
 
     def _map_buffers(self, fn) -> None:
         if self._key_buffer is not None and self._length > 0:
@@ -151,10 +188,13 @@ class GrowingKVLayer(DynamicLayer):
         self._map_buffers(lambda t: t[indices, ...])
 
     def nbytes(self) -> int:
-        """Bytes held by the buffers (spare room included)."""
-        if self._key_buffer is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self._key_buffer, self._value_buffer))
+        """Bytes of the storage held by the keys and values (spare room included)."""
+        return storage_nbytes(self._held_tensors())
+
+    def _held_tensors(self) -> list:
+        if self._key_buffer is not None:
+            return [self._key_buffer, self._value_buffer]
+        return [self.keys, self.values]
 
     def offload(self):
         self._map_buffers(lambda t: t.to("cpu", non_blocking=True))
@@ -172,8 +212,9 @@ class RecurrentStateCache(Cache):
         layers: optional list of ``num_layers`` transformers cache layers (e.g. ``DynamicLayer()`` for the
             attention half of a hybrid layer). Default: a ``DummyLayer`` per layer (no key/value cache).
 
-    Every stored tensor has the batch on dim 0. Tensors are stored as given (no copy); a model replaces them
-    with ``set_state`` after each forward, so memory stays constant however many tokens pass.
+    Every stored tensor has the batch on dim 0. A tensor that owns its storage is stored as given; a view into a
+    larger tensor is copied (:func:`owned_state`). A model replaces the states with ``set_state`` after each
+    forward, so memory stays constant however many tokens pass.
     """
 
     def __init__(self, num_layers: int, layers: Optional[Sequence] = None):
@@ -198,7 +239,8 @@ class RecurrentStateCache(Cache):
         return self.states[layer_idx].get(name)
 
     def set_state(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
-        """Store (replace) the state ``name`` of layer ``layer_idx``; its dim 0 must be the batch."""
+        """Store (replace) the state ``name`` of layer ``layer_idx``; its dim 0 must be the batch. A view into a
+        larger tensor is stored as a copy of its own size (:func:`owned_state`)."""
         self._check_layer(layer_idx)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"RecurrentStateCache: state {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -210,7 +252,7 @@ class RecurrentStateCache(Cache):
                 f"RecurrentStateCache: state {name!r} of layer {layer_idx} has batch {tensor.shape[0]}, "
                 f"but the cache holds batch {batch}"
             )
-        self.states[layer_idx][name] = tensor
+        self.states[layer_idx][name] = owned_state(tensor)
 
     def layer_states(self, layer_idx: int) -> Dict[str, torch.Tensor]:
         """All named states of one layer (a shallow copy of the dictionary)."""
@@ -263,7 +305,7 @@ class RecurrentStateCache(Cache):
     def _map_states(self, fn) -> None:
         for layer_states in self.states:
             for name, t in layer_states.items():
-                layer_states[name] = fn(t)
+                layer_states[name] = owned_state(fn(t))  # a basic-indexing selection would be a view
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row b of the new cache is row ``beam_idx[b]`` of the old one."""
@@ -303,18 +345,15 @@ class RecurrentStateCache(Cache):
         return self
 
     def nbytes(self) -> int:
-        """Bytes held by the recurrent states and by any attention keys/values (with a :class:`GrowingKVLayer`'s
-        spare room)."""
-        total = sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes of the storage held by the recurrent states and by any attention keys/values (a
+        :class:`GrowingKVLayer`'s spare room included), each storage counted once (:func:`storage_nbytes`)."""
+        tensors = list(self._tensors())
         for layer in self.layers:
             if isinstance(layer, GrowingKVLayer):
-                total += layer.nbytes()
-                continue
-            for attr in ("keys", "values"):
-                t = getattr(layer, attr, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+                tensors += layer._held_tensors()
+            else:
+                tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        return storage_nbytes(tensors)
 
     def __repr__(self) -> str:
         names = sorted({n for s in self.states for n in s})

@@ -65,15 +65,34 @@ def resolve_sse_heads(sse_heads: Union[int, float, None], num_heads: int) -> int
 
 
 @functools.lru_cache(maxsize=64)
-def head_blocks(num_heads: int, head_size: int, hidden_size: int) -> torch.Tensor:
-    """c(h) = h mod (C / N): the width block (N channels of the residual stream) tied to each head. [H] long,
-    on CPU (cached: it is read at every decoding step)."""
+def _head_block_ids(num_heads: int, head_size: int, hidden_size: int) -> Tuple[int, ...]:
     if hidden_size % head_size != 0:
         raise ValueError(
             f"Meta-State ties each head to a block of head_size={head_size} channels: hidden_size={hidden_size} "
             "must be a multiple of head_size"
         )
-    return torch.arange(num_heads) % (hidden_size // head_size)
+    return tuple(h % (hidden_size // head_size) for h in range(num_heads))
+
+
+# (ids, device) -> index tensor. Only real tensors made here, on an explicit device, outside inference mode: a
+# tensor made under a model's meta-device context (from_pretrained builds models there) or under inference
+# mode must never be what a later call reads.
+_HEAD_BLOCK_TENSORS: dict = {}
+
+
+def head_blocks(num_heads: int, head_size: int, hidden_size: int, device=None) -> torch.Tensor:
+    """c(h) = h mod (C / N): the width block (N channels of the residual stream) tied to each head. [H] long on
+    ``device`` (default CPU); kept per device, since it is read at every decoding step."""
+    ids = _head_block_ids(num_heads, head_size, hidden_size)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (ids, device)
+    blocks = _HEAD_BLOCK_TENSORS.get(key)
+    if blocks is None:
+        with torch.inference_mode(False):
+            blocks = torch.tensor(ids, dtype=torch.long, device=device)
+        if device.type != "meta":
+            _HEAD_BLOCK_TENSORS[key] = blocks
+    return blocks
 
 
 def self_state_query(x_mix: torch.Tensor, num_heads: int, head_size: int) -> torch.Tensor:
@@ -83,7 +102,7 @@ def self_state_query(x_mix: torch.Tensor, num_heads: int, head_size: int) -> tor
     """
     B, T, C = x_mix.shape
     blocks = F.normalize(x_mix.view(B, T, C // head_size, head_size), dim=-1, p=2.0, eps=1e-12)
-    idx = head_blocks(num_heads, head_size, C).to(x_mix.device)
+    idx = head_blocks(num_heads, head_size, C, x_mix.device)
     return blocks.index_select(2, idx)
 
 
@@ -145,7 +164,7 @@ class SelfStateEncoder(nn.Module):
         super().__init__()
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
         self.num_sse_heads = resolve_sse_heads(sse_heads, num_heads)
-        head_blocks(num_heads, head_size, hidden_size)  # checks that C is a multiple of N
+        _head_block_ids(num_heads, head_size, hidden_size)  # checks that C is a multiple of N
         self.eta = nn.Parameter(torch.zeros(num_heads, head_size))  # eta
 
     def reset_parameters(self) -> None:
@@ -157,7 +176,7 @@ class SelfStateEncoder(nn.Module):
             raise ValueError(f"SelfStateEncoder: expected a read-out [B, T, {self.num_heads}, {self.head_size}], got {tuple(readout.shape)}")
         P = self.num_sse_heads
         contrib = readout[:, :, :P] * self.eta[:P].to(readout.dtype)  # [B, T, P, N]
-        blocks = head_blocks(P, N, self.hidden_size).to(readout.device)  # c(h) for h in P
+        blocks = head_blocks(P, N, self.hidden_size, readout.device)  # c(h) for h in P
         e = readout.new_zeros(B, T, self.hidden_size // N, N).index_add(2, blocks, contrib)
         return e.view(B, T, self.hidden_size)
 
