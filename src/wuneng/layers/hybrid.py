@@ -485,12 +485,15 @@ class HybridMixer(_VFirstMixin, Attention):
         B, T = u.shape[:2]
         if low is None:
             low = self.low_rank_inputs(u)
+        # one dtype for the fusion (torch.lerp does not promote): under autocast A is in the autocast dtype while Y
+        # (GroupNorm and bonus with float32 parameters) is float32; o_proj casts to the autocast dtype anyway
+        y = y.to(a.dtype)
         if self.fusion == "gate":
             if "gate_sigmoid" in low:
                 gamma = low["gate_sigmoid"]
             else:
                 gamma = torch.sigmoid(F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1)))  # bias in the addmm
-            z = torch.lerp(a, y, gamma.view_as(a) * self.gate_scale)  # a + gamma (y - a)
+            z = torch.lerp(a, y, (gamma.view_as(a) * self.gate_scale).to(a.dtype))  # a + gamma (y - a)
         elif self.fusion == "add":
             z = a + self.fusion_beta * y
         elif self.fusion == "hymba":
@@ -504,7 +507,7 @@ class HybridMixer(_VFirstMixin, Attention):
             s = low["middle_sigmoid"] if "middle_sigmoid" in low else torch.sigmoid(low["middle"] @ self.middle_lora_b)
             s = s.view(B, T, self.num_middle_heads, self.head_dim)
             a_m, y_m = a.index_select(2, self.middle_index), y.index_select(2, self.middle_index)
-            m = torch.lerp(y_m, a_m, s)  # s A + (1 - s) Y
+            m = torch.lerp(y_m, a_m, s.to(a.dtype))  # s A + (1 - s) Y
             out = out + self.o_middle(m.reshape(B, T, -1))
         return out
 
@@ -536,11 +539,13 @@ class HybridMixer(_VFirstMixin, Attention):
         weights = self.one_token_weights()
         if not (one_token_kernel_fits(u, weights) and one_token_kernel_preferred(weights, B)):
             return None
-        vf = v_first.reshape(B, -1) if self.state.value_residual else None
+        # under autocast q, k, v come out of the projections in bf16/fp16 while u and the weights are float32: the
+        # kernel computes in u's dtype, so the one-token q, k, v (and v_first) are brought to it
+        q, k, v = (t.reshape(B, -1).to(u.dtype) for t in (q, k, v))
+        vf = v_first.reshape(B, -1).to(u.dtype) if self.state.value_residual else None
         m = None if token_mask is None else token_mask.reshape(B)
         y, last, wkv_state, vf, gamma, middle = hybrid_state_one_token(
-            u.reshape(B, -1), shift, wkv_state, vf, q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), weights, m,
-            impl="cpu",
+            u.reshape(B, -1), shift, wkv_state, vf, q, k, v, weights, m, impl="cpu",
         )
         low = {}
         if gamma is not None:

@@ -49,6 +49,15 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.T
     return shifted - x
 
 
+def wkv_dtypes(compute_dtype: torch.dtype, log_w: torch.Tensor, *tensors: Optional[torch.Tensor]):
+    """The dtypes of the layer -> WKV-7 boundary (SPEC section 1): every tensor of ``tensors`` (r, k, v, a, b, ...;
+    None passes) cast to ``compute_dtype``, and the log decay to the state dtype, float32 (float64 when
+    ``compute_dtype`` is float64): the decay and the state are never rounded to bf16/fp16. Casts are no-ops
+    when the dtypes already agree. Returns (log_w, tuple of the cast tensors)."""
+    log_w = log_w.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+    return log_w, tuple(None if t is None else t.to(compute_dtype) for t in tensors)
+
+
 def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor, unbind: bool = True):
     """``x + xx * mu`` for every row ``mu`` of ``mixes`` [M, C], in one op; x, xx [..., C] -> M tensors [..., C]
     (or, with ``unbind=False``, the [M, ..., C] block).
@@ -230,10 +239,13 @@ class RWKV7StateHeads(nn.Module):
         caller already has them (:meth:`TimeMix.project`), else computed here; low: the LoRA outputs
         ``{"decay", "alpha"(, "value_gate")}`` [B,T,A] when already evaluated by the no-grad
         :func:`~wuneng.layers.low_rank.low_rank_bank` (then x, xx and mixed are not read).
-        Returns (log_w, k, v, a, b, v_first), all [B,T,A].
+        Returns (log_w, k, v, a, b, v_first), all [B,T,A]: k, v, a, b, v_first in the compute dtype (the dtype
+        of the projected k: autocast's dtype under ``torch.autocast``, else the parameters'), log_w in float32
+        (float64 when the compute dtype is float64), the dtypes :func:`~wuneng.ops.wkv7` takes (:func:`wkv_dtypes`).
         Padded positions get log_w = 0 and k = v = b = 0, so they leave the state untouched.
         """
         B, T, _ = k.shape
+        compute_dtype = k.dtype
         H, N = self.num_heads, self.head_size
         if low is not None:
             decay = low["decay"]  # sigmoid(z), in the activations' dtype
@@ -250,7 +262,7 @@ class RWKV7StateHeads(nn.Module):
         if self.value_residual:
             if v_first is None:
                 raise ValueError("RWKV7StateHeads: a value-residual layer needs v_first from the first layer")
-            v = torch.lerp(v, v_first, value_gate)  # v + (v_first - v) * gate
+            v = torch.lerp(v, v_first.to(v.dtype), value_gate.to(v.dtype))  # v + (v_first - v) * gate (lerp: one dtype)
         else:
             v_first = v
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, -1)  # kappa-hat
@@ -259,6 +271,9 @@ class RWKV7StateHeads(nn.Module):
         if mask is not None:
             m = mask.to(k.dtype).unsqueeze(-1)
             log_w, k, v, b = log_w * m.to(log_w.dtype), k * m, v * m, b * m
+        # under autocast the projections are in bf16/fp16 while the products with float32 parameters (k * k_k,
+        # k_a, alpha) are promoted to float32: bring them back to one dtype here
+        log_w, (k, v, a, b, v_first) = wkv_dtypes(compute_dtype, log_w, k, v, a, b, v_first)
         return log_w, k, v, a, b, v_first
 
     def read_out(self, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
