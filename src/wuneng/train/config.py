@@ -122,6 +122,23 @@ class DistillConfig:
     chunk_tokens: int = 4096
 
 
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def parse_mixed_precision(value: Any, where: str = "config.mixed_precision") -> str:
+    """``mixed_precision`` in any spelling a YAML file or an override gives it: "auto", "bf16", "fp16", or full
+    precision as ``no`` / ``false`` / ``off`` (which YAML reads as the boolean False), ``"no"`` or ``"false"``.
+    Returns one of :data:`MIXED_PRECISIONS`; anything else raises :class:`ConfigError` naming the key."""
+    if value is False:
+        return "no"
+    if isinstance(value, str) and value.strip().lower() in MIXED_PRECISIONS + ("false", "off"):
+        v = value.strip().lower()
+        return "no" if v in ("false", "off") else v
+    raise ConfigError(
+        f"{where}: {value!r} is not a precision; use one of bf16, fp16, auto, or no (also written false) for full precision"
+    )
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``stage`` selects the objective; see docs/training.md."""
@@ -145,8 +162,9 @@ class TrainConfig:
     # End the run early at this step (the schedule still spans max_steps); for sliced runs.
     stop_at_step: Optional[int] = None
     seed: int = 0
-    # "auto": bf16 autocast where the device supports it (CUDA with bf16), else full precision.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # "auto": bf16 autocast where the device supports it (CUDA with bf16), else full precision. "no" (YAML's
+    # no/false too): full precision. "fp16" needs a GPU (train() refuses it on CPU). See docs/training.md.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"parse": parse_mixed_precision})
     gradient_checkpointing: bool = False
     # On CPU: keep freed memory in the process instead of returning it to the kernel after every step
     # (glibc mallopt; wuneng.runtime.tune_cpu_allocator). Process-wide; off = the C library's defaults.
@@ -254,7 +272,9 @@ def config_from_dict(data: Any, cls: type = None, where: str = "config"):
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    # a field may bring its own parser (metadata "parse"): mixed_precision accepts YAML's boolean `no`
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if "parse" in f.metadata}
+    kwargs = {k: parsers[k](v, f"{where}.{k}") if k in parsers else _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
