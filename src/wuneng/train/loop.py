@@ -210,64 +210,6 @@ def _mixed_precision(choice: Any) -> str:
     return resolved
 
 
-# ------------------------------------------------------------------------------------ run folder
-#: Entries a training run writes into its output folder. A fresh run refuses a folder holding any of them (an
-#: earlier run: its config, metrics, checkpoints, final model or TensorBoard logs are never overwritten nor
-#: mixed with the new run's); other files there are left alone.
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "final", "tensorboard")
-
-
-def check_run_dir(run_dir: Path, resume: bool, stage: str) -> None:
-    """Refuse an output folder before anything is written: a fresh run (``resume`` False) needs a folder that
-    holds none of :data:`RUN_ENTRIES` (FileExistsError naming them); a resumed one needs a complete checkpoint
-    (FileNotFoundError) of the same stage (ConfigError)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"output_dir {run_dir} exists and is not a directory; choose another output_dir")
-    if not resume:
-        found = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
-        if found:
-            checkpoints = list_checkpoints(run_dir)
-            what = f"checkpoints (newest {checkpoints[-1][1].name}) of an earlier run" if checkpoints else "an earlier run"
-            raise FileExistsError(
-                f"output_dir {run_dir} already holds {what} ({', '.join(found)}); nothing was written: pass --resume "
-                "to continue it, or choose another output_dir"
-            )
-        return
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        raise FileNotFoundError(
-            f"--resume: output_dir {run_dir} holds no complete checkpoint (nothing to resume); run without --resume "
-            "to start there, or point output_dir at the run to continue"
-        )
-    try:
-        with open(latest / "trainer_state.json", encoding="utf-8") as f:
-            saved_stage = json.load(f).get("stage")
-    except (OSError, ValueError):  # list_checkpoints parsed it a moment ago
-        saved_stage = None
-    if saved_stage is not None and saved_stage != stage:
-        raise ConfigError(
-            f"--resume: {latest}/trainer_state.json is a {saved_stage!r} run but this run's stage is {stage!r}; resume "
-            f"with stage {saved_stage!r}, or start the {stage!r} stage in another output_dir"
-        )
-
-
-def _write_run_config(run_dir: Path, config: TrainConfig, resumed_from: Optional[Path]) -> None:
-    """``config.yaml`` of a fresh run; a resumed run keeps the first one and, if its config differs, writes
-    ``config.resume-step_XXXXXXXX.yaml`` beside it. Written to a temporary name and renamed."""
-    import os
-
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    target = run_dir / "config.yaml"
-    if resumed_from is not None and target.exists():
-        if target.read_text(encoding="utf-8") == text:
-            return
-        target = run_dir / f"config.resume-{resumed_from.name}.yaml"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
-
-
 # ------------------------------------------------------------------------------------ train
 def train(
     config: TrainConfig,
