@@ -144,12 +144,15 @@ class Objective(nn.Module):
         none); ``forward`` then takes ``term_scales`` (see the module docstring)."""
         return {}
 
-    def unused_names(self) -> set[str]:
+    def unused_names(self, align: bool = False) -> set[str]:
         """Parameters the student declares unused by its forward (``unused_parameter_names()``, e.g. the
-        value-residual LoRA of the layer that produces v_first): kept frozen, so that DDP needs no
-        ``find_unused_parameters``."""
+        value-residual LoRA of the layer that produces v_first, or the state side of a WuNeng layer whose output
+        does not read the state): kept frozen, so that DDP needs no ``find_unused_parameters``. ``align``: unused
+        by the stage-1 ``align_forward`` instead."""
         fn = getattr(self.student, "unused_parameter_names", None)
-        return set(fn()) if callable(fn) else set()
+        if not callable(fn):
+            return set()
+        return set(fn(align=True) if align else fn())
 
     def set_trainable(self) -> None:
         """Set ``requires_grad`` of the student's parameters for this stage (default: all used ones)."""
@@ -336,7 +339,7 @@ class AlignObjective(Objective):
     def trainable_names(self) -> set[str]:
         new = set(self.student.new_parameter_names())
         prefixes = tuple(f"model.layers.{i}." for i in self.layers)
-        return {n for n in new if n.startswith(prefixes)} - self.unused_names()
+        return {n for n in new if n.startswith(prefixes)} - self.unused_names(align=True)
 
     def set_trainable(self) -> None:
         names = self.trainable_names()

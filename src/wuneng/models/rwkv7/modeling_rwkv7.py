@@ -101,6 +101,17 @@ class RWKV7PreTrainedModel(AutoMapMixin, PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
+    def unused_parameter_names(self) -> set[str]:
+        """Parameters the forward never uses: the value-residual LoRA (v0, v1, v2) of layer 0, which produces
+        v_first instead (RWKV-LM keeps them there too, so checkpoints import unchanged). The training objectives
+        keep them frozen, so that DDP needs no ``find_unused_parameters``."""
+        return {
+            f"{name}.{p}"
+            for name, module in self.named_modules()
+            if getattr(module, "value_residual", None) is False and hasattr(module, "v0")
+            for p in ("v0", "v1", "v2")
+        }
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers skips modules without direct parameters when it treats a model as custom code; our
         # _init_weights checks the loaded flags itself, so every module is visited.

@@ -362,14 +362,22 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         teacher = self.teacher_parameter_names()
         return {n for n, _ in self.named_parameters() if n not in teacher}
 
-    def unused_parameter_names(self) -> Set[str]:
+    def unused_parameter_names(self, align: bool = False) -> Set[str]:
         """New parameters the forward never uses: the value-residual LoRA (v0, v1, v2, and in a hybrid layer the
         x_v mix that only feeds it) of the first layer of each kind, which produces v_first instead (RWKV-LM keeps
-        them in layer 0 too). They get no gradient."""
+        them in layer 0 too); and the whole state side (``state.*``, ``receptance_lora_*``) of a hybrid layer whose
+        output does not read the state (the ablation ``fusion="none"``, ``state_query=False``, ``middle_heads=0``).
+        They get no gradient. ``align=True``: those that ``align_forward`` never uses (its state term still trains
+        the state side of such a layer)."""
         names = set()
         for i, layer in enumerate(self.model.layers):
             mixer = layer.self_attn
             prefix = f"model.layers.{i}.self_attn."
+            reads_state = isinstance(mixer, HybridMixer) and (
+                mixer.fusion != "none" or mixer.state_query or mixer.num_middle_heads > 0
+            )
+            if isinstance(mixer, HybridMixer) and not reads_state and not align:
+                names.update(n for n, _ in self.named_parameters() if n.startswith((prefix + "state.", prefix + "receptance_lora_")))
             if isinstance(mixer, HybridMixer) and not mixer.state.value_residual:
                 names.update(prefix + "state." + n for n in ("x_v", "v0", "v1", "v2"))
             elif isinstance(mixer, ARWKVMixer) and not mixer.value_residual:
