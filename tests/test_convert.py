@@ -66,7 +66,7 @@ def test_cli_convert_with_options(tmp_path):
     assert cfg["fusion"] == "add" and cfg["middle_heads"] == 0 and cfg["state_query"] is False
     # a second run into the same folder needs --overwrite
     again = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(out), "--arwkv"])
-    assert again.exit_code == 1 and "not an empty directory" in again.output
+    assert again.exit_code == 2 and "not an empty directory" in again.output  # an occupied output: usage error
     again = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(out), "--arwkv", "--overwrite"])
     assert again.exit_code == 0, again.output
     assert json.loads((out / "config.json").read_text())["layer_kinds"] == ["arwkv"] * 3

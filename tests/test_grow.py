@@ -178,7 +178,7 @@ def test_cli_grow_errors(tmp_path):
     result = runner.invoke(app, ["grow", str(rwkv_dir), str(tmp_path / "o1"), "--heads", "4"])
     assert result.exit_code == 1 and "wuneng_rwkv7" in result.output and "Meta-State" in result.output
     result = runner.invoke(app, ["grow", str(tmp_path / "missing"), str(tmp_path / "o2"), "--heads", "4"])
-    assert result.exit_code == 1 and "not a model folder" in result.output
+    assert result.exit_code == 2 and "not a model folder" in result.output  # a missing input: usage error
     src = tmp_path / "ms"
     trained_like(10).save_pretrained(src)
     result = runner.invoke(app, ["grow", str(src), str(tmp_path / "o3"), "--heads", "1"])

@@ -1,16 +1,98 @@
 """The ``wuneng`` command line (typer + rich). Each command imports its machinery lazily so that
-``wuneng --help`` stays fast."""
+``wuneng --help`` stays fast.
+
+Errors: a command that fails prints one line ``error: ...`` on stderr (the file or key, what was expected,
+what to do) and exits with
+
+- 2, a usage error: the command line or the run configuration cannot be used as given (bad option values,
+  a config or data file error, an input path that does not exist or is not a model folder, an output folder
+  that is occupied, not replaceable with ``--overwrite``, or overlaps an input);
+- 1, a failure: the inputs exist but cannot be used (truncated or corrupt weights, weights that disagree
+  with config.json, an unknown ``model_type``, a teacher that does not fit the student, an unsupported
+  architecture) or the work itself failed;
+- 3, ``wuneng train`` stopped on a non-finite loss.
+
+``wuneng --debug COMMAND ...`` shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build, convert, train, evaluate and run hybrid state + attention LMs.")
+_DEBUG = False  # set by the global --debug option for the command being run
+
+
+def _usage_error_types() -> tuple:
+    """Exception types that are usage errors (exit 2); imported lazily (the train modules are heavy)."""
+    types_: list = [FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError]
+    try:
+        from wuneng.train.config import ConfigError
+        from wuneng.train.data import DataError
+
+        types_ += [ConfigError, DataError]
+    except Exception:  # pragma: no cover - the package itself broken: everything else is a failure
+        pass
+    return tuple(types_)
+
+
+def error_exit_code(err: BaseException) -> int:
+    """The exit code of an uncaught exception: 2 usage error, 3 non-finite loss, 1 any other failure."""
+    if isinstance(err, _usage_error_types()):
+        return 2
+    if type(err).__name__ == "NonFiniteLossError":
+        return 3
+    return 1
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an exception: its message with whitespace collapsed; exception types that are not the
+    library's expected ones (ValueError, TypeError, OSError and their subclasses) are named, with the hint to
+    rerun with --debug."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, TypeError, OSError, LookupError)) or type(err).__name__ == "NonFiniteLossError":
+        return f"error: {message}"
+    return f"error: {type(err).__name__}: {message} (rerun as `wuneng --debug ...` for the traceback)"
+
+
+def _command_line_exceptions() -> tuple:
+    """The exceptions typer/click handle themselves (usage errors, exit, abort): passed through. typer may
+    vendor its own click, so its classes are found from typer's."""
+    found = [typer.Exit, typer.Abort] + [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    try:
+        import click
+
+        found += [click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+class _OneLineErrors(TyperGroup):
+    """Runs a command; an exception it does not handle becomes one line on stderr and an exit code
+    (:func:`error_exit_code`), unless --debug was given."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _command_line_exceptions():
+            raise
+        except Exception as err:
+            if _DEBUG:
+                raise
+            typer.echo(error_line(err), err=True)
+            raise typer.Exit(error_exit_code(err)) from None
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Build, convert, train, evaluate and run hybrid state + attention LMs.")
 
 
 @app.callback()
-def _main() -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (default: one line on stderr).")) -> None:
     """wuneng command line."""
+    global _DEBUG
+    _DEBUG = debug
 
 
 @app.command("demo")
@@ -94,7 +176,7 @@ def import_rwkv(
     out_dir: str = typer.Argument(..., help="Output directory (config.json + model.safetensors)."),
     dtype: str = typer.Option("keep", help="Weights dtype: keep (the checkpoint's), float32, bfloat16 or float16."),
     head_size: int = typer.Option(None, help="Expected head size (checked against the checkpoint's r_k shape)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused)."),
 ) -> None:
     """Convert a BlinkDL RWKV-LM RWKV-7 checkpoint into a wuneng RWKV7ForCausalLM directory."""
     import torch
@@ -106,11 +188,7 @@ def import_rwkv(
     if dtype not in dtypes:
         raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
     console = Console()
-    try:
-        model = import_rwkv_lm_checkpoint(checkpoint, out_dir, dtype=dtypes[dtype], overwrite=overwrite, head_size=head_size)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
-        console.print(f"[red]import-rwkv failed:[/red] {err}")
-        raise typer.Exit(code=1)
+    model = import_rwkv_lm_checkpoint(checkpoint, out_dir, dtype=dtypes[dtype], overwrite=overwrite, head_size=head_size)
     c = model.config
     console.print(
         f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
@@ -131,22 +209,15 @@ def train_command(
     """Train one stage: pretrain, align (stage 1), distill (stage 2) or sft (stage 3)."""
     from rich.console import Console
 
-    from wuneng.train.config import ConfigError, load_config
-    from wuneng.train.data import DataError
+    from wuneng.train.config import load_config
 
     console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line
-    try:
-        cfg = load_config(config, overrides, stage=stage, output_dir=output_dir, max_steps=max_steps)
-        from wuneng.train.loop import NonFiniteLossError, train
+    # Errors (ConfigError, DataError, missing or occupied folders: exit 2; NonFiniteLossError: exit 3; others:
+    # exit 1) become one line on stderr in _OneLineErrors.
+    cfg = load_config(config, overrides, stage=stage, output_dir=output_dir, max_steps=max_steps)
+    from wuneng.train.loop import train
 
-        try:
-            result = train(cfg, resume=resume)
-        except NonFiniteLossError as e:
-            console.print(f"[bold red]stopped:[/] {e}")
-            raise typer.Exit(3)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2)
+    result = train(cfg, resume=resume)
     if result.is_main_process:
         console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
 
@@ -158,15 +229,12 @@ def plot_command(
     linear: bool = typer.Option(False, "--linear", help="Linear instead of logarithmic loss axis."),
 ) -> None:
     """Draw a run's loss curves (and lr, gradient norm) to PNG."""
-    from rich.console import Console
-
     from wuneng.train.plotting import plot_run
 
     try:
         path = plot_run(run_dir, out, log_y=not linear)
-    except (FileNotFoundError, ValueError) as e:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2)
+    except ValueError as e:  # a metrics.jsonl that cannot be read: a usage error like a missing one
+        _fail(e, 2)
     typer.echo(str(path))
 
 
@@ -177,7 +245,7 @@ def grow_command(
     heads: int = typer.Option(None, "--heads", help="New WKV head count per layer (>= the current; default unchanged)."),
     param_tokens: int = typer.Option(None, "--param-tokens", help="New parameter-token count per layer (>= the current)."),
     seed: int = typer.Option(None, "--seed", help="Seed for the new rows' random initialisation."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused)."),
 ) -> None:
     """Grow a Meta-State model's WKV state (heads) and parameter tokens, keeping its function (SPEC section 4)."""
     from rich.console import Console
@@ -186,13 +254,8 @@ def grow_command(
 
     console = Console()
     if heads is None and param_tokens is None:
-        console.print("[red]grow failed:[/red] nothing to grow; pass --heads and/or --param-tokens")
-        raise typer.Exit(code=2)
-    try:
-        old, grown = grow_checkpoint(checkpoint, out_dir, heads, param_tokens, overwrite=overwrite, seed=seed)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
-        console.print(f"[red]grow failed:[/red] {err}")
-        raise typer.Exit(code=1)
+        _fail("nothing to grow; pass --heads and/or --param-tokens", 2)
+    old, grown = grow_checkpoint(checkpoint, out_dir, heads, param_tokens, overwrite=overwrite, seed=seed)
     console.print(f"[bold]before[/bold] ({checkpoint})\n{state_report(old)}")
     console.print(f"[bold]after[/bold] ({out_dir})\n{state_report(grown)}")
 
@@ -218,6 +281,7 @@ def eval_command(
     from rich.console import Console
 
     from wuneng.eval.evaluate import evaluate_model, load_checkpoint, rows_table, write_rows_json
+    from wuneng.saving import ModelFolderError
 
     console, err = Console(), Console(stderr=True)
     try:
@@ -248,13 +312,23 @@ def eval_command(
             lm_eval_tasks=lm_tasks,
             progress=lambda name: err.print(f"[dim]running {name} ...[/dim]"),
         )
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
-        err.print(f"[bold red]eval failed:[/] {e}")
-        raise typer.Exit(code=2)
+    except ModelFolderError:  # the model folder's files are broken: a failure (exit 1), not a usage error
+        raise
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:  # the options or the folder path
+        _fail(e, 2)
     console.print(rows_table(rows, title=f"wuneng eval {checkpoint}"))
     if json_out:
         meta = {"checkpoint": str(checkpoint), "model_class": type(model).__name__, "tokenizer": type(tokenizer).__name__, "limit": limit, "seed": seed}
         console.print(f"wrote {write_rows_json(json_out, rows, meta)}")
+
+
+def _fail(err, code: int) -> None:
+    """Print ``err`` (an exception or a message) as one ``error: ...`` line on stderr and exit with ``code``;
+    with --debug an exception is raised again (full traceback)."""
+    if _DEBUG and isinstance(err, BaseException):
+        raise err
+    typer.echo(error_line(err) if isinstance(err, BaseException) else f"error: {err}", err=True)
+    raise typer.Exit(code=code)
 
 
 def _layer_list(text: str | None, option: str):
@@ -271,16 +345,23 @@ def convert_command(
     teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."),
     out_dir: str = typer.Argument(..., help="Output folder (WuNeng config.json, model.safetensors, tokenizer files)."),
     fusion: str = typer.Option("gate", help="Cross-head fusion: gate | add | concat | hymba | none."),
-    middle_heads: int = typer.Option(4, help="Middle heads H_m (0 = none)."),
+    middle_heads: int = typer.Option(None, help="Middle heads H_m (default: 4, at most the teacher's attention heads; 0 = none)."),
     state_query: bool = typer.Option(True, "--state-query/--no-state-query", help="State-query modulation q += lambda Y W^state."),
     hybrid_layers: str = typer.Option(None, help="Comma-separated layers to convert (default: all); the others keep attention."),
     arwkv: bool = typer.Option(False, "--arwkv", help="Converted layers become ARWKV RWKV-7 replacements (attention=False)."),
     arwkv_layers: str = typer.Option(None, help="Comma-separated layers that become ARWKV replacements (beside hybrid ones)."),
     arwkv_init: str = typer.Option("rwkv7", help="ARWKV layer init: rwkv7 | radlads (copy the teacher's q/k/v/o)."),
     dtype: str = typer.Option("keep", help="Weights dtype: keep (the teacher's), float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, or TEACHER_DIR itself, is refused)."),
 ) -> None:
-    """Convert a Llama/Qwen2 teacher into a WuNeng hybrid (or ARWKV) model; logits equal the teacher's at step 0."""
+    """Convert a Llama/Qwen2 teacher into a WuNeng hybrid (or ARWKV) model.
+
+    Hybrid conversion is function-preserving: the logits equal the teacher's at step 0 (every fusion but
+    hymba; layers kept as attention too). ARWKV conversion (--arwkv, --arwkv-layers) is not: those layers'
+    attention is replaced by a new RWKV-7 time-mix (initialised as a fresh RWKV-7 layer, or from the
+    teacher's q/k/v/o with --arwkv-init radlads), so the logits differ from the teacher's until the
+    align/distill stages train it. Everything else (embeddings, MLPs, norms, LM head) is the teacher's.
+    """
     import torch
     from rich.console import Console
 
@@ -290,15 +371,11 @@ def convert_command(
     if dtype not in dtypes:
         raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
     console = Console()
-    try:
-        model = convert_checkpoint(
-            teacher_dir, out_dir, overwrite=overwrite, dtype=dtypes[dtype], fusion=fusion, middle_heads=middle_heads,
-            state_query=state_query, hybrid_layers=_layer_list(hybrid_layers, "--hybrid-layers"), attention=not arwkv,
-            arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"), arwkv_init=arwkv_init,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
-        console.print(f"[red]convert failed:[/red] {err}", highlight=False)
-        raise typer.Exit(code=1)
+    model = convert_checkpoint(
+        teacher_dir, out_dir, overwrite=overwrite, dtype=dtypes[dtype], fusion=fusion, middle_heads=middle_heads,
+        state_query=state_query, hybrid_layers=_layer_list(hybrid_layers, "--hybrid-layers"), attention=not arwkv,
+        arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"), arwkv_init=arwkv_init,
+    )
     c = model.config
     kinds = {k: [i for i, kind in enumerate(c.layer_kinds) if kind == k] for k in ("hybrid", "arwkv", "attention")}
     console.print(f"wrote {out_dir}: hybrid layers {kinds['hybrid']}, ARWKV layers {kinds['arwkv']}, attention layers "

@@ -19,7 +19,7 @@ import torch
 
 from .models.wuneng import WuNengConfig, WuNengForCausalLM
 from .models.wuneng.modeling_wuneng import describe_loading_problems, checkpoint_mismatches
-from .saving import check_output_dir, save_pretrained_atomic
+from .saving import check_output_dir, check_weight_files, save_pretrained_atomic
 
 __all__ = [
     "SUPPORTED_TEACHERS",
@@ -173,6 +173,7 @@ def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = N
         raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
     check_teacher(teacher)
     return teacher
+    check_weight_files(path)  # a truncated or corrupt safetensors file: one line naming it
 
 
 def _radlads_init(student: WuNengForCausalLM, teacher_sd: Dict[str, torch.Tensor]) -> None:
@@ -285,7 +286,7 @@ def convert_checkpoint(
     The directory is assembled beside ``out_dir`` and moved into place, so an interrupted run leaves nothing
     half-written. A non-empty ``out_dir`` is an error unless ``overwrite``. Returns the converted model."""
     teacher_dir = os.fspath(teacher_dir)
-    check_output_dir(out_dir, overwrite)  # fail before the (slow) conversion
+    check_output_dir(out_dir, overwrite, inputs=[teacher_dir])  # fail before the (slow) conversion; never over the teacher
     teacher = load_teacher(teacher_dir, dtype=dtype)
     student = convert_teacher(teacher, dtype=dtype, **kwargs)
     del teacher

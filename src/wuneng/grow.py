@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from .saving import check_output_dir, save_pretrained_atomic
+from .saving import check_model_folder, check_output_dir, save_pretrained_atomic
 
 __all__ = ["grow", "grow_checkpoint", "state_report", "StateReport"]
 
@@ -167,6 +167,7 @@ def load_metastate_checkpoint(path: str):
         raise FileNotFoundError(f"{path!r} is not a model folder (expected config.json + model.safetensors from save_pretrained)")
     import wuneng.models  # noqa: F401  (registers every wuneng model_type with AutoConfig)
 
+    check_model_folder(path)  # one line naming an unreadable config.json / model.safetensors or a mismatch
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as err:
@@ -190,10 +191,11 @@ def grow_checkpoint(
 ):
     """Load a Meta-State checkpoint folder, :func:`grow` it, and save the result to ``out_dir``.
 
-    The folder is assembled beside ``out_dir`` and moved into place (an interrupted run leaves nothing half
-    written); tokenizer files of ``path`` are copied along. Returns (old model, grown model).
+    The folder is assembled beside ``out_dir`` and moved into place (an interrupted run leaves the old or the new
+    folder whole, :mod:`wuneng.saving`); tokenizer files of ``path`` are copied along. ``overwrite`` replaces only
+    a wuneng model folder, and ``out_dir`` may not be, hold or lie inside ``path``. Returns (old model, grown model).
     """
-    check_output_dir(out_dir, overwrite)  # fail before the work
+    check_output_dir(out_dir, overwrite, inputs=[path])  # fail before the work; never over the input
     model = load_metastate_checkpoint(path)
     grown = grow(model, num_heads=num_heads, num_param_tokens=num_param_tokens, seed=seed)
     save_pretrained_atomic(grown, out_dir, overwrite=overwrite, tokenizer_from=path)

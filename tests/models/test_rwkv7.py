@@ -329,7 +329,7 @@ def test_cli_import_rwkv(model, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     again = CliRunner().invoke(app, ["import-rwkv", str(path), str(out_dir)])
-    assert again.exit_code == 1 and "overwrite" in again.output
+    assert again.exit_code == 2 and "overwrite" in again.output  # an occupied output: usage error
     bad = CliRunner().invoke(app, ["import-rwkv", str(path), str(out_dir), "--overwrite", "--head-size", "8"])
     assert bad.exit_code == 1 and "head_size" in bad.output
 

@@ -85,6 +85,9 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Optional[str] = None,
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (expected config.json + weights from save_pretrained)")
+    from wuneng.saving import check_model_folder
+
+    check_model_folder(folder)  # one line (ModelFolderError) naming a corrupt weights file or a config mismatch
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from ..saving import apply_umask, replace_folder
+
 __all__ = ["CHECKPOINT_DIR", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "set_rng_state"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -150,18 +152,13 @@ def save_checkpoint(
         state = dict(trainer_state, step=step, world_size=world_size)
         with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
+        apply_umask(tmp)  # safetensors writes 0o600 whatever the umask; others of a shared machine may read runs
         for name in os.listdir(tmp):
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
-        if final.exists():  # the same step written again (a resumed run): swap, then remove the old one
-            old = root / f".old-step_{step:08d}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        # The same step written again (a resumed run): the old one is renamed aside, the new one in, then the old
+        # one deleted; a failed rename-in puts the old one back (wuneng.saving.replace_folder).
+        replace_folder(tmp, final)
         _fsync_dir(root)
         for _, path in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)

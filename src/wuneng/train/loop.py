@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, config_to_dict, validate
+from ..saving import check_model_folder, save_pretrained_atomic
+from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, config_to_dict, validate
 from .data import PackedDataset, SourceLike, build_dataset
 from .optim import build_optimizer, build_scheduler
 from .stages import build_objective
@@ -99,6 +100,7 @@ def load_model(model_cfg) -> torch.nn.Module:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path {path}: no config.json there (expected a save_pretrained folder)")
         _register_project_models(_model_type_of(path))
+        check_model_folder(path, "model.path")  # one line naming a corrupt weights file or a config mismatch
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     spec = model_cfg.config
     if isinstance(spec, str):
@@ -110,10 +112,19 @@ def load_model(model_cfg) -> torch.nn.Module:
             raise ValueError("model.config needs a `model_type` (e.g. qwen2, llama, rwkv7, wuneng)")
         model_type = spec.pop("model_type")
         _register_project_models(model_type)
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from ..saving import library_model_types
+
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"model.config.model_type: unknown {model_type!r}; expected one of wuneng's own "
+                f"({', '.join(library_model_types())}) or a transformers model type (e.g. llama, qwen2)"
+            )
         try:
             hf_config = AutoConfig.for_model(model_type, **spec)
-        except ValueError as e:
-            raise ValueError(f"model.config: unknown model_type {model_type!r} ({e})") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.config ({model_type}): {' '.join(str(e).split())}") from None
     return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
@@ -124,6 +135,7 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"teacher {p}: no config.json there (expected a local Qwen2/Llama save_pretrained folder)")
     _register_project_models(_model_type_of(p))
+    check_model_folder(p, "teacher")  # one line naming a corrupt weights file or a config mismatch
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
 
 
@@ -210,6 +222,64 @@ def _mixed_precision(choice: Any) -> str:
     return resolved
 
 
+# ------------------------------------------------------------------------------------ run folder
+#: Entries a training run writes into its output folder. A fresh run refuses a folder holding any of them (an
+#: earlier run: its config, metrics, checkpoints, final model or TensorBoard logs are never overwritten nor
+#: mixed with the new run's); other files there are left alone.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "final", "tensorboard")
+
+
+def check_run_dir(run_dir: Path, resume: bool, stage: str) -> None:
+    """Refuse an output folder before anything is written: a fresh run (``resume`` False) needs a folder that
+    holds none of :data:`RUN_ENTRIES` (FileExistsError naming them); a resumed one needs a complete checkpoint
+    (FileNotFoundError) of the same stage (ConfigError)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"output_dir {run_dir} exists and is not a directory; choose another output_dir")
+    if not resume:
+        found = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+        if found:
+            checkpoints = list_checkpoints(run_dir)
+            what = f"checkpoints (newest {checkpoints[-1][1].name}) of an earlier run" if checkpoints else "an earlier run"
+            raise FileExistsError(
+                f"output_dir {run_dir} already holds {what} ({', '.join(found)}); nothing was written: pass --resume "
+                "to continue it, or choose another output_dir"
+            )
+        return
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(
+            f"--resume: output_dir {run_dir} holds no complete checkpoint (nothing to resume); run without --resume "
+            "to start there, or point output_dir at the run to continue"
+        )
+    try:
+        with open(latest / "trainer_state.json", encoding="utf-8") as f:
+            saved_stage = json.load(f).get("stage")
+    except (OSError, ValueError):  # list_checkpoints parsed it a moment ago
+        saved_stage = None
+    if saved_stage is not None and saved_stage != stage:
+        raise ConfigError(
+            f"--resume: {latest}/trainer_state.json is a {saved_stage!r} run but this run's stage is {stage!r}; resume "
+            f"with stage {saved_stage!r}, or start the {stage!r} stage in another output_dir"
+        )
+
+
+def _write_run_config(run_dir: Path, config: TrainConfig, resumed_from: Optional[Path]) -> None:
+    """``config.yaml`` of a fresh run; a resumed run keeps the first one and, if its config differs, writes
+    ``config.resume-step_XXXXXXXX.yaml`` beside it. Written to a temporary name and renamed."""
+    import os
+
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    target = run_dir / "config.yaml"
+    if resumed_from is not None and target.exists():
+        if target.read_text(encoding="utf-8") == text:
+            return
+        target = run_dir / f"config.resume-{resumed_from.name}.yaml"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+
+
 # ------------------------------------------------------------------------------------ train
 def train(
     config: TrainConfig,
@@ -227,7 +297,8 @@ def train(
     ``teacher`` (align/distill), ``tokenizer``, extra ``data_sources`` (iterables or callables of
     texts/records, e.g. the eval task generators) or a ready ``dataset``. With ``resume`` the newest
     complete checkpoint of ``config.output_dir`` is continued (model, optimizer, scheduler, data
-    position, RNG); without a checkpoint the run starts fresh.
+    position, RNG); without one it is an error. A fresh run refuses an output folder that holds an
+    earlier run (:data:`RUN_ENTRIES`), before anything is written (:func:`check_run_dir`).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
@@ -235,6 +306,7 @@ def train(
     from transformers.utils import logging as hf_logging
 
     validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)
+    check_run_dir(Path(config.output_dir), resume, config.stage)  # every process, before anything is written
     hf_logging.disable_progress_bar()  # transformers' loading/saving bars would interleave with the run's own
     stage = config.stage
     # accelerate keeps one process-wide state; a second train() in the same process (tests, notebooks)
@@ -255,10 +327,7 @@ def train(
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = Path(config.output_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "config.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    accelerator.wait_for_everyone()  # every process has checked the run folder before process 0 writes there
     set_seed(config.seed)
 
     # ---- model, teacher, tokenizer, data
@@ -300,12 +369,7 @@ def train(
     # Data position: global sample index of step `base_step`'s first row. Counting consumed samples
     # (not steps) lets a resumed run change its global batch and still continue where it stopped.
     base_step, base_sample = 0, 0
-    resumed_from = latest_checkpoint(run_dir) if resume else None
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints ({latest_checkpoint(run_dir).name}): pass --resume to continue "
-            "that run, or choose another output_dir"
-        )
+    resumed_from = latest_checkpoint(run_dir) if resume else None  # check_run_dir: one exists when resuming
     if resumed_from is not None:
         state = load_checkpoint(resumed_from, model=student, restore_rng=False)
         step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
@@ -325,6 +389,9 @@ def train(
     sampler = GlobalSampler(len(dataset), config.seed)
     rows_per_micro = config.micro_batch_size
     rows_per_step = rows_per_micro * world * config.grad_accum_steps
+    if is_main:  # everything loaded: only now the run folder gets the run's files (a failed start leaves none)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_config(run_dir, config, resumed_from)
     writer = MetricsWriter(run_dir, is_main, config.tensorboard)
     if is_main:
         writer.write(
@@ -459,11 +526,14 @@ def train(
         if is_main:
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
-                student.save_pretrained(str(final_dir), state_dict=state_dict)
-            else:
-                student.save_pretrained(str(final_dir))
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(str(final_dir))
+
+            def write_final(folder: str) -> None:
+                student.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
+                if hasattr(tokenizer, "save_pretrained"):
+                    tokenizer.save_pretrained(folder)
+
+            # assembled beside and renamed in; a resumed run's earlier final/ is replaced only once the new one is whole
+            save_pretrained_atomic(student, final_dir, write=write_final, check=False)
     if is_main:
         writer.write({"event": "end", "step": step, "loss": last_loss})
     writer.close()

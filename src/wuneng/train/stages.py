@@ -42,6 +42,7 @@ __all__ = [
     "kl_divergence_sum",
     "chunked_kl_divergence_sum",
     "capture_teacher_attention",
+    "check_align_teacher",
     "reconcile_vocab_size",
     "build_objective",
 ]
@@ -302,6 +303,43 @@ def _rms_distance_sum(y_teacher: torch.Tensor, y_student: torch.Tensor, mask: to
     return (per_token * mask.to(per_token.dtype)).sum()
 
 
+#: Config fields a stage-1 teacher shares with the student converted from it (the student keeps the teacher's shapes).
+ALIGN_TEACHER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+
+
+def check_align_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Stage 1 needs the teacher the student was converted from: a Llama/Qwen2-style model
+    (``teacher.model.layers[i].self_attn``, else TypeError) of the architecture recorded in the student's
+    ``config.teacher_model_type`` and with its shapes (:data:`ALIGN_TEACHER_FIELDS`), else a ValueError naming
+    each differing field."""
+    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise TypeError(
+            f"align: the teacher ({type(teacher).__name__}) is not a Llama/Qwen2-style causal LM "
+            "(teacher.model.layers[i].self_attn); expected the model the student was converted from: set `teacher:` to that folder"
+        )
+    sc, tc = getattr(student, "config", None), getattr(teacher, "config", None)
+    expected_type, teacher_type = getattr(sc, "teacher_model_type", None), getattr(tc, "model_type", None)
+    if expected_type is not None and teacher_type != expected_type:
+        raise ValueError(
+            f"align: the teacher is a {teacher_type!r} model ({type(teacher).__name__}) but the student was converted "
+            f"from a {expected_type!r} teacher (config.teacher_model_type); expected the model the student was "
+            "converted from: set `teacher:` to that folder"
+        )
+    differing = []
+    for field in ALIGN_TEACHER_FIELDS:
+        want, got = getattr(sc, field, None), getattr(tc, field, None)
+        if field == "head_dim" and got is None and tc is not None:
+            got = tc.hidden_size // tc.num_attention_heads
+        if want is not None and got is not None and want != got:
+            differing.append(f"{field} {got} (teacher) vs {want} (student)")
+    if differing:
+        raise ValueError(
+            f"align: the teacher's shapes do not match the student's ({', '.join(differing)}); expected the model the "
+            "student was converted from: set `teacher:` to that folder"
+        )
+
+
 class AlignObjective(Objective):
     """Stage 1 (ARWKV alignment, SPEC section 5), teacher-forced across depth.
 
@@ -322,6 +360,7 @@ class AlignObjective(Objective):
                     f"the align stage needs a converted student (WuNengForCausalLM from `wuneng convert`) with "
                     f"`{attr}()`; got {type(student).__name__}"
                 )
+        check_align_teacher(student, teacher)
         object.__setattr__(self, "teacher", teacher)
         converted = list(student.converted_layer_indices())
         # Ascending: hybrid mixers share v_first, which the first converted layer publishes.

@@ -208,13 +208,16 @@ def import_rwkv_lm_checkpoint(
 ):
     """Convert an RWKV-LM ``.pth`` into a transformers directory (config.json + model.safetensors).
 
-    The directory is written beside ``out_dir`` first and moved into place, so an interrupted run leaves no
-    half-written model. An existing non-empty ``out_dir`` is an error unless ``overwrite``. Returns the model.
+    The directory is written beside ``out_dir`` first and moved into place, so an interrupted run leaves the old
+    or the new folder whole (:mod:`wuneng.saving`). An existing non-empty ``out_dir`` is an error unless
+    ``overwrite``, which replaces only a wuneng model folder; ``out_dir`` may not hold the checkpoint file.
+    Returns the model.
     """
     from ...saving import check_output_dir, save_pretrained_atomic
     from .modeling_rwkv7 import RWKV7ForCausalLM
 
-    check_output_dir(out_dir, overwrite)  # fail before reading the checkpoint
+    inputs = [path] if isinstance(path, (str, os.PathLike)) else []
+    check_output_dir(out_dir, overwrite, inputs)  # fail before reading the checkpoint
     model = RWKV7ForCausalLM.from_rwkv_lm(path, dtype=dtype, **config_kwargs)
-    save_pretrained_atomic(model, out_dir, overwrite=overwrite)
+    save_pretrained_atomic(model, out_dir, overwrite=overwrite, inputs=inputs)
     return model
