@@ -345,7 +345,7 @@ def convert_command(
     teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."),
     out_dir: str = typer.Argument(..., help="Output folder (WuNeng config.json, model.safetensors, tokenizer files)."),
     fusion: str = typer.Option("gate", help="Cross-head fusion: gate | add | concat | hymba | none."),
-    middle_heads: int = typer.Option(4, help="Middle heads H_m (0 = none)."),
+    middle_heads: int = typer.Option(None, help="Middle heads H_m (default: 4, at most the teacher's attention heads; 0 = none)."),
     state_query: bool = typer.Option(True, "--state-query/--no-state-query", help="State-query modulation q += lambda Y W^state."),
     hybrid_layers: str = typer.Option(None, help="Comma-separated layers to convert (default: all); the others keep attention."),
     arwkv: bool = typer.Option(False, "--arwkv", help="Converted layers become ARWKV RWKV-7 replacements (attention=False)."),

@@ -1,9 +1,11 @@
 """Conversion of a Llama/Qwen2 teacher into a WuNeng model (SPEC sections 3 and 5), and ``wuneng convert``.
 
 ``convert_teacher(teacher, ...)`` builds a :class:`~wuneng.models.wuneng.WuNengForCausalLM` with the teacher's
-shapes, copies every teacher tensor the student keeps (embeddings, norms, MLPs, attention of hybrid and
-attention layers, LM head) and leaves the new parameters at their function-preserving initialisation, so that
-the converted model's logits equal the teacher's (every fusion but ``hymba``). ARWKV replacement layers drop
+shapes on the ``meta`` device (no memory), gives it every teacher tensor the student keeps (embeddings, norms,
+MLPs, attention of hybrid and attention layers, LM head; copied, or shared with ``share_teacher_weights``) and
+materialises only the new parameters, at their function-preserving initialisation, so that the converted
+model's logits equal the teacher's (every fusion but ``hymba``). Peak memory is the teacher plus the student's
+new parameters (plus a copy of the teacher's tensors when they are not shared). ARWKV replacement layers drop
 the teacher's attention (or, with ``arwkv_init="radlads"``, start from copies of it).
 
 ``convert_checkpoint(teacher_dir, out_dir, ...)`` does the same from a local checkpoint directory, saves the
@@ -12,12 +14,15 @@ result with ``save_pretrained`` (safetensors) atomically, and copies the tokeniz
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Dict, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 
 from .models.wuneng import WuNengConfig, WuNengForCausalLM
+from .models.wuneng.configuration_wuneng import default_middle_heads
 from .models.wuneng.modeling_wuneng import describe_loading_problems, checkpoint_mismatches
 from .saving import check_output_dir, check_weight_files, save_pretrained_atomic
 
@@ -50,6 +55,8 @@ WUNENG_OPTIONS = (
 
 _TEACHER_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+logger = logging.getLogger(__name__)
+
 
 def check_teacher(teacher) -> str:
     """The teacher's model_type ("llama" | "qwen2"); ValueError naming the class for anything else, or for a
@@ -76,7 +83,7 @@ def config_from_teacher(
     teacher_config,
     *,
     fusion: str = "gate",
-    middle_heads: int = 4,
+    middle_heads: Optional[int] = None,
     state_query: bool = True,
     hybrid_layers: Optional[Sequence[int]] = None,
     attention: bool = True,
@@ -84,7 +91,10 @@ def config_from_teacher(
     layer_kinds: Optional[Sequence[str]] = None,
     **options,
 ) -> WuNengConfig:
-    """A :class:`WuNengConfig` with the teacher's shapes (a ``LlamaConfig`` / ``Qwen2Config``) and the options."""
+    """A :class:`WuNengConfig` with the teacher's shapes (a ``LlamaConfig`` / ``Qwen2Config``) and the options.
+
+    ``middle_heads=None`` chooses :func:`~wuneng.models.wuneng.configuration_wuneng.default_middle_heads` of the
+    teacher's attention heads (4, or fewer for a teacher with fewer heads), stores it in the config and logs it."""
     model_type = getattr(teacher_config, "model_type", None)
     if model_type not in SUPPORTED_TEACHERS.values():
         arch = (getattr(teacher_config, "architectures", None) or [type(teacher_config).__name__])[0]
@@ -105,6 +115,10 @@ def config_from_teacher(
         qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
         mlp_bias = bool(getattr(c, "mlp_bias", False))
     rope = dict(c.rope_parameters) if getattr(c, "rope_parameters", None) else None
+    if middle_heads is None:
+        middle_heads = default_middle_heads(c.num_attention_heads)
+        logger.info("middle_heads=%d (the default, at most the teacher's %d attention heads)", middle_heads,
+                    c.num_attention_heads)
     return WuNengConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -198,7 +212,7 @@ def _radlads_init(student: WuNengForCausalLM, teacher_sd: Dict[str, torch.Tensor
 def convert_teacher(
     teacher,
     fusion: str = "gate",
-    middle_heads: int = 4,
+    middle_heads: Optional[int] = None,
     state_query: bool = True,
     hybrid_layers: Optional[Sequence[int]] = None,
     *,
@@ -206,6 +220,7 @@ def convert_teacher(
     arwkv_layers: Optional[Sequence[int]] = None,
     layer_kinds: Optional[Sequence[str]] = None,
     dtype: Optional[torch.dtype] = None,
+    share_teacher_weights: bool = False,
     **options,
 ) -> WuNengForCausalLM:
     """Convert a teacher into a WuNeng model.
@@ -213,17 +228,23 @@ def convert_teacher(
     Args:
         teacher: a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` instance, or a local checkpoint directory.
         fusion: "gate" (default) | "add" | "concat" | "hymba" | "none".
-        middle_heads: H_m (default 4; 0 = no middle heads).
+        middle_heads: H_m (default None: 4, at most the teacher's attention heads; 0 = no middle heads).
         state_query: state-query modulation q += lambda Y W^state (default True).
         hybrid_layers: indices of the converted layers (default: all); the others keep the teacher's attention.
         attention: False turns the converted layers into ARWKV replacements (pure RWKV-7 time-mix).
         arwkv_layers: layers that become ARWKV replacements (beside hybrid ones).
         layer_kinds: explicit per-layer "hybrid" | "arwkv" | "attention" (instead of the three above).
         dtype: dtype of the result (default: the teacher's).
+        share_teacher_weights: the student's teacher parameters use the teacher's tensors themselves (no copy)
+            where dtype and device agree, so the conversion needs memory only for the new parameters; the
+            teacher must then not be trained or used as a reference any more (its tensors are the student's).
+            Default False: copies (a teacher object given here stays independent of the student).
         **options: any of :data:`WUNENG_OPTIONS` (ranks, ``state_query_init``, ``arwkv_head_size``,
             ``arwkv_init`` = "rwkv7" | "radlads", ``wkv_impl``).
 
-    Returns the student in eval mode if the teacher was, on the teacher's device.
+    The student is built on the ``meta`` device and only its new parameters are materialised (on the teacher's
+    device, initialised in float32 by the layers' own init, then cast to ``dtype``): no float32 copy of the
+    whole model is ever made. Returns the student in eval mode if the teacher was, on the teacher's device.
     """
     if isinstance(teacher, (str, os.PathLike)):
         teacher = load_teacher(teacher)
@@ -235,40 +256,106 @@ def convert_teacher(
     )
     teacher_sd = teacher.state_dict()
     ref = teacher_sd["model.embed_tokens.weight"]
-    device = ref.device
-    with torch.device(device):
+    device, dtype = ref.device, dtype or ref.dtype
+    with torch.device("meta"):  # shapes only; every tensor is given or materialised below
         student = WuNengForCausalLM(config)
-    student.to(dtype or ref.dtype)
     student_params = dict(student.named_parameters())
     teacher_names = student.teacher_parameter_names()
     dropped = {f"model.layers.{i}.self_attn.{p}.{w}" for i in config.arwkv_layers for p in _TEACHER_ATTN for w in ("weight", "bias")}
-    copied, problems = set(), []
-    with torch.no_grad():
-        for name, tensor in teacher_sd.items():
-            if name in dropped:
-                continue
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # tied to the embedding
-            target = student_params.get(name)
-            if target is None or name not in teacher_names:
-                problems.append(f"teacher tensor {name} has no place in the student")
-                continue
-            if target.shape != tensor.shape:
-                problems.append(f"{name}: teacher {tuple(tensor.shape)} vs student {tuple(target.shape)}")
-                continue
-            target.copy_(tensor)
-            copied.add(name)
-    missing = sorted(teacher_names - copied - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    given, problems = {}, []
+    for name, tensor in teacher_sd.items():
+        if name in dropped:
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied to the embedding
+        target = student_params.get(name)
+        if target is None or name not in teacher_names:
+            problems.append(f"teacher tensor {name} has no place in the student")
+            continue
+        if target.shape != tensor.shape:
+            problems.append(f"{name}: teacher {tuple(tensor.shape)} vs student {tuple(target.shape)}")
+            continue
+        given[name] = tensor
+    missing = sorted(teacher_names - set(given) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing:
         problems.append(f"student tensors the teacher did not provide: {', '.join(missing[:12])}")
     if problems:
         raise ValueError("conversion failed: " + "; ".join(problems))
+    for name, tensor in given.items():
+        value = tensor.detach().to(device=device, dtype=dtype)
+        if not share_teacher_weights and value.data_ptr() == tensor.data_ptr():
+            value = value.clone()
+        _set_parameter(student, name, value)
+    if config.tie_word_embeddings:
+        student.lm_head.weight = student.model.embed_tokens.weight
+    _materialise_new_parameters(student, device, dtype)
+    _rotary_from_teacher(student, teacher, device)
     if config.arwkv_init == "radlads" and config.arwkv_layers:
         _radlads_init(student, teacher_sd)
+    left = [n for n, t in list(student.named_parameters()) + list(student.named_buffers()) if t.is_meta]
+    if left:  # a part of the student that neither the teacher nor an init provides: a bug here, not bad input
+        raise RuntimeError(f"conversion left tensors without data: {', '.join(left[:12])}")
     if getattr(teacher, "generation_config", None) is not None:
         student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
     student.train(teacher.training)
     return student
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the parameter ``name`` of ``model`` (a new Parameter on its storage, requires_grad)."""
+    owner, _, attr = name.rpartition(".")
+    owner_module = model.get_submodule(owner)
+    owner_module._parameters[attr] = nn.Parameter(value, requires_grad=True)
+
+
+def _materialise_new_parameters(student: WuNengForCausalLM, device: torch.device, dtype: torch.dtype) -> None:
+    """Give data to the tensors of a meta-built student that the teacher does not provide: the mixers' new
+    parameters and buffers, initialised in float32 on ``device`` by the model's own init (the RWKV-7 / WuNeng
+    init, :meth:`~wuneng.models.wuneng.WuNengPreTrainedModel._init_weights`) and then cast to ``dtype``, one layer
+    at a time."""
+    for layer in student.model.layers:
+        mixer = layer.self_attn
+        tensors = [(m, n, t, True) for m in mixer.modules() for n, t in m._parameters.items() if t is not None]
+        tensors += [(m, n, t, False) for m in mixer.modules() for n, t in m._buffers.items() if t is not None]
+        fresh = [(m, n, t.is_floating_point(), is_param) for m, n, t, is_param in tensors if t.is_meta]
+        if not fresh:
+            continue  # an attention layer: the teacher's tensors only
+        for module, name, floating, is_param in fresh:
+            meta = getattr(module, name)
+            value = torch.empty(meta.shape, dtype=torch.float32 if floating else meta.dtype, device=device)
+            if floating:
+                value.fill_(float("nan"))  # so that a tensor the init does not set is caught below
+            if is_param:
+                module._parameters[name] = nn.Parameter(value, requires_grad=True)
+            else:
+                module._buffers[name] = value
+        student._init_weights(mixer)
+        unset = [f"{type(module).__name__}.{name}" for module, name, floating, _ in fresh
+                 if floating and bool(getattr(module, name).isnan().any())]
+        if unset:  # a bug of the model's init, not bad input
+            raise RuntimeError(f"conversion: the init of layer {layer.layer_idx} left {', '.join(unset)} unset")
+        with torch.no_grad():
+            for module, name, floating, is_param in fresh:
+                if floating and dtype != torch.float32:
+                    value = getattr(module, name).detach().to(dtype)
+                    if is_param:
+                        module._parameters[name] = nn.Parameter(value, requires_grad=True)
+                    else:
+                        module._buffers[name] = value
+
+
+def _rotary_from_teacher(student: WuNengForCausalLM, teacher, device: torch.device) -> None:
+    """A real rotary embedding for the meta-built student, with the teacher's frequency buffers (their values and
+    dtype: float32 in a teacher loaded in bf16, bf16 in one cast with ``.to``), so that positions are encoded
+    exactly as the teacher encodes them; recomputed from the config where the teacher has no such buffer."""
+    with torch.device(device):
+        rotary = type(student.model.rotary_emb)(config=student.config)
+    source = getattr(getattr(teacher, "model", None), "rotary_emb", None)
+    for name, buffer in list(rotary.named_buffers(recurse=False)):
+        theirs = getattr(source, name, None)
+        if isinstance(theirs, torch.Tensor) and theirs.shape == buffer.shape:
+            rotary._buffers[name] = theirs.detach().to(device).clone()
+    student.model.rotary_emb = rotary
 
 
 def convert_checkpoint(
@@ -288,7 +375,8 @@ def convert_checkpoint(
     teacher_dir = os.fspath(teacher_dir)
     check_output_dir(out_dir, overwrite, inputs=[teacher_dir])  # fail before the (slow) conversion; never over the teacher
     teacher = load_teacher(teacher_dir, dtype=dtype)
-    student = convert_teacher(teacher, dtype=dtype, **kwargs)
+    # the teacher was loaded here and is dropped right after: the student takes its tensors without a copy
+    student = convert_teacher(teacher, dtype=dtype, share_teacher_weights=True, **kwargs)
     del teacher
     save_pretrained_atomic(student, out_dir, overwrite=overwrite, tokenizer_from=teacher_dir)
     return student

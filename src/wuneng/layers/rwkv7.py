@@ -72,7 +72,10 @@ def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor, unbind: 
 
 
 def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
-    """Orthogonal init as RWKV-LM does it: gain * sqrt(rows / cols) when rows > cols. Zero gain zeroes."""
+    """Orthogonal init as RWKV-LM does it: gain * sqrt(rows / cols) when rows > cols. Zero gain zeroes.
+    A weight on the meta device is left alone (no data; no random numbers drawn)."""
+    if weight.is_meta:  # a model built on the meta device (conversion) initialises its real tensors later
+        return weight
     if gain == 0:
         return nn.init.zeros_(weight)
     rows, cols = weight.shape

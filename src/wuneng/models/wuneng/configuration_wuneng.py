@@ -9,7 +9,10 @@ from transformers import PretrainedConfig
 from ...layers.hybrid import FUSIONS, MIXER_KINDS, check_state_head_size
 from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
 
-__all__ = ["WuNengConfig", "resolve_layer_kinds", "ARWKV_INITS"]
+__all__ = ["WuNengConfig", "resolve_layer_kinds", "ARWKV_INITS", "DEFAULT_MIDDLE_HEADS", "default_middle_heads"]
+
+#: the paper's number of middle heads H_m; a teacher with fewer attention heads gets one per head
+DEFAULT_MIDDLE_HEADS = 4
 
 #: how ARWKV replacement layers are initialised: the RWKV-7 init (SPEC section 2), or RADLADS-style copies of the
 #: teacher's attention projections (W_r <- W_q, W_k <- repeat_kv(W_k), W_v <- repeat_kv(W_v), W_o <- W_o)
@@ -18,6 +21,11 @@ ARWKV_INITS = ("rwkv7", "radlads")
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def default_middle_heads(num_attention_heads: int) -> int:
+    """H_m when none is given: :data:`DEFAULT_MIDDLE_HEADS`, at most the number of attention heads H_q."""
+    return min(DEFAULT_MIDDLE_HEADS, num_attention_heads)
 
 
 def resolve_layer_kinds(
@@ -84,7 +92,8 @@ class WuNengConfig(PretrainedConfig):
         layer_kinds: per-layer "hybrid" | "arwkv" | "attention" (default: all "hybrid"). The constructor also
             accepts ``hybrid_layers``, ``arwkv_layers`` and ``attention`` (see :func:`resolve_layer_kinds`).
         fusion: cross-head fusion, one of "gate" (default), "add", "concat", "hymba", "none".
-        middle_heads: H_m, number of middle heads (default 4; 0 = off).
+        middle_heads: H_m, number of middle heads (default None: 4, or H_q when the teacher has fewer heads,
+            :func:`default_middle_heads`; the chosen number is stored; 0 = off).
         state_query: multi-token state processing q_h += lambda_h Y_h W^state (default True).
         state_query_init: initial lambda (default 0.0, function-preserving).
         receptance_rank, gate_rank, middle_rank: ranks of R1 R2, G1 G2, P1 P2 (default 64 each).
@@ -119,7 +128,7 @@ class WuNengConfig(PretrainedConfig):
     teacher_model_type: str | None = None
     layer_kinds: list | None = None
     fusion: str = "gate"
-    middle_heads: int = 4
+    middle_heads: int | None = None
     state_query: bool = True
     state_query_init: float = 0.0
     receptance_rank: int = 64
@@ -156,6 +165,8 @@ class WuNengConfig(PretrainedConfig):
             raise ValueError(f"WuNengConfig: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"WuNengConfig: unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+        if self.middle_heads is None:
+            self.middle_heads = default_middle_heads(self.num_attention_heads)
         if not _is_int(self.middle_heads) or not 0 <= self.middle_heads <= self.num_attention_heads:
             raise ValueError(
                 f"WuNengConfig: middle_heads must be an int in [0, num_attention_heads={self.num_attention_heads}], "

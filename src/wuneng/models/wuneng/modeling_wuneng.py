@@ -318,7 +318,7 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
 
     # -- conversion and bookkeeping ----------------------------------------------------------------------
     @classmethod
-    def from_teacher(cls, teacher, fusion: str = "gate", middle_heads: int = 4, state_query: bool = True,
+    def from_teacher(cls, teacher, fusion: str = "gate", middle_heads: Optional[int] = None, state_query: bool = True,
                      hybrid_layers=None, **options) -> "WuNengForCausalLM":
         """Convert a Llama/Qwen2 teacher (an in-memory ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` or a local
         checkpoint directory). See :func:`wuneng.convert.convert_teacher` for every option."""
