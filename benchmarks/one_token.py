@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from wuneng.layers.low_rank import derived_weights_session
 from wuneng.layers.rwkv7 import TimeMix
 from wuneng.ops.wkv7 import one_token
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
@@ -68,7 +69,7 @@ def main() -> None:
                 x, v_first = torch.randn(batch, 1, width), torch.randn(batch, 1, width)
                 state = (torch.randn(batch, width), torch.randn(batch, width // 64, 64, 64))
                 times = {}
-                with torch.no_grad():
+                with torch.no_grad(), derived_weights_session():  # as a model forward with a cache does
                     for impl in ("auto", "chunked"):
                         mixer.wkv_impl = impl
                         # measure the kernel wherever it applies

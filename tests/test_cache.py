@@ -200,3 +200,31 @@ def test_growing_kv_layer_crop_accepts_a_positive_length_like_dynamic_layer_max_
         assert torch.equal(kg, kr) and torch.equal(vg, vr), length
     with pytest.raises(TypeError, match="int number of positions"):
         GrowingKVLayer().crop(2.0)
+
+
+def test_wuneng_model_keeps_a_given_cache_with_use_cache_false_like_llama():
+    """transformers' LlamaModel reads and updates a cache passed as past_key_values even with use_cache=False
+    (use_cache only decides whether a new cache is made) and returns it; WuNengModel does the same: the same
+    cache object comes back holding the prompt, and continuing from it equals the full forward. Without a cache,
+    use_cache=False returns none, for both."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from wuneng.models.wuneng import WuNengForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    )).eval()  # fmt: skip
+    student = WuNengForCausalLM.from_teacher(teacher, middle_heads=1).eval()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    for model, cache in ((teacher, DynamicCache()), (student, student.new_cache())):
+        name = type(model).__name__
+        with torch.no_grad():
+            full = model(ids, use_cache=False)
+            first = model(ids[:, :6], past_key_values=cache, use_cache=False)
+            assert first.past_key_values is cache and cache.get_seq_length() == 6, name
+            rest = model(ids[:, 6:], past_key_values=cache, use_cache=False)
+        assert rest.past_key_values is cache and cache.get_seq_length() == 9, name
+        assert full.past_key_values is None, name
+        assert (rest.logits - full.logits[:, 6:]).abs().max() <= 1e-5 * full.logits.abs().max(), name

@@ -33,7 +33,10 @@ API summary (all a model needs):
   input) is copied, so that the cache never keeps the activations it was cut from (:func:`owned_state`).
 - ``advance(num_tokens)``: the model calls it once per forward; ``get_seq_length()`` returns the total.
 - ``reorder_cache(beam_idx)``, ``batch_select_indices(idx)``, ``batch_repeat_interleave(r)``: batch ops.
-- ``reset()`` forgets everything; ``detach_()`` cuts the autograd graph (truncated BPTT);
+- ``derived_weights``: the weights the layers derive from their parameters (stacked LoRAs) for this decoding
+  session; a model's forward builds them at its first no-grad call with this cache and reuses them per token
+  (:mod:`wuneng.layers.low_rank` gives the rule). Not counted by ``nbytes()`` (they are parameter-sized).
+- ``reset()`` forgets everything (derived weights included); ``detach_()`` cuts the autograd graph (truncated BPTT);
   ``nbytes()`` the memory held (the storage behind every tensor, each storage counted once); ``batch_size`` the batch of the stored states (-1 when empty).
 """
 
@@ -43,6 +46,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicLayer
+
+from .layers.low_rank import DerivedWeights
 
 __all__ = ["RecurrentStateCache", "GrowingKVLayer", "RWKV7_STATE_NAMES", "owned_state", "storage_nbytes"]
 
@@ -227,6 +232,9 @@ class RecurrentStateCache(Cache):
         super().__init__(layers=list(layers))
         self.states: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.seen_tokens = 0
+        # the weights the layers derive from their parameters for this decoding session (stacked LoRAs...):
+        # built at the first no-grad forward with this cache, reused per token (wuneng.layers.low_rank)
+        self.derived_weights = DerivedWeights()
 
     # -- state access ---------------------------------------------------------------------------------
     def _check_layer(self, layer_idx: int) -> None:
@@ -328,6 +336,7 @@ class RecurrentStateCache(Cache):
         for layer_states in self.states:
             layer_states.clear()
         self.seen_tokens = 0
+        self.derived_weights.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Only ``crop(0)`` is possible: a recurrent state keeps no per-token history to roll back."""

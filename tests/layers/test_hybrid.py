@@ -20,6 +20,7 @@ from wuneng.layers.hybrid import (
 )
 from transformers.cache_utils import DummyLayer, DynamicLayer
 import wuneng.layers.hybrid as hybrid_mod
+from wuneng.layers.low_rank import derived_weights_session
 from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
 from _helpers import perturb_
@@ -189,7 +190,7 @@ def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     results = []
     for grad in (True, False):
         cache, outs = _cache("hybrid"), []
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), derived_weights_session(cache.derived_weights):  # as the model does
             for start, stop in ((0, T), (T, T + 1), (T + 1, T + 2)):
                 pe = rope(stop - start, offset=start, batch=B)
                 out, _ = m(u[:, start:stop], pe, mask[:, :stop], cache, v_first[:, start:stop])
@@ -203,7 +204,7 @@ def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     for name in ("time_shift", "wkv"):
         ref = cache_g.get_state(0, name).detach()
         assert (cache_n.get_state(0, name) - ref).abs().max() <= 1e-12 * ref.abs().max(), name
-    assert "low_rank_bank" in m.__dict__.get("_derived_weights", {})  # the inference path did run (prefill)
+    assert cache_n.derived_weights.holds(m, "low_rank_bank")  # the inference path did run (prefill)
     assert len(fused_calls) == (2 if cpu_kernel_available() else 0)  # and the two decode steps took the fused kernel
 
 

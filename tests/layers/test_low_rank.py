@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wuneng.layers.low_rank import LowRankMap, clear_derived_weights, derived_weight, low_rank_bank
+from wuneng.layers.low_rank import LowRankMap, derived_weight, derived_weights_session, low_rank_bank
 
 
 def one_by_one(m: LowRankMap, x: torch.Tensor) -> torch.Tensor:
@@ -51,24 +51,24 @@ def test_bank_equals_each_map_alone(lead):
 
 
 def test_stacked_weights_follow_in_place_updates():
-    """The stacked copy is kept between calls and rebuilt when a source parameter changes in place (an
-    optimizer step, load_state_dict)."""
+    """Within a session the stacked copy is kept between calls and rebuilt when a source parameter changes in
+    place (an optimizer step, load_state_dict); outside a session it is built every call."""
     owner, maps = make_maps()
     x = torch.randn(len(maps), 2, 12, dtype=torch.float64)
-    before = low_rank_bank(owner, "bank", maps, x)
-    stacked = owner._derived_weights["bank"][1][0]
-    low_rank_bank(owner, "bank", maps, x)
-    assert owner._derived_weights["bank"][1][0] is stacked  # reused
-    with torch.no_grad():
-        maps[2].second.mul_(2.0)
-    after = low_rank_bank(owner, "bank", maps, x)
-    assert owner._derived_weights["bank"][1][0] is not stacked
+    with derived_weights_session() as store:
+        before = low_rank_bank(owner, "bank", maps, x)
+        stacked = store._store[owner]["bank"][1][0]
+        low_rank_bank(owner, "bank", maps, x)
+        assert store._store[owner]["bank"][1][0] is stacked and store.builds == 1  # reused
+        with torch.no_grad():
+            maps[2].second.mul_(2.0)
+        after = low_rank_bank(owner, "bank", maps, x)
+        assert store._store[owner]["bank"][1][0] is not stacked and store.builds == 2
     ref = one_by_one(maps[2], x[2]).detach()
     assert (after["gate"] - ref).abs().max() <= 1e-13 * ref.abs().max()
     assert not torch.allclose(after["gate"], before["gate"])
-    parent = nn.Sequential(owner)
-    assert clear_derived_weights(parent) == 1 and "_derived_weights" not in owner.__dict__
-    assert torch.equal(low_rank_bank(owner, "bank", maps, x)["gate"], after["gate"])  # rebuilt on demand
+    assert "_derived_weights" not in owner.__dict__  # nothing kept on the module itself
+    assert torch.equal(low_rank_bank(owner, "bank", maps, x)["gate"], after["gate"])  # no session: built anew
 
 
 def test_derived_weight_is_not_cached_under_autograd():

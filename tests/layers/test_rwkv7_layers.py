@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wuneng.layers.low_rank import derived_weights_session
 from wuneng.layers.rwkv7 import ChannelMix, TimeMix, lora_ranks
 from _helpers import perturb_, rel_err
 
@@ -209,11 +210,11 @@ def test_inference_path_equals_autograd_path(layer_idx):
     mask[0, :2] = 0
     results = []
     for grad in (True, False):
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), derived_weights_session() as store:
             o1, v1, state = tm(x[:, :6], None if vf is None else vf[:, :6], mask=mask)
             o2, v2, state = tm(x[:, 6:], None if vf is None else vf[:, 6:], state=state)
         results.append([t.detach() for t in (o1, v1, o2, v2, state[0], state[1])])
-    assert "low_rank_bank" in tm.__dict__["_derived_weights"]
+    assert store.holds(tm, "low_rank_bank")  # the no-grad pass did take the batched path
     for i, (a, b) in enumerate(zip(*results)):
         if i < 2:  # the prefill: the real tokens
             a, b = a[mask.bool()], b[mask.bool()]

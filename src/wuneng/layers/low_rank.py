@@ -1,4 +1,4 @@
-"""Low-rank maps evaluated together, and weights derived from parameters kept between calls.
+"""Low-rank maps evaluated together, and weights derived from parameters kept for one decoding session.
 
 An RWKV-7 time-mix has four LoRA-shaped maps (decay, in-context rate, value residual, gate) and a WuNeng hybrid
 mixer three more (receptance correction, fusion gate, middle heads), each ``act_out(act_mid(x_i A_i) B_i + c_i)``
@@ -8,18 +8,32 @@ batched matmuls on weights stacked once (adjacent maps of equal rank together; w
 largest): ``bmm``, the middle activations in place, ``baddbmm`` with the biases, the output sigmoids in place.
 
 It runs without autograd only (inference, decoding); training keeps the plain per-map ops, which are the
-reference the tests compare it with. The stacked weights live on the owning module until one of the source
-parameters changes (:func:`derived_weight`) or :func:`clear_derived_weights` drops them.
+reference the tests compare it with.
+
+The rule for derived weights (stacked LoRAs, stacked token-shift mixes; :func:`derived_weight`): they live in
+a :class:`DerivedWeights` store for one *decoding session* and nowhere else. A model's forward opens the session
+of its cache (``RecurrentStateCache.derived_weights``: the weights are built at the first no-grad call that uses
+the cache, reused for every token decoded with it, freed with it); a forward without a cache opens a fresh
+session, so every such call (evaluation, a prefill without a cache, a training step's no-grad evaluation)
+builds them from the parameters as they are at that call. A layer called outside any session builds them every
+call. Within a session an entry is also rebuilt when a source parameter is replaced or changes in place (its
+data pointer, in-place version, dtype or device: optimizer steps, ``load_state_dict``, ``.to()``). The one thing
+a session does not see is a write through ``.data`` (it bumps no version) *while the session's cache is in use*:
+after editing weights that way (EMA swaps, weight averaging, surgery), continue with a new cache, or call
+``cache.reset()``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+import contextlib
+import contextvars
+import weakref
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ["LowRankMap", "derived_weight", "low_rank_bank", "clear_derived_weights"]
+__all__ = ["LowRankMap", "DerivedWeights", "derived_weights_session", "derived_weight", "low_rank_bank"]
 
 
 class LowRankMap(NamedTuple):
@@ -39,30 +53,65 @@ class LowRankMap(NamedTuple):
 _MID = {None: None, "tanh": torch.Tensor.tanh_, "sigmoid": torch.Tensor.sigmoid_}
 
 
+class DerivedWeights:
+    """The derived weights of one decoding session: ``{module: {slot: (key, value)}}`` (modules held weakly).
+
+    A :class:`~wuneng.cache.RecurrentStateCache` owns one (``cache.derived_weights``); a model's forward makes it
+    the current store with :func:`derived_weights_session`. ``builds`` counts the weights built into it."""
+
+    def __init__(self) -> None:
+        self._store: "weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
+        self.builds = 0
+
+    def get(self, owner: nn.Module, slot: str, key: tuple, build: Callable[[], object]):
+        slots = self._store.get(owner)
+        if slots is None:
+            slots = self._store[owner] = {}
+        hit = slots.get(slot)
+        if hit is None or hit[0] != key:
+            hit = slots[slot] = (key, build())
+            self.builds += 1
+        return hit[1]
+
+    def holds(self, owner: nn.Module, slot: str) -> bool:
+        """Whether ``owner``'s weight ``slot`` is kept in this store."""
+        return slot in self._store.get(owner, {})
+
+    def clear(self) -> None:
+        """Forget every weight (they are rebuilt at the next use)."""
+        self._store = weakref.WeakKeyDictionary()
+
+    def __len__(self) -> int:
+        return sum(len(slots) for slots in self._store.values())
+
+
+_CURRENT: "contextvars.ContextVar[Optional[DerivedWeights]]" = contextvars.ContextVar("wuneng_derived_weights", default=None)
+
+
+@contextlib.contextmanager
+def derived_weights_session(store: Optional[DerivedWeights] = None) -> Iterator[DerivedWeights]:
+    """Make ``store`` (default: a new, empty one) where :func:`derived_weight` keeps what it builds, for the
+    duration of the ``with`` block (per thread / async context). Yields the store."""
+    store = DerivedWeights() if store is None else store
+    token = _CURRENT.set(store)
+    try:
+        yield store
+    finally:
+        _CURRENT.reset(token)
+
+
 def derived_weight(owner: nn.Module, slot: str, sources: Sequence[torch.Tensor], build: Callable[[], object]):
-    """``build()``, cached on ``owner`` under ``slot`` until a source tensor changes (its data pointer or in-place
-    version: optimizer steps, ``load_state_dict``, ``.to()``) or its dtype/device. Without caching when autograd
-    would record through the sources (the result must then be part of the graph)."""
+    """``build()``, kept under (``owner``, ``slot``) in the current :func:`derived_weights_session` store and
+    rebuilt when a source tensor changes (its data pointer, in-place version, dtype or device). Built every call
+    outside a session, and when autograd would record through the sources (the result must then be part of the
+    graph). See the module docstring for when weights are rebuilt."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return build()
+    store = _CURRENT.get()
+    if store is None:
+        return build()
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    cache = owner.__dict__.setdefault("_derived_weights", {})
-    hit = cache.get(slot)
-    if hit is None or hit[0] != key:
-        hit = (key, build())
-        cache[slot] = hit
-    return hit[1]
-
-
-def clear_derived_weights(module: nn.Module) -> int:
-    """Drop every cached derived weight in ``module`` and its submodules (e.g. after inference, before training
-    a large model: the stacked copies hold about as much memory as the LoRAs themselves). Returns how many
-    modules held some. They are rebuilt on the next no-grad call."""
-    cleared = 0
-    for sub in module.modules():
-        if sub.__dict__.pop("_derived_weights", None):
-            cleared += 1
-    return cleared
+    return store.get(owner, slot, key, build)
 
 
 def _runs(flags) -> tuple:
@@ -109,8 +158,8 @@ def low_rank_bank(owner: nn.Module, slot: str, maps: Sequence[LowRankMap], input
 
     Equal (up to float rounding of the summation order) to evaluating each map with its own matmuls. Adjacent
     maps of equal rank share one ``bmm`` / ``baddbmm`` pair (order maps by rank to get fewer pairs); their
-    stacked weights are cached on ``owner`` under ``slot`` (:func:`derived_weight`), output widths below the
-    widest of a pair read zero padding."""
+    stacked weights are kept under (``owner``, ``slot``) for the current session (:func:`derived_weight`), output
+    widths below the widest of a pair read zero padding."""
     if inputs.shape[0] != len(maps):
         raise ValueError(f"low_rank_bank: inputs has {inputs.shape[0]} rows for {len(maps)} maps")
     sources = [t for m in maps for t in (m.first, m.second, m.bias) if t is not None]

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ...auto_map import AutoMapMixin
 from ...cache import RecurrentStateCache
+from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, orthogonal_
 from .configuration_rwkv7 import RWKV7Config
 from .convert_rwkv_lm import (
@@ -258,16 +259,18 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 mask = None  # no padding: skip the masking work
         all_hidden = () if output_hidden_states else None
         v_first = None
-        for i, block in enumerate(self.blocks):
-            if output_hidden_states:
-                all_hidden += (hidden,)
-            states = (None, None, None)
-            if past_key_values is not None:
-                states = tuple(past_key_values.get_state(i, name) for name in (TIME_SHIFT, WKV, CHANNEL_SHIFT))
-            hidden, v_first, *new_states = block(hidden, v_first, *states, mask)
-            if use_cache:
-                for name, t in zip((TIME_SHIFT, WKV, CHANNEL_SHIFT), new_states):
-                    past_key_values.set_state(i, name, t)
+        # weights derived from parameters live for the cache's decoding session, or for this call without one
+        with derived_weights_session(None if past_key_values is None else past_key_values.derived_weights):
+            for i, block in enumerate(self.blocks):
+                if output_hidden_states:
+                    all_hidden += (hidden,)
+                states = (None, None, None)
+                if past_key_values is not None:
+                    states = tuple(past_key_values.get_state(i, name) for name in (TIME_SHIFT, WKV, CHANNEL_SHIFT))
+                hidden, v_first, *new_states = block(hidden, v_first, *states, mask)
+                if use_cache:
+                    for name, t in zip((TIME_SHIFT, WKV, CHANNEL_SHIFT), new_states):
+                        past_key_values.set_state(i, name, t)
         hidden = self.ln_out(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)

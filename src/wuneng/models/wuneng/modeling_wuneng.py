@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from ...auto_map import AutoMapMixin
 from ...cache import GrowingKVLayer, RecurrentStateCache
 from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
+from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
 from .configuration_wuneng import WuNengConfig
 
@@ -192,7 +193,8 @@ class WuNengModel(WuNengPreTrainedModel):
         B, T, _ = inputs_embeds.shape
         if use_cache is None:  # a training forward does not need (or keep alive) an inference cache
             use_cache = self.config.use_cache and not self.training
-        if self.gradient_checkpointing and self.training and use_cache:
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing and use_cache:
             use_cache = False  # recomputation would write the cache twice
         if past_key_values is not None and not isinstance(past_key_values, RecurrentStateCache):
             raise TypeError(
@@ -201,7 +203,9 @@ class WuNengModel(WuNengPreTrainedModel):
             )
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
-        cache = past_key_values if use_cache else None
+        # a given cache is read and updated even with use_cache=False, as transformers' Llama does (use_cache only
+        # decides whether a new one is made); not under activation checkpointing, which runs the layers twice
+        cache = None if checkpointing else past_key_values
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != past + T:
@@ -221,17 +225,19 @@ class WuNengModel(WuNengPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
         v_first: Dict[str, Optional[torch.Tensor]] = {}
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden_states, vf = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, attention_mask, None, v_first.get(layer.kind)
-                )
-            else:
-                hidden_states, vf = layer(hidden_states, position_embeddings, attention_mask, cache, v_first.get(layer.kind))
-            if layer.kind not in v_first and vf is not None:
-                v_first[layer.kind] = vf
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
+        # weights derived from parameters live for the cache's decoding session, or for this call without one
+        with derived_weights_session(None if cache is None else cache.derived_weights):
+            for layer in self.layers:
+                if checkpointing:
+                    hidden_states, vf = self._gradient_checkpointing_func(
+                        layer.__call__, hidden_states, position_embeddings, attention_mask, None, v_first.get(layer.kind)
+                    )
+                else:
+                    hidden_states, vf = layer(hidden_states, position_embeddings, attention_mask, cache, v_first.get(layer.kind))
+                if layer.kind not in v_first and vf is not None:
+                    v_first[layer.kind] = vf
+                if all_hidden is not None:
+                    all_hidden.append(hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden[-1] = hidden_states
