@@ -173,6 +173,7 @@ def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = N
         )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
+    check_weight_files(path)  # a truncated or corrupt safetensors file: one line naming it
     problems = checkpoint_mismatches(path, skeleton, bool(getattr(cfg, "tie_word_embeddings", False)))
     if problems:
         raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
@@ -187,7 +188,6 @@ def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = N
         raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
     check_teacher(teacher)
     return teacher
-    check_weight_files(path)  # a truncated or corrupt safetensors file: one line naming it
 
 
 def _radlads_init(student: WuNengForCausalLM, teacher_sd: Dict[str, torch.Tensor]) -> None:
