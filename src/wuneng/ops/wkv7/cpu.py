@@ -10,14 +10,28 @@ materialised. Python cannot run it fast; ``csrc/wkv7_cpu.c`` does, for float32 a
   the chunked form's dozens of [L, L] / [L, N] intermediates.
 - Backward: from the last chunk to the first, recompute the chunk's states from its checkpoint (one
   state row at a time: rows evolve independently) and run the row backward through the chunk.
-- Threads: heads are split across ``torch.get_num_threads()`` Python threads; ctypes releases the GIL
-  for the duration of a C call, so they run in parallel.
+- Threads: heads are split across ``torch.get_num_threads()`` Python threads (a pool created on first use,
+  per process); ctypes releases the GIL for the duration of a C call, so they run in parallel.
 
-Build: the first call compiles the C file with the system compiler (``$CC`` or ``cc``; ``-O3
--march=native``) into ``$WUNENG_KERNEL_CACHE`` (default ``~/.cache/wuneng/kernels``), named by a hash of
-the source, the flags, the compiler and the CPU, written atomically (temp file + rename), so a later
-process loads it at once. Without a compiler (or with ``WUNENG_CPU_KERNEL=0``) :func:`cpu_kernel_available`
-is False and ``wkv7(impl="auto")`` uses the chunked form; ``impl="cpu"`` then raises with the reason.
+Build and load (tests in ``tests/ops/test_kernel_build.py``):
+
+- Cache folder: ``$WUNENG_KERNEL_CACHE`` if set, else ``$XDG_CACHE_HOME/wuneng/kernels`` (``~/.cache`` when
+  XDG_CACHE_HOME is unset or not absolute). The library is named by a key hashed from the sources, the flags,
+  the CPU (``-march=native``) and the machine type, not from the compiler: a library already there is loaded
+  without running (or having) a compiler. The first build runs ``$CC`` (or ``cc``; ``-O3 -march=native``) and
+  records the compiler's identity in a ``.json`` beside the library; to rebuild with another compiler, delete
+  the folder.
+- Concurrent processes: the build runs under an exclusive ``fcntl.flock`` on a lock file beside the library;
+  the first process builds (temp file, then an atomic rename), the others wait, then load its result.
+- Trust: the folder and the library must belong to this user and not be writable by group or others, else
+  they are refused (a library there runs as this user's code); the loaded library must report this
+  package's argument-layout version and the key it was built for (:mod:`._abi`), else it is refused.
+- Unavailable (no compiler, build failed, folder not usable, refused, ``WUNENG_CPU_KERNEL=0``): one warning
+  through ``logging`` per process saying why; :func:`cpu_kernel_available` is False, ``wkv7(impl="auto")``
+  and the other dispatchers take their PyTorch paths, and ``impl="cpu"`` raises with the reason
+  (:func:`cpu_kernel_error`).
+- Fork: the thread pool and the lock are replaced in a forked child (``os.register_at_fork``), so a
+  DataLoader worker or a ``multiprocessing`` fork child can call every kernel.
 
 Tested against :func:`~wuneng.ops.wkv7.naive.wkv7_reference` in float64, values and gradients.
 """
@@ -28,8 +42,12 @@ import concurrent.futures
 import ctypes
 import functools
 import hashlib
+import json
+import logging
 import os
 import platform
+import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -38,18 +56,31 @@ from typing import Optional
 
 import torch
 
+from ._abi import KERNEL_ABI, check_library
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not locked across processes
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 #: tokens between two stored states (the backward recomputes at most this many steps per row)
 CHECKPOINT_LEN = 16
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("wkv7_cpu.c", "wkv7_cpu_impl.h", "readout_impl.h", "one_token_impl.h")
+_SOURCES = ("wkv7_cpu.c", "args.h", "wkv7_cpu_impl.h", "readout_impl.h", "one_token_impl.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _build_error: Optional[str] = None
+_warned = False  # the "C kernels unavailable" warning is logged once per process
 _lock = threading.Lock()
+
+
+class KernelUnavailable(RuntimeError):
+    """Why the C library cannot be used (the message is the reason shown to the user)."""
 
 
 def _cpu_signature() -> str:
@@ -67,49 +98,144 @@ def _compiler() -> list:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("WUNENG_KERNEL_CACHE", Path.home() / ".cache" / "wuneng" / "kernels"))
+    """``$WUNENG_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/wuneng/kernels`` (``~/.cache`` if unset or relative)."""
+    override = os.environ.get("WUNENG_KERNEL_CACHE")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "wuneng" / "kernels"
 
 
-def _build() -> Path:
-    """Compile the kernel unless a matching build is cached; return the shared library's path."""
-    cc = _compiler()
-    version = subprocess.run(cc + ["--version"], capture_output=True, text=True, check=True).stdout
+@functools.lru_cache(maxsize=1)
+def _kernel_key() -> str:
+    """Hash of what the library's code depends on: sources, flags, CPU, machine type and ABI (no compiler run)."""
     digest = hashlib.sha256()
     for name in _SOURCES:
         digest.update((_CSRC / name).read_bytes())
-    for part in (" ".join(_CFLAGS), version, _cpu_signature(), platform.machine()):
+    for part in (" ".join(_CFLAGS), _cpu_signature(), platform.machine(), str(KERNEL_ABI)):
         digest.update(part.encode())
-    out = _cache_dir() / f"wkv7_cpu_{digest.hexdigest()[:20]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    return digest.hexdigest()[:20]
+
+
+def _library_path() -> Path:
+    return _cache_dir() / f"wkv7_cpu_{_kernel_key()}.so"
+
+
+def _refuse_if_shared(path: Path, what: str) -> None:
+    """Raise KernelUnavailable when ``path`` belongs to another user or is writable by group or others."""
+    st = path.stat()
+    uid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
+    if st.st_uid != uid:
+        problem = f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise KernelUnavailable(
+        f"kernel cache {what} {path} {problem}; refusing to load code from it "
+        "(chmod go-w it, or set WUNENG_KERNEL_CACHE to a private folder)"
+    )
+
+
+def _compile(out: Path) -> None:
+    """Compile the library into ``out`` (temp file in the same folder, then an atomic rename)."""
+    cc = _compiler()
+    if not cc or shutil.which(cc[0]) is None:
+        raise KernelUnavailable(f"no C compiler found ({' '.join(cc) or '$CC is empty'} is not on PATH; set CC)")
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
+        key_flag = f'-DWUNENG_KERNEL_KEY="{_kernel_key()}"'
         proc = subprocess.run(
-            cc + _CFLAGS + ["-o", tmp, str(_CSRC / "wkv7_cpu.c"), "-lm"], capture_output=True, text=True
+            cc + _CFLAGS + [key_flag, "-o", tmp, str(_CSRC / "wkv7_cpu.c"), "-lm"], capture_output=True, text=True
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+            raise KernelUnavailable(f"build failed: {' '.join(cc)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # whatever the compiler and umask made of it: not writable by others
+        version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout.strip().splitlines()
+        info = {"compiler": cc, "version": version[0] if version else "", "flags": _CFLAGS, "key": _kernel_key()}
+        info_tmp = out.with_suffix(".json.tmp")
+        info_tmp.write_text(json.dumps(info, indent=1) + "\n")
+        os.replace(info_tmp, out.with_suffix(".json"))
         os.replace(tmp, out)  # atomic: another process sees no file or a whole one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _build() -> Path:
+    """The path of a trusted library for this key: found in the cache (no compiler needed), or built there now
+    under a cross-process lock. Raises KernelUnavailable with the reason."""
+    out = _library_path()
+    folder = out.parent
+    try:
+        if folder.is_dir():
+            _refuse_if_shared(folder, "folder")
+            if out.exists():
+                _refuse_if_shared(out, "library")
+                return out
+        try:
+            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as err:
+            raise KernelUnavailable(f"kernel cache folder {folder} cannot be created ({err}); set WUNENG_KERNEL_CACHE") from err
+        _refuse_if_shared(folder, "folder")
+        lock_path = out.with_suffix(".lock")
+        try:
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise KernelUnavailable(
+                f"kernel cache folder {folder} is not writable ({err.strerror}); set WUNENG_KERNEL_CACHE to a "
+                "writable private folder"
+            ) from err
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another process may be building the same key: wait for it
+            if not out.exists():
+                try:
+                    _compile(out)
+                except OSError as err:
+                    raise KernelUnavailable(f"kernel cache folder {folder} is not writable ({err}); set WUNENG_KERNEL_CACHE") from err
+            _refuse_if_shared(out, "library")
+        finally:
+            os.close(lock_fd)  # releases the lock
+    except OSError as err:  # stat of a folder or file that vanished, a permission error on the way
+        raise KernelUnavailable(f"kernel cache {folder} not usable ({err})") from err
     return out
+
+
+def _warn_unavailable(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(
+            "wuneng C kernels unavailable (%s); the WKV-7, read-out and one-token ops take their slower PyTorch "
+            "paths", reason,
+        )
 
 
 @functools.lru_cache(maxsize=1)
 def _library():
-    """The loaded kernel library, or None (reason in ``_build_error``)."""
+    """The loaded kernel library, or None (reason in ``_build_error``, logged once as a warning)."""
     global _build_error
+    _build_error = None
     if os.environ.get("WUNENG_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
         _build_error = "disabled by WUNENG_CPU_KERNEL=0"
-        return None
-    try:
-        with _lock:
-            lib = ctypes.CDLL(str(_build()))
-    except Exception as err:  # no compiler, a read-only cache, an unexpected platform
-        _build_error = f"{type(err).__name__}: {err}"
+    else:
+        try:
+            with _lock:
+                path = _build()
+                lib = ctypes.CDLL(str(path))
+                try:
+                    check_library(lib, _kernel_key(), _SUFFIX.values())
+                except (RuntimeError, AttributeError) as err:
+                    raise KernelUnavailable(f"{path} does not match this wuneng ({err}); delete it to rebuild") from err
+        except KernelUnavailable as err:
+            _build_error = str(err)
+        except Exception as err:  # an unexpected platform: say what happened, fall back
+            _build_error = f"{type(err).__name__}: {err}"
+    if _build_error is not None:
+        _warn_unavailable(_build_error)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for suffix in _SUFFIX.values():
@@ -128,12 +254,6 @@ def _library():
         ro_b = getattr(lib, f"readout_backward_{suffix}")
         ro_b.argtypes = [i64] * 4 + [ptr] * 15
         ro_b.restype = None
-        tm = getattr(lib, f"time_mix_one_token_{suffix}")
-        tm.argtypes = [i64] * 10 + [ctypes.c_double] + [ptr] * 32
-        tm.restype = None
-        hs = getattr(lib, f"hybrid_state_one_token_{suffix}")
-        hs.argtypes = [i64] * 13 + [ctypes.c_double] + [ptr] * 37
-        hs.restype = None
     return lib
 
 
@@ -148,9 +268,30 @@ def cpu_kernel_error() -> Optional[str]:
     return _build_error
 
 
-@functools.lru_cache(maxsize=1)
+_thread_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="wkv7")
+    """The worker threads that run ranges of heads (created on first use; a forked child makes its own)."""
+    global _thread_pool
+    if _thread_pool is None:
+        with _lock:
+            if _thread_pool is None:
+                workers = max(1, os.cpu_count() or 1)
+                _thread_pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wkv7")
+    return _thread_pool
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: the parent's pool threads are gone (work queued to them would
+    wait forever) and a lock held by another parent thread would never be released. Start both afresh."""
+    global _thread_pool, _lock
+    _thread_pool = None
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # Below this many multiply-adds per call the kernel runs on the calling thread: handing work to a pool

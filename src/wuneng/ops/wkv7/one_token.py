@@ -9,7 +9,9 @@ thing:
 - ``impl="reference"``: :func:`time_mix_one_token_reference`, the obvious tensor ops (any dtype/device);
 - ``impl="cpu"``: one call of ``csrc/one_token_impl.h`` (in the library of :mod:`.cpu`), float32/float64
   CPU tensors, no autograd, single-threaded (a decoding step streams its weights from memory once; the
-  matrix-vector products are bandwidth-bound and as fast as the BLAS's on one core).
+  matrix-vector products are bandwidth-bound and as fast as the BLAS's on one core). Its arguments travel in
+  one struct filled by field name (:mod:`._abi`; the weights' NamedTuple field names are the C field names),
+  and the C layout is checked against the Python one when the library loads.
 
 Per token, with x the input [B, C], shift the previous token [B, C] (zeros at the start), mask [B] (1 = token,
 0 = padding) and the weights of :class:`TimeMixWeights`::
@@ -33,12 +35,14 @@ teacher's attention projections: everything but the attention and the fusion (se
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ._abi import HybridStateArgs, TimeMixArgs, kernel_args
 from .cpu import _SUFFIX, _library, _ptr
 from .readout import group_norm_bonus_reference
 from .step import wkv7_step
@@ -293,12 +297,15 @@ def time_mix_one_token(
     readout = x.new_empty(B, H, N) if self_state_query else None
     work = x.new_empty(7 * B * C + 11 * B * A + B * (dw + da + dv + dg) + 2 * B * H)
     fn = getattr(_library(), f"time_mix_one_token_{_SUFFIX[dt]}")
-    fn(
-        B, C, H, N, dw, da, dv, dg, int(wt.value_residual), C // N if self_state_query else 0, float(wt.eps),
-        *(_ptr(t) for t in (x, m, shift, state, v_in)),
-        *(_ptr(t) for t in wt[:-1]),
-        *(_ptr(t) for t in (work, out, shift_out, state_out, v_out, readout)),
+    args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
+        TimeMixArgs, B=B, C=C, H=H, N=N, Dw=dw, Da=da, Dv=dv, Dg=dg, value_residual=int(wt.value_residual),
+        sse_blocks=C // N if self_state_query else 0, eps=float(wt.eps),
+        x=_ptr(x), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in),
+        **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
+        work=_ptr(work), out=_ptr(out), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
+        v_first_out=_ptr(v_out), readout_out=_ptr(readout),
     )
+    fn(ctypes.byref(args))
     result = (out, shift_out, state_out, v_first if wt.value_residual else v_out)
     return result + ((readout,) if self_state_query else ())
 
@@ -441,10 +448,13 @@ def hybrid_state_one_token(
     middle = None if wt.P1 is None else u.new_empty(B, width_m)
     work = u.new_empty(4 * B * C + 8 * B * A + B * (dw + da + dv + dr + dg + dm) + 2 * B * H)
     fn = getattr(_library(), f"hybrid_state_one_token_{_SUFFIX[dt]}")
-    fn(
-        B, C, H, H_kv, N, dw, da, dv, dr, dg, dm, width_m, int(wt.value_residual), float(wt.eps),
-        *(_ptr(t) for t in (u, m, shift, state, v_in, q, k, v)),
-        *(_ptr(t) for t in wt[:-1]),
-        *(_ptr(t) for t in (work, y, shift_out, state_out, v_out, gamma, middle)),
+    args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
+        HybridStateArgs, B=B, C=C, H=H, Hkv=H_kv, N=N, Dw=dw, Da=da, Dv=dv, Dr=dr, Dg=dg, Dm=dm, Wm=width_m,
+        value_residual=int(wt.value_residual), eps=float(wt.eps),
+        u=_ptr(u), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in), q=_ptr(q), k=_ptr(k),
+        v=_ptr(v), **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
+        work=_ptr(work), y_out=_ptr(y), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
+        v_first_out=_ptr(v_out), gamma_out=_ptr(gamma), middle_out=_ptr(middle),
     )
+    fn(ctypes.byref(args))
     return y, shift_out, state_out, (v_first if wt.value_residual else v_out), gamma, middle

@@ -185,17 +185,34 @@ static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x
     NAME(matmul)(B, D, A, h, w2, y);
 }
 
-void NAME(time_mix_one_token)(int64_t B, int64_t C, int64_t H, int64_t N, int64_t Dw, int64_t Da, int64_t Dv,
-                              int64_t Dg, int64_t value_residual, int64_t sse_blocks, double eps, const real *x,
-                              const real *mask,
-                              const real *shift, const real *state, const real *v_first, const real *mix,
-                              const real *W_r, const real *W_k, const real *W_v, const real *W_o,
-                              const real *w0, const real *w1, const real *w2, const real *a0, const real *a1,
-                              const real *a2, const real *v0, const real *v1, const real *v2, const real *g1,
-                              const real *g2, const real *k_k, const real *k_a, const real *r_k,
-                              const real *ln_w, const real *ln_b, real *work, real *out, real *shift_out,
-                              real *state_out, real *v_first_out, real *readout_out)
+/* The fused kernels take one struct of named fields (args.h: the field lists, shared with Python's ctypes
+ * structures); NAME(x_layout)() returns the field list as text, which Python compares with its own at load. */
+struct NAME(time_mix_args) {
+    TIME_MIX_FIELDS(FIELD_INT, FIELD_F64, FIELD_IN, FIELD_OUT)
+};
+struct NAME(hybrid_state_args) {
+    HYBRID_STATE_FIELDS(FIELD_INT, FIELD_F64, FIELD_IN, FIELD_OUT)
+};
+const char *NAME(time_mix_one_token_layout)(void)
 {
+    return TIME_MIX_FIELDS(TEXT_INT, TEXT_F64, TEXT_IN, TEXT_OUT);
+}
+const char *NAME(hybrid_state_one_token_layout)(void)
+{
+    return HYBRID_STATE_FIELDS(TEXT_INT, TEXT_F64, TEXT_IN, TEXT_OUT);
+}
+int64_t NAME(time_mix_one_token_args_size)(void)
+{
+    return (int64_t)sizeof(struct NAME(time_mix_args));
+}
+int64_t NAME(hybrid_state_one_token_args_size)(void)
+{
+    return (int64_t)sizeof(struct NAME(hybrid_state_args));
+}
+
+void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
+{
+    TIME_MIX_FIELDS(UNPACK_INT, UNPACK_F64, UNPACK_IN, UNPACK_OUT)
     const int64_t A = H * N, BC = B * C, BA = B * A;
     real *xm = work;              /* [6][B][C]: x_r, x_w, x_k, x_v, x_a, x_g */
     real *xin = xm + 6 * BC;      /* [B][C] the masked token */
@@ -248,17 +265,9 @@ void NAME(time_mix_one_token)(int64_t B, int64_t C, int64_t H, int64_t N, int64_
  *
  * The receptance, gate and middle maps read u itself (unmasked), as the tensor path does. work holds
  * 4 B C + 8 B A + B (Dw + Da + Dv + Dr + Dg + Dm) + 2 B H reals. */
-void NAME(hybrid_state_one_token)(int64_t B, int64_t C, int64_t H, int64_t Hkv, int64_t N, int64_t Dw, int64_t Da,
-                                  int64_t Dv, int64_t Dr, int64_t Dg, int64_t Dm, int64_t Wm, int64_t value_residual,
-                                  double eps, const real *u, const real *mask, const real *shift, const real *state,
-                                  const real *v_first, const real *q, const real *k, const real *v, const real *mix,
-                                  const real *w0, const real *w1, const real *w2, const real *a0, const real *a1,
-                                  const real *a2, const real *v0, const real *v1, const real *v2, const real *R1,
-                                  const real *R2, const real *G1, const real *G2, const real *gate_bias,
-                                  const real *P1, const real *P2, const real *k_k, const real *k_a, const real *r_k,
-                                  const real *ln_w, const real *ln_b, real *work, real *y_out, real *shift_out,
-                                  real *state_out, real *v_first_out, real *gamma_out, real *middle_out)
+void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
 {
+    HYBRID_STATE_FIELDS(UNPACK_INT, UNPACK_F64, UNPACK_IN, UNPACK_OUT)
     const int64_t A = H * N, BC = B * C, BA = B * A, n_rep = H / Hkv, Akv = Hkv * N;
     real *xm = work;              /* [3][B][C]: x_w, x_a, x_v */
     real *xin = xm + 3 * BC;      /* [B][C] the masked token */

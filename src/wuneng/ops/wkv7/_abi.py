@@ -1,0 +1,88 @@
+"""The calling convention of the C library (``csrc/``), declared once on the Python side and checked at load.
+
+The fused one-token kernels take one struct of named fields; ``csrc/args.h`` lists the fields as X-macros
+(``TIME_MIX_FIELDS``, ``HYBRID_STATE_FIELDS``) from which the C struct and a layout text are generated, and the
+structures below list the same fields for ctypes. :func:`check_library` compares the two (names, kinds, order,
+struct size) when the library is loaded, together with the ABI version and the cache key the library was
+built for: a field added, removed, renamed or reordered on either side raises there, naming both layouts,
+instead of passing pointers into the wrong slots. :func:`kernel_args` fills a structure by field name and
+refuses a missing or unknown name (ctypes would silently leave a missing pointer NULL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+#: must equal WUNENG_KERNEL_ABI in csrc/args.h (bumped whenever an argument layout changes)
+KERNEL_ABI = 2
+
+_KINDS = {"i": ctypes.c_int64, "d": ctypes.c_double, "p": ctypes.c_void_p, "o": ctypes.c_void_p}
+
+
+def _structure(name: str, spec: str) -> type:
+    """A ctypes structure from ``"kind:name kind:name ..."`` (kinds: i int64, d double, p input pointer,
+    o output pointer); its ``layout`` is the text the C library returns for the same fields."""
+    fields = [tuple(item.split(":")) for item in spec.split()]
+    cls = type(name, (ctypes.Structure,), {"_fields_": [(n, _KINDS[k]) for k, n in fields]})
+    cls.layout = "".join(f"{k}:{n};" for k, n in fields)
+    return cls
+
+
+TimeMixArgs = _structure(
+    "TimeMixArgs",
+    "i:B i:C i:H i:N i:Dw i:Da i:Dv i:Dg i:value_residual i:sse_blocks d:eps "
+    "p:x p:mask p:shift p:state p:v_first p:mix p:W_r p:W_k p:W_v p:W_o p:w0 p:w1 p:w2 p:a0 p:a1 p:a2 "
+    "p:v0 p:v1 p:v2 p:g1 p:g2 p:k_k p:k_a p:r_k p:ln_w p:ln_b "
+    "o:work o:out o:shift_out o:state_out o:v_first_out o:readout_out",
+)
+
+HybridStateArgs = _structure(
+    "HybridStateArgs",
+    "i:B i:C i:H i:Hkv i:N i:Dw i:Da i:Dv i:Dr i:Dg i:Dm i:Wm i:value_residual d:eps "
+    "p:u p:mask p:shift p:state p:v_first p:q p:k p:v p:mix p:w0 p:w1 p:w2 p:a0 p:a1 p:a2 p:v0 p:v1 p:v2 "
+    "p:R1 p:R2 p:G1 p:G2 p:gate_bias p:P1 p:P2 p:k_k p:k_a p:r_k p:ln_w p:ln_b "
+    "o:work o:y_out o:shift_out o:state_out o:v_first_out o:gamma_out o:middle_out",
+)
+
+#: kernel name (without the dtype suffix) -> its argument structure
+FUSED_KERNELS = {"time_mix_one_token": TimeMixArgs, "hybrid_state_one_token": HybridStateArgs}
+
+
+def kernel_args(cls: type, **values) -> ctypes.Structure:
+    """``cls(**values)`` with every field given by name and no other name (tensors' pointers as ints or None)."""
+    names = [n for n, _ in cls._fields_]
+    missing, unknown = set(names) - set(values), set(values) - set(names)
+    if missing or unknown:
+        raise TypeError(f"{cls.__name__}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
+    return cls(**values)
+
+
+def check_library(lib, key: str, suffixes) -> None:
+    """Raise RuntimeError unless ``lib`` has this package's ABI version, was built for ``key``, and every fused
+    kernel (for each dtype suffix) has the argument layout of the structures above."""
+    lib.wuneng_kernel_abi.restype = ctypes.c_int64
+    lib.wuneng_kernel_abi.argtypes = []
+    abi = lib.wuneng_kernel_abi()
+    if abi != KERNEL_ABI:
+        raise RuntimeError(f"the library has argument-layout version {abi}, this wuneng expects {KERNEL_ABI}")
+    lib.wuneng_kernel_key.restype = ctypes.c_char_p
+    lib.wuneng_kernel_key.argtypes = []
+    built_for = (lib.wuneng_kernel_key() or b"").decode()
+    if built_for != key:
+        raise RuntimeError(f"the library was built for key {built_for!r}, expected {key!r}")
+    for kernel, cls in FUSED_KERNELS.items():
+        for suffix in suffixes:
+            layout_fn = getattr(lib, f"{kernel}_layout_{suffix}")
+            layout_fn.restype, layout_fn.argtypes = ctypes.c_char_p, []
+            size_fn = getattr(lib, f"{kernel}_args_size_{suffix}")
+            size_fn.restype, size_fn.argtypes = ctypes.c_int64, []
+            c_layout = layout_fn().decode()
+            if c_layout != cls.layout:
+                raise RuntimeError(
+                    f"{kernel}_{suffix}: the C argument layout differs from {cls.__name__} "
+                    f"(csrc/args.h vs wuneng/ops/wkv7/_abi.py):\n  C:      {c_layout}\n  Python: {cls.layout}"
+                )
+            if size_fn() != ctypes.sizeof(cls):
+                raise RuntimeError(f"{kernel}_{suffix}: C struct size {size_fn()} != ctypes size {ctypes.sizeof(cls)}")
+            fn = getattr(lib, f"{kernel}_{suffix}")
+            fn.argtypes, fn.restype = [ctypes.POINTER(cls)], None
