@@ -46,18 +46,19 @@ def tiny_teacher(arch: str):
     return perturb_(teacher, 0.1, only=lambda n: n.endswith(("norm.weight", ".bias")), seed=3)
 
 
-def build(kind: str) -> torch.nn.Module:
+def build(kind: str, wkv_impl: str = "auto") -> torch.nn.Module:
     """A tiny model of ``kind`` whose new (zero-initialised) parameters are perturbed, so every path matters."""
     torch.manual_seed(0)
     if kind == "rwkv7":
-        return perturb_(RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=2, head_size=16)), 0.2, seed=1)
+        cfg = RWKV7Config(vocab_size=V, hidden_size=64, num_hidden_layers=2, head_size=16, wkv_impl=wkv_impl)
+        return perturb_(RWKV7ForCausalLM(cfg), 0.2, seed=1)
     if kind == "metastate":
-        cfg = MetaStateConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, head_size=16)
+        cfg = MetaStateConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, head_size=16, wkv_impl=wkv_impl)
         return perturb_(MetaStateForCausalLM(cfg), 0.2, seed=1)
     if kind.startswith("wuneng"):  # hybrid mixers: gate fusion, state query, 2 middle heads
-        model = WuNengForCausalLM.from_teacher(tiny_teacher(kind.split("-")[1]), middle_heads=2)
+        model = WuNengForCausalLM.from_teacher(tiny_teacher(kind.split("-")[1]), middle_heads=2, wkv_impl=wkv_impl)
     else:  # ARWKV: every attention replaced by an RWKV-7 time-mix
-        model = WuNengForCausalLM.from_teacher(tiny_teacher("qwen2"), attention=False)
+        model = WuNengForCausalLM.from_teacher(tiny_teacher("qwen2"), attention=False, wkv_impl=wkv_impl)
     return perturb_(model, 0.1, only=model.new_parameter_names().__contains__, seed=1)
 
 
@@ -105,6 +106,17 @@ def test_autocast_forward_backward_close_to_float32(kind, dtype):
     assert_close_to_float32(kind, dtype, *loss_logits_grads(model, tokens, dtype), ref)
     for p in model.parameters():  # autocast computes in the low precision, the parameters stay float32
         assert p.dtype == torch.float32
+
+
+@pytest.mark.parametrize("wkv_impl", ["chunked", "reference"])
+@pytest.mark.parametrize("kind", ["rwkv7", "wuneng-qwen2", "arwkv", "metastate"])
+def test_autocast_with_the_other_wkv_forms(kind, wkv_impl):
+    """The chunked form (the CUDA fallback without fla) and the reference run outside autocast in their own dtypes
+    (the chunked form's triangular solve has no bf16 CPU kernel; its matmuls would otherwise be recast to bf16)."""
+    model = build(kind, wkv_impl)
+    tokens = ids()
+    ref = loss_logits_grads(model, tokens)
+    assert_close_to_float32(kind, torch.bfloat16, *loss_logits_grads(model, tokens, torch.bfloat16), ref)
 
 
 @pytest.mark.parametrize("kind", KINDS)

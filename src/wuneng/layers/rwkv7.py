@@ -12,6 +12,7 @@ The decay is handled as its logarithm: ``log_w = -0.606531 * sigmoid(z)`` (so w 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -56,6 +57,17 @@ def wkv_dtypes(compute_dtype: torch.dtype, log_w: torch.Tensor, *tensors: Option
     when the dtypes already agree. Returns (log_w, tuple of the cast tensors)."""
     log_w = log_w.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
     return log_w, tuple(None if t is None else t.to(compute_dtype) for t in tensors)
+
+
+def outside_autocast(device_type: str):
+    """A context that turns ``torch.autocast`` off on ``device_type`` while it is on there (else a no-op).
+
+    The WKV-7 operator takes its inputs in one dtype and computes in its own (the state and the decay in float32,
+    SPEC section 1); under autocast its matmuls (the chunked form's, the decoding step's read-out) would be recast
+    to bf16/fp16 one by one, and the chunked form's triangular solve has no bf16 kernel on the CPU."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor, unbind: bool = True):
@@ -316,11 +328,13 @@ class RWKV7StateHeads(nn.Module):
             step_shape = (B, self.num_heads, self.head_size)
             args = [t.view(step_shape) if t.is_contiguous() else t.reshape(step_shape) for t in (r, log_w, k, v, a, b)]
             q2 = None if extra_query is None else extra_query.reshape(step_shape)
-            out = wkv7_step(*args, wkv_state, extra_query=q2)
+            with outside_autocast(r.device.type):  # the operator computes in its own dtypes
+                out = wkv7_step(*args, wkv_state, extra_query=q2)
         else:
             shape = (B, T, self.num_heads, self.head_size)
             q2 = None if extra_query is None else extra_query.reshape(shape)
-            out = wkv7(*(t.reshape(shape) for t in (r, log_w, k, v, a, b)), wkv_state, extra_query=q2, impl=self.wkv_impl)
+            with outside_autocast(r.device.type):
+                out = wkv7(*(t.reshape(shape) for t in (r, log_w, k, v, a, b)), wkv_state, extra_query=q2, impl=self.wkv_impl)
         y, state = out[0].reshape(B, T, A), out[1]
         if q2 is None:
             return y, state
