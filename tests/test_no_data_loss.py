@@ -304,6 +304,14 @@ def test_resume_keeps_the_first_config_and_refuses_another_stage(tmp_path):
     assert tree(out) == before
 
 
+def test_resume_with_nothing_to_resume_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run(out, resume=True)
+    assert tree(out) == {}
+
+
 def test_a_checkpoint_written_again_is_swapped_whole(tmp_path, monkeypatch):
     """The same step written again whose rename-in fails: the earlier checkpoint is put back whole."""
     out = tmp_path / "run"
