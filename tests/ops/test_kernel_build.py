@@ -112,6 +112,7 @@ def test_no_compiler_and_nothing_cached_warns_once_and_falls_back(fresh, monkeyp
         cpu_mod._library.cache_clear()
         assert not cpu_kernel_available()  # asked again: no second warning
     assert "no C compiler found" in cpu_kernel_error()
+    assert not (tmp_path / "kernels").exists()  # nothing created for a build that cannot run
     warned = _warnings(caplog)
     assert len(warned) == 1 and "no C compiler found" in warned[0] and "slower PyTorch paths" in warned[0]
 

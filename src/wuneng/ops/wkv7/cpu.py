@@ -138,11 +138,17 @@ def _refuse_if_shared(path: Path, what: str) -> None:
     )
 
 
-def _compile(out: Path) -> None:
-    """Compile the library into ``out`` (temp file in the same folder, then an atomic rename)."""
+def _find_compiler() -> list:
+    """The compiler command, or KernelUnavailable when it is not on PATH."""
     cc = _compiler()
     if not cc or shutil.which(cc[0]) is None:
         raise KernelUnavailable(f"no C compiler found ({' '.join(cc) or '$CC is empty'} is not on PATH; set CC)")
+    return cc
+
+
+def _compile(out: Path) -> None:
+    """Compile the library into ``out`` (temp file in the same folder, then an atomic rename)."""
+    cc = _find_compiler()
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -175,6 +181,7 @@ def _build() -> Path:
             if out.exists():
                 _refuse_if_shared(out, "library")
                 return out
+        _find_compiler()  # before creating anything
         try:
             folder.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as err:
