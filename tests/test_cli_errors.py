@@ -160,6 +160,22 @@ def test_grow_a_corrupt_or_mismatched_model(tmp_path):
     assert "model.safetensors: not a readable safetensors file" in line
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_import_rwkv_a_corrupt_checkpoint(tmp_path, damage):
+    from wuneng.models import RWKV7Config, RWKV7ForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path / "rwkv.pth"
+    torch.save(RWKV7ForCausalLM(RWKV7Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)).to_rwkv_lm_state_dict(), path)
+    if damage == "truncated":
+        truncate(path)
+    else:
+        path.write_bytes(b"garbage" * 20)
+    line = one_error_line(runner.invoke(app, ["import-rwkv", str(path), str(tmp_path / "out")]), 1)
+    assert f"{path}: not a readable RWKV-LM .pth state dict" in line and "copy or save it again" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_usage_errors_exit_2(tmp_path):
     line = one_error_line(runner.invoke(app, ["grow", str(tmp_path), str(tmp_path / "o")]), 2)
     assert "nothing to grow" in line

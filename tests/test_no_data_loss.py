@@ -312,6 +312,29 @@ def test_resume_with_nothing_to_resume_writes_nothing(tmp_path):
     assert tree(out) == {}
 
 
+def test_a_checkpoint_interrupted_mid_write_leaves_the_earlier_ones(tmp_path, monkeypatch):
+    import wuneng.train.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    run(out, save_every=1)
+    before = tree(out / "checkpoints")
+    real_save = checkpoint.save_model
+
+    def save_then_fail(model, filename, *args, **kwargs):
+        real_save(model, filename, *args, **kwargs)
+        with open(filename, "r+b") as f:
+            f.truncate(64)
+        raise KeyboardInterrupt("killed while writing the weights")
+
+    monkeypatch.setattr(checkpoint, "save_model", save_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, resume=True, max_steps=3, save_every=1)
+    assert [step for step, _ in list_checkpoints(out)] == [1, 2]
+    assert {k: v for k, v in tree(out / "checkpoints").items() if not k.startswith(".tmp-")} == before
+    monkeypatch.undo()
+    assert run(out, resume=True, max_steps=3, save_every=1).step == 3  # the half checkpoint is never resumed from
+
+
 def test_a_checkpoint_written_again_is_swapped_whole(tmp_path, monkeypatch):
     """The same step written again whose rename-in fails: the earlier checkpoint is put back whole."""
     out = tmp_path / "run"

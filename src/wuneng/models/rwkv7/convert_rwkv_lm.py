@@ -52,7 +52,15 @@ def load_rwkv_lm_state_dict(path_or_state_dict: Union[str, os.PathLike, Mapping[
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"RWKV-LM checkpoint not found: {path!r} (expected a .pth state dict)")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, corrupt, or objects weights_only refuses (UnpicklingError, RuntimeError, OSError)
+            detail = " ".join(str(err).split())
+            raise ValueError(
+                f"{path}: not a readable RWKV-LM .pth state dict ({type(err).__name__}: {detail[:160]}"
+                f"{'...' if len(detail) > 160 else ''}); it is truncated, corrupt or not a weights-only state dict: "
+                "copy or save it again"
+            ) from None
     else:
         sd = path_or_state_dict
     if not isinstance(sd, Mapping):
