@@ -24,6 +24,7 @@ one table (``results.md`` and ``accuracy.png`` are rewritten from the whole file
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -34,6 +35,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["VARIANTS", "TaskSetting", "BenchConfig", "build_model", "train_run", "run_bench", "read_results", "best_rows", "results_table"]
 
@@ -482,10 +485,13 @@ def plot_results(rows: Sequence[dict], path: Path) -> Path:
 
 
 def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
-    """Run every missing run of the sweep, then write ``results.md`` and ``accuracy.png`` from all rows."""
-    from rich.console import Console
+    """Run every missing run of the sweep, then write ``results.md`` and ``accuracy.png`` from all rows.
 
-    console = console or Console()
+    Progress (the sweep, each run's step, loss, tokens/s and ETA every few seconds, each result) goes through
+    ``logging``; the results table is printed only to ``console`` when one is given (the CLI passes its own).
+    """
+    from .progress import ProgressLog
+
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
@@ -494,20 +500,24 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
     done = {r.get("key") for r in read_results(path)}
     runs = cfg.runs()
     todo = [r for r in runs if cfg.run_key(*r) not in done]
-    console.print(f"[bold]bench-arch[/] ({cfg.mode}): {len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to train; "
+    logger.info(f"bench-arch ({cfg.mode}): {len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to train; "
                   f"{cfg.steps} steps x batch {cfg.batch_size} each, lrs {', '.join(f'{lr:g}' for lr in cfg.lrs)}, "
                   f"seeds {list(cfg.seeds)}, d={cfg.d_model}, {cfg.num_layers} layers, device {cfg.device}")
     for i, (setting, variant, lr, seed) in enumerate(todo):
-        row = train_run(setting, variant, lr, seed, cfg)
+        lines = ProgressLog(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}", cfg.steps, logger=logger)
+        tokens_per_step = cfg.batch_size * setting.seq_len
+        row = train_run(setting, variant, lr, seed, cfg,
+                        progress=lambda step, ema: lines.update(step, f"loss {ema:.4f}", amount=step * tokens_per_step))
         row = {"key": cfg.run_key(setting, variant, lr, seed), "mode": cfg.mode, **row}
         _append_row(path, row)
         extra = f", solved k<={row['solved_up_to']}" if "solved_up_to" in row else ""
-        console.print(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: acc {100 * row['accuracy']:.1f}%{extra} "
+        logger.info(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: acc {100 * row['accuracy']:.1f}%{extra} "
                       f"loss {row['final_loss'] if row['final_loss'] is None else round(row['final_loss'], 3)} ({row['seconds']:.0f} s)")
     rows = read_results(path)
     (out / "results.md").write_text(results_markdown(rows) + "\n", encoding="utf-8")
     if rows:
         plot_results(rows, out / "accuracy.png")
-        console.print(results_table(rows))
-    console.print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'}")
+        if console is not None:
+            console.print(results_table(rows))
+    logger.info(f"wrote {out / 'results.md'} and {out / 'accuracy.png'}")
     return rows

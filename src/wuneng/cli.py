@@ -89,10 +89,20 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (default: one line on stderr).")) -> None:
-    """wuneng command line."""
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (default: one line on stderr)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings and errors (no progress lines)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log DEBUG messages."),
+) -> None:
+    """wuneng command line. Progress and messages go to stderr through `logging`: with a rich layout in a terminal,
+    as plain timestamped lines otherwise (a log file: a line every $WUNENG_PROGRESS_INTERVAL seconds, default 10)."""
     global _DEBUG
     _DEBUG = debug
+    if quiet and verbose:
+        raise typer.BadParameter("choose one of --quiet and --verbose")
+    from wuneng.progress import configure_logging
+
+    configure_logging(-1 if quiet else 1 if verbose else 0)
 
 
 @app.command("demo")
@@ -124,7 +134,9 @@ def demo_command(
     except ValueError as e:
         raise typer.BadParameter(str(e))
     try:  # an earlier run in --out is refused before any work (run_demo checks first), as a usage error
-        run_demo(cfg, command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
+        from rich.console import Console
+
+        run_demo(cfg, console=Console(), command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
     except FileExistsError as e:
         raise typer.BadParameter(str(e), param_hint="--out")
 
@@ -167,7 +179,9 @@ def bench_arch_command(
             cfg = cfg.only([p.strip() for p in only.split(",") if p.strip()])
     except ValueError as e:
         raise typer.BadParameter(str(e))
-    run_bench(cfg)
+    from rich.console import Console
+
+    run_bench(cfg, console=Console())  # the results table on stdout; progress goes to the log (stderr)
 
 
 @app.command("import-rwkv")
@@ -283,7 +297,7 @@ def eval_command(
     from wuneng.eval.evaluate import evaluate_model, load_checkpoint, rows_table, write_rows_json
     from wuneng.saving import ModelFolderError
 
-    console, err = Console(), Console(stderr=True)
+    console = Console()
     try:
         task_list = [] if tasks.strip().lower() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
         preset_map = {}
@@ -310,7 +324,6 @@ def eval_command(
             context_length=context_length,
             batch_size=batch_size,
             lm_eval_tasks=lm_tasks,
-            progress=lambda name: err.print(f"[dim]running {name} ...[/dim]"),
         )
     except ModelFolderError:  # the model folder's files are broken: a failure (exit 1), not a usage error
         raise

@@ -19,6 +19,7 @@ models, tokenizer and an answer-masked :class:`~wuneng.train.data.PackedDataset`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DemoBudget", "DemoConfig", "answer_only_dataset", "build_teacher", "evaluate_student", "run_demo"]
 
@@ -488,6 +491,15 @@ def write_report(results: dict, out_dir: Path) -> Path:
     return path
 
 
+def log_evaluation(who: str, r: dict, seconds: Optional[float] = None) -> str:
+    """Log (INFO) and return the one-line summary of an evaluation ``r`` (``exact``, ``recall``, ``ppl``)."""
+    line = f"{who}: exact {_fmt_pct(r['exact'])}, recall {_fmt_pct(r['recall'])}, ppl {r['ppl']:.3f}"
+    if seconds is not None:
+        line += f" ({seconds:.0f} s)"
+    logger.info("%s", line)
+    return line
+
+
 def print_results(results: dict, console) -> None:
     from rich.table import Table
 
@@ -529,15 +541,16 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wuneng demo") -> dict:
-    """Run the whole demo; returns the results dict (also written to ``OUTPUT_DIR/results.json``)."""
-    from rich.console import Console
+    """Run the whole demo; returns the results dict (also written to ``OUTPUT_DIR/results.json``).
 
+    Progress goes through ``logging`` (each stage's steps, loss, tokens/s and ETA from the training loop, each
+    evaluation); the results tables are printed only to ``console`` when one is given (the CLI passes its own).
+    """
     from .eval.tasks.arithmetic import ArithmeticConfig, heldout_categories, make_test_set
     from .tokenization import ByteLevelTokenizer
     from .train.loop import train
 
     cfg = cfg or DemoConfig()
-    console = console or Console()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     b = cfg.budget
@@ -545,7 +558,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     replaced = [name for name in DEMO_OUTPUTS if (out / name).exists()]
     prepare_output_dir(out, cfg.overwrite)
     if replaced:
-        console.print(f"replacing the earlier demo run in {out} ({', '.join(replaced)})")
+        logger.info(f"replacing the earlier demo run in {out} ({', '.join(replaced)})")
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -562,8 +575,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
 
     # -- teacher
     teacher = build_teacher(cfg, tokenizer)
-    console.print(
-        f"[bold]wuneng demo[/]: teacher Qwen2 {cfg.num_layers}L x {cfg.hidden_size} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M "
+    logger.info(
+        f"wuneng demo: teacher Qwen2 {cfg.num_layers}L x {cfg.hidden_size} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M "
         f"parameters), {b.teacher_steps} steps x {b.teacher_batch} x {b.context} bytes; output {out}"
     )
     data = _stage_dataset(task, test, b.teacher_steps * b.teacher_batch, b.context, cfg.seed, epoch=0)
@@ -574,8 +587,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     histories = {"teacher": res.history}
     teacher.eval()
     final = {"teacher": evaluate(teacher)}
-    console.print(f"teacher: exact {_fmt_pct(final['teacher']['exact'])}, recall {_fmt_pct(final['teacher']['recall'])}, "
-                  f"ppl {final['teacher']['ppl']:.3f} ({seconds['teacher']:.0f} s)")
+    log_evaluation("teacher", final["teacher"], seconds["teacher"])
 
     # -- students: same data per stage for both
     stage_data = {
@@ -590,7 +602,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         params[kind] = sum(p.numel() for p in student.parameters())
         per_stage[kind] = {"converted": evaluate(student)}
         for stage in STUDENT_STAGES:
-            console.print(f"[bold]{kind}[/]: stage {stage} ({b.stage_steps(stage)} steps)")
+            logger.info(f"{kind}: stage {stage} ({b.stage_steps(stage)} steps)")
             t0 = time.perf_counter()
             res = train(
                 _train_config(stage, out / kind / stage, b.stage_steps(stage), b.student_batch, stage_lr[stage], cfg, cfg.seed),
@@ -599,8 +611,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
             seconds[f"{kind}/{stage}"] = time.perf_counter() - t0
             histories[f"{kind}/{stage}"] = res.history
             per_stage[kind][stage] = evaluate(student)
-            r = per_stage[kind][stage]
-            console.print(f"  after {stage}: exact {_fmt_pct(r['exact'])}, recall {_fmt_pct(r['recall'])}, ppl {r['ppl']:.3f}")
+            log_evaluation(f"{kind} after {stage}", per_stage[kind][stage], seconds[f"{kind}/{stage}"])
         final[kind] = per_stage[kind]["sft"]
         del student
 
@@ -635,6 +646,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
     os.replace(tmp, out / "results.json")
     report = write_report(results, out)
-    print_results(results, console)
-    console.print(f"wrote {report}, {out / 'losses.png'}, {out / 'accuracy.png'} ({results['seconds']['total']:.0f} s)")
+    if console is not None:
+        print_results(results, console)
+    logger.info(f"wrote {report}, {out / 'losses.png'}, {out / 'accuracy.png'} ({results['seconds']['total']:.0f} s)")
     return results

@@ -296,7 +296,7 @@ def qwen25_7b_config():
 
 
 @pytest.mark.slow
-def test_default_config_at_qwen25_7b_shapes_adds_under_5_percent(capsys):
+def test_default_config_at_qwen25_7b_shapes_adds_under_5_percent(caplog):
     from wuneng.convert import config_from_teacher
 
     cfg = config_from_teacher(qwen25_7b_config())
@@ -309,8 +309,9 @@ def test_default_config_at_qwen25_7b_shapes_adds_under_5_percent(capsys):
     extra = model.num_extra_parameters()
     assert extra == sum(p.numel() for n, p in model.named_parameters() if n in model.new_parameter_names())
     assert 0 < extra < 0.05 * teacher_count, extra / teacher_count
-    model.print_parameter_breakdown()
-    printed = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="wuneng.models.wuneng.modeling_wuneng"):
+        model.print_parameter_breakdown()
+    printed = caplog.text
     assert "state heads" in printed and "extra (student - teacher)" in printed
     breakdown = model.parameter_breakdown()
     assert sum(v for k, v in breakdown.items() if not k.startswith("teacher")) == extra

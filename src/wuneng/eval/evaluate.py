@@ -18,8 +18,10 @@ optionally written as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,6 +45,8 @@ __all__ = [
     "rows_table",
     "write_rows_json",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("arithmetic", "mqar", "state_tracking", "passkey", "perplexity")
 DEFAULT_PASSKEY_LENGTHS = (256, 512, 1024)
@@ -118,12 +122,14 @@ def generate_continuations(
     stop: str = "\n",
     batch_size: int = 16,
     use_generate: Optional[bool] = None,
+    label: str = "generate",
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut before the first ``stop``.
 
     Prompts of equal token length are batched (no padding). ``use_generate`` (default: when the model
     has ``generate``) decodes with the model's cache; otherwise the cache-free reference
     :func:`~wuneng.eval.generation.greedy_generate` re-runs the prefix every step (same tokens).
+    Progress: a ``label: batch i/n, new tokens/s, ETA`` line every few seconds (:class:`~wuneng.progress.ProgressLog`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -142,6 +148,11 @@ def generate_continuations(
             by_len.setdefault(len(ids), []).append(i)
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = stops[-1] if pad is None and stops else (0 if pad is None else pad)
+        from wuneng.progress import ProgressLog
+
+        batches = sum(math.ceil(len(rows) / batch_size) for rows in by_len.values())
+        lines = ProgressLog(label, batches, unit="batch", rate_unit="new tokens/s", logger=logger)
+        done = new_tokens = 0
         with evaluating(model):
             for length, rows in by_len.items():
                 for start in range(0, len(rows), batch_size):
@@ -162,19 +173,26 @@ def generate_continuations(
                                 ids = ids[: j + 1]
                                 break
                         new_ids[i] = ids
+                    done, new_tokens = done + 1, new_tokens + sum(len(new_ids[i]) for i in chunk)
+                    lines.update(done, amount=new_tokens)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
     return [t.split(stop, 1)[0] if stop else t for t in texts]
 
 
 @torch.no_grad()
-def _argmax_ids(model: Any, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Greedy next-token predictions at every position: ``[N, T] -> [N, T]`` (batched forwards)."""
+def _argmax_ids(model: Any, input_ids: torch.Tensor, batch_size: int, label: str = "forward") -> torch.Tensor:
+    """Greedy next-token predictions at every position: ``[N, T] -> [N, T]`` (batched forwards; a progress
+    line every few seconds)."""
+    from wuneng.progress import ProgressLog
+
     device = model_device(model)
     out = []
+    lines = ProgressLog(label, math.ceil(input_ids.shape[0] / batch_size), unit="batch", logger=logger)
     with evaluating(model):
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(device)
             out.append(model(input_ids=batch).logits.argmax(dim=-1).cpu())
+            lines.update(len(out), amount=(start + batch.shape[0]) * input_ids.shape[1])
     return torch.cat(out)
 
 
@@ -198,7 +216,7 @@ def _run_arithmetic(model, tokenizer, preset, limit, seed, batch_size) -> list[E
     if limit is not None:
         examples = _spread(examples, limit)
     max_new = max(len(_encode(tokenizer, " " + e.answer)) for e in examples) + 2
-    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size)
+    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size, label="eval arithmetic")
     scores = score_arithmetic(gens, examples)
     n_arith = sum(e.fact is not None for e in examples)
     return [
@@ -215,7 +233,7 @@ def _run_passkey(model, tokenizer, preset, limit, seed, batch_size, lengths) -> 
     if limit is not None:
         examples = _spread(examples, limit)
     max_new = len(_encode(tokenizer, " " + examples[0].answer)) + 1
-    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size)
+    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size, label="eval passkey")
     scores = score_passkey(gens, examples)
     rows = [EvalRow("passkey", preset, "accuracy", scores["accuracy"], len(examples))]
     for length, acc in sorted(scores["per_length"].items()) if len(scores["per_length"]) > 1 else ():
@@ -235,7 +253,7 @@ def _run_mqar(model, preset, limit, seed, batch_size) -> list[EvalRow]:
         note = f"vocab {config.vocab_size} -> model's {vocab}"
         config = replace(config, vocab_size=vocab)
     data = generate_mqar(config, limit or DEFAULT_EXAMPLES, seed)
-    acc = mqar_accuracy(_argmax_ids(model, data.input_ids, batch_size), data.labels)
+    acc = mqar_accuracy(_argmax_ids(model, data.input_ids, batch_size, "eval mqar"), data.labels)
     return [EvalRow("mqar", f"{preset} V={config.vocab_size}", "accuracy", acc, len(data), note)]
 
 
@@ -247,7 +265,7 @@ def _run_state_tracking(model, preset, limit, seed, batch_size) -> list[EvalRow]
     if config.vocab_size > _vocab_size(model):
         return _skip("state_tracking", setting, "accuracy", f"group order {config.vocab_size} > model vocabulary {_vocab_size(model)}")
     data = generate_word_problems(config, limit or DEFAULT_EXAMPLES, seed)
-    report = state_tracking_report(_argmax_ids(model, data.input_ids, batch_size), data.labels)
+    report = state_tracking_report(_argmax_ids(model, data.input_ids, batch_size, "eval state_tracking"), data.labels)
     return [
         EvalRow("state_tracking", setting, "accuracy", report["accuracy"], len(data)),
         EvalRow("state_tracking", setting, "solved_up_to", float(report["solved_up_to"]), len(data)),
@@ -308,7 +326,8 @@ def evaluate_model(
         passkey_lengths: passkey prompt lengths in tokens.
         context_length: perplexity window.
         lm_eval_kwargs: extra keyword arguments of :func:`wuneng.eval.lm_eval_glue.run_lm_eval`.
-        progress: called with each task name before it runs.
+        progress: called with each task name before it runs. Each task also logs a start line, progress lines
+            every few seconds (batch i/n, tokens/s, ETA) and a result line through ``logging``.
     """
     if isinstance(limit, bool) or (limit is not None and (not isinstance(limit, int) or limit < 1)):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
@@ -323,10 +342,13 @@ def evaluate_model(
     vocab = _vocab_size(model)
     text_ok = len(tokenizer) <= vocab
     rows: list[EvalRow] = []
-    for name in tasks:
+    t_start = time.monotonic()
+    for index, name in enumerate(tasks):
         if progress is not None:
             progress(name)
         preset = presets.get(name) or next(iter(get_task(name).presets), "")
+        logger.info("eval: task %d/%d %s (%s)", index + 1, len(tasks), name, preset or "-")
+        t_task, first_row = time.monotonic(), len(rows)
         if name in ("arithmetic", "passkey", "perplexity") and not text_ok:
             rows += _skip(name, preset, "-", f"tokenizer has {len(tokenizer)} ids, the model's vocabulary {vocab}")
         elif name == "arithmetic":
@@ -342,6 +364,7 @@ def evaluate_model(
             rows += _run_perplexity(model, tokenizer, heldout_text(limit) if text is None else text, setting, context_length, batch_size)
         else:  # pragma: no cover - a task added to the registry without a runner here
             rows += _skip(name, preset, "-", f"no runner for {name!r} in wuneng.eval.evaluate (registered: {list_tasks()})")
+        _log_task_done(name, rows[first_row:], time.monotonic() - t_task, index + 1, len(tasks), time.monotonic() - t_start)
     if lm_eval_tasks:
         from wuneng.eval.lm_eval_glue import run_lm_eval
 
@@ -352,6 +375,17 @@ def evaluate_model(
             for metric, value in metrics.items():
                 rows.append(EvalRow(f"lm-eval:{task}", "", metric, value, result.num_samples.get(task, 0)))
     return rows
+
+
+def _log_task_done(name: str, rows: Sequence[EvalRow], seconds: float, done: int, total: int, elapsed: float) -> None:
+    """One line per finished task: its first result, its time, and the ETA of the remaining tasks."""
+    from wuneng.progress import format_duration
+
+    first = next((r for r in rows if not math.isnan(r.value)), None)
+    result = f"{first.metric} {first.value:.4f}" if first is not None else (rows[0].note if rows else "no result")
+    eta = elapsed / done * (total - done)
+    logger.info("eval: task %d/%d %s done in %.1f s (%s), elapsed %s, ETA %s", done, total, name, seconds, result,
+                format_duration(elapsed), format_duration(eta))
 
 
 def rows_table(rows: Sequence[EvalRow], title: str = "wuneng eval"):

@@ -173,7 +173,10 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     save_final: bool = True
+    # Progress on the main process: a rich bar when stderr is a terminal, else a plain log line every
+    # progress_interval seconds (null: $WUNENG_PROGRESS_INTERVAL, else 10; 0: every step).
     progress: bool = True
+    progress_interval: Optional[float] = None
     tensorboard: bool = True
     # DDP: set when some trainable parameters do not take part in every forward pass.
     find_unused_parameters: bool = False
@@ -341,6 +344,8 @@ def validate(config: TrainConfig, *, has_model: bool = False, has_teacher: bool 
         raise ConfigError("config.optim: warmup_steps and weight_decay must be >= 0 and eps > 0")
     if o.grad_clip is not None and o.grad_clip <= 0:
         raise ConfigError("config.optim.grad_clip: must be > 0, or null to disable clipping")
+    if config.progress_interval is not None and not config.progress_interval >= 0:
+        raise ConfigError(f"config.progress_interval: must be >= 0 seconds (or null), got {config.progress_interval}")
     if config.distill.chunk_tokens < 1:
         raise ConfigError(f"config.distill.chunk_tokens: must be >= 1, got {config.distill.chunk_tokens}")
     if config.distill.temperature <= 0:

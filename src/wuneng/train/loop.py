@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .optim import build_optimizer, build_scheduler
 from .stages import build_objective
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "GlobalSampler", "load_model", "load_teacher"]
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,23 +184,60 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _progress(enabled: bool, total: int, completed: int, stage: str):
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class _RunProgress:
+    """The run's progress on the main process: a ``rich`` bar when stderr is a terminal, else a plain line
+    through ``logging`` every ``interval`` seconds (:class:`~wuneng.progress.ProgressLog`: step, loss,
+    tokens/s, elapsed, ETA) that reads the same in a log file. A context manager (the bar's lifetime)."""
 
-    progress = Progress(
-        TextColumn(f"[bold]{stage}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss [cyan]{task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    task = progress.add_task(stage, total=total, completed=completed, loss="-", tps="-")
-    return progress, task
+    def __init__(self, enabled: bool, total: int, completed: int, stage: str, tokens_seen: int = 0,
+                 interval: Optional[float] = None, terminal: Optional[bool] = None):
+        from ..progress import ProgressLog, stderr_is_terminal
+
+        self.bar = self.task = self.lines = None
+        if not enabled:
+            return
+        if not (stderr_is_terminal() if terminal is None else terminal):
+            self.lines = ProgressLog(stage, total, start=completed, amount_start=tokens_seen, interval=interval, logger=logger)
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(f"[bold]{stage}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task(stage, total=total, completed=completed, loss="-", tps="-")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+    def update(self, step: int, loss: float, tokens_seen: int, tokens_per_s: Optional[float] = None) -> None:
+        """After each optimiser step; ``tokens_per_s`` on logged steps (the bar shows it)."""
+        if self.bar is not None:
+            fields = {} if tokens_per_s is None else {"loss": f"{loss:.4f}", "tps": f"{tokens_per_s:,.0f}"}
+            self.bar.update(self.task, completed=step, **fields)
+        if self.lines is not None:
+            self.lines.update(step, f"loss {loss:.4f}", amount=tokens_seen)
+
+
+def _progress(enabled: bool, total: int, completed: int, stage: str, tokens_seen: int = 0,
+              interval: Optional[float] = None) -> _RunProgress:
+    """The :class:`_RunProgress` of a run (disabled: a no-op)."""
+    return _RunProgress(enabled, total, completed, stage, tokens_seen, interval)
 
 
 def _mixed_precision(choice: Any) -> str:
@@ -405,12 +445,18 @@ def train(
                 "rows_per_step": rows_per_step,
             }
         )
+        if resumed_from is not None:
+            logger.info("%s: resuming from checkpoint %s at step %d (runs to step %d)", stage, resumed_from, step, stop_step)
+        else:
+            logger.info("%s: starting at step 0 (runs to step %d) in %s", stage, stop_step, run_dir)
+        logger.info("%s: %d rows of %d tokens, %d process(es) x %d rows x %d accumulation = %d rows per step",
+                    stage, len(dataset), dataset.input_ids.shape[1], world, rows_per_micro, config.grad_accum_steps, rows_per_step)
 
     history: list[dict] = []
     last_ckpt: Optional[Path] = resumed_from or latest_checkpoint(run_dir)
     last_loss = float("nan")
     unwrapped = accelerator.unwrap_model(model_p)
-    progress, task = _progress(config.progress and is_main, stop_step, step, stage)
+    progress = _progress(config.progress and is_main, stop_step, step, stage, tokens_seen, config.progress_interval)
     window_tokens, window_start = 0, time.perf_counter()
 
     def checkpoint(at_step: int, last_metrics: dict) -> Path:
@@ -433,7 +479,7 @@ def train(
             sharded_optimizer=sharded,
         )
 
-    with progress if progress is not None else contextlib.nullcontext():
+    with progress:
         while step < stop_step:
             # -- the micro-batches of this step on this process
             batches = []
@@ -509,12 +555,13 @@ def train(
                 history.append(record)
                 writer.write(record)
                 window_tokens, window_start = 0, time.perf_counter()
-                if progress is not None:
-                    progress.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
-            elif progress is not None:
-                progress.update(task, completed=step)
+                progress.update(step, loss, tokens_seen, tps)
+            else:
+                progress.update(step, loss, tokens_seen)
             if step % config.save_every == 0 or stop_now:
                 last_ckpt = checkpoint(step, {k: v for k, v in metrics.items()})
+                if is_main:
+                    logger.info("%s: checkpoint %s written", stage, last_ckpt)
             if stop_now:
                 break
 
@@ -536,6 +583,7 @@ def train(
             save_pretrained_atomic(student, final_dir, write=write_final, check=False)
     if is_main:
         writer.write({"event": "end", "step": step, "loss": last_loss})
+        logger.info("%s: finished at step %d, loss %.4f%s", stage, step, last_loss, f", model in {final_dir}" if final_dir else "")
     writer.close()
     accelerator.wait_for_everyone()
     return TrainResult(step, last_loss, run_dir, final_dir, last_ckpt, history, is_main)

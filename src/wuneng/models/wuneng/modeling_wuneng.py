@@ -461,8 +461,9 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         return "\n".join(lines)
 
     def print_parameter_breakdown(self) -> None:
-        """Print :meth:`format_parameter_breakdown`."""
-        print(self.format_parameter_breakdown())
+        """Log :meth:`format_parameter_breakdown` at INFO through ``logging`` (the library never prints; the CLI
+        shows it after ``wuneng convert``)."""
+        logging.getLogger(__name__).info("parameters:\n%s", self.format_parameter_breakdown())
 
 
 def describe_loading_problems(info: dict, tied: bool = False) -> str:
