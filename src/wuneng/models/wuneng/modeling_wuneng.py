@@ -14,6 +14,7 @@ Inference state: a :class:`wuneng.cache.RecurrentStateCache` holding, per layer,
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Dict, List, Optional, Set, Tuple
 
