@@ -1,4 +1,4 @@
-"""AdamW groups (wd only on >= 2-D, 2x lr for *w0) and the lr schedules."""
+"""AdamW groups (wd only on Linear/Embedding .weight matrices, 2x lr for *w0; see test_weight_decay.py) and the lr schedules."""
 
 import io
 

@@ -198,3 +198,22 @@ def test_library_modules_never_print():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 offenders.append(f"{path.relative_to(src)}:{node.lineno}")
     assert offenders == []
+
+
+def test_run_progress_bar_in_a_terminal_lines_otherwise(caplog, monkeypatch):
+    """The loop's display: a rich bar (no log lines) when stderr is a terminal, plain lines when it is not."""
+    from wuneng.train.loop import _RunProgress
+
+    monkeypatch.setenv("WUNENG_PROGRESS_INTERVAL", "0")
+    with caplog.at_level(logging.INFO, logger="wuneng.train.loop"):
+        with _RunProgress(True, 3, 1, "sft", tokens_seen=10, terminal=True) as bar:
+            bar.update(2, 1.5, 50, 40.0)
+            assert bar.lines is None and bar.bar.tasks[0].completed == 2 and bar.bar.tasks[0].fields["loss"] == "1.5000"
+        assert caplog.messages == []
+        with _RunProgress(True, 3, 1, "sft", tokens_seen=10, terminal=False) as plain:
+            plain.update(2, 1.5, 50)
+        assert plain.bar is None and len(caplog.messages) == 1
+        assert caplog.messages[0].startswith("sft: step 2/3 (67%), loss 1.5000, ")
+        with _RunProgress(False, 3, 1, "sft", terminal=False) as off:
+            off.update(2, 1.5, 50)
+        assert off.bar is None and off.lines is None and len(caplog.messages) == 1
