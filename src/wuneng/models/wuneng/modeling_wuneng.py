@@ -337,13 +337,18 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``PreTrainedModel.from_pretrained`` that refuses a checkpoint whose weights do not match its config
-        (missing, unexpected or differently shaped tensors, all named) instead of re-initialising them."""
+        (missing, unexpected or differently shaped tensors, all named) instead of re-initialising them. With
+        ``ignore_mismatched_sizes=True`` differently shaped tensors are re-initialised and reported, as
+        transformers does (e.g. ``vocab_size=`` a new size); missing or unexpected tensors are still refused."""
         path = os.fspath(pretrained_model_name_or_path)
+        ignore_sizes = bool(kwargs.get("ignore_mismatched_sizes", False))
         if os.path.isdir(path) and kwargs.get("config") is None:
-            check_checkpoint_matches_config(path)
+            check_checkpoint_matches_config(path, ignore_sizes)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = describe_loading_problems(dict(info), model.config.tie_word_embeddings)
+        # with ignore_mismatched_sizes the mismatched tensors were re-initialised on request (still in ``info``)
+        checked = {k: v for k, v in dict(info).items() if not (ignore_sizes and k == "mismatched_keys")}
+        problems = describe_loading_problems(checked, model.config.tie_word_embeddings)
         if problems:
             raise ValueError(f"WuNengForCausalLM.from_pretrained: the checkpoint's weights do not match its config.json ({problems})")
         return (model, info) if want_info else model
@@ -499,10 +504,11 @@ def checkpoint_tensor_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def checkpoint_mismatches(path: str, model: nn.Module, tied: bool = False) -> str:
+def checkpoint_mismatches(path: str, model: nn.Module, tied: bool = False, ignore_sizes: bool = False) -> str:
     """'' when the safetensors checkpoint ``path`` holds exactly ``model``'s tensors with its shapes; otherwise a
     description naming the missing, unexpected and differently shaped tensors. ``model`` may live on the meta
-    device; ``tied``: the LM head shares the embedding (its tensor may be absent)."""
+    device; ``tied``: the LM head shares the embedding (its tensor may be absent); ``ignore_sizes``: differently
+    shaped tensors are not listed."""
     found = checkpoint_tensor_shapes(path)
     if not found:
         return ""
@@ -513,19 +519,21 @@ def checkpoint_mismatches(path: str, model: nn.Module, tied: bool = False) -> st
     info = {
         "missing_keys": sorted(set(expected) - set(found)),
         "unexpected_keys": sorted(set(found) - set(expected)),
-        "mismatched_keys": [f"{k} (checkpoint {found[k]} vs config {expected[k]})" for k in sorted(set(found) & set(expected))
-                            if found[k] != expected[k]],
+        "mismatched_keys": [] if ignore_sizes else [
+            f"{k} (checkpoint {found[k]} vs config {expected[k]})" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
+        ],
     }
     return describe_loading_problems(info)
 
 
-def check_checkpoint_matches_config(path: str) -> None:
-    """ValueError naming every tensor that is missing, unexpected or shaped differently in the WuNeng safetensors
-    checkpoint ``path`` compared with the model its config.json describes (built on the meta device)."""
+def check_checkpoint_matches_config(path: str, ignore_sizes: bool = False) -> None:
+    """ValueError naming every tensor that is missing, unexpected or (unless ``ignore_sizes``) shaped differently
+    in the WuNeng safetensors checkpoint ``path`` compared with the model its config.json describes (built on the
+    meta device)."""
     config = WuNengConfig.from_pretrained(path)
     with torch.device("meta"):
         model = WuNengForCausalLM(config)
-    problems = checkpoint_mismatches(path, model, config.tie_word_embeddings)
+    problems = checkpoint_mismatches(path, model, config.tie_word_embeddings, ignore_sizes)
     if problems:
         raise ValueError(f"checkpoint {path!r}: the weights do not match its config.json ({problems})")
 
