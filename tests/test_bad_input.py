@@ -136,6 +136,23 @@ def test_model_config_with_an_unknown_model_type_is_a_config_error():
     assert one_line(str(err.value))
 
 
+def test_model_config_file_or_dict_without_a_known_model_type(tmp_path):
+    from wuneng.train.config import ConfigError, ModelConfig
+    from wuneng.train.loop import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv7", "hidden_size": 32}))
+    with pytest.raises(ConfigError) as err:
+        load_model(ModelConfig(config=str(tmp_path / "config.json")))
+    assert f"model.config {tmp_path / 'config.json'}: unknown model_type 'rwkv7'" in str(err.value)
+    assert OWN_TYPES in str(err.value) and one_line(str(err.value))
+    with pytest.raises(ConfigError, match=f"model.config needs a `model_type`: one of wuneng's own \\({OWN_TYPES}\\)"):
+        load_model(ModelConfig(config={"hidden_size": 32}))
+    torch.manual_seed(0)
+    RWKV7Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16).save_pretrained(tmp_path / "ok")
+    assert type(load_model(ModelConfig(config=str(tmp_path / "ok" / "config.json")))).__name__ == "RWKV7ForCausalLM"
+    assert type(load_model(ModelConfig(config=str(tmp_path / "ok")))).__name__ == "RWKV7ForCausalLM"
+
+
 def test_load_model_and_teacher_check_the_folder(folder):
     from wuneng.saving import ModelFolderError
     from wuneng.train.config import ModelConfig

@@ -106,19 +106,32 @@ def load_model(model_cfg) -> torch.nn.Module:
         check_model_folder(path, "model.path")  # one line naming a corrupt weights file or a config mismatch
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     spec = model_cfg.config
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..saving import library_model_types
+
     if isinstance(spec, str):
-        _register_project_models(_model_type_of(Path(spec)))
+        config_file = Path(spec).expanduser()
+        config_file = config_file / "config.json" if config_file.is_dir() else config_file
+        if not config_file.is_file():
+            raise FileNotFoundError(f"model.config {spec}: no such config.json")
+        model_type = _model_type_of(config_file)
+        _register_project_models(model_type)
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"model.config {config_file}: unknown model_type {model_type!r}; expected one of wuneng's own "
+                f"({', '.join(library_model_types())}) or a transformers model type (e.g. llama, qwen2)"
+            )
         hf_config = AutoConfig.from_pretrained(spec, local_files_only=True)
     else:
         spec = dict(spec)
         if "model_type" not in spec:
-            raise ValueError("model.config needs a `model_type` (e.g. qwen2, llama, rwkv7, wuneng)")
+            raise ConfigError(
+                f"model.config needs a `model_type`: one of wuneng's own ({', '.join(library_model_types())}) or a "
+                "transformers model type (e.g. llama, qwen2)"
+            )
         model_type = spec.pop("model_type")
         _register_project_models(model_type)
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        from ..saving import library_model_types
-
         if model_type not in CONFIG_MAPPING:
             raise ConfigError(
                 f"model.config.model_type: unknown {model_type!r}; expected one of wuneng's own "
