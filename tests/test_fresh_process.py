@@ -1,7 +1,8 @@
 """Every saved model runs in a fresh process: RWKV-7, WuNeng (hybrid), ARWKV, Meta-State and a grown Meta-State
 are saved here, then a new Python process (``sys.executable``, one per model kind) loads each folder
 
-1. with ``AutoModelForCausalLM`` before anything imported wuneng: refused, naming ``trust_remote_code``;
+1. with ``AutoModelForCausalLM`` before anything imported wuneng, and after a bare ``import wuneng`` (lazy: it
+   registers nothing): refused, naming ``trust_remote_code``;
 2. with ``AutoModelForCausalLM(..., trust_remote_code=True)`` (and ``AutoTokenizer`` likewise);
 3. with ``AutoModelForCausalLM`` / ``AutoTokenizer`` without ``trust_remote_code`` once wuneng's model package is
    imported (step 2 imported it through the folder's ``wuneng_auto.py``);
@@ -118,6 +119,14 @@ CHILD = textwrap.dedent(
     except ValueError as error:
         report["plain"] = "trust_remote_code" in str(error)
     report["wuneng_imported_before"] = any(m.startswith("wuneng") for m in sys.modules)
+    import wuneng  # the package alone is lazy (a fast CLI): it registers nothing with transformers
+
+    try:
+        AutoModelForCausalLM.from_pretrained(folder)
+        report["after_import_wuneng"] = "loaded"
+    except ValueError as error:
+        report["after_import_wuneng"] = "trust_remote_code" in str(error)
+    report["models_imported_by_import_wuneng"] = "wuneng.models" in sys.modules
 
     check(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), "auto_trust")
     report["tokenizer_trust"] = type(AutoTokenizer.from_pretrained(folder, trust_remote_code=True)).__name__
@@ -153,6 +162,7 @@ def test_saved_model_loads_runs_generates_and_trains_in_a_fresh_process(kind, tm
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     report = json.loads(lines[-1][len("REPORT "):])
     assert report["plain"] is True and not report["wuneng_imported_before"], report  # needs trust_remote_code
+    assert report["after_import_wuneng"] is True and not report["models_imported_by_import_wuneng"], report
     assert report["tokenizer_trust"] == report["tokenizer_registered"] == "ByteLevelTokenizer", report
     for label in ("auto_trust", "auto_registered", "class"):
         r = report[label]

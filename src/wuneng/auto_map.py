@@ -23,7 +23,9 @@ so that, with wuneng installed, ``AutoModelForCausalLM.from_pretrained(DIR, trus
 and ``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` work in a process that
 never imported wuneng. Importing the shim registers every wuneng class, after which transformers
 prefers the registered ("explicit local") classes, so the objects are exactly wuneng's own. A process
-that imports wuneng does not need ``trust_remote_code`` for models at all (the registry answers first).
+that has imported ``wuneng.models`` (or any model class; a bare ``import wuneng`` is lazy and registers
+nothing) needs no ``trust_remote_code``: the registered model classes and ``ByteLevelTokenizer`` answer first
+(docs/evaluation.md has the table, tests/test_fresh_process.py the checks).
 
 Use: inherit :class:`AutoMapMixin` first in a model's ``PreTrainedModel`` base or a tokenizer class::
 
