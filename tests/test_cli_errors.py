@@ -196,6 +196,19 @@ def test_an_unexpected_error_is_named_and_points_to_debug(tmp_path, monkeypatch)
     assert isinstance(result.exception, RuntimeError)  # --debug: the exception itself (full traceback)
 
 
+def test_a_non_finite_loss_exits_3(tmp_path, monkeypatch):
+    import wuneng.train.loop as loop
+
+    def diverging(config, **kwargs):
+        raise loop.NonFiniteLossError("loss is nan at step 5 (stage pretrain); the run stopped before updating the weights.")
+
+    monkeypatch.setattr(loop, "train", diverging)
+    run = write_run(tmp_path, model={"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 260}})
+    line = one_error_line(runner.invoke(app, ["train", str(run)]), 3)
+    assert line.startswith("error: loss is nan at step 5")
+
+
 @pytest.mark.slow  # two fresh processes (about 15 s each on a loaded 2-core machine)
 def test_a_real_process_prints_one_line_and_a_traceback_only_with_debug(tmp_path):
     folder = save_qwen2(tmp_path / "m")
