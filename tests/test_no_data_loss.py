@@ -312,6 +312,26 @@ def test_resume_with_nothing_to_resume_writes_nothing(tmp_path):
     assert tree(out) == {}
 
 
+def test_a_resumed_run_replaces_final_only_once_the_new_one_is_whole(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(out, save_every=1, save_final=True)
+    before = tree(out / "final")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(src).startswith(".final.wuneng-new-"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(saving.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        run(out, resume=True, max_steps=3, save_every=1, save_final=True)
+    assert tree(out / "final") == before and leftovers(out) == []
+    monkeypatch.undo()
+    run(out, resume=True, max_steps=4, save_every=1, save_final=True)
+    assert tree(out / "final") != before and leftovers(out) == []
+
+
 def test_a_checkpoint_interrupted_mid_write_leaves_the_earlier_ones(tmp_path, monkeypatch):
     import wuneng.train.checkpoint as checkpoint
 
