@@ -259,13 +259,17 @@ def test_a_reordered_field_fails_loudly_at_load():
 
 
 def test_kernel_args_are_filled_by_name_and_all_of_them():
-    names = {n: 0 for n, _ in _abi.HybridStateArgs._fields_}
-    args = _abi.kernel_args(_abi.HybridStateArgs, **{**names, "Hkv": 3, "eps": 0.5})
-    assert args.Hkv == 3 and args.eps == 0.5
+    cls = _abi.HybridStateArgs
+    values = {n: 0 for n, _ in cls._fields_}
+    values.update(Hkv=3, eps=0.5, gate_bias=0xABC0)
+    packed = _abi.kernel_args(cls, values)
+    assert packed == bytes(cls(**values))  # the packer lays the fields out as ctypes (and C) does
+    view = cls.from_buffer_copy(packed)
+    assert (view.Hkv, view.eps, view.gate_bias, view.v_first) == (3, 0.5, 0xABC0, None)
     with pytest.raises(TypeError, match=r"missing fields \['gate_bias'\]"):
-        _abi.kernel_args(_abi.HybridStateArgs, **{n: v for n, v in names.items() if n != "gate_bias"})
+        _abi.kernel_args(cls, {n: v for n, v in values.items() if n != "gate_bias"})
     with pytest.raises(TypeError, match=r"unknown fields \['gate'\]"):
-        _abi.kernel_args(_abi.HybridStateArgs, **names, gate=0)
+        _abi.kernel_args(cls, {**values, "gate": 0})
 
 
 # -- fork -------------------------------------------------------------------------------------------------------

@@ -6,17 +6,20 @@ structures below list the same fields for ctypes. :func:`check_library` compares
 struct size) when the library is loaded, together with the ABI version and the cache key the library was
 built for: a field added, removed, renamed or reordered on either side raises there, naming both layouts,
 instead of passing pointers into the wrong slots. :func:`kernel_args` fills a structure by field name and
-refuses a missing or unknown name (ctypes would silently leave a missing pointer NULL).
+refuses a missing or unknown name.
 """
 
 from __future__ import annotations
 
 import ctypes
+import operator
+import struct
 
 #: must equal WUNENG_KERNEL_ABI in csrc/args.h (bumped whenever an argument layout changes)
 KERNEL_ABI = 2
 
 _KINDS = {"i": ctypes.c_int64, "d": ctypes.c_double, "p": ctypes.c_void_p, "o": ctypes.c_void_p}
+_FORMATS = {"i": "q", "d": "d", "p": "P", "o": "P"}
 
 
 def _structure(name: str, spec: str) -> type:
@@ -25,6 +28,13 @@ def _structure(name: str, spec: str) -> type:
     fields = [tuple(item.split(":")) for item in spec.split()]
     cls = type(name, (ctypes.Structure,), {"_fields_": [(n, _KINDS[k]) for k, n in fields]})
     cls.layout = "".join(f"{k}:{n};" for k, n in fields)
+    cls.field_names = frozenset(n for _, n in fields)
+    cls.order = tuple(n for _, n in fields)
+    cls.getter = operator.itemgetter(*cls.order)
+    # One struct.pack call fills the C struct (a ctypes Structure set field by field costs more than the
+    # smallest kernel call); "@": native sizes and alignment, as the C compiler lays the struct out.
+    cls.packer = struct.Struct("@" + "".join(_FORMATS[k] for k, _ in fields))
+    assert cls.packer.size == ctypes.sizeof(cls), (name, cls.packer.size, ctypes.sizeof(cls))
     return cls
 
 
@@ -48,13 +58,18 @@ HybridStateArgs = _structure(
 FUSED_KERNELS = {"time_mix_one_token": TimeMixArgs, "hybrid_state_one_token": HybridStateArgs}
 
 
-def kernel_args(cls: type, **values) -> ctypes.Structure:
-    """``cls(**values)`` with every field given by name and no other name (tensors' pointers as ints or None)."""
-    names = [n for n, _ in cls._fields_]
-    missing, unknown = set(names) - set(values), set(values) - set(names)
-    if missing or unknown:
+def kernel_args(cls: type, values: dict) -> bytes:
+    """The bytes of a ``cls`` struct with every field given by name in ``values`` and no other name (pointers
+    as ints, 0 for NULL), passed to the kernel as its argument pointer (the C side only reads it). Refuses a
+    missing or unknown name: a missing pointer would otherwise be passed as NULL without a word."""
+    try:
+        row = cls.getter(values)
+    except KeyError:
+        row = None
+    if row is None or len(values) != len(cls.order):
+        missing, unknown = cls.field_names - values.keys(), values.keys() - cls.field_names
         raise TypeError(f"{cls.__name__}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
-    return cls(**values)
+    return cls.packer.pack(*row)
 
 
 def check_library(lib, key: str, suffixes) -> None:
@@ -85,4 +100,4 @@ def check_library(lib, key: str, suffixes) -> None:
             if size_fn() != ctypes.sizeof(cls):
                 raise RuntimeError(f"{kernel}_{suffix}: C struct size {size_fn()} != ctypes size {ctypes.sizeof(cls)}")
             fn = getattr(lib, f"{kernel}_{suffix}")
-            fn.argtypes, fn.restype = [ctypes.POINTER(cls)], None
+            fn.argtypes, fn.restype = [ctypes.c_char_p], None  # the bytes of kernel_args, passed by address

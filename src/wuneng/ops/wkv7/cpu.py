@@ -332,8 +332,9 @@ def _over_heads(fn, n_heads: int, work_per_head: int, args: tuple, work_row: int
     _run_ranges(fn, bounds, lambda i: args + (work[i].data_ptr(),))
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else t.data_ptr()
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    """The address of a tensor's data, 0 (NULL) for None."""
+    return 0 if t is None else t.data_ptr()
 
 
 def wkv7_cpu_forward(r, w, k, v, a, b, S0=None, q=None, checkpoint_len: Optional[int] = None):

@@ -35,7 +35,6 @@ teacher's attention projections: everything but the attention and the fusion (se
 
 from __future__ import annotations
 
-import ctypes
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -298,14 +297,17 @@ def time_mix_one_token(
     work = x.new_empty(7 * B * C + 11 * B * A + B * (dw + da + dv + dg) + 2 * B * H)
     fn = getattr(_library(), f"time_mix_one_token_{_SUFFIX[dt]}")
     args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
-        TimeMixArgs, B=B, C=C, H=H, N=N, Dw=dw, Da=da, Dv=dv, Dg=dg, value_residual=int(wt.value_residual),
-        sse_blocks=C // N if self_state_query else 0, eps=float(wt.eps),
-        x=_ptr(x), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in),
-        **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
-        work=_ptr(work), out=_ptr(out), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
-        v_first_out=_ptr(v_out), readout_out=_ptr(readout),
+        TimeMixArgs,
+        dict(
+            B=B, C=C, H=H, N=N, Dw=dw, Da=da, Dv=dv, Dg=dg, value_residual=int(wt.value_residual),
+            sse_blocks=C // N if self_state_query else 0, eps=float(wt.eps),
+            x=_ptr(x), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in),
+            **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
+            work=_ptr(work), out=_ptr(out), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
+            v_first_out=_ptr(v_out), readout_out=_ptr(readout),
+        ),
     )
-    fn(ctypes.byref(args))
+    fn(args)
     result = (out, shift_out, state_out, v_first if wt.value_residual else v_out)
     return result + ((readout,) if self_state_query else ())
 
@@ -449,12 +451,15 @@ def hybrid_state_one_token(
     work = u.new_empty(4 * B * C + 8 * B * A + B * (dw + da + dv + dr + dg + dm) + 2 * B * H)
     fn = getattr(_library(), f"hybrid_state_one_token_{_SUFFIX[dt]}")
     args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
-        HybridStateArgs, B=B, C=C, H=H, Hkv=H_kv, N=N, Dw=dw, Da=da, Dv=dv, Dr=dr, Dg=dg, Dm=dm, Wm=width_m,
-        value_residual=int(wt.value_residual), eps=float(wt.eps),
-        u=_ptr(u), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in), q=_ptr(q), k=_ptr(k),
-        v=_ptr(v), **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
-        work=_ptr(work), y_out=_ptr(y), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
-        v_first_out=_ptr(v_out), gamma_out=_ptr(gamma), middle_out=_ptr(middle),
+        HybridStateArgs,
+        dict(
+            B=B, C=C, H=H, Hkv=H_kv, N=N, Dw=dw, Da=da, Dv=dv, Dr=dr, Dg=dg, Dm=dm, Wm=width_m,
+            value_residual=int(wt.value_residual), eps=float(wt.eps),
+            u=_ptr(u), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in), q=_ptr(q),
+            k=_ptr(k), v=_ptr(v), **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
+            work=_ptr(work), y_out=_ptr(y), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
+            v_first_out=_ptr(v_out), gamma_out=_ptr(gamma), middle_out=_ptr(middle),
+        ),
     )
-    fn(ctypes.byref(args))
+    fn(args)
     return y, shift_out, state_out, (v_first if wt.value_residual else v_out), gamma, middle
