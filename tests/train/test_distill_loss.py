@@ -73,3 +73,23 @@ def test_training_step_normalises_each_term_by_its_global_count(tmp_path, tokeni
     assert record["kl"] == pytest.approx(kl, rel=1e-5)
     assert record["ce"] == pytest.approx(ce, rel=1e-5)
     assert record["loss"] == pytest.approx(KL_WEIGHT * kl + CE_WEIGHT * ce, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_normalise_the_ce_by_the_global_label_count(tmp_path, tokenizer):
+    """torchrun 2 x micro-batch 2 and one process x 4 give the same weights with a CE term: each term is divided
+    by its count over both processes (a per-process count would weight the processes' CE differently)."""
+    from safetensors.torch import load_file
+
+    from test_distributed import ATOL, max_diff, run_both
+    from train_helpers import saved_run_files
+
+    tiny_qwen2(seed=1).save_pretrained(tmp_path / "student")
+    path = saved_run_files(tmp_path, tokenizer, stage="distill", teacher=str(tmp_path / "model"), model={"path": str(tmp_path / "student")},
+                           distill={"ce_weight": CE_WEIGHT, "kl_weight": KL_WEIGHT, "temperature": TAU},
+                           data={"sources": [str(tmp_path / "data.txt")], "seq_len": 64, "text_unit": "line"},
+                           grad_accum_steps=2, max_steps=6, save_every=6)  # fmt: skip
+    one_w, two_w = run_both(tmp_path, path)
+    moved, diff = max_diff(one_w, load_file(str(tmp_path / "student" / "model.safetensors"))), max_diff(one_w, two_w)
+    assert moved > 1e-3
+    assert diff < ATOL, f"max |w_1proc - w_2proc| = {diff:.3g}"
