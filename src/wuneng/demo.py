@@ -268,7 +268,7 @@ def evaluate_student(model, tokenizer, examples) -> dict:
     from .eval.tasks.arithmetic import score_arithmetic
 
     max_new = max(len(e.answer) for e in examples) + 3
-    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size=64)
+    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size=64, label="demo eval")
     scores = score_arithmetic(gens, examples)
     ppl = answer_perplexity(model, examples)
     arith = [e for e in examples if e.fact is not None]
