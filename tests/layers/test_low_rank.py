@@ -57,13 +57,13 @@ def test_stacked_weights_follow_in_place_updates():
     x = torch.randn(len(maps), 2, 12, dtype=torch.float64)
     with derived_weights_session() as store:
         before = low_rank_bank(owner, "bank", maps, x)
-        stacked = store._store[owner]["bank"][1][0]
+        stacked = store._store[(id(owner), "bank")][2][0]
         low_rank_bank(owner, "bank", maps, x)
-        assert store._store[owner]["bank"][1][0] is stacked and store.builds == 1  # reused
+        assert store._store[(id(owner), "bank")][2][0] is stacked and store.builds == 1  # reused
         with torch.no_grad():
             maps[2].second.mul_(2.0)
         after = low_rank_bank(owner, "bank", maps, x)
-        assert store._store[owner]["bank"][1][0] is not stacked and store.builds == 2
+        assert store._store[(id(owner), "bank")][2][0] is not stacked and store.builds == 2
     ref = one_by_one(maps[2], x[2]).detach()
     assert (after["gate"] - ref).abs().max() <= 1e-13 * ref.abs().max()
     assert not torch.allclose(after["gate"], before["gate"])

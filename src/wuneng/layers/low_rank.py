@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import weakref
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence
 
 import torch
@@ -54,35 +53,34 @@ _MID = {None: None, "tanh": torch.Tensor.tanh_, "sigmoid": torch.Tensor.sigmoid_
 
 
 class DerivedWeights:
-    """The derived weights of one decoding session: ``{module: {slot: (key, value)}}`` (modules held weakly).
+    """The derived weights of one decoding session: ``(id(module), slot) -> (module, key, value)``.
 
     A :class:`~wuneng.cache.RecurrentStateCache` owns one (``cache.derived_weights``); a model's forward makes it
-    the current store with :func:`derived_weights_session`. ``builds`` counts the weights built into it."""
+    the current store with :func:`derived_weights_session`. An entry holds its module, so that the module's id
+    cannot be reused while the entry lives (a store lives as long as its cache). ``builds`` counts the weights
+    built into it."""
 
     def __init__(self) -> None:
-        self._store: "weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
+        self._store: Dict[tuple, tuple] = {}
         self.builds = 0
 
     def get(self, owner: nn.Module, slot: str, key: tuple, build: Callable[[], object]):
-        slots = self._store.get(owner)
-        if slots is None:
-            slots = self._store[owner] = {}
-        hit = slots.get(slot)
-        if hit is None or hit[0] != key:
-            hit = slots[slot] = (key, build())
+        hit = self._store.get((id(owner), slot))
+        if hit is None or hit[1] != key:
+            hit = self._store[(id(owner), slot)] = (owner, key, build())
             self.builds += 1
-        return hit[1]
+        return hit[2]
 
     def holds(self, owner: nn.Module, slot: str) -> bool:
         """Whether ``owner``'s weight ``slot`` is kept in this store."""
-        return slot in self._store.get(owner, {})
+        return (id(owner), slot) in self._store
 
     def clear(self) -> None:
         """Forget every weight (they are rebuilt at the next use)."""
-        self._store = weakref.WeakKeyDictionary()
+        self._store.clear()
 
     def __len__(self) -> int:
-        return sum(len(slots) for slots in self._store.values())
+        return len(self._store)
 
 
 _CURRENT: "contextvars.ContextVar[Optional[DerivedWeights]]" = contextvars.ContextVar("wuneng_derived_weights", default=None)
