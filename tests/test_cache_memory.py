@@ -169,3 +169,29 @@ def test_no_grad_prefill_peak_does_not_keep_an_activation_per_layer(kind):
     peak_5, kv_5 = peak_prefill_bytes(build(kind, layers=5), length)
     growth_per_layer = (peak_5 - peak_2 - (kv_5 - kv_2)) / 3
     assert growth_per_layer < activation / 2, (kind, peak_2, peak_5, kv_2, kv_5, activation)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_stores_its_states_without_copies(kind, monkeypatch):
+    """One decoded token: the states a step returns already own their storage (a [B, 1, C] input's last token is
+    all of it), so set_state copies nothing per token; only the prefill's views are copied."""
+    import wuneng.cache as cache_module
+
+    copies = []
+    real = cache_module.owned_state
+
+    def counting(t):
+        kept = real(t)
+        if kept is not t:
+            copies.append(tuple(t.shape))
+        return kept
+
+    monkeypatch.setattr(cache_module, "owned_state", counting)
+    model = build(kind, layers=2)
+    cache = prefill(model, length=16)
+    assert copies  # the prefill's x[:, -1] views were copied
+    copies.clear()
+    with torch.no_grad():
+        for step in range(3):
+            cache = model(torch.tensor([[step + 1]]), past_key_values=cache, use_cache=True).past_key_values
+    assert copies == [], copies
