@@ -184,3 +184,22 @@ def copy_cache(cache):
     twin.seen_tokens = cache.seen_tokens
     twin.derived_weights = cache.derived_weights
     return twin
+
+
+def test_a_copied_cache_starts_an_empty_store_and_copies_no_module():
+    """copy.deepcopy(cache) (reusing a prompt's cache for several continuations) must not copy the model through
+    the modules the store refers to: the copy's store is empty and rebuilds on use, with the same outputs."""
+    import copy
+    import pickle
+
+    model = build("rwkv7")
+    with torch.no_grad():
+        cache = model(IDS[:, :4], use_cache=True).past_key_values
+        memo: dict = {}
+        twin = copy.deepcopy(cache, memo)
+        assert len(cache.derived_weights) > 0 and len(twin.derived_weights) == 0
+        assert not any(isinstance(v, (nn.Module, nn.Parameter)) for v in memo.values())  # no model copied
+        a = model(IDS[:, 4:6], past_key_values=cache, use_cache=True).logits
+        b = model(IDS[:, 4:6], past_key_values=twin, use_cache=True).logits
+    assert torch.equal(a, b) and len(twin.derived_weights) > 0
+    assert len(pickle.loads(pickle.dumps(cache.derived_weights))) == 0

@@ -82,6 +82,14 @@ class DerivedWeights:
     def __len__(self) -> int:
         return len(self._store)
 
+    def __deepcopy__(self, memo) -> "DerivedWeights":
+        # a copied cache (copy.deepcopy(prompt_cache), a common way to reuse a prefix) starts an empty store: the
+        # weights are rebuilt on use, and copying the entries would copy the modules they hold
+        return DerivedWeights()
+
+    def __getstate__(self) -> dict:
+        return {"_store": {}, "builds": 0}  # pickled: empty, for the same reason
+
 
 _CURRENT: "contextvars.ContextVar[Optional[DerivedWeights]]" = contextvars.ContextVar("wuneng_derived_weights", default=None)
 
