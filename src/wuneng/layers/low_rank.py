@@ -16,11 +16,12 @@ of its cache (``RecurrentStateCache.derived_weights``: the weights are built at 
 the cache, reused for every token decoded with it, freed with it); a forward without a cache opens a fresh
 session, so every such call (evaluation, a prefill without a cache, a training step's no-grad evaluation)
 builds them from the parameters as they are at that call. A layer called outside any session builds them every
-call. Within a session an entry is also rebuilt when a source parameter is replaced or changes in place (its
-data pointer, in-place version, dtype or device: optimizer steps, ``load_state_dict``, ``.to()``). The one thing
-a session does not see is a write through ``.data`` (it bumps no version) *while the session's cache is in use*:
-after editing weights that way (EMA swaps, weight averaging, surgery), continue with a new cache, or call
-``cache.reset()``.
+call. Within a session an entry is also rebuilt when a source tensor's data pointer, in-place version, dtype or
+device changes (optimizer steps, ``load_state_dict``, ``.to()``, a parameter replaced by one in new memory). What a
+session does not see is a write through ``.data`` (it bumps no version) *while the session's cache is in use*:
+after editing weights that way (EMA swaps, weight averaging, surgery) in the middle of decoding, call
+``cache.derived_weights.clear()`` (``cache.reset()`` clears them with the states) or continue with a new cache.
+A copied or pickled cache starts with an empty store.
 """
 
 from __future__ import annotations
