@@ -17,15 +17,24 @@ The reference loop's rate does not depend on T, so it is timed on the first ``--
 
     python benchmarks/wkv7.py                 # B=4 H=4 N=64, T in {1024, 4096}
     python benchmarks/wkv7.py --quick --T 1024
+
+To compare a change of the chunked form with an earlier version in the same process (interleaved, so that
+load from other processes hits both alike), point ``--baseline-src`` at the ``src`` folder of another
+checkout, e.g. ``git worktree add /tmp/base HEAD~1``, then ``--baseline-src /tmp/base/src``: its
+``wkv7_chunked`` runs as ``chunked-baseline`` and the ratio chunked / chunked-baseline is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import statistics
+import sys
 import time
+import types
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +86,17 @@ def _fla_chunkwise():
     return dplr_chunkwise
 
 
+def _baseline_chunked(src: str):
+    """``wkv7_chunked`` of the checkout whose ``src`` folder is given, imported beside this one."""
+    folder = Path(src) / "wuneng" / "ops" / "wkv7"
+    if not (folder / "chunk.py").is_file():
+        raise SystemExit(f"--baseline-src: {folder / 'chunk.py'} not found; give the src folder of a wuneng checkout")
+    package = types.ModuleType("wkv7_baseline")  # only the operator package: its modules import relatively
+    package.__path__ = [str(folder)]
+    sys.modules["wkv7_baseline"] = package
+    return importlib.import_module("wkv7_baseline.chunk").wkv7_chunked
+
+
 def build_calls(args, T: int):
     """name -> (forward(), forward_backward(), tokens per call)."""
     B, H, N = args.B, args.H, args.N
@@ -99,6 +119,13 @@ def build_calls(args, T: int):
         return wkv7_chunked(*a, chunk_size=args.chunk)
 
     calls["chunked"] = (lambda: chunked(*x), with_grad(chunked, x), B * T)
+    if args.baseline_src:
+        baseline_fn = _baseline_chunked(args.baseline_src)
+
+        def baseline(*a):
+            return baseline_fn(*a, chunk_size=args.chunk)
+
+        calls["chunked-baseline"] = (lambda: baseline(*x), with_grad(baseline, x), B * T)
     if cpu_kernel_available():
         calls["cpu"] = (lambda: wkv7_cpu(*x), with_grad(wkv7_cpu, x), B * T)
     else:
@@ -144,6 +171,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="one timed repeat")
+    p.add_argument("--baseline-src", help="src folder of another checkout: time its wkv7_chunked beside this one")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
@@ -152,7 +180,7 @@ def main() -> None:
           f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}")
     peak = matmul_gflops()
     print(f"float32 matmul 1024^3: {peak:.1f} GFLOP/s")
-    header = f"{'T':>6} {'form':<14} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'GFLOP/s fwd':>12} {'GFLOP/s f+b':>12}"
+    header = f"{'T':>6} {'form':<16} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'GFLOP/s fwd':>12} {'GFLOP/s f+b':>12}"
     rows, ratios = [header, "-" * len(header)], []
     for T in args.T:
         calls = build_calls(args, T)
@@ -164,12 +192,14 @@ def main() -> None:
                 for i, (mode, bwd) in enumerate((("fwd", False), ("fwd+bwd", True))):
                     flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(args.chunk, T), bwd)
                     gf[i] = f"{flops / times[(name, mode)] / 1e9:.1f}"
-            rows.append(f"{T:>6} {name:<14} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}")
-        for form, other in (("chunked", "reference"), ("chunked", "fla-chunkwise"), ("cpu", "chunked")):
+            rows.append(f"{T:>6} {name:<16} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}")
+        pairs = (("chunked", "reference"), ("chunked", "fla-chunkwise"), ("cpu", "chunked"), ("chunked", "chunked-baseline"))
+        for form, other in pairs:
             if form in calls and other in calls:
+                digits = 3 if other == "chunked-baseline" else 1
                 ratios.append(
-                    f"T={T}: {form} / {other}: fwd {rate[(form, 'fwd')] / rate[(other, 'fwd')]:.1f}x, "
-                    f"fwd+bwd {rate[(form, 'fwd+bwd')] / rate[(other, 'fwd+bwd')]:.1f}x"
+                    f"T={T}: {form} / {other} (speed): fwd {rate[(form, 'fwd')] / rate[(other, 'fwd')]:.{digits}f}x, "
+                    f"fwd+bwd {rate[(form, 'fwd+bwd')] / rate[(other, 'fwd+bwd')]:.{digits}f}x"
                 )
     print("\n".join(rows))
     print("\n".join(ratios))
