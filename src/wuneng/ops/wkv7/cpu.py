@@ -202,7 +202,10 @@ def _build() -> Path:
                 try:
                     _compile(out)
                 except OSError as err:
-                    raise KernelUnavailable(f"kernel cache folder {folder} is not writable ({err}); set WUNENG_KERNEL_CACHE") from err
+                    raise KernelUnavailable(
+                        f"the library cannot be written into {folder} ({err}); set WUNENG_KERNEL_CACHE to a writable "
+                        "private folder"
+                    ) from err
             _refuse_if_shared(out, "library")
         finally:
             os.close(lock_fd)  # releases the lock
