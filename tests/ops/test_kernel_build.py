@@ -117,6 +117,22 @@ def test_no_compiler_and_nothing_cached_warns_once_and_falls_back(fresh, monkeyp
     assert len(warned) == 1 and "no C compiler found" in warned[0] and "slower PyTorch paths" in warned[0]
 
 
+@needs_kernel
+def test_failed_build_warns_with_the_compiler_message_and_leaves_nothing(fresh, monkeypatch, tmp_path, caplog):
+    failing = tmp_path / "failing-cc"
+    failing.write_text('#!/bin/sh\necho "fatal: boom from the compiler" >&2\nexit 3\n')
+    failing.chmod(0o755)
+    folder = tmp_path / "kernels"
+    monkeypatch.setenv("WUNENG_KERNEL_CACHE", str(folder))
+    monkeypatch.setenv("CC", str(failing))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert not cpu_kernel_available()
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "build failed" in warned[0] and "exited 3" in warned[0], warned
+    assert "boom from the compiler" in warned[0]
+    assert not [p.name for p in folder.iterdir() if p.suffix != ".lock"]  # no library, no temp file
+
+
 def test_disabled_by_environment_says_so_once(fresh, monkeypatch, caplog):
     monkeypatch.setenv("WUNENG_CPU_KERNEL", "0")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
