@@ -419,3 +419,16 @@ def test_training_runs_write_with_the_users_umask(tmp_path, umask):
     out = tmp_path / "run"
     run(out, save_every=1, save_final=True)
     assert modes(out) == {("dir", 0o755), ("file", 0o644)}  # checkpoint and final weights were 0o600
+
+
+def test_plain_save_pretrained_of_a_library_model_writes_weights_with_the_users_umask(tmp_path, umask):
+    """The demo, user code and every other plain ``save_pretrained`` of a wuneng model: safetensors writes
+    0o600 whatever the umask; a file of the user's that already sits in the folder keeps its mode."""
+    umask(0o022)
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    os.chmod(out / "notes.txt", 0o600)
+    tiny_rwkv7(0).save_pretrained(out)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "notes.txt").stat().st_mode) == 0o600

@@ -161,6 +161,17 @@ def write_shim(save_directory: Union[str, os.PathLike], classes: Iterable[type])
     return path
 
 
+def _weights_with_umask(save_directory: Union[str, os.PathLike]) -> None:
+    """safetensors writes weight files as 0o600 whatever the umask; give the ones just written the mode a
+    plain ``open`` would have (``0o666 & ~umask``), so other users of a shared machine can read a saved model
+    exactly when the user's umask says so. Only weight files: nothing else in the folder is touched."""
+    from .saving import apply_umask
+
+    for name in os.listdir(save_directory):
+        if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+            apply_umask(os.path.join(save_directory, name))
+
+
 class AutoMapMixin:
     """Makes ``save_pretrained`` folders self-describing (see the module doc). Put it first in the bases of a
     ``PreTrainedModel`` subclass (the config gets the model ``auto_map``) or of a tokenizer class
@@ -192,6 +203,7 @@ class AutoMapMixin:
             result = super().save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):
                 write_shim(save_directory, [*classes.values(), type(self)])
+                _weights_with_umask(save_directory)
             return result
         if isinstance(self, PreTrainedTokenizerBase):
             self._auto_map = tokenizer_auto_map(type(self))
