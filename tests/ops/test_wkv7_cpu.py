@@ -193,3 +193,60 @@ def test_without_the_kernel_auto_falls_back_and_cpu_says_why(monkeypatch):
             cpu_mod._library.cache_clear()
     monkeypatch.undo()
     assert cpu_kernel_available()
+
+
+def _op_args(seed, q=True, s0=True, checkpoint_len=4):
+    seq, S0, Q = make_inputs(2, 9, 2, 4, seed=seed, extra=q)
+    r, log_w, k, v, a, b = args_of(seq)
+    return (r, log_w.exp(), k, v, a, b, S0 if s0 else None, Q, checkpoint_len)
+
+
+@needs_kernel
+@pytest.mark.parametrize("q,s0,checkpoint_len", [(True, True, 4), (False, False, 0), (False, True, 9)], ids=str)
+def test_custom_ops_pass_torch_opcheck(q, s0, checkpoint_len):
+    """The kernels are torch custom ops (wuneng::wkv7_cpu_forward / _backward): schema, fake (meta) shapes and
+    AOT dispatch checked by torch.library.opcheck."""
+    args = _op_args(30, q, s0, max(checkpoint_len, 1))
+    forward = torch.ops.wuneng.wkv7_cpu_forward.default
+    assert all(v == "SUCCESS" for v in torch.library.opcheck(forward, args[:-1] + (checkpoint_len,)).values())
+    y, S, y2, ckpt = forward(*args)
+    r, w, k, v, a, b, _, Q, L = args
+    g = torch.Generator().manual_seed(31)
+    dy, dS = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(S.shape, generator=g, dtype=S.dtype)
+    dy2 = torch.randn(y.shape, generator=g, dtype=y.dtype) if q else None
+    backward = torch.ops.wuneng.wkv7_cpu_backward.default
+    bargs = (r, w, k, v, a, b, Q, ckpt, dy, dy2, dS, L)
+    assert all(v == "SUCCESS" for v in torch.library.opcheck(backward, bargs).values())
+
+
+@needs_kernel
+def test_custom_op_boundary_checks_dtypes_and_layout():
+    r, w, k, v, a, b, S0, q, L = _op_args(32)
+    forward = torch.ops.wuneng.wkv7_cpu_forward.default
+    with pytest.raises(TypeError, match="all float32 or all float64"):
+        forward(r, w.float(), k, v, a, b, S0, q, L)
+    with pytest.raises(TypeError, match="all float32 or all float64"):
+        forward(*(t.half() for t in (r, w, k, v, a, b)), None, None, L)
+    with pytest.raises(ValueError, match="k must be a contiguous CPU tensor"):
+        forward(r, w, k.transpose(1, 2).contiguous().transpose(1, 2), v, a, b, S0, q, L)
+
+
+@needs_kernel
+def test_wkv7_cpu_compiles_in_one_graph_and_matches_eager():
+    """torch.compile sees the kernels as opaque custom ops: no graph break (fullgraph=True), same values and
+    gradients as eager (float64, 1e-12)."""
+    seq, s0, _ = make_inputs(1, 9, 2, 4, seed=33)
+
+    def loss(r, log_w, k, v, a, b, s0):
+        y, S = wkv7_cpu(r, log_w, k, v, a, b, s0)
+        return (y * y).sum() + S.sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in args_of(seq)] + [s0.clone().requires_grad_()]
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert rel_err(compiled, eager) <= 1e-12
+    for g, g_ref in zip(compiled_grads, eager_grads):
+        assert rel_err(g, g_ref) <= 1e-12

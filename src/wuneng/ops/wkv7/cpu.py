@@ -32,6 +32,10 @@ Build and load (tests in ``tests/ops/test_kernel_build.py``):
   (:func:`cpu_kernel_error`).
 - Fork: the thread pool and the lock are replaced in a forked child (``os.register_at_fork``), so a
   DataLoader worker or a ``multiprocessing`` fork child can call every kernel.
+- torch.compile: the sequence kernels are torch custom ops, ``torch.ops.wuneng.wkv7_cpu_forward`` and
+  ``wkv7_cpu_backward`` (fake implementations give their output shapes; the op boundary checks devices,
+  dtypes and contiguity), so :func:`wkv7_cpu` compiles into one graph (tested with ``fullgraph=True``,
+  values and gradients equal to eager) and passes ``torch.library.opcheck``.
 
 Tested against :func:`~wuneng.ops.wkv7.naive.wkv7_reference` in float64, values and gradients.
 """
@@ -52,7 +56,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -267,6 +271,7 @@ def _library():
     return lib
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once, not traced (it takes a lock, loads a library)
 def cpu_kernel_available() -> bool:
     """True when the C kernel is built (or builds now) and loads."""
     return _library() is not None
@@ -370,45 +375,123 @@ def wkv7_cpu_one_token(r, w, k, v, a, b, S0=None, q=None):
     return y, S, y2
 
 
+def _check_op_inputs(op: str, tensors: dict) -> None:
+    """The boundary of the custom ops: contiguous CPU tensors, all float32 or all float64 (None: absent)."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    dtypes = {t.dtype for t in present.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUFFIX:
+        raise TypeError(f"{op}: needs tensors all float32 or all float64, got {({n: t.dtype for n, t in present.items()})}")
+    for name, t in present.items():
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous CPU tensor (device {t.device}, strides {t.stride()})")
+
+
+# The kernels as torch custom ops (torch.library): opaque to torch.compile, with the shapes of their results
+# given by fake implementations, and one boundary that checks devices, dtypes and contiguity. Absent outputs
+# (no extra query, no checkpoints, no initial state) are returned as empty tensors. Eager calls from
+# ``wkv7_cpu`` (whose inputs are prepared to fit) skip the dispatcher and the boundary check
+# (``_op_or_impl``): their cost, ~150 us per forward+backward, was 17% of one at T = 64.
+def _forward_impl(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    S0: Optional[torch.Tensor], q: Optional[torch.Tensor], checkpoint_len: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, final state, y2 or empty, checkpoints or empty); checkpoint_len 0: no checkpoints."""
+    y, S, y2, ckpt = wkv7_cpu_forward(r, w, k, v, a, b, S0, q, checkpoint_len or None)
+    return y, S, r.new_empty(0) if y2 is None else y2, r.new_empty(0) if ckpt is None else ckpt
+
+
+def _forward_checked(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    S0: Optional[torch.Tensor], q: Optional[torch.Tensor], checkpoint_len: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op_inputs("wuneng::wkv7_cpu_forward", dict(r=r, w=w, k=k, v=v, a=a, b=b, S0=S0, q=q))
+    return _forward_impl(r, w, k, v, a, b, S0, q, checkpoint_len)
+
+
+_forward_op = torch.library.custom_op("wuneng::wkv7_cpu_forward", _forward_checked, mutates_args=(), device_types="cpu")
+
+
+@_forward_op.register_fake
+def _forward_fake(r, w, k, v, a, b, S0, q, checkpoint_len):
+    B, T, H, N = r.shape
+    y2 = torch.empty_like(r) if q is not None else r.new_empty(0)
+    ckpt = r.new_empty(B * H, -(-T // checkpoint_len), N, N) if checkpoint_len else r.new_empty(0)
+    return torch.empty_like(r), r.new_empty(B, H, N, N), y2, ckpt
+
+
+def _backward_impl(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    q: Optional[torch.Tensor], ckpt: torch.Tensor, dy: torch.Tensor, dy2: Optional[torch.Tensor],
+    dS: Optional[torch.Tensor], checkpoint_len: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dr, dw (to w itself), dk, dv, da, db, dS0, dq or empty) from the forward's checkpoints."""
+    B, T, H, N = r.shape
+    L = checkpoint_len
+    dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
+    dq = torch.empty_like(r) if q is not None else None
+    dS0 = r.new_empty(B, H, N, N)
+    fn = getattr(_library(), f"wkv7_backward_{_SUFFIX[r.dtype]}")
+    args = (T, H, N, L) + tuple(_ptr(t) for t in (r, w, k, v, a, b, q, ckpt, dy, dy2, dS, dr, dw, dk, dv, da, db, dq, dS0))
+    _over_heads(fn, B * H, 3 * T * N * N, args, (L + 2) * N * N + (L + 2) * N, r)
+    return dr, dw, dk, dv, da, db, dS0, r.new_empty(0) if dq is None else dq
+
+
+def _backward_checked(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    q: Optional[torch.Tensor], ckpt: torch.Tensor, dy: torch.Tensor, dy2: Optional[torch.Tensor],
+    dS: Optional[torch.Tensor], checkpoint_len: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = dict(r=r, w=w, k=k, v=v, a=a, b=b, q=q, ckpt=ckpt, dy=dy, dy2=dy2, dS=dS)
+    _check_op_inputs("wuneng::wkv7_cpu_backward", tensors)
+    return _backward_impl(r, w, k, v, a, b, q, ckpt, dy, dy2, dS, checkpoint_len)
+
+
+_backward_op = torch.library.custom_op("wuneng::wkv7_cpu_backward", _backward_checked, mutates_args=(), device_types="cpu")
+
+
+@_backward_op.register_fake
+def _backward_fake(r, w, k, v, a, b, q, ckpt, dy, dy2, dS, checkpoint_len):
+    B, T, H, N = r.shape
+    grads = [torch.empty_like(r) for _ in range(6)]
+    return (*grads, r.new_empty(B, H, N, N), torch.empty_like(r) if q is not None else r.new_empty(0))
+
+
+def _op_or_impl(op, impl):
+    """The custom op while torch.compile traces, the plain function in eager mode (same computation)."""
+    return op if torch.compiler.is_compiling() else impl
+
+
 class _CpuWKV7(torch.autograd.Function):
     """Inputs r, log_w, k, v, a, b (, q): contiguous [B, T, H, N] in the state dtype; S0 contiguous
-    [B, H, N, N] or None. Returns (y, final state, y2 or an empty tensor)."""
+    [B, H, N, N] or None. Returns (y, final state, y2 or an empty tensor). Forward and backward are the custom
+    ops ``wuneng::wkv7_cpu_forward`` / ``wuneng::wkv7_cpu_backward``."""
 
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, S0, q, L):
         w = torch.exp(log_w)
         needs_grad = any(ctx.needs_input_grad[:8])
-        y, S, y2, ckpt = wkv7_cpu_forward(r, w, k, v, a, b, S0, q, L if needs_grad else None)
+        y, S, y2, ckpt = _op_or_impl(_forward_op, _forward_impl)(r, w, k, v, a, b, S0, q, L if needs_grad else 0)
         if needs_grad:
             ctx.save_for_backward(r, w, k, v, a, b, q, ckpt)
             ctx.L = L
             ctx.has_s0 = S0 is not None
-        if y2 is None:
-            y2 = r.new_empty(0)
+        if q is None:
             ctx.mark_non_differentiable(y2)
         return y, S, y2
 
     @staticmethod
     def backward(ctx, dy, dS, dy2):
         r, w, k, v, a, b, q, ckpt = ctx.saved_tensors
-        B, T, H, N = r.shape
-        L = ctx.L
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dS = None if dS is None else dS.contiguous()
         if q is not None:
             dy2 = torch.zeros_like(r) if dy2 is None else dy2.contiguous()
         else:
             dy2 = None
-        dr, dw, dk, dv, da, db = (torch.empty_like(r) for _ in range(6))
-        dq = torch.empty_like(r) if q is not None else None
-        dS0 = r.new_empty(B, H, N, N)
-        fn = getattr(_library(), f"wkv7_backward_{_SUFFIX[r.dtype]}")
-        args = (T, H, N, L) + tuple(
-            _ptr(t) for t in (r, w, k, v, a, b, q, ckpt, dy, dy2, dS, dr, dw, dk, dv, da, db, dq, dS0)
-        )
-        _over_heads(fn, B * H, 3 * T * N * N, args, (L + 2) * N * N + (L + 2) * N, r)
+        backward = _op_or_impl(_backward_op, _backward_impl)
+        dr, dw, dk, dv, da, db, dS0, dq = backward(r, w, k, v, a, b, q, ckpt, dy, dy2, dS, ctx.L)
         dlog_w = dw.mul_(w)  # d/dlog_w = d/dw * w
-        return dr, dlog_w, dk, dv, da, db, (dS0 if ctx.has_s0 else None), dq, None
+        return dr, dlog_w, dk, dv, da, db, (dS0 if ctx.has_s0 else None), (dq if q is not None else None), None
 
 
 def wkv7_cpu(
@@ -440,7 +523,7 @@ def wkv7_cpu(
         raise ValueError(f"wkv7: impl='cpu' runs on CPU tensors, got device {r.device}")
     if not isinstance(checkpoint_len, int) or isinstance(checkpoint_len, bool) or checkpoint_len < 1:
         raise ValueError(f"wkv7_cpu: checkpoint_len must be a positive int, got {checkpoint_len!r}")
-    if _library() is None:
+    if not cpu_kernel_available():
         raise RuntimeError(f"wkv7: impl='cpu' needs the C kernel, which is unavailable ({_build_error}); use impl='chunked'")
     B, T, H, N = r.shape
     sdt = state_dtype(r.dtype)
