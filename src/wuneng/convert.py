@@ -23,8 +23,13 @@ import torch.nn as nn
 
 from .models.wuneng import WuNengConfig, WuNengForCausalLM
 from .models.wuneng.configuration_wuneng import default_middle_heads
-from .models.wuneng.modeling_wuneng import describe_loading_problems, checkpoint_mismatches
-from .saving import check_output_dir, check_weight_files, save_pretrained_atomic
+from .saving import (
+    check_output_dir,
+    check_weight_files,
+    checkpoint_mismatches,
+    describe_loading_problems,
+    save_pretrained_atomic,
+)
 
 __all__ = [
     "SUPPORTED_TEACHERS",

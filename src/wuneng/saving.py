@@ -44,6 +44,9 @@ __all__ = [
     "save_pretrained_atomic",
     "check_weight_files",
     "check_model_folder",
+    "checkpoint_tensor_shapes",
+    "checkpoint_mismatches",
+    "describe_loading_problems",
 ]
 
 # Files that make up a Hugging Face tokenizer (copied along when a model is converted or grown).
@@ -314,6 +317,53 @@ def check_weight_files(path: PathLike) -> list:
     return files
 
 
+def describe_loading_problems(info: dict, tied: bool = False) -> str:
+    """'' or a description of a loading report's missing / unexpected / mismatched tensors (a tied LM head may be
+    missing)."""
+    parts = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "shape mismatch")):
+        names = sorted(str(k) for k in (info.get(key) or ()) if not (tied and key == "missing_keys" and k == "lm_head.weight"))
+        if names:
+            parts.append(f"{label}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    return "; ".join(parts)
+
+
+def checkpoint_tensor_shapes(path: PathLike) -> dict:
+    """Names and shapes (tuples) of the tensors of a local safetensors checkpoint folder (single file or
+    sharded), read from the file headers only; {} when it has no safetensors weights."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    shapes = {}
+    for name in _weight_files(path):
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def checkpoint_mismatches(path: PathLike, model, tied: bool = False, ignore_sizes: bool = False) -> str:
+    """'' when the safetensors checkpoint folder ``path`` holds exactly the tensors of ``model`` (an
+    ``nn.Module``, may live on the meta device) with its shapes; otherwise a description naming the missing,
+    unexpected and differently shaped tensors. ``tied``: the LM head shares the embedding (its tensor may be
+    absent); ``ignore_sizes``: differently shaped tensors are not listed."""
+    found = checkpoint_tensor_shapes(path)
+    if not found:
+        return ""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        expected.pop("lm_head.weight", None)
+        found.pop("lm_head.weight", None)
+    info = {
+        "missing_keys": sorted(set(expected) - set(found)),
+        "unexpected_keys": sorted(set(found) - set(expected)),
+        "mismatched_keys": [] if ignore_sizes else [
+            f"{k} (checkpoint {found[k]} vs config {expected[k]})" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
+        ],
+    }
+    return describe_loading_problems(info)
+
+
 def check_model_folder(path: PathLike, what: str = "model") -> dict:
     """Check a ``save_pretrained`` folder before a model is built from it; returns its config.json as a dict.
 
@@ -349,8 +399,6 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
         return raw
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models.wuneng.modeling_wuneng import checkpoint_mismatches
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)

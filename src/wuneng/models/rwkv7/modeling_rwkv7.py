@@ -29,13 +29,6 @@ from ...cache import RecurrentStateCache
 from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, orthogonal_
 from .configuration_rwkv7 import RWKV7Config
-from .convert_rwkv_lm import (
-    checkpoint_dtype,
-    hf_to_rwkv_lm_state_dict,
-    infer_rwkv7_config_kwargs,
-    load_rwkv_lm_state_dict,
-    rwkv_lm_to_hf_state_dict,
-)
 
 __all__ = ["RWKV7Block", "RWKV7PreTrainedModel", "RWKV7Model", "RWKV7ForCausalLM"]
 
@@ -375,6 +368,9 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         ``dtype``: the model's dtype; default the checkpoint's (it must then use a single floating dtype).
         Raises ValueError listing missing/unexpected keys and wrong shapes.
         """
+        # the converter sits above the model (it builds one): an entry point, imported when called
+        from .convert_rwkv_lm import checkpoint_dtype, infer_rwkv7_config_kwargs, load_rwkv_lm_state_dict, rwkv_lm_to_hf_state_dict
+
         sd = load_rwkv_lm_state_dict(path_or_state_dict)
         if dtype is None:
             dtype = checkpoint_dtype(sd)
@@ -396,5 +392,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
     def to_rwkv_lm_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict:
         """The weights with RWKV-LM names and shapes ([1, 1, C] vectors), on CPU, for ``torch.save`` (a ``.pth``
         that RWKV-LM and the ``rwkv`` pip package load). ``dtype``: convert floating tensors (default: keep)."""
+        from .convert_rwkv_lm import hf_to_rwkv_lm_state_dict
+
         sd = hf_to_rwkv_lm_state_dict(self.state_dict(), self.config)
         return {k: (v.to(dtype) if dtype is not None else v).cpu() for k, v in sd.items()}

@@ -13,7 +13,6 @@ Inference state: a :class:`wuneng.cache.RecurrentStateCache` holding, per layer,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Dict, List, Optional, Set, Tuple
@@ -31,6 +30,7 @@ from ...cache import GrowingKVLayer, RecurrentStateCache
 from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
 from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
+from ...saving import checkpoint_mismatches, describe_loading_problems
 from .configuration_wuneng import WuNengConfig
 
 __all__ = ["WuNengPreTrainedModel", "WuNengModel", "WuNengForCausalLM", "WuNengDecoderLayer", "WuNengMLP"]
@@ -470,60 +470,6 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         """Log :meth:`format_parameter_breakdown` at INFO through ``logging`` (the library never prints; the CLI
         shows it after ``wuneng convert``)."""
         logging.getLogger(__name__).info("parameters:\n%s", self.format_parameter_breakdown())
-
-
-def describe_loading_problems(info: dict, tied: bool = False) -> str:
-    """'' or a description of a loading report's missing / unexpected / mismatched tensors (a tied LM head may be
-    missing)."""
-    parts = []
-    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "shape mismatch")):
-        names = sorted(str(k) for k in (info.get(key) or ()) if not (tied and key == "missing_keys" and k == "lm_head.weight"))
-        if names:
-            parts.append(f"{label}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
-    return "; ".join(parts)
-
-
-def checkpoint_tensor_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of the tensors of a local safetensors checkpoint (single file or sharded), read from
-    the file headers only."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        return {}
-    shapes = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
-
-
-def checkpoint_mismatches(path: str, model: nn.Module, tied: bool = False, ignore_sizes: bool = False) -> str:
-    """'' when the safetensors checkpoint ``path`` holds exactly ``model``'s tensors with its shapes; otherwise a
-    description naming the missing, unexpected and differently shaped tensors. ``model`` may live on the meta
-    device; ``tied``: the LM head shares the embedding (its tensor may be absent); ``ignore_sizes``: differently
-    shaped tensors are not listed."""
-    found = checkpoint_tensor_shapes(path)
-    if not found:
-        return ""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if tied:
-        expected.pop("lm_head.weight", None)
-        found.pop("lm_head.weight", None)
-    info = {
-        "missing_keys": sorted(set(expected) - set(found)),
-        "unexpected_keys": sorted(set(found) - set(expected)),
-        "mismatched_keys": [] if ignore_sizes else [
-            f"{k} (checkpoint {found[k]} vs config {expected[k]})" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
-        ],
-    }
-    return describe_loading_problems(info)
 
 
 def check_checkpoint_matches_config(path: str, ignore_sizes: bool = False) -> None:
