@@ -28,8 +28,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     # RWKV-LM <-> transformers checkpoint conversion sits above the RWKV-7 model it builds
     ("conversion", ("wuneng.models.rwkv7.convert_rwkv_lm", "wuneng.models.rwkv7.convert_fla")),
     ("models", ("wuneng.cache", "wuneng.models", "wuneng.auto_map", "wuneng.saving", "wuneng.tokenization")),
-    ("conversion", ("wuneng.convert", "wuneng.grow", "wuneng.select_layers")),
-    ("train/eval", ("wuneng.train", "wuneng.eval")),
+    ("conversion", ("wuneng.convert", "wuneng.grow")),
+    ("train/eval", ("wuneng.train", "wuneng.eval", "wuneng.select_layers")),  # select_layers trains probes
     ("applications", ("wuneng.cli", "wuneng.demo", "wuneng.bench_arch")),
 ]
 FLOOR_ORDER = ["base", "ops", "layers", "models", "conversion", "train/eval", "applications"]
