@@ -116,6 +116,37 @@ class ByteLevelTokenizer(AutoMapMixin, PreTrainedTokenizer):
                 out.append(ord(token))
         return out.decode("utf-8", errors="replace")
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` (exactly ``self(text, add_special_tokens=False)["input_ids"]``) and each id's
+        character span ``[start, end)`` in ``text``: the bytes of one character share its span; a special
+        token spans its string. (Python tokenizers have no ``return_offsets_mapping``; SFT masking needs it.)
+        """
+        tokens = self.tokenize(text)
+        ids = self.convert_tokens_to_ids(tokens)
+        offsets: list[tuple[int, int]] = []
+        pos = 0  # character index in text
+        char_bytes = b""  # UTF-8 bytes of text[pos] not yet matched by byte tokens
+        for token in tokens:
+            if token in self._added_tokens_encoder:
+                if char_bytes or not text.startswith(token, pos):
+                    raise ValueError(f"ByteLevelTokenizer: special token {token!r} not found at character {pos} of the text")
+                offsets.append((pos, pos + len(token)))
+                pos += len(token)
+                continue
+            if not char_bytes:
+                if pos >= len(text):
+                    raise ValueError("ByteLevelTokenizer: more byte tokens than the text has bytes")
+                char_bytes = text[pos].encode("utf-8")
+            if ord(token) != char_bytes[0]:
+                raise ValueError(f"ByteLevelTokenizer: byte token {ord(token)} does not match character {pos} of the text")
+            offsets.append((pos, pos + 1))
+            char_bytes = char_bytes[1:]
+            if not char_bytes:
+                pos += 1
+        if char_bytes or pos != len(text):
+            raise ValueError("ByteLevelTokenizer: the tokens do not cover the whole text")
+        return ids, offsets
+
     # ------------------------------------------------------------------------ special tokens
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
         bos = [BOS_ID] if self.prepend_bos else []

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..labels import IGNORE_INDEX
 from .config import DataConfig
 
 __all__ = [
@@ -38,11 +40,11 @@ __all__ = [
     "iter_records",
     "encode_record",
     "encode_conversation",
+    "assistant_token_mask",
     "pack_documents",
     "build_dataset",
 ]
 
-IGNORE_INDEX = -100
 TEXT_SUFFIXES = {".txt", ".md", ".text", ""}
 JSONL_SUFFIXES = {".jsonl"}
 SKIP_SUFFIXES = {".json", ".yaml", ".yml", ".arrow", ".parquet", ".bin", ".safetensors", ".pt", ".png", ".jpg"}
@@ -258,16 +260,56 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def encode_conversation(tokenizer, messages: list[dict], responses_only: bool, origin: str = "conversation") -> Document:
-    """Tokenise a chat through the tokenizer's chat template.
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-    With ``responses_only`` only the assistant turns (their content and what the template closes them
-    with, e.g. ``<eos>``) are targets. The rendered text is cut at the boundaries
-    ``render(messages[:i], add_generation_prompt=True)`` / ``render(messages[:i+1])`` of every assistant
-    turn i and each piece tokenised on its own, so that the mask is exact for any tokenizer.
-    """
+
+def _tokenizer_name(tokenizer) -> str:
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    return f"{type(tokenizer).__name__} {name!r}" if name else type(tokenizer).__name__
+
+
+def _chat_template_of(tokenizer) -> str:
+    try:
+        return tokenizer.get_chat_template()
+    except (ValueError, AttributeError):
+        return getattr(tokenizer, "chat_template", None) or ""
+
+
+def _marked_assistant_spans(tokenizer, template: str, messages: list[dict], origin: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its ``{% generation %}`` blocks (one render)."""
+    # transformers' own renderer records the spans (what apply_chat_template(return_assistant_tokens_mask=True)
+    # uses); tests/train/test_chat_masking.py checks our mask against that public path.
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, indices = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        add_generation_prompt=False,
+        **tokenizer.special_tokens_map,
+    )
+    text = rendered[0]
+    if text != _render(tokenizer, messages, add_generation_prompt=False):
+        raise DataError(
+            f"{origin}: rendering the chat template of tokenizer {_tokenizer_name(tokenizer)} with generation "
+            "tracking gives another text than apply_chat_template; report this with the template"
+        )
+    spans = [(int(s), int(e)) for s, e in indices[0] if e > s]
+    if not spans and any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f"{origin}: the chat template of tokenizer {_tokenizer_name(tokenizer)} has {{% generation %}} markers "
+            "but they enclose no text of this conversation's assistant turns; put them around each assistant "
+            "message's content and end-of-turn token"
+        )
+    return text, spans
+
+
+def _incremental_assistant_spans(tokenizer, messages: list[dict], origin: str) -> tuple[str, list[tuple[int, int]]]:
+    """For templates without ``{% generation %}``: assistant turn i spans from the end of
+    ``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i+1])`` in the
+    rendering of the whole chat (its content and whatever the template closes the turn with)."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
-    pieces: list[tuple[str, bool]] = []  # (text, is_target)
+    spans: list[tuple[int, int]] = []
     done = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -276,21 +318,75 @@ def encode_conversation(tokenizer, messages: list[dict], responses_only: bool, o
         turn_end = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(prompt_end) and full.startswith(turn_end) and done <= len(prompt_end) <= len(turn_end)):
             raise DataError(
-                f"{origin}: the chat template does not render conversations incrementally (the prompt up to "
-                f"turn {i} is not a prefix of the whole conversation), so responses cannot be located"
+                f"{origin}: the chat template of tokenizer {_tokenizer_name(tokenizer)} has no {{% generation %}} "
+                f"markers and does not render conversations incrementally (the chat up to assistant turn {i} is not "
+                "a prefix of the whole chat), so the assistant tokens cannot be located; wrap each assistant "
+                "message's content and end-of-turn token in {% generation %}...{% endgeneration %} in the template "
+                "(docs/training.md, SFT data)"
             )
-        pieces.append((full[done : len(prompt_end)], False))
-        pieces.append((full[len(prompt_end) : len(turn_end)], True))
+        if len(turn_end) > len(prompt_end):
+            spans.append((len(prompt_end), len(turn_end)))
         done = len(turn_end)
-    pieces.append((full[done:], False))
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, is_target in pieces:
-        if not text:
-            continue
-        piece = _encode_text(tokenizer, text)
-        ids += piece
-        labels += piece if (is_target or not responses_only) else [IGNORE_INDEX] * len(piece)
+    return full, spans
+
+
+def _encode_with_offsets(tokenizer, text: str, origin: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (no added specials) and each token's character span ``[start, end)``."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    encode = getattr(tokenizer, "encode_with_offsets", None)  # ByteLevelTokenizer
+    if encode is not None:
+        return encode(text)
+    raise DataError(
+        f"{origin}: tokenizer {_tokenizer_name(tokenizer)} is a slow (Python) tokenizer that gives no character "
+        "offsets, which SFT masking needs; load its fast version (a folder with tokenizer.json)"
+    )
+
+
+def _tokens_in_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Token t is in a span when its characters overlap it (a token that BPE merged across a span boundary
+    counts: it carries span characters); a zero-width token when its position lies inside a span."""
+    inside = []
+    for s, e in offsets:
+        if e > s:
+            inside.append(any(s < span_e and e > span_s for span_s, span_e in spans))
+        else:
+            inside.append(any(span_s <= s < span_e for span_s, span_e in spans))
+    return inside
+
+
+def assistant_token_mask(tokenizer, messages: list[dict], origin: str = "conversation") -> tuple[list[int], list[bool]]:
+    """Tokenise a chat once and mark its assistant tokens: ``(ids, is_assistant)``, both of length T.
+
+    The chat is rendered by the tokenizer's chat template and the whole text is tokenised in one call (the
+    ids are exactly ``tokenizer(rendered, add_special_tokens=False)``). The assistant *characters* are the
+    ``{% generation %}`` blocks when the template has them (TRL's training templates put the assistant's
+    content and its end-of-turn token there, the ``assistant`` header outside); otherwise, for each
+    assistant turn, the text between ``render(messages[:i], add_generation_prompt=True)`` and
+    ``render(messages[:i+1])``: its content and what the template closes the turn with. A token is an
+    assistant token when its character offsets overlap those characters.
+    """
+    template = _chat_template_of(tokenizer)
+    if template and _GENERATION_TAG.search(template):
+        text, spans = _marked_assistant_spans(tokenizer, template, messages, origin)
+    else:
+        text, spans = _incremental_assistant_spans(tokenizer, messages, origin)
+    ids, offsets = _encode_with_offsets(tokenizer, text, origin)
+    return ids, _tokens_in_spans(offsets, spans)
+
+
+def encode_conversation(tokenizer, messages: list[dict], responses_only: bool, origin: str = "conversation") -> Document:
+    """Tokenise a chat through the tokenizer's chat template, once.
+
+    With ``responses_only`` only the assistant tokens are targets (see :func:`assistant_token_mask`);
+    otherwise every token is.
+    """
+    if not responses_only:
+        ids = _encode_text(tokenizer, _render(tokenizer, messages, add_generation_prompt=False))
+        return Document(ids, list(ids), splittable=False)
+    ids, is_assistant = assistant_token_mask(tokenizer, messages, origin)
+    labels = [i if a else IGNORE_INDEX for i, a in zip(ids, is_assistant)]
     return Document(ids, labels, splittable=False)
 
 
