@@ -223,3 +223,15 @@ def test_the_walker_sees_cycles_and_upward_imports(tmp_path):
     found = module_imports(modules)
     assert found["wuneng.ops"] == {"module": [("wuneng.ops.x", 1)], "function": []}
     assert found["wuneng.ops.x"] == {"module": [("wuneng.cli", 1)], "function": [("wuneng.ops", 4)]}
+
+
+def test_one_definition_per_shared_constant():
+    """IGNORE_INDEX (the label that is not a target) is defined once, in wuneng.labels, and imported elsewhere."""
+    definitions = []
+    for module, path in package_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == "IGNORE_INDEX" for t in targets):
+                    definitions.append(module)
+    assert definitions == ["wuneng.labels"], f"IGNORE_INDEX defined in {definitions}; import it from wuneng.labels"

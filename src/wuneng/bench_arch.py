@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .labels import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["VARIANTS", "TaskSetting", "BenchConfig", "build_model", "train_run", "run_bench", "read_results", "best_rows", "results_table"]
@@ -50,7 +52,6 @@ VARIANTS = (
     "wuneng-gate-lambda0",
     "metastate",
 )
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

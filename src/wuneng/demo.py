@@ -31,11 +31,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .labels import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DemoBudget", "DemoConfig", "answer_only_dataset", "build_teacher", "evaluate_student", "run_demo"]
 
-IGNORE_INDEX = -100
 STUDENTS = ("wuneng", "arwkv")
 STUDENT_STAGES = ("align", "distill", "sft")
 

@@ -21,7 +21,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from ..labels import IGNORE_INDEX
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 

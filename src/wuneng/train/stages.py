@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..labels import IGNORE_INDEX
+
 __all__ = [
     "Objective",
     "CausalLMObjective",
@@ -46,8 +48,6 @@ __all__ = [
     "reconcile_vocab_size",
     "build_objective",
 ]
-
-IGNORE_INDEX = -100
 
 
 def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
