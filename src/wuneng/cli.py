@@ -211,6 +211,55 @@ def import_rwkv(
     )
 
 
+@app.command("import-fla")
+def import_fla(
+    src: str = typer.Argument(..., help="flash-linear-attention RWKV-7 folder (fla-hub layout: config.json with model_type rwkv7 + safetensors)."),
+    out_dir: str = typer.Argument(..., help="Output directory (a wuneng RWKV7ForCausalLM folder)."),
+    dtype: str = typer.Option("keep", help="Weights dtype: keep (the checkpoint's), float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused)."),
+) -> None:
+    """Convert a flash-linear-attention (fla-hub) RWKV-7 folder into a wuneng RWKV7ForCausalLM directory."""
+    import torch
+    from rich.console import Console
+
+    from wuneng.models.rwkv7.convert_fla import import_fla_checkpoint
+
+    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    model = import_fla_checkpoint(src, out_dir, dtype=dtypes[dtype], overwrite=overwrite)
+    c = model.config
+    Console().print(
+        f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
+        f"ranks w/a/v/g={c.decay_low_rank_dim}/{c.a_low_rank_dim}/{c.v_low_rank_dim}/{c.gate_low_rank_dim} dtype={model.dtype}",
+        markup=False, highlight=False,
+    )
+
+
+@app.command("export-fla")
+def export_fla(
+    src: str = typer.Argument(..., help="wuneng RWKV7ForCausalLM folder (as import-rwkv or save_pretrained writes)."),
+    out_dir: str = typer.Argument(..., help="Output directory in flash-linear-attention's layout (model_type rwkv7)."),
+    dtype: str = typer.Option("keep", help="Weights dtype: keep (the model's), float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, an earlier fla export included, is refused)."),
+) -> None:
+    """Write a wuneng RWKV-7 folder in flash-linear-attention's layout (loads into fla's RWKV7ForCausalLM)."""
+    import torch
+    from rich.console import Console
+
+    from wuneng.models.rwkv7.convert_fla import export_fla_checkpoint
+
+    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    model = export_fla_checkpoint(src, out_dir, dtype=dtypes[dtype], overwrite=overwrite)
+    c = model.config
+    Console().print(
+        f"wrote {out_dir}: fla RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_dim={c.head_size} "
+        f"dtype={dtypes[dtype] or model.dtype}", markup=False, highlight=False,
+    )
+
+
 @app.command("train")
 def train_command(
     config: str = typer.Argument(..., help="Run description (YAML); see docs/training.md."),

@@ -396,3 +396,23 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
 
         sd = hf_to_rwkv_lm_state_dict(self.state_dict(), self.config)
         return {k: (v.to(dtype) if dtype is not None else v).cpu() for k, v in sd.items()}
+
+    # -- flash-linear-attention (fla-hub) folders: model_type "rwkv7" (:mod:`.convert_fla`) ----------------
+    @classmethod
+    def from_fla(cls, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, **config_kwargs) -> "RWKV7ForCausalLM":
+        """Build a model from a folder of flash-linear-attention's RWKV7ForCausalLM (config.json with
+        ``model_type`` "rwkv7" + safetensors, as on fla-hub). Sizes and ranks are the checkpoint's; ``dtype``:
+        default the checkpoint's; ``config_kwargs`` (``wkv_impl``...) go to the config. A config our RWKV-7
+        cannot represent raises :class:`~.convert_fla.FlaConfigError` naming the key."""
+        from .convert_fla import load_fla_model
+
+        return load_fla_model(path, dtype=dtype, **config_kwargs)
+
+    def to_fla(self, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> str:
+        """Write this model as a folder that flash-linear-attention's RWKV7ForCausalLM loads with strict keys
+        (written atomically, :mod:`wuneng.saving`). ``dtype``: convert the weights (default: keep). Returns
+        the absolute folder path."""
+        from .convert_fla import export_fla_checkpoint
+
+        export_fla_checkpoint(self, path, dtype=dtype, overwrite=overwrite)
+        return os.path.abspath(os.fspath(path))
