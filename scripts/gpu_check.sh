@@ -4,12 +4,13 @@
 # $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). See benchmarks/README.md, "GPU check".
 #
 #   scripts/gpu_check.sh                # on the GPU machine (installs .whl/*.whl into /tmp/site first)
-#   scripts/gpu_check.sh --cpu          # dry run on the CPU: tiny sizes, short budget, no wheels, CUDA tests skipped
-#   scripts/gpu_check.sh --budget 300   # a shorter global budget (seconds; default 420 on GPU, 150 with --cpu)
+#   scripts/gpu_check.sh --cpu          # dry run on the CPU: tiny sizes, no wheels, CUDA tests skipped
+#   scripts/gpu_check.sh --budget 300   # a shorter global budget (seconds; default 420 on GPU, 400 with --cpu)
 #
 # Environment: PYTHON (default: python3), OUT, WHEELS (default: .whl), SITE (default: /tmp/site).
-# The machine's torch / transformers are never touched: the wheels go to $SITE with --no-deps, and wuneng is
-# imported from src/ through PYTHONPATH (no pip install of wuneng).
+# The machine's installation is never touched: the wheels go to $SITE with --no-deps and come first on PYTHONPATH
+# (fla; transformers 5.23.0 as pyproject.toml pins it: the machine's 5.17 lacks transformers.cache_utils.DummyLayer,
+# which wuneng imports), and wuneng is imported from src/ (no pip install of wuneng).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -26,6 +27,9 @@ LOG="$OUT/gpu_check.log"
 : >"$LOG"
 say() { echo "[gpu_check.sh] $*" | tee -a "$LOG"; }
 
+# the machine's own versions, before the carried wheels shadow any of them
+MACHINE_VERSIONS=$("$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")' 2>&1 | tail -1)
+say "machine: $MACHINE_VERSIONS"
 WHEEL_STATUS="none: no $WHEELS/*.whl"
 if [ "$CPU" = 1 ]; then
     WHEEL_STATUS="skipped: --cpu"
@@ -44,6 +48,7 @@ say "wheels: $WHEEL_STATUS"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export GPU_CHECK_WHEELS="$WHEEL_STATUS"
+export GPU_CHECK_MACHINE_VERSIONS="$MACHINE_VERSIONS"
 # Triton's compiled kernels and autotuning results are reused by the later sections (separate processes)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/gpu_check_triton}
 export TRITON_CACHE_AUTOTUNING=1

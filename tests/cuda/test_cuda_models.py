@@ -27,8 +27,8 @@ from test_mixed_precision import KINDS, TOL, V, assert_close_to_float32, build, 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 FLOAT32_TOL = {torch.float32: (5e-3, 2e-2, 1e-3)}  # (logits, gradients, loss) of float32 CUDA against the CPU
-# kinds whose every WKV call can go to fla (no extra query read-out)
-FLA_KINDS = ("rwkv7", "arwkv")
+# kinds whose WKV calls go to fla on CUDA (no extra query read-out; Meta-State's self-state query is one)
+FLA_KINDS = ("rwkv7", "wuneng-qwen2", "wuneng-llama", "arwkv")
 
 
 def loss_logits_grads(model, tokens, autocast_dtype=None):
