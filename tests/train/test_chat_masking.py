@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from wuneng.tokenization import ByteLevelTokenizer, load_tokenizer
+from wuneng.tokenization import DEFAULT_CHAT_TEMPLATE, ByteLevelTokenizer, load_tokenizer
 from wuneng.train.config import DataConfig
 from wuneng.train.data import IGNORE_INDEX, DataError, build_dataset, encode_conversation
 from wuneng.train.loop import train
@@ -115,6 +115,16 @@ def test_template_that_is_not_incremental_needs_generation_markers():
     assert decode(marked, doc.ids).endswith("<|im_end|>\n<|endoftext|>")
 
 
+def test_keys_set_to_none_are_dropped_as_apply_chat_template_does():
+    tok = qwen2_style_tokenizer(marked=True)
+    tok.chat_template = tok.chat_template.replace(
+        "{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant' + ('(' + message['name'] + ')' if message['name'] is defined else '') + '\\n' }}", 1
+    )
+    chat = [dict(m, name=None) for m in CHAT]  # e.g. a parquet row whose optional column is empty
+    assert tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(CHAT, tokenize=False)
+    assert encode_conversation(tok, chat, responses_only=True) == encode_conversation(tok, CHAT, responses_only=True)
+
+
 def test_markers_that_enclose_nothing_and_slow_tokenizers_without_offsets_are_errors():
     tok = qwen2_style_tokenizer(marked=True)
     tok.chat_template = tok.chat_template.replace("message['content'] + '<|im_end|>\\n'", "''")
@@ -152,6 +162,13 @@ def test_byte_tokenizer_offsets_and_unchanged_sft_mask(tokenizer):
     doc = encode_conversation(tokenizer, CHAT, responses_only=True)
     assert doc.ids == tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False))["input_ids"]
     assert [tokenizer.decode(r) for r in target_runs(doc.ids, doc.labels)] == [A1 + "<eos>\n", A2 + "<eos>\n"]
+    # the same template with markers around content + "<eos>\n" gives the same mask (marker path, slow tokenizer)
+    marked = DEFAULT_CHAT_TEMPLATE.replace("{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}",
+                                           "{{ message['role'] + ': ' }}{% if message['role'] == 'assistant' %}{% generation %}"
+                                           "{{ message['content'] + eos_token + '\n' }}{% endgeneration %}"
+                                           "{% else %}{{ message['content'] + eos_token + '\n' }}{% endif %}")  # fmt: skip
+    assert marked != DEFAULT_CHAT_TEMPLATE
+    assert encode_conversation(ByteLevelTokenizer(chat_template=marked), CHAT, responses_only=True) == doc
 
 
 def test_sft_stage_runs_with_a_saved_bpe_tokenizer_folder(tmp_path):

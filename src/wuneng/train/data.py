@@ -11,9 +11,10 @@ Sources (see :class:`~wuneng.train.config.DataConfig`):
   texts, records as above, or lists of token ids (taken as one already-tokenised document).
 
 A *document* becomes ``(ids, labels)``: a text gives ``ids + [eos]`` with every position a target;
-a conversation is rendered by the tokenizer's chat template and, for SFT, only the assistant
-responses are targets (``labels = -100`` elsewhere). Labels are aligned with ``ids`` (the model or
-the loss shifts them), as in Hugging Face.
+a conversation is rendered by the tokenizer's chat template and the rendered text tokenised once; for
+SFT only the assistant tokens are targets (``labels = -100`` elsewhere; :func:`assistant_token_mask`
+says which tokens those are). Labels are aligned with ``ids`` (the model or the loss shifts them), as
+in Hugging Face.
 
 Packing (:func:`pack_documents`) yields fixed-length rows ``input_ids``/``labels``/``attention_mask``
 [N, seq_len]; padding has ``attention_mask = 0`` and ``labels = -100``.
@@ -281,8 +282,10 @@ def _marked_assistant_spans(tokenizer, template: str, messages: list[dict], orig
     # uses); tests/train/test_chat_masking.py checks our mask against that public path.
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    # as apply_chat_template does: keys whose value is None (e.g. tool_calls from a parquet row) are dropped
+    plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
     rendered, indices = render_jinja_template(
-        conversations=[messages],
+        conversations=[plain],
         chat_template=template,
         return_assistant_tokens_mask=True,
         add_generation_prompt=False,
