@@ -394,12 +394,15 @@ def _fail(err, code: int) -> None:
 
 
 def _layer_list(text: str | None, option: str):
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
+    """A layer option's indices (None: all / not given): a list such as 0,2,5 or 0-3, or a JSON/YAML file in
+    flash-linear-attention's ``attn: {layers: [...]}`` format (or a WuNeng model folder); its errors are usage
+    errors naming the option."""
+    from wuneng.convert import layer_selection
+
     try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated layer indices such as 0,1,5, got {text!r}", param_hint=option)
+        return layer_selection(text, option)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(" ".join(str(err).split()), param_hint=option)
 
 
 @app.command("convert")
@@ -409,7 +412,9 @@ def convert_command(
     fusion: str = typer.Option("gate", help="Cross-head fusion: gate | add | concat | hymba | none."),
     middle_heads: int = typer.Option(None, help="Middle heads H_m (default: 4, at most the teacher's attention heads; 0 = none)."),
     state_query: bool = typer.Option(True, "--state-query/--no-state-query", help="State-query modulation q += lambda Y W^state."),
-    hybrid_layers: str = typer.Option(None, help="Comma-separated layers to convert (default: all); the others keep attention."),
+    hybrid_layers: str = typer.Option(None, help="Layers that get state heads, e.g. 0,2,5 or 0-3 (default: all); the others keep attention. A JSON/YAML file in fla's format (attn: {layers: [...]}) names the layers that keep attention instead: all others get state heads."),
+    keep_attention: str = typer.Option(None, "--keep-attention", help="ARWKV: the layers that keep full attention, e.g. 3,7 or 0-1, or a JSON/YAML file in fla's format (attn: {layers: [...]}, as `wuneng select-layers` writes); every other layer becomes an RWKV-7 replacement."),
+    untie_embeddings: bool = typer.Option(False, "--untie-embeddings", help="Give a teacher's tied embeddings (tie_word_embeddings) an LM head of its own in the student (default: tied as the teacher)."),
     arwkv: bool = typer.Option(False, "--arwkv", help="Converted layers become ARWKV RWKV-7 replacements (attention=False)."),
     arwkv_layers: str = typer.Option(None, help="Comma-separated layers that become ARWKV replacements (beside hybrid ones)."),
     arwkv_init: str = typer.Option("rwkv7", help="ARWKV layer init: rwkv7 | radlads (copy the teacher's q/k/v/o)."),
@@ -432,18 +437,82 @@ def convert_command(
     dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    from wuneng.convert import is_layer_file
+
+    if keep_attention is not None and hybrid_layers is not None:
+        raise typer.BadParameter("give either --keep-attention or --hybrid-layers, not both", param_hint="--keep-attention")
+    layers = {"hybrid_layers": _layer_list(hybrid_layers, "--hybrid-layers")}
+    if keep_attention is not None:  # ARWKV everywhere but the kept layers
+        layers = {"keep_attention": _layer_list(keep_attention, "--keep-attention") or []}
+        arwkv = True
+    elif hybrid_layers is not None and is_layer_file(hybrid_layers):  # fla's file lists the layers that stay attention
+        layers = {"keep_attention": layers["hybrid_layers"]}
     console = Console()
     model = convert_checkpoint(
         teacher_dir, out_dir, overwrite=overwrite, dtype=dtypes[dtype], fusion=fusion, middle_heads=middle_heads,
-        state_query=state_query, hybrid_layers=_layer_list(hybrid_layers, "--hybrid-layers"), attention=not arwkv,
-        arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"), arwkv_init=arwkv_init,
+        state_query=state_query, attention=not arwkv, arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"),
+        arwkv_init=arwkv_init, untie_embeddings=untie_embeddings, **layers,
     )
     c = model.config
     kinds = {k: [i for i, kind in enumerate(c.layer_kinds) if kind == k] for k in ("hybrid", "arwkv", "attention")}
     console.print(f"wrote {out_dir}: hybrid layers {kinds['hybrid']}, ARWKV layers {kinds['arwkv']}, attention layers "
                   f"{kinds['attention']}; fusion={c.fusion}, middle_heads={c.middle_heads}, state_query={c.state_query}, "
-                  f"dtype={model.dtype}", markup=False, highlight=False)
+                  f"tied embeddings={c.tie_word_embeddings}, dtype={model.dtype}", markup=False, highlight=False)
     console.print(model.format_parameter_breakdown(), markup=False, highlight=False)
+
+
+@app.command("select-layers")
+def select_layers_command(
+    teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 teacher folder (config.json + safetensors + tokenizer)."),
+    budget: int = typer.Option(..., "--budget", help="Distillation tokens per run (one run per candidate layer, plus the baseline)."),
+    keep: int = typer.Option(..., "--keep", help="How many layers keep full attention (the top K of the ranking)."),
+    data: list[str] = typer.Option([], "--data", help="Training data, repeatable: files or folders (.txt/.md/.jsonl/.parquet), a datasets folder, or python:module:function (as `data.sources` of wuneng train). Required."),
+    out: str = typer.Option(None, "--out", help="Where the chosen layers go, in fla's format (attn: {layers: [...]}) for `wuneng convert --keep-attention FILE` (default WORK_DIR/keep_attention.json)."),
+    work_dir: str = typer.Option("runs/select-layers", "--work-dir", help="Folder of results.json (one entry per finished run; a rerun skips them) and the runs."),
+    layers: str = typer.Option(None, "--layers", help="Candidate layers, e.g. 0-11 or 0,4,8 (default: all)."),
+    align_tokens: int = typer.Option(None, "--align-tokens", help="Stage-1 alignment tokens, once, for the all-ARWKV base student (default: --budget; 0: none)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training row."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Rows per optimiser step."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (constant after a short warm-up)."),
+    eval_rows: int = typer.Option(8, "--eval-rows", help="Rows held out (the last rows of the data) to measure each run's KL."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the base student's init and of the data order (the same for every run)."),
+    arwkv_init: str = typer.Option("rwkv7", "--arwkv-init", help="ARWKV layer init: rwkv7 | radlads (as wuneng convert)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Teacher and student dtype: float32, bfloat16 or float16."),
+) -> None:
+    """Rank layers for keeping full attention in an ARWKV student (KL-guided, arXiv 2512.20569) and write the top K.
+
+    From the all-replaced ARWKV student, each candidate layer in turn keeps the teacher's softmax attention for one
+    short distillation run of --budget tokens; layers are ranked by how far the held-out KL(teacher || student)
+    falls below the run that keeps none. Cost: (candidates + 1) x --budget distillation tokens, plus
+    --align-tokens once. See docs/wuneng.md, "Choosing layers".
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from wuneng.convert import parse_layer_list
+    from wuneng.select_layers import SelectionConfig, select_layers
+
+    try:
+        candidates = parse_layer_list(layers, "--layers") if layers else None
+        cfg = SelectionConfig(teacher=teacher_dir, data=list(data), budget_tokens=budget, keep=keep, work_dir=work_dir,
+                              out=out, candidates=candidates, align_tokens=align_tokens, seq_len=seq_len,
+                              micro_batch_size=batch_size, lr=lr, eval_rows=eval_rows, seed=seed, arwkv_init=arwkv_init,
+                              dtype=dtype)
+        cfg.check()
+    except ValueError as e:
+        raise typer.BadParameter(" ".join(str(e).split()))
+    result = select_layers(cfg)
+    table = Table(title=f"select-layers {teacher_dir}: held-out KL per kept layer (baseline, none kept: {result.baseline_kl:.5f})")
+    for column in ("rank", "layer", "KL", "fall vs baseline", "chosen"):
+        table.add_column(column, justify="right")
+    for rank, row in enumerate(result.ranking, 1):
+        table.add_row(str(rank), str(row["layer"]), f"{row['kl']:.5f}", f"{row['fall']:+.5f}",
+                      "yes" if row["layer"] in result.chosen else "")
+    console = Console()
+    console.print(table)
+    console.print(f"chosen layers {result.chosen} written to {result.out} ({result.runs} new runs); convert with "
+                  f"`wuneng convert {teacher_dir} OUT_DIR --keep-attention {result.out}`", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,9 +94,15 @@ def config_from_teacher(
     attention: bool = True,
     arwkv_layers: Optional[Sequence[int]] = None,
     layer_kinds: Optional[Sequence[str]] = None,
+    keep_attention: Optional[Sequence[int]] = None,
+    untie_embeddings: bool = False,
     **options,
 ) -> WuNengConfig:
     """A :class:`WuNengConfig` with the teacher's shapes (a ``LlamaConfig`` / ``Qwen2Config``) and the options.
+
+    ``keep_attention``: the layers that keep the teacher's attention, every other layer converted (hybrid, or ARWKV
+    with ``attention=False``): the complement form of ``hybrid_layers`` (fla's ``attn.layers``). ``untie_embeddings``:
+    a teacher with tied input/output embeddings gives the student an LM head of its own (a copy).
 
     ``middle_heads=None`` chooses :func:`~wuneng.models.wuneng.configuration_wuneng.default_middle_heads` of the
     teacher's attention heads (4, or fewer for a teacher with fewer heads), stores it in the config and logs it."""
@@ -110,9 +116,18 @@ def config_from_teacher(
     unknown = sorted(set(options) - set(WUNENG_OPTIONS))
     if unknown:
         raise TypeError(f"unknown conversion option(s) {unknown}; accepted: fusion, middle_heads, state_query, "
-                        f"hybrid_layers, attention, arwkv_layers, layer_kinds, dtype, {', '.join(WUNENG_OPTIONS)}")
+                        f"hybrid_layers, attention, arwkv_layers, layer_kinds, keep_attention, untie_embeddings, dtype, "
+                        f"{', '.join(WUNENG_OPTIONS)}")
     _check_teacher_config(teacher_config, type(teacher_config).__name__)
     c = teacher_config
+    if keep_attention is not None:
+        if hybrid_layers is not None or layer_kinds is not None:
+            raise ValueError("give either keep_attention (the layers that stay attention) or hybrid_layers/layer_kinds, not both")
+        kept = _checked_layers(keep_attention, c.num_hidden_layers, "keep_attention")
+        overlap = sorted(kept & set(_checked_layers(arwkv_layers or [], c.num_hidden_layers, "arwkv_layers")))
+        if overlap:
+            raise ValueError(f"layers {overlap} are both in keep_attention and in arwkv_layers; choose one for each")
+        hybrid_layers = [i for i in range(c.num_hidden_layers) if i not in kept]
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if model_type == "qwen2":
         qkv_bias, out_bias, mlp_bias = True, False, False
@@ -140,7 +155,7 @@ def config_from_teacher(
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=mlp_bias,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)) and not untie_embeddings,
         teacher_model_type=model_type,
         fusion=fusion,
         middle_heads=middle_heads,
@@ -154,6 +169,17 @@ def config_from_teacher(
         eos_token_id=getattr(c, "eos_token_id", None),
         **options,
     )
+
+
+def _checked_layers(values: Sequence[int], num_layers: int, name: str) -> set:
+    """``values`` as a set of layer indices in [0, num_layers) (negative ones count from the end); ValueError naming
+    ``name`` for an index out of range."""
+    out = set()
+    for i in values:
+        if isinstance(i, bool) or not isinstance(i, int) or not -num_layers <= i < num_layers:
+            raise ValueError(f"{name}: layer index {i!r} is out of range for a teacher of {num_layers} layers")
+        out.add(i % num_layers)
+    return out
 
 
 def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None):
@@ -224,6 +250,8 @@ def convert_teacher(
     attention: bool = True,
     arwkv_layers: Optional[Sequence[int]] = None,
     layer_kinds: Optional[Sequence[str]] = None,
+    keep_attention: Optional[Sequence[int]] = None,
+    untie_embeddings: bool = False,
     dtype: Optional[torch.dtype] = None,
     share_teacher_weights: bool = False,
     **options,
@@ -239,6 +267,11 @@ def convert_teacher(
         attention: False turns the converted layers into ARWKV replacements (pure RWKV-7 time-mix).
         arwkv_layers: layers that become ARWKV replacements (beside hybrid ones).
         layer_kinds: explicit per-layer "hybrid" | "arwkv" | "attention" (instead of the three above).
+        keep_attention: the layers that keep the teacher's attention; all others are converted (hybrid, or ARWKV
+            with ``attention=False``). The complement form of ``hybrid_layers``, as fla's ``attn.layers``.
+        untie_embeddings: for a teacher with tied embeddings (``tie_word_embeddings``), give the student an LM
+            head of its own, a copy of the embedding (default False: tied as the teacher). Either way the
+            student's logits are the teacher's.
         dtype: dtype of the result (default: the teacher's).
         share_teacher_weights: the student's teacher parameters use the teacher's tensors themselves (no copy)
             where dtype and device agree, so the conversion needs memory only for the new parameters; the
@@ -257,7 +290,7 @@ def convert_teacher(
     config = config_from_teacher(
         teacher.config, fusion=fusion, middle_heads=middle_heads, state_query=state_query,
         hybrid_layers=hybrid_layers, attention=attention, arwkv_layers=arwkv_layers, layer_kinds=layer_kinds,
-        **options,
+        keep_attention=keep_attention, untie_embeddings=untie_embeddings, **options,
     )
     teacher_sd = teacher.state_dict()
     ref = teacher_sd["model.embed_tokens.weight"]
@@ -286,10 +319,13 @@ def convert_teacher(
         problems.append(f"student tensors the teacher did not provide: {', '.join(missing[:12])}")
     if problems:
         raise ValueError("conversion failed: " + "; ".join(problems))
+    placed = set()  # storages already given to a student parameter
     for name, tensor in given.items():
         value = tensor.detach().to(device=device, dtype=dtype)
-        if not share_teacher_weights and value.data_ptr() == tensor.data_ptr():
+        # a copy unless sharing; and always for a storage given twice (a tied teacher's LM head, untied here)
+        if (not share_teacher_weights and value.data_ptr() == tensor.data_ptr()) or value.data_ptr() in placed:
             value = value.clone()
+        placed.add(value.data_ptr())
         _set_parameter(student, name, value)
     if config.tie_word_embeddings:
         student.lm_head.weight = student.model.embed_tokens.weight
@@ -385,3 +421,138 @@ def convert_checkpoint(
     del teacher
     save_pretrained_atomic(student, out_dir, overwrite=overwrite, tokenizer_from=teacher_dir)
     return student
+
+
+# ------------------------------------------------------------------------------------ layer selections
+#: the key of flash-linear-attention's hybrid-model configs that lists the layers keeping softmax attention:
+#: ``attn: {layers: [...], num_heads, num_kv_heads, qkv_bias, rope_theta, window_size}`` (or a list of such
+#: mappings, one per attention setting)
+FLA_ATTN_KEY = "attn"
+
+
+def parse_layer_list(text: str, option: str = "layer list") -> list:
+    """Layer indices from ``"0,2,5"``, ranges ``"0-3"`` (both ends included) and negative indices ``"-1"`` (from
+    the end), sorted without repeats; ValueError naming ``option`` for anything else."""
+    import re
+
+    out = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if re.fullmatch(r"-?\d+", part):
+            out.append(int(part))
+            continue
+        match = re.fullmatch(r"(\d+)-(\d+)", part)
+        if match is None or int(match.group(1)) > int(match.group(2)):
+            raise ValueError(
+                f"{option}: {part!r} is not a layer index or range; expected comma-separated indices and ranges "
+                "such as 0,2,5 or 0-3 (or a JSON/YAML file with fla's `attn: {layers: [...]}`)"
+            )
+        out.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+    if not out:
+        raise ValueError(f"{option}: no layer index in {text!r}; expected e.g. 0,2,5 or 0-3")
+    return sorted(set(out))
+
+
+def read_layer_file(path: Union[str, os.PathLike]) -> list:
+    """The layers that keep softmax attention, from a file in flash-linear-attention's hybrid format (JSON or YAML
+    with ``attn: {layers: [...]}``, or ``attn: [{layers: [...]}, ...]``: the union; a whole fla ``config.json``
+    works too), or from a WuNeng model folder / its ``config.json`` (its ``attention`` layers). Checked against the
+    file's ``num_hidden_layers`` when it has one. ValueError naming the file and the key otherwise."""
+    import json
+
+    import yaml
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"layer selection file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"layer selection file {path}: not valid JSON/YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"layer selection file {path}: expected a mapping with `{FLA_ATTN_KEY}: {{layers: [...]}}`")
+    num_layers = data.get("num_hidden_layers")
+    if FLA_ATTN_KEY not in data and isinstance(data.get("layer_kinds"), list):  # a WuNeng config
+        layers = [i for i, kind in enumerate(data["layer_kinds"]) if kind == "attention"]
+    else:
+        specs = data.get(FLA_ATTN_KEY)
+        specs = [specs] if isinstance(specs, dict) else specs
+        if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) and "layers" in s for s in specs):
+            raise ValueError(
+                f"layer selection file {path}: expected `{FLA_ATTN_KEY}: {{layers: [...]}}` (flash-linear-attention's "
+                f"hybrid format) or a list of such mappings; found {FLA_ATTN_KEY}={data.get(FLA_ATTN_KEY)!r}"
+            )
+        layers = []
+        for k, spec in enumerate(specs):
+            values = spec["layers"]
+            if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+                where = FLA_ATTN_KEY if len(specs) == 1 and isinstance(data[FLA_ATTN_KEY], dict) else f"{FLA_ATTN_KEY}[{k}]"
+                raise ValueError(f"layer selection file {path}: {where}.layers must be a list of layer indices, got {values!r}")
+            layers.extend(values)
+    if isinstance(num_layers, int) and any(not -num_layers <= i < num_layers for i in layers):
+        raise ValueError(f"layer selection file {path}: layer indices {sorted(layers)} out of range for its "
+                         f"num_hidden_layers={num_layers}")
+    return sorted(set(layers))
+
+
+def layer_selection(value: Optional[str], option: str = "layer list") -> Optional[list]:
+    """A command-line layer selection: None for ``None`` / ``""`` / ``"all"``, the layers of a file or folder
+    (:func:`read_layer_file`) when ``value`` names one (or ends in .json/.yaml/.yml), else
+    :func:`parse_layer_list`."""
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    if is_layer_file(value):
+        return read_layer_file(value)
+    return parse_layer_list(value, option)
+
+
+def is_layer_file(value: str) -> bool:
+    """Whether a command-line layer selection names a file or folder (rather than a list of indices)."""
+    return os.path.exists(value) or value.lower().endswith((".json", ".yaml", ".yml"))
+
+
+def attention_layers(config) -> list:
+    """The layers of a WuNeng config that keep plain softmax attention (fla's ``attn.layers``)."""
+    return [i for i, kind in enumerate(config.layer_kinds) if kind == "attention"]
+
+
+def fla_attn_spec(config, layers: Optional[Sequence[int]] = None) -> dict:
+    """flash-linear-attention's ``attn`` mapping for ``layers`` (default: :func:`attention_layers` of a WuNeng
+    config), with the attention shapes of ``config`` (a WuNeng or a Llama/Qwen2 teacher config)."""
+    if layers is None:
+        layers = attention_layers(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    return {
+        "layers": sorted(int(i) for i in layers),
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "qkv_bias": bool(getattr(config, "attention_bias", False)) or getattr(config, "model_type", None) == "qwen2"
+        or getattr(config, "teacher_model_type", None) == "qwen2",
+        "rope_theta": float(theta) if theta is not None else None,
+        "window_size": None,
+    }
+
+
+def write_layer_file(path: Union[str, os.PathLike], config, layers: Optional[Sequence[int]] = None,
+                     extra: Optional[dict] = None) -> str:
+    """Write ``{attn: fla_attn_spec(config, layers), num_hidden_layers: L, **extra}`` as JSON to ``path`` (a
+    temporary name, then renamed); readable by :func:`read_layer_file` (``convert --keep-attention FILE``) and by
+    fla's hybrid configs. Returns the path."""
+    import json
+
+    path = os.fspath(path)
+    data = {FLA_ATTN_KEY: fla_attn_spec(config, layers), "num_hidden_layers": config.num_hidden_layers, **(extra or {})}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
