@@ -121,6 +121,8 @@ def test_from_fla_maps_each_parameter(tmp_path):
     fla = make_fla()
     fla.save_pretrained(tmp_path / "fla")
     ours = RWKV7ForCausalLM.from_fla(tmp_path / "fla")
+    for name, p in ours.named_parameters():  # real, contiguous, trainable tensors of its own
+        assert p.is_contiguous() and not p.is_meta and p.requires_grad, name
     f, o = fla.model, ours.model
     assert torch.equal(o.emb.weight, f.embeddings.weight) and torch.equal(ours.head.weight, fla.lm_head.weight)
     assert torch.equal(o.blocks[0].ln0.bias, f.layers[0].pre_norm.bias) and torch.equal(o.ln_out.weight, f.norm.weight)
@@ -185,6 +187,7 @@ def test_tied_embeddings_and_no_norm_bias_import(tmp_path, monkeypatch):
     assert "lm_head.weight" not in load_file(str(tmp_path / "fla" / "model.safetensors"))
     ours = RWKV7ForCausalLM.from_fla(tmp_path / "fla")
     assert torch.equal(ours.head.weight, fla.model.embeddings.weight) and not ours.model.ln_out.bias.any()
+    assert ours.head.weight.data_ptr() != ours.model.emb.weight.data_ptr()  # untied: a copy, not shared storage
     tokens = ids(length=16)
     assert rel_err(our_logits(ours, tokens), fla_logits(fla, tokens)) < TOL
 

@@ -3,25 +3,17 @@
 fla's folders hold a config.json with ``model_type`` "rwkv7" (fla's field names: ``head_dim``, ``norm_eps``,
 ``norm_first``, ``value_dim``, ...) and safetensors weights named ``model.embeddings.weight``,
 ``model.layers.{i}.{pre_norm,attn_norm,ffn_norm}.*``, ``model.layers.{i}.attn.*``, ``model.layers.{i}.ffn.*``,
-``model.norm.*`` and ``lm_head.weight``. The mapping to our (RWKV-LM) names, per layer i:
+``model.norm.*`` and ``lm_head.weight``. The mapping to our (RWKV-LM) names, per layer i (fla -> ours):
 
-==========================================  ==================================  ===========================
-fla                                         ours                                how
-==========================================  ==================================  ===========================
-``layers.0.pre_norm``                       ``blocks.0.ln0``                    same
-``layers.i.attn_norm`` / ``ffn_norm``       ``blocks.i.ln1`` / ``ln2``          same
-``attn.x_r ... x_g`` [1, 1, C]              ``att.x_r ... x_g`` [C]             flattened
-``attn.k_k``, ``k_a`` [C], ``r_k`` [H, N]   ``att.k_k``, ``k_a``, ``r_k``       same
-``attn.{r,k,v,o}_proj.weight``              ``att.{receptance,key,value,output}.weight``
-``attn.w_lora.lora.0.weight`` [D, C]        ``att.w1`` [C, D]                   transposed
-``attn.w_lora.lora.2.weight`` [C, D]        ``att.w2`` [D, C]                   transposed
-``attn.w_lora.lora.2.bias`` [C]             ``att.w0`` [C]                      same
-``attn.a_lora`` / ``v_lora`` (layers > 0)   ``att.a0/a1/a2`` / ``att.v0/v1/v2`` as ``w_lora``
-``attn.g_lora.lora.{0,2}.weight``           ``att.g1`` / ``att.g2``             transposed (no bias)
-``attn.g_norm``                             ``att.ln_x``                        same
-``ffn.x_k``, ``ffn.key``, ``ffn.value``     ``ffn.x_k``, ``ffn.key``, ``ffn.value``
-``embeddings`` / ``norm`` / ``lm_head``     ``emb`` / ``ln_out`` / ``head``
-==========================================  ==================================  ===========================
+- ``layers.0.pre_norm`` / ``layers.i.attn_norm`` / ``ffn_norm`` -> ``blocks.0.ln0`` / ``blocks.i.ln1`` / ``ln2``;
+- ``attn.x_r ... attn.x_g`` [1, 1, C] -> ``att.x_r ... att.x_g`` [C] (flattened);
+- ``attn.k_k``, ``attn.k_a`` [C], ``attn.r_k`` [H, N] -> the same names;
+- ``attn.{r,k,v,o}_proj.weight`` -> ``att.{receptance,key,value,output}.weight``;
+- ``attn.w_lora.lora.0.weight`` [D, C] -> ``att.w1`` [C, D] and ``lora.2.weight`` [C, D] -> ``att.w2`` [D, C]
+  (transposed: fla stores ``nn.Linear`` weights), ``lora.2.bias`` [C] -> ``att.w0``; ``a_lora`` -> ``a0/a1/a2``,
+  ``v_lora`` (layers > 0) -> ``v0/v1/v2`` alike; ``g_lora`` -> ``g1/g2`` (no bias);
+- ``attn.g_norm`` -> ``att.ln_x``; ``ffn.x_k``, ``ffn.key``, ``ffn.value`` -> the same names;
+- ``model.embeddings`` / ``model.norm`` / ``lm_head`` -> ``model.emb`` / ``model.ln_out`` / ``head``.
 
 fla's first layer has no ``v_lora`` (it produces ``v_first``); ours keeps the unused ``v0/v1/v2`` there as
 RWKV-LM does: import sets them to zeros, export leaves them out. The equations are the same (fla's
@@ -392,7 +384,9 @@ def load_fla_model(path: PathLike, *, dtype: Optional[torch.dtype] = None, **con
     state = fla_to_wuneng_state_dict(weights, config, fla_config)
     with torch.device("meta"):
         model = RWKV7ForCausalLM(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    # own, contiguous tensors: the transposed LoRA matrices are views, a tied head shares the embedding's storage
+    model.load_state_dict({k: v.to(dtype, copy=True, memory_format=torch.contiguous_format) for k, v in state.items()},
+                          strict=True, assign=True)
     model.eval()
     logger.info("read fla RWKV-7 %s: L=%d C=%d V=%d", os.fspath(path), config.num_hidden_layers, config.hidden_size, config.vocab_size)
     return model
