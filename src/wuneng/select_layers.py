@@ -19,7 +19,8 @@ about the cost of a teacher forward and a student forward and backward.
 
 Resumable: the result of each run is written to ``results.json`` in the work folder as soon as it finishes; a
 rerun with the same settings skips the finished runs (a changed setting that the results depend on is refused,
-``keep`` may change freely). A run interrupted after a checkpoint continues from it.
+``keep`` may change freely). A run interrupted before its end starts again (its one checkpoint is written at
+its end; a leftover folder with a complete checkpoint is continued from it).
 """
 
 from __future__ import annotations
