@@ -148,6 +148,8 @@ def test_cli_layer_option_errors_are_usage_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"layers": [1]}))
     bad = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", str(tmp_path / "bad.json")])
     assert bad.exit_code == 2 and "bad.json" in bad.output and "attn" in bad.output
+    everything = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", "all"])
+    assert everything.exit_code == 2 and "--arwkv" in everything.output
     assert not (tmp_path / "o").exists()
 
 

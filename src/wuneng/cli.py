@@ -443,7 +443,12 @@ def convert_command(
         raise typer.BadParameter("give either --keep-attention or --hybrid-layers, not both", param_hint="--keep-attention")
     layers = {"hybrid_layers": _layer_list(hybrid_layers, "--hybrid-layers")}
     if keep_attention is not None:  # ARWKV everywhere but the kept layers
-        layers = {"keep_attention": _layer_list(keep_attention, "--keep-attention") or []}
+        kept = _layer_list(keep_attention, "--keep-attention")
+        if kept is None:
+            raise typer.BadParameter("expected the layers to keep, e.g. 3,7 or 0-1, or a file with fla's "
+                                     "attn: {layers: [...]} (for no attention layer at all use --arwkv)",
+                                     param_hint="--keep-attention")
+        layers = {"keep_attention": kept}
         arwkv = True
     elif hybrid_layers is not None and is_layer_file(hybrid_layers):  # fla's file lists the layers that stay attention
         layers = {"keep_attention": layers["hybrid_layers"]}
