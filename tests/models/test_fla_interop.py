@@ -192,6 +192,24 @@ def test_tied_embeddings_and_no_norm_bias_import(tmp_path, monkeypatch):
     assert rel_err(our_logits(ours, tokens), fla_logits(fla, tokens)) < TOL
 
 
+def test_first_fla_layout_with_stacked_mixes_is_read(tmp_path):
+    """fla's first RWKV-7 layout stacked the six token-shift mixes as attn.x_x [6, C] (fla migrates it on load)."""
+    from safetensors.torch import save_file
+
+    fla = make_fla()
+    fla.save_pretrained(tmp_path / "fla")
+    file = str(tmp_path / "fla" / "model.safetensors")
+    weights = load_file(file)
+    for i in range(L):
+        names = [f"model.layers.{i}.attn.{x}" for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]
+        weights[f"model.layers.{i}.attn.x_x"] = torch.stack([weights.pop(n).reshape(C) for n in names])
+    save_file(weights, file, metadata={"format": "pt"})
+    ours = RWKV7ForCausalLM.from_fla(tmp_path / "fla")
+    for i in range(L):
+        assert torch.equal(ours.model.blocks[i].att.x_v, fla.model.layers[i].attn.x_v.reshape(C))
+        assert torch.equal(ours.model.blocks[i].att.x_g, fla.model.layers[i].attn.x_g.reshape(C))
+
+
 def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
     make_fla().to(torch.bfloat16).save_pretrained(tmp_path / "fla")
     assert RWKV7ForCausalLM.from_fla(tmp_path / "fla").dtype == torch.bfloat16

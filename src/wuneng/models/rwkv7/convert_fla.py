@@ -40,6 +40,7 @@ __all__ = [
     "fla_key_map",
     "read_fla_folder",
     "fla_config_to_kwargs",
+    "split_stacked_mixes",
     "fla_to_wuneng_state_dict",
     "wuneng_to_fla_state_dict",
     "fla_config_dict",
@@ -279,6 +280,19 @@ def fla_config_dict(config, dtype: Optional[torch.dtype] = None, ln_x_eps: float
 
 
 # ------------------------------------------------------------------------------------------ state dicts
+def split_stacked_mixes(weights: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """fla's first RWKV-7 layout stored the six token-shift mixes of a layer stacked as ``attn.x_x`` [6, C] (fla
+    migrates it when loading): split into ``attn.x_r ... attn.x_g`` [1, 1, C]. Other weights pass unchanged."""
+    out = {}
+    for key, t in weights.items():
+        if key.endswith(".attn.x_x") and t.dim() >= 1 and t.shape[0] == len(_TOKEN_MIXES):
+            prefix = key[: -len("x_x")]
+            out.update({prefix + name: t[j].reshape(1, 1, -1) for j, name in enumerate(_TOKEN_MIXES)})
+        else:
+            out[key] = t
+    return out
+
+
 def fla_to_wuneng_state_dict(weights: Mapping[str, torch.Tensor], config, fla_config: Mapping) -> Dict[str, torch.Tensor]:
     """fla weights -> our state dict for ``config`` (our :class:`RWKV7Config`), shapes checked.
 
@@ -375,6 +389,7 @@ def load_fla_model(path: PathLike, *, dtype: Optional[torch.dtype] = None, **con
     from .modeling_rwkv7 import RWKV7ForCausalLM
 
     fla_config, weights = read_fla_folder(path)
+    weights = split_stacked_mixes(weights)
     kwargs = fla_config_to_kwargs(fla_config, weights)
     clash = sorted(k for k in config_kwargs if k in kwargs and k not in ("bos_token_id", "eos_token_id", "pad_token_id"))
     if clash:
