@@ -283,6 +283,17 @@ def test_cli_import_and_export(tmp_path, monkeypatch):
     assert weights["model.layers.1.attn.x_r"].dtype == torch.bfloat16
     assert torch.equal(weights["model.layers.1.attn.x_r"], fla.model.layers[1].attn.x_r.to(torch.bfloat16))
     assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # the input as output is refused even with --overwrite, and the input is untouched
+    before = (tmp_path / "fla" / "model.safetensors").read_bytes()
+    result = runner.invoke(app, ["import-fla", str(tmp_path / "fla"), str(tmp_path / "fla"), "--overwrite"])
+    assert result.exit_code == 2 and (tmp_path / "fla" / "model.safetensors").read_bytes() == before
+    # truncated weights: one line naming the file, exit 1, no output
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_bytes((tmp_path / "fla" / "config.json").read_bytes())
+    (tmp_path / "cut" / "model.safetensors").write_bytes(before[: len(before) // 2])
+    result = runner.invoke(app, ["import-fla", str(tmp_path / "cut"), str(tmp_path / "y")])
+    assert result.exit_code == 1 and "model.safetensors" in result.output and "truncated" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
     # export of a folder that is not a wuneng RWKV-7: one line, exit 1
     result = runner.invoke(app, ["export-fla", str(tmp_path / "fla"), str(tmp_path / "x")])
     assert result.exit_code == 1 and "model_type" in result.output and not (tmp_path / "x").exists()
