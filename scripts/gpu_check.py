@@ -114,11 +114,13 @@ def orchestrate(args) -> int:
               "command": " ".join(sys.argv), "sections": {}}  # fmt: skip
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    # Each section runs in a child forked from a server that imported torch / transformers / wuneng once (not
-    # CUDA: each child initialises it itself), so a crash or a hang stays in its section and the imports are paid
-    # once.
+    # Each section runs in a child process of its own, so that a crash or a hang stays in its section. On the CPU
+    # the children fork from a server that imported torch / transformers / wuneng once. With CUDA each child
+    # becomes a fresh interpreter (exec): CUDA cannot be used in a child forked after the CUDA driver was
+    # initialised, which any imported library may do (torch.cuda.is_available() alone does, without NVML).
+    fresh = mode == "cuda" or os.environ.get("GPU_CHECK_FRESH_PROCESS") == "1"
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload([] if fresh else PRELOAD)
     for name in SECTIONS:
         if name not in only:
             report["sections"][name] = {"status": "skipped", "reason": "not in --only"}
@@ -137,7 +139,7 @@ def orchestrate(args) -> int:
             fh.write(f"\n===== {name} =====\n")
         sys.stdout.flush()
         proc = ctx.Process(target=section_child, args=(name, mode, str(result_path), time.time() + limit - 3, str(out),
-                                                       str(log_file)))  # fmt: skip
+                                                       str(log_file), fresh))  # fmt: skip
         proc.start()
         proc.join(timeout=limit)
         rc = proc.exitcode
@@ -780,14 +782,17 @@ PRELOAD = ["torch", "transformers", "pytest", "transformers.models.qwen2.modelin
            "wuneng", "wuneng.cli", "wuneng.convert", "wuneng.train.loop"]  # fmt: skip
 
 
-def section_child(name: str, mode: str, result: str, deadline: float, out: str, log_path: str) -> None:
+def section_child(name: str, mode: str, result: str, deadline: float, out: str, log_path: str, fresh: bool) -> None:
     """Entry of a section's child process: a process group of its own (killed whole at the time limit), output to
-    the log, then :func:`run_section`."""
+    the log, then :func:`run_section`, in this process or (``fresh``) in a fresh interpreter that replaces it."""
     os.setsid()
     os.chdir(REPO)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    if fresh:  # same process id and group, same output; nothing inherited but the environment
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), "--section", name, "--mode", mode,
+                                  "--result", result, "--deadline", str(deadline), "--out", out])  # fmt: skip
     args = argparse.Namespace(section=name, mode=mode, result=result, deadline=deadline, out=out)
     run_section(args)
     sys.stdout.flush()

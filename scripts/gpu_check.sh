@@ -52,6 +52,8 @@ export GPU_CHECK_MACHINE_VERSIONS="$MACHINE_VERSIONS"
 # Triton's compiled kernels and autotuning results are reused by the later sections (separate processes)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/gpu_check_triton}
 export TRITON_CACHE_AUTOTUNING=1
+# torch.cuda.is_available() through NVML: it then leaves the CUDA driver uninitialised (fork-safe)
+export PYTORCH_NVML_BASED_CUDA_CHECK=1
 "$PYTHON" "$REPO/scripts/gpu_check.py" --out "$OUT" "$@"
 rc=$?
 say "exit $rc; results in $OUT/gpu_check.json"

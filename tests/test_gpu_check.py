@@ -21,8 +21,11 @@ SECTIONS = ["environment", "fla_accuracy", "cuda_tests", "train_stages", "throug
 STATUSES = {"ok", "failed", "partial", "skipped", "timeout"}
 
 
-def run_check(out: Path, *args: str, inject: str = "", timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict]:
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1", GPU_CHECK_INJECT=inject)
+def run_check(out: Path, *args: str, inject: str = "", fresh: bool = False, timeout: float = 420):
+    """Run the script with --cpu; (the finished process, the JSON report). ``fresh``: each section in a fresh
+    interpreter, as on a GPU machine, instead of a process forked from the preloaded server."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1", GPU_CHECK_INJECT=inject,
+               GPU_CHECK_FRESH_PROCESS="1" if fresh else "0")  # fmt: skip
     proc = subprocess.run(["bash", str(SCRIPT), "--cpu", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -87,9 +90,10 @@ def test_cpu_dry_run_fills_every_section(tmp_path):
 @pytest.mark.slow
 def test_a_failing_and_a_hanging_section_are_recorded(tmp_path):
     """environment raises, fla_accuracy hangs and is killed at its limit (20 s in --cpu mode): the script still ends
-    with exit 0 and a JSON naming each outcome (about 35 s)."""
+    with exit 0 and a JSON naming each outcome (about 35 s). Each section in a fresh interpreter (the GPU mode's
+    way), so that path runs too."""
     proc, report = run_check(tmp_path / "out", "--only", "environment,fla_accuracy",
-                             inject="environment:fail,fla_accuracy:hang", timeout=180)  # fmt: skip
+                             inject="environment:fail,fla_accuracy:hang", fresh=True, timeout=180)  # fmt: skip
     sections = report["sections"]
     assert list(sections) == SECTIONS
     assert sections["environment"]["status"] == "failed" and "injected" in sections["environment"]["error"]
