@@ -45,9 +45,42 @@ from __future__ import annotations
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .layers.low_rank import DerivedWeights
+
+try:
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # older transformers (5.17 has none): the same contract, written here
+
+    class DummyLayer:
+        """The cache layer of a layer that keeps no keys or values: holds nothing, and every cache operation on
+        it (reset, crop, reorder, batch selection) does nothing."""
+
+        is_compileable = True
+        is_croppable = True
+        is_sliding = False
+        supports_early_init = False
+
+        def __init__(self, **kwargs):
+            self.is_initialized = True
+            self.keys = self.values = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if key_states is None and value_states is None:  # what a DDP cache rebuild passes
+                return None, None
+            raise NotImplementedError("this layer keeps no keys or values; it cannot be updated")
+
+        def get_seq_length(self) -> int:
+            return 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def _nothing(self, *args, **kwargs) -> None:
+            return None
+
+        offload = prefetch = reset = crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _nothing
 
 __all__ = ["RecurrentStateCache", "GrowingKVLayer", "RWKV7_STATE_NAMES", "owned_state", "storage_nbytes"]
 
@@ -165,6 +198,9 @@ class GrowingKVLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         self._length = 0
         self._adopted = False
+        # dropped, not zeroed (transformers 5.17 DynamicLayer.reset zeroes them in place and keeps the memory)
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
 
     def crop(self, length: int) -> None:

@@ -203,7 +203,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     m(ids, labels=ids).loss.backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    m.activation_checkpointing_enable()
+    (m.activation_checkpointing_enable if hasattr(m, "activation_checkpointing_enable") else m.gradient_checkpointing_enable)()  # transformers 5.17 has only the old name
     assert all(b.gradient_checkpointing for b in m.model.blocks)
     m(ids, labels=ids).loss.backward()
     for n, p in m.named_parameters():

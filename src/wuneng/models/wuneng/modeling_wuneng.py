@@ -21,12 +21,11 @@ import torch
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DummyLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ...auto_map import AutoMapMixin
-from ...cache import GrowingKVLayer, RecurrentStateCache
+from ...cache import DummyLayer, GrowingKVLayer, RecurrentStateCache
 from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
 from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
