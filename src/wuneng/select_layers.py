@@ -100,7 +100,7 @@ class SelectionConfig:
         out = {k: getattr(self, k) for k in keys}
         out["align_tokens"] = self.budget_tokens if self.align_tokens is None else self.align_tokens
         out["teacher"] = os.path.abspath(self.teacher)
-        out["data"] = [str(d) for d in self.data]
+        out["data"] = [os.path.abspath(d) if os.path.exists(str(d)) else str(d) for d in self.data]
         out["tokenizer"] = self.tokenizer
         return out
 
