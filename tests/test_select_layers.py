@@ -72,7 +72,10 @@ def _count_runs(monkeypatch):
     return calls
 
 
-def test_a_second_run_does_no_new_candidate_runs(tmp_path, monkeypatch):
+def test_a_second_run_does_no_new_candidate_runs(tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="wuneng.select_layers")
     teacher = save_teacher(tmp_path / "teacher", layers=2)
     data = write_data(tmp_path / "data.txt", lines=12)
     cfg = SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=32, keep=1, work_dir=str(tmp_path / "w"),
@@ -80,6 +83,9 @@ def test_a_second_run_does_no_new_candidate_runs(tmp_path, monkeypatch):
     calls = _count_runs(monkeypatch)
     first = select_layers(cfg)
     assert calls == ["distill"] * 3 and first.runs == 3  # baseline + 2 layers
+    progress = [r.getMessage() for r in caplog.records if r.name == "wuneng.select_layers"]
+    assert "select-layers: run 1/3: baseline (no layer kept)" in progress
+    assert any(m.startswith("select-layers: layer 1 kept as attention: held-out KL ") and "(3/3 runs" in m for m in progress)
     results = json.loads((tmp_path / "w" / "results.json").read_text())
     assert sorted(results["runs"]) == ["0", "1", BASELINE]
     assert not (tmp_path / "w" / "runs" / "layer_000" / "checkpoints").exists()  # dropped once the result is in
