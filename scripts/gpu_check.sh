@@ -8,9 +8,9 @@
 #   scripts/gpu_check.sh --budget 300   # a shorter global budget (seconds; default 420 on GPU, 400 with --cpu)
 #
 # Environment: PYTHON (default: python3), OUT, WHEELS (default: .whl), SITE (default: /tmp/site).
-# The machine's installation is never touched: the wheels go to $SITE with --no-deps and come first on PYTHONPATH
-# (fla; transformers 5.23.0 as pyproject.toml pins it: the machine's 5.17 lacks transformers.cache_utils.DummyLayer,
-# which wuneng imports), and wuneng is imported from src/ (no pip install of wuneng).
+# The machine's installation is never touched: the wheels (fla-core, flash-linear-attention) go to $SITE with
+# --no-deps and come first on PYTHONPATH, and wuneng is imported from src/ (no pip install of wuneng). A
+# transformers wheel put in .whl too would shadow the machine's transformers the same way.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
