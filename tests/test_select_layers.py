@@ -167,3 +167,38 @@ def test_select_layers_end_to_end_chooses_the_layer_that_matters_and_feeds_conve
     assert converted.exit_code == 0, converted.output
     kinds = json.loads((tmp_path / "student" / "config.json").read_text())["layer_kinds"]
     assert kinds == ["arwkv", "attention", "arwkv"]
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run stopped after a checkpoint (here: at step 1 of 2, then an error) is continued by the next call, and
+    gives the KL of the run done in one go."""
+    from wuneng.train import loop
+
+    teacher = save_teacher(tmp_path / "teacher", layers=2)
+    data = write_data(tmp_path / "data.txt", lines=12)
+
+    def config(work):
+        return SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=64, keep=1, work_dir=str(work),
+                               seq_len=16, micro_batch_size=2, eval_rows=2, align_tokens=0, lr=1e-3, candidates=[1])
+
+    whole = select_layers(config(tmp_path / "whole"))
+    real = loop.train
+    resumed = []
+
+    def interrupted(cfg, **kwargs):
+        if cfg.output_dir.endswith("layer_001") and not kwargs.get("resume"):
+            cfg.stop_at_step = 1
+            real(cfg, **kwargs)
+            raise KeyboardInterrupt
+        resumed.append(kwargs.get("resume"))
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        select_layers(config(tmp_path / "w"))
+    assert sorted(json.loads((tmp_path / "w" / "results.json").read_text())["runs"]) == [BASELINE]
+    resumed.clear()
+    again = select_layers(config(tmp_path / "w"))
+    assert resumed == [True] and again.runs == 1
+    assert again.results["1"]["steps"] == 2
+    assert abs(again.results["1"]["kl"] - whole.results["1"]["kl"]) <= 1e-6
