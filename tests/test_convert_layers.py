@@ -83,6 +83,8 @@ def test_read_layer_file_yaml_list_form_and_a_whole_fla_config(tmp_path):
                   "attn": {"layers": [2], "num_heads": 4, "num_kv_heads": 4, "window_size": None}}
     (tmp_path / "config.json").write_text(json.dumps(fla_config))
     assert read_layer_file(tmp_path) == [2]  # a folder: its config.json
+    (tmp_path / "linear.json").write_text(json.dumps({**fla_config, "attn": None}))  # fla: no attention layer
+    assert read_layer_file(tmp_path / "linear.json") == []
 
 
 @pytest.mark.parametrize("content, message", [

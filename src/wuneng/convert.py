@@ -457,7 +457,8 @@ def parse_layer_list(text: str, option: str = "layer list") -> list:
 def read_layer_file(path: Union[str, os.PathLike]) -> list:
     """The layers that keep softmax attention, from a file in flash-linear-attention's hybrid format (JSON or YAML
     with ``attn: {layers: [...]}``, or ``attn: [{layers: [...]}, ...]``: the union; a whole fla ``config.json``
-    works too), or from a WuNeng model folder / its ``config.json`` (its ``attention`` layers). Checked against the
+    works too; ``attn: null`` there means none), or from a WuNeng model folder / its ``config.json`` (its
+    ``attention`` layers). Checked against the
     file's ``num_hidden_layers`` when it has one. ValueError naming the file and the key otherwise."""
     import json
 
@@ -479,6 +480,8 @@ def read_layer_file(path: Union[str, os.PathLike]) -> list:
     num_layers = data.get("num_hidden_layers")
     if FLA_ATTN_KEY not in data and isinstance(data.get("layer_kinds"), list):  # a WuNeng config
         layers = [i for i, kind in enumerate(data["layer_kinds"]) if kind == "attention"]
+    elif FLA_ATTN_KEY in data and data[FLA_ATTN_KEY] is None:  # an fla config without attention layers
+        layers = []
     else:
         specs = data.get(FLA_ATTN_KEY)
         specs = [specs] if isinstance(specs, dict) else specs
