@@ -139,6 +139,9 @@ def test_cli_usage_errors(tmp_path):
     assert no_data.exit_code == 2 and "data source" in no_data.output
     bad_keep = runner.invoke(app, ["select-layers", str(tmp_path), "--budget", "100", "--keep", "0", "--data", "x.txt"])
     assert bad_keep.exit_code == 2 and "keep must be a positive integer" in bad_keep.output
+    bad_init = runner.invoke(app, ["select-layers", str(tmp_path), "--budget", "100", "--keep", "1", "--data", "x.txt",
+                                   "--arwkv-init", "zeros"])
+    assert bad_init.exit_code == 2 and "arwkv_init must be rwkv7 or radlads" in bad_init.output
 
 
 # ------------------------------------------------------------------------------------ end to end

@@ -86,6 +86,8 @@ class SelectionConfig:
             raise ValueError(f"select-layers: lr must be > 0, got {self.lr}")
         if not self.data:
             raise ValueError("select-layers: give at least one data source (--data FILE, folder or python:module:function)")
+        if self.arwkv_init not in ("rwkv7", "radlads"):
+            raise ValueError(f"select-layers: arwkv_init must be rwkv7 or radlads, got {self.arwkv_init!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"select-layers: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
