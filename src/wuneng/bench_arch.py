@@ -460,10 +460,9 @@ def results_table(rows: Sequence[dict], title: str = "bench-arch: accuracy at th
 
 
 def plot_results(rows: Sequence[dict], path: Path) -> Path:
-    import matplotlib
+    from .train.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     best = best_rows(rows)
     settings, variants = _ordered(rows)

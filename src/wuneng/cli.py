@@ -12,7 +12,9 @@ what to do) and exits with
   architecture) or the work itself failed;
 - 3, ``wuneng train`` stopped on a non-finite loss.
 
-``wuneng --debug COMMAND ...`` shows the full traceback instead.
+``wuneng --debug COMMAND ...`` shows the full traceback instead. ``wuneng --version`` prints the version; every
+command's ``--help`` ends with examples (``_EXAMPLES``); a command that picks a device takes ``--device auto``
+(the default: CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def error_line(err: BaseException) -> str:
     library's expected ones (ValueError, TypeError, OSError and their subclasses) are named, with the hint to
     rerun with --debug."""
     message = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (ValueError, TypeError, OSError, LookupError)) or type(err).__name__ == "NonFiniteLossError":
+    if isinstance(err, (ValueError, TypeError, OSError, LookupError, ImportError)) or type(err).__name__ == "NonFiniteLossError":
         return f"error: {message}"
     return f"error: {type(err).__name__}: {message} (rerun as `wuneng --debug ...` for the traceback)"
 
@@ -87,12 +89,63 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Build, convert, train, evaluate and run hybrid state + attention LMs.")
 
+# The examples at the end of each command's --help (command -> lines of "command line  # what it does").
+_EXAMPLES = {
+    "demo": ["wuneng demo  # the full run (about 10 minutes on 2 CPU cores); report in runs/demo/report.md",
+             "wuneng demo --fast --out runs/demo-fast  # a 3-minute smoke run of every stage"],
+    "bench-arch": ["wuneng bench-arch --quick  # a few minutes on the CPU",
+                   "wuneng bench-arch --variants rwkv7,wuneng-gate --lrs 1e-3,3e-3 --device cuda"],
+    "import-rwkv": ["wuneng import-rwkv RWKV-x070-World-0.1B.pth runs/rwkv7-0.1b",
+                    "wuneng import-rwkv model.pth runs/rwkv7 --dtype bfloat16 --overwrite"],
+    "import-fla": ["wuneng import-fla /models/rwkv7-0.1B-world runs/rwkv7 --dtype float32"],
+    "export-fla": ["wuneng export-fla runs/rwkv7 runs/rwkv7-fla  # loads into fla's RWKV7ForCausalLM"],
+    "train": ["wuneng train recipe.yaml --stage distill",
+              "wuneng train recipe.yaml -o optim.lr=3e-4 -o data.seq_len=512 --max-steps 100",
+              "wuneng train recipe.yaml --resume  # continue from the newest complete checkpoint"],
+    "plot": ["wuneng plot runs/student-distill  # writes runs/student-distill/loss.png",
+             "wuneng plot runs/student-distill --out loss.png --linear"],
+    "grow": ["wuneng grow runs/metastate runs/metastate-grown --heads 8 --param-tokens 64"],
+    "eval": ["wuneng eval runs/student --tasks mqar,passkey --limit 64",
+             "wuneng eval runs/student --tasks none --lm-eval wuneng_arith --json results.json --device cpu"],
+    "convert": ["wuneng convert /models/Qwen2.5-0.5B-Instruct runs/student  # WuNeng hybrid, function-preserving",
+                "wuneng convert /models/Qwen2.5-0.5B-Instruct runs/arwkv --arwkv --arwkv-init radlads"],
+    "select-layers": ["wuneng select-layers /models/Qwen2.5-0.5B-Instruct --data corpus/ --budget 200000 --keep 4"],
+}
+
+
+def _examples(command: str) -> str:
+    """The --help epilog of ``command``: its examples, one per line."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in _EXAMPLES[command])
+
+
+def resolve_device(value: str) -> str:
+    """A ``--device`` value: ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``; any other value must be a
+    torch device string (``cpu``, ``cuda``, ``cuda:1``, ...), else a usage error."""
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"expected auto, cpu, cuda or cuda:N (a torch device), got {value!r}", param_hint="--device") from None
+    return value
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from wuneng import __version__
+
+        typer.echo(f"wuneng {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (default: one line on stderr)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings and errors (no progress lines)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log DEBUG messages."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """wuneng command line. Progress and messages go to stderr through `logging`: with a rich layout in a terminal,
     as plain timestamped lines otherwise (a log file: a line every $WUNENG_PROGRESS_INTERVAL seconds, default 10)."""
@@ -105,7 +158,7 @@ def _main(
     configure_logging(-1 if quiet else 1 if verbose else 0)
 
 
-@app.command("demo")
+@app.command("demo", epilog=_examples("demo"))
 def demo_command(
     fast: bool = typer.Option(False, "--fast", help="A smoke-test run of every stage (under 3 minutes; CI)."),
     out: str = typer.Option("runs/demo", "--out", help="Output folder (report.md, results.json, PNG plots, stage runs)."),
@@ -124,6 +177,9 @@ def demo_command(
     from dataclasses import replace
 
     from wuneng.demo import DemoBudget, DemoConfig, run_demo
+    from wuneng.train.plotting import pyplot
+
+    pyplot()  # its figures need the plot extra: say so before the run, not after it
 
     budget = DemoBudget.fast() if fast else DemoBudget()
     chosen = dict(teacher_steps=teacher_steps, align_steps=align_steps, distill_steps=distill_steps, sft_steps=sft_steps,
@@ -141,7 +197,7 @@ def demo_command(
         raise typer.BadParameter(str(e), param_hint="--out")
 
 
-@app.command("bench-arch")
+@app.command("bench-arch", epilog=_examples("bench-arch"))
 def bench_arch_command(
     quick: bool = typer.Option(False, "--quick", help="A few minutes: small MQAR and A5 k=16, one learning rate, short runs."),
     full: bool = typer.Option(False, "--full", help="Zoology-scale sweep for a GPU (V=8192, T up to 256, to 99% or 20k steps)."),
@@ -152,13 +208,16 @@ def bench_arch_command(
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0)."),
     steps: int = typer.Option(None, "--steps", help="Optimiser steps per run (the budget)."),
     max_seconds: float = typer.Option(None, "--max-seconds", help="Wall-clock cap per run, in seconds."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu; --full: cuda when available)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
     threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
     only: str = typer.Option(None, "--only", help="Comma-separated setting-name substrings to run now, e.g. 'state A5 k=16' (same run keys as the whole sweep)."),
 ) -> None:
     """Train Transformer, RWKV-7, WuNeng (gate/add/concat/hymba, lambda=0) and Meta-State from scratch on MQAR and
     state tracking with equal budgets and a small learning-rate sweep; print and plot accuracy per setting."""
     from wuneng.bench_arch import BenchConfig, run_bench
+    from wuneng.train.plotting import pyplot
+
+    pyplot()  # its figure needs the plot extra: say so before the run, not after it
 
     if quick and full:
         raise typer.BadParameter("choose one of --quick and --full")
@@ -170,7 +229,7 @@ def bench_arch_command(
             kw["lrs"] = tuple(float(v) for v in lrs.split(",") if v.strip())
         if seeds:
             kw["seeds"] = tuple(int(v) for v in seeds.split(",") if v.strip())
-        for name, value in (("steps", steps), ("max_seconds", max_seconds), ("device", device), ("threads", threads)):
+        for name, value in (("steps", steps), ("max_seconds", max_seconds), ("device", resolve_device(device)), ("threads", threads)):
             if value is not None:
                 kw[name] = value
         kw["output_dir"] = out
@@ -184,7 +243,7 @@ def bench_arch_command(
     run_bench(cfg, console=Console())  # the results table on stdout; progress goes to the log (stderr)
 
 
-@app.command("import-rwkv")
+@app.command("import-rwkv", epilog=_examples("import-rwkv"))
 def import_rwkv(
     checkpoint: str = typer.Argument(..., help="RWKV-LM x070 .pth state dict (read with torch.load(weights_only=True))."),
     out_dir: str = typer.Argument(..., help="Output directory (config.json + model.safetensors)."),
@@ -211,7 +270,7 @@ def import_rwkv(
     )
 
 
-@app.command("import-fla")
+@app.command("import-fla", epilog=_examples("import-fla"))
 def import_fla(
     src: str = typer.Argument(..., help="flash-linear-attention RWKV-7 folder (fla-hub layout: config.json with model_type rwkv7 + safetensors)."),
     out_dir: str = typer.Argument(..., help="Output directory (a wuneng RWKV7ForCausalLM folder)."),
@@ -236,7 +295,7 @@ def import_fla(
     )
 
 
-@app.command("export-fla")
+@app.command("export-fla", epilog=_examples("export-fla"))
 def export_fla(
     src: str = typer.Argument(..., help="wuneng RWKV7ForCausalLM folder (as import-rwkv or save_pretrained writes)."),
     out_dir: str = typer.Argument(..., help="Output directory in flash-linear-attention's layout (model_type rwkv7)."),
@@ -260,7 +319,7 @@ def export_fla(
     )
 
 
-@app.command("train")
+@app.command("train", epilog=_examples("train"))
 def train_command(
     config: str = typer.Argument(..., help="Run description (YAML); see docs/training.md."),
     stage: str = typer.Option(None, "--stage", help="pretrain | align | distill | sft (overrides `stage:` in the YAML)."),
@@ -285,7 +344,7 @@ def train_command(
         console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
 
 
-@app.command("plot")
+@app.command("plot", epilog=_examples("plot"))
 def plot_command(
     run_dir: str = typer.Argument(..., help="A training run folder (holds metrics.jsonl)."),
     out: str = typer.Option(None, "--out", help="PNG path (default RUN_DIR/loss.png)."),
@@ -301,7 +360,7 @@ def plot_command(
     typer.echo(str(path))
 
 
-@app.command("grow")
+@app.command("grow", epilog=_examples("grow"))
 def grow_command(
     checkpoint: str = typer.Argument(..., help="A Meta-State model folder (save_pretrained: config.json + model.safetensors)."),
     out_dir: str = typer.Argument(..., help="Output folder for the grown model."),
@@ -323,7 +382,7 @@ def grow_command(
     console.print(f"[bold]after[/bold] ({out_dir})\n{state_report(grown)}")
 
 
-@app.command("eval")
+@app.command("eval", epilog=_examples("eval"))
 def eval_command(
     checkpoint: str = typer.Argument(..., help="A saved model folder (save_pretrained: config.json + weights, and its tokenizer if any)."),
     tasks: str = typer.Option("arithmetic,mqar,state_tracking,passkey,perplexity", "--tasks", help="Comma-separated registry tasks ('none' for only --lm-eval)."),
@@ -332,7 +391,7 @@ def eval_command(
     presets: list[str] = typer.Option([], "--preset", help="TASK=PRESET, repeatable, e.g. --preset mqar=T128_n8 (default: the first preset)."),
     text: str = typer.Option(None, "--text", help="UTF-8 text file for perplexity (default: held-out generated arithmetic text)."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
     passkey_lengths: str = typer.Option("256,512,1024", "--passkey-lengths", help="Passkey prompt lengths in tokens."),
     context_length: int = typer.Option(512, "--context-length", help="Perplexity window in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward / generate call."),
@@ -346,6 +405,7 @@ def eval_command(
     from wuneng.eval.evaluate import evaluate_model, load_checkpoint, rows_table, write_rows_json
     from wuneng.saving import ModelFolderError
 
+    device = resolve_device(device)
     console = Console()
     try:
         task_list = [] if tasks.strip().lower() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
@@ -405,7 +465,7 @@ def _layer_list(text: str | None, option: str):
         raise typer.BadParameter(" ".join(str(err).split()), param_hint=option)
 
 
-@app.command("convert")
+@app.command("convert", epilog=_examples("convert"))
 def convert_command(
     teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."),
     out_dir: str = typer.Argument(..., help="Output folder (WuNeng config.json, model.safetensors, tokenizer files)."),
@@ -466,7 +526,7 @@ def convert_command(
     console.print(model.format_parameter_breakdown(), markup=False, highlight=False)
 
 
-@app.command("select-layers")
+@app.command("select-layers", epilog=_examples("select-layers"))
 def select_layers_command(
     teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 teacher folder (config.json + safetensors + tokenizer)."),
     budget: int = typer.Option(..., "--budget", help="Distillation tokens per run (one run per candidate layer, plus the baseline)."),

@@ -305,10 +305,9 @@ def _first(history: list[dict], key: str) -> float:
 
 
 def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
-    import matplotlib
+    from .train.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [
         ("teacher pretrain (answer CE)", [("teacher", "teacher", "loss")]),
@@ -337,10 +336,9 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
 
 
 def _plot_accuracy(final: dict[str, dict], stages: dict[str, dict[str, dict]], categories: list[str], path: Path) -> Path:
-    import matplotlib
+    from .train.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
     models = list(final)

@@ -155,7 +155,7 @@ def _import_datasets(path: Path):
     try:
         import datasets  # lazy: only these sources need it
     except ImportError:  # pragma: no cover - depends on the environment
-        raise DataError(f"{path}: reading Hugging Face datasets / parquet needs `pip install datasets`") from None
+        raise DataError(f"{path}: reading Hugging Face datasets / parquet needs datasets, the data extra: pip install 'wuneng[data]'") from None
     return datasets
 
 

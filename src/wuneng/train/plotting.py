@@ -6,11 +6,24 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["read_metrics", "plot_run"]
+__all__ = ["read_metrics", "plot_run", "pyplot"]
 
 # Drawn on the loss panel when present; everything else numeric (but lr / throughput) gets its own panel.
 LOSS_KEYS = ("loss", "ce", "kl", "align_output", "align_state")
 SIDE_KEYS = ("lr", "grad_norm")
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend. matplotlib is the optional ``plot`` extra, imported
+    only here, when a figure is drawn: ImportError with the command that installs it when it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("drawing PNG figures needs matplotlib, the plot extra: pip install 'wuneng[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -35,14 +48,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, log_y: bool = True) -> Path:
     """Draw the loss terms (and lr, grad-norm) against the step; returns the PNG path
     (default ``RUN_DIR/loss.png``). A resumed run's repeated steps keep the latest value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = read_metrics(run_dir)
     if not records:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} has no step records to plot")
+    plt = pyplot()
     by_step: dict[int, dict] = {}
     for rec in records:
         by_step[int(rec["step"])] = rec
