@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_check.sh                # on the GPU machine (installs .whl/*.whl into /tmp/site first)
 #   scripts/gpu_check.sh --cpu          # dry run on the CPU: tiny sizes, no wheels, CUDA tests skipped
-#   scripts/gpu_check.sh --budget 300   # a shorter global budget (seconds; default 420 on GPU, 400 with --cpu)
+#   scripts/gpu_check.sh --budget 300   # a shorter global budget (seconds; default 450 on GPU, 400 with --cpu)
 #
 # Environment: PYTHON (default: python3), OUT, WHEELS (default: .whl), SITE (default: /tmp/site).
 # The machine's installation is never touched: the wheels (fla-core, flash-linear-attention) go to $SITE with

@@ -21,7 +21,7 @@ SECTIONS = ["environment", "fla_accuracy", "cuda_tests", "train_stages", "throug
 STATUSES = {"ok", "failed", "partial", "skipped", "timeout"}
 
 
-def run_check(out: Path, *args: str, inject: str = "", fresh: bool = False, timeout: float = 420):
+def run_check(out: Path, *args: str, inject: str = "", fresh: bool = False, timeout: float = 600):
     """Run the script with --cpu; (the finished process, the JSON report). ``fresh``: each section in a fresh
     interpreter, as on a GPU machine, instead of a process forked from the preloaded server."""
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1", GPU_CHECK_INJECT=inject,
