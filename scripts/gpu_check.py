@@ -115,6 +115,8 @@ def orchestrate(args) -> int:
     report = {"schema": 1, "mode": mode, "budget_s": budget, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "command": " ".join(sys.argv), "sections": {}}  # fmt: skip
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        raise SystemExit(f"gpu_check: --only: unknown section(s) {sorted(only - set(SECTIONS))}; use {','.join(SECTIONS)}")
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     # Each section runs in a child process of its own, so that a crash or a hang stays in its section. On the CPU
     # the children fork from a server that imported torch / transformers / wuneng once. With CUDA each child
@@ -156,9 +158,9 @@ def orchestrate(args) -> int:
         if rc is None:
             section["status"] = "timeout"
             section["error"] = f"killed at its limit of {limit:.0f} s"
-        elif rc != 0 and section.get("status") in (None, "ok", "running"):
-            section["status"] = "failed"
-            section.setdefault("error", f"section process exited {rc} (see the log)")
+        elif section.get("status") in (None, "running") or (rc != 0 and section.get("status") == "ok"):
+            section["status"] = "failed"  # died (a signal, os._exit) or ended without a verdict
+            section.setdefault("error", f"section process exited {rc} without a result (see the log)")
         section["seconds"] = round(time.time() - t0, 1)
         report["sections"][name] = section
         log(f"{name}: {section['status']} in {section['seconds']} s"
