@@ -7,7 +7,16 @@ import json
 import pytest
 import torch
 
-from wuneng.bench_arch import VARIANTS, BenchConfig, TaskSetting, best_rows, build_model, labelled_cross_entropy, read_results, run_bench
+from wuneng.bench_arch import (
+    VARIANTS,
+    BenchConfig,
+    TaskSetting,
+    best_rows,
+    build_model,
+    labelled_cross_entropy,
+    read_results,
+    run_bench,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -191,9 +191,9 @@ def test_one_training_step_keeps_a_tied_student_tied(tmp_path, untie):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent / "train"))
-    from train_helpers import TEXTS, quick_config
-
     from wuneng.train.loop import train
+
+    from train_helpers import TEXTS, quick_config
 
     teacher = tied_teacher()
     student = convert_teacher(teacher, untie_embeddings=untie)

@@ -31,12 +31,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from _helpers import perturb_
 from wuneng.grow import grow
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from wuneng.models.wuneng import WuNengConfig, WuNengForCausalLM
 from wuneng.tokenization import BYTE_VOCAB_SIZE, ByteLevelTokenizer
+
+from _helpers import perturb_
 
 KINDS = ("rwkv7", "wuneng", "arwkv", "metastate", "grown_metastate")
 IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))

@@ -15,6 +15,7 @@ from wuneng.cli import app
 from wuneng.grow import grow, grow_checkpoint, state_report
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+
 from _helpers import perturb_
 
 V, C, L, N = 64, 32, 2, 16  # C / N = 2 heads at the start; layer 1 uses layer 0's v_first

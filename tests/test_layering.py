@@ -104,22 +104,25 @@ def module_imports(modules: dict[str, Path]) -> dict[str, dict[str, list[tuple[s
         is_package = path.name == "__init__.py"
         edges: dict[str, list[tuple[str, int]]] = {"module": [], "function": []}
 
-        def visit(node, in_function: bool) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and _is_type_checking(child):
-                    for sub in child.orelse:
-                        visit(ast.Module(body=[sub], type_ignores=[]), in_function)
-                    continue
-                if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    kind = "function" if in_function else "module"
-                    for target in _resolve(module, is_package, child, modules):
-                        if target != module:
-                            edges[kind].append((target, child.lineno))
-                visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
-
-        visit(tree, False)
+        _collect(tree, False, module, is_package, modules, edges)
         result[module] = edges
     return result
+
+
+def _collect(node, in_function: bool, module: str, is_package: bool, modules: dict, edges: dict) -> None:
+    """Add the wuneng imports under ``node`` to ``edges`` (module- or function-level)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            for sub in child.orelse:
+                _collect(ast.Module(body=[sub], type_ignores=[]), in_function, module, is_package, modules, edges)
+            continue
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            kind = "function" if in_function else "module"
+            for target in _resolve(module, is_package, child, modules):
+                if target != module:
+                    edges[kind].append((target, child.lineno))
+        nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        _collect(child, nested, module, is_package, modules, edges)
 
 
 def module_level_cycles(imports) -> list[list[str]]:

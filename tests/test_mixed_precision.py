@@ -25,6 +25,7 @@ from wuneng.grow import grow
 from wuneng.layers.rwkv7 import TimeMix, wkv_dtypes
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.wuneng import WuNengForCausalLM
+
 from _helpers import perturb_, rel_err
 
 V = 97

@@ -507,7 +507,7 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
         lines = ProgressLog(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}", cfg.steps, logger=logger)
         tokens_per_step = cfg.batch_size * setting.seq_len
         row = train_run(setting, variant, lr, seed, cfg,
-                        progress=lambda step, ema: lines.update(step, f"loss {ema:.4f}", amount=step * tokens_per_step))
+                        progress=lambda step, ema: lines.update(step, f"loss {ema:.4f}", amount=step * tokens_per_step))  # noqa: B023
         row = {"key": cfg.run_key(setting, variant, lr, seed), "mode": cfg.mode, **row}
         _append_row(path, row)
         extra = f", solved k<={row['solved_up_to']}" if "solved_up_to" in row else ""

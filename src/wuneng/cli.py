@@ -188,13 +188,13 @@ def demo_command(
         budget = replace(budget, **{k: v for k, v in chosen.items() if v is not None})
         cfg = DemoConfig(budget=budget, output_dir=out, seed=seed, threads=threads, overwrite=overwrite)
     except ValueError as e:
-        raise typer.BadParameter(str(e))
+        raise typer.BadParameter(str(e)) from None
     try:  # an earlier run in --out is refused before any work (run_demo checks first), as a usage error
         from rich.console import Console
 
         run_demo(cfg, console=Console(), command="wuneng " + " ".join(sys.argv[1:]) if sys.argv[1:] else "wuneng demo")
     except FileExistsError as e:
-        raise typer.BadParameter(str(e), param_hint="--out")
+        raise typer.BadParameter(str(e), param_hint="--out") from None
 
 
 @app.command("bench-arch", epilog=_examples("bench-arch"))
@@ -237,7 +237,7 @@ def bench_arch_command(
         if only:
             cfg = cfg.only([p.strip() for p in only.split(",") if p.strip()])
     except ValueError as e:
-        raise typer.BadParameter(str(e))
+        raise typer.BadParameter(str(e)) from None
     from rich.console import Console
 
     run_bench(cfg, console=Console())  # the results table on stdout; progress goes to the log (stderr)
@@ -462,7 +462,7 @@ def _layer_list(text: str | None, option: str):
     try:
         return layer_selection(text, option)
     except (ValueError, OSError) as err:
-        raise typer.BadParameter(" ".join(str(err).split()), param_hint=option)
+        raise typer.BadParameter(" ".join(str(err).split()), param_hint=option) from None
 
 
 @app.command("convert", epilog=_examples("convert"))
@@ -565,7 +565,7 @@ def select_layers_command(
                               dtype=dtype)
         cfg.check()
     except ValueError as e:
-        raise typer.BadParameter(" ".join(str(e).split()))
+        raise typer.BadParameter(" ".join(str(e).split())) from None
     result = select_layers(cfg)
     table = Table(title=f"select-layers {teacher_dir}: held-out KL per kept layer (baseline, none kept: {result.baseline_kl:.5f})")
     for column in ("rank", "layer", "KL", "fall vs baseline", "chosen"):

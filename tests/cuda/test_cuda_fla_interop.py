@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from wuneng import RWKV7Config, RWKV7ForCausalLM
+
 from _helpers import perturb_, rel_err
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

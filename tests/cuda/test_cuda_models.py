@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from test_mixed_precision import KINDS, TOL, V, assert_close_to_float32, build, ids, wkv_states
 
 from wuneng.ops.wkv7 import cpu as cpu_mod
 from wuneng.ops.wkv7 import dispatch
@@ -21,8 +22,8 @@ from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7 import readout as readout_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
 from wuneng.ops.wkv7.dispatch import fla_available
+
 from _helpers import rel_err
-from test_mixed_precision import KINDS, TOL, V, assert_close_to_float32, build, ids, wkv_states
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

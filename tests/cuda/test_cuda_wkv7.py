@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from wuneng.ops.wkv7 import dispatch, wkv7, wkv7_chunked, wkv7_reference
 from wuneng.ops.wkv7.dispatch import fla_available
+
 from _helpers import rel_err
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from eval_helpers import ANSWER, constant_answer_model, random_model, save_checkpoint, tiny_config
 from typer.testing import CliRunner
 
 from wuneng.cli import app
@@ -22,11 +23,9 @@ from wuneng.eval.evaluate import (
     rows_table,
 )
 from wuneng.eval.registry import get_task
-from wuneng.models.rwkv7 import RWKV7ForCausalLM
 from wuneng.eval.tasks.state_tracking import generate_word_problems
+from wuneng.models.rwkv7 import RWKV7ForCausalLM
 from wuneng.tokenization import BYTE_VOCAB_SIZE, ByteLevelTokenizer
-
-from eval_helpers import ANSWER, constant_answer_model, random_model, save_checkpoint, tiny_config
 
 runner = CliRunner()
 ALL_TASKS = ["arithmetic", "mqar", "state_tracking", "passkey", "perplexity"]

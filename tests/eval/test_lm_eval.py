@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 import pytest
+from eval_helpers import ANSWER, constant_answer_model, save_checkpoint
 
 from wuneng.eval.lm_eval_glue import local_task_names, summarize_results
 from wuneng.eval.lm_eval_tasks import WUNENG_ARITH_JSONL, prepare_include_path
-from eval_helpers import ANSWER, constant_answer_model, save_checkpoint
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional eval extra")
 

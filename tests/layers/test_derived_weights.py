@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _helpers import perturb_
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from wuneng.models.wuneng import WuNengConfig, WuNengForCausalLM
+
+from _helpers import perturb_
 
 VOCAB = 50
 KINDS = ("rwkv7", "metastate", "wuneng")

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DummyLayer, DynamicLayer
 
+import wuneng.layers.hybrid as hybrid_mod
 from wuneng.cache import RecurrentStateCache
 from wuneng.layers.hybrid import (
     FUSIONS,
@@ -18,11 +20,10 @@ from wuneng.layers.hybrid import (
     attention_padding_mask,
     middle_head_indices,
 )
-from transformers.cache_utils import DummyLayer, DynamicLayer
-import wuneng.layers.hybrid as hybrid_mod
 from wuneng.layers.low_rank import derived_weights_session
 from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
+
 from _helpers import perturb_
 
 C, H, HKV, D = 32, 2, 1, 16  # width, query heads, kv heads, head size

@@ -17,6 +17,7 @@ from wuneng.layers.metastate import (
     sparse_route_scores,
 )
 from wuneng.layers.rwkv7 import ChannelMix, token_shift
+
 from _helpers import perturb_, rel_err
 
 

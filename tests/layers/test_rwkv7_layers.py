@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from wuneng.layers.low_rank import derived_weights_session
 from wuneng.layers.rwkv7 import ChannelMix, TimeMix, lora_ranks
+
 from _helpers import perturb_, rel_err
 
 C, N, L = 32, 8, 3  # width, head size, layers of the tiny layers under test

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from wuneng import RWKV7Config, RWKV7ForCausalLM
 from wuneng.cli import app
 from wuneng.models.rwkv7.convert_fla import FlaConfigError
+
 from _helpers import perturb_, rel_err
 
 fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention (the bench extra) is not installed")

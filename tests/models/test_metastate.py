@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from wuneng.cache import RecurrentStateCache
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+
 from _helpers import perturb_
 
 V, C, L, N = 64, 32, 2, 16

@@ -12,6 +12,7 @@ import torch
 
 from wuneng import RWKV7Config, RWKV7ForCausalLM
 from wuneng.cache import RecurrentStateCache
+
 from _helpers import rel_err
 
 V, C, L, N = 97, 64, 3, 16

@@ -5,13 +5,13 @@ accounting at Qwen2.5-7B shapes, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from wuneng.models.wuneng import WuNengConfig, WuNengForCausalLM
+
 from _helpers import perturb_
 
 VOCAB = 97

@@ -294,6 +294,7 @@ def test_kernel_args_are_filled_by_name_and_all_of_them():
 def _call_every_kernel() -> list:
     """Every C kernel once (heads / rows split over the pool when the caller allows), outputs and gradients."""
     from test_one_token import make_hybrid_weights, make_inputs, make_weights
+
     from wuneng.ops.wkv7 import wkv7_step
     from wuneng.ops.wkv7.cpu import wkv7_cpu
     from wuneng.ops.wkv7.one_token import hybrid_state_one_token, time_mix_one_token
@@ -394,7 +395,7 @@ def test_two_processes_building_at_once_make_one_library(tmp_path):
     ]
     start.touch()
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     paths = {out.strip() for out, _ in outs}
     assert len(paths) == 1

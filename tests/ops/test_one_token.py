@@ -23,6 +23,7 @@ from wuneng.ops.wkv7.one_token import (
     time_mix_one_token,
     time_mix_one_token_reference,
 )
+
 from _helpers import perturb_, rel_err
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
@@ -269,8 +270,8 @@ def test_self_state_query_kernel_matches_reference(H):
 @needs_kernel
 @pytest.mark.parametrize("num_heads", [2, 3])
 def test_meta_state_time_mix_decoding_equals_its_tensor_path(num_heads, monkeypatch):
-    from wuneng.layers.metastate import MetaStateTimeMix
     import wuneng.layers.rwkv7 as rwkv7_layers
+    from wuneng.layers.metastate import MetaStateTimeMix
 
     calls = []
     real = rwkv7_layers.time_mix_one_token

@@ -11,6 +11,7 @@ import torch
 from wuneng.ops.wkv7 import cpu as cpu_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
 from wuneng.ops.wkv7.readout import group_norm_bonus, group_norm_bonus_reference
+
 from _helpers import rel_err
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason="C kernel unavailable")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from wuneng.ops.wkv7 import wkv7, wkv7_chunked, wkv7_reference, wkv7_step
 from wuneng.ops.wkv7.chunk import effective_chunk_size
 from wuneng.ops.wkv7.dispatch import fla_available
+
 from _helpers import rel_err
 
 LOG_W_MIN = -0.6065306597126334  # log of the smallest RWKV-7 decay, exp(-e^{-1/2})

@@ -12,12 +12,13 @@ import shutil
 
 import pytest
 import torch
+from test_wkv7 import NAMES, args_of, make_inputs
 
 from wuneng.ops.wkv7 import cpu as cpu_mod
 from wuneng.ops.wkv7 import wkv7, wkv7_reference, wkv7_step
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error, wkv7_cpu
+
 from _helpers import rel_err
-from test_wkv7 import NAMES, args_of, make_inputs
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
 

@@ -1,6 +1,7 @@
 """Fixtures of the training tests (helpers live in train_helpers.py)."""
 
 import pytest
+
 from wuneng.tokenization import ByteLevelTokenizer
 
 

@@ -80,8 +80,8 @@ def test_two_processes_normalise_the_ce_by_the_global_label_count(tmp_path, toke
     """torchrun 2 x micro-batch 2 and one process x 4 give the same weights with a CE term: each term is divided
     by its count over both processes (a per-process count would weight the processes' CE differently)."""
     from safetensors.torch import load_file
-
     from test_distributed import ATOL, max_diff, run_both
+
     from train_helpers import saved_run_files
 
     tiny_qwen2(seed=1).save_pretrained(tmp_path / "student")

@@ -28,7 +28,7 @@ def linear_and_embedding_weights(model: nn.Module) -> set[str]:
     for n, p in model.named_parameters():
         first.setdefault(id(p), n)
     out = set()
-    for mod_name, mod in model.named_modules():
+    for mod in model.modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and mod.weight.requires_grad:
             out.add(first[id(mod.weight)])
     return out

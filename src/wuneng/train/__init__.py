@@ -4,7 +4,16 @@
 Light to import: the loop, data and stage modules load torch/transformers machinery on first use.
 """
 
-from .config import AlignConfig, ConfigError, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from .config import (
+    AlignConfig,
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_config,
+)
 
 __all__ = [
     "AlignConfig",

@@ -213,7 +213,14 @@ class _RunProgress:
             self.lines = ProgressLog(stage, total, start=completed, amount_start=tokens_seen, interval=interval, logger=logger)
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn(f"[bold]{stage}"),
@@ -355,7 +362,6 @@ def train(
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-
     from transformers.utils import logging as hf_logging
 
     validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)

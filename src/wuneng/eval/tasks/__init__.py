@@ -12,7 +12,13 @@ from wuneng.eval.tasks.arithmetic import (
     training_corpus,
 )
 from wuneng.eval.tasks.mqar import MQARConfig, MQARData, generate_mqar, mqar_accuracy
-from wuneng.eval.tasks.passkey import PasskeyConfig, PasskeyExample, generate_passkey_examples, passkey_match, score_passkey
+from wuneng.eval.tasks.passkey import (
+    PasskeyConfig,
+    PasskeyExample,
+    generate_passkey_examples,
+    passkey_match,
+    score_passkey,
+)
 from wuneng.eval.tasks.state_tracking import (
     FiniteGroup,
     StateTrackingConfig,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Optional
 
 import numpy as np
@@ -114,7 +114,7 @@ def _direct_product(g: FiniteGroup, h: FiniteGroup) -> FiniteGroup:
     return FiniteGroup(f"{g.name}x{h.name}", elements, table.astype(np.int64), identity=g.identity * H + h.identity)
 
 
-@lru_cache(maxsize=None)
+@cache
 def make_group(name: str) -> FiniteGroup:
     """Build a group by name: ``"S5"``, ``"A5"``, ``"Z60"``, ``"A4xZ5"``, ``"Z2"``, ... (see module doc)."""
     if not isinstance(name, str) or not name:

@@ -369,7 +369,12 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         Raises ValueError listing missing/unexpected keys and wrong shapes.
         """
         # the converter sits above the model (it builds one): an entry point, imported when called
-        from .convert_rwkv_lm import checkpoint_dtype, infer_rwkv7_config_kwargs, load_rwkv_lm_state_dict, rwkv_lm_to_hf_state_dict
+        from .convert_rwkv_lm import (
+            checkpoint_dtype,
+            infer_rwkv7_config_kwargs,
+            load_rwkv_lm_state_dict,
+            rwkv_lm_to_hf_state_dict,
+        )
 
         sd = load_rwkv_lm_state_dict(path_or_state_dict)
         if dtype is None:

@@ -408,7 +408,7 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
     def teacher_num_parameters(self) -> int:
         """Parameter count of the teacher this model was converted from (computed from the config)."""
         c = self.config
-        C, I, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+        C, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
         return V * C * (1 if c.tie_word_embeddings else 2) + C + L * (2 * C + _mlp_params(c) + _attention_params(c))
 
     def num_extra_parameters(self) -> int:
