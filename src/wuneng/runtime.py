@@ -5,8 +5,8 @@ library's ``malloc``; glibc's malloc returns large freed blocks to the kernel (b
 ``mmap`` threshold of at most 32 MiB are unmapped when freed, and the top of the heap is trimmed), so the
 next allocation of the same size is backed by fresh pages, and every page costs a page fault when first
 written. A training step frees its activations after the backward and allocates them again in the next
-forward: measured on the 2-core development machine (``benchmarks/hybrid.py``, batch 8 x 512), a WuNeng step
-took 300-600 thousand minor faults and 1-3 s of system time with glibc's defaults, ~0 once the memory is kept.
+forward, so with glibc's defaults a CPU training step spends seconds of system time in page faults, and
+almost none once the memory is kept (measurements: benchmarks/README.md, ``benchmarks/hybrid.py``).
 This is the job that jemalloc or tcmalloc do when preloaded (PyTorch's CPU performance guide recommends
 them); ``mallopt`` gets the same effect without a preload, from inside the process:
 

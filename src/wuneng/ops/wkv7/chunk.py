@@ -43,7 +43,7 @@ entries are set to 0 by a bitwise AND on their float bits (``_causal_bits``), ne
 mask (inf x 0 = NaN). Tested at chunk lengths 16-256 with +-400 outlier channels in r and k and every
 decay at the lower bound or near 1: float32 values within 1e-5, gradients within 1e-4 of the float64
 reference (relative norms). The cumulative sums are taken in the state dtype: summing them in float64
-was measured 2-4x more accurate (T = 4096: 1-3e-7 instead of 2-9e-7 relative) but 15% slower.
+is more accurate but slower, and the state dtype is accurate enough (measurements: benchmarks/README.md).
 The state is float32 whatever the input dtype (float64 inputs stay float64).
 
 Layout, passes and cache. Chunk tensors are chunk-major, [chunks, B, H, rows, N]: the operand scalings
@@ -55,10 +55,9 @@ one) and e^{g_L - g_m} are views of it; the b, k side divides by e^{g_t - g_m}. 
 in groups of consecutive chunks (about ``_GROUP_MATRICES`` = 96 (chunk, batch, head) matrices, ~20 MB of
 intermediates at N = 64): forward runs a group's state-free part, its stretch of the recurrence and its
 read-out before the next group, backward the same in reverse, so the dozens of elementwise passes and
-small matmuls of a group find their operands in cache (1.2-1.4x over one pass over all chunks at
-B = H = 4, T = 1024 and B = 8, H = 6, T = 512 on the 2-core development machine). Every batched matmul
-writes a fresh contiguous tensor or a contiguous slab: ``bmm`` into a strided slice falls back to a
-per-matrix loop, about 5x slower.
+small matmuls of a group find their operands in cache (faster than one pass over all chunks; measurements:
+benchmarks/README.md). Every batched matmul writes a fresh contiguous tensor or a contiguous slab: ``bmm``
+into a strided slice falls back to a per-matrix loop, several times slower.
 
 Gradients: a hand-written ``autograd.Function`` backward (``_ChunkedWKV7``) that reuses the forward's
 matrices (A, P = (I - A_ab)^{-1}, W, Q, A_eff, K_eff, the chunk-start states) and runs the chunk recurrence in
