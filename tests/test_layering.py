@@ -17,6 +17,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import wuneng
 
 # (floor, name prefixes); the first matching prefix wins, so sub-packages are listed before their parents.
@@ -238,3 +240,86 @@ def test_one_definition_per_shared_constant():
                 if any(isinstance(t, ast.Name) and t.id == "IGNORE_INDEX" for t in targets):
                     definitions.append(module)
     assert definitions == ["wuneng.labels"], f"IGNORE_INDEX defined in {definitions}; import it from wuneng.labels"
+
+
+# ---------------------------------------------------------------------------------------------- dependencies
+REPO = Path(__file__).resolve().parents[1]
+IMPORT_TO_DISTRIBUTION = {"yaml": "pyyaml", "fla": "flash-linear-attention", "lm_eval": "lm-eval"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    from packaging.requirements import Requirement
+
+    return {Requirement(r).name.lower() for r in requirements}
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def third_party_imports(kind: str) -> dict[str, list[str]]:
+    """Distribution name -> the modules that import it (``kind``: "module" or "function" level)."""
+    import sys
+
+    found: dict[str, list[str]] = {}
+    for module, path in package_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        stack = [(tree, False)]
+        while stack:
+            node, in_function = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                if isinstance(child, ast.If) and _is_type_checking(child):
+                    continue
+                if isinstance(child, (ast.Import, ast.ImportFrom)) and in_function == (kind == "function"):
+                    if isinstance(child, ast.ImportFrom):
+                        names = [] if child.level else [child.module or ""]
+                    else:
+                        names = [alias.name for alias in child.names]
+                    for name in names:
+                        top = name.split(".")[0]
+                        if top and top != PACKAGE_ROOT and top not in sys.stdlib_module_names:
+                            found.setdefault(IMPORT_TO_DISTRIBUTION.get(top, top).lower(), []).append(module)
+                stack.append((child, nested))
+    return found
+
+
+def test_module_level_imports_need_only_the_core_dependencies():
+    """What `import wuneng.<anything>` loads is installed by `pip install wuneng` (no extra); matplotlib,
+    datasets, lm-eval and fla are imported only inside the functions that need them."""
+    core = _requirement_names(_pyproject()["project"]["dependencies"])
+    outside = {dist: mods for dist, mods in third_party_imports("module").items() if dist not in core}
+    assert not outside, f"module-level imports of packages that are not core dependencies: {outside}"
+
+
+def test_lazy_imports_are_declared_in_an_extra():
+    project = _pyproject()["project"]
+    declared = _requirement_names(project["dependencies"])
+    for requirements in project["optional-dependencies"].values():
+        declared |= _requirement_names(requirements)
+    declared |= {"click"}  # typer's own dependency; wuneng.cli imports it guarded, for its exception classes
+    undeclared = {dist: mods for dist, mods in third_party_imports("function").items() if dist not in declared}
+    assert not undeclared, f"lazy imports of packages no dependency list names: {undeclared}"
+
+
+def test_ci_constraints_lie_in_the_supported_ranges():
+    """constraints/ci.txt (the exact versions CI installs) satisfies every range of pyproject.toml."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "constraints" / "ci.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    project = _pyproject()["project"]
+    requirements = list(project["dependencies"]) + [r for rs in project["optional-dependencies"].values() for r in rs]
+    outside = []
+    for text in requirements:
+        requirement = Requirement(text)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} ({text}) has no pin in constraints/ci.txt"
+        if not requirement.specifier.contains(pins[name], prereleases=True):
+            outside.append(f"{name}=={pins[name]} not in {requirement.specifier}")
+    assert not outside, outside
