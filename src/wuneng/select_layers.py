@@ -279,8 +279,8 @@ def select_layers(cfg: SelectionConfig) -> SelectionResult:
     (``{"attn": {"layers": [...], ...}}``, read by ``wuneng convert --keep-attention FILE``)."""
     from .convert import load_teacher, write_layer_file
     from .tokenization import load_tokenizer
-    from .train.data import build_dataset
     from .train.config import DataConfig
+    from .train.data import build_dataset
 
     cfg.check()
     work = Path(cfg.work_dir)

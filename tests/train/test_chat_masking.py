@@ -16,7 +16,7 @@ from wuneng.train.config import DataConfig
 from wuneng.train.data import IGNORE_INDEX, DataError, build_dataset, encode_conversation
 from wuneng.train.loop import train
 
-from chat_tokenizers import BUILDERS, END_OF_TURN, qwen2_style_tokenizer
+from chat_tokenizers import BUILDERS, qwen2_style_tokenizer
 from train_helpers import quick_config, tiny_qwen2, write_jsonl
 
 A1 = "\n\nhello café 😀 🦀"  # starts with blank lines (ChatML merges them with the header's newline); 🦀 is unseen: bytes
