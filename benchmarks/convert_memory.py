@@ -40,15 +40,39 @@ import time
 #: teacher shapes: Qwen2.5-0.5B's (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936,
 #: tied embeddings) and a small one of ~160 MB in bf16 for the test
 SHAPES = {
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
-    "small": dict(vocab_size=32000, hidden_size=640, intermediate_size=3456, num_hidden_layers=8,
-                  num_attention_heads=10, num_key_value_heads=2, max_position_embeddings=4096,
-                  tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+    ),
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=640,
+        intermediate_size=3456,
+        num_hidden_layers=8,
+        num_attention_heads=10,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
 }
-TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+TINY = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 DTYPES = ("bfloat16", "float16", "float32")
 SLACK = 0.15
 
@@ -110,8 +134,11 @@ def _child_convert(teacher_dir: str, out_dir: str, options: dict) -> dict:
     start = time.perf_counter()
     model = convert_checkpoint(teacher_dir, out_dir, **_options(options))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "wuneng": os.path.dirname(wuneng.convert.__file__),
-            "student_params": sum(p.numel() for p in model.parameters())}
+    return {
+        "seconds": seconds,
+        "wuneng": os.path.dirname(wuneng.convert.__file__),
+        "student_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _options(options: dict) -> dict:
@@ -152,8 +179,16 @@ def checkpoint_bytes(path: str) -> dict:
     return sizes
 
 
-def measure(shape: str = "qwen2.5-0.5b", dtype: str = "bfloat16", workdir: str | None = None, seed: int = 0,
-            slack: float = SLACK, with_idle: bool = True, build_in_process: bool = False, **options) -> dict:
+def measure(
+    shape: str = "qwen2.5-0.5b",
+    dtype: str = "bfloat16",
+    workdir: str | None = None,
+    seed: int = 0,
+    slack: float = SLACK,
+    with_idle: bool = True,
+    build_in_process: bool = False,
+    **options,
+) -> dict:
     """Build the teacher, then measure the idle, the baseline and the converting process; returns the numbers
     and the bound. ``build_in_process``: build the teachers in this process (a test that has imported torch
     already) instead of a child; ``with_idle=False`` skips the imports-only process."""
@@ -178,11 +213,21 @@ def measure(shape: str = "qwen2.5-0.5b", dtype: str = "bfloat16", workdir: str |
     new_bytes = sum(b for k, b in student_sizes.items() if k not in teacher_sizes)
     bound = base["peak_rss"] + (1 + slack) * (teacher_bytes + new_bytes)
     return {
-        "shape": shape, "dtype": dtype, "options": options, "teacher_params": made["params"],
-        "student_params": conv["student_params"], "teacher_bytes": teacher_bytes, "new_bytes": new_bytes,
-        "idle_peak_rss": idle["peak_rss"], "baseline_peak_rss": base["peak_rss"],
-        "convert_peak_rss": conv["peak_rss"], "convert_seconds": conv["seconds"],
-        "teacher_build_seconds": build_s, "bound": bound, "slack": slack, "within_bound": conv["peak_rss"] <= bound,
+        "shape": shape,
+        "dtype": dtype,
+        "options": options,
+        "teacher_params": made["params"],
+        "student_params": conv["student_params"],
+        "teacher_bytes": teacher_bytes,
+        "new_bytes": new_bytes,
+        "idle_peak_rss": idle["peak_rss"],
+        "baseline_peak_rss": base["peak_rss"],
+        "convert_peak_rss": conv["peak_rss"],
+        "convert_seconds": conv["seconds"],
+        "teacher_build_seconds": build_s,
+        "bound": bound,
+        "slack": slack,
+        "within_bound": conv["peak_rss"] <= bound,
         "wuneng": conv["wuneng"],
         # what the conversion added above the baseline (above the imports-only idle process), as a multiple of
         # teacher + new bytes
@@ -222,10 +267,14 @@ def main(argv=None) -> int:
     print(f"  idle process peak RSS   {_mib(r['idle_peak_rss'])}  (imports only)")
     print(f"  baseline peak RSS       {_mib(r['baseline_peak_rss'])}  (imports, then converting the tiny teacher)")
     print(f"  convert peak RSS        {_mib(r['convert_peak_rss'])}  ({r['convert_seconds']:.1f} s)")
-    print(f"  bound baseline + {1 + r['slack']:.2f} x (teacher + new) = {_mib(r['bound'])}: "
-          f"{'within' if r['within_bound'] else 'EXCEEDED'}")
-    print(f"  (peak - baseline) / (teacher + new) = {r['ratio']:.2f}; (peak - idle) / (teacher + new) = "
-          f"{r['ratio_over_idle']:.2f}")
+    print(
+        f"  bound baseline + {1 + r['slack']:.2f} x (teacher + new) = {_mib(r['bound'])}: "
+        f"{'within' if r['within_bound'] else 'EXCEEDED'}"
+    )
+    print(
+        f"  (peak - baseline) / (teacher + new) = {r['ratio']:.2f}; (peak - idle) / (teacher + new) = "
+        f"{r['ratio_over_idle']:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

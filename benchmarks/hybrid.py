@@ -41,9 +41,16 @@ from wuneng.models.wuneng import WuNengForCausalLM
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
 from wuneng.runtime import cpu_allocator_tuned, tune_cpu_allocator
 
-TEACHER_SHAPES = dict(vocab_size=8192, hidden_size=384, intermediate_size=2048, num_hidden_layers=5,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
+TEACHER_SHAPES = dict(
+    vocab_size=8192,
+    hidden_size=384,
+    intermediate_size=2048,
+    num_hidden_layers=5,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 
 def build_models(seed: int = 0):
@@ -127,17 +134,29 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared, oversubscribed CPU more threads wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared, oversubscribed CPU more threads wait on each other)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="batch 2 x 256, prompt 512, 8 decode steps, 1 repeat")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-prefill", action="store_true")
-    parser.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
-                        help="tuned (default): wuneng.runtime.tune_cpu_allocator() for the whole process, as "
-                             "`wuneng train` does on CPU; system: the C library's defaults. All models share it.")
-    parser.add_argument("--wkv-impl", choices=("auto", "chunked"), default="auto",
-                        help="WKV-7 form of the wuneng/arwkv models (auto: the C kernel on CPU when it builds)")
+    parser.add_argument(
+        "--allocator",
+        choices=("tuned", "system"),
+        default="tuned",
+        help="tuned (default): wuneng.runtime.tune_cpu_allocator() for the whole process, as "
+        "`wuneng train` does on CPU; system: the C library's defaults. All models share it.",
+    )
+    parser.add_argument(
+        "--wkv-impl",
+        choices=("auto", "chunked"),
+        default="auto",
+        help="WKV-7 form of the wuneng/arwkv models (auto: the C kernel on CPU when it builds)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.prompt, args.decode_steps, args.repeats = 2, 256, 512, 16, 1
@@ -157,8 +176,10 @@ def main(argv=None):
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=g)
 
     kernel = "C kernel" if cpu_kernel_available() else f"unavailable ({cpu_kernel_error()})"
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator {args.allocator} "
-          f"(tuned: {cpu_allocator_tuned()}), wkv {args.wkv_impl} [{kernel}]")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator {args.allocator} "
+        f"(tuned: {cpu_allocator_tuned()}), wkv {args.wkv_impl} [{kernel}]"
+    )
     for name, model in models.items():
         n = sum(p.numel() for p in model.parameters())
         print(f"{name:>8}: {n / 1e6:6.2f}M parameters")
@@ -179,12 +200,16 @@ def main(argv=None):
         "decode": f"decode tok/s (B 1, after {args.prompt})",
     }
     print()
-    print(f"{'measure':<40}{'teacher':>10}{'wuneng':>10}{'arwkv':>10}{'attn':>10}"
-          f"{'wuneng/T':>10}{'arwkv/T':>10}{'wuneng/attn':>12}")
+    print(
+        f"{'measure':<40}{'teacher':>10}{'wuneng':>10}{'arwkv':>10}{'attn':>10}"
+        f"{'wuneng/T':>10}{'arwkv/T':>10}{'wuneng/attn':>12}"
+    )
     for key, row in results.items():
         t = row["teacher"]
-        print(f"{labels[key]:<40}{row['teacher']:>10.1f}{row['wuneng']:>10.1f}{row['arwkv']:>10.1f}{row['attn']:>10.1f}"
-              f"{row['wuneng'] / t:>10.2f}{row['arwkv'] / t:>10.2f}{row['wuneng'] / row['attn']:>12.2f}")
+        print(
+            f"{labels[key]:<40}{row['teacher']:>10.1f}{row['wuneng']:>10.1f}{row['arwkv']:>10.1f}{row['attn']:>10.1f}"
+            f"{row['wuneng'] / t:>10.2f}{row['arwkv'] / t:>10.2f}{row['wuneng'] / row['attn']:>12.2f}"
+        )
     return results
 
 

@@ -129,7 +129,12 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-len", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: on a shared machine more threads wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1: on a shared machine more threads wait on each other)",
+    )
     parser.add_argument("--quick", action="store_true", help="C=128, L=2, contexts 256 2048, fewer steps")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -150,7 +155,12 @@ def main() -> None:
     ends = (args.contexts[0], args.contexts[-1])
     cache = {n: {c: cache_bytes(m, c) for c in ends} for n, m in models.items()}
     print("\ndecode, ms/token (batch 1, after prefilling the context)")
-    print(f"{'model':<10}" + "".join(f"{c:>10}" for c in args.contexts) + f"{'last/first':>12}" + f"{'cache first->last':>26}")
+    print(
+        f"{'model':<10}"
+        + "".join(f"{c:>10}" for c in args.contexts)
+        + f"{'last/first':>12}"
+        + f"{'cache first->last':>26}"
+    )
     for n in names:
         row = "".join(f"{decode[n][c]:>10.2f}" for c in args.contexts)
         ratio = decode[n][args.contexts[-1]] / decode[n][args.contexts[0]]
@@ -177,14 +187,30 @@ def main() -> None:
     flat = decode["metastate"][args.contexts[-1]] / decode["metastate"][args.contexts[0]]
     train_ratio = tps["metastate"] / tps["rwkv7"]
     print("\ntargets")
-    print(f"  Meta-State decode ms/token at {args.contexts[-1]} / at {args.contexts[0]}: {flat:.2f}x (target <= 1.10x) "
-          f"{'PASS' if flat <= 1.10 else 'MISS'}")
-    print(f"  Meta-State / RWKV-7 training tokens/s: {train_ratio:.2f}x (target >= 0.80x) {'PASS' if train_ratio >= 0.8 else 'MISS'}")
-    print(f"  Qwen2 decode ms/token at {args.contexts[-1]} / at {args.contexts[0]}: "
-          f"{decode['qwen2'][args.contexts[-1]] / decode['qwen2'][args.contexts[0]]:.2f}x")
+    print(
+        f"  Meta-State decode ms/token at {args.contexts[-1]} / at {args.contexts[0]}: {flat:.2f}x (target <= 1.10x) "
+        f"{'PASS' if flat <= 1.10 else 'MISS'}"
+    )
+    print(
+        f"  Meta-State / RWKV-7 training tokens/s: {train_ratio:.2f}x (target >= 0.80x) {'PASS' if train_ratio >= 0.8 else 'MISS'}"
+    )
+    print(
+        f"  Qwen2 decode ms/token at {args.contexts[-1]} / at {args.contexts[0]}: "
+        f"{decode['qwen2'][args.contexts[-1]] / decode['qwen2'][args.contexts[0]]:.2f}x"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "params": params, "decode_ms": decode, "cache_bytes": cache, "train_tokens_per_s": tps}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "params": params,
+                    "decode_ms": decode,
+                    "cache_bytes": cache,
+                    "train_tokens_per_s": tps,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -176,8 +176,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.B} H={args.H} N={args.N}, "
-          f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.B} H={args.H} N={args.N}, "
+        f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}"
+    )
     peak = matmul_gflops()
     print(f"float32 matmul 1024^3: {peak:.1f} GFLOP/s")
     header = f"{'T':>6} {'form':<16} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'GFLOP/s fwd':>12} {'GFLOP/s f+b':>12}"
@@ -192,8 +194,15 @@ def main() -> None:
                 for i, (mode, bwd) in enumerate((("fwd", False), ("fwd+bwd", True))):
                     flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(args.chunk, T), bwd)
                     gf[i] = f"{flops / times[(name, mode)] / 1e9:.1f}"
-            rows.append(f"{T:>6} {name:<16} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}")
-        pairs = (("chunked", "reference"), ("chunked", "fla-chunkwise"), ("cpu", "chunked"), ("chunked", "chunked-baseline"))
+            rows.append(
+                f"{T:>6} {name:<16} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}"
+            )
+        pairs = (
+            ("chunked", "reference"),
+            ("chunked", "fla-chunkwise"),
+            ("cpu", "chunked"),
+            ("chunked", "chunked-baseline"),
+        )
         for form, other in pairs:
             if form in calls and other in calls:
                 digits = 3 if other == "chunked-baseline" else 1

@@ -116,7 +116,9 @@ def orchestrate(args) -> int:
               "command": " ".join(sys.argv), "sections": {}}  # fmt: skip
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if only - set(SECTIONS):
-        raise SystemExit(f"gpu_check: --only: unknown section(s) {sorted(only - set(SECTIONS))}; use {','.join(SECTIONS)}")
+        raise SystemExit(
+            f"gpu_check: --only: unknown section(s) {sorted(only - set(SECTIONS))}; use {','.join(SECTIONS)}"
+        )
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     # Each section runs in a child process of its own, so that a crash or a hang stays in its section. On the CPU
     # the children fork from a server that imported torch / transformers / wuneng once. With CUDA each child
@@ -334,7 +336,10 @@ def section_fla_accuracy(res: Result, mode: str, deadline: float, out: Path) -> 
             leaves64 = [rounded[n].clone().requires_grad_() for n in names] + [s0.clone().requires_grad_()]
             y_ref, s_ref = wkv7_chunked(*leaves64)
             g = torch.Generator().manual_seed(1)
-            gy, gs = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(s_ref.shape, generator=g, dtype=torch.float64)
+            gy, gs = (
+                torch.randn(y_ref.shape, generator=g, dtype=torch.float64),
+                torch.randn(s_ref.shape, generator=g, dtype=torch.float64),
+            )
             ((y_ref * gy).sum() + (s_ref * gs).sum()).backward()
             leaves = [low[n].clone().requires_grad_() for n in names] + [s0.float().cuda().requires_grad_()]
             y, s = wkv7(*leaves)  # impl="auto": fla on CUDA
@@ -348,7 +353,9 @@ def section_fla_accuracy(res: Result, mode: str, deadline: float, out: Path) -> 
         res["cases"].append(case)
         res.save()
     statuses = {c["status"] for c in res["cases"]}
-    res["status"] = "ok" if statuses == {"ok"} and len(res["cases"]) == 4 else ("failed" if statuses == {"failed"} else "partial")
+    res["status"] = (
+        "ok" if statuses == {"ok"} and len(res["cases"]) == 4 else ("failed" if statuses == {"failed"} else "partial")
+    )
 
 
 class TestRecorder:
@@ -466,7 +473,9 @@ def section_train_stages(res: Result, mode: str, deadline: float, out: Path) -> 
             entry.update(status="skipped", reason="section time spent")
             continue
         try:
-            cfg = _stage_config(stage, model, chat if stage == "sft" else text, teacher if stage != "sft" else None, steps)
+            cfg = _stage_config(
+                stage, model, chat if stage == "sft" else text, teacher if stage != "sft" else None, steps
+            )
             path = root / f"{stage}.yaml"
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             run = root / f"run_{stage}"
@@ -481,7 +490,9 @@ def section_train_stages(res: Result, mode: str, deadline: float, out: Path) -> 
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
             entry["losses"] = losses
-            entry["cuda_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+            entry["cuda_peak_memory_bytes"] = (
+                int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+            )
             before = load_file(str(model / "model.safetensors"))
             after = load_file(str(run / "final" / "model.safetensors"))
             moved = [k for k in before if k in after and not torch.equal(before[k], after[k])]
@@ -538,14 +549,25 @@ def section_two_process(res: Result, mode: str, deadline: float, out: Path) -> N
                               timeout=max(5.0, seconds_left(deadline) - 2))  # fmt: skip
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n", flush=True)
         res["exit_code"] = proc.returncode
-        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
+        rows = (
+            [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+            if proc.returncode == 0
+            else []
+        )
         start = next((r for r in rows if r.get("event") == "start"), {})
         losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
         res.update(world_size=start.get("world_size"), losses=losses, seconds=round(time.perf_counter() - t0, 2))
-        ok = proc.returncode == 0 and start.get("world_size") == 2 and len(losses) == 3 and all(map(math.isfinite, losses))
+        ok = (
+            proc.returncode == 0
+            and start.get("world_size") == 2
+            and len(losses) == 3
+            and all(map(math.isfinite, losses))
+        )
         res["status"] = "ok" if ok else "failed"
         if not ok:
-            res["error"] = f"exit {proc.returncode}, world_size {start.get('world_size')}, losses {losses}: {proc.stderr[-1500:]}"
+            res["error"] = (
+                f"exit {proc.returncode}, world_size {start.get('world_size')}, losses {losses}: {proc.stderr[-1500:]}"
+            )
     except subprocess.TimeoutExpired:
         res.update(status="timeout", error="torchrun ran past the section's time")
     shutil.rmtree(root, ignore_errors=True)

@@ -16,8 +16,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from wuneng.models import RWKV7Config, RWKV7ForCausalLM
 
 OWN_TYPES = "wuneng, wuneng_metastate, wuneng_rwkv7"
-SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64)
+SHAPES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
@@ -52,7 +58,9 @@ def test_a_sound_folder_passes_for_every_kind(tmp_path, folder):
 
     assert check_model_folder(folder)["model_type"] == "qwen2"
     torch.manual_seed(0)
-    RWKV7ForCausalLM(RWKV7Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)).save_pretrained(tmp_path / "r")
+    RWKV7ForCausalLM(RWKV7Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)).save_pretrained(
+        tmp_path / "r"
+    )
     assert check_model_folder(tmp_path / "r")["model_type"] == "wuneng_rwkv7"
 
 
@@ -193,7 +201,10 @@ def test_align_refuses_a_teacher_of_other_shapes():
     with pytest.raises(ValueError) as err:
         AlignObjective(converted_student(), qwen2(intermediate_size=128, num_key_value_heads=4))
     message = str(err.value)
-    assert "num_key_value_heads 4 (teacher) vs 2 (student)" in message and "intermediate_size 128 (teacher) vs 96 (student)" in message
+    assert (
+        "num_key_value_heads 4 (teacher) vs 2 (student)" in message
+        and "intermediate_size 128 (teacher) vs 96 (student)" in message
+    )
     assert one_line(message)
 
 

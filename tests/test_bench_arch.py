@@ -23,8 +23,20 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _tiny(out, variants, **kw) -> BenchConfig:
     settings = (TaskSetting("mqar", 16, 2, 64), TaskSetting("state", 6, group="A4"))
-    return BenchConfig(output_dir=str(out), settings=settings, variants=variants, lrs=(3e-3,), d_model=32, head_size=16,
-                       steps=3, batch_size=4, examples_per_epoch=8, test_examples=8, threads=1, **kw)
+    return BenchConfig(
+        output_dir=str(out),
+        settings=settings,
+        variants=variants,
+        lrs=(3e-3,),
+        d_model=32,
+        head_size=16,
+        steps=3,
+        batch_size=4,
+        examples_per_epoch=8,
+        test_examples=8,
+        threads=1,
+        **kw,
+    )
 
 
 def test_results_accumulate_and_resume_skips_finished_runs(tmp_path):
@@ -68,7 +80,10 @@ def test_only_keeps_the_run_keys_of_the_whole_sweep(tmp_path):
 
 def test_torn_last_line_is_ignored(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps({"key": "a", "setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": 0, "accuracy": 0.5}) + "\n{\"key\": ")
+    path.write_text(
+        json.dumps({"key": "a", "setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": 0, "accuracy": 0.5})
+        + '\n{"key": '
+    )
     assert [r["key"] for r in read_results(path)] == ["a"]
 
 

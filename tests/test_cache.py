@@ -87,8 +87,10 @@ def test_hybrid_layers_share_the_batch_operations():
 
 # -- GrowingKVLayer ------------------------------------------------------------------------------------------
 def _kv(generator, batch, length, heads=2, dim=3):
-    return (torch.randn(batch, heads, length, dim, generator=generator),
-            torch.randn(batch, heads, length, dim, generator=generator))
+    return (
+        torch.randn(batch, heads, length, dim, generator=generator),
+        torch.randn(batch, heads, length, dim, generator=generator),
+    )
 
 
 def test_growing_kv_layer_equals_dynamic_layer_through_growth_and_batch_operations():
@@ -109,11 +111,15 @@ def test_growing_kv_layer_equals_dynamic_layer_through_growth_and_batch_operatio
         assert capacities == [4, 4, 8, 8, 8, 16, 16]  # doubled when full (3, 4, 5, 7, 8, 13, 14 positions)
         assert grow.nbytes() == 2 * 3 * 2 * 16 * 3 * 4
         beams = torch.tensor([2, 0, 0])
-        grow.reorder_cache(beams); ref.reorder_cache(beams)
+        grow.reorder_cache(beams)
+        ref.reorder_cache(beams)
         assert grow.capacity == 16 and torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
-        grow.batch_repeat_interleave(2); ref.batch_repeat_interleave(2)
-        grow.batch_select_indices(torch.tensor([0, 3, 5])); ref.batch_select_indices(torch.tensor([0, 3, 5]))
-        grow.crop(-4); ref.crop(-4)
+        grow.batch_repeat_interleave(2)
+        ref.batch_repeat_interleave(2)
+        grow.batch_select_indices(torch.tensor([0, 3, 5]))
+        ref.batch_select_indices(torch.tensor([0, 3, 5]))
+        grow.crop(-4)
+        ref.crop(-4)
         k, v = _kv(g, 3, 2)
         kg, vg = grow.update(k, v)
         kr, vr = ref.update(k, v)

@@ -26,13 +26,22 @@ KINDS = ("rwkv7", "metastate", "wuneng", "arwkv")
 def build(kind: str, layers: int):
     torch.manual_seed(0)
     if kind == "rwkv7":
-        return RWKV7ForCausalLM(RWKV7Config(vocab_size=VOCAB, hidden_size=C, num_hidden_layers=layers, head_size=N)).eval()
+        return RWKV7ForCausalLM(
+            RWKV7Config(vocab_size=VOCAB, hidden_size=C, num_hidden_layers=layers, head_size=N)
+        ).eval()
     if kind == "metastate":
         config = MetaStateConfig(vocab_size=VOCAB, hidden_size=C, num_hidden_layers=layers, head_size=N)
         return MetaStateForCausalLM(config).eval()
     config = WuNengConfig(
-        vocab_size=VOCAB, hidden_size=C, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=N, middle_heads=1, arwkv_head_size=N,
+        vocab_size=VOCAB,
+        hidden_size=C,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=N,
+        middle_heads=1,
+        arwkv_head_size=N,
         layer_kinds=[kind if kind == "arwkv" else "hybrid"] * layers,
     )
     return WuNengForCausalLM(config).eval()
@@ -151,7 +160,9 @@ def peak_prefill_bytes(model, length: int):
     exclude = [*model.parameters(), *model.buffers(), ids]
     with torch.no_grad(), PeakLiveBytes(exclude) as meter:
         cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
-    kv = held_bytes([t for layer in cache.layers if isinstance(layer, GrowingKVLayer) for t in (layer.keys, layer.values)])
+    kv = held_bytes(
+        [t for layer in cache.layers if isinstance(layer, GrowingKVLayer) for t in (layer.keys, layer.values)]
+    )
     return meter.peak, kv
 
 

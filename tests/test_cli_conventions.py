@@ -85,7 +85,11 @@ def test_every_device_option_defaults_to_auto():
 
 @pytest.mark.parametrize("name", ["eval", "bench-arch"])
 def test_a_bad_device_is_a_usage_error(tmp_path, name):
-    args = [name, str(tmp_path), "--device", "gpu0"] if name == "eval" else [name, "--device", "gpu0", "--out", str(tmp_path)]
+    args = (
+        [name, str(tmp_path), "--device", "gpu0"]
+        if name == "eval"
+        else [name, "--device", "gpu0", "--out", str(tmp_path)]
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "gpu0" in result.stderr and result.stdout == ""

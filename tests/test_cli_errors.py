@@ -21,8 +21,14 @@ from wuneng.models import MetaStateConfig, MetaStateForCausalLM
 from wuneng.tokenization import ByteLevelTokenizer
 
 runner = CliRunner()
-SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64)
+SHAPES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 OWN_TYPES = "wuneng, wuneng_metastate, wuneng_rwkv7"
 
 
@@ -56,10 +62,19 @@ def one_error_line(result, code: int) -> str:
 
 
 def write_run(tmp_path: Path, **config) -> Path:
-    (tmp_path / "data.txt").write_text("\n".join(["the cat sat on the mat", "one two three four"] * 8), encoding="utf-8")
-    cfg = {"data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line"}, "max_steps": 1,
-           "progress": False, "tensorboard": False, "save_final": False, "mixed_precision": "no",
-           "output_dir": str(tmp_path / "run"), **config}
+    (tmp_path / "data.txt").write_text(
+        "\n".join(["the cat sat on the mat", "one two three four"] * 8), encoding="utf-8"
+    )
+    cfg = {
+        "data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line"},
+        "max_steps": 1,
+        "progress": False,
+        "tensorboard": False,
+        "save_final": False,
+        "mixed_precision": "no",
+        "output_dir": str(tmp_path / "run"),
+        **config,
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
@@ -70,7 +85,9 @@ def test_eval_truncated_weights(tmp_path):
     folder = save_qwen2(tmp_path / "m")
     truncate(folder / "model.safetensors")
     line = one_error_line(runner.invoke(app, ["eval", str(folder), "--tasks", "arithmetic", "--limit", "2"]), 1)
-    assert f"{folder / 'model.safetensors'}: not a readable safetensors file" in line and "save or copy it again" in line
+    assert (
+        f"{folder / 'model.safetensors'}: not a readable safetensors file" in line and "save or copy it again" in line
+    )
 
 
 def test_eval_weights_that_disagree_with_config_json(tmp_path):
@@ -98,7 +115,9 @@ def test_train_with_a_corrupt_model(tmp_path):
     truncate(folder / "model.safetensors")
     line = one_error_line(runner.invoke(app, ["train", str(write_run(tmp_path, model={"path": str(folder)}))]), 1)
     assert "model.safetensors: not a readable safetensors file" in line
-    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # nothing written: a rerun is not refused
+    assert not (tmp_path / "run").exists() or not os.listdir(
+        tmp_path / "run"
+    )  # nothing written: a rerun is not refused
 
 
 def test_train_with_an_unknown_model_type_is_a_usage_error(tmp_path):
@@ -130,7 +149,9 @@ def test_align_with_a_teacher_of_another_architecture(tmp_path, converted):
     LlamaForCausalLM(LlamaConfig(vocab_size=len(ByteLevelTokenizer()), **SHAPES)).save_pretrained(tmp_path / "llama")
     run = write_run(tmp_path, stage="align", model={"path": str(student)}, teacher=str(tmp_path / "llama"))
     line = one_error_line(runner.invoke(app, ["train", str(run)]), 1)  # was accepted silently (exit 0)
-    assert "teacher is a 'llama' model" in line and "converted from a 'qwen2' teacher" in line and "set `teacher:`" in line
+    assert (
+        "teacher is a 'llama' model" in line and "converted from a 'qwen2' teacher" in line and "set `teacher:`" in line
+    )
 
 
 def test_align_with_a_teacher_of_other_shapes(tmp_path, converted):
@@ -151,7 +172,9 @@ def test_convert_a_corrupt_teacher(tmp_path):
 
 def test_grow_a_corrupt_or_mismatched_model(tmp_path):
     torch.manual_seed(0)
-    MetaStateForCausalLM(MetaStateConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)).save_pretrained(tmp_path / "ms")
+    MetaStateForCausalLM(
+        MetaStateConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)
+    ).save_pretrained(tmp_path / "ms")
     edit_config(tmp_path / "ms", num_param_tokens=48)
     line = one_error_line(runner.invoke(app, ["grow", str(tmp_path / "ms"), str(tmp_path / "out"), "--heads", "3"]), 1)
     assert "the weights do not match its config.json" in line and "shape mismatch" in line
@@ -166,7 +189,12 @@ def test_import_rwkv_a_corrupt_checkpoint(tmp_path, damage):
 
     torch.manual_seed(0)
     path = tmp_path / "rwkv.pth"
-    torch.save(RWKV7ForCausalLM(RWKV7Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)).to_rwkv_lm_state_dict(), path)
+    torch.save(
+        RWKV7ForCausalLM(
+            RWKV7Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)
+        ).to_rwkv_lm_state_dict(),
+        path,
+    )
     if damage == "truncated":
         truncate(path)
     else:
@@ -200,11 +228,24 @@ def test_a_non_finite_loss_exits_3(tmp_path, monkeypatch):
     import wuneng.train.loop as loop
 
     def diverging(config, **kwargs):
-        raise loop.NonFiniteLossError("loss is nan at step 5 (stage pretrain); the run stopped before updating the weights.")
+        raise loop.NonFiniteLossError(
+            "loss is nan at step 5 (stage pretrain); the run stopped before updating the weights."
+        )
 
     monkeypatch.setattr(loop, "train", diverging)
-    run = write_run(tmp_path, model={"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
-                                                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 260}})
+    run = write_run(
+        tmp_path,
+        model={
+            "config": {
+                "model_type": "qwen2",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 260,
+            }
+        },
+    )
     line = one_error_line(runner.invoke(app, ["train", str(run)]), 3)
     assert line.startswith("error: loss is nan at step 5")
 

@@ -15,8 +15,14 @@ from wuneng.convert import convert_checkpoint, convert_teacher, load_teacher
 from wuneng.models.wuneng import WuNengForCausalLM
 from wuneng.tokenization import ByteLevelTokenizer, load_tokenizer
 
-SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+SHAPES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def save_teacher(path, arch="qwen2", seed=0, with_tokenizer=True):
@@ -57,8 +63,21 @@ def test_convert_checkpoint_writes_a_loadable_function_preserving_folder(tmp_pat
 def test_cli_convert_with_options(tmp_path):
     save_teacher(tmp_path / "teacher")
     out = tmp_path / "student"
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(out), "--fusion", "add",
-                                      "--middle-heads", "0", "--no-state-query", "--hybrid-layers", "0,2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(tmp_path / "teacher"),
+            str(out),
+            "--fusion",
+            "add",
+            "--middle-heads",
+            "0",
+            "--no-state-query",
+            "--hybrid-layers",
+            "0,2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "hybrid layers [0, 2]" in result.output and "extra (student - teacher)" in result.output
     cfg = json.loads((out / "config.json").read_text())
@@ -86,7 +105,9 @@ def test_radlads_init_copies_the_teacher_attention(tmp_path):
     assert torch.equal(mixer.receptance.weight, att.q_proj.weight)
     assert torch.equal(mixer.output.weight, att.o_proj.weight)
     k = att.k_proj.weight.view(2, 16, 64)  # kv head j serves query heads 2j, 2j + 1
-    assert torch.equal(mixer.key.weight.view(4, 16, 64)[0], k[0]) and torch.equal(mixer.key.weight.view(4, 16, 64)[3], k[1])
+    assert torch.equal(mixer.key.weight.view(4, 16, 64)[0], k[0]) and torch.equal(
+        mixer.key.weight.view(4, 16, 64)[3], k[1]
+    )
     assert torch.equal(mixer.value.weight.view(4, 16, 64)[2], att.v_proj.weight.view(2, 16, 64)[1])
 
 
@@ -102,7 +123,9 @@ def test_convert_to_bfloat16(tmp_path):
 def test_unsupported_teacher_folder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
     with pytest.raises(ValueError, match="unsupported teacher architecture GPT2LMHeadModel"):
         load_teacher(tmp_path / "gpt2")
     result = CliRunner().invoke(app, ["convert", str(tmp_path / "gpt2"), str(tmp_path / "out")])
@@ -150,8 +173,11 @@ def _allocations(fn):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                      if isinstance(t, torch.Tensor) and not t.is_meta}
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor) and not t.is_meta
+            }
             out = func(*args, **kwargs)
             created = {}
             for t in tree_flatten(out)[0]:

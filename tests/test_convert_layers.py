@@ -24,8 +24,14 @@ from wuneng.convert import (
 from wuneng.models.wuneng import WuNengForCausalLM
 from wuneng.tokenization import ByteLevelTokenizer
 
-SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+SHAPES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def tied_teacher(tie: bool = True, seed: int = 0) -> Qwen2ForCausalLM:
@@ -69,30 +75,48 @@ def test_fla_format_round_trip_with_fla_key_names(tmp_path):
     path = write_layer_file(tmp_path / "keep.json", cfg, [2, 0])
     data = json.loads(open(path).read())
     # the keys of fla's hybrid `attn` mapping (flash-linear-attention README, "Hybrid Models")
-    assert data["attn"] == {"layers": [0, 2], "num_heads": 4, "num_kv_heads": 2, "qkv_bias": True,
-                            "rope_theta": float(cfg.rope_parameters["rope_theta"]), "window_size": None}
+    assert data["attn"] == {
+        "layers": [0, 2],
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "qkv_bias": True,
+        "rope_theta": float(cfg.rope_parameters["rope_theta"]),
+        "window_size": None,
+    }
     assert data["num_hidden_layers"] == 4
     assert read_layer_file(path) == [0, 2]
     assert fla_attn_spec(cfg, [3])["layers"] == [3]
 
 
 def test_read_layer_file_yaml_list_form_and_a_whole_fla_config(tmp_path):
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"attn": [{"layers": [1, 3], "window_size": 2048}, {"layers": [5]}]}))
+    (tmp_path / "a.yaml").write_text(
+        yaml.safe_dump({"attn": [{"layers": [1, 3], "window_size": 2048}, {"layers": [5]}]})
+    )
     assert read_layer_file(tmp_path / "a.yaml") == [1, 3, 5]
-    fla_config = {"model_type": "rwkv7", "num_hidden_layers": 6, "hidden_size": 64,
-                  "attn": {"layers": [2], "num_heads": 4, "num_kv_heads": 4, "window_size": None}}
+    fla_config = {
+        "model_type": "rwkv7",
+        "num_hidden_layers": 6,
+        "hidden_size": 64,
+        "attn": {"layers": [2], "num_heads": 4, "num_kv_heads": 4, "window_size": None},
+    }
     (tmp_path / "config.json").write_text(json.dumps(fla_config))
     assert read_layer_file(tmp_path) == [2]  # a folder: its config.json
     (tmp_path / "linear.json").write_text(json.dumps({**fla_config, "attn": None}))  # fla: no attention layer
     assert read_layer_file(tmp_path / "linear.json") == []
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"layers": [1]}, r"bad\.json: expected `attn: \{layers"),
-    ({"attn": {"layers": "1,2"}}, r"bad\.json: attn\.layers must be a list of layer indices"),
-    ({"attn": [{"layers": [0]}, {"layers": [True]}]}, r"bad\.json: attn\[1\]\.layers must be a list"),
-    ({"attn": {"layers": [0, 7]}, "num_hidden_layers": 4}, r"bad\.json: layer indices \[0, 7\] out of range for its num_hidden_layers=4"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"layers": [1]}, r"bad\.json: expected `attn: \{layers"),
+        ({"attn": {"layers": "1,2"}}, r"bad\.json: attn\.layers must be a list of layer indices"),
+        ({"attn": [{"layers": [0]}, {"layers": [True]}]}, r"bad\.json: attn\[1\]\.layers must be a list"),
+        (
+            {"attn": {"layers": [0, 7]}, "num_hidden_layers": 4},
+            r"bad\.json: layer indices \[0, 7\] out of range for its num_hidden_layers=4",
+        ),
+    ],
+)
 def test_read_layer_file_bad_files_name_the_file_and_key(tmp_path, content, message):
     (tmp_path / "bad.json").write_text(json.dumps(content))
     with pytest.raises(ValueError, match=message):
@@ -121,7 +145,9 @@ def test_cli_keep_attention_file_and_export_back(tmp_path):
     teacher = save_teacher(tmp_path / "teacher")
     (tmp_path / "sel.yaml").write_text("attn:\n  layers: [0, 2]\n  num_heads: 4\n")
     out = tmp_path / "arwkv"
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(out), "--keep-attention", str(tmp_path / "sel.yaml")])
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "teacher"), str(out), "--keep-attention", str(tmp_path / "sel.yaml")]
+    )
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["layer_kinds"] == ["attention", "arwkv", "attention", "arwkv"]
@@ -130,11 +156,20 @@ def test_cli_keep_attention_file_and_export_back(tmp_path):
     back = write_layer_file(tmp_path / "back.json", WuNengForCausalLM.from_pretrained(out).config)
     assert json.loads(open(back).read())["attn"]["layers"] == [0, 2]
     # a range on the command line
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "r"), "--keep-attention", "1-2"])
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "r"), "--keep-attention", "1-2"]
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["layer_kinds"] == ["arwkv", "attention", "attention", "arwkv"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["layer_kinds"] == [
+        "arwkv",
+        "attention",
+        "attention",
+        "arwkv",
+    ]
     # --hybrid-layers with a file: the file's layers keep attention, all others get state heads; function preserved
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "h"), "--hybrid-layers", str(back)])
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "h"), "--hybrid-layers", str(back)]
+    )
     assert result.exit_code == 0, result.output
     student = WuNengForCausalLM.from_pretrained(tmp_path / "h")
     assert student.config.layer_kinds == ["attention", "hybrid", "attention", "hybrid"]
@@ -144,13 +179,19 @@ def test_cli_keep_attention_file_and_export_back(tmp_path):
 
 def test_cli_layer_option_errors_are_usage_errors(tmp_path):
     save_teacher(tmp_path / "teacher")
-    both = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", "0",
-                                    "--hybrid-layers", "1"])
+    both = CliRunner().invoke(
+        app,
+        ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", "0", "--hybrid-layers", "1"],
+    )
     assert both.exit_code == 2 and "not both" in both.output
     (tmp_path / "bad.json").write_text(json.dumps({"layers": [1]}))
-    bad = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", str(tmp_path / "bad.json")])
+    bad = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", str(tmp_path / "bad.json")]
+    )
     assert bad.exit_code == 2 and "bad.json" in bad.output and "attn" in bad.output
-    everything = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", "all"])
+    everything = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "o"), "--keep-attention", "all"]
+    )
     assert everything.exit_code == 2 and "--arwkv" in everything.output
     assert not (tmp_path / "o").exists()
 
@@ -218,4 +259,7 @@ def test_cli_untie_embeddings(tmp_path):
     weights = load_file(str(tmp_path / "u" / "model.safetensors"))
     assert torch.equal(weights["lm_head.weight"], teacher.model.embed_tokens.weight)
     result = CliRunner().invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "t")])
-    assert result.exit_code == 0 and json.loads((tmp_path / "t" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert (
+        result.exit_code == 0
+        and json.loads((tmp_path / "t" / "config.json").read_text())["tie_word_embeddings"] is True
+    )

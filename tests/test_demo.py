@@ -61,8 +61,14 @@ def test_demo_fast_end_to_end(tmp_path):
     assert "held-out results" in result.output
 
     report = (out / "report.md").read_text()
-    for needle in ("## Held-out results", "| model | params | exact |", "## Students after each stage",
-                   "## Stage 1: alignment loss", "![loss curves](losses.png)", "![accuracy](accuracy.png)"):
+    for needle in (
+        "## Held-out results",
+        "| model | params | exact |",
+        "## Students after each stage",
+        "## Stage 1: alignment loss",
+        "![loss curves](losses.png)",
+        "![accuracy](accuracy.png)",
+    ):
         assert needle in report
     for model in ("teacher", "wuneng", "arwkv"):
         assert f"| {model} |" in report
@@ -91,7 +97,18 @@ def test_demo_fast_end_to_end(tmp_path):
         assert w[-1]["tokens"] == a[-1]["tokens"] == res["tokens"][stage]
 
     # the same command again (here with a tiny budget) replaces the earlier run instead of failing on its checkpoints
-    tiny = ["--teacher-steps", "2", "--align-steps", "1", "--distill-steps", "1", "--sft-steps", "1", "--eval-per-category", "1"]
+    tiny = [
+        "--teacher-steps",
+        "2",
+        "--align-steps",
+        "1",
+        "--distill-steps",
+        "1",
+        "--sft-steps",
+        "1",
+        "--eval-per-category",
+        "1",
+    ]
     again = CliRunner().invoke(app, ["demo", "--fast", "--threads", "1", "--out", str(out), *tiny])
     assert again.exit_code == 0, again.output + repr(again.exception)
     assert "replacing the earlier demo run" in again.output

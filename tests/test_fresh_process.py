@@ -47,7 +47,9 @@ NEW_TOKENS = 4
 def build(kind: str):
     torch.manual_seed(0)
     if kind == "rwkv7":
-        model = RWKV7ForCausalLM(RWKV7Config(vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, head_size=16))
+        model = RWKV7ForCausalLM(
+            RWKV7Config(vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, head_size=16)
+        )
     elif kind in ("metastate", "grown_metastate"):
         model = MetaStateForCausalLM(MetaStateConfig(
             vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, head_size=16, num_param_tokens=48,
@@ -70,8 +72,9 @@ def reference(model) -> dict:
     model.eval()
     with torch.no_grad():
         logits = model(IDS).logits.float()
-        tokens = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                pad_token_id=0)
+        tokens = model.generate(
+            IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
     model.train()
     loss = model(IDS, labels=IDS).loss.detach().reshape(1)
     model.eval()
@@ -79,7 +82,7 @@ def reference(model) -> dict:
 
 
 CHILD = textwrap.dedent(
-    '''
+    """
     import importlib, json, sys
     import torch
     from safetensors.torch import load_file
@@ -137,7 +140,7 @@ CHILD = textwrap.dedent(
     check(cls.from_pretrained(folder), "class")
     print()  # after any prompt text left on the line
     print("REPORT " + json.dumps(report))
-    '''
+    """
 ) % {"new": NEW_TOKENS}
 
 
@@ -153,15 +156,16 @@ def test_saved_model_loads_runs_generates_and_trains_in_a_fresh_process(kind, tm
     loss_tolerance = 1e-5 * max(1.0, float(ref["loss"]))
     cls = type(model)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__import__("wuneng").__file__)),
-                                                      env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [os.path.dirname(os.path.dirname(__import__("wuneng").__file__)), env.get("PYTHONPATH")])
+    )
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder), cls.__module__, cls.__name__],
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL,  # no prompt
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT "):])
+    report = json.loads(lines[-1][len("REPORT ") :])
     assert report["plain"] is True and not report["wuneng_imported_before"], report  # needs trust_remote_code
     assert report["after_import_wuneng"] is True and not report["models_imported_by_import_wuneng"], report
     assert report["tokenizer_trust"] == report["tokenizer_registered"] == "ByteLevelTokenizer", report
@@ -177,8 +181,16 @@ def test_saved_model_loads_runs_generates_and_trains_in_a_fresh_process(kind, tm
 # -------------------------------------------------------------------------------------------------------------
 def _llama():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "rwkv7", "metastate", "wuneng"])
@@ -193,7 +205,9 @@ def test_from_pretrained_honours_ignore_mismatched_sizes(kind, tmp_path):
     new_vocab = model.config.vocab_size + 9
     with pytest.raises((RuntimeError, ValueError), match="mismatch"):
         cls.from_pretrained(tmp_path, vocab_size=new_vocab)
-    loaded, info = cls.from_pretrained(tmp_path, vocab_size=new_vocab, ignore_mismatched_sizes=True, output_loading_info=True)
+    loaded, info = cls.from_pretrained(
+        tmp_path, vocab_size=new_vocab, ignore_mismatched_sizes=True, output_loading_info=True
+    )
     mismatched = {entry[0] for entry in info["mismatched_keys"]}
     resized = {name for name, t in loaded.state_dict().items() if t.shape != saved[name].shape}
     assert mismatched == resized and len(resized) == 2, (mismatched, resized)

@@ -97,7 +97,9 @@ def test_a_failing_and_a_hanging_section_are_recorded(tmp_path):
     sections = report["sections"]
     assert list(sections) == SECTIONS
     assert sections["environment"]["status"] == "failed" and "injected" in sections["environment"]["error"]
-    assert sections["fla_accuracy"]["status"] == "timeout" and "killed at its limit" in sections["fla_accuracy"]["error"]
+    assert (
+        sections["fla_accuracy"]["status"] == "timeout" and "killed at its limit" in sections["fla_accuracy"]["error"]
+    )
     assert 15 <= sections["fla_accuracy"]["seconds"] <= 30
     assert all(sections[n] == {"status": "skipped", "reason": "not in --only"} for n in SECTIONS[2:])
     assert report["summary"] == {"failed": 1, "timeout": 1, "skipped": 5}

@@ -33,9 +33,7 @@ def trained_like(seed: int = 0, **kw) -> MetaStateForCausalLM:
     return perturb_(model, 0.2).eval()
 
 
-@pytest.mark.parametrize(
-    "heads,tokens", [(5, None), (None, 200), (4, 160)], ids=["heads", "param_tokens", "both"]
-)
+@pytest.mark.parametrize("heads,tokens", [(5, None), (None, 200), (4, 160)], ids=["heads", "param_tokens", "both"])
 def test_growth_preserves_logits(heads, tokens):
     model = trained_like(0)
     ids = torch.randint(0, V, (2, 24))
@@ -175,7 +173,9 @@ def test_cli_grow(tmp_path):
 def test_cli_grow_errors(tmp_path):
     runner = CliRunner()
     rwkv_dir = tmp_path / "rwkv"
-    RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=1, head_size=N)).save_pretrained(rwkv_dir)
+    RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=1, head_size=N)).save_pretrained(
+        rwkv_dir
+    )
     result = runner.invoke(app, ["grow", str(rwkv_dir), str(tmp_path / "o1"), "--heads", "4"])
     assert result.exit_code == 1 and "wuneng_rwkv7" in result.output and "Meta-State" in result.output
     result = runner.invoke(app, ["grow", str(tmp_path / "missing"), str(tmp_path / "o2"), "--heads", "4"])

@@ -39,12 +39,18 @@ PACKAGE_ROOT = "wuneng"  # the root __init__ only re-exports lazily (PEP 562): n
 
 # (importer, imported) -> why a lazy upward import is right there
 LAZY_UPWARD_ALLOWED = {
-    ("wuneng.models.wuneng.modeling_wuneng", "wuneng.convert"):
-        "WuNengForCausalLM.from_teacher: the thin documented entry point to wuneng.convert.convert_teacher",
-    ("wuneng.models.rwkv7.modeling_rwkv7", "wuneng.models.rwkv7.convert_rwkv_lm"):
-        "RWKV7ForCausalLM.from_rwkv_lm / to_rwkv_lm_state_dict: entry points to the RWKV-LM converter",
-    ("wuneng.models.rwkv7.modeling_rwkv7", "wuneng.models.rwkv7.convert_fla"):
-        "RWKV7ForCausalLM.from_fla / to_fla: entry points to the flash-linear-attention converter",
+    (
+        "wuneng.models.wuneng.modeling_wuneng",
+        "wuneng.convert",
+    ): "WuNengForCausalLM.from_teacher: the thin documented entry point to wuneng.convert.convert_teacher",
+    (
+        "wuneng.models.rwkv7.modeling_rwkv7",
+        "wuneng.models.rwkv7.convert_rwkv_lm",
+    ): "RWKV7ForCausalLM.from_rwkv_lm / to_rwkv_lm_state_dict: entry points to the RWKV-LM converter",
+    (
+        "wuneng.models.rwkv7.modeling_rwkv7",
+        "wuneng.models.rwkv7.convert_fla",
+    ): "RWKV7ForCausalLM.from_fla / to_fla: entry points to the flash-linear-attention converter",
 }
 
 
@@ -193,7 +199,9 @@ def test_no_upward_module_level_import():
 
 def test_no_upward_lazy_import_except_entry_points():
     problems = upward_imports(module_imports(package_modules()), "function")
-    assert not problems, "upward function-level imports (floors " + " < ".join(FLOOR_ORDER) + "):\n" + "\n".join(problems)
+    assert not problems, (
+        "upward function-level imports (floors " + " < ".join(FLOOR_ORDER) + "):\n" + "\n".join(problems)
+    )
 
 
 def test_allowed_entry_points_still_exist():
@@ -201,7 +209,8 @@ def test_allowed_entry_points_still_exist():
     modules = package_modules()
     imports = module_imports(modules)
     stale = [
-        pair for pair in LAZY_UPWARD_ALLOWED
+        pair
+        for pair in LAZY_UPWARD_ALLOWED
         if pair[1] in modules and pair[1] not in {t for t, _ in imports.get(pair[0], {}).get("function", [])}
     ]
     assert not stale, f"LAZY_UPWARD_ALLOWED entries with no such import any more: {stale}"
@@ -223,8 +232,12 @@ def test_the_walker_sees_cycles_and_upward_imports(tmp_path):
     (pkg / "ops" / "__init__.py").write_text("from .x import f\n")
     (pkg / "ops" / "x.py").write_text("from ..cli import app\n\ndef f():\n    from wuneng import ops\n")
     (pkg / "cli.py").write_text("")
-    modules = {"wuneng": pkg / "__init__.py", "wuneng.ops": pkg / "ops" / "__init__.py",
-               "wuneng.ops.x": pkg / "ops" / "x.py", "wuneng.cli": pkg / "cli.py"}
+    modules = {
+        "wuneng": pkg / "__init__.py",
+        "wuneng.ops": pkg / "ops" / "__init__.py",
+        "wuneng.ops.x": pkg / "ops" / "x.py",
+        "wuneng.cli": pkg / "cli.py",
+    }
     found = module_imports(modules)
     assert found["wuneng.ops"] == {"module": [("wuneng.ops.x", 1)], "function": []}
     assert found["wuneng.ops.x"] == {"module": [("wuneng.cli", 1)], "function": [("wuneng.ops", 4)]}

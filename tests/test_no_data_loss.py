@@ -33,8 +33,12 @@ from wuneng.train.config import ConfigError, DataConfig, OptimConfig, TrainConfi
 from wuneng.train.loop import train
 
 runner = CliRunner()
-TEXTS = ["the cat sat on the mat. the cat sat on the mat.", "abc abc abc abc abc abc abc abc",
-         "one two three four five six seven", "hello world, hello world, hello world"] * 4
+TEXTS = [
+    "the cat sat on the mat. the cat sat on the mat.",
+    "abc abc abc abc abc abc abc abc",
+    "one two three four five six seven",
+    "hello world, hello world, hello world",
+] * 4
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -53,14 +57,25 @@ def tiny_rwkv7(seed: int) -> RWKV7ForCausalLM:
 
 def tiny_metastate(seed: int) -> MetaStateForCausalLM:
     torch.manual_seed(seed)
-    return MetaStateForCausalLM(MetaStateConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)).eval()
+    return MetaStateForCausalLM(
+        MetaStateConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, head_size=16)
+    ).eval()
 
 
 def save_teacher(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = ByteLevelTokenizer()
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(path)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -199,7 +214,10 @@ def test_overwrite_replaces_a_wuneng_model_folder(tmp_path):
     first = json.loads((out / "config.json").read_text())["layer_kinds"]
     result = runner.invoke(app, ["convert", str(tmp_path / "teacher"), str(out), "--arwkv", "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert first == ["hybrid", "hybrid"] and json.loads((out / "config.json").read_text())["layer_kinds"] == ["arwkv", "arwkv"]
+    assert first == ["hybrid", "hybrid"] and json.loads((out / "config.json").read_text())["layer_kinds"] == [
+        "arwkv",
+        "arwkv",
+    ]
     assert sorted(os.listdir(tmp_path)) == ["student", "teacher"]
 
 
@@ -232,21 +250,44 @@ def test_grow_and_import_rwkv_never_write_over_their_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ train
 def run_config(out: Path, **overrides) -> TrainConfig:
-    base = dict(output_dir=str(out), max_steps=2, save_every=100, data=DataConfig(seq_len=16),
-                optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1), progress=False, tensorboard=False,
-                save_final=False, mixed_precision="no")
+    base = dict(
+        output_dir=str(out),
+        max_steps=2,
+        save_every=100,
+        data=DataConfig(seq_len=16),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1),
+        progress=False,
+        tensorboard=False,
+        save_final=False,
+        mixed_precision="no",
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=260,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def run(out: Path, resume: bool = False, **overrides):
-    return train(run_config(out, **overrides), model=tiny_qwen2(), tokenizer=ByteLevelTokenizer(), data_sources=[TEXTS], resume=resume)
+    return train(
+        run_config(out, **overrides),
+        model=tiny_qwen2(),
+        tokenizer=ByteLevelTokenizer(),
+        data_sources=[TEXTS],
+        resume=resume,
+    )
 
 
 @pytest.mark.parametrize("earlier", ["finished without checkpoints", "checkpoints", "config only"])
@@ -299,8 +340,13 @@ def test_resume_keeps_the_first_config_and_refuses_another_stage(tmp_path):
     assert resumed["max_steps"] == 3
     before = tree(out)
     with pytest.raises(ConfigError, match="'pretrain' run but this run's stage is 'sft'"):
-        train(run_config(out, stage="sft", max_steps=4), model=tiny_qwen2(), tokenizer=ByteLevelTokenizer(),
-              data_sources=[[{"prompt": "a", "response": "b"}] * 8], resume=True)
+        train(
+            run_config(out, stage="sft", max_steps=4),
+            model=tiny_qwen2(),
+            tokenizer=ByteLevelTokenizer(),
+            data_sources=[[{"prompt": "a", "response": "b"}] * 8],
+            resume=True,
+        )
     assert tree(out) == before
 
 
@@ -373,7 +419,9 @@ def test_a_checkpoint_written_again_is_swapped_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(saving.os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(out, 2, model=model, optimizer=opt, scheduler=sched, trainer_state={"stage": "pretrain"}, keep_last=3)
+        save_checkpoint(
+            out, 2, model=model, optimizer=opt, scheduler=sched, trainer_state={"stage": "pretrain"}, keep_last=3
+        )
     assert latest_checkpoint(out) == ckpt and tree(ckpt) == before
     assert not [p for p in (out / "checkpoints").iterdir() if "wuneng-old" in p.name]
 

@@ -25,9 +25,19 @@ def save_teacher(path, layers=3, hidden=64, strong_layer=None):
     every other layer's attention output is zero, so that keeping it as attention is what matters most."""
     torch.manual_seed(0)
     tok = ByteLevelTokenizer()
-    teacher = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.2))
+    teacher = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            initializer_range=0.2,
+        )
+    )
     if strong_layer is not None:
         with torch.no_grad():
             for i, layer in enumerate(teacher.model.layers):
@@ -78,14 +88,26 @@ def test_a_second_run_does_no_new_candidate_runs(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="wuneng.select_layers")
     teacher = save_teacher(tmp_path / "teacher", layers=2)
     data = write_data(tmp_path / "data.txt", lines=12)
-    cfg = SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=32, keep=1, work_dir=str(tmp_path / "w"),
-                          seq_len=16, micro_batch_size=2, eval_rows=2, align_tokens=0, lr=1e-3)
+    cfg = SelectionConfig(
+        teacher=str(teacher),
+        data=[str(data)],
+        budget_tokens=32,
+        keep=1,
+        work_dir=str(tmp_path / "w"),
+        seq_len=16,
+        micro_batch_size=2,
+        eval_rows=2,
+        align_tokens=0,
+        lr=1e-3,
+    )
     calls = _count_runs(monkeypatch)
     first = select_layers(cfg)
     assert calls == ["distill"] * 3 and first.runs == 3  # baseline + 2 layers
     progress = [r.getMessage() for r in caplog.records if r.name == "wuneng.select_layers"]
     assert "select-layers: run 1/3: baseline (no layer kept)" in progress
-    assert any(m.startswith("select-layers: layer 1 kept as attention: held-out KL ") and "(3/3 runs" in m for m in progress)
+    assert any(
+        m.startswith("select-layers: layer 1 kept as attention: held-out KL ") and "(3/3 runs" in m for m in progress
+    )
     results = json.loads((tmp_path / "w" / "results.json").read_text())
     assert sorted(results["runs"]) == ["0", "1", BASELINE]
     assert not (tmp_path / "w" / "runs" / "layer_000" / "checkpoints").exists()  # dropped once the result is in
@@ -111,10 +133,14 @@ def test_changed_settings_are_refused_and_a_foreign_out_file_is_kept(tmp_path):
     data = write_data(tmp_path / "data.txt", lines=12)
     work = tmp_path / "w"
     work.mkdir()
-    settings = SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=64, keep=1, work_dir=str(work)).settings()
+    settings = SelectionConfig(
+        teacher=str(teacher), data=[str(data)], budget_tokens=64, keep=1, work_dir=str(work)
+    ).settings()
     (work / "results.json").write_text(json.dumps({"settings": {**settings, "lr": 0.5}, "runs": {}}))
     cfg = SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=64, keep=1, work_dir=str(work))
-    with pytest.raises(ConfigError, match=r"results\.json holds results made with other settings \(lr: 0\.5 then, 0\.0001 now\)"):
+    with pytest.raises(
+        ConfigError, match=r"results\.json holds results made with other settings \(lr: 0\.5 then, 0\.0001 now\)"
+    ):
         select_layers(cfg)
     mine = tmp_path / "mine.json"
     mine.write_text('{"attn": {"layers": [0]}}')
@@ -127,8 +153,15 @@ def test_changed_settings_are_refused_and_a_foreign_out_file_is_kept(tmp_path):
 def test_too_little_data_for_the_held_out_rows(tmp_path):
     teacher = save_teacher(tmp_path / "teacher", layers=2)
     data = write_data(tmp_path / "data.txt", lines=1)
-    cfg = SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=32, keep=1, work_dir=str(tmp_path / "w"),
-                          seq_len=64, eval_rows=8)
+    cfg = SelectionConfig(
+        teacher=str(teacher),
+        data=[str(data)],
+        budget_tokens=32,
+        keep=1,
+        work_dir=str(tmp_path / "w"),
+        seq_len=64,
+        eval_rows=8,
+    )
     with pytest.raises(ConfigError, match="8 are held out for the KL"):
         select_layers(cfg)
 
@@ -139,8 +172,10 @@ def test_cli_usage_errors(tmp_path):
     assert no_data.exit_code == 2 and "data source" in no_data.output
     bad_keep = runner.invoke(app, ["select-layers", str(tmp_path), "--budget", "100", "--keep", "0", "--data", "x.txt"])
     assert bad_keep.exit_code == 2 and "keep must be a positive integer" in bad_keep.output
-    bad_init = runner.invoke(app, ["select-layers", str(tmp_path), "--budget", "100", "--keep", "1", "--data", "x.txt",
-                                   "--arwkv-init", "zeros"])
+    bad_init = runner.invoke(
+        app,
+        ["select-layers", str(tmp_path), "--budget", "100", "--keep", "1", "--data", "x.txt", "--arwkv-init", "zeros"],
+    )
     assert bad_init.exit_code == 2 and "arwkv_init must be rwkv7 or radlads" in bad_init.output
 
 
@@ -150,9 +185,28 @@ def test_select_layers_end_to_end_chooses_the_layer_that_matters_and_feeds_conve
     teacher = save_teacher(tmp_path / "teacher", layers=3, strong_layer=1)
     data = write_data(tmp_path / "data.txt")
     runner = CliRunner()
-    args = ["select-layers", str(teacher), "--budget", "256", "--keep", "1", "--data", str(data), "--seq-len", "32",
-            "--eval-rows", "4", "--lr", "1e-3", "--align-tokens", "64", "--work-dir", str(tmp_path / "w"),
-            "--out", str(tmp_path / "keep.json")]
+    args = [
+        "select-layers",
+        str(teacher),
+        "--budget",
+        "256",
+        "--keep",
+        "1",
+        "--data",
+        str(data),
+        "--seq-len",
+        "32",
+        "--eval-rows",
+        "4",
+        "--lr",
+        "1e-3",
+        "--align-tokens",
+        "64",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--out",
+        str(tmp_path / "keep.json"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "chosen layers [1]" in result.output and "(4 new runs)" in result.output
@@ -166,7 +220,9 @@ def test_select_layers_end_to_end_chooses_the_layer_that_matters_and_feeds_conve
     assert (tmp_path / "w" / "base.safetensors").exists()  # the aligned base student, shared by every run
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "(0 new runs)" in again.output
-    converted = runner.invoke(app, ["convert", str(teacher), str(tmp_path / "student"), "--keep-attention", str(tmp_path / "keep.json")])
+    converted = runner.invoke(
+        app, ["convert", str(teacher), str(tmp_path / "student"), "--keep-attention", str(tmp_path / "keep.json")]
+    )
     assert converted.exit_code == 0, converted.output
     kinds = json.loads((tmp_path / "student" / "config.json").read_text())["layer_kinds"]
     assert kinds == ["arwkv", "attention", "arwkv"]
@@ -181,8 +237,19 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch)
     data = write_data(tmp_path / "data.txt", lines=12)
 
     def config(work):
-        return SelectionConfig(teacher=str(teacher), data=[str(data)], budget_tokens=64, keep=1, work_dir=str(work),
-                               seq_len=16, micro_batch_size=2, eval_rows=2, align_tokens=0, lr=1e-3, candidates=[1])
+        return SelectionConfig(
+            teacher=str(teacher),
+            data=[str(data)],
+            budget_tokens=64,
+            keep=1,
+            work_dir=str(work),
+            seq_len=16,
+            micro_batch_size=2,
+            eval_rows=2,
+            align_tokens=0,
+            lr=1e-3,
+            candidates=[1],
+        )
 
     whole = select_layers(config(tmp_path / "whole"))
     real = loop.train

@@ -98,7 +98,9 @@ def registered_classes(config_class: type) -> dict[str, type]:
     for auto_name in MODEL_AUTO_CLASSES:
         mapping = getattr(transformers, auto_name)._model_mapping
         if config_class in mapping:
-            classes[auto_name] = _wuneng_class(mapping[config_class], f"the {auto_name} class of {config_class.__name__}")
+            classes[auto_name] = _wuneng_class(
+                mapping[config_class], f"the {auto_name} class of {config_class.__name__}"
+            )
     return classes
 
 
@@ -146,7 +148,9 @@ def write_shim(save_directory: Union[str, os.PathLike], classes: Iterable[type])
     for cls in classes:
         _wuneng_class(cls, "every shim class")
         imports.setdefault(cls.__module__, set()).add(cls.__name__)
-    lines = [f"from {module} import {', '.join(sorted(names))}  # noqa: F401" for module, names in sorted(imports.items())]
+    lines = [
+        f"from {module} import {', '.join(sorted(names))}  # noqa: F401" for module, names in sorted(imports.items())
+    ]
     text = _SHIM_HEADER + "\n".join(lines) + "\n"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{SHIM_FILENAME}.", suffix=".tmp")
     try:
@@ -213,4 +217,3 @@ class AutoMapMixin:
         if isinstance(self, PretrainedConfig):  # pragma: no cover - configs get their auto_map from the model
             raise TypeError("AutoMapMixin is for PreTrainedModel and tokenizer classes, not configs")
         raise TypeError(f"AutoMapMixin: {type(self).__name__} is neither a PreTrainedModel nor a tokenizer")
-

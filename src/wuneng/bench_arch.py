@@ -40,7 +40,17 @@ from .labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VARIANTS", "TaskSetting", "BenchConfig", "build_model", "train_run", "run_bench", "read_results", "best_rows", "results_table"]
+__all__ = [
+    "VARIANTS",
+    "TaskSetting",
+    "BenchConfig",
+    "build_model",
+    "train_run",
+    "run_bench",
+    "read_results",
+    "best_rows",
+    "results_table",
+]
 
 VARIANTS = (
     "transformer",
@@ -145,12 +155,22 @@ class BenchConfig:
                 raise ValueError(f"unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
         if not self.settings:
             raise ValueError("BenchConfig.settings is empty: give at least one TaskSetting")
-        for name in ("d_model", "num_layers", "head_size", "steps", "batch_size", "examples_per_epoch", "test_examples"):
+        for name in (
+            "d_model",
+            "num_layers",
+            "head_size",
+            "steps",
+            "batch_size",
+            "examples_per_epoch",
+            "test_examples",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BenchConfig.{name} must be a positive int, got {value!r}")
         if self.d_model % self.head_size or self.head_size % 16:
-            raise ValueError(f"BenchConfig: head_size ({self.head_size}) must be a multiple of 16 dividing d_model ({self.d_model})")
+            raise ValueError(
+                f"BenchConfig: head_size ({self.head_size}) must be a multiple of 16 dividing d_model ({self.d_model})"
+            )
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"BenchConfig.lrs must be positive learning rates, got {self.lrs}")
 
@@ -180,8 +200,10 @@ class BenchConfig:
     def run_key(self, setting: TaskSetting, variant: str, lr: float, seed: int) -> str:
         """Identity of a run: what it trains and with which budget (a changed budget is a new run)."""
         cap = "" if self.max_seconds is None else f" cap={self.max_seconds:g}s"
-        return (f"{setting.name} | {variant} | lr={lr:g} | seed={seed} | d={self.d_model} L={self.num_layers} "
-                f"hs={self.head_size} | steps={self.steps} bs={self.batch_size}{cap}")
+        return (
+            f"{setting.name} | {variant} | lr={lr:g} | seed={seed} | d={self.d_model} L={self.num_layers} "
+            f"hs={self.head_size} | steps={self.steps} bs={self.batch_size}{cap}"
+        )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -201,8 +223,20 @@ class BenchConfig:
     def quick(cls, **kw) -> "BenchConfig":
         """A few minutes: every variant on a small MQAR and A5 at k = 16, one learning rate, short runs."""
         settings = (TaskSetting("mqar", 64, 4, 256), TaskSetting("state", 16, group="A5"))
-        return cls(**{**dict(settings=settings, lrs=(4e-3,), steps=150, batch_size=32, test_examples=256,
-                             examples_per_epoch=4800, mode="quick"), **kw})
+        return cls(
+            **{
+                **dict(
+                    settings=settings,
+                    lrs=(4e-3,),
+                    steps=150,
+                    batch_size=32,
+                    test_examples=256,
+                    examples_per_epoch=4800,
+                    mode="quick",
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def full(cls, **kw) -> "BenchConfig":
@@ -216,8 +250,23 @@ class BenchConfig:
             TaskSetting("state", 32, group="S5"),
         )
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(**{**dict(settings=settings, lrs=(1e-3, 3e-3, 1e-2), d_model=128, steps=20_000, batch_size=256,
-                             examples_per_epoch=100_000, eval_every=500, stop_accuracy=0.99, device=device, mode="full"), **kw})
+        return cls(
+            **{
+                **dict(
+                    settings=settings,
+                    lrs=(1e-3, 3e-3, 1e-2),
+                    d_model=128,
+                    steps=20_000,
+                    batch_size=256,
+                    examples_per_epoch=100_000,
+                    eval_every=500,
+                    stop_accuracy=0.99,
+                    device=device,
+                    mode="full",
+                ),
+                **kw,
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -250,19 +299,36 @@ def build_model(variant: str, cfg: BenchConfig, vocab: int, seq_len: int, seed: 
     if variant == "rwkv7":
         from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
-        return RWKV7ForCausalLM(RWKV7Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-                                            head_size=cfg.head_size, bos_token_id=None, eos_token_id=None))
+        return RWKV7ForCausalLM(
+            RWKV7Config(
+                vocab_size=vocab,
+                hidden_size=cfg.d_model,
+                num_hidden_layers=cfg.num_layers,
+                head_size=cfg.head_size,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        )
     if variant == "metastate":
         from .models.metastate import MetaStateConfig, MetaStateForCausalLM
 
-        return MetaStateForCausalLM(MetaStateConfig(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-                                                    head_size=cfg.head_size, bos_token_id=None, eos_token_id=None))
+        return MetaStateForCausalLM(
+            MetaStateConfig(
+                vocab_size=vocab,
+                hidden_size=cfg.d_model,
+                num_hidden_layers=cfg.num_layers,
+                head_size=cfg.head_size,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        )
     from .models.wuneng import WuNengForCausalLM
 
     fusion = variant.split("-")[1]
     base = _qwen2(cfg, vocab, seq_len)  # the same random Qwen2 as "transformer", then converted
-    model = WuNengForCausalLM.from_teacher(base, fusion=fusion, middle_heads=min(4, cfg.num_heads),
-                                           state_query=not variant.endswith("lambda0"))
+    model = WuNengForCausalLM.from_teacher(
+        base, fusion=fusion, middle_heads=min(4, cfg.num_heads), state_query=not variant.endswith("lambda0")
+    )
     model.requires_grad_(True)  # every parameter trains (from scratch, no teacher to preserve)
     return model
 
@@ -294,8 +360,14 @@ def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, task: str, batch
     return {"accuracy": labelled_accuracy(pred, labels)}
 
 
-def train_run(setting: TaskSetting, variant: str, lr: float, seed: int, cfg: BenchConfig,
-              progress: Optional[Callable[[int, float], None]] = None) -> dict:
+def train_run(
+    setting: TaskSetting,
+    variant: str,
+    lr: float,
+    seed: int,
+    cfg: BenchConfig,
+    progress: Optional[Callable[[int, float], None]] = None,
+) -> dict:
     """Train one model from scratch and evaluate it; returns the result row (without the key)."""
     from .train.config import OptimConfig
     from .train.optim import build_optimizer, build_scheduler
@@ -303,8 +375,14 @@ def train_run(setting: TaskSetting, variant: str, lr: float, seed: int, cfg: Ben
     device = torch.device(cfg.device)
     model = build_model(variant, cfg, setting.model_vocab, setting.seq_len, seed).to(device)
     model.train()
-    optim_cfg = OptimConfig(lr=lr, min_lr=lr / 10, schedule="cosine", warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
-                            weight_decay=cfg.weight_decay, w0_lr_scale=1.0)
+    optim_cfg = OptimConfig(
+        lr=lr,
+        min_lr=lr / 10,
+        schedule="cosine",
+        warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
+        weight_decay=cfg.weight_decay,
+        w0_lr_scale=1.0,
+    )
     opt = build_optimizer(model, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, cfg.steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -405,8 +483,13 @@ def best_rows(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
         lr = max(means, key=lambda k: (means[k], -k))
         rs = by_lr[lr]
         solved = [r["solved_up_to"] for r in rs if r.get("solved_up_to") is not None]
-        best[key] = {"lr": lr, "accuracy": means[lr], "seeds": sorted(r["seed"] for r in rs),
-                     "solved_up_to": float(np.mean(solved)) if solved else None, "by_lr": means}
+        best[key] = {
+            "lr": lr,
+            "accuracy": means[lr],
+            "seeds": sorted(r["seed"] for r in rs),
+            "solved_up_to": float(np.mean(solved)) if solved else None,
+            "by_lr": means,
+        }
     return best
 
 
@@ -432,12 +515,17 @@ def results_markdown(rows: Sequence[dict]) -> str:
             extra = f", solved k<={b['solved_up_to']:g}" if b.get("solved_up_to") is not None else ""
             cells.append(f"{100 * b['accuracy']:.1f}% (lr {b['lr']:g}{extra})")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", "| setting | variant | params | lr | seed | accuracy | steps | tokens | seconds | final loss |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| setting | variant | params | lr | seed | accuracy | steps | tokens | seconds | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         flag = " (diverged)" if r.get("diverged") else ""
-        lines.append(f"| {r['setting']} | {r['variant']} | {r['params'] / 1e3:.0f} k | {r['lr']:g} | {r['seed']} | {100 * r['accuracy']:.1f}%{flag} | {r['steps']} | "
-                     f"{r['tokens']:,} | {r['seconds']:.0f} | {r['final_loss'] if r['final_loss'] is None else round(r['final_loss'], 3)} |")
+        lines.append(
+            f"| {r['setting']} | {r['variant']} | {r['params'] / 1e3:.0f} k | {r['lr']:g} | {r['seed']} | {100 * r['accuracy']:.1f}%{flag} | {r['steps']} | "
+            f"{r['tokens']:,} | {r['seconds']:.0f} | {r['final_loss'] if r['final_loss'] is None else round(r['final_loss'], 3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -500,19 +588,31 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
     done = {r.get("key") for r in read_results(path)}
     runs = cfg.runs()
     todo = [r for r in runs if cfg.run_key(*r) not in done]
-    logger.info(f"bench-arch ({cfg.mode}): {len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to train; "
-                  f"{cfg.steps} steps x batch {cfg.batch_size} each, lrs {', '.join(f'{lr:g}' for lr in cfg.lrs)}, "
-                  f"seeds {list(cfg.seeds)}, d={cfg.d_model}, {cfg.num_layers} layers, device {cfg.device}")
+    logger.info(
+        f"bench-arch ({cfg.mode}): {len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to train; "
+        f"{cfg.steps} steps x batch {cfg.batch_size} each, lrs {', '.join(f'{lr:g}' for lr in cfg.lrs)}, "
+        f"seeds {list(cfg.seeds)}, d={cfg.d_model}, {cfg.num_layers} layers, device {cfg.device}"
+    )
     for i, (setting, variant, lr, seed) in enumerate(todo):
-        lines = ProgressLog(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}", cfg.steps, logger=logger)
+        lines = ProgressLog(
+            f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}", cfg.steps, logger=logger
+        )
         tokens_per_step = cfg.batch_size * setting.seq_len
-        row = train_run(setting, variant, lr, seed, cfg,
-                        progress=lambda step, ema: lines.update(step, f"loss {ema:.4f}", amount=step * tokens_per_step))  # noqa: B023
+        row = train_run(
+            setting,
+            variant,
+            lr,
+            seed,
+            cfg,
+            progress=lambda step, ema: lines.update(step, f"loss {ema:.4f}", amount=step * tokens_per_step),  # noqa: B023
+        )
         row = {"key": cfg.run_key(setting, variant, lr, seed), "mode": cfg.mode, **row}
         _append_row(path, row)
         extra = f", solved k<={row['solved_up_to']}" if "solved_up_to" in row else ""
-        logger.info(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: acc {100 * row['accuracy']:.1f}%{extra} "
-                      f"loss {row['final_loss'] if row['final_loss'] is None else round(row['final_loss'], 3)} ({row['seconds']:.0f} s)")
+        logger.info(
+            f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: acc {100 * row['accuracy']:.1f}%{extra} "
+            f"loss {row['final_loss'] if row['final_loss'] is None else round(row['final_loss'], 3)} ({row['seconds']:.0f} s)"
+        )
     rows = read_results(path)
     (out / "results.md").write_text(results_markdown(rows) + "\n", encoding="utf-8")
     if rows:

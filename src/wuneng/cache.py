@@ -82,6 +82,7 @@ except ImportError:  # older transformers (5.17 has none): the same contract, wr
 
         offload = prefetch = reset = crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _nothing
 
+
 __all__ = ["RecurrentStateCache", "GrowingKVLayer", "RWKV7_STATE_NAMES", "owned_state", "storage_nbytes"]
 
 # The per-layer state names of an RWKV-7 block (see the module docstring).
@@ -97,8 +98,12 @@ def owned_state(tensor: torch.Tensor) -> torch.Tensor:
     view that already owns its storage: no copy.
     """
     nbytes = tensor.numel() * tensor.element_size()
-    if (tensor.is_contiguous() and tensor.storage_offset() == 0 and tensor.device.type != "meta"
-            and tensor.untyped_storage().nbytes() == nbytes):
+    if (
+        tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.device.type != "meta"
+        and tensor.untyped_storage().nbytes() == nbytes
+    ):
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
 
@@ -164,8 +169,11 @@ class GrowingKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         T = key_states.shape[-2]
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad or
-                                        (self.keys is not None and self.keys.requires_grad)):
+        if torch.is_grad_enabled() and (
+            key_states.requires_grad
+            or value_states.requires_grad
+            or (self.keys is not None and self.keys.requires_grad)
+        ):
             keys, values = key_states, value_states
             if self._length > 0:
                 keys = torch.cat([self.keys, key_states], dim=-2)
@@ -183,7 +191,10 @@ class GrowingKVLayer(DynamicLayer):
             self._length = 0
         elif self._adopted or self._length + T > self.capacity:
             capacity = max(2 * self._length, self._length + T, self.min_capacity)
-            self._key_buffer, self._value_buffer = self._grown(self._key_buffer, capacity), self._grown(self._value_buffer, capacity)
+            self._key_buffer, self._value_buffer = (
+                self._grown(self._key_buffer, capacity),
+                self._grown(self._value_buffer, capacity),
+            )
         self._adopted = False
         end = self._length + T
         self._key_buffer[..., self._length : end, :].copy_(key_states)

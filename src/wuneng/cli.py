@@ -52,7 +52,10 @@ def error_line(err: BaseException) -> str:
     library's expected ones (ValueError, TypeError, OSError and their subclasses) are named, with the hint to
     rerun with --debug."""
     message = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (ValueError, TypeError, OSError, LookupError, ImportError)) or type(err).__name__ == "NonFiniteLossError":
+    if (
+        isinstance(err, (ValueError, TypeError, OSError, LookupError, ImportError))
+        or type(err).__name__ == "NonFiniteLossError"
+    ):
         return f"error: {message}"
     return f"error: {type(err).__name__}: {message} (rerun as `wuneng --debug ...` for the traceback)"
 
@@ -86,29 +89,48 @@ class _OneLineErrors(TyperGroup):
             raise typer.Exit(error_exit_code(err)) from None
 
 
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Build, convert, train, evaluate and run hybrid state + attention LMs.")
+app = typer.Typer(
+    cls=_OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Build, convert, train, evaluate and run hybrid state + attention LMs.",
+)
 
 # The examples at the end of each command's --help (command -> lines of "command line  # what it does").
 _EXAMPLES = {
-    "demo": ["wuneng demo  # the full run (about 10 minutes on 2 CPU cores); report in runs/demo/report.md",
-             "wuneng demo --fast --out runs/demo-fast  # a 3-minute smoke run of every stage"],
-    "bench-arch": ["wuneng bench-arch --quick  # a few minutes on the CPU",
-                   "wuneng bench-arch --variants rwkv7,wuneng-gate --lrs 1e-3,3e-3 --device cuda"],
-    "import-rwkv": ["wuneng import-rwkv RWKV-x070-World-0.1B.pth runs/rwkv7-0.1b",
-                    "wuneng import-rwkv model.pth runs/rwkv7 --dtype bfloat16 --overwrite"],
+    "demo": [
+        "wuneng demo  # the full run (about 10 minutes on 2 CPU cores); report in runs/demo/report.md",
+        "wuneng demo --fast --out runs/demo-fast  # a 3-minute smoke run of every stage",
+    ],
+    "bench-arch": [
+        "wuneng bench-arch --quick  # a few minutes on the CPU",
+        "wuneng bench-arch --variants rwkv7,wuneng-gate --lrs 1e-3,3e-3 --device cuda",
+    ],
+    "import-rwkv": [
+        "wuneng import-rwkv RWKV-x070-World-0.1B.pth runs/rwkv7-0.1b",
+        "wuneng import-rwkv model.pth runs/rwkv7 --dtype bfloat16 --overwrite",
+    ],
     "import-fla": ["wuneng import-fla /models/rwkv7-0.1B-world runs/rwkv7 --dtype float32"],
     "export-fla": ["wuneng export-fla runs/rwkv7 runs/rwkv7-fla  # loads into fla's RWKV7ForCausalLM"],
-    "train": ["wuneng train recipe.yaml --stage distill",
-              "wuneng train recipe.yaml -o optim.lr=3e-4 -o data.seq_len=512 --max-steps 100",
-              "wuneng train recipe.yaml --resume  # continue from the newest complete checkpoint"],
-    "plot": ["wuneng plot runs/student-distill  # writes runs/student-distill/loss.png",
-             "wuneng plot runs/student-distill --out loss.png --linear"],
+    "train": [
+        "wuneng train recipe.yaml --stage distill",
+        "wuneng train recipe.yaml -o optim.lr=3e-4 -o data.seq_len=512 --max-steps 100",
+        "wuneng train recipe.yaml --resume  # continue from the newest complete checkpoint",
+    ],
+    "plot": [
+        "wuneng plot runs/student-distill  # writes runs/student-distill/loss.png",
+        "wuneng plot runs/student-distill --out loss.png --linear",
+    ],
     "grow": ["wuneng grow runs/metastate runs/metastate-grown --heads 8 --param-tokens 64"],
-    "eval": ["wuneng eval runs/student --tasks mqar,passkey --limit 64",
-             "wuneng eval runs/student --tasks none --lm-eval wuneng_arith --json results.json --device cpu"],
-    "convert": ["wuneng convert /models/Qwen2.5-0.5B-Instruct runs/student  # WuNeng hybrid, function-preserving",
-                "wuneng convert /models/Qwen2.5-0.5B-Instruct runs/arwkv --arwkv --arwkv-init radlads"],
+    "eval": [
+        "wuneng eval runs/student --tasks mqar,passkey --limit 64",
+        "wuneng eval runs/student --tasks none --lm-eval wuneng_arith --json results.json --device cpu",
+    ],
+    "convert": [
+        "wuneng convert /models/Qwen2.5-0.5B-Instruct runs/student  # WuNeng hybrid, function-preserving",
+        "wuneng convert /models/Qwen2.5-0.5B-Instruct runs/arwkv --arwkv --arwkv-init radlads",
+    ],
     "select-layers": ["wuneng select-layers /models/Qwen2.5-0.5B-Instruct --data corpus/ --budget 200000 --keep 4"],
 }
 
@@ -128,7 +150,9 @@ def resolve_device(value: str) -> str:
     try:
         torch.device(value)
     except (RuntimeError, ValueError):
-        raise typer.BadParameter(f"expected auto, cpu, cuda or cuda:N (a torch device), got {value!r}", param_hint="--device") from None
+        raise typer.BadParameter(
+            f"expected auto, cpu, cuda or cuda:N (a torch device), got {value!r}", param_hint="--device"
+        ) from None
     return value
 
 
@@ -142,10 +166,14 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (default: one line on stderr)."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error (default: one line on stderr)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings and errors (no progress lines)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log DEBUG messages."),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """wuneng command line. Progress and messages go to stderr through `logging`: with a rich layout in a terminal,
     as plain timestamped lines otherwise (a log file: a line every $WUNENG_PROGRESS_INTERVAL seconds, default 10)."""
@@ -161,15 +189,23 @@ def _main(
 @app.command("demo", epilog=_examples("demo"))
 def demo_command(
     fast: bool = typer.Option(False, "--fast", help="A smoke-test run of every stage (under 3 minutes; CI)."),
-    out: str = typer.Option("runs/demo", "--out", help="Output folder (report.md, results.json, PNG plots, stage runs)."),
+    out: str = typer.Option(
+        "runs/demo", "--out", help="Output folder (report.md, results.json, PNG plots, stage runs)."
+    ),
     teacher_steps: int = typer.Option(None, help="Teacher pretraining steps (default: the budget's)."),
     align_steps: int = typer.Option(None, help="Stage 1 steps per student."),
     distill_steps: int = typer.Option(None, help="Stage 2 steps per student."),
     sft_steps: int = typer.Option(None, help="Stage 3 steps per student."),
     eval_per_category: int = typer.Option(None, help="Held-out problems per category."),
     seed: int = typer.Option(0, help="Seed of data, models and training."),
-    threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
-    overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite", help="Replace an earlier demo run in --out (only the demo's own stage runs, report and plots), or refuse it."),
+    threads: int = typer.Option(
+        None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."
+    ),
+    overwrite: bool = typer.Option(
+        True,
+        "--overwrite/--no-overwrite",
+        help="Replace an earlier demo run in --out (only the demo's own stage runs, report and plots), or refuse it.",
+    ),
 ) -> None:
     """The embedded default job: train a small Qwen2 teacher on generated problems, convert it into a WuNeng and
     an ARWKV student, run align -> distill -> SFT for both, evaluate everything and write report.md with plots."""
@@ -182,8 +218,13 @@ def demo_command(
     pyplot()  # its figures need the plot extra: say so before the run, not after it
 
     budget = DemoBudget.fast() if fast else DemoBudget()
-    chosen = dict(teacher_steps=teacher_steps, align_steps=align_steps, distill_steps=distill_steps, sft_steps=sft_steps,
-                  eval_per_category=eval_per_category)
+    chosen = dict(
+        teacher_steps=teacher_steps,
+        align_steps=align_steps,
+        distill_steps=distill_steps,
+        sft_steps=sft_steps,
+        eval_per_category=eval_per_category,
+    )
     try:
         budget = replace(budget, **{k: v for k, v in chosen.items() if v is not None})
         cfg = DemoConfig(budget=budget, output_dir=out, seed=seed, threads=threads, overwrite=overwrite)
@@ -199,18 +240,47 @@ def demo_command(
 
 @app.command("bench-arch", epilog=_examples("bench-arch"))
 def bench_arch_command(
-    quick: bool = typer.Option(False, "--quick", help="A few minutes: small MQAR and A5 k=16, one learning rate, short runs."),
-    full: bool = typer.Option(False, "--full", help="Zoology-scale sweep for a GPU (V=8192, T up to 256, to 99% or 20k steps)."),
-    out: str = typer.Option("runs/bench-arch", "--out", help="Run folder: results.jsonl (accumulates; finished runs are skipped), results.md, accuracy.png."),
-    variants: str = typer.Option(None, "--variants", help="Comma-separated subset of: " + ", ".join(
-        ("transformer", "rwkv7", "wuneng-gate", "wuneng-add", "wuneng-concat", "wuneng-hymba", "wuneng-gate-lambda0", "metastate"))),
+    quick: bool = typer.Option(
+        False, "--quick", help="A few minutes: small MQAR and A5 k=16, one learning rate, short runs."
+    ),
+    full: bool = typer.Option(
+        False, "--full", help="Zoology-scale sweep for a GPU (V=8192, T up to 256, to 99% or 20k steps)."
+    ),
+    out: str = typer.Option(
+        "runs/bench-arch",
+        "--out",
+        help="Run folder: results.jsonl (accumulates; finished runs are skipped), results.md, accuracy.png.",
+    ),
+    variants: str = typer.Option(
+        None,
+        "--variants",
+        help="Comma-separated subset of: "
+        + ", ".join(
+            (
+                "transformer",
+                "rwkv7",
+                "wuneng-gate",
+                "wuneng-add",
+                "wuneng-concat",
+                "wuneng-hymba",
+                "wuneng-gate-lambda0",
+                "metastate",
+            )
+        ),
+    ),
     lrs: str = typer.Option(None, "--lrs", help="Comma-separated learning rates (the sweep)."),
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0)."),
     steps: int = typer.Option(None, "--steps", help="Optimiser steps per run (the budget)."),
     max_seconds: float = typer.Option(None, "--max-seconds", help="Wall-clock cap per run, in seconds."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
-    threads: int = typer.Option(None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."),
-    only: str = typer.Option(None, "--only", help="Comma-separated setting-name substrings to run now, e.g. 'state A5 k=16' (same run keys as the whole sweep)."),
+    threads: int = typer.Option(
+        None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."
+    ),
+    only: str = typer.Option(
+        None,
+        "--only",
+        help="Comma-separated setting-name substrings to run now, e.g. 'state A5 k=16' (same run keys as the whole sweep).",
+    ),
 ) -> None:
     """Train Transformer, RWKV-7, WuNeng (gate/add/concat/hymba, lambda=0) and Meta-State from scratch on MQAR and
     state tracking with equal budgets and a small learning-rate sweep; print and plot accuracy per setting."""
@@ -229,7 +299,12 @@ def bench_arch_command(
             kw["lrs"] = tuple(float(v) for v in lrs.split(",") if v.strip())
         if seeds:
             kw["seeds"] = tuple(int(v) for v in seeds.split(",") if v.strip())
-        for name, value in (("steps", steps), ("max_seconds", max_seconds), ("device", resolve_device(device)), ("threads", threads)):
+        for name, value in (
+            ("steps", steps),
+            ("max_seconds", max_seconds),
+            ("device", resolve_device(device)),
+            ("threads", threads),
+        ):
             if value is not None:
                 kw[name] = value
         kw["output_dir"] = out
@@ -245,11 +320,17 @@ def bench_arch_command(
 
 @app.command("import-rwkv", epilog=_examples("import-rwkv"))
 def import_rwkv(
-    checkpoint: str = typer.Argument(..., help="RWKV-LM x070 .pth state dict (read with torch.load(weights_only=True))."),
+    checkpoint: str = typer.Argument(
+        ..., help="RWKV-LM x070 .pth state dict (read with torch.load(weights_only=True))."
+    ),
     out_dir: str = typer.Argument(..., help="Output directory (config.json + model.safetensors)."),
     dtype: str = typer.Option("keep", help="Weights dtype: keep (the checkpoint's), float32, bfloat16 or float16."),
     head_size: int = typer.Option(None, help="Expected head size (checked against the checkpoint's r_k shape)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused).",
+    ),
 ) -> None:
     """Convert a BlinkDL RWKV-LM RWKV-7 checkpoint into a wuneng RWKV7ForCausalLM directory."""
     import torch
@@ -261,7 +342,9 @@ def import_rwkv(
     if dtype not in dtypes:
         raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
     console = Console()
-    model = import_rwkv_lm_checkpoint(checkpoint, out_dir, dtype=dtypes[dtype], overwrite=overwrite, head_size=head_size)
+    model = import_rwkv_lm_checkpoint(
+        checkpoint, out_dir, dtype=dtypes[dtype], overwrite=overwrite, head_size=head_size
+    )
     c = model.config
     console.print(
         f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
@@ -272,10 +355,17 @@ def import_rwkv(
 
 @app.command("import-fla", epilog=_examples("import-fla"))
 def import_fla(
-    src: str = typer.Argument(..., help="flash-linear-attention RWKV-7 folder (fla-hub layout: config.json with model_type rwkv7 + safetensors)."),
+    src: str = typer.Argument(
+        ...,
+        help="flash-linear-attention RWKV-7 folder (fla-hub layout: config.json with model_type rwkv7 + safetensors).",
+    ),
     out_dir: str = typer.Argument(..., help="Output directory (a wuneng RWKV7ForCausalLM folder)."),
     dtype: str = typer.Option("keep", help="Weights dtype: keep (the checkpoint's), float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused).",
+    ),
 ) -> None:
     """Convert a flash-linear-attention (fla-hub) RWKV-7 folder into a wuneng RWKV7ForCausalLM directory."""
     import torch
@@ -291,7 +381,8 @@ def import_fla(
     Console().print(
         f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
         f"ranks w/a/v/g={c.decay_low_rank_dim}/{c.a_low_rank_dim}/{c.v_low_rank_dim}/{c.gate_low_rank_dim} dtype={model.dtype}",
-        markup=False, highlight=False,
+        markup=False,
+        highlight=False,
     )
 
 
@@ -300,7 +391,11 @@ def export_fla(
     src: str = typer.Argument(..., help="wuneng RWKV7ForCausalLM folder (as import-rwkv or save_pretrained writes)."),
     out_dir: str = typer.Argument(..., help="Output directory in flash-linear-attention's layout (model_type rwkv7)."),
     dtype: str = typer.Option("keep", help="Weights dtype: keep (the model's), float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, an earlier fla export included, is refused)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, an earlier fla export included, is refused).",
+    ),
 ) -> None:
     """Write a wuneng RWKV-7 folder in flash-linear-attention's layout (loads into fla's RWKV7ForCausalLM)."""
     import torch
@@ -315,18 +410,26 @@ def export_fla(
     c = model.config
     Console().print(
         f"wrote {out_dir}: fla RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_dim={c.head_size} "
-        f"dtype={dtypes[dtype] or model.dtype}", markup=False, highlight=False,
+        f"dtype={dtypes[dtype] or model.dtype}",
+        markup=False,
+        highlight=False,
     )
 
 
 @app.command("train", epilog=_examples("train"))
 def train_command(
     config: str = typer.Argument(..., help="Run description (YAML); see docs/training.md."),
-    stage: str = typer.Option(None, "--stage", help="pretrain | align | distill | sft (overrides `stage:` in the YAML)."),
-    overrides: list[str] = typer.Option([], "--set", "-o", help="KEY=VALUE override, repeatable, e.g. -o optim.lr=3e-4 -o data.seq_len=512."),
+    stage: str = typer.Option(
+        None, "--stage", help="pretrain | align | distill | sft (overrides `stage:` in the YAML)."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-o", help="KEY=VALUE override, repeatable, e.g. -o optim.lr=3e-4 -o data.seq_len=512."
+    ),
     output_dir: str = typer.Option(None, "--output-dir", help="Run folder (overrides `output_dir:`)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimiser steps (overrides `max_steps:`)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of the run folder."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the newest complete checkpoint of the run folder."
+    ),
 ) -> None:
     """Train one stage: pretrain, align (stage 1), distill (stage 2) or sft (stage 3)."""
     from rich.console import Console
@@ -362,12 +465,22 @@ def plot_command(
 
 @app.command("grow", epilog=_examples("grow"))
 def grow_command(
-    checkpoint: str = typer.Argument(..., help="A Meta-State model folder (save_pretrained: config.json + model.safetensors)."),
+    checkpoint: str = typer.Argument(
+        ..., help="A Meta-State model folder (save_pretrained: config.json + model.safetensors)."
+    ),
     out_dir: str = typer.Argument(..., help="Output folder for the grown model."),
-    heads: int = typer.Option(None, "--heads", help="New WKV head count per layer (>= the current; default unchanged)."),
-    param_tokens: int = typer.Option(None, "--param-tokens", help="New parameter-token count per layer (>= the current)."),
+    heads: int = typer.Option(
+        None, "--heads", help="New WKV head count per layer (>= the current; default unchanged)."
+    ),
+    param_tokens: int = typer.Option(
+        None, "--param-tokens", help="New parameter-token count per layer (>= the current)."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed for the new rows' random initialisation."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder is refused).",
+    ),
 ) -> None:
     """Grow a Meta-State model's WKV state (heads) and parameter tokens, keeping its function (SPEC section 4)."""
     from rich.console import Console
@@ -384,12 +497,28 @@ def grow_command(
 
 @app.command("eval", epilog=_examples("eval"))
 def eval_command(
-    checkpoint: str = typer.Argument(..., help="A saved model folder (save_pretrained: config.json + weights, and its tokenizer if any)."),
-    tasks: str = typer.Option("arithmetic,mqar,state_tracking,passkey,perplexity", "--tasks", help="Comma-separated registry tasks ('none' for only --lm-eval)."),
-    limit: int = typer.Option(None, "--limit", help="Examples per task (lm-eval: documents per task); default: each task's standard size."),
-    lm_eval: str = typer.Option(None, "--lm-eval", help="Comma-separated lm-eval tasks too, e.g. wuneng_arith or mmlu,gsm8k (needs the eval extra)."),
-    presets: list[str] = typer.Option([], "--preset", help="TASK=PRESET, repeatable, e.g. --preset mqar=T128_n8 (default: the first preset)."),
-    text: str = typer.Option(None, "--text", help="UTF-8 text file for perplexity (default: held-out generated arithmetic text)."),
+    checkpoint: str = typer.Argument(
+        ..., help="A saved model folder (save_pretrained: config.json + weights, and its tokenizer if any)."
+    ),
+    tasks: str = typer.Option(
+        "arithmetic,mqar,state_tracking,passkey,perplexity",
+        "--tasks",
+        help="Comma-separated registry tasks ('none' for only --lm-eval).",
+    ),
+    limit: int = typer.Option(
+        None, "--limit", help="Examples per task (lm-eval: documents per task); default: each task's standard size."
+    ),
+    lm_eval: str = typer.Option(
+        None,
+        "--lm-eval",
+        help="Comma-separated lm-eval tasks too, e.g. wuneng_arith or mmlu,gsm8k (needs the eval extra).",
+    ),
+    presets: list[str] = typer.Option(
+        [], "--preset", help="TASK=PRESET, repeatable, e.g. --preset mqar=T128_n8 (default: the first preset)."
+    ),
+    text: str = typer.Option(
+        None, "--text", help="UTF-8 text file for perplexity (default: held-out generated arithmetic text)."
+    ),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
     passkey_lengths: str = typer.Option("256,512,1024", "--passkey-lengths", help="Passkey prompt lengths in tokens."),
@@ -440,7 +569,13 @@ def eval_command(
         _fail(e, 2)
     console.print(rows_table(rows, title=f"wuneng eval {checkpoint}"))
     if json_out:
-        meta = {"checkpoint": str(checkpoint), "model_class": type(model).__name__, "tokenizer": type(tokenizer).__name__, "limit": limit, "seed": seed}
+        meta = {
+            "checkpoint": str(checkpoint),
+            "model_class": type(model).__name__,
+            "tokenizer": type(tokenizer).__name__,
+            "limit": limit,
+            "seed": seed,
+        }
         console.print(f"wrote {write_rows_json(json_out, rows, meta)}")
 
 
@@ -467,19 +602,44 @@ def _layer_list(text: str | None, option: str):
 
 @app.command("convert", epilog=_examples("convert"))
 def convert_command(
-    teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."),
+    teacher_dir: str = typer.Argument(
+        ..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."
+    ),
     out_dir: str = typer.Argument(..., help="Output folder (WuNeng config.json, model.safetensors, tokenizer files)."),
     fusion: str = typer.Option("gate", help="Cross-head fusion: gate | add | concat | hymba | none."),
-    middle_heads: int = typer.Option(None, help="Middle heads H_m (default: 4, at most the teacher's attention heads; 0 = none)."),
-    state_query: bool = typer.Option(True, "--state-query/--no-state-query", help="State-query modulation q += lambda Y W^state."),
-    hybrid_layers: str = typer.Option(None, help="Layers that get state heads, e.g. 0,2,5 or 0-3 (default: all); the others keep attention. A JSON/YAML file in fla's format (attn: {layers: [...]}) names the layers that keep attention instead: all others get state heads."),
-    keep_attention: str = typer.Option(None, "--keep-attention", help="ARWKV: the layers that keep full attention, e.g. 3,7 or 0-1, or a JSON/YAML file in fla's format (attn: {layers: [...]}, as `wuneng select-layers` writes); every other layer becomes an RWKV-7 replacement."),
-    untie_embeddings: bool = typer.Option(False, "--untie-embeddings", help="Give a teacher's tied embeddings (tie_word_embeddings) an LM head of its own in the student (default: tied as the teacher)."),
-    arwkv: bool = typer.Option(False, "--arwkv", help="Converted layers become ARWKV RWKV-7 replacements (attention=False)."),
-    arwkv_layers: str = typer.Option(None, help="Comma-separated layers that become ARWKV replacements (beside hybrid ones)."),
+    middle_heads: int = typer.Option(
+        None, help="Middle heads H_m (default: 4, at most the teacher's attention heads; 0 = none)."
+    ),
+    state_query: bool = typer.Option(
+        True, "--state-query/--no-state-query", help="State-query modulation q += lambda Y W^state."
+    ),
+    hybrid_layers: str = typer.Option(
+        None,
+        help="Layers that get state heads, e.g. 0,2,5 or 0-3 (default: all); the others keep attention. A JSON/YAML file in fla's format (attn: {layers: [...]}) names the layers that keep attention instead: all others get state heads.",
+    ),
+    keep_attention: str = typer.Option(
+        None,
+        "--keep-attention",
+        help="ARWKV: the layers that keep full attention, e.g. 3,7 or 0-1, or a JSON/YAML file in fla's format (attn: {layers: [...]}, as `wuneng select-layers` writes); every other layer becomes an RWKV-7 replacement.",
+    ),
+    untie_embeddings: bool = typer.Option(
+        False,
+        "--untie-embeddings",
+        help="Give a teacher's tied embeddings (tie_word_embeddings) an LM head of its own in the student (default: tied as the teacher).",
+    ),
+    arwkv: bool = typer.Option(
+        False, "--arwkv", help="Converted layers become ARWKV RWKV-7 replacements (attention=False)."
+    ),
+    arwkv_layers: str = typer.Option(
+        None, help="Comma-separated layers that become ARWKV replacements (beside hybrid ones)."
+    ),
     arwkv_init: str = typer.Option("rwkv7", help="ARWKV layer init: rwkv7 | radlads (copy the teacher's q/k/v/o)."),
     dtype: str = typer.Option("keep", help="Weights dtype: keep (the teacher's), float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, or TEACHER_DIR itself, is refused)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, or TEACHER_DIR itself, is refused).",
+    ),
 ) -> None:
     """Convert a Llama/Qwen2 teacher into a WuNeng hybrid (or ARWKV) model.
 
@@ -500,48 +660,91 @@ def convert_command(
     from wuneng.convert import is_layer_file
 
     if keep_attention is not None and hybrid_layers is not None:
-        raise typer.BadParameter("give either --keep-attention or --hybrid-layers, not both", param_hint="--keep-attention")
+        raise typer.BadParameter(
+            "give either --keep-attention or --hybrid-layers, not both", param_hint="--keep-attention"
+        )
     layers = {"hybrid_layers": _layer_list(hybrid_layers, "--hybrid-layers")}
     if keep_attention is not None:  # ARWKV everywhere but the kept layers
         kept = _layer_list(keep_attention, "--keep-attention")
         if kept is None:
-            raise typer.BadParameter("expected the layers to keep, e.g. 3,7 or 0-1, or a file with fla's "
-                                     "attn: {layers: [...]} (for no attention layer at all use --arwkv)",
-                                     param_hint="--keep-attention")
+            raise typer.BadParameter(
+                "expected the layers to keep, e.g. 3,7 or 0-1, or a file with fla's "
+                "attn: {layers: [...]} (for no attention layer at all use --arwkv)",
+                param_hint="--keep-attention",
+            )
         layers = {"keep_attention": kept}
         arwkv = True
     elif hybrid_layers is not None and is_layer_file(hybrid_layers):  # fla's file lists the layers that stay attention
         layers = {"keep_attention": layers["hybrid_layers"]}
     console = Console()
     model = convert_checkpoint(
-        teacher_dir, out_dir, overwrite=overwrite, dtype=dtypes[dtype], fusion=fusion, middle_heads=middle_heads,
-        state_query=state_query, attention=not arwkv, arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"),
-        arwkv_init=arwkv_init, untie_embeddings=untie_embeddings, **layers,
+        teacher_dir,
+        out_dir,
+        overwrite=overwrite,
+        dtype=dtypes[dtype],
+        fusion=fusion,
+        middle_heads=middle_heads,
+        state_query=state_query,
+        attention=not arwkv,
+        arwkv_layers=_layer_list(arwkv_layers, "--arwkv-layers"),
+        arwkv_init=arwkv_init,
+        untie_embeddings=untie_embeddings,
+        **layers,
     )
     c = model.config
     kinds = {k: [i for i, kind in enumerate(c.layer_kinds) if kind == k] for k in ("hybrid", "arwkv", "attention")}
-    console.print(f"wrote {out_dir}: hybrid layers {kinds['hybrid']}, ARWKV layers {kinds['arwkv']}, attention layers "
-                  f"{kinds['attention']}; fusion={c.fusion}, middle_heads={c.middle_heads}, state_query={c.state_query}, "
-                  f"tied embeddings={c.tie_word_embeddings}, dtype={model.dtype}", markup=False, highlight=False)
+    console.print(
+        f"wrote {out_dir}: hybrid layers {kinds['hybrid']}, ARWKV layers {kinds['arwkv']}, attention layers "
+        f"{kinds['attention']}; fusion={c.fusion}, middle_heads={c.middle_heads}, state_query={c.state_query}, "
+        f"tied embeddings={c.tie_word_embeddings}, dtype={model.dtype}",
+        markup=False,
+        highlight=False,
+    )
     console.print(model.format_parameter_breakdown(), markup=False, highlight=False)
 
 
 @app.command("select-layers", epilog=_examples("select-layers"))
 def select_layers_command(
-    teacher_dir: str = typer.Argument(..., help="Local Llama/Qwen2 teacher folder (config.json + safetensors + tokenizer)."),
-    budget: int = typer.Option(..., "--budget", help="Distillation tokens per run (one run per candidate layer, plus the baseline)."),
+    teacher_dir: str = typer.Argument(
+        ..., help="Local Llama/Qwen2 teacher folder (config.json + safetensors + tokenizer)."
+    ),
+    budget: int = typer.Option(
+        ..., "--budget", help="Distillation tokens per run (one run per candidate layer, plus the baseline)."
+    ),
     keep: int = typer.Option(..., "--keep", help="How many layers keep full attention (the top K of the ranking)."),
-    data: list[str] = typer.Option([], "--data", help="Training data, repeatable: files or folders (.txt/.md/.jsonl/.parquet), a datasets folder, or python:module:function (as `data.sources` of wuneng train). Required."),
-    out: str = typer.Option(None, "--out", help="Where the chosen layers go, in fla's format (attn: {layers: [...]}) for `wuneng convert --keep-attention FILE` (default WORK_DIR/keep_attention.json)."),
-    work_dir: str = typer.Option("runs/select-layers", "--work-dir", help="Folder of results.json (one entry per finished run; a rerun skips them) and the runs."),
+    data: list[str] = typer.Option(
+        [],
+        "--data",
+        help="Training data, repeatable: files or folders (.txt/.md/.jsonl/.parquet), a datasets folder, or python:module:function (as `data.sources` of wuneng train). Required.",
+    ),
+    out: str = typer.Option(
+        None,
+        "--out",
+        help="Where the chosen layers go, in fla's format (attn: {layers: [...]}) for `wuneng convert --keep-attention FILE` (default WORK_DIR/keep_attention.json).",
+    ),
+    work_dir: str = typer.Option(
+        "runs/select-layers",
+        "--work-dir",
+        help="Folder of results.json (one entry per finished run; a rerun skips them) and the runs.",
+    ),
     layers: str = typer.Option(None, "--layers", help="Candidate layers, e.g. 0-11 or 0,4,8 (default: all)."),
-    align_tokens: int = typer.Option(None, "--align-tokens", help="Stage-1 alignment tokens, once, for the all-ARWKV base student (default: --budget; 0: none)."),
+    align_tokens: int = typer.Option(
+        None,
+        "--align-tokens",
+        help="Stage-1 alignment tokens, once, for the all-ARWKV base student (default: --budget; 0: none).",
+    ),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training row."),
     batch_size: int = typer.Option(4, "--batch-size", help="Rows per optimiser step."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate (constant after a short warm-up)."),
-    eval_rows: int = typer.Option(8, "--eval-rows", help="Rows held out (the last rows of the data) to measure each run's KL."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the base student's init and of the data order (the same for every run)."),
-    arwkv_init: str = typer.Option("rwkv7", "--arwkv-init", help="ARWKV layer init: rwkv7 | radlads (as wuneng convert)."),
+    eval_rows: int = typer.Option(
+        8, "--eval-rows", help="Rows held out (the last rows of the data) to measure each run's KL."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the base student's init and of the data order (the same for every run)."
+    ),
+    arwkv_init: str = typer.Option(
+        "rwkv7", "--arwkv-init", help="ARWKV layer init: rwkv7 | radlads (as wuneng convert)."
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher and student dtype: float32, bfloat16 or float16."),
 ) -> None:
     """Rank layers for keeping full attention in an ARWKV student (KL-guided, arXiv 2512.20569) and write the top K.
@@ -559,25 +762,49 @@ def select_layers_command(
 
     try:
         candidates = parse_layer_list(layers, "--layers") if layers else None
-        cfg = SelectionConfig(teacher=teacher_dir, data=list(data), budget_tokens=budget, keep=keep, work_dir=work_dir,
-                              out=out, candidates=candidates, align_tokens=align_tokens, seq_len=seq_len,
-                              micro_batch_size=batch_size, lr=lr, eval_rows=eval_rows, seed=seed, arwkv_init=arwkv_init,
-                              dtype=dtype)
+        cfg = SelectionConfig(
+            teacher=teacher_dir,
+            data=list(data),
+            budget_tokens=budget,
+            keep=keep,
+            work_dir=work_dir,
+            out=out,
+            candidates=candidates,
+            align_tokens=align_tokens,
+            seq_len=seq_len,
+            micro_batch_size=batch_size,
+            lr=lr,
+            eval_rows=eval_rows,
+            seed=seed,
+            arwkv_init=arwkv_init,
+            dtype=dtype,
+        )
         cfg.check()
     except ValueError as e:
         raise typer.BadParameter(" ".join(str(e).split())) from None
     result = select_layers(cfg)
-    table = Table(title=f"select-layers {teacher_dir}: held-out KL per kept layer (baseline, none kept: {result.baseline_kl:.5f})")
+    table = Table(
+        title=f"select-layers {teacher_dir}: held-out KL per kept layer (baseline, none kept: {result.baseline_kl:.5f})"
+    )
     for column in ("rank", "layer", "KL", "fall vs baseline", "chosen"):
         table.add_column(column, justify="right")
     for rank, row in enumerate(result.ranking, 1):
-        table.add_row(str(rank), str(row["layer"]), f"{row['kl']:.5f}", f"{row['fall']:+.5f}",
-                      "yes" if row["layer"] in result.chosen else "")
+        table.add_row(
+            str(rank),
+            str(row["layer"]),
+            f"{row['kl']:.5f}",
+            f"{row['fall']:+.5f}",
+            "yes" if row["layer"] in result.chosen else "",
+        )
     console = Console()
     console.print(table)
-    console.print(f"chosen layers {result.chosen} written to {result.out} ({result.runs} new runs); convert with "
-                  f"`wuneng convert {teacher_dir} OUT_DIR --keep-attention {result.out}`", markup=False, highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"chosen layers {result.chosen} written to {result.out} ({result.runs} new runs); convert with "
+        f"`wuneng convert {teacher_dir} OUT_DIR --keep-attention {result.out}`",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

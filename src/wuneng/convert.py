@@ -115,14 +115,18 @@ def config_from_teacher(
         )
     unknown = sorted(set(options) - set(WUNENG_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown conversion option(s) {unknown}; accepted: fusion, middle_heads, state_query, "
-                        f"hybrid_layers, attention, arwkv_layers, layer_kinds, keep_attention, untie_embeddings, dtype, "
-                        f"{', '.join(WUNENG_OPTIONS)}")
+        raise TypeError(
+            f"unknown conversion option(s) {unknown}; accepted: fusion, middle_heads, state_query, "
+            f"hybrid_layers, attention, arwkv_layers, layer_kinds, keep_attention, untie_embeddings, dtype, "
+            f"{', '.join(WUNENG_OPTIONS)}"
+        )
     _check_teacher_config(teacher_config, type(teacher_config).__name__)
     c = teacher_config
     if keep_attention is not None:
         if hybrid_layers is not None or layer_kinds is not None:
-            raise ValueError("give either keep_attention (the layers that stay attention) or hybrid_layers/layer_kinds, not both")
+            raise ValueError(
+                "give either keep_attention (the layers that stay attention) or hybrid_layers/layer_kinds, not both"
+            )
         kept = _checked_layers(keep_attention, c.num_hidden_layers, "keep_attention")
         overlap = sorted(kept & set(_checked_layers(arwkv_layers or [], c.num_hidden_layers, "arwkv_layers")))
         if overlap:
@@ -137,8 +141,11 @@ def config_from_teacher(
     rope = dict(c.rope_parameters) if getattr(c, "rope_parameters", None) else None
     if middle_heads is None:
         middle_heads = default_middle_heads(c.num_attention_heads)
-        logger.info("middle_heads=%d (the default, at most the teacher's %d attention heads)", middle_heads,
-                    c.num_attention_heads)
+        logger.info(
+            "middle_heads=%d (the default, at most the teacher's %d attention heads)",
+            middle_heads,
+            c.num_attention_heads,
+        )
     return WuNengConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -231,7 +238,9 @@ def _radlads_init(student: WuNengForCausalLM, teacher_sd: Dict[str, torch.Tensor
         pre = f"model.layers.{i}.self_attn."
 
         def rep(w):  # [H_kv d, C] -> [H_q d, C], kv head j serving query heads j n_rep .. (j+1) n_rep - 1
-            return w.view(c.num_key_value_heads, 1, d, -1).expand(-1, n_rep, -1, -1).reshape(c.num_attention_heads * d, -1)
+            return (
+                w.view(c.num_key_value_heads, 1, d, -1).expand(-1, n_rep, -1, -1).reshape(c.num_attention_heads * d, -1)
+            )
 
         with torch.no_grad():
             mixer.receptance.weight.copy_(teacher_sd[pre + "q_proj.weight"])
@@ -288,9 +297,17 @@ def convert_teacher(
         teacher = load_teacher(teacher)
     check_teacher(teacher)
     config = config_from_teacher(
-        teacher.config, fusion=fusion, middle_heads=middle_heads, state_query=state_query,
-        hybrid_layers=hybrid_layers, attention=attention, arwkv_layers=arwkv_layers, layer_kinds=layer_kinds,
-        keep_attention=keep_attention, untie_embeddings=untie_embeddings, **options,
+        teacher.config,
+        fusion=fusion,
+        middle_heads=middle_heads,
+        state_query=state_query,
+        hybrid_layers=hybrid_layers,
+        attention=attention,
+        arwkv_layers=arwkv_layers,
+        layer_kinds=layer_kinds,
+        keep_attention=keep_attention,
+        untie_embeddings=untie_embeddings,
+        **options,
     )
     teacher_sd = teacher.state_dict()
     ref = teacher_sd["model.embed_tokens.weight"]
@@ -299,7 +316,12 @@ def convert_teacher(
         student = WuNengForCausalLM(config)
     student_params = dict(student.named_parameters())
     teacher_names = student.teacher_parameter_names()
-    dropped = {f"model.layers.{i}.self_attn.{p}.{w}" for i in config.arwkv_layers for p in _TEACHER_ATTN for w in ("weight", "bias")}
+    dropped = {
+        f"model.layers.{i}.self_attn.{p}.{w}"
+        for i in config.arwkv_layers
+        for p in _TEACHER_ATTN
+        for w in ("weight", "bias")
+    }
     given, problems = {}, []
     for name, tensor in teacher_sd.items():
         if name in dropped:
@@ -371,8 +393,11 @@ def _materialise_new_parameters(student: WuNengForCausalLM, device: torch.device
             else:
                 module._buffers[name] = value
         student._init_weights(mixer)
-        unset = [f"{type(module).__name__}.{name}" for module, name, floating, _ in fresh
-                 if floating and bool(getattr(module, name).isnan().any())]
+        unset = [
+            f"{type(module).__name__}.{name}"
+            for module, name, floating, _ in fresh
+            if floating and bool(getattr(module, name).isnan().any())
+        ]
         if unset:  # a bug of the model's init, not bad input
             raise RuntimeError(f"conversion: the init of layer {layer.layer_idx} left {', '.join(unset)} unset")
         with torch.no_grad():
@@ -414,7 +439,9 @@ def convert_checkpoint(
     The directory is assembled beside ``out_dir`` and moved into place, so an interrupted run leaves nothing
     half-written. A non-empty ``out_dir`` is an error unless ``overwrite``. Returns the converted model."""
     teacher_dir = os.fspath(teacher_dir)
-    check_output_dir(out_dir, overwrite, inputs=[teacher_dir])  # fail before the (slow) conversion; never over the teacher
+    check_output_dir(
+        out_dir, overwrite, inputs=[teacher_dir]
+    )  # fail before the (slow) conversion; never over the teacher
     teacher = load_teacher(teacher_dir, dtype=dtype)
     # the teacher was loaded here and is dropped right after: the student takes its tensors without a copy
     student = convert_teacher(teacher, dtype=dtype, share_teacher_weights=True, **kwargs)
@@ -494,12 +521,18 @@ def read_layer_file(path: Union[str, os.PathLike]) -> list:
         for k, spec in enumerate(specs):
             values = spec["layers"]
             if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
-                where = FLA_ATTN_KEY if len(specs) == 1 and isinstance(data[FLA_ATTN_KEY], dict) else f"{FLA_ATTN_KEY}[{k}]"
-                raise ValueError(f"layer selection file {path}: {where}.layers must be a list of layer indices, got {values!r}")
+                where = (
+                    FLA_ATTN_KEY if len(specs) == 1 and isinstance(data[FLA_ATTN_KEY], dict) else f"{FLA_ATTN_KEY}[{k}]"
+                )
+                raise ValueError(
+                    f"layer selection file {path}: {where}.layers must be a list of layer indices, got {values!r}"
+                )
             layers.extend(values)
     if isinstance(num_layers, int) and any(not -num_layers <= i < num_layers for i in layers):
-        raise ValueError(f"layer selection file {path}: layer indices {sorted(layers)} out of range for its "
-                         f"num_hidden_layers={num_layers}")
+        raise ValueError(
+            f"layer selection file {path}: layer indices {sorted(layers)} out of range for its "
+            f"num_hidden_layers={num_layers}"
+        )
     return sorted(set(layers))
 
 
@@ -535,15 +568,17 @@ def fla_attn_spec(config, layers: Optional[Sequence[int]] = None) -> dict:
         "layers": sorted(int(i) for i in layers),
         "num_heads": config.num_attention_heads,
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "qkv_bias": bool(getattr(config, "attention_bias", False)) or getattr(config, "model_type", None) == "qwen2"
+        "qkv_bias": bool(getattr(config, "attention_bias", False))
+        or getattr(config, "model_type", None) == "qwen2"
         or getattr(config, "teacher_model_type", None) == "qwen2",
         "rope_theta": float(theta) if theta is not None else None,
         "window_size": None,
     }
 
 
-def write_layer_file(path: Union[str, os.PathLike], config, layers: Optional[Sequence[int]] = None,
-                     extra: Optional[dict] = None) -> str:
+def write_layer_file(
+    path: Union[str, os.PathLike], config, layers: Optional[Sequence[int]] = None, extra: Optional[dict] = None
+) -> str:
     """Write ``{attn: fla_attn_spec(config, layers), num_hidden_layers: L, **extra}`` as JSON to ``path`` (a
     temporary name, then renamed); readable by :func:`read_layer_file` (``convert --keep-attention FILE``) and by
     fla's hybrid configs. Returns the path."""

@@ -78,7 +78,15 @@ class DemoBudget:
     @classmethod
     def fast(cls) -> "DemoBudget":
         """The CI smoke test (``--fast``): every stage runs, the numbers mean little (under 3 minutes)."""
-        return cls(teacher_steps=40, teacher_batch=8, align_steps=5, distill_steps=5, sft_steps=5, student_batch=4, eval_per_category=4)
+        return cls(
+            teacher_steps=40,
+            teacher_batch=8,
+            align_steps=5,
+            distill_steps=5,
+            sft_steps=5,
+            student_batch=4,
+            eval_per_category=4,
+        )
 
 
 @dataclass
@@ -122,7 +130,9 @@ class DemoConfig:
                 f"DemoConfig: hidden_size / num_heads must be a multiple of 16 (RWKV-7 state heads), got "
                 f"{self.hidden_size} / {self.num_heads}"
             )
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
             raise ValueError(f"DemoConfig.threads must be a positive int or None, got {self.threads!r}")
         for name in ("teacher_lr", "align_lr", "distill_lr", "sft_lr"):
             if not getattr(self, name) > 0:
@@ -203,7 +213,9 @@ def _convert(teacher, kind: str, cfg: DemoConfig):
 
     torch.manual_seed(cfg.seed + (1 if kind == "wuneng" else 2))
     if kind == "wuneng":
-        return WuNengForCausalLM.from_teacher(teacher, fusion=cfg.fusion, middle_heads=cfg.middle_heads, state_query=cfg.state_query)
+        return WuNengForCausalLM.from_teacher(
+            teacher, fusion=cfg.fusion, middle_heads=cfg.middle_heads, state_query=cfg.state_query
+        )
     return WuNengForCausalLM.from_teacher(teacher, attention=False)
 
 
@@ -269,7 +281,9 @@ def evaluate_student(model, tokenizer, examples) -> dict:
     from .eval.tasks.arithmetic import score_arithmetic
 
     max_new = max(len(e.answer) for e in examples) + 3
-    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size=64, label="demo eval")
+    gens = generate_continuations(
+        model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size=64, label="demo eval"
+    )
     scores = score_arithmetic(gens, examples)
     ppl = answer_perplexity(model, examples)
     arith = [e for e in examples if e.fact is not None]
@@ -279,7 +293,8 @@ def evaluate_student(model, tokenizer, examples) -> dict:
     return {
         "exact": scores["exact"],
         "exact_arithmetic": float(np.mean([exact_match_flags[i] for i, e in enumerate(examples) if e.fact is not None]))
-        if arith else float("nan"),
+        if arith
+        else float("nan"),
         "final": scores["final"],
         "recall": recall,
         "per_category": scores["per_category"],
@@ -311,10 +326,18 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
 
     panels = [
         ("teacher pretrain (answer CE)", [("teacher", "teacher", "loss")]),
-        ("stage 1: alignment ||y_T - y_S|| / sqrt(C)", [("wuneng/align", "WuNeng hybrid output", "align_output"),
-                                                         ("wuneng/align", "WuNeng state heads alone", "align_state"),
-                                                         ("arwkv/align", "ARWKV replacement", "align_output")]),
-        ("stage 2: distillation KL(p_T || p_S)", [("wuneng/distill", "WuNeng", "kl"), ("arwkv/distill", "ARWKV", "kl")]),
+        (
+            "stage 1: alignment ||y_T - y_S|| / sqrt(C)",
+            [
+                ("wuneng/align", "WuNeng hybrid output", "align_output"),
+                ("wuneng/align", "WuNeng state heads alone", "align_state"),
+                ("arwkv/align", "ARWKV replacement", "align_output"),
+            ],
+        ),
+        (
+            "stage 2: distillation KL(p_T || p_S)",
+            [("wuneng/distill", "WuNeng", "kl"), ("arwkv/distill", "ARWKV", "kl")],
+        ),
         ("stage 3: SFT (answer CE)", [("wuneng/sft", "WuNeng", "loss"), ("arwkv/sft", "ARWKV", "loss")]),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
@@ -322,7 +345,12 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
         for run, label, key in curves:
             recs = [r for r in histories.get(run, []) if key in r]
             if recs:
-                ax.plot([r["step"] for r in recs], [max(r[key], 1e-6) for r in recs], label=label, marker="." if len(recs) < 20 else None)
+                ax.plot(
+                    [r["step"] for r in recs],
+                    [max(r[key], 1e-6) for r in recs],
+                    label=label,
+                    marker="." if len(recs) < 20 else None,
+                )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimiser step")
         ax.set_yscale("log")
@@ -335,7 +363,9 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def _plot_accuracy(final: dict[str, dict], stages: dict[str, dict[str, dict]], categories: list[str], path: Path) -> Path:
+def _plot_accuracy(
+    final: dict[str, dict], stages: dict[str, dict[str, dict]], categories: list[str], path: Path
+) -> Path:
     from .train.plotting import pyplot
 
     plt = pyplot()
@@ -401,8 +431,17 @@ def _stage_rows(results: dict) -> list[list[str]]:
             if r is None:
                 continue
             secs = results["seconds"].get(f"{s}/{stage}")
-            rows.append([s, stage, _fmt_pct(r["exact"]), _fmt_pct(r["final"]), _fmt_pct(r["recall"]), f"{r['ppl']:.3f}",
-                         "-" if secs is None else f"{secs:.0f}"])
+            rows.append(
+                [
+                    s,
+                    stage,
+                    _fmt_pct(r["exact"]),
+                    _fmt_pct(r["final"]),
+                    _fmt_pct(r["recall"]),
+                    f"{r['ppl']:.3f}",
+                    "-" if secs is None else f"{secs:.0f}",
+                ]
+            )
     return rows
 
 
@@ -413,7 +452,11 @@ def _fmt_loss(x: float) -> str:
 def _align_rows(results: dict) -> list[list[str]]:
     a = results["align"]
     return [
-        ["WuNeng hybrid output (y_S = mixer)", _fmt_loss(a["wuneng_output_first"]), _fmt_loss(a["wuneng_output_final"])],
+        [
+            "WuNeng hybrid output (y_S = mixer)",
+            _fmt_loss(a["wuneng_output_first"]),
+            _fmt_loss(a["wuneng_output_final"]),
+        ],
         ["WuNeng state heads alone (Y W^O)", _fmt_loss(a["wuneng_state_first"]), _fmt_loss(a["wuneng_state_final"])],
         ["ARWKV replacement (RWKV-7 time-mix)", _fmt_loss(a["arwkv_output_first"]), _fmt_loss(a["arwkv_output_final"])],
     ]
@@ -437,7 +480,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         _md_table(_main_header(results), _main_rows(results)),
         "",
         "exact: the whole answer line matches (greedy); final: the `#### N` number matches (arithmetic only); "
-        "ppl: per-byte perplexity of the held-out answers (`\" \" + answer + newline`) given their prompts. "
+        'ppl: per-byte perplexity of the held-out answers (`" " + answer + newline`) given their prompts. '
         f"{b['eval_per_category']} problems per category.",
         "",
         "## Students after each stage",
@@ -453,13 +496,24 @@ def write_report(results: dict, out_dir: Path) -> Path:
         _md_table(
             ["stage", "steps", "rows x bytes", "tokens", "lr (peak, cosine to 1/10)", "seconds (wuneng / arwkv)"],
             [
-                ["teacher pretrain", str(b["teacher_steps"]), f"{b['teacher_batch']} x {b['context']}", f"{results['tokens']['teacher']:,}",
-                 f"{results['config']['teacher_lr']:g}", f"{results['seconds'].get('teacher', 0):.0f}"],
+                [
+                    "teacher pretrain",
+                    str(b["teacher_steps"]),
+                    f"{b['teacher_batch']} x {b['context']}",
+                    f"{results['tokens']['teacher']:,}",
+                    f"{results['config']['teacher_lr']:g}",
+                    f"{results['seconds'].get('teacher', 0):.0f}",
+                ],
             ]
             + [
-                [stage, str(b[f"{stage}_steps"]), f"{b['student_batch']} x {b['context']}", f"{results['tokens'][stage]:,}",
-                 f"{results['config'][f'{stage}_lr']:g}",
-                 f"{results['seconds'].get(f'wuneng/{stage}', 0):.0f} / {results['seconds'].get(f'arwkv/{stage}', 0):.0f}"]
+                [
+                    stage,
+                    str(b[f"{stage}_steps"]),
+                    f"{b['student_batch']} x {b['context']}",
+                    f"{results['tokens'][stage]:,}",
+                    f"{results['config'][f'{stage}_lr']:g}",
+                    f"{results['seconds'].get(f'wuneng/{stage}', 0):.0f} / {results['seconds'].get(f'arwkv/{stage}', 0):.0f}",
+                ]
                 for stage in STUDENT_STAGES
             ],
         ),
@@ -518,7 +572,16 @@ def print_results(results: dict, console) -> None:
 
 # ------------------------------------------------------------------------------------------------- run
 #: what a demo run writes into its output folder (stage runs, then the report and its companions)
-DEMO_OUTPUTS = ("teacher", "wuneng", "arwkv", "report.md", "results.json", "results.json.tmp", "losses.png", "accuracy.png")
+DEMO_OUTPUTS = (
+    "teacher",
+    "wuneng",
+    "arwkv",
+    "report.md",
+    "results.json",
+    "results.json.tmp",
+    "losses.png",
+    "accuracy.png",
+)
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
@@ -580,8 +643,12 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     )
     data = _stage_dataset(task, test, b.teacher_steps * b.teacher_batch, b.context, cfg.seed, epoch=0)
     t0 = time.perf_counter()
-    res = train(_train_config("pretrain", out / "teacher", b.teacher_steps, b.teacher_batch, cfg.teacher_lr, cfg, cfg.seed),
-                model=teacher, tokenizer=tokenizer, dataset=data)
+    res = train(
+        _train_config("pretrain", out / "teacher", b.teacher_steps, b.teacher_batch, cfg.teacher_lr, cfg, cfg.seed),
+        model=teacher,
+        tokenizer=tokenizer,
+        dataset=data,
+    )
     seconds["teacher"] = time.perf_counter() - t0
     histories = {"teacher": res.history}
     teacher.eval()
@@ -604,8 +671,13 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
             logger.info(f"{kind}: stage {stage} ({b.stage_steps(stage)} steps)")
             t0 = time.perf_counter()
             res = train(
-                _train_config(stage, out / kind / stage, b.stage_steps(stage), b.student_batch, stage_lr[stage], cfg, cfg.seed),
-                model=student, teacher=teacher, tokenizer=tokenizer, dataset=stage_data[stage],
+                _train_config(
+                    stage, out / kind / stage, b.stage_steps(stage), b.student_batch, stage_lr[stage], cfg, cfg.seed
+                ),
+                model=student,
+                teacher=teacher,
+                tokenizer=tokenizer,
+                dataset=stage_data[stage],
             )
             seconds[f"{kind}/{stage}"] = time.perf_counter() - t0
             histories[f"{kind}/{stage}"] = res.history

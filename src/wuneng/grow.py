@@ -50,7 +50,9 @@ def _check_size(name: str, value, current: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"grow: {name} must be an int, got {type(value).__name__} {value!r}")
     if value < current:
-        raise ValueError(f"grow: cannot shrink {name} from {current} to {value}; growth only adds (use a value >= {current})")
+        raise ValueError(
+            f"grow: cannot shrink {name} from {current} to {value}; growth only adds (use a value >= {current})"
+        )
     return value
 
 
@@ -135,7 +137,9 @@ class StateReport:
         N, H = self.head_size, self.num_heads
         lines = [f"{'layer':>5}  {'heads':>5}  {'states (H*N*N)':>15}"]
         lines += [f"{i:>5}  {H:>5}  {s:>15,}" for i, s in enumerate(self.per_layer)]
-        lines.append(f"{'total':>5}  {'':>5}  {self.total:>15,}   (head size {N}, {self.total * 4 / 2**20:.2f} MiB fp32)")
+        lines.append(
+            f"{'total':>5}  {'':>5}  {self.total:>15,}   (head size {N}, {self.total * 4 / 2**20:.2f} MiB fp32)"
+        )
         if self.num_param_tokens is not None:
             lines.append(f"parameter tokens per layer: {self.num_param_tokens:,}; parameters: {self.num_parameters:,}")
         return "\n".join(lines)
@@ -145,7 +149,9 @@ def state_report(model) -> StateReport:
     """Per-layer and total WKV state size of ``model`` (a Meta-State or RWKV-7 causal LM)."""
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "head_size") or not hasattr(cfg, "num_hidden_layers"):
-        raise TypeError(f"state_report: expected a Meta-State or RWKV-7 model with a config, got {type(model).__name__}")
+        raise TypeError(
+            f"state_report: expected a Meta-State or RWKV-7 model with a config, got {type(model).__name__}"
+        )
     H, N = int(cfg.num_heads), int(cfg.head_size)
     return StateReport(
         per_layer=[H * N * N] * cfg.num_hidden_layers,
@@ -164,7 +170,9 @@ def load_metastate_checkpoint(path: str):
     from .models.metastate import MetaStateConfig, MetaStateForCausalLM
 
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path!r} is not a model folder (expected config.json + model.safetensors from save_pretrained)")
+        raise FileNotFoundError(
+            f"{path!r} is not a model folder (expected config.json + model.safetensors from save_pretrained)"
+        )
     import wuneng.models  # noqa: F401  (registers every wuneng model_type with AutoConfig)
 
     check_model_folder(path)  # one line naming an unreadable config.json / model.safetensors or a mismatch

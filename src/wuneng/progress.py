@@ -19,7 +19,15 @@ import sys
 import time
 from typing import Callable, Optional
 
-__all__ = ["DEFAULT_INTERVAL", "ENV_INTERVAL", "ProgressLog", "progress_interval", "format_duration", "configure_logging", "stderr_is_terminal"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "ENV_INTERVAL",
+    "ProgressLog",
+    "progress_interval",
+    "format_duration",
+    "configure_logging",
+    "stderr_is_terminal",
+]
 
 DEFAULT_INTERVAL = 10.0
 ENV_INTERVAL = "WUNENG_PROGRESS_INTERVAL"

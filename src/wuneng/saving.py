@@ -66,8 +66,15 @@ TOKENIZER_FILES = (
 # Entries ``save_pretrained`` of a wuneng model (and its tokenizer) writes; a folder holding anything else is
 # not replaced by ``overwrite``.
 _MODEL_FOLDER_FILES = frozenset(
-    ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "wuneng_auto.py",
-     "__pycache__") + TOKENIZER_FILES
+    (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "wuneng_auto.py",
+        "__pycache__",
+    )
+    + TOKENIZER_FILES
 )
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
@@ -146,7 +153,9 @@ def replaceable_model_folder(path: PathLike) -> Optional[str]:
     except (OSError, ValueError, AttributeError):
         return "its config.json is not readable JSON"
     if model_type not in library_model_types():
-        return f"its config.json has model_type {model_type!r}, not one of wuneng's ({', '.join(library_model_types())})"
+        return (
+            f"its config.json has model_type {model_type!r}, not one of wuneng's ({', '.join(library_model_types())})"
+        )
     others = sorted(e for e in os.listdir(path) if e not in _MODEL_FOLDER_FILES and not _SHARD.match(e))
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -309,7 +318,9 @@ def check_weight_files(path: PathLike) -> list:
             with safe_open(file, framework="pt") as f:
                 f.keys()
         except FileNotFoundError:
-            raise ModelFolderError(f"{file}: missing (listed in model.safetensors.index.json); copy the complete folder") from None
+            raise ModelFolderError(
+                f"{file}: missing (listed in model.safetensors.index.json); copy the complete folder"
+            ) from None
         except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
             raise ModelFolderError(
                 f"{file}: not a readable safetensors file ({_one_line(err)}); it is truncated or corrupt: save or copy it again"
@@ -321,8 +332,14 @@ def describe_loading_problems(info: dict, tied: bool = False) -> str:
     """'' or a description of a loading report's missing / unexpected / mismatched tensors (a tied LM head may be
     missing)."""
     parts = []
-    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "shape mismatch")):
-        names = sorted(str(k) for k in (info.get(key) or ()) if not (tied and key == "missing_keys" and k == "lm_head.weight"))
+    for key, label in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "shape mismatch"),
+    ):
+        names = sorted(
+            str(k) for k in (info.get(key) or ()) if not (tied and key == "missing_keys" and k == "lm_head.weight")
+        )
         if names:
             parts.append(f"{label}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
     return "; ".join(parts)
@@ -357,8 +374,12 @@ def checkpoint_mismatches(path: PathLike, model, tied: bool = False, ignore_size
     info = {
         "missing_keys": sorted(set(expected) - set(found)),
         "unexpected_keys": sorted(set(found) - set(expected)),
-        "mismatched_keys": [] if ignore_sizes else [
-            f"{k} (checkpoint {found[k]} vs config {expected[k]})" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
+        "mismatched_keys": []
+        if ignore_sizes
+        else [
+            f"{k} (checkpoint {found[k]} vs config {expected[k]})"
+            for k in sorted(set(found) & set(expected))
+            if found[k] != expected[k]
         ],
     }
     return describe_loading_problems(info)
@@ -376,12 +397,16 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{what} {path}: not a model folder (no config.json; expected a save_pretrained folder: config.json + model.safetensors)")
+        raise FileNotFoundError(
+            f"{what} {path}: not a model folder (no config.json; expected a save_pretrained folder: config.json + model.safetensors)"
+        )
     try:
         with open(config_path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ModelFolderError(f"{config_path}: not readable JSON ({_one_line(err)}); expected the config.json save_pretrained writes") from None
+        raise ModelFolderError(
+            f"{config_path}: not readable JSON ({_one_line(err)}); expected the config.json save_pretrained writes"
+        ) from None
     if not isinstance(raw, dict):
         raise ModelFolderError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -405,7 +430,9 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as err:  # transformers raises several types for a config it cannot use
-        raise ModelFolderError(f"{config_path}: cannot build a model from it ({_one_line(err)}); fix config.json or save the model again") from None
+        raise ModelFolderError(
+            f"{config_path}: cannot build a model from it ({_one_line(err)}); fix config.json or save the model again"
+        ) from None
     problems = checkpoint_mismatches(path, skeleton, bool(getattr(config, "tie_word_embeddings", False)))
     if problems:
         weights = os.path.join(path, files[0] if len(files) == 1 else "model.safetensors.index.json")

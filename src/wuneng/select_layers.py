@@ -85,7 +85,9 @@ class SelectionConfig:
         if not self.lr > 0:
             raise ValueError(f"select-layers: lr must be > 0, got {self.lr}")
         if not self.data:
-            raise ValueError("select-layers: give at least one data source (--data FILE, folder or python:module:function)")
+            raise ValueError(
+                "select-layers: give at least one data source (--data FILE, folder or python:module:function)"
+            )
         if self.arwkv_init not in ("rwkv7", "radlads"):
             raise ValueError(f"select-layers: arwkv_init must be rwkv7 or radlads, got {self.arwkv_init!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -97,8 +99,17 @@ class SelectionConfig:
 
     def settings(self) -> dict:
         """What the results depend on (stored in results.json; a rerun must match them)."""
-        keys = ("budget_tokens", "align_tokens", "seq_len", "micro_batch_size", "lr", "eval_rows", "seed",
-                "arwkv_init", "dtype")
+        keys = (
+            "budget_tokens",
+            "align_tokens",
+            "seq_len",
+            "micro_batch_size",
+            "lr",
+            "eval_rows",
+            "seed",
+            "arwkv_init",
+            "dtype",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["align_tokens"] = self.budget_tokens if self.align_tokens is None else self.align_tokens
         out["teacher"] = os.path.abspath(self.teacher)
@@ -130,7 +141,9 @@ def rank_layers(kl_by_layer: dict, baseline_kl: float, keep: int) -> tuple[list,
         raise ValueError(f"keep must be >= 1, got {keep}")
     if keep > len(kl_by_layer):
         raise ValueError(f"keep={keep} layers asked but only {len(kl_by_layer)} candidate layers were measured")
-    ranking = [{"layer": int(i), "kl": float(kl), "fall": float(baseline_kl) - float(kl)} for i, kl in kl_by_layer.items()]
+    ranking = [
+        {"layer": int(i), "kl": float(kl), "fall": float(baseline_kl) - float(kl)} for i, kl in kl_by_layer.items()
+    ]
     ranking.sort(key=lambda r: (-r["fall"], r["layer"]))
     return ranking, sorted(r["layer"] for r in ranking[:keep])
 
@@ -189,13 +202,17 @@ def _student(teacher, kept: Optional[int], num_layers: int, arwkv_init: str, bas
         new = student.new_parameter_names()
         missing = sorted(new - set(base))
         if missing:  # base.safetensors does not fit the student: not ours, or another teacher
-            raise ValueError(f"{BASE_FILE}: lacks {', '.join(missing[:5])}; delete the work folder's {BASE_FILE} to rebuild it")
+            raise ValueError(
+                f"{BASE_FILE}: lacks {', '.join(missing[:5])}; delete the work folder's {BASE_FILE} to rebuild it"
+            )
         params = dict(student.named_parameters())
         with torch.no_grad():
             for name in new:
                 if params[name].shape != base[name].shape:
-                    raise ValueError(f"{BASE_FILE}: {name} has shape {tuple(base[name].shape)}, the student "
-                                     f"{tuple(params[name].shape)}; delete it to rebuild")
+                    raise ValueError(
+                        f"{BASE_FILE}: {name} has shape {tuple(base[name].shape)}, the student "
+                        f"{tuple(params[name].shape)}; delete it to rebuild"
+                    )
                 params[name].copy_(base[name])
     return student
 
@@ -252,8 +269,14 @@ def _run_stage(cfg: SelectionConfig, stage: str, run_dir: Path, tokens: int, stu
     resume = run_dir.is_dir() and latest_checkpoint(run_dir) is not None
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
-    return loop.train(_train_config(cfg, stage, run_dir, tokens), model=student, teacher=teacher, tokenizer=tokenizer,
-                      dataset=dataset, resume=resume)
+    return loop.train(
+        _train_config(cfg, stage, run_dir, tokens),
+        model=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        resume=resume,
+    )
 
 
 def _split(dataset, eval_rows: int):
@@ -266,9 +289,13 @@ def _split(dataset, eval_rows: int):
             f"select-layers: the data packs into {n} rows of seq_len tokens, but {eval_rows} are held out for the KL "
             "and at least one more is needed to train on; give more data, or lower --eval-rows / --seq-len"
         )
-    train_rows = PackedDataset(dataset.input_ids[: n - eval_rows], dataset.labels[: n - eval_rows],
-                               dataset.attention_mask[: n - eval_rows])
-    held_out = {"input_ids": dataset.input_ids[n - eval_rows :], "attention_mask": dataset.attention_mask[n - eval_rows :]}
+    train_rows = PackedDataset(
+        dataset.input_ids[: n - eval_rows], dataset.labels[: n - eval_rows], dataset.attention_mask[: n - eval_rows]
+    )
+    held_out = {
+        "input_ids": dataset.input_ids[n - eval_rows :],
+        "attention_mask": dataset.attention_mask[n - eval_rows :],
+    }
     return train_rows, held_out
 
 
@@ -302,12 +329,21 @@ def select_layers(cfg: SelectionConfig) -> SelectionResult:
         raise ConfigError(f"select-layers: --keep {cfg.keep} is more than the {len(candidates)} candidate layers")
     keys = [BASELINE] + [str(i) for i in candidates]
     todo = [k for k in keys if k not in runs]
-    logger.info("select-layers: %d layers, %d candidate runs + baseline of %d tokens (%d steps) each; %d done, %d to run",
-                num_layers, len(candidates), cfg.budget_tokens, cfg.steps(cfg.budget_tokens), len(keys) - len(todo), len(todo))
+    logger.info(
+        "select-layers: %d layers, %d candidate runs + baseline of %d tokens (%d steps) each; %d done, %d to run",
+        num_layers,
+        len(candidates),
+        cfg.budget_tokens,
+        cfg.steps(cfg.budget_tokens),
+        len(keys) - len(todo),
+        len(todo),
+    )
 
     done_now = 0
     if todo:
-        tokenizer_source = cfg.tokenizer or (cfg.teacher if (Path(cfg.teacher) / "tokenizer_config.json").is_file() else "byte")
+        tokenizer_source = cfg.tokenizer or (
+            cfg.teacher if (Path(cfg.teacher) / "tokenizer_config.json").is_file() else "byte"
+        )
         tokenizer = load_tokenizer(tokenizer_source)
         dataset = build_dataset(DataConfig(sources=list(cfg.data), seq_len=cfg.seq_len), tokenizer, "distill")
         train_rows, held_out = _split(dataset, cfg.eval_rows)
@@ -321,28 +357,58 @@ def select_layers(cfg: SelectionConfig) -> SelectionResult:
             torch.manual_seed(cfg.seed)
             student = _student(teacher, kept, num_layers, cfg.arwkv_init, base)
             t0 = time.perf_counter()
-            result = _run_stage(cfg, "distill", work / "runs" / (key if kept is None else f"layer_{kept:03d}"),
-                                cfg.budget_tokens, student, teacher, tokenizer, train_rows)
+            result = _run_stage(
+                cfg,
+                "distill",
+                work / "runs" / (key if kept is None else f"layer_{kept:03d}"),
+                cfg.budget_tokens,
+                student,
+                teacher,
+                tokenizer,
+                train_rows,
+            )
             kl = held_out_kl(student, teacher, held_out, cfg.micro_batch_size)
             train_kl = [h["kl"] for h in result.history if "kl" in h]
-            runs[key] = {"layer": kept, "kl": kl, "train_kl_last": train_kl[-1] if train_kl else None,
-                         "steps": result.step, "seconds": round(time.perf_counter() - t0, 2)}
+            runs[key] = {
+                "layer": kept,
+                "kl": kl,
+                "train_kl_last": train_kl[-1] if train_kl else None,
+                "steps": result.step,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
             _write_json_atomic(results_path, {"settings": settings, "runs": runs})
             shutil.rmtree(result.output_dir / "checkpoints", ignore_errors=True)  # only needed to resume this run
             done_now += 1
             elapsed = time.perf_counter() - started
             eta = elapsed / done_now * (len(todo) - done_now)
-            logger.info("select-layers: %s: held-out KL %.5f (%d/%d runs, %.0fs, ETA %.0fs)", what, kl, n + 1, len(todo),
-                        elapsed, eta)
+            logger.info(
+                "select-layers: %s: held-out KL %.5f (%d/%d runs, %.0fs, ETA %.0fs)",
+                what,
+                kl,
+                n + 1,
+                len(todo),
+                elapsed,
+                eta,
+            )
             del student
 
     baseline_kl = runs[BASELINE]["kl"]
     ranking, chosen = rank_layers({i: runs[str(i)]["kl"] for i in candidates}, baseline_kl, cfg.keep)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_layer_file(out, teacher.config, chosen, extra={SELECTION_KEY: {
-        "method": "KL-guided (arXiv 2512.20569): one layer kept as attention per short distillation run",
-        "keep": cfg.keep, "baseline_kl": baseline_kl, "ranking": ranking, "settings": settings,
-    }})
+    write_layer_file(
+        out,
+        teacher.config,
+        chosen,
+        extra={
+            SELECTION_KEY: {
+                "method": "KL-guided (arXiv 2512.20569): one layer kept as attention per short distillation run",
+                "keep": cfg.keep,
+                "baseline_kl": baseline_kl,
+                "ranking": ranking,
+                "settings": settings,
+            }
+        },
+    )
     logger.info("select-layers: chosen layers %s written to %s", chosen, out)
     return SelectionResult(ranking, chosen, baseline_kl, str(out), done_now, runs)
 
@@ -359,8 +425,11 @@ def _base_parameters(cfg: SelectionConfig, work: Path, teacher, tokenizer, train
     torch.manual_seed(cfg.seed)
     student = _student(teacher, None, num_layers, cfg.arwkv_init, None)
     if align_tokens > 0:
-        logger.info("select-layers: aligning the all-ARWKV base student (%d tokens, %d steps)", align_tokens,
-                    cfg.steps(align_tokens))
+        logger.info(
+            "select-layers: aligning the all-ARWKV base student (%d tokens, %d steps)",
+            align_tokens,
+            cfg.steps(align_tokens),
+        )
         _run_stage(cfg, "align", work / "runs" / "align", align_tokens, student, teacher, tokenizer, train_rows)
     params = dict(student.named_parameters())
     base = {name: params[name].detach().to("cpu").contiguous() for name in sorted(student.new_parameter_names())}

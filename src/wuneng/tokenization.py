@@ -65,7 +65,11 @@ class ByteLevelTokenizer(AutoMapMixin, PreTrainedTokenizer):
         # Fix the special ids before the base class adds "missing" specials at the end of the vocab.
         specials = {PAD_ID: pad_token, BOS_ID: bos_token, EOS_ID: eos_token}
         self._added_tokens_decoder = {
-            i: (t if isinstance(t, AddedToken) else AddedToken(t, lstrip=False, rstrip=False, special=True, normalized=False))
+            i: (
+                t
+                if isinstance(t, AddedToken)
+                else AddedToken(t, lstrip=False, rstrip=False, special=True, normalized=False)
+            )
             for i, t in specials.items()
         }
         self.prepend_bos = prepend_bos
@@ -129,7 +133,9 @@ class ByteLevelTokenizer(AutoMapMixin, PreTrainedTokenizer):
         for token in tokens:
             if token in self._added_tokens_encoder:
                 if char_bytes or not text.startswith(token, pos):
-                    raise ValueError(f"ByteLevelTokenizer: special token {token!r} not found at character {pos} of the text")
+                    raise ValueError(
+                        f"ByteLevelTokenizer: special token {token!r} not found at character {pos} of the text"
+                    )
                 offsets.append((pos, pos + len(token)))
                 pos += len(token)
                 continue
@@ -138,7 +144,9 @@ class ByteLevelTokenizer(AutoMapMixin, PreTrainedTokenizer):
                     raise ValueError("ByteLevelTokenizer: more byte tokens than the text has bytes")
                 char_bytes = text[pos].encode("utf-8")
             if ord(token) != char_bytes[0]:
-                raise ValueError(f"ByteLevelTokenizer: byte token {ord(token)} does not match character {pos} of the text")
+                raise ValueError(
+                    f"ByteLevelTokenizer: byte token {ord(token)} does not match character {pos} of the text"
+                )
             offsets.append((pos, pos + 1))
             char_bytes = char_bytes[1:]
             if not char_bytes:
@@ -148,7 +156,9 @@ class ByteLevelTokenizer(AutoMapMixin, PreTrainedTokenizer):
         return ids, offsets
 
     # ------------------------------------------------------------------------ special tokens
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         bos = [BOS_ID] if self.prepend_bos else []
         eos = [EOS_ID] if self.append_eos else []
         out = bos + list(token_ids_0) + eos

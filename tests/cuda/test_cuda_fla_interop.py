@@ -33,7 +33,9 @@ def tokens(length: int) -> torch.Tensor:
 @pytest.mark.parametrize("length", [20, 130])  # fla's recurrent kernel (< 64 tokens, no grad) and its chunked one
 def test_fla_on_cuda_matches_from_fla(tmp_path, length):
     torch.manual_seed(0)
-    fla = fla_models.RWKV7ForCausalLM(fla_models.RWKV7Config(vocab_size=V, hidden_size=128, num_hidden_layers=3, head_dim=64, **SIZES))
+    fla = fla_models.RWKV7ForCausalLM(
+        fla_models.RWKV7Config(vocab_size=V, hidden_size=128, num_hidden_layers=3, head_dim=64, **SIZES)
+    )
     perturb_(fla, 0.1, seed=0)
     fla.save_pretrained(tmp_path / "fla")
     ours = RWKV7ForCausalLM.from_fla(tmp_path / "fla").eval()
@@ -48,7 +50,9 @@ def test_fla_on_cuda_matches_from_fla(tmp_path, length):
 
 def test_to_fla_runs_in_fla_on_cuda(tmp_path):
     torch.manual_seed(1)
-    ours = RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=128, num_hidden_layers=3, head_size=64, **SIZES)).eval()
+    ours = RWKV7ForCausalLM(
+        RWKV7Config(vocab_size=V, hidden_size=128, num_hidden_layers=3, head_size=64, **SIZES)
+    ).eval()
     perturb_(ours, 0.1, seed=1)
     ours.to_fla(tmp_path / "fla")
     fla, info = fla_models.RWKV7ForCausalLM.from_pretrained(tmp_path / "fla", output_loading_info=True)

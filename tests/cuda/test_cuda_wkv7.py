@@ -57,7 +57,9 @@ def on_cuda(seq, s0, dtype, layout):
 
 def cotangents(y_shape, s_shape, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(y_shape, generator=g, dtype=torch.float64), torch.randn(s_shape, generator=g, dtype=torch.float64)
+    return torch.randn(y_shape, generator=g, dtype=torch.float64), torch.randn(
+        s_shape, generator=g, dtype=torch.float64
+    )
 
 
 def outputs_and_grads(fn, seq, state, gy, gs):

@@ -56,7 +56,9 @@ def check_example(e, config):
     "config",
     [
         pytest.param(ArithmeticConfig(), id="default-1digit"),
-        pytest.param(ArithmeticConfig(two_digit_fraction=0.5, ops=("+", "-", "*"), recall_pairs=(2, 6)), id="mixed-with-mul"),
+        pytest.param(
+            ArithmeticConfig(two_digit_fraction=0.5, ops=("+", "-", "*"), recall_pairs=(2, 6)), id="mixed-with-mul"
+        ),
     ],
 )
 def test_examples_are_correct(config):
@@ -89,8 +91,14 @@ def test_every_template_renders():
 def test_singular_items_for_a_count_of_one():
     from wuneng.eval.tasks.arithmetic import arithmetic_example
 
-    assert arithmetic_example(1, "+", 3, "Tom", "shells").prompt == "Q: Tom has 1 shell and buys 3 more. How many shells? A:"
-    assert arithmetic_example(1, "*", 1, "Ann", "cups", template=1).prompt == "Q: Ann buys 1 box of 1 cup. How many cups? A:"
+    assert (
+        arithmetic_example(1, "+", 3, "Tom", "shells").prompt
+        == "Q: Tom has 1 shell and buys 3 more. How many shells? A:"
+    )
+    assert (
+        arithmetic_example(1, "*", 1, "Ann", "cups", template=1).prompt
+        == "Q: Ann buys 1 box of 1 cup. How many cups? A:"
+    )
 
 
 def test_seed_reproduces_and_differs():
@@ -117,7 +125,9 @@ def test_test_set_is_balanced_and_distinct():
 
 def test_training_never_contains_held_out_problems():
     # a high 2-digit share and few names/items so that collisions with the test set really happen
-    cfg = ArithmeticConfig(two_digit_fraction=0.5, names=("Tom",), items=("shells",), recall_pairs=(1, 2), recall_keys=4, recall_values=3)
+    cfg = ArithmeticConfig(
+        two_digit_fraction=0.5, names=("Tom",), items=("shells",), recall_pairs=(1, 2), recall_keys=4, recall_values=3
+    )
     test = make_test_set(cfg, per_category=20, seed=1)
     unfiltered = generate_examples(cfg, 3000, seed=0)
     forbidden = [e for e in unfiltered if not test.allows(e)]

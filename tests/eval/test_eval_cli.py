@@ -81,7 +81,19 @@ def test_cli_task_selection_presets_and_text_file(tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text("The grass is green. The sky is blue.\n" * 4, encoding="utf-8")
     out = tmp_path / "r.json"
-    args = ["eval", str(folder), "--tasks", "state_tracking,perplexity", "--preset", "state_tracking=Z60", "--text", str(text), "--json", str(out), *FAST]
+    args = [
+        "eval",
+        str(folder),
+        "--tasks",
+        "state_tracking,perplexity",
+        "--preset",
+        "state_tracking=Z60",
+        "--text",
+        str(text),
+        "--json",
+        str(out),
+        *FAST,
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["results"]
@@ -173,7 +185,9 @@ def test_cli_runs_lm_eval_tasks_too(tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is the optional eval extra")
     folder = save_checkpoint(random_model(), tmp_path / "ckpt")
     out = tmp_path / "r.json"
-    result = runner.invoke(app, ["eval", str(folder), "--tasks", "none", "--lm-eval", "wuneng_arith", "--limit", "2", "--json", str(out)])
+    result = runner.invoke(
+        app, ["eval", str(folder), "--tasks", "none", "--lm-eval", "wuneng_arith", "--limit", "2", "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["results"]
     assert [(r["task"], r["metric"], r["count"]) for r in rows] == [("lm-eval:wuneng_arith", "exact_match", 2)]

@@ -75,7 +75,9 @@ def test_run_lm_eval_in_process_on_a_model_and_a_folder(tmp_path):
     assert result.metrics == {"wuneng_arith": {"exact_match": expected_exact_match(limit)}}
     assert result.num_samples == {"wuneng_arith": limit}
     folder = save_checkpoint(model, tmp_path / "ckpt")
-    from_folder = run_lm_eval(folder, "wuneng_arith", limit=limit, batch_size=limit, device="cpu", gen_kwargs={"max_gen_toks": 1})
+    from_folder = run_lm_eval(
+        folder, "wuneng_arith", limit=limit, batch_size=limit, device="cpu", gen_kwargs={"max_gen_toks": 1}
+    )
     assert from_folder.metrics == result.metrics
 
 

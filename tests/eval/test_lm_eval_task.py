@@ -26,7 +26,16 @@ def read_jsonl(path):
 
 def test_yaml_has_the_required_keys():
     config = load_task_yaml()
-    for key in ("task", "dataset_path", "dataset_kwargs", "test_split", "output_type", "doc_to_text", "doc_to_target", "metric_list"):
+    for key in (
+        "task",
+        "dataset_path",
+        "dataset_kwargs",
+        "test_split",
+        "output_type",
+        "doc_to_text",
+        "doc_to_target",
+        "metric_list",
+    ):
         assert key in config, key
     assert config["task"] == "wuneng_arith"
     assert config["dataset_path"] == "json"

@@ -16,7 +16,9 @@ SETTINGS = [
     pytest.param(MQARConfig(vocab_size=8192, seq_len=64, num_kv_pairs=4), id="V8192-T64-n4"),
     pytest.param(MQARConfig(vocab_size=1024, seq_len=128, num_kv_pairs=8), id="V1024-T128-n8"),
     pytest.param(MQARConfig(vocab_size=1024, seq_len=256, num_kv_pairs=64), id="V1024-T256-n64-topk-path"),
-    pytest.param(MQARConfig(vocab_size=100, seq_len=64, num_kv_pairs=16, power_a=1.0, filler="zero"), id="V100-uniform-zero"),
+    pytest.param(
+        MQARConfig(vocab_size=100, seq_len=64, num_kv_pairs=16, power_a=1.0, filler="zero"), id="V100-uniform-zero"
+    ),
 ]
 
 
@@ -95,7 +97,9 @@ def test_seed_and_epoch_control_the_data():
     assert not torch.equal(a.input_ids, generate_mqar(cfg, 32, seed=6).input_ids)
     assert not torch.equal(a.input_ids, generate_mqar(cfg, 32, seed=5, epoch=1).input_ids)
     # (seed, epoch) are mixed, not added: (0, 1) and (1, 0) differ
-    assert not torch.equal(generate_mqar(cfg, 8, seed=0, epoch=1).input_ids, generate_mqar(cfg, 8, seed=1, epoch=0).input_ids)
+    assert not torch.equal(
+        generate_mqar(cfg, 8, seed=0, epoch=1).input_ids, generate_mqar(cfg, 8, seed=1, epoch=0).input_ids
+    )
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,9 @@ def test_token_lengths_with_a_tokenizer_function():
         assert e.prompt_length == n <= e.length
         assert n > e.length - 6  # a filler sentence has at most 5 words here
     # an HF-style tokenizer returning a dict of input_ids is accepted too
-    e = make_passkey_example(PasskeyConfig(), 300, 0.3, "11111", np.random.default_rng(0), lambda s: {"input_ids": s.split()})
+    e = make_passkey_example(
+        PasskeyConfig(), 300, 0.3, "11111", np.random.default_rng(0), lambda s: {"input_ids": s.split()}
+    )
     assert e.prompt_length == len(e.prompt.split()) <= 300
 
 
@@ -87,7 +89,15 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize(
     "generated, ok",
-    [("12345", True), (" 12345.", True), ("\n12345 and more", True), ("123456", False), ("1234", False), ("The key is 12345", False), ("", False)],
+    [
+        ("12345", True),
+        (" 12345.", True),
+        ("\n12345 and more", True),
+        ("123456", False),
+        ("1234", False),
+        ("The key is 12345", False),
+        ("", False),
+    ],
 )
 def test_passkey_match(generated, ok):
     assert passkey_match(generated, "12345") is ok

@@ -139,5 +139,11 @@ def test_greedy_generate():
     assert greedy_generate(model, [[1]], max_new_tokens=0) == [[]]
     with pytest.raises(ValueError, match="empty"):
         greedy_generate(model, [[]], max_new_tokens=2)
-    text = generate_text(model, ["12", "5"], encode=lambda s: [int(c) for c in s], decode=lambda ids: "".join(map(str, ids)), max_new_tokens=3)
+    text = generate_text(
+        model,
+        ["12", "5"],
+        encode=lambda s: [int(c) for c in s],
+        decode=lambda ids: "".join(map(str, ids)),
+        max_new_tokens=3,
+    )
     assert text == ["345", "678"]

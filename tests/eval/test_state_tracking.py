@@ -69,6 +69,7 @@ def test_group_facts():
     assert np.array_equal(z60.table, z60.table.T)  # abelian
     assert not np.array_equal(a4z5.table, a4z5.table.T)  # not abelian
     assert not np.array_equal(a5.table, a5.table.T)
+
     # Z60 is cyclic: element 1 generates it; A4xZ5 has no element of order 60
     def orders(g):
         out = []

@@ -32,8 +32,16 @@ def config_of(kind: str):
     if kind == "metastate":
         return MetaStateConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, head_size=16)
     return WuNengConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, middle_heads=1, arwkv_head_size=16, layer_kinds=["hybrid", "arwkv"],
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        middle_heads=1,
+        arwkv_head_size=16,
+        layer_kinds=["hybrid", "arwkv"],
     )
 
 
@@ -109,7 +117,9 @@ def change(model, how: str):
     elif how == "new_parameter":
         for module, name in lora_parameters(model):
             old = module._parameters[name]
-            setattr(module, name, nn.Parameter(old.detach() + 0.2 * torch.randn(old.shape, generator=gen, dtype=old.dtype)))
+            setattr(
+                module, name, nn.Parameter(old.detach() + 0.2 * torch.randn(old.shape, generator=gen, dtype=old.dtype))
+            )
     else:  # pragma: no cover
         raise ValueError(how)
     return model

@@ -84,7 +84,11 @@ def reference_state_heads(m: HybridMixer, u, q, k, v, v_first=None):
     ys = []
     for t in range(T):
         sa = torch.einsum("bhij,bhj->bhi", S, a4[:, t])
-        S = S * w4[:, t, :, None, :] + sa[..., None] * b4[:, t, :, None, :] + v4[:, t, :, :, None] * k4[:, t, :, None, :]
+        S = (
+            S * w4[:, t, :, None, :]
+            + sa[..., None] * b4[:, t, :, None, :]
+            + v4[:, t, :, :, None] * k4[:, t, :, None, :]
+        )
         ys.append(torch.einsum("bhij,bhj->bhi", S, r4[:, t]))
     y = torch.stack(ys, 1)  # [B,T,H,d]
     mu = y.mean(-1, keepdim=True)
@@ -150,7 +154,9 @@ CONFIGS = [dict(fusion=f, middle_heads=2, state_query=True) for f in FUSIONS] + 
 ]
 
 
-@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}-sq{int(kw['state_query'])}")
+@pytest.mark.parametrize(
+    "kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}-sq{int(kw['state_query'])}"
+)
 def test_hybrid_matches_float64_reference(kw):
     """Forward and gradients of the mixer equal the token-by-token reference (float64, rel. error < 1e-9)."""
     m = make_mixer(**kw)
@@ -174,7 +180,9 @@ def test_hybrid_matches_float64_reference(kw):
 
 
 @pytest.mark.parametrize("value_residual", [False, True])
-@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}-sq{int(kw['state_query'])}")
+@pytest.mark.parametrize(
+    "kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}-sq{int(kw['state_query'])}"
+)
 def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     """Without autograd every low-rank map runs in one batched pair of matmuls (low_rank_bank); it must equal the
     per-map path used in training (float64, rel. error < 1e-12), for prefill with left padding and for the
@@ -265,7 +273,9 @@ def test_function_preserving_init(fusion):
     torch.manual_seed(3)
     m = HybridMixer(C, H, HKV, D, 1, 3, qkv_bias=True, fusion=fusion, middle_heads=2, value_residual=True)
     att = Attention(C, H, HKV, D, 1, qkv_bias=True)
-    att.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    att.load_state_dict(
+        {k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    )
     u = torch.randn(2, 10, C)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :3] = 0
@@ -279,7 +289,9 @@ def test_hymba_is_not_function_preserving():
     torch.manual_seed(4)
     m = HybridMixer(C, H, HKV, D, 0, 1, fusion="hymba", middle_heads=2)
     att = Attention(C, H, HKV, D, 0)
-    att.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    att.load_state_dict(
+        {k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    )
     u = torch.randn(1, 6, C)
     pe = rope(6, dtype=torch.float32)
     assert not torch.allclose(m(u, pe)[0], att(u, pe)[0], atol=1e-3)
@@ -350,8 +362,12 @@ def test_attention_padding_mask_semantics():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     m = attention_padding_mask(mask, 4, 4, torch.device("cpu"))
     # padded query 0 sees only itself; real query 2 sees keys 2 (not the padding), query 3 sees 2, 3
-    assert m[0, 0].tolist() == [[True, False, False, False], [False, True, False, False],
-                                [False, False, True, False], [False, False, True, True]]
+    assert m[0, 0].tolist() == [
+        [True, False, False, False],
+        [False, True, False, False],
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
     assert m[1, 0].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
     assert attention_padding_mask(None, 4, 4, torch.device("cpu")) is None
     assert attention_padding_mask(None, 1, 9, torch.device("cpu")) is None

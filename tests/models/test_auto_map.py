@@ -44,7 +44,11 @@ def shim_namespace(folder) -> dict:
 
 def test_save_pretrained_writes_auto_map_and_one_shim(tmp_path):
     folder = save(tiny_model(), tmp_path / "ckpt")
-    assert json.loads((folder / "config.json").read_text())["auto_map"] == EXPECTED_MODEL_MAP == model_auto_map(RWKV7Config)
+    assert (
+        json.loads((folder / "config.json").read_text())["auto_map"]
+        == EXPECTED_MODEL_MAP
+        == model_auto_map(RWKV7Config)
+    )
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tok_config["auto_map"] == {"AutoTokenizer": ["wuneng_auto.ByteLevelTokenizer", None]}
     # the tokenizer's save merged its class into the model's shim
@@ -132,7 +136,9 @@ print(json.dumps({{"cls": type(m).__module__ + "." + type(m).__name__, "tok": ty
     # -c with a script that never imports wuneng: the shim is the only way the classes can be found
     assert "import wuneng" not in code and "from wuneng" not in code
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["cls"] == "wuneng.models.rwkv7.modeling_rwkv7.RWKV7ForCausalLM"
@@ -154,7 +160,9 @@ except ValueError as e:
     print("refused", "trust_remote_code" in str(e))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "refused True"
 

@@ -94,8 +94,19 @@ def make_fla(seed: int = 0, **overrides):
 
 def make_ours(seed: int = 1) -> RWKV7ForCausalLM:
     torch.manual_seed(seed)
-    model = RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N, intermediate_size=224,
-                                         decay_low_rank_dim=32, a_low_rank_dim=32, v_low_rank_dim=16, gate_low_rank_dim=48)).eval()
+    model = RWKV7ForCausalLM(
+        RWKV7Config(
+            vocab_size=V,
+            hidden_size=C,
+            num_hidden_layers=L,
+            head_size=N,
+            intermediate_size=224,
+            decay_low_rank_dim=32,
+            a_low_rank_dim=32,
+            v_low_rank_dim=16,
+            gate_low_rank_dim=48,
+        )
+    ).eval()
     perturb_(model, 0.1, seed=seed)
     return model
 
@@ -177,7 +188,10 @@ def test_round_trip_ours_fla_ours_is_identical(tmp_path):
     assert torch.equal(our_logits(ours, tokens), our_logits(back, tokens))
     # and the fla folder read back and written again is the same file content
     back.to_fla(tmp_path / "again")
-    first, second = load_file(str(tmp_path / "fla" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    first, second = (
+        load_file(str(tmp_path / "fla" / "model.safetensors")),
+        load_file(str(tmp_path / "again" / "model.safetensors")),
+    )
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -248,7 +262,9 @@ def test_wrong_weights_are_listed(tmp_path):
     del weights["model.layers.1.attn.k_k"]
     weights["model.layers.2.attn.r_k"] = torch.zeros(4, 32)
     save_file(weights, file, metadata={"format": "pt"})
-    with pytest.raises(FlaConfigError, match=r"missing keys \(1\): \['model.layers.1.attn.k_k'\].*wrong shapes.*layers.2.attn.r_k"):
+    with pytest.raises(
+        FlaConfigError, match=r"missing keys \(1\): \['model.layers.1.attn.k_k'\].*wrong shapes.*layers.2.attn.r_k"
+    ):
         RWKV7ForCausalLM.from_fla(tmp_path / "fla")
 
 

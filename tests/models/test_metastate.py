@@ -81,7 +81,9 @@ def test_init_is_rwkv7_init():
 # -- eta = 0 is RWKV-7 ----------------------------------------------------------------------------------------
 def test_from_rwkv7_equals_rwkv7_and_eta_then_changes_it():
     torch.manual_seed(1)
-    rwkv = randomise_(RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))).eval()
+    rwkv = randomise_(
+        RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))
+    ).eval()
     ms = MetaStateForCausalLM.from_rwkv7(rwkv).eval()
     assert ms.config.num_param_tokens == rwkv.config.intermediate_size
     ids = torch.randint(0, V, (2, 23))
@@ -94,7 +96,9 @@ def test_from_rwkv7_equals_rwkv7_and_eta_then_changes_it():
 
 def test_zero_sse_heads_ignores_eta():
     torch.manual_seed(2)
-    rwkv = randomise_(RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))).eval()
+    rwkv = randomise_(
+        RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))
+    ).eval()
     ms = MetaStateForCausalLM.from_rwkv7(rwkv, sse_heads=0).eval()
     randomise_(ms.model.blocks[0].ffn.sse)
     ids = torch.randint(0, V, (1, 9))
@@ -207,7 +211,9 @@ def test_sparse_routing_model_runs_and_decodes():
 
 def test_from_rwkv_lm_state_dict_and_no_export():
     torch.manual_seed(10)
-    rwkv = randomise_(RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))).eval()
+    rwkv = randomise_(
+        RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, head_size=N))
+    ).eval()
     ms = MetaStateForCausalLM.from_rwkv_lm(rwkv.to_rwkv_lm_state_dict(), head_size=N, sse_heads=1).eval()
     assert ms.config.sse_heads == 1
     ids = torch.randint(0, V, (1, 8))

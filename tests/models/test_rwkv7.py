@@ -190,7 +190,9 @@ def test_labels_loss_is_shifted_cross_entropy(model):
     labels[0, :3] = -100
     out = model(ids, labels=labels)
     logits = out.logits
-    expect = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    expect = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     assert torch.allclose(out.loss, expect)
     out.loss.backward()
     assert model.head.weight.grad is not None and model.model.blocks[0].att.w1.grad.abs().sum() > 0
@@ -204,7 +206,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     m(ids, labels=ids).loss.backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    (m.activation_checkpointing_enable if hasattr(m, "activation_checkpointing_enable") else m.gradient_checkpointing_enable)()  # transformers 5.17 has only the old name
+    (
+        m.activation_checkpointing_enable
+        if hasattr(m, "activation_checkpointing_enable")
+        else m.gradient_checkpointing_enable
+    )()  # transformers 5.17 has only the old name
     assert all(b.gradient_checkpointing for b in m.model.blocks)
     m(ids, labels=ids).loss.backward()
     for n, p in m.named_parameters():
@@ -261,7 +267,9 @@ def test_from_pretrained_initialises_only_missing_weights(model, tmp_path):
     del weights["model.blocks.1.att.w1"], weights["head.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     loaded = RWKV7ForCausalLM.from_pretrained(tmp_path)
-    changed = [n for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()) if not torch.equal(a, b)]
+    changed = [
+        n for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()) if not torch.equal(a, b)
+    ]
     assert sorted(changed) == ["head.weight", "model.blocks.1.att.w1"]
     assert torch.all(loaded.model.blocks[1].att.w1 == 0)
     head = loaded.head.weight

@@ -20,8 +20,16 @@ PAD = VOCAB - 1  # never sampled as a prompt token, so generate() never mistakes
 
 def tiny_teacher(arch: str = "qwen2", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+    )
     common.update(overrides)
     if arch == "qwen2":
         teacher = Qwen2ForCausalLM(Qwen2Config(**common))
@@ -89,7 +97,11 @@ def test_layer_selection_and_tied_embeddings():
     assert not hasattr(arwkv.model.layers[1].self_attn, "q_proj")
     mixed = WuNengForCausalLM.from_teacher(teacher, layer_kinds=["hybrid", "arwkv", "attention"])
     assert mixed.converted_layer_indices() == [0, 1]
-    assert WuNengForCausalLM.from_teacher(teacher, arwkv_layers=[-1]).config.layer_kinds == ["hybrid", "hybrid", "arwkv"]
+    assert WuNengForCausalLM.from_teacher(teacher, arwkv_layers=[-1]).config.layer_kinds == [
+        "hybrid",
+        "hybrid",
+        "arwkv",
+    ]
 
 
 def test_new_parameter_names_and_freeze():
@@ -223,7 +235,8 @@ def test_gradients_reach_every_new_parameter():
     student(ids, labels=ids).loss.backward()
     new, unused = student.new_parameter_names(), student.unused_parameter_names()
     assert unused == {f"model.layers.0.self_attn.state.{n}" for n in ("x_v", "v0", "v1", "v2")} | {
-        f"model.layers.2.self_attn.{n}" for n in ("v0", "v1", "v2")}
+        f"model.layers.2.self_attn.{n}" for n in ("v0", "v1", "v2")
+    }
     for name, p in student.named_parameters():
         if name in new - unused:
             assert p.grad is not None and p.grad.abs().max() > 0, name
@@ -239,7 +252,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     student(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
-    (student.activation_checkpointing_enable if hasattr(student, "activation_checkpointing_enable") else student.gradient_checkpointing_enable)()  # transformers 5.17 has only the old name
+    (
+        student.activation_checkpointing_enable
+        if hasattr(student, "activation_checkpointing_enable")
+        else student.gradient_checkpointing_enable
+    )()  # transformers 5.17 has only the old name
     assert student.model.gradient_checkpointing
     student(ids, labels=ids).loss.backward()
     for name, p in student.named_parameters():
@@ -290,9 +307,16 @@ def test_align_forward_contract():
 # Parameter accounting
 # -------------------------------------------------------------------------------------------------------------
 def qwen25_7b_config():
-    return Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                       tie_word_embeddings=False)
+    return Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.mark.slow

@@ -259,7 +259,7 @@ class _FakeLibrary:
 
 
 def test_a_reordered_field_fails_loudly_at_load():
-    good = (_FakeLibrary({}))
+    good = _FakeLibrary({})
     _abi.check_library(good, "k", ("f32", "f64"))  # the fake itself is consistent
     fields = _abi.TimeMixArgs.layout.split(";")[:-1]
     i, j = fields.index("p:W_k"), fields.index("p:W_v")  # two fields of one kind and type: C would not notice
@@ -315,7 +315,9 @@ def _call_every_kernel() -> list:
         tm = time_mix_one_token(*make_inputs(2, 32, 2, 16), make_weights(32, 2, 16, True), impl="cpu")
         u, shift, S0, v_first = make_inputs(2, 32, 2, 16, seed=3)
         q, k, v = (torch.randn(2, n, generator=g, dtype=torch.float64) for n in (32, 16, 16))
-        hs = hybrid_state_one_token(u, shift, S0, v_first, q, k, v, make_hybrid_weights(32, 2, 16, True, True, 8), impl="cpu")
+        hs = hybrid_state_one_token(
+            u, shift, S0, v_first, q, k, v, make_hybrid_weights(32, 2, 16, True, True, 8), impl="cpu"
+        )
     return [t.detach() for t in (y, S, *grads, ro, *ro_grads, *step, *tm, *[x for x in hs if x is not None])]
 
 
@@ -390,7 +392,9 @@ def test_two_processes_building_at_once_make_one_library(tmp_path):
     env = {**os.environ, "WUNENG_KERNEL_CACHE": str(cache), "CC": str(wrapper), "OMP_NUM_THREADS": "1"}
     env.pop("WUNENG_CPU_KERNEL", None)
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     start.touch()

@@ -235,7 +235,11 @@ def test_hybrid_kernel_matches_reference_float64(value_residual, gate, middle_wi
 def test_hybrid_bad_input_names_the_problem():
     wt = make_hybrid_weights(32, 2, 16, True, True, 16)
     u, shift, S, v_first = make_inputs(2, 32, 2, 16)
-    q, k, v = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(2, 32, dtype=torch.float64),
+        torch.randn(2, 16, dtype=torch.float64),
+        torch.randn(2, 16, dtype=torch.float64),
+    )
     with pytest.raises(ValueError, match=r"q must be \[B, A\]"):
         hybrid_state_one_token(u, shift, S, v_first, q[:, :-1], k, v, wt)
     for width in (8, 0):  # part of a head; no head at all

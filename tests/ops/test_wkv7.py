@@ -100,7 +100,10 @@ def test_chunked_outlier_channels_at_any_chunk_length(chunk_size, decay):
     for name in ("r", "k"):
         seq[name][..., 3] = 400.0 * torch.randn(B, T, H, generator=g, dtype=torch.float64).sign()
     q[..., 5] = 300.0
-    cot = [torch.randn(B, T, H, N, generator=g, dtype=torch.float64), torch.randn(B, H, N, N, generator=g, dtype=torch.float64)]
+    cot = [
+        torch.randn(B, T, H, N, generator=g, dtype=torch.float64),
+        torch.randn(B, H, N, N, generator=g, dtype=torch.float64),
+    ]
     cot.append(torch.randn(B, T, H, N, generator=g, dtype=torch.float64))
     ref_grads, ref_out = _grads(wkv7_reference, seq, s0, q, cot)
 
@@ -209,7 +212,10 @@ def test_chunked_gradients_match_reference(chunk_size, T, extra):
     seq, s0, q = make_inputs(2, T, 2, 8, seed=5, extra=extra)
     g = torch.Generator().manual_seed(6)
     B, H, N = 2, 2, 8
-    cot = [torch.randn(B, T, H, N, generator=g, dtype=torch.float64), torch.randn(B, H, N, N, generator=g, dtype=torch.float64)]
+    cot = [
+        torch.randn(B, T, H, N, generator=g, dtype=torch.float64),
+        torch.randn(B, H, N, N, generator=g, dtype=torch.float64),
+    ]
     if extra:
         cot.append(torch.randn(B, T, H, N, generator=g, dtype=torch.float64))
     ref_grads, _ = _grads(wkv7_reference, seq, s0, q, cot)
@@ -242,7 +248,10 @@ def test_chunked_gradients_decay_extremes():
     torch.manual_seed(0)
     seq, s0, _ = make_inputs(1, 128, 1, 8, seed=8, decay=(0.999, 1.0))
     g = torch.Generator().manual_seed(9)
-    cot = [torch.randn(1, 128, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, 1, 8, 8, generator=g, dtype=torch.float64)]
+    cot = [
+        torch.randn(1, 128, 1, 8, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 8, 8, generator=g, dtype=torch.float64),
+    ]
     ref_grads, _ = _grads(wkv7_reference, seq, s0, None, cot)
     seq32 = {n: t.float() for n, t in seq.items()}
     grads, _ = _grads(lambda *a, extra_query=None: wkv7_chunked(*a, chunk_size=64), seq32, s0.float(), None, cot)
@@ -439,7 +448,10 @@ def test_cuda_fla_matches_reference(T):
     assert rel_err(y_auto, y) <= 1e-6 and rel_err(s_auto, s) <= 1e-6
     # gradients against the chunked form on the same device
     g = torch.Generator().manual_seed(16)
-    cot = [torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(s.shape, generator=g, dtype=torch.float64)]
+    cot = [
+        torch.randn(y.shape, generator=g, dtype=torch.float64),
+        torch.randn(s.shape, generator=g, dtype=torch.float64),
+    ]
     cot = [c.cuda() for c in cot]
     fla_grads, _ = _grads(lambda *a, extra_query=None: wkv7(*a, impl="fla"), cuda, s0.float().cuda(), None, cot)
     chk_grads, _ = _grads(lambda *a, extra_query=None: wkv7(*a, impl="chunked"), cuda, s0.float().cuda(), None, cot)
@@ -452,6 +464,7 @@ def test_cuda_fla_matches_reference(T):
 
 # ----------------------------------------------------------------------------------------------
 # fla's pure-torch references (CPU)
+
 
 def _import_dplr():
     try:
@@ -475,9 +488,14 @@ def test_agrees_with_fla_dplr_recurrence_and_chunkwise():
 
     # fla: S[k, v] <- S exp(gk) + k v^T + beta (alpha^T S); o = (q N^-1/2)^T S
     fla_args = dict(
-        q=bhtd(seq["r"]) * math.sqrt(N), k=bhtd(seq["k"]), v=bhtd(seq["v"]),
-        alpha=bhtd(seq["a"]), beta=bhtd(seq["b"]), gk=bhtd(seq["log_w"]),
-        initial_state=s0.float().transpose(-1, -2).contiguous(), output_final_state=True,
+        q=bhtd(seq["r"]) * math.sqrt(N),
+        k=bhtd(seq["k"]),
+        v=bhtd(seq["v"]),
+        alpha=bhtd(seq["a"]),
+        beta=bhtd(seq["b"]),
+        gk=bhtd(seq["log_w"]),
+        initial_state=s0.float().transpose(-1, -2).contiguous(),
+        output_final_state=True,
     )
     o_rec, S_rec = dplr_recurrence(**fla_args)
     o_chk, S_chk = dplr_chunkwise(**fla_args, chunk_size=16)

@@ -118,7 +118,9 @@ def test_template_that_is_not_incremental_needs_generation_markers():
 def test_keys_set_to_none_are_dropped_as_apply_chat_template_does():
     tok = qwen2_style_tokenizer(marked=True)
     tok.chat_template = tok.chat_template.replace(
-        "{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant' + ('(' + message['name'] + ')' if message['name'] is defined else '') + '\\n' }}", 1
+        "{{ '<|im_start|>assistant\\n' }}",
+        "{{ '<|im_start|>assistant' + ('(' + message['name'] + ')' if message['name'] is defined else '') + '\\n' }}",
+        1,
     )
     chat = [dict(m, name=None) for m in CHAT]  # e.g. a parquet row whose optional column is empty
     assert tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(CHAT, tokenize=False)
@@ -134,7 +136,9 @@ def test_markers_that_enclose_nothing_and_slow_tokenizers_without_offsets_are_er
     class NoOffsets(ByteLevelTokenizer):
         encode_with_offsets = None
 
-    with pytest.raises(DataError, match=r"tokenizer NoOffsets is a slow \(Python\) tokenizer that gives no character offsets"):
+    with pytest.raises(
+        DataError, match=r"tokenizer NoOffsets is a slow \(Python\) tokenizer that gives no character offsets"
+    ):
         encode_conversation(NoOffsets(), CHAT, responses_only=True)
 
 

@@ -53,7 +53,9 @@ def test_half_written_checkpoints_are_never_picked(tmp_path, tokenizer):
 
 def test_keep_last(tmp_path, tokenizer):
     torch.manual_seed(0)
-    train(config(tmp_path, "run", max_steps=8, keep_last=2), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    train(
+        config(tmp_path, "run", max_steps=8, keep_last=2), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS]
+    )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
 
 
@@ -62,9 +64,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
     train(config(tmp_path, "full"), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
     torch.manual_seed(0)
     train(config(tmp_path, "sliced", stop_at_step=4), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
-    result = train(config(tmp_path, "sliced"), model=tiny_qwen2(seed=5), tokenizer=tokenizer, data_sources=[TEXTS], resume=True)
+    result = train(
+        config(tmp_path, "sliced"), model=tiny_qwen2(seed=5), tokenizer=tokenizer, data_sources=[TEXTS], resume=True
+    )
     assert result.step == 10 and result.history[0]["step"] == 5
-    assert_same(weights(tmp_path / "full/checkpoints/step_00000010"), weights(tmp_path / "sliced/checkpoints/step_00000010"))
+    assert_same(
+        weights(tmp_path / "full/checkpoints/step_00000010"), weights(tmp_path / "sliced/checkpoints/step_00000010")
+    )
     full_opt = torch.load(tmp_path / "full/checkpoints/step_00000010/optimizer.pt", weights_only=True)
     sliced_opt = torch.load(tmp_path / "sliced/checkpoints/step_00000010/optimizer.pt", weights_only=True)
     for k, st in full_opt["state"].items():
@@ -95,9 +101,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer):
     newest = list_checkpoints(killed)[-1][0]
     assert 4 <= newest < 12
 
-    result = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(killed), "--resume", "-o", "stop_at_step=12"])
+    result = CliRunner().invoke(
+        app, ["train", str(path), "--output-dir", str(killed), "--resume", "-o", "stop_at_step=12"]
+    )
     assert result.exit_code == 0, result.output
-    train_ref = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(tmp_path / "ref"), "-o", "stop_at_step=12"])
+    train_ref = CliRunner().invoke(
+        app, ["train", str(path), "--output-dir", str(tmp_path / "ref"), "-o", "stop_at_step=12"]
+    )
     assert train_ref.exit_code == 0, train_ref.output
     assert_same(weights(killed / "checkpoints/step_00000012"), weights(tmp_path / "ref/checkpoints/step_00000012"))
     # it really continued (a fresh start would also reach the same weights): resume event at the newest
@@ -120,7 +130,9 @@ def test_sharded_optimizer_files_round_trip(tmp_path):
     sched = build_scheduler(opt, opt_cfg, 10)
     model(input_ids=torch.randint(0, 259, (2, 8)), labels=torch.randint(0, 259, (2, 8))).loss.backward()
     opt.step()
-    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, trainer_state={}, keep_last=2, sharded_optimizer=True)
+    path = save_checkpoint(
+        tmp_path, 1, model=model, optimizer=opt, scheduler=sched, trainer_state={}, keep_last=2, sharded_optimizer=True
+    )
     assert (path / "optimizer_rank0.pt").is_file()
     model2 = tiny_qwen2(seed=3)
     opt2 = build_optimizer(model2, opt_cfg)
@@ -138,7 +150,12 @@ def test_resume_with_another_batch_continues_the_data(tmp_path, tokenizer, monke
     from wuneng.train.loop import GlobalSampler
 
     torch.manual_seed(0)
-    train(config(tmp_path, "run", max_steps=6, stop_at_step=4), model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS])
+    train(
+        config(tmp_path, "run", max_steps=6, stop_at_step=4),
+        model=tiny_qwen2(),
+        tokenizer=tokenizer,
+        data_sources=[TEXTS],
+    )
     state = json.loads((tmp_path / "run/checkpoints/step_00000004/trainer_state.json").read_text())
     assert state["samples_consumed"] == 16
     seen = []
@@ -152,7 +169,10 @@ def test_resume_with_another_batch_continues_the_data(tmp_path, tokenizer, monke
     cfg = config(tmp_path, "run", max_steps=6, micro_batch_size=4)
     train(cfg, model=tiny_qwen2(), tokenizer=tokenizer, data_sources=[TEXTS], resume=True)
     assert seen[:2] == [(16, 4), (20, 4)]  # step 5: two micro-batches of 4 from sample 16
-    assert json.loads((tmp_path / "run/checkpoints/step_00000006/trainer_state.json").read_text())["samples_consumed"] == 32
+    assert (
+        json.loads((tmp_path / "run/checkpoints/step_00000006/trainer_state.json").read_text())["samples_consumed"]
+        == 32
+    )
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, tokenizer):

@@ -59,7 +59,9 @@ def test_bad_data_file_through_cli(tmp_path):
     tiny_qwen2().save_pretrained(tmp_path / "m")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\nnot json\n', encoding="utf-8")
-    path = write_yaml(tmp_path / "c.yaml", {**COMMON, "model": {"path": str(tmp_path / "m")}, "data": {"sources": [str(bad)]}})
+    path = write_yaml(
+        tmp_path / "c.yaml", {**COMMON, "model": {"path": str(tmp_path / "m")}, "data": {"sources": [str(bad)]}}
+    )
     result = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and "bad.jsonl:2: not valid JSON" in result.output
 
@@ -77,7 +79,9 @@ def test_conversion_recipe(tmp_path, tokenizer):
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2}, "max_steps": 8}  # fmt: skip
     path = write_yaml(tmp_path / "recipe.yaml", base)
 
-    invoke("train", path, "--stage", "align", "--output-dir", tmp_path / "s1", "-o", f"model.path={tmp_path / 'student'}")
+    invoke(
+        "train", path, "--stage", "align", "--output-dir", tmp_path / "s1", "-o", f"model.path={tmp_path / 'student'}"
+    )
     s1 = step_records(tmp_path / "s1")
     assert "align_output" in s1[0] and "align_state" in s1[0]
     assert s1[-1]["align_state"] < s1[0]["align_state"]

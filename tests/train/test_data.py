@@ -107,7 +107,10 @@ def test_hf_datasets_folder(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------------------------- packing
 def test_greedy_packing_keeps_documents_whole():
-    docs = [Document(list(range(100 + 10 * i, 100 + 10 * i + n)), list(range(100 + 10 * i, 100 + 10 * i + n))) for i, n in enumerate([3, 4, 2, 6, 3])]
+    docs = [
+        Document(list(range(100 + 10 * i, 100 + 10 * i + n)), list(range(100 + 10 * i, 100 + 10 * i + n)))
+        for i, n in enumerate([3, 4, 2, 6, 3])
+    ]
     packed = pack_documents(docs, seq_len=8, pad_id=0, mode="greedy")
     rows = [r[m.bool()].tolist() for r, m in zip(packed.input_ids, packed.attention_mask)]
     assert rows == [docs[0].ids + docs[1].ids, docs[2].ids + docs[3].ids, docs[4].ids]

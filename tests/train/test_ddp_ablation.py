@@ -75,7 +75,9 @@ def test_ablation_align_still_trains_the_state_side():
     missing, n = trainable_without_gradient(obj)
     assert missing == []
     trainable = {name for name, p in student.named_parameters() if p.requires_grad}
-    assert "model.layers.0.self_attn.state.w1" in trainable and "model.layers.1.self_attn.receptance_lora_a" in trainable
+    assert (
+        "model.layers.0.self_attn.state.w1" in trainable and "model.layers.1.self_attn.receptance_lora_a" in trainable
+    )
 
 
 def free_port() -> int:
@@ -97,6 +99,8 @@ def test_two_process_ddp_trains_without_find_unused_parameters(tmp_path, tokeniz
         "--master_port", str(free_port()), "-m", "wuneng.cli", "train", str(path),
         "--output-dir", str(tmp_path / "run"), "-o", "micro_batch_size=1",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()

@@ -18,7 +18,12 @@ from train_helpers import quick_config, tiny_qwen2
 CE_WEIGHT, KL_WEIGHT, TAU = 0.5, 0.7, 1.5
 # Conversations with long prompts and responses of 1 to 9 characters: label counts differ between rows.
 CHATS = [
-    {"messages": [{"role": "user", "content": f"please repeat the letter {c} a few times"}, {"role": "assistant", "content": c * (1 + i % 9)}]}
+    {
+        "messages": [
+            {"role": "user", "content": f"please repeat the letter {c} a few times"},
+            {"role": "assistant", "content": c * (1 + i % 9)},
+        ]
+    }
     for i, c in enumerate("abcdefghijklmnopqrstuvwx")
 ]
 

@@ -35,7 +35,9 @@ def run_both(tmp_path, path) -> tuple[dict, dict]:
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(tmp_path / "one"), "-o", "micro_batch_size=4"])
+    one = CliRunner().invoke(
+        app, ["train", str(path), "--output-dir", str(tmp_path / "one"), "-o", "micro_batch_size=4"]
+    )
     assert one.exit_code == 0, one.output
     start = [l for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"start"' in l][0]
     assert '"world_size": 2' in start and '"rows_per_step": 8' in start

@@ -39,7 +39,9 @@ def folders(tmp_path_factory):
         "wuneng": convert_teacher(teacher, middle_heads=2),
         "arwkv": convert_teacher(teacher, attention=False),
         "rwkv7": RWKV7ForCausalLM(RWKV7Config(vocab_size=260, hidden_size=32, num_hidden_layers=2, head_size=16)),
-        "metastate": MetaStateForCausalLM(MetaStateConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, head_size=16)),
+        "metastate": MetaStateForCausalLM(
+            MetaStateConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, head_size=16)
+        ),
     }
     for name, model in models.items():
         model.save_pretrained(root / name)
@@ -89,7 +91,9 @@ def test_bf16_acts_in_a_cli_run(folders, tmp_path):
         run = tmp_path / mp
         result = run_cli("train", write_yaml(tmp_path / f"{mp}.yaml", cfg), "--output-dir", run)
         assert result.exit_code == 0, result.output
-        first[mp] = next(r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
+        first[mp] = next(
+            r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+        )
     assert first["bf16"] != first["no"] and first["bf16"] == pytest.approx(first["no"], rel=1e-2)
 
 
@@ -121,7 +125,9 @@ def test_other_values_get_one_line_naming_the_key(tmp_path, spelling):
 
 def test_cli_bad_value_exits_2_with_one_line(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("mixed_precision: bf32\nmodel: {config: {model_type: rwkv7}}\ndata: {sources: [x.txt]}\n", encoding="utf-8")
+    path.write_text(
+        "mixed_precision: bf32\nmodel: {config: {model_type: rwkv7}}\ndata: {sources: [x.txt]}\n", encoding="utf-8"
+    )
     result = run_cli("train", path, "--output-dir", tmp_path / "run")
     assert result.exit_code == 2
     assert "config.mixed_precision: 'bf32' is not a precision" in result.output and "Traceback" not in result.output

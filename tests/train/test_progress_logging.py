@@ -30,7 +30,14 @@ def run_cli(args, log: Path, interval: str = "0", cwd=REPO) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", WUNENG_PROGRESS_INTERVAL=interval)
     env.pop("COLUMNS", None)
     with open(log, "w") as f:
-        proc = subprocess.run([PYTHON, "-m", "wuneng.cli", *map(str, args)], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+        proc = subprocess.run(
+            [PYTHON, "-m", "wuneng.cli", *map(str, args)],
+            cwd=cwd,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     return proc.returncode
 
 
@@ -76,7 +83,9 @@ def test_train_to_a_file_logs_every_step_with_loss_tokens_per_s_and_eta(tmp_path
 
 def test_interval_from_the_config_spaces_the_lines(tmp_path, run_yaml, monkeypatch):
     """progress_interval 3600 s (over the environment's 0): no line before the last step, which always logs."""
-    code, err = invoke(["train", run_yaml, "--output-dir", tmp_path / "run", "-o", "progress_interval=3600"], monkeypatch)
+    code, err = invoke(
+        ["train", run_yaml, "--output-dir", tmp_path / "run", "-o", "progress_interval=3600"], monkeypatch
+    )
     assert code == 0, err
     steps = [m for m in map(STEP_LINE.match, err.splitlines()) if m]
     assert [int(m.group(1)) for m in steps] == [4]
@@ -93,7 +102,9 @@ def test_resume_says_from_which_checkpoint_and_step(tmp_path, run_yaml, monkeypa
     assert invoke(["train", run_yaml, "--output-dir", run, "--max-steps", 4], monkeypatch)[0] == 0
     code, text = invoke(["train", run_yaml, "--output-dir", run, "--max-steps", 6, "--resume"], monkeypatch)
     assert code == 0, text
-    assert f"pretrain: resuming from checkpoint {run / 'checkpoints' / 'step_00000004'} at step 4 (runs to step 6)" in text
+    assert (
+        f"pretrain: resuming from checkpoint {run / 'checkpoints' / 'step_00000004'} at step 4 (runs to step 6)" in text
+    )
     steps = [m for m in map(STEP_LINE.match, text.splitlines()) if m]
     assert [(int(m.group(1)), int(m.group(2))) for m in steps] == [(5, 6), (6, 6)]
 
@@ -114,7 +125,10 @@ def test_eval_to_a_file_logs_batches_and_tasks(tmp_path, run_yaml):
     log = tmp_path / "eval.log"
     assert run_cli(["eval", model, "--tasks", "mqar,arithmetic", "--limit", "8", "--batch-size", "4"], log) == 0
     text = log.read_text()
-    assert re.search(r"INFO wuneng\.eval\.evaluate: eval mqar: batch 1/2 \(50%\), [\d,]+ tokens/s, elapsed \d:\d\d:\d\d, ETA \d:\d\d:\d\d", text), text
+    assert re.search(
+        r"INFO wuneng\.eval\.evaluate: eval mqar: batch 1/2 \(50%\), [\d,]+ tokens/s, elapsed \d:\d\d:\d\d, ETA \d:\d\d:\d\d",
+        text,
+    ), text
     assert re.search(r"eval arithmetic: batch \d+/\d+ \(\d+%\), [\d,]+ new tokens/s, .*ETA", text)
     assert re.search(r"eval: task 1/2 mqar done in [\d.]+ s \(accuracy \d\.\d{4}\), elapsed .*, ETA", text)
     assert "eval: task 2/2 arithmetic done" in text
@@ -132,7 +146,9 @@ class FakeClock:
 
 def test_progress_log_interval_rate_and_eta(caplog):
     clock = FakeClock()
-    log = ProgressLog("job", 10, start=2, amount_start=100, interval=10, clock=clock, logger=logging.getLogger("wuneng.test"))
+    log = ProgressLog(
+        "job", 10, start=2, amount_start=100, interval=10, clock=clock, logger=logging.getLogger("wuneng.test")
+    )
     with caplog.at_level(logging.INFO, logger="wuneng.test"):
         clock.t = 5.0
         assert log.update(3, "loss 1.0000", amount=200) is None  # 5 s < 10 s

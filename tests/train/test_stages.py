@@ -105,7 +105,11 @@ def test_chunked_kl_matches_reference_value_and_gradient():
     values = []
     for chunk in (None, 3):
         s = torch.randn(2, 7, 13, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-        v = kl_divergence_sum(t, s, mask, 1.5) if chunk is None else chunked_kl_divergence_sum(t, s, mask, 1.5, chunk_tokens=chunk)
+        v = (
+            kl_divergence_sum(t, s, mask, 1.5)
+            if chunk is None
+            else chunked_kl_divergence_sum(t, s, mask, 1.5, chunk_tokens=chunk)
+        )
         v.backward()
         values.append(v.detach())
         grads.append(s.grad)
@@ -150,7 +154,9 @@ def test_distill_freeze_mlp_keeps_mlp_weights(tmp_path, tokenizer):
     after = state_of(student)
     mlp = [k for k in before if ".mlp." in k]
     assert mlp and all(torch.equal(before[k], after[k]) for k in mlp)
-    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_vocab_reconciliation():
@@ -211,7 +217,12 @@ def test_capture_is_teacher_forced(tokenizer):
     for i in (0, 1):
         layer = teacher.model.layers[i]
         torch.testing.assert_close(cap[i]["hidden_states"], layer.input_layernorm(hs[i]), rtol=0, atol=0)
-        torch.testing.assert_close(cap[i]["output"], layer.self_attn(cap[i]["hidden_states"], cap[i]["position_embeddings"], None)[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            cap[i]["output"],
+            layer.self_attn(cap[i]["hidden_states"], cap[i]["position_embeddings"], None)[0],
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_align_loss_oracle(tokenizer):
@@ -274,7 +285,13 @@ def test_align_real_converted_student(tmp_path, tokenizer, attention):
     student = wuneng.WuNengForCausalLM.from_teacher(teacher, attention=attention)
     new, unused = student.new_parameter_names(), student.unused_parameter_names()
     before = state_of(student)
-    result = train(run_config(tmp_path, "align", steps=20), model=student, teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    result = train(
+        run_config(tmp_path, "align", steps=20),
+        model=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        data_sources=[TEXTS],
+    )
     after = state_of(student)
     assert all(torch.equal(before[k], after[k]) for k in before if k not in new or k in unused)
     if attention:
@@ -368,13 +385,21 @@ def test_bf16_autocast_on_cpu(tmp_path, tokenizer):
 def test_align_stop_loss_ends_the_run(tmp_path, tokenizer):
     teacher = tiny_qwen2()
     torch.manual_seed(0)
-    full = train(run_config(tmp_path, "align", steps=25), model=FakeStudent(teacher), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    full = train(
+        run_config(tmp_path, "align", steps=25),
+        model=FakeStudent(teacher),
+        teacher=teacher,
+        tokenizer=tokenizer,
+        data_sources=[TEXTS],
+    )
     curve = losses(full)
     threshold = 0.5 * (curve[0] + min(curve))
     expected = next(i for i, v in enumerate(curve, start=1) if v <= threshold)
     assert 1 < expected < 25
     torch.manual_seed(0)
-    cfg = run_config(tmp_path, "align", steps=25, output_dir=str(tmp_path / "stop"), align=AlignConfig(stop_loss=threshold))
+    cfg = run_config(
+        tmp_path, "align", steps=25, output_dir=str(tmp_path / "stop"), align=AlignConfig(stop_loss=threshold)
+    )
     result = train(cfg, model=FakeStudent(teacher), teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
     assert result.step == expected and (tmp_path / "stop" / "checkpoints" / f"step_{expected:08d}").is_dir()
 
@@ -388,7 +413,9 @@ def test_pretrain_project_models_from_config(tmp_path, tokenizer, model_type):
 
     torch.manual_seed(0)
     spec = {"model_type": model_type, "vocab_size": 260, "hidden_size": 32, "num_hidden_layers": 2, "head_size": 16}
-    cfg = run_config(tmp_path, steps=20, model=ModelConfig(config=spec), optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=3))
+    cfg = run_config(
+        tmp_path, steps=20, model=ModelConfig(config=spec), optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=3)
+    )
     from wuneng.train.loop import load_model
     from wuneng.train.optim import param_groups
 

@@ -216,7 +216,9 @@ def _run_arithmetic(model, tokenizer, preset, limit, seed, batch_size) -> list[E
     if limit is not None:
         examples = _spread(examples, limit)
     max_new = max(len(_encode(tokenizer, " " + e.answer)) for e in examples) + 2
-    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size, label="eval arithmetic")
+    gens = generate_continuations(
+        model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size, label="eval arithmetic"
+    )
     scores = score_arithmetic(gens, examples)
     n_arith = sum(e.fact is not None for e in examples)
     return [
@@ -229,11 +231,15 @@ def _run_passkey(model, tokenizer, preset, limit, seed, batch_size, lengths) -> 
     from wuneng.eval.tasks.passkey import generate_passkey_examples, score_passkey
 
     config = get_task("passkey").presets[preset]
-    examples = generate_passkey_examples(config, list(lengths), trials=1, seed=seed, tokenizer=lambda s: _encode(tokenizer, s))
+    examples = generate_passkey_examples(
+        config, list(lengths), trials=1, seed=seed, tokenizer=lambda s: _encode(tokenizer, s)
+    )
     if limit is not None:
         examples = _spread(examples, limit)
     max_new = len(_encode(tokenizer, " " + examples[0].answer)) + 1
-    gens = generate_continuations(model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size, label="eval passkey")
+    gens = generate_continuations(
+        model, tokenizer, [e.prompt for e in examples], max_new, "\n", batch_size, label="eval passkey"
+    )
     scores = score_passkey(gens, examples)
     rows = [EvalRow("passkey", preset, "accuracy", scores["accuracy"], len(examples))]
     for length, acc in sorted(scores["per_length"].items()) if len(scores["per_length"]) > 1 else ():
@@ -263,7 +269,12 @@ def _run_state_tracking(model, preset, limit, seed, batch_size) -> list[EvalRow]
     config = get_task("state_tracking").presets[preset]
     setting = f"{preset} k={config.seq_len}"
     if config.vocab_size > _vocab_size(model):
-        return _skip("state_tracking", setting, "accuracy", f"group order {config.vocab_size} > model vocabulary {_vocab_size(model)}")
+        return _skip(
+            "state_tracking",
+            setting,
+            "accuracy",
+            f"group order {config.vocab_size} > model vocabulary {_vocab_size(model)}",
+        )
     data = generate_word_problems(config, limit or DEFAULT_EXAMPLES, seed)
     report = state_tracking_report(_argmax_ids(model, data.input_ids, batch_size, "eval state_tracking"), data.labels)
     return [
@@ -338,7 +349,9 @@ def evaluate_model(
         if name not in tasks:
             raise ValueError(f"preset given for {name!r}, which is not among the tasks {list(tasks)}")
         if preset not in get_task(name).presets:
-            raise ValueError(f"unknown preset {preset!r} for {name}; available: {', '.join(get_task(name).presets) or 'none'}")
+            raise ValueError(
+                f"unknown preset {preset!r} for {name}; available: {', '.join(get_task(name).presets) or 'none'}"
+            )
     vocab = _vocab_size(model)
     text_ok = len(tokenizer) <= vocab
     rows: list[EvalRow] = []
@@ -361,10 +374,16 @@ def evaluate_model(
             rows += _run_state_tracking(model, preset, limit, seed, batch_size)
         elif name == "perplexity":
             setting = "text file" if text is not None else "held-out arithmetic"
-            rows += _run_perplexity(model, tokenizer, heldout_text(limit) if text is None else text, setting, context_length, batch_size)
+            rows += _run_perplexity(
+                model, tokenizer, heldout_text(limit) if text is None else text, setting, context_length, batch_size
+            )
         else:  # pragma: no cover - a task added to the registry without a runner here
-            rows += _skip(name, preset, "-", f"no runner for {name!r} in wuneng.eval.evaluate (registered: {list_tasks()})")
-        _log_task_done(name, rows[first_row:], time.monotonic() - t_task, index + 1, len(tasks), time.monotonic() - t_start)
+            rows += _skip(
+                name, preset, "-", f"no runner for {name!r} in wuneng.eval.evaluate (registered: {list_tasks()})"
+            )
+        _log_task_done(
+            name, rows[first_row:], time.monotonic() - t_task, index + 1, len(tasks), time.monotonic() - t_start
+        )
     if lm_eval_tasks:
         from wuneng.eval.lm_eval_glue import run_lm_eval
 
@@ -384,8 +403,16 @@ def _log_task_done(name: str, rows: Sequence[EvalRow], seconds: float, done: int
     first = next((r for r in rows if not math.isnan(r.value)), None)
     result = f"{first.metric} {first.value:.4f}" if first is not None else (rows[0].note if rows else "no result")
     eta = elapsed / done * (total - done)
-    logger.info("eval: task %d/%d %s done in %.1f s (%s), elapsed %s, ETA %s", done, total, name, seconds, result,
-                format_duration(elapsed), format_duration(eta))
+    logger.info(
+        "eval: task %d/%d %s done in %.1f s (%s), elapsed %s, ETA %s",
+        done,
+        total,
+        name,
+        seconds,
+        result,
+        format_duration(elapsed),
+        format_duration(eta),
+    )
 
 
 def rows_table(rows: Sequence[EvalRow], title: str = "wuneng eval"):
@@ -393,7 +420,14 @@ def rows_table(rows: Sequence[EvalRow], title: str = "wuneng eval"):
     from rich.table import Table
 
     table = Table(title=title)
-    for col, justify in (("task", "left"), ("setting", "left"), ("metric", "left"), ("value", "right"), ("n", "right"), ("note", "left")):
+    for col, justify in (
+        ("task", "left"),
+        ("setting", "left"),
+        ("metric", "left"),
+        ("value", "right"),
+        ("n", "right"),
+        ("note", "left"),
+    ):
         table.add_column(col, justify=justify, no_wrap=col in ("task", "metric", "value"))
     for r in rows:
         if math.isnan(r.value):

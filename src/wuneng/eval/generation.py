@@ -39,7 +39,9 @@ def greedy_generate(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    stops = set() if stop_ids is None else ({int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids})
+    stops = (
+        set() if stop_ids is None else ({int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids})
+    )
     device = model_device(model, device)
     outputs: list[list[int]] = [[] for _ in prompts]
     with evaluating(model):

@@ -176,17 +176,25 @@ def run_lm_eval(
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
 
     shipped = set(local_task_names())
-    extra = [] if include_path is None else ([include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path))
+    extra = (
+        []
+        if include_path is None
+        else ([include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path))
+    )
     with tempfile.TemporaryDirectory(prefix="wuneng_lm_eval_tasks_") as tmp:
         local = prepare_include_path(tmp)
         manager = TaskManager(
             include_path=[str(local), *map(str, extra)],
-            include_defaults=not (set(tasks) <= shipped and not extra) if include_defaults is None else include_defaults,
+            include_defaults=not (set(tasks) <= shipped and not extra)
+            if include_defaults is None
+            else include_defaults,
         )
         missing = [t for t in tasks if not manager.match_tasks([t])]
         if missing:
             where = "lm-eval's built-in tasks, " if manager.all_tasks != sorted(shipped) else ""
-            raise ValueError(f"unknown lm-eval task(s) {missing}; searched {where}the shipped tasks {sorted(shipped)} and include_path {extra}")
+            raise ValueError(
+                f"unknown lm-eval task(s) {missing}; searched {where}the shipped tasks {sorted(shipped)} and include_path {extra}"
+            )
         raw = simple_evaluate(
             model=lm,
             tasks=list(tasks),

@@ -61,9 +61,7 @@ TASKS: dict[str, TaskSpec] = {
         generate_signature="generate_mqar(config, num_examples, seed, epoch=0) -> MQARData(input_ids, labels)",
         score=mqar_accuracy,
         score_signature="mqar_accuracy(logits [N,T,V] or ids [N,T], labels [N,T]) -> float",
-        presets={
-            f"T{t}_n{n}": MQARConfig(seq_len=t, num_kv_pairs=n) for t, n in ((64, 4), (128, 8), (256, 16))
-        },
+        presets={f"T{t}_n{n}": MQARConfig(seq_len=t, num_kv_pairs=n) for t, n in ((64, 4), (128, 8), (256, 16))},
     ),
     "state_tracking": TaskSpec(
         name="state_tracking",

@@ -53,8 +53,7 @@ def predictions_from(logits_or_predictions: ArrayLike, labels: ArrayLike) -> tup
     if preds.is_floating_point():
         if preds.dim() != labs.dim() + 1 or preds.shape[:-1] != labs.shape:
             raise ValueError(
-                f"logits must have shape labels.shape + (vocab,) = {tuple(labs.shape)} + (V,), "
-                f"got {tuple(preds.shape)}"
+                f"logits must have shape labels.shape + (vocab,) = {tuple(labs.shape)} + (V,), got {tuple(preds.shape)}"
             )
         preds = preds.argmax(dim=-1)
     elif preds.shape != labs.shape:
@@ -64,9 +63,7 @@ def predictions_from(logits_or_predictions: ArrayLike, labels: ArrayLike) -> tup
     return preds.detach().to("cpu", torch.int64), labs.detach().to("cpu", torch.int64)
 
 
-def labelled_accuracy(
-    logits_or_predictions: ArrayLike, labels: ArrayLike, ignore_index: int = IGNORE_INDEX
-) -> float:
+def labelled_accuracy(logits_or_predictions: ArrayLike, labels: ArrayLike, ignore_index: int = IGNORE_INDEX) -> float:
     """Fraction of labelled positions predicted correctly.
 
     Args:
@@ -84,9 +81,7 @@ def labelled_accuracy(
     return int(((preds == labs) & mask).sum()) / total
 
 
-def sequence_accuracy(
-    logits_or_predictions: ArrayLike, labels: ArrayLike, ignore_index: int = IGNORE_INDEX
-) -> float:
+def sequence_accuracy(logits_or_predictions: ArrayLike, labels: ArrayLike, ignore_index: int = IGNORE_INDEX) -> float:
     """Fraction of sequences whose labelled positions are all correct (rows with no label are skipped).
 
     Shapes as in :func:`labelled_accuracy`; the sequence axis is dim 0 and positions are dim 1.

@@ -327,13 +327,21 @@ class HybridMixer(_VFirstMixin, Attention):
         hymba_eps: float = 1e-6,
         wkv_impl: str = "auto",
     ):
-        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias=qkv_bias, out_bias=out_bias)
+        super().__init__(
+            hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias=qkv_bias, out_bias=out_bias
+        )
         if fusion not in FUSIONS:
             raise ValueError(f"HybridMixer: unknown fusion {fusion!r}; expected one of {FUSIONS}")
         check_state_head_size(head_dim, "HybridMixer state heads (one per query head, size = the teacher's head_dim)")
         if not isinstance(middle_heads, int) or not 0 <= middle_heads <= num_heads:
-            raise ValueError(f"HybridMixer: middle_heads must be an int in [0, {num_heads}] (H_q), got {middle_heads!r}")
-        for name, rank in (("receptance_rank", receptance_rank), ("gate_rank", gate_rank), ("middle_rank", middle_rank)):
+            raise ValueError(
+                f"HybridMixer: middle_heads must be an int in [0, {num_heads}] (H_q), got {middle_heads!r}"
+            )
+        for name, rank in (
+            ("receptance_rank", receptance_rank),
+            ("gate_rank", gate_rank),
+            ("middle_rank", middle_rank),
+        ):
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"HybridMixer: {name} must be a positive int, got {rank!r}")
         C, H, d = hidden_size, num_heads, head_dim
@@ -345,8 +353,16 @@ class HybridMixer(_VFirstMixin, Attention):
         self.state_query_init = float(state_query_init)
         # RWKV-7 state heads: one per query head, head size d_h (SPEC section 2 pieces)
         self.state = RWKV7StateHeads(
-            C, H, d, layer_idx, num_layers,
-            decay_rank=decay_rank, a_rank=a_rank, v_rank=v_rank, value_residual=value_residual, wkv_impl=wkv_impl,
+            C,
+            H,
+            d,
+            layer_idx,
+            num_layers,
+            decay_rank=decay_rank,
+            a_rank=a_rank,
+            v_rank=v_rank,
+            value_residual=value_residual,
+            wkv_impl=wkv_impl,
         )
         # W^K-hat = W^Q + R1 R2 (receptance correction)
         self.receptance_lora_a = nn.Parameter(torch.empty(C, receptance_rank))  # R1
@@ -467,19 +483,28 @@ class HybridMixer(_VFirstMixin, Attention):
         on u. u, x, xx [B,T,C] -> [B,T,A] each ([B,T,H_m d] for the middle heads)."""
         maps = self.state.low_rank_maps()
         if self.fusion == "gate":
-            maps.append(LowRankMap("gate_sigmoid", self.gate_lora_a, self.gate_lora_b, self.gate_bias.view(-1), None, True))
+            maps.append(
+                LowRankMap("gate_sigmoid", self.gate_lora_a, self.gate_lora_b, self.gate_bias.view(-1), None, True)
+            )
         if self.num_middle_heads > 0:
             maps.append(LowRankMap("middle_sigmoid", self.middle_lora_a, self.middle_lora_b, None, None, True))
         maps.append(LowRankMap("receptance", self.receptance_lora_a, self.receptance_lora_b))
         mixes = self.state.mix_vectors()
         n_state, n_u = len(mixes), len(maps) - len(mixes)
         # rows of u-fed maps get a zero mix: x + xx * 0 = x, which is u unless padding zeroed it
-        mu = derived_weight(self, "low_rank_mixes", mixes, lambda: torch.cat([torch.stack(mixes), mixes[0].new_zeros(n_u, mixes[0].shape[0])]))
+        mu = derived_weight(
+            self,
+            "low_rank_mixes",
+            mixes,
+            lambda: torch.cat([torch.stack(mixes), mixes[0].new_zeros(n_u, mixes[0].shape[0])]),
+        )
         base = x if x is u else torch.cat([x.expand(n_state, *x.shape), u.expand(n_u, *u.shape)])
         inputs = torch.addcmul(base, xx, mu.view(len(maps), *([1] * (x.dim() - 1)), -1))
         return low_rank_bank(self, "low_rank_bank", maps, inputs)
 
-    def fuse(self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, low: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    def fuse(
+        self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, low: Optional[Dict[str, torch.Tensor]] = None
+    ) -> torch.Tensor:
         """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads); ``low`` as returned by
         :meth:`low_rank_inputs` or :meth:`low_rank_outputs` (computed when None)."""
         B, T = u.shape[:2]
@@ -492,7 +517,9 @@ class HybridMixer(_VFirstMixin, Attention):
             if "gate_sigmoid" in low:
                 gamma = low["gate_sigmoid"]
             else:
-                gamma = torch.sigmoid(F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1)))  # bias in the addmm
+                gamma = torch.sigmoid(
+                    F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1))
+                )  # bias in the addmm
             z = torch.lerp(a, y, (gamma.view_as(a) * self.gate_scale).to(a.dtype))  # a + gamma (y - a)
         elif self.fusion == "add":
             z = a + self.fusion_beta * y
@@ -518,13 +545,28 @@ class HybridMixer(_VFirstMixin, Attention):
         vr = st.value_residual
         return HybridStateWeights(
             derived_weight(self, "one_token_mixes", mixes, lambda: torch.stack(mixes)),
-            st.w0, st.w1, st.w2, st.a0, st.a1, st.a2,
-            st.v0 if vr else None, st.v1 if vr else None, st.v2 if vr else None,
-            self.receptance_lora_a, self.receptance_lora_b,
-            self.gate_lora_a if gate else None, self.gate_lora_b if gate else None,
+            st.w0,
+            st.w1,
+            st.w2,
+            st.a0,
+            st.a1,
+            st.a2,
+            st.v0 if vr else None,
+            st.v1 if vr else None,
+            st.v2 if vr else None,
+            self.receptance_lora_a,
+            self.receptance_lora_b,
+            self.gate_lora_a if gate else None,
+            self.gate_lora_b if gate else None,
             self.gate_bias.view(-1) if gate else None,
-            self.middle_lora_a if middle else None, self.middle_lora_b if middle else None,
-            st.k_k, st.k_a, st.r_k, st.ln_x.weight, st.ln_x.bias, st.ln_x.eps,
+            self.middle_lora_a if middle else None,
+            self.middle_lora_b if middle else None,
+            st.k_k,
+            st.k_a,
+            st.r_k,
+            st.ln_x.weight,
+            st.ln_x.bias,
+            st.ln_x.eps,
         )
 
     def _state_one_token(self, u, q, k, v, v_first, token_mask, shift, wkv_state):
@@ -545,7 +587,16 @@ class HybridMixer(_VFirstMixin, Attention):
         vf = v_first.reshape(B, -1).to(u.dtype) if self.state.value_residual else None
         m = None if token_mask is None else token_mask.reshape(B)
         y, last, wkv_state, vf, gamma, middle = hybrid_state_one_token(
-            u.reshape(B, -1), shift, wkv_state, vf, q, k, v, weights, m, impl="cpu",
+            u.reshape(B, -1),
+            shift,
+            wkv_state,
+            vf,
+            q,
+            k,
+            v,
+            weights,
+            m,
+            impl="cpu",
         )
         low = {}
         if gamma is not None:

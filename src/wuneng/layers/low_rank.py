@@ -92,7 +92,9 @@ class DerivedWeights:
         return {"_store": {}, "builds": 0}  # pickled: empty, for the same reason
 
 
-_CURRENT: "contextvars.ContextVar[Optional[DerivedWeights]]" = contextvars.ContextVar("wuneng_derived_weights", default=None)
+_CURRENT: "contextvars.ContextVar[Optional[DerivedWeights]]" = contextvars.ContextVar(
+    "wuneng_derived_weights", default=None
+)
 
 
 @contextlib.contextmanager
@@ -160,7 +162,9 @@ def _stack(maps: Sequence[LowRankMap]):
 
 
 @torch.no_grad()
-def low_rank_bank(owner: nn.Module, slot: str, maps: Sequence[LowRankMap], inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
+def low_rank_bank(
+    owner: nn.Module, slot: str, maps: Sequence[LowRankMap], inputs: torch.Tensor
+) -> Dict[str, torch.Tensor]:
     """All ``maps`` at once: ``inputs`` [M, ..., C] holds map i's input in row i. Returns {name: [..., n_i]}.
 
     Equal (up to float rounding of the summation order) to evaluating each map with its own matmuls. Adjacent

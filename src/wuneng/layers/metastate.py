@@ -173,7 +173,9 @@ class SelfStateEncoder(nn.Module):
     def forward(self, readout: torch.Tensor) -> torch.Tensor:
         B, T, H, N = readout.shape
         if (H, N) != (self.num_heads, self.head_size):
-            raise ValueError(f"SelfStateEncoder: expected a read-out [B, T, {self.num_heads}, {self.head_size}], got {tuple(readout.shape)}")
+            raise ValueError(
+                f"SelfStateEncoder: expected a read-out [B, T, {self.num_heads}, {self.head_size}], got {tuple(readout.shape)}"
+            )
         P = self.num_sse_heads
         contrib = readout[:, :, :P] * self.eta[:P].to(readout.dtype)  # [B, T, P, N]
         blocks = head_blocks(P, N, self.hidden_size, readout.device)  # c(h) for h in P
@@ -224,7 +226,9 @@ class MetaStateLayer(nn.Module):
         if M <= 0:
             raise ValueError(f"MetaStateLayer: num_param_tokens must be positive, got {M}")
         if moe_groups < 1 or M % moe_groups != 0:
-            raise ValueError(f"MetaStateLayer: moe_groups must be >= 1 and divide num_param_tokens={M}, got {moe_groups}")
+            raise ValueError(
+                f"MetaStateLayer: moe_groups must be >= 1 and divide num_param_tokens={M}, got {moe_groups}"
+            )
         if moe_groups > 1 and not 1 <= moe_top_k <= moe_groups:
             raise ValueError(f"MetaStateLayer: moe_top_k must be in [1, moe_groups={moe_groups}], got {moe_top_k}")
         self.hidden_size, self.num_param_tokens = hidden_size, M

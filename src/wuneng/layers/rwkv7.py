@@ -226,8 +226,10 @@ class RWKV7StateHeads(nn.Module):
         """The state heads' LoRAs as :class:`~wuneng.layers.low_rank.LowRankMap` (for the no-grad
         :func:`~wuneng.layers.low_rank.low_rank_bank`): ``decay`` (tanh inside; sigmoid(w0 + tanh(x_w W1) W2)),
         ``alpha`` and, with value residual, ``value_gate``, each read from its token-shift mix (:meth:`mix_vectors`)."""
-        maps = [LowRankMap("decay", self.w1, self.w2, self.w0, "tanh", True),
-                LowRankMap("alpha", self.a1, self.a2, self.a0, None, True)]
+        maps = [
+            LowRankMap("decay", self.w1, self.w2, self.w0, "tanh", True),
+            LowRankMap("alpha", self.a1, self.a2, self.a0, None, True),
+        ]
         if self.value_residual:
             maps.append(LowRankMap("value_gate", self.v1, self.v2, self.v0, None, True))
         return maps
@@ -307,7 +309,12 @@ class RWKV7StateHeads(nn.Module):
             y, r, k, v = (t.float() for t in (y, r, k, v))
             params = tuple(p.float() for p in params)
         out = group_norm_bonus(
-            y.reshape(shape), r.reshape(shape), k.reshape(shape), v.reshape(shape), *params, self.ln_x.eps,
+            y.reshape(shape),
+            r.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            *params,
+            self.ln_x.eps,
         )
         return out.view(B, T, A).to(dtype)
 
@@ -334,7 +341,9 @@ class RWKV7StateHeads(nn.Module):
             shape = (B, T, self.num_heads, self.head_size)
             q2 = None if extra_query is None else extra_query.reshape(shape)
             with outside_autocast(r.device.type):
-                out = wkv7(*(t.reshape(shape) for t in (r, log_w, k, v, a, b)), wkv_state, extra_query=q2, impl=self.wkv_impl)
+                out = wkv7(
+                    *(t.reshape(shape) for t in (r, log_w, k, v, a, b)), wkv_state, extra_query=q2, impl=self.wkv_impl
+                )
         y, state = out[0].reshape(B, T, A), out[1]
         if q2 is None:
             return y, state
@@ -420,7 +429,9 @@ class TimeMix(RWKV7StateHeads):
         :func:`~wuneng.layers.low_rank.low_rank_bank` (the gate's among them).
         """
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"{type(self).__name__}: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}"
+            )
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
         xx = token_shift(x, shift)
@@ -451,10 +462,27 @@ class TimeMix(RWKV7StateHeads):
         vr = self.value_residual
         return TimeMixWeights(
             derived_weight(self, "one_token_mixes", mixes, lambda: torch.stack(mixes)),
-            self.receptance.weight, self.key.weight, self.value.weight, self.output.weight,
-            self.w0, self.w1, self.w2, self.a0, self.a1, self.a2,
-            self.v0 if vr else None, self.v1 if vr else None, self.v2 if vr else None,
-            self.g1, self.g2, self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps,
+            self.receptance.weight,
+            self.key.weight,
+            self.value.weight,
+            self.output.weight,
+            self.w0,
+            self.w1,
+            self.w2,
+            self.a0,
+            self.a1,
+            self.a2,
+            self.v0 if vr else None,
+            self.v1 if vr else None,
+            self.v2 if vr else None,
+            self.g1,
+            self.g2,
+            self.k_k,
+            self.k_a,
+            self.r_k,
+            self.ln_x.weight,
+            self.ln_x.bias,
+            self.ln_x.eps,
         )
 
     def forward(
@@ -510,7 +538,9 @@ class ChannelMix(nn.Module):
     State for decoding: shift [B, C], the last input token.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: Optional[int] = None, layer_idx: int = 0, num_layers: int = 1):
+    def __init__(
+        self, hidden_size: int, intermediate_size: Optional[int] = None, layer_idx: int = 0, num_layers: int = 1
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size or 4 * hidden_size

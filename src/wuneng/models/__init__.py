@@ -5,4 +5,14 @@ from .metastate import MetaStateConfig, MetaStateForCausalLM, MetaStateModel
 from .rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
 from .wuneng import WuNengConfig, WuNengForCausalLM, WuNengModel
 
-__all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM", "MetaStateConfig", "MetaStateModel", "MetaStateForCausalLM", "WuNengConfig", "WuNengModel", "WuNengForCausalLM"]
+__all__ = [
+    "RWKV7Config",
+    "RWKV7Model",
+    "RWKV7ForCausalLM",
+    "MetaStateConfig",
+    "MetaStateModel",
+    "MetaStateForCausalLM",
+    "WuNengConfig",
+    "WuNengModel",
+    "WuNengForCausalLM",
+]

@@ -29,7 +29,15 @@ from safetensors.torch import load_model, save_model
 
 from ..saving import apply_umask, replace_folder
 
-__all__ = ["CHECKPOINT_DIR", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "save_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+]
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -144,10 +152,15 @@ def save_checkpoint(
         if model_state_dict is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in model_state_dict.items()}, str(tmp / "model.safetensors"))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in model_state_dict.items()}, str(tmp / "model.safetensors")
+            )
         else:
             save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"sharded": True, "world_size": world_size} if sharded_optimizer else optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(
+            {"sharded": True, "world_size": world_size} if sharded_optimizer else optimizer.state_dict(),
+            tmp / "optimizer.pt",
+        )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         state = dict(trainer_state, step=step, world_size=world_size)
         with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:

@@ -164,7 +164,9 @@ class TrainConfig:
     seed: int = 0
     # "auto": bf16 autocast where the device supports it (CUDA with bf16), else full precision. "no" (YAML's
     # no/false too): full precision. "fp16" needs a GPU (train() refuses it on CPU). See docs/training.md.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"parse": parse_mixed_precision})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto", metadata={"parse": parse_mixed_precision}
+    )
     gradient_checkpointing: bool = False
     # On CPU: keep freed memory in the process instead of returning it to the kernel after every step
     # (glibc mallopt; wuneng.runtime.tune_cpu_allocator). Process-wide; off = the C library's defaults.
@@ -277,7 +279,10 @@ def config_from_dict(data: Any, cls: type = None, where: str = "config"):
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
     # a field may bring its own parser (metadata "parse"): mixed_precision accepts YAML's boolean `no`
     parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if "parse" in f.metadata}
-    kwargs = {k: parsers[k](v, f"{where}.{k}") if k in parsers else _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {
+        k: parsers[k](v, f"{where}.{k}") if k in parsers else _coerce(hints[k], v, f"{where}.{k}")
+        for k, v in data.items()
+    }
     return cls(**kwargs)
 
 
@@ -317,7 +322,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validate(config: TrainConfig, *, has_model: bool = False, has_teacher: bool = False, has_data: bool = False) -> None:
+def validate(
+    config: TrainConfig, *, has_model: bool = False, has_teacher: bool = False, has_data: bool = False
+) -> None:
     """Cross-field checks. ``has_*``: the Python caller passes that object directly."""
     positive = {
         "micro_batch_size": config.micro_batch_size,
@@ -368,7 +375,9 @@ def validate(config: TrainConfig, *, has_model: bool = False, has_teacher: bool 
             "instead of `model.config`"
         )
     if not config.data.sources and not has_data:
-        raise ConfigError("config.data.sources: give at least one data file, folder, datasets folder or python:module:function")
+        raise ConfigError(
+            "config.data.sources: give at least one data file, folder, datasets folder or python:module:function"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> TrainConfig:

@@ -85,7 +85,9 @@ def _read_utf8(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); convert the file to UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); convert the file to UTF-8"
+        ) from None
 
 
 def _split_text(text: str, unit: str) -> list[str]:
@@ -148,14 +150,20 @@ def _iter_jsonl(path: Path, cfg: DataConfig) -> Iterator[Record]:
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:
-    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    return (
+        (path / "dataset_info.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+        or (path / "state.json").is_file()
+    )
 
 
 def _import_datasets(path: Path):
     try:
         import datasets  # lazy: only these sources need it
     except ImportError:  # pragma: no cover - depends on the environment
-        raise DataError(f"{path}: reading Hugging Face datasets / parquet needs datasets, the data extra: pip install 'wuneng[data]'") from None
+        raise DataError(
+            f"{path}: reading Hugging Face datasets / parquet needs datasets, the data extra: pip install 'wuneng[data]'"
+        ) from None
     return datasets
 
 
@@ -276,7 +284,9 @@ def _chat_template_of(tokenizer) -> str:
         return getattr(tokenizer, "chat_template", None) or ""
 
 
-def _marked_assistant_spans(tokenizer, template: str, messages: list[dict], origin: str) -> tuple[str, list[tuple[int, int]]]:
+def _marked_assistant_spans(
+    tokenizer, template: str, messages: list[dict], origin: str
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the character spans of its ``{% generation %}`` blocks (one render)."""
     # transformers' own renderer records the spans (what apply_chat_template(return_assistant_tokens_mask=True)
     # uses); tests/train/test_chat_masking.py checks our mask against that public path.
@@ -379,7 +389,9 @@ def assistant_token_mask(tokenizer, messages: list[dict], origin: str = "convers
     return ids, _tokens_in_spans(offsets, spans)
 
 
-def encode_conversation(tokenizer, messages: list[dict], responses_only: bool, origin: str = "conversation") -> Document:
+def encode_conversation(
+    tokenizer, messages: list[dict], responses_only: bool, origin: str = "conversation"
+) -> Document:
     """Tokenise a chat through the tokenizer's chat template, once.
 
     With ``responses_only`` only the assistant tokens are targets (see :func:`assistant_token_mask`);
@@ -400,7 +412,9 @@ def encode_record(record: Record, tokenizer, responses_only: bool = False) -> Do
     if record.messages is not None:
         return encode_conversation(tokenizer, record.messages, responses_only, record.origin)
     if responses_only:
-        raise DataError(f"{record.origin}: the sft stage needs conversations (`messages` or `prompt`/`response`), got plain text")
+        raise DataError(
+            f"{record.origin}: the sft stage needs conversations (`messages` or `prompt`/`response`), got plain text"
+        )
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos token; documents cannot be separated (set tokenizer.eos_token)")
@@ -424,7 +438,11 @@ class PackedDataset:
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "attention_mask": self.attention_mask[idx]}
+        return {
+            "input_ids": self.input_ids[idx],
+            "labels": self.labels[idx],
+            "attention_mask": self.attention_mask[idx],
+        }
 
     @property
     def num_target_tokens(self) -> int:
@@ -470,7 +488,9 @@ def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int, mode: st
         pieces: list[tuple[list[int], list[int]]]
         if len(doc.ids) > seq_len:
             if doc.splittable:
-                pieces = [(doc.ids[s : s + seq_len], doc.labels[s : s + seq_len]) for s in range(0, len(doc.ids), seq_len)]
+                pieces = [
+                    (doc.ids[s : s + seq_len], doc.labels[s : s + seq_len]) for s in range(0, len(doc.ids), seq_len)
+                ]
             else:
                 n_trunc += 1
                 pieces = [(doc.ids[:seq_len], doc.labels[:seq_len])]
@@ -497,9 +517,7 @@ def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int, mode: st
     return PackedDataset(input_ids, labels_t, mask, n_docs, n_trunc)
 
 
-def build_dataset(
-    cfg: DataConfig, tokenizer, stage: str, extra_sources: Sequence[SourceLike] = ()
-) -> PackedDataset:
+def build_dataset(cfg: DataConfig, tokenizer, stage: str, extra_sources: Sequence[SourceLike] = ()) -> PackedDataset:
     """Read every source of ``cfg`` (plus ``extra_sources`` given from Python), tokenise and pack.
 
     The ``sft`` stage targets only assistant responses; the other stages target every token.

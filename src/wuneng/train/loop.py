@@ -149,7 +149,9 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
 
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"teacher {p}: no config.json there (expected a local Qwen2/Llama save_pretrained folder)")
+        raise FileNotFoundError(
+            f"teacher {p}: no config.json there (expected a local Qwen2/Llama save_pretrained folder)"
+        )
     _register_project_models(_model_type_of(p))
     check_model_folder(p, "teacher")  # one line naming a corrupt weights file or a config mismatch
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
@@ -202,15 +204,25 @@ class _RunProgress:
     through ``logging`` every ``interval`` seconds (:class:`~wuneng.progress.ProgressLog`: step, loss,
     tokens/s, elapsed, ETA) that reads the same in a log file. A context manager (the bar's lifetime)."""
 
-    def __init__(self, enabled: bool, total: int, completed: int, stage: str, tokens_seen: int = 0,
-                 interval: Optional[float] = None, terminal: Optional[bool] = None):
+    def __init__(
+        self,
+        enabled: bool,
+        total: int,
+        completed: int,
+        stage: str,
+        tokens_seen: int = 0,
+        interval: Optional[float] = None,
+        terminal: Optional[bool] = None,
+    ):
         from ..progress import ProgressLog, stderr_is_terminal
 
         self.bar = self.task = self.lines = None
         if not enabled:
             return
         if not (stderr_is_terminal() if terminal is None else terminal):
-            self.lines = ProgressLog(stage, total, start=completed, amount_start=tokens_seen, interval=interval, logger=logger)
+            self.lines = ProgressLog(
+                stage, total, start=completed, amount_start=tokens_seen, interval=interval, logger=logger
+            )
             return
         from rich.console import Console
         from rich.progress import (
@@ -254,8 +266,9 @@ class _RunProgress:
             self.lines.update(step, f"loss {loss:.4f}", amount=tokens_seen)
 
 
-def _progress(enabled: bool, total: int, completed: int, stage: str, tokens_seen: int = 0,
-              interval: Optional[float] = None) -> _RunProgress:
+def _progress(
+    enabled: bool, total: int, completed: int, stage: str, tokens_seen: int = 0, interval: Optional[float] = None
+) -> _RunProgress:
     """The :class:`_RunProgress` of a run (disabled: a no-op)."""
     return _RunProgress(enabled, total, completed, stage, tokens_seen, interval)
 
@@ -300,7 +313,9 @@ def check_run_dir(run_dir: Path, resume: bool, stage: str) -> None:
         found = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
         if found:
             checkpoints = list_checkpoints(run_dir)
-            what = f"checkpoints (newest {checkpoints[-1][1].name}) of an earlier run" if checkpoints else "an earlier run"
+            what = (
+                f"checkpoints (newest {checkpoints[-1][1].name}) of an earlier run" if checkpoints else "an earlier run"
+            )
             raise FileExistsError(
                 f"output_dir {run_dir} already holds {what} ({', '.join(found)}); nothing was written: pass --resume "
                 "to continue it, or choose another output_dir"
@@ -364,7 +379,12 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
     from transformers.utils import logging as hf_logging
 
-    validate(config, has_model=model is not None, has_teacher=teacher is not None, has_data=bool(data_sources) or dataset is not None)
+    validate(
+        config,
+        has_model=model is not None,
+        has_teacher=teacher is not None,
+        has_data=bool(data_sources) or dataset is not None,
+    )
     check_run_dir(Path(config.output_dir), resume, config.stage)  # every process, before anything is written
     hf_logging.disable_progress_bar()  # transformers' loading/saving bars would interleave with the run's own
     stage = config.stage
@@ -407,7 +427,9 @@ def train(
         dataset = build_dataset(config.data, tokenizer, stage, data_sources)
     if config.gradient_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(student).__name__} does not support gradient checkpointing; set gradient_checkpointing: false")
+            raise ValueError(
+                f"{type(student).__name__} does not support gradient checkpointing; set gradient_checkpointing: false"
+            )
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -465,11 +487,21 @@ def train(
             }
         )
         if resumed_from is not None:
-            logger.info("%s: resuming from checkpoint %s at step %d (runs to step %d)", stage, resumed_from, step, stop_step)
+            logger.info(
+                "%s: resuming from checkpoint %s at step %d (runs to step %d)", stage, resumed_from, step, stop_step
+            )
         else:
             logger.info("%s: starting at step 0 (runs to step %d) in %s", stage, stop_step, run_dir)
-        logger.info("%s: %d rows of %d tokens, %d process(es) x %d rows x %d accumulation = %d rows per step",
-                    stage, len(dataset), dataset.input_ids.shape[1], world, rows_per_micro, config.grad_accum_steps, rows_per_step)
+        logger.info(
+            "%s: %d rows of %d tokens, %d process(es) x %d rows x %d accumulation = %d rows per step",
+            stage,
+            len(dataset),
+            dataset.input_ids.shape[1],
+            world,
+            rows_per_micro,
+            config.grad_accum_steps,
+            rows_per_step,
+        )
 
     history: list[dict] = []
     last_ckpt: Optional[Path] = resumed_from or latest_checkpoint(run_dir)
@@ -489,7 +521,12 @@ def train(
             model=student,
             optimizer=optimizer_p,
             scheduler=scheduler,
-            trainer_state={"samples_consumed": base_sample + (at_step - base_step) * rows_per_step, "tokens_seen": tokens_seen, "stage": stage, "metrics": last_metrics},
+            trainer_state={
+                "samples_consumed": base_sample + (at_step - base_step) * rows_per_step,
+                "tokens_seen": tokens_seen,
+                "stage": stage,
+                "metrics": last_metrics,
+            },
             keep_last=config.keep_last,
             rank=rank,
             world_size=world,
@@ -521,7 +558,9 @@ def train(
             n_global, input_tokens = max(float(counts[0]), 1.0), int(counts[1])
             forward_kwargs = {}
             if term_names:
-                forward_kwargs["term_scales"] = {n: n_global / max(float(c), 1.0) for n, c in zip(term_names, counts[2:])}
+                forward_kwargs["term_scales"] = {
+                    n: n_global / max(float(c), 1.0) for n, c in zip(term_names, counts[2:])
+                }
 
             sums: dict[str, torch.Tensor] = {}
             for a, b in enumerate(batches):
@@ -552,7 +591,14 @@ def train(
                     f"Last good checkpoint: {last_ckpt if last_ckpt else 'none (no checkpoint written yet)'}. "
                     "Lower optim.lr or check the data, then continue with --resume."
                 )
-                writer.write({"event": "nonfinite", "step": step + 1, what.replace(" ", "_"): str(bad), "checkpoint": str(last_ckpt) if last_ckpt else None})
+                writer.write(
+                    {
+                        "event": "nonfinite",
+                        "step": step + 1,
+                        what.replace(" ", "_"): str(bad),
+                        "checkpoint": str(last_ckpt) if last_ckpt else None,
+                    }
+                )
                 writer.close()
                 raise NonFiniteLossError(msg)
             lr = optimizer.param_groups[0]["lr"]
@@ -570,7 +616,14 @@ def train(
             if step % config.log_every == 0 or stop_now:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                record = {"step": step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "tokens_per_s": round(tps, 1)}
+                record = {
+                    "step": step,
+                    **metrics,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens_seen,
+                    "tokens_per_s": round(tps, 1),
+                }
                 history.append(record)
                 writer.write(record)
                 window_tokens, window_start = 0, time.perf_counter()
@@ -588,7 +641,11 @@ def train(
     if config.save_final:
         final_dir = run_dir / "final"
         accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model_p) if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
+        state_dict = (
+            accelerator.get_state_dict(model_p)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+            else None
+        )
         if is_main:
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
@@ -602,7 +659,13 @@ def train(
             save_pretrained_atomic(student, final_dir, write=write_final, check=False)
     if is_main:
         writer.write({"event": "end", "step": step, "loss": last_loss})
-        logger.info("%s: finished at step %d, loss %.4f%s", stage, step, last_loss, f", model in {final_dir}" if final_dir else "")
+        logger.info(
+            "%s: finished at step %d, loss %.4f%s",
+            stage,
+            step,
+            last_loss,
+            f", model in {final_dir}" if final_dir else "",
+        )
     writer.close()
     accelerator.wait_for_everyone()
     return TrainResult(step, last_loss, run_dir, final_dir, last_ckpt, history, is_main)

@@ -57,7 +57,9 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: Opti
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters with the groups of :func:`param_groups`."""
-    return torch.optim.AdamW(param_groups(model.named_parameters(), cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(
+        param_groups(model.named_parameters(), cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -79,7 +81,9 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` with :func:`lr_factor`. Its ``state_dict`` holds only numbers (the lambda is a
     plain function, which ``LambdaLR`` does not serialise), so it loads with ``weights_only=True``."""
 

@@ -58,7 +58,9 @@ def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tup
     """
     target = labels[:, 1:]
     pred = logits[:, :-1].float()
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (target != IGNORE_INDEX).sum()
 
 
@@ -224,7 +226,11 @@ class DistillObjective(Objective):
         student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         v = self.vocab
         kl = chunked_kl_divergence_sum(
-            teacher_logits[..., :v], student_logits[..., :v], batch["attention_mask"], self.temperature, self.chunk_tokens
+            teacher_logits[..., :v],
+            student_logits[..., :v],
+            batch["attention_mask"],
+            self.temperature,
+            self.chunk_tokens,
         )
         loss = self.kl_weight * kl
         metrics = {"kl": kl.detach()}
@@ -277,7 +283,9 @@ def capture_teacher_attention(
     try:
         decoder_layers = teacher.model.layers
     except AttributeError:
-        raise TypeError("the teacher must be a Hugging Face Llama/Qwen2-style causal LM (teacher.model.layers[i].self_attn)") from None
+        raise TypeError(
+            "the teacher must be a Hugging Face Llama/Qwen2-style causal LM (teacher.model.layers[i].self_attn)"
+        ) from None
     for i in layers:
         if not 0 <= i < len(decoder_layers):
             raise ValueError(f"align layer {i} is out of range: the teacher has {len(decoder_layers)} layers")
@@ -304,7 +312,14 @@ def _rms_distance_sum(y_teacher: torch.Tensor, y_student: torch.Tensor, mask: to
 
 
 #: Config fields a stage-1 teacher shares with the student converted from it (the student keeps the teacher's shapes).
-ALIGN_TEACHER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+ALIGN_TEACHER_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+)
 
 
 def check_align_teacher(student: nn.Module, teacher: nn.Module) -> None:
@@ -352,7 +367,9 @@ class AlignObjective(Objective):
     (``align_output``, ``align_state``).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, layers: Optional[Sequence[int]] = None, state_weight: float = 1.0):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, layers: Optional[Sequence[int]] = None, state_weight: float = 1.0
+    ):
         super().__init__(student)
         for attr in ("converted_layer_indices", "new_parameter_names"):
             if not callable(getattr(student, attr, None)):
@@ -372,7 +389,9 @@ class AlignObjective(Objective):
         self.run_layers = [i for i in sorted(converted) if i <= max(self.layers)] if self.layers else []
         not_converted = sorted(set(self.layers) - set(converted))
         if not_converted:
-            raise ValueError(f"align.layers {not_converted} are not converted layers of the student (converted: {converted})")
+            raise ValueError(
+                f"align.layers {not_converted} are not converted layers of the student (converted: {converted})"
+            )
         self.state_weight = state_weight
 
     def trainable_names(self) -> set[str]:
@@ -424,13 +443,17 @@ class AlignObjective(Objective):
         return {"loss_sum": loss, **metrics}
 
 
-def build_objective(stage: str, student: nn.Module, teacher: Optional[nn.Module], config, tokenizer_size: Optional[int] = None) -> Objective:
+def build_objective(
+    stage: str, student: nn.Module, teacher: Optional[nn.Module], config, tokenizer_size: Optional[int] = None
+) -> Objective:
     """The objective of ``stage`` with its trainable parameters set."""
     if stage in ("pretrain", "sft"):
         obj: Objective = CausalLMObjective(student)
     elif stage == "distill":
         d = config.distill
-        obj = DistillObjective(student, teacher, d.temperature, d.kl_weight, d.ce_weight, d.freeze_mlp, tokenizer_size, d.chunk_tokens)
+        obj = DistillObjective(
+            student, teacher, d.temperature, d.kl_weight, d.ce_weight, d.freeze_mlp, tokenizer_size, d.chunk_tokens
+        )
     elif stage == "align":
         obj = AlignObjective(student, teacher, config.align.layers, config.align.state_weight)
     else:

@@ -192,7 +192,9 @@ def generate_recall(config: ArithmeticConfig, num_examples: int, rng: np.random.
     return out
 
 
-def generate_examples(config: ArithmeticConfig, num_examples: int, seed: int, epoch: int = 0) -> list[ArithmeticExample]:
+def generate_examples(
+    config: ArithmeticConfig, num_examples: int, seed: int, epoch: int = 0
+) -> list[ArithmeticExample]:
     """A shuffled mix: ``recall_fraction`` recall lines, the rest arithmetic (no train/test filtering)."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples < 0:
         raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
@@ -276,7 +278,9 @@ def make_test_set(
         if len(seen) < per_category:
             raise ValueError(f"could not draw {per_category} distinct {cat!r} problems")
         examples.extend(seen.values())
-    facts = frozenset(e.fact for e in examples if holdout_facts and e.fact is not None and max(e.fact[0], e.fact[2]) >= 10)
+    facts = frozenset(
+        e.fact for e in examples if holdout_facts and e.fact is not None and max(e.fact[0], e.fact[2]) >= 10
+    )
     return ArithmeticTestSet(examples, frozenset(e.prompt for e in examples), facts)
 
 
@@ -296,7 +300,9 @@ def generate_training_examples(
         if round_ > 50:
             raise ValueError("the test set forbids almost every training problem; use a larger problem space")
         # round 0 uses (seed, epoch); later rounds top up from independent streams
-        batch = generate_examples(config, max(num_examples - len(out), 16) if round_ else num_examples, seed, epoch + round_ * 1_000_003)
+        batch = generate_examples(
+            config, max(num_examples - len(out), 16) if round_ else num_examples, seed, epoch + round_ * 1_000_003
+        )
         out.extend(e for e in batch if test_set.allows(e))
         round_ += 1
     return out[:num_examples]

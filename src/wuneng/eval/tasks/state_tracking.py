@@ -190,7 +190,9 @@ def prefix_products(group: FiniteGroup, elements: np.ndarray) -> np.ndarray:
     return y
 
 
-def generate_word_problems(config: StateTrackingConfig, num_examples: int, seed: int, epoch: int = 0) -> StateTrackingData:
+def generate_word_problems(
+    config: StateTrackingConfig, num_examples: int, seed: int, epoch: int = 0
+) -> StateTrackingData:
     """Sample ``num_examples`` sequences of i.i.d. uniform group elements and their prefix products.
 
     Returns:
@@ -207,9 +209,7 @@ def generate_word_problems(config: StateTrackingConfig, num_examples: int, seed:
     return StateTrackingData(torch.from_numpy(x), torch.from_numpy(y))
 
 
-def state_tracking_report(
-    logits_or_predictions: torch.Tensor, labels: torch.Tensor, threshold: float = 0.95
-) -> dict:
+def state_tracking_report(logits_or_predictions: torch.Tensor, labels: torch.Tensor, threshold: float = 0.95) -> dict:
     """Accuracy per length ``{k: acc}``, overall labelled accuracy, and the longest prefix length
     ``k*`` such that every length ``<= k*`` is above ``threshold`` (``0`` if length 1 is not)."""
     per_len = accuracy_per_length(logits_or_predictions, labels)
@@ -219,4 +219,8 @@ def state_tracking_report(
             longest = k
         else:
             break
-    return {"accuracy": labelled_accuracy(logits_or_predictions, labels), "per_length": per_len, "solved_up_to": longest}
+    return {
+        "accuracy": labelled_accuracy(logits_or_predictions, labels),
+        "per_length": per_len,
+        "solved_up_to": longest,
+    }

@@ -79,7 +79,9 @@ class MetaStateConfig(PretrainedConfig):
                 f"got {self.moe_groups!r}"
             )
         if not _is_int(self.moe_top_k) or not 1 <= self.moe_top_k <= self.moe_groups:
-            raise ValueError(f"MetaStateConfig: moe_top_k must be an int in [1, moe_groups={self.moe_groups}], got {self.moe_top_k!r}")
+            raise ValueError(
+                f"MetaStateConfig: moe_top_k must be an int in [1, moe_groups={self.moe_groups}], got {self.moe_top_k!r}"
+            )
         super().__post_init__(**kwargs)
 
     @property

@@ -49,7 +49,12 @@ class MetaStateBlock(GradientCheckpointingLayer):
         self.ln1 = nn.LayerNorm(C, eps=eps)
         self.ln2 = nn.LayerNorm(C, eps=eps)
         self.att = MetaStateTimeMix(
-            C, config.num_heads, config.head_size, layer_idx, L, **time_mix_options(config),
+            C,
+            config.num_heads,
+            config.head_size,
+            layer_idx,
+            L,
+            **time_mix_options(config),
             state_readout=resolve_sse_heads(config.sse_heads, config.num_heads) > 0,  # no SSE head: no 2nd query
         )
         self.ffn = MetaStateLayer(

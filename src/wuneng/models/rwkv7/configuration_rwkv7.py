@@ -10,7 +10,12 @@ from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
 __all__ = ["RWKV7Config", "validate_rwkv7_core"]
 
 #: LoRA rank fields of an RWKV-7 config -> key of :func:`~wuneng.layers.rwkv7.lora_ranks`
-LORA_RANK_FIELDS = (("decay_low_rank_dim", "w"), ("a_low_rank_dim", "a"), ("v_low_rank_dim", "v"), ("gate_low_rank_dim", "g"))
+LORA_RANK_FIELDS = (
+    ("decay_low_rank_dim", "w"),
+    ("a_low_rank_dim", "a"),
+    ("v_low_rank_dim", "v"),
+    ("gate_low_rank_dim", "g"),
+)
 
 
 def _is_int(x) -> bool:

@@ -58,7 +58,12 @@ FLA_MODEL_TYPE = "rwkv7"
 _LN_X_EPS = 64e-5
 _TOKEN_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
 # fla LoRA module -> our (bias vector, first matrix, second matrix)
-_LORAS = {"w_lora": ("w0", "w1", "w2"), "a_lora": ("a0", "a1", "a2"), "v_lora": ("v0", "v1", "v2"), "g_lora": (None, "g1", "g2")}
+_LORAS = {
+    "w_lora": ("w0", "w1", "w2"),
+    "a_lora": ("a0", "a1", "a2"),
+    "v_lora": ("v0", "v1", "v2"),
+    "g_lora": (None, "g1", "g2"),
+}
 _PROJECTIONS = {"r_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_proj": "output"}
 # how a tensor is carried over: the same, transposed (LoRA matrices) or [1, 1, C] <-> [C] (token-shift mixes)
 SAME, TRANSPOSE, FLAT = "same", "transpose", "flat"
@@ -119,12 +124,16 @@ def read_fla_folder(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.isfile(config_path):
-        raise FileNotFoundError(f"fla checkpoint {path}: not a model folder (no config.json; expected an fla-hub folder: config.json + model.safetensors)")
+        raise FileNotFoundError(
+            f"fla checkpoint {path}: not a model folder (no config.json; expected an fla-hub folder: config.json + model.safetensors)"
+        )
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ModelFolderError(f"{config_path}: not readable JSON ({' '.join(str(err).split())}); expected fla's config.json") from None
+        raise ModelFolderError(
+            f"{config_path}: not readable JSON ({' '.join(str(err).split())}); expected fla's config.json"
+        ) from None
     if not isinstance(config, dict):
         raise ModelFolderError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     if config.get("model_type") != FLA_MODEL_TYPE:
@@ -190,13 +199,19 @@ def fla_config_to_kwargs(config: Mapping, weights: Mapping[str, torch.Tensor]) -
             "has RWKV-7 layers only"
         )
     if config.get("norm_first", True) is not True:
-        raise FlaConfigError("fla config: norm_first is false (no LayerNorm before the first layer); wuneng's RWKV-7 always has it (ln0)")
+        raise FlaConfigError(
+            "fla config: norm_first is false (no LayerNorm before the first layer); wuneng's RWKV-7 always has it (ln0)"
+        )
     if config.get("hidden_act", "sqrelu") != "sqrelu":
-        raise FlaConfigError(f"fla config: hidden_act is {config['hidden_act']!r}; wuneng's RWKV-7 channel mix uses sqrelu (relu squared)")
+        raise FlaConfigError(
+            f"fla config: hidden_act is {config['hidden_act']!r}; wuneng's RWKV-7 channel mix uses sqrelu (relu squared)"
+        )
     value_dim = config.get("value_dim")
     dims = [value_dim] * L if isinstance(value_dim, int) else value_dim
     if dims is not None and (not isinstance(dims, list) or any(d != C for d in dims)):
-        raise FlaConfigError(f"fla config: value_dim is {value_dim!r}; wuneng's RWKV-7 needs value_dim = hidden_size ({C}) in every layer")
+        raise FlaConfigError(
+            f"fla config: value_dim is {value_dim!r}; wuneng's RWKV-7 needs value_dim = hidden_size ({C}) in every layer"
+        )
     eps = config.get("norm_eps", 1e-5)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise FlaConfigError(f"fla config: norm_eps must be a positive number, got {eps!r}")
@@ -293,7 +308,9 @@ def split_stacked_mixes(weights: Mapping[str, torch.Tensor]) -> Dict[str, torch.
     return out
 
 
-def fla_to_wuneng_state_dict(weights: Mapping[str, torch.Tensor], config, fla_config: Mapping) -> Dict[str, torch.Tensor]:
+def fla_to_wuneng_state_dict(
+    weights: Mapping[str, torch.Tensor], config, fla_config: Mapping
+) -> Dict[str, torch.Tensor]:
     """fla weights -> our state dict for ``config`` (our :class:`RWKV7Config`), shapes checked.
 
     Raises :class:`FlaConfigError` listing missing keys, unexpected keys and wrong shapes at once. Without
@@ -308,11 +325,15 @@ def fla_to_wuneng_state_dict(weights: Mapping[str, torch.Tensor], config, fla_co
     unexpected = sorted(k for k in weights if k not in expected)
     wrong = sorted(
         f"{k}: expected {list(expected[k])}, got {list(weights[k].shape)}"
-        for k in weights if k in expected and tuple(weights[k].shape) != expected[k]
+        for k in weights
+        if k in expected and tuple(weights[k].shape) != expected[k]
     )
     if missing or unexpected or wrong:
-        parts = [f"{what} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-                 for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+        parts = [
+            f"{what} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+            if keys
+        ]
         raise FlaConfigError(
             f"fla checkpoint does not match an RWKV-7 model with L={config.num_hidden_layers}, C={config.hidden_size}, "
             f"V={config.vocab_size}, head_dim={config.head_size}: " + "; ".join(parts)
@@ -337,8 +358,12 @@ def fla_to_wuneng_state_dict(weights: Mapping[str, torch.Tensor], config, fla_co
 def _expected_fla_shapes(config, norm_bias: bool = True) -> Dict[str, Tuple[int, ...]]:
     """fla key -> shape for our config (fla's layout)."""
     C, V, N, F = config.hidden_size, config.vocab_size, config.head_size, config.intermediate_size
-    ranks = {"w_lora": config.decay_low_rank_dim, "a_lora": config.a_low_rank_dim, "v_lora": config.v_low_rank_dim,
-             "g_lora": config.gate_low_rank_dim}
+    ranks = {
+        "w_lora": config.decay_low_rank_dim,
+        "a_lora": config.a_low_rank_dim,
+        "v_lora": config.v_low_rank_dim,
+        "g_lora": config.gate_low_rank_dim,
+    }
     shapes = {}
     for fla, _, how in fla_key_map(config.num_hidden_layers, norm_bias):
         leaf = fla.split(".")
@@ -377,7 +402,9 @@ def wuneng_to_fla_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> 
 def _single_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
     dtypes = sorted({str(t.dtype) for t in weights.values() if t.is_floating_point()})
     if len(dtypes) != 1:
-        raise TypeError(f"fla checkpoint mixes dtypes {dtypes}; pass dtype=torch.float32 (CLI: --dtype float32) to convert")
+        raise TypeError(
+            f"fla checkpoint mixes dtypes {dtypes}; pass dtype=torch.float32 (CLI: --dtype float32) to convert"
+        )
     return getattr(torch, dtypes[0].removeprefix("torch."))
 
 
@@ -391,7 +418,9 @@ def load_fla_model(path: PathLike, *, dtype: Optional[torch.dtype] = None, **con
     fla_config, weights = read_fla_folder(path)
     weights = split_stacked_mixes(weights)
     kwargs = fla_config_to_kwargs(fla_config, weights)
-    clash = sorted(k for k in config_kwargs if k in kwargs and k not in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    clash = sorted(
+        k for k in config_kwargs if k in kwargs and k not in ("bos_token_id", "eos_token_id", "pad_token_id")
+    )
     if clash:
         raise ValueError(f"from_fla: {clash} are read from the checkpoint and cannot be given")
     config = RWKV7Config(**{**kwargs, **config_kwargs})
@@ -400,10 +429,19 @@ def load_fla_model(path: PathLike, *, dtype: Optional[torch.dtype] = None, **con
     with torch.device("meta"):
         model = RWKV7ForCausalLM(config)
     # own, contiguous tensors: the transposed LoRA matrices are views, a tied head shares the embedding's storage
-    model.load_state_dict({k: v.to(dtype, copy=True, memory_format=torch.contiguous_format) for k, v in state.items()},
-                          strict=True, assign=True)
+    model.load_state_dict(
+        {k: v.to(dtype, copy=True, memory_format=torch.contiguous_format) for k, v in state.items()},
+        strict=True,
+        assign=True,
+    )
     model.eval()
-    logger.info("read fla RWKV-7 %s: L=%d C=%d V=%d", os.fspath(path), config.num_hidden_layers, config.hidden_size, config.vocab_size)
+    logger.info(
+        "read fla RWKV-7 %s: L=%d C=%d V=%d",
+        os.fspath(path),
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.vocab_size,
+    )
     return model
 
 
@@ -437,12 +475,18 @@ def _tokenizer_source(path: str) -> Optional[str]:
     except (OSError, ValueError, TypeError):
         custom = True
     if custom:
-        logger.warning("%s: the tokenizer is custom code (auto_map); its files are not copied: load the tokenizer from %s", config, path)
+        logger.warning(
+            "%s: the tokenizer is custom code (auto_map); its files are not copied: load the tokenizer from %s",
+            config,
+            path,
+        )
         return None
     return path
 
 
-def import_fla_checkpoint(src: PathLike, out_dir: PathLike, *, dtype: Optional[torch.dtype] = None, overwrite: bool = False, **config_kwargs):
+def import_fla_checkpoint(
+    src: PathLike, out_dir: PathLike, *, dtype: Optional[torch.dtype] = None, overwrite: bool = False, **config_kwargs
+):
     """Convert an fla RWKV-7 folder into a wuneng folder (config.json + model.safetensors, written beside
     ``out_dir`` first and moved into place: :mod:`wuneng.saving`); tokenizer files that need no custom code are
     copied. An existing non-empty ``out_dir`` is an error unless ``overwrite`` (a wuneng model folder only).
@@ -451,11 +495,15 @@ def import_fla_checkpoint(src: PathLike, out_dir: PathLike, *, dtype: Optional[t
 
     check_output_dir(out_dir, overwrite, [src])
     model = load_fla_model(src, dtype=dtype, **config_kwargs)
-    save_pretrained_atomic(model, out_dir, overwrite=overwrite, inputs=[src], tokenizer_from=_tokenizer_source(os.fspath(src)))
+    save_pretrained_atomic(
+        model, out_dir, overwrite=overwrite, inputs=[src], tokenizer_from=_tokenizer_source(os.fspath(src))
+    )
     return model
 
 
-def export_fla_checkpoint(model_or_path, out_dir: PathLike, *, dtype: Optional[torch.dtype] = None, overwrite: bool = False):
+def export_fla_checkpoint(
+    model_or_path, out_dir: PathLike, *, dtype: Optional[torch.dtype] = None, overwrite: bool = False
+):
     """Write our RWKV-7 (a model, or the path of a wuneng RWKV-7 folder, whose tokenizer files are copied) as an
     fla RWKV-7 folder, atomically (:func:`~wuneng.saving.save_pretrained_atomic`). ``overwrite`` replaces only a
     wuneng model folder (not an earlier fla export: delete that first). Returns the model."""
@@ -477,10 +525,16 @@ def export_fla_checkpoint(model_or_path, out_dir: PathLike, *, dtype: Optional[t
             )
         model = RWKV7ForCausalLM.from_pretrained(model_or_path)
     if not isinstance(model, RWKV7ForCausalLM):
-        raise TypeError(f"to_fla: expected a wuneng RWKV7ForCausalLM, got {type(model).__name__} (only plain RWKV-7 exists in fla's layout)")
+        raise TypeError(
+            f"to_fla: expected a wuneng RWKV7ForCausalLM, got {type(model).__name__} (only plain RWKV-7 exists in fla's layout)"
+        )
     fla_config_dict(model.config, None, model.model.blocks[0].att.ln_x.eps)  # refuse before writing anything
     save_pretrained_atomic(
-        model, out_dir, overwrite=overwrite, inputs=inputs, tokenizer_from=tokenizer_from,
+        model,
+        out_dir,
+        overwrite=overwrite,
+        inputs=inputs,
+        tokenizer_from=tokenizer_from,
         write=lambda folder: save_fla_folder(model, folder, dtype),
     )
     return model

@@ -46,7 +46,9 @@ _OPTIONAL_LAYER0_KEYS = ("att.v0", "att.v1", "att.v2")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-def load_rwkv_lm_state_dict(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def load_rwkv_lm_state_dict(
+    path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+) -> Dict[str, torch.Tensor]:
     """A path to a ``.pth`` (read with ``torch.load(weights_only=True)`` on CPU) or a state dict -> dict."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
@@ -54,7 +56,9 @@ def load_rwkv_lm_state_dict(path_or_state_dict: Union[str, os.PathLike, Mapping[
             raise FileNotFoundError(f"RWKV-LM checkpoint not found: {path!r} (expected a .pth state dict)")
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated, corrupt, or objects weights_only refuses (UnpicklingError, RuntimeError, OSError)
+        except (
+            Exception
+        ) as err:  # truncated, corrupt, or objects weights_only refuses (UnpicklingError, RuntimeError, OSError)
             detail = " ".join(str(err).split())
             raise ValueError(
                 f"{path}: not a readable RWKV-LM .pth state dict ({type(err).__name__}: {detail[:160]}"
@@ -64,7 +68,9 @@ def load_rwkv_lm_state_dict(path_or_state_dict: Union[str, os.PathLike, Mapping[
     else:
         sd = path_or_state_dict
     if not isinstance(sd, Mapping):
-        raise TypeError(f"RWKV-LM checkpoint must be a state dict (a mapping of names to tensors), got {type(sd).__name__}")
+        raise TypeError(
+            f"RWKV-LM checkpoint must be a state dict (a mapping of names to tensors), got {type(sd).__name__}"
+        )
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"RWKV-LM state dict must map str -> torch.Tensor; bad entries: {bad[:10]}")
@@ -148,7 +154,7 @@ def _hf_name(rwkv_key: str) -> str:
 
 def _is_vector_key(rwkv_key: str) -> bool:
     m = _BLOCK_RE.match(rwkv_key)
-    return m is not None and rwkv_key[m.end():] in RWKV_LM_VECTOR_KEYS
+    return m is not None and rwkv_key[m.end() :] in RWKV_LM_VECTOR_KEYS
 
 
 def rwkv_lm_to_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
@@ -164,7 +170,8 @@ def rwkv_lm_to_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str
     wrong = sorted(
         f"{k}: expected {list(expected[k])}, got {list(sd[k].shape)}"
         for k in sd
-        if k in expected and tuple(sd[k].shape) != expected[k]
+        if k in expected
+        and tuple(sd[k].shape) != expected[k]
         # accept flat [C] vectors too (our own layout)
         and not (_is_vector_key(k) and tuple(sd[k].shape) == expected[k][-1:])
     )

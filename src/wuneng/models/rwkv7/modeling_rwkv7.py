@@ -146,7 +146,9 @@ def _check_tensor(name: str, t, *, rank: int, shape_doc: str, device: torch.devi
     if t.dim() != rank:
         raise ValueError(f"RWKV7: {name} must have shape {shape_doc}, got shape {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"RWKV7: {name} is on {t.device} but the model is on {device}; move it with .to({device.type!r})")
+        raise ValueError(
+            f"RWKV7: {name} is on {t.device} but the model is on {device}; move it with .to({device.type!r})"
+        )
 
 
 class RWKV7Model(RWKV7PreTrainedModel):
@@ -178,7 +180,9 @@ class RWKV7Model(RWKV7PreTrainedModel):
             if T > 0 and input_ids.device.type == "cpu":
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= self.config.vocab_size:
-                    raise ValueError(f"RWKV7: token ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+                    raise ValueError(
+                        f"RWKV7: token ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]"
+                    )
         else:
             C = self.config.hidden_size
             _check_tensor("inputs_embeds", inputs_embeds, rank=3, shape_doc=f"[B, T, {C}]", device=device)
@@ -237,7 +241,9 @@ class RWKV7Model(RWKV7PreTrainedModel):
         Returns ``BaseModelOutputWithPast(last_hidden_state [B, T, C], past_key_values, hidden_states)``.
         """
         _, seq_len = self._validate_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:  # a given cache is always updated; otherwise config.use_cache, off in training
             use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
@@ -381,7 +387,9 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             dtype = checkpoint_dtype(sd)
             if dtype is None:
                 found = sorted({str(t.dtype) for t in sd.values() if t.is_floating_point()})
-                raise TypeError(f"RWKV-LM state dict mixes dtypes {found}; pass dtype=torch.float32 (or another) to convert")
+                raise TypeError(
+                    f"RWKV-LM state dict mixes dtypes {found}; pass dtype=torch.float32 (or another) to convert"
+                )
         config = RWKV7Config(**infer_rwkv7_config_kwargs(sd, **config_kwargs))
         hf_sd = rwkv_lm_to_hf_state_dict(sd, config)
         model = cls(config)
@@ -404,7 +412,9 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
 
     # -- flash-linear-attention (fla-hub) folders: model_type "rwkv7" (:mod:`.convert_fla`) ----------------
     @classmethod
-    def from_fla(cls, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, **config_kwargs) -> "RWKV7ForCausalLM":
+    def from_fla(
+        cls, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, **config_kwargs
+    ) -> "RWKV7ForCausalLM":
         """Build a model from a folder of flash-linear-attention's RWKV7ForCausalLM (config.json with
         ``model_type`` "rwkv7" + safetensors, as on fla-hub). Sizes and ranks are the checkpoint's; ``dtype``:
         default the checkpoint's; ``config_kwargs`` (``wkv_impl``...) go to the config. A config our RWKV-7
@@ -413,7 +423,9 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
 
         return load_fla_model(path, dtype=dtype, **config_kwargs)
 
-    def to_fla(self, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> str:
+    def to_fla(
+        self, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, overwrite: bool = False
+    ) -> str:
         """Write this model as a folder that flash-linear-attention's RWKV7ForCausalLM loads with strict keys
         (written atomically, :mod:`wuneng.saving`). ``dtype``: convert the weights (default: keep). Returns
         the absolute folder path."""

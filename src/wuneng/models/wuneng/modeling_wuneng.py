@@ -35,8 +35,13 @@ from .configuration_wuneng import WuNengConfig
 __all__ = ["WuNengPreTrainedModel", "WuNengModel", "WuNengForCausalLM", "WuNengDecoderLayer", "WuNengMLP"]
 
 # Per-layer teacher parameters kept by every layer kind, and those of the teacher's attention.
-_TEACHER_LAYER_PARAMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                         "mlp.up_proj.weight", "mlp.down_proj.weight")
+_TEACHER_LAYER_PARAMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
 _TEACHER_ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Components of the new parameters, matched on the name inside a hybrid mixer (first match wins).
@@ -76,21 +81,42 @@ def build_mixer(config: WuNengConfig, layer_idx: int) -> nn.Module:
     C, L = config.hidden_size, config.num_hidden_layers
     common = dict(qkv_bias=config.attention_bias, out_bias=config.attention_out_bias)
     if kind == "attention":
-        return Attention(C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_idx, **common)
+        return Attention(
+            C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_idx, **common
+        )
     # the first layer of a kind produces v_first; the later ones mix their values towards it
     value_residual = not _first_layer_of_kind(config, layer_idx)
     if kind == "hybrid":
         return HybridMixer(
-            C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_idx, L,
-            fusion=config.fusion, middle_heads=config.middle_heads, state_query=config.state_query,
-            state_query_init=config.state_query_init, receptance_rank=config.receptance_rank,
-            gate_rank=config.gate_rank, middle_rank=config.middle_rank, value_residual=value_residual,
-            decay_rank=config.decay_low_rank_dim, a_rank=config.a_low_rank_dim, v_rank=config.v_low_rank_dim,
-            hymba_eps=config.rms_norm_eps, wkv_impl=config.wkv_impl, **common,
+            C,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            layer_idx,
+            L,
+            fusion=config.fusion,
+            middle_heads=config.middle_heads,
+            state_query=config.state_query,
+            state_query_init=config.state_query_init,
+            receptance_rank=config.receptance_rank,
+            gate_rank=config.gate_rank,
+            middle_rank=config.middle_rank,
+            value_residual=value_residual,
+            decay_rank=config.decay_low_rank_dim,
+            a_rank=config.a_low_rank_dim,
+            v_rank=config.v_low_rank_dim,
+            hymba_eps=config.rms_norm_eps,
+            wkv_impl=config.wkv_impl,
+            **common,
         )
     return ARWKVMixer(
-        C, config.arwkv_num_heads, config.arwkv_head_size, layer_idx, L,
-        value_residual=value_residual, wkv_impl=config.wkv_impl,
+        C,
+        config.arwkv_num_heads,
+        config.arwkv_head_size,
+        layer_idx,
+        L,
+        value_residual=value_residual,
+        wkv_impl=config.wkv_impl,
     )
 
 
@@ -115,7 +141,9 @@ class WuNengDecoderLayer(nn.Module):
         v_first: Optional[torch.Tensor] = None,
     ):
         """hidden_states [B,T,C] -> (hidden_states [B,T,C], v_first of this layer's kind)."""
-        mixed, v_first = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, v_first)
+        mixed, v_first = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, v_first
+        )
         hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, v_first
@@ -230,10 +258,17 @@ class WuNengModel(WuNengPreTrainedModel):
             for layer in self.layers:
                 if checkpointing:
                     hidden_states, vf = self._gradient_checkpointing_func(
-                        layer.__call__, hidden_states, position_embeddings, attention_mask, None, v_first.get(layer.kind)
+                        layer.__call__,
+                        hidden_states,
+                        position_embeddings,
+                        attention_mask,
+                        None,
+                        v_first.get(layer.kind),
                     )
                 else:
-                    hidden_states, vf = layer(hidden_states, position_embeddings, attention_mask, cache, v_first.get(layer.kind))
+                    hidden_states, vf = layer(
+                        hidden_states, position_embeddings, attention_mask, cache, v_first.get(layer.kind)
+                    )
                 if layer.kind not in v_first and vf is not None:
                     v_first[layer.kind] = vf
                 if all_hidden is not None:
@@ -295,8 +330,12 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         """Logits [B, T, V] (the last ``logits_to_keep`` positions when > 0); ``loss`` (next-token cross-entropy,
         labels shifted inside, -100 ignored) when ``labels`` [B, T] is given."""
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
@@ -324,14 +363,27 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
 
     # -- conversion and bookkeeping ----------------------------------------------------------------------
     @classmethod
-    def from_teacher(cls, teacher, fusion: str = "gate", middle_heads: Optional[int] = None, state_query: bool = True,
-                     hybrid_layers=None, **options) -> "WuNengForCausalLM":
+    def from_teacher(
+        cls,
+        teacher,
+        fusion: str = "gate",
+        middle_heads: Optional[int] = None,
+        state_query: bool = True,
+        hybrid_layers=None,
+        **options,
+    ) -> "WuNengForCausalLM":
         """Convert a Llama/Qwen2 teacher (an in-memory ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` or a local
         checkpoint directory). See :func:`wuneng.convert.convert_teacher` for every option."""
         from ...convert import convert_teacher  # conversion sits above the model package
 
-        return convert_teacher(teacher, fusion=fusion, middle_heads=middle_heads, state_query=state_query,
-                               hybrid_layers=hybrid_layers, **options)
+        return convert_teacher(
+            teacher,
+            fusion=fusion,
+            middle_heads=middle_heads,
+            state_query=state_query,
+            hybrid_layers=hybrid_layers,
+            **options,
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -349,7 +401,9 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         checked = {k: v for k, v in dict(info).items() if not (ignore_sizes and k == "mismatched_keys")}
         problems = describe_loading_problems(checked, model.config.tie_word_embeddings)
         if problems:
-            raise ValueError(f"WuNengForCausalLM.from_pretrained: the checkpoint's weights do not match its config.json ({problems})")
+            raise ValueError(
+                f"WuNengForCausalLM.from_pretrained: the checkpoint's weights do not match its config.json ({problems})"
+            )
         return (model, info) if want_info else model
 
     def converted_layer_indices(self) -> List[int]:
@@ -388,7 +442,11 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
                 mixer.fusion != "none" or mixer.state_query or mixer.num_middle_heads > 0
             )
             if isinstance(mixer, HybridMixer) and not reads_state and not align:
-                names.update(n for n, _ in self.named_parameters() if n.startswith((prefix + "state.", prefix + "receptance_lora_")))
+                names.update(
+                    n
+                    for n, _ in self.named_parameters()
+                    if n.startswith((prefix + "state.", prefix + "receptance_lora_"))
+                )
             if isinstance(mixer, HybridMixer) and not mixer.state.value_residual:
                 names.update(prefix + "state." + n for n in ("x_v", "v0", "v1", "v2"))
             elif isinstance(mixer, ARWKVMixer) and not mixer.value_residual:

@@ -41,9 +41,13 @@ def check_wkv7_inputs(
                 f"wkv7: {name} must have the shape of {ref_name} {tuple(ref.shape)} {layout}, got {tuple(t.shape)}"
             )
         if t.device != ref.device:
-            raise ValueError(f"wkv7: {name} is on {t.device} but {ref_name} is on {ref.device}; put all inputs on one device")
+            raise ValueError(
+                f"wkv7: {name} is on {t.device} but {ref_name} is on {ref.device}; put all inputs on one device"
+            )
         if t.dtype != ref.dtype and name != "log_w":
-            raise TypeError(f"wkv7: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; all inputs but log_w must share a dtype")
+            raise TypeError(
+                f"wkv7: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; all inputs but log_w must share a dtype"
+            )
         if not t.is_floating_point():
             raise TypeError(f"wkv7: {name} must be floating point, got {t.dtype}")
     B, H, N = ref.shape[0], ref.shape[-2], ref.shape[-1]

@@ -161,7 +161,9 @@ def _compile(out: Path) -> None:
             cc + _CFLAGS + [key_flag, "-o", tmp, str(_CSRC / "wkv7_cpu.c"), "-lm"], capture_output=True, text=True
         )
         if proc.returncode != 0:
-            raise KernelUnavailable(f"build failed: {' '.join(cc)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            raise KernelUnavailable(
+                f"build failed: {' '.join(cc)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+            )
         os.chmod(tmp, 0o755)  # whatever the compiler and umask made of it: not writable by others
         version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout.strip().splitlines()
         info = {"compiler": cc, "version": version[0] if version else "", "flags": _CFLAGS, "key": _kernel_key()}
@@ -189,7 +191,9 @@ def _build() -> Path:
         try:
             folder.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as err:
-            raise KernelUnavailable(f"kernel cache folder {folder} cannot be created ({err}); set WUNENG_KERNEL_CACHE") from err
+            raise KernelUnavailable(
+                f"kernel cache folder {folder} cannot be created ({err}); set WUNENG_KERNEL_CACHE"
+            ) from err
         _refuse_if_shared(folder, "folder")
         lock_path = out.with_suffix(".lock")
         try:
@@ -223,8 +227,8 @@ def _warn_unavailable(reason: str) -> None:
     if not _warned:
         _warned = True
         logger.warning(
-            "wuneng C kernels unavailable (%s); the WKV-7, read-out and one-token ops take their slower PyTorch "
-            "paths", reason,
+            "wuneng C kernels unavailable (%s); the WKV-7, read-out and one-token ops take their slower PyTorch paths",
+            reason,
         )
 
 
@@ -380,7 +384,9 @@ def _check_op_inputs(op: str, tensors: dict) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     dtypes = {t.dtype for t in present.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _SUFFIX:
-        raise TypeError(f"{op}: needs tensors all float32 or all float64, got {({n: t.dtype for n, t in present.items()})}")
+        raise TypeError(
+            f"{op}: needs tensors all float32 or all float64, got { ({n: t.dtype for n, t in present.items()}) }"
+        )
     for name, t in present.items():
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be a contiguous CPU tensor (device {t.device}, strides {t.stride()})")
@@ -392,8 +398,15 @@ def _check_op_inputs(op: str, tensors: dict) -> None:
 # ``wkv7_cpu`` (whose inputs are prepared to fit) skip the dispatcher and the boundary check
 # (``_op_or_impl``): their cost, ~150 us per forward+backward, was 17% of one at T = 64.
 def _forward_impl(
-    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-    S0: Optional[torch.Tensor], q: Optional[torch.Tensor], checkpoint_len: int,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    S0: Optional[torch.Tensor],
+    q: Optional[torch.Tensor],
+    checkpoint_len: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, final state, y2 or empty, checkpoints or empty); checkpoint_len 0: no checkpoints."""
     y, S, y2, ckpt = wkv7_cpu_forward(r, w, k, v, a, b, S0, q, checkpoint_len or None)
@@ -401,8 +414,15 @@ def _forward_impl(
 
 
 def _forward_checked(
-    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-    S0: Optional[torch.Tensor], q: Optional[torch.Tensor], checkpoint_len: int,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    S0: Optional[torch.Tensor],
+    q: Optional[torch.Tensor],
+    checkpoint_len: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_op_inputs("wuneng::wkv7_cpu_forward", dict(r=r, w=w, k=k, v=v, a=a, b=b, S0=S0, q=q))
     return _forward_impl(r, w, k, v, a, b, S0, q, checkpoint_len)
@@ -420,10 +440,21 @@ def _forward_fake(r, w, k, v, a, b, S0, q, checkpoint_len):
 
 
 def _backward_impl(
-    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-    q: Optional[torch.Tensor], ckpt: torch.Tensor, dy: torch.Tensor, dy2: Optional[torch.Tensor],
-    dS: Optional[torch.Tensor], checkpoint_len: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    q: Optional[torch.Tensor],
+    ckpt: torch.Tensor,
+    dy: torch.Tensor,
+    dy2: Optional[torch.Tensor],
+    dS: Optional[torch.Tensor],
+    checkpoint_len: int,
+) -> Tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     """Gradients (dr, dw (to w itself), dk, dv, da, db, dS0, dq or empty) from the forward's checkpoints."""
     B, T, H, N = r.shape
     L = checkpoint_len
@@ -431,22 +462,37 @@ def _backward_impl(
     dq = torch.empty_like(r) if q is not None else None
     dS0 = r.new_empty(B, H, N, N)
     fn = getattr(_library(), f"wkv7_backward_{_SUFFIX[r.dtype]}")
-    args = (T, H, N, L) + tuple(_ptr(t) for t in (r, w, k, v, a, b, q, ckpt, dy, dy2, dS, dr, dw, dk, dv, da, db, dq, dS0))
+    args = (T, H, N, L) + tuple(
+        _ptr(t) for t in (r, w, k, v, a, b, q, ckpt, dy, dy2, dS, dr, dw, dk, dv, da, db, dq, dS0)
+    )
     _over_heads(fn, B * H, 3 * T * N * N, args, (L + 2) * N * N + (L + 2) * N, r)
     return dr, dw, dk, dv, da, db, dS0, r.new_empty(0) if dq is None else dq
 
 
 def _backward_checked(
-    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-    q: Optional[torch.Tensor], ckpt: torch.Tensor, dy: torch.Tensor, dy2: Optional[torch.Tensor],
-    dS: Optional[torch.Tensor], checkpoint_len: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    q: Optional[torch.Tensor],
+    ckpt: torch.Tensor,
+    dy: torch.Tensor,
+    dy2: Optional[torch.Tensor],
+    dS: Optional[torch.Tensor],
+    checkpoint_len: int,
+) -> Tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     tensors = dict(r=r, w=w, k=k, v=v, a=a, b=b, q=q, ckpt=ckpt, dy=dy, dy2=dy2, dS=dS)
     _check_op_inputs("wuneng::wkv7_cpu_backward", tensors)
     return _backward_impl(r, w, k, v, a, b, q, ckpt, dy, dy2, dS, checkpoint_len)
 
 
-_backward_op = torch.library.custom_op("wuneng::wkv7_cpu_backward", _backward_checked, mutates_args=(), device_types="cpu")
+_backward_op = torch.library.custom_op(
+    "wuneng::wkv7_cpu_backward", _backward_checked, mutates_args=(), device_types="cpu"
+)
 
 
 @_backward_op.register_fake
@@ -524,7 +570,9 @@ def wkv7_cpu(
     if not isinstance(checkpoint_len, int) or isinstance(checkpoint_len, bool) or checkpoint_len < 1:
         raise ValueError(f"wkv7_cpu: checkpoint_len must be a positive int, got {checkpoint_len!r}")
     if not cpu_kernel_available():
-        raise RuntimeError(f"wkv7: impl='cpu' needs the C kernel, which is unavailable ({_build_error}); use impl='chunked'")
+        raise RuntimeError(
+            f"wkv7: impl='cpu' needs the C kernel, which is unavailable ({_build_error}); use impl='chunked'"
+        )
     B, T, H, N = r.shape
     sdt = state_dtype(r.dtype)
     S0 = None if initial_state is None else initial_state.to(sdt).contiguous()

@@ -83,12 +83,7 @@ def _call_fla(r, log_w, k, v, a, b, initial_state):
 
 
 def _auto_uses_fla(r: torch.Tensor, extra_query: Optional[torch.Tensor]) -> bool:
-    return (
-        extra_query is None
-        and r.device.type == "cuda"
-        and r.dtype in _FLA_DTYPES
-        and fla_available()
-    )
+    return extra_query is None and r.device.type == "cuda" and r.dtype in _FLA_DTYPES and fla_available()
 
 
 def wkv7(

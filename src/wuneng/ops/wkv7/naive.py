@@ -50,7 +50,11 @@ def wkv7_reference(
     ys, ys2 = [], []
     for t in range(T):
         sa = torch.einsum("bhij,bhj->bhi", S, a_[:, t])
-        S = S * w_[:, t, :, None, :] + sa[..., :, None] * b_[:, t, :, None, :] + v_[:, t, :, :, None] * k_[:, t, :, None, :]
+        S = (
+            S * w_[:, t, :, None, :]
+            + sa[..., :, None] * b_[:, t, :, None, :]
+            + v_[:, t, :, :, None] * k_[:, t, :, None, :]
+        )
         ys.append(torch.einsum("bhij,bhj->bhi", S, r_[:, t]))
         if q_ is not None:
             ys2.append(torch.einsum("bhij,bhj->bhi", S, q_[:, t]))

@@ -47,9 +47,18 @@ from .readout import group_norm_bonus_reference
 from .step import wkv7_step
 
 __all__ = [
-    "TimeMixWeights", "time_mix_one_token", "time_mix_one_token_reference", "one_token_kernel_fits", "one_token_kernel_preferred",
-    "FUSED_WORK_LIMIT", "FUSED_MAX_BATCH", "TIME_MIX_IMPLS",
-    "MIX_ROWS", "HybridStateWeights", "hybrid_state_one_token", "hybrid_state_one_token_reference",
+    "TimeMixWeights",
+    "time_mix_one_token",
+    "time_mix_one_token_reference",
+    "one_token_kernel_fits",
+    "one_token_kernel_preferred",
+    "FUSED_WORK_LIMIT",
+    "FUSED_MAX_BATCH",
+    "TIME_MIX_IMPLS",
+    "MIX_ROWS",
+    "HybridStateWeights",
+    "hybrid_state_one_token",
+    "hybrid_state_one_token_reference",
 ]
 
 TIME_MIX_IMPLS = ("auto", "cpu", "reference")
@@ -102,8 +111,13 @@ def _check_weights(fn: str, wt, C: int, expected: dict, pairs: list) -> None:
             raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(getattr(wt, name).shape)}")
     for first, second, width in pairs:
         f, s = getattr(wt, first), getattr(wt, second)
-        if s is None or f.dim() != 2 or s.dim() != 2 or f.shape[0] != C or s.shape[0] != f.shape[1] or (
-            width is not None and s.shape[1] != width
+        if (
+            s is None
+            or f.dim() != 2
+            or s.dim() != 2
+            or f.shape[0] != C
+            or s.shape[0] != f.shape[1]
+            or (width is not None and s.shape[1] != width)
         ):
             raise ValueError(
                 f"{fn}: {first}, {second} must be [C, D] and [D, {'W' if width is None else f'A = {width}'}] with C = {C}; "
@@ -141,8 +155,17 @@ def _check(x, shift, state, v_first, wt: TimeMixWeights, mask, self_state_query=
         raise ValueError(f"{fn}: the self-state query reads blocks of N = {N} channels; C = {C} is not a multiple")
     A = H * N
     expected = {
-        "mix": (len(MIX_ROWS), C), "W_r": (A, C), "W_k": (A, C), "W_v": (A, C), "W_o": (C, A),
-        "w0": (A,), "a0": (A,), "k_k": (A,), "k_a": (A,), "ln_w": (A,), "ln_b": (A,),
+        "mix": (len(MIX_ROWS), C),
+        "W_r": (A, C),
+        "W_k": (A, C),
+        "W_v": (A, C),
+        "W_o": (C, A),
+        "w0": (A,),
+        "a0": (A,),
+        "k_k": (A,),
+        "k_a": (A,),
+        "ln_w": (A,),
+        "ln_b": (A,),
     }
     pairs = [("w1", "w2", A), ("a1", "a2", A), ("g1", "g2", A)] + ([("v1", "v2", A)] if wt.value_residual else [])
     _check_weights(fn, wt, C, expected, pairs)
@@ -299,12 +322,29 @@ def time_mix_one_token(
     args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
         TimeMixArgs,
         dict(
-            B=B, C=C, H=H, N=N, Dw=dw, Da=da, Dv=dv, Dg=dg, value_residual=int(wt.value_residual),
-            sse_blocks=C // N if self_state_query else 0, eps=float(wt.eps),
-            x=_ptr(x), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in),
+            B=B,
+            C=C,
+            H=H,
+            N=N,
+            Dw=dw,
+            Da=da,
+            Dv=dv,
+            Dg=dg,
+            value_residual=int(wt.value_residual),
+            sse_blocks=C // N if self_state_query else 0,
+            eps=float(wt.eps),
+            x=_ptr(x),
+            mask=_ptr(m),
+            shift=_ptr(shift),
+            state=_ptr(state),
+            v_first=_ptr(v_in),
             **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
-            work=_ptr(work), out=_ptr(out), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
-            v_first_out=_ptr(v_out), readout_out=_ptr(readout),
+            work=_ptr(work),
+            out=_ptr(out),
+            shift_out=_ptr(shift_out),
+            state_out=_ptr(state_out),
+            v_first_out=_ptr(v_out),
+            readout_out=_ptr(readout),
         ),
     )
     fn(args)
@@ -453,12 +493,36 @@ def hybrid_state_one_token(
     args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
         HybridStateArgs,
         dict(
-            B=B, C=C, H=H, Hkv=H_kv, N=N, Dw=dw, Da=da, Dv=dv, Dr=dr, Dg=dg, Dm=dm, Wm=width_m,
-            value_residual=int(wt.value_residual), eps=float(wt.eps),
-            u=_ptr(u), mask=_ptr(m), shift=_ptr(shift), state=_ptr(state), v_first=_ptr(v_in), q=_ptr(q),
-            k=_ptr(k), v=_ptr(v), **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
-            work=_ptr(work), y_out=_ptr(y), shift_out=_ptr(shift_out), state_out=_ptr(state_out),
-            v_first_out=_ptr(v_out), gamma_out=_ptr(gamma), middle_out=_ptr(middle),
+            B=B,
+            C=C,
+            H=H,
+            Hkv=H_kv,
+            N=N,
+            Dw=dw,
+            Da=da,
+            Dv=dv,
+            Dr=dr,
+            Dg=dg,
+            Dm=dm,
+            Wm=width_m,
+            value_residual=int(wt.value_residual),
+            eps=float(wt.eps),
+            u=_ptr(u),
+            mask=_ptr(m),
+            shift=_ptr(shift),
+            state=_ptr(state),
+            v_first=_ptr(v_in),
+            q=_ptr(q),
+            k=_ptr(k),
+            v=_ptr(v),
+            **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
+            work=_ptr(work),
+            y_out=_ptr(y),
+            shift_out=_ptr(shift_out),
+            state_out=_ptr(state_out),
+            v_first_out=_ptr(v_out),
+            gamma_out=_ptr(gamma),
+            middle_out=_ptr(middle),
         ),
     )
     fn(args)

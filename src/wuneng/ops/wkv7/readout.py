@@ -40,7 +40,9 @@ class _ReadOutCPU(torch.autograd.Function):
         out = torch.empty_like(y)
         stats = y.new_empty(rows, 2)
         fn = getattr(_library(), f"readout_forward_{_SUFFIX[y.dtype]}")
-        args = (H, N) + tuple(_ptr(t) for t in (y, r, k, v, rho, weight, bias)) + (float(eps),) + (_ptr(out), _ptr(stats))
+        args = (
+            (H, N) + tuple(_ptr(t) for t in (y, r, k, v, rho, weight, bias)) + (float(eps),) + (_ptr(out), _ptr(stats))
+        )
         _run_ranges(fn, _split(rows, 8 * N), lambda i: args)
         ctx.save_for_backward(y, r, k, v, rho, weight, stats)
         return out
@@ -81,7 +83,9 @@ def group_norm_bonus(y, r, k, v, rho, weight, bias, eps: float, impl: str = "aut
         )
     for name, t in (("r", r), ("k", k), ("v", v)):
         if t.shape != y.shape:
-            raise ValueError(f"group_norm_bonus: {name} must have the shape of y {tuple(y.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"group_norm_bonus: {name} must have the shape of y {tuple(y.shape)}, got {tuple(t.shape)}"
+            )
     tensors = (y, r, k, v, rho, weight, bias)
     fits = all(t.device.type == "cpu" and t.dtype == y.dtype for t in tensors) and y.dtype in _SUFFIX
     if impl == "reference" or (impl == "auto" and not (fits and _library() is not None)):
@@ -89,6 +93,12 @@ def group_norm_bonus(y, r, k, v, rho, weight, bias, eps: float, impl: str = "aut
     if not fits:
         raise ValueError("group_norm_bonus: impl='cpu' needs CPU tensors, all float32 or all float64")
     if _library() is None:
-        raise RuntimeError("group_norm_bonus: impl='cpu' needs the C kernel, which is unavailable; use impl='reference'")
-    args = [t.contiguous() for t in (y, r, k, v)] + [rho.contiguous(), weight.reshape(H, N).contiguous(), bias.reshape(H, N).contiguous()]
+        raise RuntimeError(
+            "group_norm_bonus: impl='cpu' needs the C kernel, which is unavailable; use impl='reference'"
+        )
+    args = [t.contiguous() for t in (y, r, k, v)] + [
+        rho.contiguous(),
+        weight.reshape(H, N).contiguous(),
+        bias.reshape(H, N).contiguous(),
+    ]
     return _ReadOutCPU.apply(*args, eps)
