@@ -148,11 +148,18 @@ def test_model_config_file_or_dict_without_a_known_model_type(tmp_path):
     from wuneng.train.config import ConfigError, ModelConfig
     from wuneng.train.loop import load_model
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv7", "hidden_size": 32}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv77", "hidden_size": 32}))
     with pytest.raises(ConfigError) as err:
         load_model(ModelConfig(config=str(tmp_path / "config.json")))
-    assert f"model.config {tmp_path / 'config.json'}: unknown model_type 'rwkv7'" in str(err.value)
+    assert f"model.config {tmp_path / 'config.json'}: unknown model_type 'rwkv77'" in str(err.value)
     assert OWN_TYPES in str(err.value) and one_line(str(err.value))
+    # fla's 'rwkv7' is refused whether or not this process imported fla (which registers it with transformers:
+    # before, the outcome depended on the test order)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv7", "hidden_size": 32}))
+    for spec in (str(tmp_path / "config.json"), {"model_type": "rwkv7", "hidden_size": 32}):
+        with pytest.raises(ConfigError, match="'rwkv7' is flash-linear-attention's RWKV-7.*wuneng import-fla") as err:
+            load_model(ModelConfig(config=spec))
+        assert one_line(str(err.value))
     with pytest.raises(ConfigError, match=f"model.config needs a `model_type`: one of wuneng's own \\({OWN_TYPES}\\)"):
         load_model(ModelConfig(config={"hidden_size": 32}))
     torch.manual_seed(0)

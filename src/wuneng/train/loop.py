@@ -116,6 +116,7 @@ def load_model(model_cfg) -> torch.nn.Module:
         if not config_file.is_file():
             raise FileNotFoundError(f"model.config {spec}: no such config.json")
         model_type = _model_type_of(config_file)
+        _refuse_fla_rwkv7(model_type, f"model.config {config_file}")
         _register_project_models(model_type)
         if model_type not in CONFIG_MAPPING:
             raise ConfigError(
@@ -131,6 +132,7 @@ def load_model(model_cfg) -> torch.nn.Module:
                 "transformers model type (e.g. llama, qwen2)"
             )
         model_type = spec.pop("model_type")
+        _refuse_fla_rwkv7(model_type, "model.config.model_type")
         _register_project_models(model_type)
         if model_type not in CONFIG_MAPPING:
             raise ConfigError(
@@ -142,6 +144,16 @@ def load_model(model_cfg) -> torch.nn.Module:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.config ({model_type}): {' '.join(str(e).split())}") from None
     return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def _refuse_fla_rwkv7(model_type: Optional[str], where: str) -> None:
+    """``rwkv7`` is flash-linear-attention's model type: known to transformers only in a process that imported
+    fla, so accepting it would make the same recipe build fla's model in one process and fail in another."""
+    if model_type == "rwkv7":
+        raise ConfigError(
+            f"{where}: model_type 'rwkv7' is flash-linear-attention's RWKV-7, not wuneng's; use 'wuneng_rwkv7' "
+            "(an fla-hub folder converts with `wuneng import-fla SRC OUT`)"
+        )
 
 
 def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
