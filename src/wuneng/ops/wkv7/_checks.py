@@ -68,3 +68,26 @@ def check_wkv7_inputs(
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The state (and the decay) are float32 whatever the activation dtype; float64 inputs keep float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def document_offsets(cu_seqlens, batch: int, seq_len: int) -> list:
+    """Validate fla's ``cu_seqlens`` convention and return the offsets as Python ints.
+
+    cu_seqlens: int32/int64 [n_docs + 1] cumulative document lengths ``[0, l_1, l_1 + l_2, ..., T]`` over a
+    batch of one row ([1, T, H, N]) holding the documents one after the other. Empty documents are allowed.
+    """
+    expected = "int32/int64 [n_docs + 1] cumulative lengths [0, ..., T] over a batch of 1 packed row"
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"wkv7: cu_seqlens must be a torch.Tensor ({expected}), got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"wkv7: cu_seqlens must be {expected}; got dtype {cu_seqlens.dtype}, shape {tuple(cu_seqlens.shape)}"
+        )
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    steps_ok = all(lo <= hi for lo, hi in zip(offsets, offsets[1:]))
+    if batch != 1 or offsets[0] != 0 or offsets[-1] != seq_len or not steps_ok:
+        raise ValueError(
+            f"wkv7: cu_seqlens must be {expected}: start at 0, never decrease, end at T = {seq_len}, with B = 1; "
+            f"got B = {batch}, cu_seqlens = {offsets[:8]}{' ...' if len(offsets) > 8 else ''}"
+        )
+    return offsets

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+from .varlen import run_per_document
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -380,6 +381,7 @@ def wkv7_chunked(
     *,
     extra_query: Optional[torch.Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """WKV-7 over a sequence, parallel within chunks of ``chunk_size`` tokens.
 
@@ -389,14 +391,20 @@ def wkv7_chunked(
         extra_query: optional [B, T, H, N]; a second read-out ``S_t q_t`` of the same new state.
         chunk_size: tokens per chunk (>= 1). Shortened automatically when ``chunk_size * max|log_w|``
             exceeds the safe exponent range (never for RWKV-7 decays at chunk_size <= 128).
+        cu_seqlens: optional int32/int64 [n_docs + 1] document offsets of a packed row (B = 1, fla's
+            convention): the state restarts at every boundary; initial_state and final_state are then
+            [n_docs, H, N, N], one per document (one chunked call per document, :mod:`.varlen`).
 
     Returns:
         ``(y, final_state)``, or ``(y, final_state, y_extra)`` when ``extra_query`` is given;
         y [B, T, H, N] in r's dtype, final_state [B, H, N, N] float32 (float64 for float64 inputs).
     """
-    check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"wkv7_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+    if cu_seqlens is not None:
+        seq = (r, log_w, k, v, a, b)
+        return run_per_document(wkv7_chunked, seq, initial_state, cu_seqlens, extra_query, chunk_size=chunk_size)
+    check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
     B, T, H, N = r.shape
     sdt = state_dtype(r.dtype)
     S0 = r.new_zeros(B, H, N, N, dtype=sdt) if initial_state is None else initial_state.to(sdt)

@@ -62,6 +62,7 @@ import torch
 
 from ._abi import KERNEL_ABI, check_library
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+from .varlen import run_per_document
 
 try:
     import fcntl
@@ -551,6 +552,7 @@ def wkv7_cpu(
     *,
     extra_query: Optional[torch.Tensor] = None,
     checkpoint_len: int = CHECKPOINT_LEN,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """WKV-7 over a sequence by the C kernel (CPU tensors).
 
@@ -559,11 +561,17 @@ def wkv7_cpu(
         initial_state: [B, H, N, N] (S[i, j]: value i, key j) or None (zeros).
         extra_query: optional [B, T, H, N]; a second read-out ``S_t q_t`` of the same new state.
         checkpoint_len: tokens between the states stored for the backward.
+        cu_seqlens: optional int32/int64 [n_docs + 1] document offsets of a packed row (B = 1, fla's
+            convention): the state restarts at every boundary; initial_state and final_state are then
+            [n_docs, H, N, N], one per document (one kernel call per document, :mod:`.varlen`).
 
     Returns:
         ``(y, final_state)`` or ``(y, final_state, y_extra)``; y in r's dtype, final_state float32
         (float64 for float64 inputs). Computed in the state dtype (float32 for half/bfloat16 inputs).
     """
+    if cu_seqlens is not None:
+        seq = (r, log_w, k, v, a, b)
+        return run_per_document(wkv7_cpu, seq, initial_state, cu_seqlens, extra_query, checkpoint_len=checkpoint_len)
     check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
     if r.device.type != "cpu":
         raise ValueError(f"wkv7: impl='cpu' runs on CPU tensors, got device {r.device}")

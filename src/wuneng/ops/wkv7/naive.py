@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
+from .varlen import run_per_document
 
 
 def wkv7_reference(
@@ -28,6 +29,7 @@ def wkv7_reference(
     initial_state: Optional[torch.Tensor] = None,
     *,
     extra_query: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Run the WKV-7 recurrence token by token.
 
@@ -35,11 +37,16 @@ def wkv7_reference(
         r, log_w, k, v, a, b: [B, T, H, N]. ``log_w`` is the log of the decay (<= 0).
         initial_state: [B, H, N, N] or None (zeros).
         extra_query: optional [B, T, H, N]; a second read-out ``S_t q_t`` of the same new state.
+        cu_seqlens: optional int32/int64 [n_docs + 1] document offsets of a packed row (B = 1, fla's
+            convention): the state restarts at every boundary; initial_state and final_state are then
+            [n_docs, H, N, N], one per document (see :mod:`.varlen`).
 
     Returns:
         ``(y, final_state)``, or ``(y, final_state, y_extra)`` when ``extra_query`` is given.
         y (and y_extra): [B, T, H, N] in r's dtype; final_state: [B, H, N, N] float32 (float64 for float64 inputs).
     """
+    if cu_seqlens is not None:  # the oracle: each document run separately
+        return run_per_document(wkv7_reference, (r, log_w, k, v, a, b), initial_state, cu_seqlens, extra_query)
     check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
     B, T, H, N = r.shape
     sdt = state_dtype(r.dtype)
