@@ -24,70 +24,49 @@ from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...layers.metastate import MetaStateLayer, MetaStateTimeMix, resolve_sse_heads
 from ..rwkv7 import RWKV7ForCausalLM, RWKV7Model
 from ..rwkv7.configuration_rwkv7 import RWKV7Config
-from ..rwkv7.modeling_rwkv7 import RWKV7PreTrainedModel, _reset_keeping_loaded, time_mix_options
+from ..rwkv7.modeling_rwkv7 import RWKV7Block, RWKV7PreTrainedModel, _reset_keeping_loaded, time_mix_options
 from .configuration_metastate import MetaStateConfig
 
 __all__ = ["MetaStateBlock", "MetaStatePreTrainedModel", "MetaStateModel", "MetaStateForCausalLM"]
 
 
-class MetaStateBlock(GradientCheckpointingLayer):
+class MetaStateBlock(RWKV7Block):
     """One Meta-State block: ``h += att(ln1 h); h += ffn(ln2 h, read-out)``; layer 0 first applies ``ln0``.
 
-    Same call signature and states as :class:`~wuneng.models.rwkv7.RWKV7Block`, so RWKV-7's model loop runs it.
+    :class:`~wuneng.models.rwkv7.RWKV7Block` with other mixers: the time-mix also returns its state read-out
+    ``z = S_t q_t`` and the Meta-State layer takes it (same call signature and states, so RWKV-7's model loop
+    runs it).
     """
 
-    def __init__(self, config: MetaStateConfig, layer_idx: int):
-        super().__init__()
-        C, eps, L = config.hidden_size, config.layer_norm_eps, config.num_hidden_layers
-        self.layer_idx = layer_idx
-        self.ln0 = nn.LayerNorm(C, eps=eps) if layer_idx == 0 else None
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = MetaStateTimeMix(
-            C,
+    @staticmethod
+    def make_time_mix(config: MetaStateConfig, layer_idx: int) -> nn.Module:
+        return MetaStateTimeMix(
+            config.hidden_size,
             config.num_heads,
             config.head_size,
             layer_idx,
-            L,
+            config.num_hidden_layers,
             **time_mix_options(config),
             state_readout=resolve_sse_heads(config.sse_heads, config.num_heads) > 0,  # no SSE head: no 2nd query
         )
-        self.ffn = MetaStateLayer(
-            C,
+
+    @staticmethod
+    def make_channel_mix(config: MetaStateConfig, layer_idx: int) -> nn.Module:
+        return MetaStateLayer(
+            config.hidden_size,
             config.num_heads,
             config.head_size,
             config.num_param_tokens,
             layer_idx,
-            L,
+            config.num_hidden_layers,
             sse_heads=config.sse_heads,
             moe_groups=config.moe_groups,
             moe_top_k=config.moe_top_k,
         )
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        v_first: Optional[torch.Tensor] = None,
-        time_shift: Optional[torch.Tensor] = None,
-        wkv: Optional[torch.Tensor] = None,
-        channel_shift: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-    ):
-        """hidden [B,T,C]; v_first [B,T,A] (None in layer 0); states as in the cache (None = zeros);
-        mask [B,T] or None. Returns (hidden, v_first, time_shift, wkv, channel_shift)."""
-        if self.ln0 is not None:
-            hidden = self.ln0(hidden)
-        state = None if time_shift is None and wkv is None else (time_shift, wkv)
-        att_out, v_first, (time_shift, wkv), readout = self.att(self.ln1(hidden), v_first, state, mask)
-        hidden = hidden + att_out
-        ffn_out, channel_shift = self.ffn(self.ln2(hidden), readout, channel_shift, mask)
-        hidden = hidden + ffn_out
-        return hidden, v_first, time_shift, wkv, channel_shift
 
 
 class MetaStatePreTrainedModel(RWKV7PreTrainedModel):
@@ -105,15 +84,9 @@ class MetaStatePreTrainedModel(RWKV7PreTrainedModel):
 
 
 class MetaStateModel(MetaStatePreTrainedModel, RWKV7Model):
-    """Embedding, Meta-State blocks and the final LayerNorm (forward: :meth:`RWKV7Model.forward`)."""
+    """Embedding, Meta-State blocks and the final LayerNorm (:class:`RWKV7Model` with ``MetaStateBlock``)."""
 
-    def __init__(self, config: MetaStateConfig):
-        RWKV7PreTrainedModel.__init__(self, config)  # not RWKV7Model.__init__: different blocks
-        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList([MetaStateBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
-        self.post_init()
+    block_class = MetaStateBlock
 
 
 class MetaStateForCausalLM(MetaStatePreTrainedModel, RWKV7ForCausalLM):

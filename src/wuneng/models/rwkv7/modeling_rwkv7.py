@@ -47,17 +47,33 @@ def time_mix_options(config) -> dict:
 
 
 class RWKV7Block(GradientCheckpointingLayer):
-    """One RWKV-7 block: ``h += att(ln1 h); h += ffn(ln2 h)``; layer 0 first applies ``ln0``."""
+    """One RWKV-7 block: ``h += att(ln1 h); h += ffn(ln2 h)``; layer 0 first applies ``ln0``.
+
+    The one block class of the RWKV-7 family: a model whose block differs only in its mixers (Meta-State)
+    subclasses it and overrides :meth:`make_time_mix` / :meth:`make_channel_mix`. A time-mix may return a
+    fourth value (a state read-out); the block then passes it to the channel-mix before the shift state.
+    """
 
     def __init__(self, config: RWKV7Config, layer_idx: int):
         super().__init__()
-        C, eps, L = config.hidden_size, config.layer_norm_eps, config.num_hidden_layers
+        C, eps = config.hidden_size, config.layer_norm_eps
         self.layer_idx = layer_idx
         self.ln0 = nn.LayerNorm(C, eps=eps) if layer_idx == 0 else None
         self.ln1 = nn.LayerNorm(C, eps=eps)
         self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = TimeMix(C, config.num_heads, config.head_size, layer_idx, L, **time_mix_options(config))
-        self.ffn = ChannelMix(C, config.intermediate_size, layer_idx, L)
+        self.att = self.make_time_mix(config, layer_idx)
+        self.ffn = self.make_channel_mix(config, layer_idx)
+
+    @staticmethod
+    def make_time_mix(config: RWKV7Config, layer_idx: int) -> nn.Module:
+        """The block's time-mix (``att``): RWKV-7's :class:`~wuneng.layers.rwkv7.TimeMix`."""
+        C, L = config.hidden_size, config.num_hidden_layers
+        return TimeMix(C, config.num_heads, config.head_size, layer_idx, L, **time_mix_options(config))
+
+    @staticmethod
+    def make_channel_mix(config: RWKV7Config, layer_idx: int) -> nn.Module:
+        """The block's channel-mix (``ffn``): RWKV-7's :class:`~wuneng.layers.rwkv7.ChannelMix`."""
+        return ChannelMix(config.hidden_size, config.intermediate_size, layer_idx, config.num_hidden_layers)
 
     def forward(
         self,
@@ -68,14 +84,14 @@ class RWKV7Block(GradientCheckpointingLayer):
         channel_shift: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
     ):
-        """hidden [B,T,C]; v_first [B,T,C] (None in layer 0); states as in the cache (None = zeros);
+        """hidden [B,T,C]; v_first [B,T,A] (A = H N; None in layer 0); states as in the cache (None = zeros);
         mask [B,T] or None. Returns (hidden, v_first, time_shift, wkv, channel_shift)."""
         if self.ln0 is not None:
             hidden = self.ln0(hidden)
         state = None if time_shift is None and wkv is None else (time_shift, wkv)
-        att_out, v_first, (time_shift, wkv) = self.att(self.ln1(hidden), v_first, state, mask)
+        att_out, v_first, (time_shift, wkv), *readout = self.att(self.ln1(hidden), v_first, state, mask)
         hidden = hidden + att_out
-        ffn_out, channel_shift = self.ffn(self.ln2(hidden), channel_shift, mask)
+        ffn_out, channel_shift = self.ffn(self.ln2(hidden), *readout, channel_shift, mask)
         hidden = hidden + ffn_out
         return hidden, v_first, time_shift, wkv, channel_shift
 
@@ -152,12 +168,16 @@ def _check_tensor(name: str, t, *, rank: int, shape_doc: str, device: torch.devi
 
 
 class RWKV7Model(RWKV7PreTrainedModel):
-    """Embedding, blocks and the final LayerNorm; returns the last hidden state and the state cache."""
+    """Embedding, blocks and the final LayerNorm; returns the last hidden state and the state cache.
+
+    ``block_class`` is the block built per layer (a subclass of :class:`RWKV7Block`)."""
+
+    block_class = RWKV7Block
 
     def __init__(self, config: RWKV7Config):
         super().__init__(config)
         self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList([RWKV7Block(config, i) for i in range(config.num_hidden_layers)])
+        self.blocks = nn.ModuleList([self.block_class(config, i) for i in range(config.num_hidden_layers)])
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
