@@ -50,6 +50,55 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.T
     return shifted - x
 
 
+def token_shift_documents(
+    x: torch.Tensor,
+    prev: Optional[torch.Tensor] = None,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    doc_start: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`token_shift` of a packed row whose documents restart: the token shifted into a document's first
+    position is not the previous document's last token but ``prev`` (zeros when None).
+
+    Give exactly one of:
+        cu_seqlens: int32/int64 [n_docs + 1] document offsets (fla's convention, the WKV-7 ``cu_seqlens``), with
+            x [1, T, C]; ``prev`` is then [n_docs, C], the token before each document (zeros when None).
+        doc_start: [B, T] bool, True at the first token of each document; x [B, T, C]. The shifted-in value is
+            zero at every start; ``prev`` [B, C] is the token before x[:, 0] and is used only where
+            ``doc_start[:, 0]`` is False (the row continues a document).
+
+    Returns [B, T, C].
+    """
+    if (cu_seqlens is None) == (doc_start is None):
+        raise ValueError("token_shift_documents: give exactly one of cu_seqlens and doc_start")
+    B, T, C = x.shape
+    if doc_start is not None:
+        if not isinstance(doc_start, torch.Tensor) or doc_start.dtype != torch.bool or doc_start.shape != (B, T):
+            got = tuple(doc_start.shape) if isinstance(doc_start, torch.Tensor) else type(doc_start).__name__
+            raise ValueError(f"token_shift_documents: doc_start must be a bool [B, T] = {(B, T)} tensor, got {got}")
+        shifted = token_shift(x, prev) + x  # the previous token (prev at t = 0)
+        return torch.where(doc_start.to(x.device).unsqueeze(-1), torch.zeros_like(x), shifted) - x
+    from ..ops.wkv7._checks import document_offsets
+
+    offsets = document_offsets(cu_seqlens, B, T)
+    n_docs = len(offsets) - 1
+    if prev is not None and tuple(prev.shape) != (n_docs, C):
+        raise ValueError(
+            f"token_shift_documents: with cu_seqlens, prev must be [n_docs, C] = {(n_docs, C)}, got {tuple(prev.shape)}"
+        )
+    starts = [(i, lo) for i, (lo, hi) in enumerate(zip(offsets, offsets[1:])) if hi > lo]  # non-empty documents
+    mask = torch.zeros(1, T, 1, dtype=torch.bool, device=x.device)
+    fill = torch.zeros_like(x)
+    if starts:
+        doc_ids = torch.tensor([i for i, _ in starts], device=x.device)
+        positions = torch.tensor([t for _, t in starts], device=x.device)
+        mask[0, positions] = True
+        if prev is not None:
+            fill = fill.index_put((torch.zeros_like(positions), positions), prev[doc_ids].to(x.dtype))
+    shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    return torch.where(mask, fill, shifted) - x
+
+
 def wkv_dtypes(compute_dtype: torch.dtype, log_w: torch.Tensor, *tensors: Optional[torch.Tensor]):
     """The dtypes of the layer -> WKV-7 boundary (SPEC section 1): every tensor of ``tensors`` (r, k, v, a, b, ...;
     None passes) cast to ``compute_dtype``, and the log decay to the state dtype, float32 (float64 when
