@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up .venv at the repo root on a fresh machine: the CPU torch first, then wuneng and its extras, every
 # package at the exact version CI uses (constraints/ci.txt; pyproject.toml gives the supported ranges).
-# Usage: bash scripts/setup.sh [EXTRAS]   (default extras: test,dev,plot,data,bench,eval: everything CI runs)
+# Usage: bash scripts/setup.sh [EXTRAS]   (default extras: test,dev,plot,data,bench,eval,peft: everything CI runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test,dev,plot,data,bench,eval}"
+extras="${1:-test,dev,plot,data,bench,eval,peft}"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -26,6 +26,7 @@ __all__ = [
     "OptimConfig",
     "AlignConfig",
     "DistillConfig",
+    "PeftConfig",
     "TrainConfig",
     "STAGES",
     "load_config",
@@ -122,6 +123,24 @@ class DistillConfig:
     chunk_tokens: int = 4096
 
 
+@dataclass
+class PeftConfig:
+    """Parameter-efficient options of the stage (wuneng.train.peft_options; docs/training.md "PEFT").
+
+    ``lora_r`` set: LoRA adapters of rank ``lora_r`` (the ``peft`` library, extra ``wuneng[peft]``) on
+    ``target_modules`` ("teacher-linear": the linears copied from the teacher, or a list of module names or
+    suffixes); their base weights freeze. ``freeze``: also freeze the MLPs and/or the embeddings.
+    ``merge_at_end``: the final model is saved with the adapters merged (it loads with the usual classes).
+    """
+
+    lora_r: Optional[int] = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: Union[Literal["teacher-linear"], list[str]] = "teacher-linear"
+    merge_at_end: bool = True
+    freeze: list[Literal["mlp", "embeddings"]] = field(default_factory=list)
+
+
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -155,6 +174,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     micro_batch_size: int = 2
     grad_accum_steps: int = 1
     # Length of the run: the lr schedule spans max_steps optimiser steps.
@@ -357,6 +377,13 @@ def validate(
         raise ConfigError(f"config.distill.chunk_tokens: must be >= 1, got {config.distill.chunk_tokens}")
     if config.distill.temperature <= 0:
         raise ConfigError(f"config.distill.temperature: must be > 0, got {config.distill.temperature}")
+    if config.peft.lora_r is not None and config.peft.lora_r < 1:
+        raise ConfigError(f"config.peft.lora_r: must be >= 1 (or null for no LoRA), got {config.peft.lora_r}")
+    if config.peft.lora_r is not None and not config.peft.merge_at_end and config.save_final:
+        raise ConfigError(
+            "config.peft.merge_at_end: false with save_final: true is not supported (the final model is saved with "
+            "the adapters merged); set merge_at_end: true, or save_final: false to keep only the checkpoints"
+        )
     if not has_model:
         m = config.model
         if (m.path is None) == (m.config is None):

@@ -661,6 +661,10 @@ def train(
         if is_main:
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
+            if config.peft.lora_r is not None and config.peft.merge_at_end and state_dict is None:
+                from .peft_options import merge_lora
+
+                logger.info("%s: merged %d LoRA adapters into the final model", stage, merge_lora(student))
 
             def write_final(folder: str) -> None:
                 student.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))

@@ -459,4 +459,8 @@ def build_objective(
     else:
         raise ValueError(f"unknown stage {stage!r}; use one of pretrain, align, distill, sft")
     obj.set_trainable()
+    if getattr(config, "peft", None) is not None:  # LoRA / frozen parts on top of the stage's trainable set
+        from .peft_options import apply_peft_options
+
+        apply_peft_options(student, config.peft, stage)
     return obj
