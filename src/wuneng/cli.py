@@ -31,8 +31,9 @@ def _usage_error_types() -> tuple:
     try:
         from wuneng.train.config import ConfigError
         from wuneng.train.data import DataError
+        from wuneng.train.teacher_cache import TeacherCacheError
 
-        types_ += [ConfigError, DataError]
+        types_ += [ConfigError, DataError, TeacherCacheError]
     except Exception:  # pragma: no cover - the package itself broken: everything else is a failure
         pass
     return tuple(types_)
@@ -117,6 +118,10 @@ _EXAMPLES = {
         "wuneng train recipe.yaml --stage distill",
         "wuneng train recipe.yaml -o optim.lr=3e-4 -o data.seq_len=512 --max-steps 100",
         "wuneng train recipe.yaml --resume  # continue from the newest complete checkpoint",
+    ],
+    "cache-teacher": [
+        "wuneng cache-teacher recipe.yaml -o distill.teacher_cache.path=cache/teacher -o distill.teacher_cache.top_k=64",
+        "wuneng train recipe.yaml --stage distill  # then distils from the cache, without the teacher",
     ],
     "plot": [
         "wuneng plot runs/student-distill  # writes runs/student-distill/loss.png",
@@ -445,6 +450,26 @@ def train_command(
     result = train(cfg, resume=resume)
     if result.is_main_process:
         console.print(f"[green]done[/]: step {result.step}, loss {result.loss:.4f}, run folder {result.output_dir}")
+
+
+@app.command("cache-teacher", epilog=_examples("cache-teacher"))
+def cache_teacher_command(
+    config: str = typer.Argument(..., help="Distill run description (YAML) with `distill.teacher_cache.path`."),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-o", help="KEY=VALUE override, repeatable, e.g. -o distill.teacher_cache.top_k=32."
+    ),
+) -> None:
+    """Run the recipe's teacher once over its training rows and write the top-k logits (plus the log-sum-exp of the
+    rest) to `distill.teacher_cache.path`; `wuneng train` then distils from them without loading the teacher.
+    An interrupted build continues where it stopped when run again."""
+    from rich.console import Console
+
+    from wuneng.train.config import load_config
+    from wuneng.train.teacher_cache import cache_teacher_for_config
+
+    cfg = load_config(config, overrides, stage="distill")
+    path = cache_teacher_for_config(cfg)
+    Console(stderr=True, soft_wrap=True).print(f"[green]done[/]: teacher cache {path}")
 
 
 @app.command("plot", epilog=_examples("plot"))

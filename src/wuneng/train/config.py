@@ -121,6 +121,21 @@ class DistillConfig:
     freeze_mlp: bool = False
     # The KL is computed over chunks of this many tokens, each recomputed in the backward (memory).
     chunk_tokens: int = 4096
+    # Distil from cached teacher logits (top-k + log-sum-exp of the rest) instead of a live teacher; build the
+    # cache first with `wuneng cache-teacher RECIPE`. See docs/training.md, "Cached teacher logits".
+    teacher_cache: Optional["TeacherCacheConfig"] = None
+
+
+@dataclass
+class TeacherCacheConfig:
+    """``distill.teacher_cache``: where the teacher's top-k logits live (``wuneng.train.teacher_cache``)."""
+
+    path: str = ""
+    top_k: int = 64
+    # Rows per safetensors shard (a shard is the unit written atomically and held in memory while read).
+    shard_rows: int = 256
+    # Rows per teacher forward while building.
+    batch_size: int = 8
 
 
 @dataclass
@@ -377,6 +392,12 @@ def validate(
         raise ConfigError(f"config.distill.chunk_tokens: must be >= 1, got {config.distill.chunk_tokens}")
     if config.distill.temperature <= 0:
         raise ConfigError(f"config.distill.temperature: must be > 0, got {config.distill.temperature}")
+    cache = config.distill.teacher_cache
+    if cache is not None and (not cache.path or cache.top_k < 1 or cache.shard_rows < 1 or cache.batch_size < 1):
+        raise ConfigError(
+            "config.distill.teacher_cache: needs `path` (a folder) and top_k, shard_rows, batch_size >= 1, got "
+            f"{cache!r}"
+        )
     if config.peft.lora_r is not None and config.peft.lora_r < 1:
         raise ConfigError(f"config.peft.lora_r: must be >= 1 (or null for no LoRA), got {config.peft.lora_r}")
     if config.peft.lora_r is not None and not config.peft.merge_at_end and config.save_final:
@@ -391,7 +412,8 @@ def validate(
                 "config.model: give exactly one of `path` (a local model folder, e.g. from `wuneng convert`) "
                 "or `config` (model_type + fields, to build a model from scratch)"
             )
-    if config.stage in ("align", "distill") and config.teacher is None and not has_teacher:
+    cached = config.stage == "distill" and cache is not None
+    if config.stage in ("align", "distill") and config.teacher is None and not has_teacher and not cached:
         raise ConfigError(
             f"stage {config.stage!r} needs a teacher: set `teacher: /path/to/qwen2-or-llama` in the YAML "
             "or pass `-o teacher=/path/to/model`"

@@ -425,9 +425,10 @@ def train(
     if tokenizer is None:
         tokenizer = _pick_tokenizer(config)
     student = model if model is not None else load_model(config.model)
-    if teacher is None and config.teacher is not None and stage in ("align", "distill"):
+    cache_cfg = config.distill.teacher_cache if stage == "distill" else None
+    if teacher is None and config.teacher is not None and stage in ("align", "distill") and cache_cfg is None:
         teacher = load_teacher(config.teacher, dtype=next(student.parameters()).dtype)
-    if stage in ("align", "distill") and teacher is None:
+    if stage in ("align", "distill") and teacher is None and cache_cfg is None:
         raise ValueError(f"stage {stage!r} needs a teacher")
     vocab = getattr(getattr(student, "config", None), "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
@@ -437,6 +438,12 @@ def train(
         )
     if dataset is None:
         dataset = build_dataset(config.data, tokenizer, stage, data_sources)
+    teacher_cache = None
+    if cache_cfg is not None:  # distil from cached logits: the teacher is not loaded (one given here only names it)
+        from .teacher_cache import open_teacher_cache
+
+        teacher_cache = open_teacher_cache(config, dataset, teacher)
+        teacher = None
     if config.gradient_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise ValueError(
@@ -455,7 +462,9 @@ def train(
         teacher.to(accelerator.device)
         teacher.eval()
         teacher.requires_grad_(False)
-    objective = build_objective(stage, student, teacher, config, tokenizer_size=len(tokenizer))
+    objective = build_objective(
+        stage, student, teacher, config, tokenizer_size=len(tokenizer), teacher_cache=teacher_cache
+    )
 
     # ---- resume, part 1: the weights, before DDP/FSDP wrap the model
     step, tokens_seen = 0, 0
@@ -554,7 +563,10 @@ def train(
             for a in range(config.grad_accum_steps):
                 first = base_sample + (step - base_step) * rows_per_step
                 start = first + a * world * rows_per_micro + rank * rows_per_micro
-                b = dataset.batch(sampler.rows(start, rows_per_micro))
+                row_indices = sampler.rows(start, rows_per_micro)
+                b = dataset.batch(row_indices)
+                if teacher_cache is not None:  # the cached teacher logits are looked up by row index
+                    b["row_index"] = torch.as_tensor(row_indices, dtype=torch.long)
                 batches.append({k: v.to(accelerator.device) for k, v in b.items()})
             # Terms with their own normaliser (the distillation CE over labels): global counts, then scales.
             term_counts = [unwrapped.term_counts(b) for b in batches]

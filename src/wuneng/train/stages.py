@@ -191,15 +191,25 @@ class DistillObjective(Objective):
         freeze_mlp: bool = False,
         tokenizer_size: Optional[int] = None,
         chunk_tokens: int = 4096,
+        teacher_cache=None,
     ):
         super().__init__(student)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never synced nor optimised
+        # teacher_cache: a TeacherLogitCache read by batch["row_index"] instead of running the teacher (the KL is
+        # then wuneng.train.teacher_cache.bucketed_kl_divergence_sum: top-k tokens plus a "rest" bucket).
+        object.__setattr__(self, "teacher_cache", teacher_cache)
         self.chunk_tokens = chunk_tokens
         self.temperature = temperature
         self.kl_weight = kl_weight
         self.ce_weight = ce_weight
         self.freeze_mlp = freeze_mlp
-        self.vocab = reconcile_vocab_size(_output_vocab(teacher), _output_vocab(student), tokenizer_size)
+        teacher_vocab = teacher_cache.vocab if teacher_cache is not None else _output_vocab(teacher)
+        self.vocab = reconcile_vocab_size(teacher_vocab, _output_vocab(student), tokenizer_size)
+        if teacher_cache is not None and self.vocab != teacher_cache.vocab:
+            raise ValueError(
+                f"teacher cache {teacher_cache.path} holds logits over {teacher_cache.vocab} ids but distillation "
+                f"uses {self.vocab}; rebuild it with `wuneng cache-teacher` for this student"
+            )
 
     def set_trainable(self) -> None:
         frozen = 0
@@ -221,17 +231,35 @@ class DistillObjective(Objective):
         """Sums over the batch (see the module docstring). ``term_scales["ce"]`` = tokens / labels of the whole
         optimiser step (the loop's); without it, this batch's own ratio: ``loss_sum / count_tokens(batch)`` is
         then the KL's token mean plus ``ce_weight`` x the CE's label mean of this batch."""
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         v = self.vocab
-        kl = chunked_kl_divergence_sum(
-            teacher_logits[..., :v],
-            student_logits[..., :v],
-            batch["attention_mask"],
-            self.temperature,
-            self.chunk_tokens,
-        )
+        if self.teacher_cache is not None:
+            from .teacher_cache import chunked_bucketed_kl_divergence_sum
+
+            cached = self.teacher_cache.rows(batch["row_index"].tolist())
+            dev = batch["input_ids"].device
+            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kl = chunked_bucketed_kl_divergence_sum(
+                cached["topk_ids"].to(dev),
+                cached["topk_logits"].to(dev),
+                cached["rest_lse"].to(dev),
+                student_logits[..., :v],
+                batch["attention_mask"],
+                self.temperature,
+                self.chunk_tokens,
+            )
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kl = chunked_kl_divergence_sum(
+                teacher_logits[..., :v],
+                student_logits[..., :v],
+                batch["attention_mask"],
+                self.temperature,
+                self.chunk_tokens,
+            )
         loss = self.kl_weight * kl
         metrics = {"kl": kl.detach()}
         if self.ce_weight:
@@ -444,15 +472,28 @@ class AlignObjective(Objective):
 
 
 def build_objective(
-    stage: str, student: nn.Module, teacher: Optional[nn.Module], config, tokenizer_size: Optional[int] = None
+    stage: str,
+    student: nn.Module,
+    teacher: Optional[nn.Module],
+    config,
+    tokenizer_size: Optional[int] = None,
+    teacher_cache=None,
 ) -> Objective:
-    """The objective of ``stage`` with its trainable parameters set."""
+    """The objective of ``stage`` with its trainable parameters set (``teacher_cache``: distill from cached logits)."""
     if stage in ("pretrain", "sft"):
         obj: Objective = CausalLMObjective(student)
     elif stage == "distill":
         d = config.distill
         obj = DistillObjective(
-            student, teacher, d.temperature, d.kl_weight, d.ce_weight, d.freeze_mlp, tokenizer_size, d.chunk_tokens
+            student,
+            teacher,
+            d.temperature,
+            d.kl_weight,
+            d.ce_weight,
+            d.freeze_mlp,
+            tokenizer_size,
+            d.chunk_tokens,
+            teacher_cache=teacher_cache,
         )
     elif stage == "align":
         obj = AlignObjective(student, teacher, config.align.layers, config.align.state_weight)
