@@ -174,3 +174,41 @@ def test_align_refuses_lora():
     student, _ = student_and_teacher()
     with pytest.raises(ValueError, match="align"):
         apply_peft_options(student, PeftConfig(lora_r=4), "align")
+
+
+def test_cli_distill_with_lora_and_frozen_embeddings(tmp_path, tokenizer):
+    """`wuneng train --stage distill -o peft.lora_r=4 -o peft.freeze=[embeddings]`: final/ holds the merged weights
+    under the converted model's own names, embeddings bit-identical, adapted projections changed."""
+    from typer.testing import CliRunner
+
+    from wuneng.cli import app
+
+    from train_helpers import QUIET, write_yaml
+
+    student, teacher = student_and_teacher()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    student.save_pretrained(tmp_path / "student")
+    (tmp_path / "data.txt").write_text("\n".join(TEXTS), encoding="utf-8")
+    recipe = {
+        **QUIET,
+        "save_final": True,
+        "teacher": str(tmp_path / "teacher"),
+        "model": {"path": str(tmp_path / "student")},
+        "data": {"sources": [str(tmp_path / "data.txt")], "seq_len": 16, "text_unit": "line"},
+        "distill": {"ce_weight": 1.0},
+        "micro_batch_size": 4,
+        "max_steps": 3,
+    }
+    path = write_yaml(tmp_path / "recipe.yaml", recipe)
+    args = ["train", str(path), "--stage", "distill", "--output-dir", str(tmp_path / "run")]
+    args += ["-o", "peft.lora_r=4", "-o", "peft.freeze=[embeddings]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    before = load_file(tmp_path / "student" / "model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert final.keys() == before.keys()
+    assert torch.equal(final["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert not torch.equal(
+        final["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
