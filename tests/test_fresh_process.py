@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wuneng.grow import grow
+from wuneng.grow import grow_model
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from wuneng.models.wuneng import WuNengConfig, WuNengForCausalLM
@@ -62,7 +62,7 @@ def build(kind: str):
         ))  # fmt: skip
     perturb_(model, 0.2, seed=1)  # the zero-initialised paths (eta, fusion, LoRAs) matter
     if kind == "grown_metastate":
-        model = grow(model, num_heads=3, num_param_tokens=64, seed=2)  # 3 heads > C / N = 2: blocks reused
+        model = grow_model(model, num_heads=3, num_param_tokens=64, seed=2)  # 3 heads > C / N = 2: blocks reused
         perturb_(model, 0.1, seed=4)
     return model
 

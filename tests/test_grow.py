@@ -1,4 +1,4 @@
-"""Meta-State progressive scaling (SPEC section 4): ``wuneng.grow`` and ``wuneng grow``.
+"""Meta-State progressive scaling (SPEC section 4): ``wuneng.grow_model`` and ``wuneng grow``.
 
 Exactness metric: max |logits_grown - logits_old| / max |logits_old| <= 1e-5 (float32 round-off), on models
 whose every parameter was perturbed first (so eta, W_o, V_P, LoRAs are non-zero and all paths are live).
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import wuneng
 from wuneng.cli import app
-from wuneng.grow import grow, grow_checkpoint, state_report
+from wuneng.grow import grow_checkpoint, grow_model, state_report
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
@@ -38,7 +38,7 @@ def test_growth_preserves_logits(heads, tokens):
     model = trained_like(0)
     ids = torch.randint(0, V, (2, 24))
     before = model(ids).logits
-    grown = grow(model, num_heads=heads, num_param_tokens=tokens, seed=1).eval()
+    grown = grow_model(model, num_heads=heads, num_param_tokens=tokens, seed=1).eval()
     assert grown.config.num_heads == (heads or 2)
     assert grown.config.num_param_tokens == (tokens or 4 * C)
     assert rel_max(grown(ids).logits, before) <= 1e-5
@@ -54,7 +54,7 @@ def test_growth_preserves_logits(heads, tokens):
 
 def test_grown_parameters_follow_the_rules():
     model = trained_like(2)
-    grown = grow(model, num_heads=3, num_param_tokens=160, seed=0)
+    grown = grow_model(model, num_heads=3, num_param_tokens=160, seed=0)
     A, A2, M = 2 * N, 3 * N, 4 * C
     for old, new in zip(model.model.blocks, grown.model.blocks):
         # old values kept as the leading block
@@ -78,7 +78,7 @@ def test_grown_parameters_follow_the_rules():
 
 def test_grown_model_trains():
     model = trained_like(3)
-    grown = grow(model, num_heads=4, num_param_tokens=192, seed=0).train()
+    grown = grow_model(model, num_heads=4, num_param_tokens=192, seed=0).train()
     ids = torch.randint(0, V, (4, 24))
     opt = torch.optim.Adam(grown.parameters(), lr=3e-3)
     losses = []
@@ -99,7 +99,7 @@ def test_grown_model_trains():
 
 def test_grown_model_saves_and_loads(tmp_path):
     model = trained_like(4)
-    grown = grow(model, num_heads=3, seed=0).eval()
+    grown = grow_model(model, num_heads=3, seed=0).eval()
     grown.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["num_heads"] == 3
     loaded = MetaStateForCausalLM.from_pretrained(tmp_path).eval()
@@ -110,7 +110,7 @@ def test_grown_model_saves_and_loads(tmp_path):
 def test_growth_with_sparse_routing_keeps_groups():
     """With routing on, new tokens are appended inside every group; with top_k = E (all groups) it is exact."""
     model = trained_like(5, num_param_tokens=96, moe_groups=4, moe_top_k=4)
-    grown = grow(model, num_param_tokens=128, seed=0).eval()
+    grown = grow_model(model, num_param_tokens=128, seed=0).eval()
     old_k = model.model.blocks[0].ffn.param_keys.unflatten(0, (4, 24))
     new_k = grown.model.blocks[0].ffn.param_keys.unflatten(0, (4, 32))
     assert torch.equal(new_k[:, :24], old_k)
@@ -123,7 +123,7 @@ def test_state_report():
     model = trained_like(6)
     report = state_report(model)
     assert report.per_layer == [2 * N * N] * L and report.total == L * 2 * N * N == model.num_states
-    grown_report = state_report(grow(model, num_heads=6))
+    grown_report = state_report(grow_model(model, num_heads=6))
     assert grown_report.total == 3 * report.total
     text = str(grown_report)
     assert "total" in text and f"{grown_report.total:,}" in text
@@ -131,29 +131,32 @@ def test_state_report():
         state_report(torch.nn.Linear(2, 2))
 
 
-def test_wuneng_grow_is_the_function_even_after_importing_the_module():
+def test_package_exports_grow_model_and_the_module_is_a_plain_module():
+    import types
+
     import wuneng.grow as grow_module
 
-    assert callable(wuneng.grow)
+    assert wuneng.grow_model is grow_model and wuneng.state_report is state_report
     model = trained_like(7)
-    assert wuneng.grow(model, num_heads=3).config.num_heads == 3
-    assert grow_module.grow is grow
+    assert wuneng.grow_model(model, num_heads=3).config.num_heads == 3
+    # no callable-module trick: ``wuneng.grow`` is the module, of the ordinary module type
+    assert wuneng.grow is grow_module and type(grow_module) is types.ModuleType and not callable(grow_module)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
 def test_bad_growth_requests_raise_clear_errors():
     model = trained_like(8, num_param_tokens=96, moe_groups=2)
     with pytest.raises(ValueError, match="cannot shrink num_heads from 2 to 1"):
-        grow(model, num_heads=1)
+        grow_model(model, num_heads=1)
     with pytest.raises(ValueError, match="cannot shrink num_param_tokens"):
-        grow(model, num_param_tokens=64)
+        grow_model(model, num_param_tokens=64)
     with pytest.raises(TypeError, match="num_heads must be an int"):
-        grow(model, num_heads=2.5)
+        grow_model(model, num_heads=2.5)
     with pytest.raises(ValueError, match="multiple of moe_groups=2"):
-        grow(model, num_param_tokens=97)
+        grow_model(model, num_param_tokens=97)
     rwkv = RWKV7ForCausalLM(RWKV7Config(vocab_size=V, hidden_size=C, num_hidden_layers=1, head_size=N))
     with pytest.raises(TypeError, match="expected a MetaStateForCausalLM.*wuneng_rwkv7"):
-        grow(rwkv, num_heads=4)
+        grow_model(rwkv, num_heads=4)
 
 
 # -- the command line -----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from wuneng import RWKV7Config, RWKV7ForCausalLM
 from wuneng.cache import RecurrentStateCache
-from wuneng.grow import grow
+from wuneng.grow import grow_model
 from wuneng.layers.rwkv7 import TimeMix, wkv_dtypes
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.wuneng import WuNengForCausalLM
@@ -66,7 +66,7 @@ def build(kind: str, wkv_impl: str = "auto") -> torch.nn.Module:
 def grown_metastate() -> torch.nn.Module:
     """A Meta-State model grown from 4 to 8 heads and 256 to 320 parameter tokens, then perturbed."""
     model = build("metastate")
-    grown = grow(model, num_heads=8, num_param_tokens=320, seed=0)
+    grown = grow_model(model, num_heads=8, num_param_tokens=320, seed=0)
     return perturb_(model if grown is None else grown, 0.1, seed=4)
 
 

@@ -17,7 +17,7 @@ _LAZY_EXPORTS = {
     "WuNengModel": "wuneng.models.wuneng",
     "WuNengForCausalLM": "wuneng.models.wuneng",
     "HybridMixer": "wuneng.layers.hybrid",
-    "grow": "wuneng.grow",
+    "grow_model": "wuneng.grow",
     "state_report": "wuneng.grow",
 }
 

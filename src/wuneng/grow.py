@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
-import types
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -41,7 +39,7 @@ import torch
 
 from .saving import check_model_folder, check_output_dir, save_pretrained_atomic
 
-__all__ = ["grow", "grow_checkpoint", "state_report", "StateReport"]
+__all__ = ["grow_model", "grow_checkpoint", "state_report", "StateReport"]
 
 
 def _check_size(name: str, value, current: int) -> int:
@@ -79,7 +77,9 @@ def _copy_leading_block(new: torch.Tensor, old: torch.Tensor, name: str, groups:
     new[tuple(slice(0, s) for s in old.shape)] = old.to(new.dtype)
 
 
-def grow(model, num_heads: Optional[int] = None, num_param_tokens: Optional[int] = None, *, seed: Optional[int] = None):
+def grow_model(
+    model, num_heads: Optional[int] = None, num_param_tokens: Optional[int] = None, *, seed: Optional[int] = None
+):
     """Grow a Meta-State model's WKV heads (state width H N -> H' N) and/or parameter tokens (M -> M').
 
     Args:
@@ -197,7 +197,7 @@ def grow_checkpoint(
     overwrite: bool = False,
     seed: Optional[int] = None,
 ):
-    """Load a Meta-State checkpoint folder, :func:`grow` it, and save the result to ``out_dir``.
+    """Load a Meta-State checkpoint folder, :func:`grow_model` it, and save the result to ``out_dir``.
 
     The folder is assembled beside ``out_dir`` and moved into place (an interrupted run leaves the old or the new
     folder whole, :mod:`wuneng.saving`); tokenizer files of ``path`` are copied along. ``overwrite`` replaces only
@@ -205,17 +205,6 @@ def grow_checkpoint(
     """
     check_output_dir(out_dir, overwrite, inputs=[path])  # fail before the work; never over the input
     model = load_metastate_checkpoint(path)
-    grown = grow(model, num_heads=num_heads, num_param_tokens=num_param_tokens, seed=seed)
+    grown = grow_model(model, num_heads=num_heads, num_param_tokens=num_param_tokens, seed=seed)
     save_pretrained_atomic(grown, out_dir, overwrite=overwrite, tokenizer_from=path)
     return model, grown
-
-
-class _CallableModule(types.ModuleType):
-    """``wuneng.grow`` is both this module and the function: once ``import wuneng.grow`` has run, Python binds
-    the package attribute ``wuneng.grow`` to the module, so the module forwards calls to :func:`grow`."""
-
-    def __call__(self, *args, **kwargs):
-        return grow(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -21,7 +21,7 @@ class MetaStateConfig(PretrainedConfig):
         head_size: WKV head size N (default 64); must divide ``hidden_size`` (the SSE ties head h to the
             width block h mod (C / N)).
         num_heads: WKV heads H (default C / N). The state width H * N may exceed C after growth
-            (:func:`wuneng.grow`); the time-mix projections are then (H N) x C and C x (H N).
+            (:func:`wuneng.grow_model`); the time-mix projections are then (H N) x C and C x (H N).
         num_param_tokens: parameter tokens M per layer (default 4 C: with eta = 0 the layer is then exactly
             RWKV-7's channel-mix of width 4 C).
         sse_heads: heads whose state feeds the Self-State Encoder: None (all), an int k (the first k heads)

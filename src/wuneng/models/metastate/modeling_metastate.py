@@ -93,7 +93,7 @@ class MetaStateForCausalLM(MetaStatePreTrainedModel, RWKV7ForCausalLM):
     """Meta-State with the language-model head; ``generate()`` decodes with a constant-size state cache.
 
     ``forward(input_ids, attention_mask, past_key_values, labels, ...)`` is :meth:`RWKV7ForCausalLM.forward`.
-    Grow it with :func:`wuneng.grow`; report its state size with :func:`wuneng.grow.state_report`.
+    Grow it with :func:`wuneng.grow_model`; report its state size with :func:`wuneng.grow.state_report`.
     """
 
     def __init__(self, config: MetaStateConfig):
