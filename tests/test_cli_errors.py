@@ -217,7 +217,7 @@ def test_an_unexpected_error_is_named_and_points_to_debug(tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(evaluate, "load_checkpoint", broken)
+    monkeypatch.setattr(evaluate, "load_model_folder", broken)
     line = one_error_line(runner.invoke(app, ["eval", str(tmp_path)]), 1)
     assert line == "error: RuntimeError: boom second line (rerun as `wuneng --debug ...` for the traceback)"
     result = runner.invoke(app, ["--debug", "eval", str(tmp_path)])

@@ -556,7 +556,7 @@ def eval_command(
 
     from rich.console import Console
 
-    from wuneng.eval.evaluate import evaluate_model, load_checkpoint, rows_table, write_rows_json
+    from wuneng.eval.evaluate import evaluate_model, load_model_folder, rows_table, write_rows_json
     from wuneng.saving import ModelFolderError
 
     device = resolve_device(device)
@@ -574,7 +574,7 @@ def eval_command(
         if not task_list and not lm_tasks:
             raise ValueError("nothing to run: give --tasks and/or --lm-eval")
         held_out = Path(text).read_text(encoding="utf-8") if text is not None else None
-        model, tokenizer = load_checkpoint(checkpoint, device=device)
+        model, tokenizer = load_model_folder(checkpoint, device=device)
         rows = evaluate_model(
             model,
             tokenizer,

@@ -19,7 +19,7 @@ from wuneng.eval.evaluate import (
     evaluate_model,
     generate_continuations,
     heldout_text,
-    load_checkpoint,
+    load_model_folder,
     rows_table,
 )
 from wuneng.eval.registry import get_task
@@ -165,9 +165,9 @@ def test_generate_continuations_cuts_at_the_stop():
         generate_continuations(model, ByteLevelTokenizer(), ["a"], max_new_tokens=0)
 
 
-def test_load_checkpoint_and_skips(tmp_path):
+def test_load_model_folder_and_skips(tmp_path):
     folder = save_checkpoint(random_model(), tmp_path / "ckpt")
-    model, tok = load_checkpoint(folder)
+    model, tok = load_model_folder(folder)
     assert type(model).__name__ == "RWKV7ForCausalLM" and not model.training
     assert isinstance(tok, ByteLevelTokenizer)
     # a model whose vocabulary cannot hold the tokenizer's ids or the S5 group: text and S5 tasks are skipped

@@ -120,7 +120,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer):
 
 def test_sharded_optimizer_files_round_trip(tmp_path):
     """FSDP/ZeRO layout: each process keeps its own optimizer shard; resuming needs the same process count."""
-    from wuneng.train.checkpoint import load_checkpoint, save_checkpoint
+    from wuneng.train.checkpoint import load_training_checkpoint, save_checkpoint
     from wuneng.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
@@ -136,13 +136,13 @@ def test_sharded_optimizer_files_round_trip(tmp_path):
     assert (path / "optimizer_rank0.pt").is_file()
     model2 = tiny_qwen2(seed=3)
     opt2 = build_optimizer(model2, opt_cfg)
-    state = load_checkpoint(path, model=model2, optimizer=opt2, scheduler=build_scheduler(opt2, opt_cfg, 10))
+    state = load_training_checkpoint(path, model=model2, optimizer=opt2, scheduler=build_scheduler(opt2, opt_cfg, 10))
     assert state["step"] == 1
     assert_same(model.state_dict(), model2.state_dict())
     a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
     with pytest.raises(ValueError, match="sharded over 1 processes; resume with that many"):
-        load_checkpoint(path, model=model2, optimizer=opt2, rank=1)
+        load_training_checkpoint(path, model=model2, optimizer=opt2, rank=1)
 
 
 def test_resume_with_another_batch_continues_the_data(tmp_path, tokenizer, monkeypatch):

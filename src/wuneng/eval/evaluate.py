@@ -39,7 +39,7 @@ from wuneng.eval.registry import get_task, list_tasks
 __all__ = [
     "DEFAULT_TASKS",
     "EvalRow",
-    "load_checkpoint",
+    "load_model_folder",
     "generate_continuations",
     "evaluate_model",
     "rows_table",
@@ -74,7 +74,7 @@ class EvalRow:
     note: str = ""
 
 
-def load_checkpoint(path: Union[str, os.PathLike], device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+def load_model_folder(path: Union[str, os.PathLike], device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """A saved wuneng (or any local HF causal LM) folder -> ``(model in eval mode, tokenizer)``.
 
     The model loads through ``AutoModelForCausalLM`` after importing :mod:`wuneng.models` (which registers

@@ -34,7 +34,7 @@ __all__ = [
     "save_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_checkpoint",
+    "load_training_checkpoint",
     "rng_state",
     "set_rng_state",
 ]
@@ -179,7 +179,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
+def load_training_checkpoint(
     path: str | Path,
     *,
     model: Optional[torch.nn.Module] = None,

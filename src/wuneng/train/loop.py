@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from ..saving import check_model_folder, save_pretrained_atomic
-from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, load_training_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, config_to_dict, validate
 from .data import PackedDataset, SourceLike, build_dataset
 from .optim import build_optimizer, build_scheduler
@@ -473,7 +473,7 @@ def train(
     base_step, base_sample = 0, 0
     resumed_from = latest_checkpoint(run_dir) if resume else None  # check_run_dir: one exists when resuming
     if resumed_from is not None:
-        state = load_checkpoint(resumed_from, model=student, restore_rng=False)
+        state = load_training_checkpoint(resumed_from, model=student, restore_rng=False)
         step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         base_step, base_sample = step, int(state.get("samples_consumed", 0))
 
@@ -486,7 +486,7 @@ def train(
 
     # ---- resume, part 2: optimizer, scheduler, this process's RNG
     if resumed_from is not None:
-        load_checkpoint(resumed_from, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=True)
+        load_training_checkpoint(resumed_from, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=True)
     stop_step = min(config.max_steps, config.stop_at_step or config.max_steps)
     sampler = GlobalSampler(len(dataset), config.seed)
     rows_per_micro = config.micro_batch_size
