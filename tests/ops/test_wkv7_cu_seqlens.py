@@ -114,16 +114,48 @@ def _compare(form, dtype, tol_value, tol_grad):
     assert rel_err(q_.grad, ref_q.grad) <= tol_grad, rel_err(q_.grad, ref_q.grad)
 
 
+@pytest.fixture(params=["per-document", "padded-batch"])
+def grouping(request, monkeypatch):
+    """The chunked and cpu forms run one call per document, or one call on the padded batch of documents
+    (``varlen._MAX_PADDING``: 0 never batches, inf always does); the reference always runs per document."""
+    from wuneng.ops.wkv7 import varlen
+
+    monkeypatch.setattr(varlen, "_MAX_PADDING", 0.0 if request.param == "per-document" else float("inf"))
+    return request.param
+
+
 @pytest.mark.parametrize("form", sorted(FORMS), ids=str)
-def test_packed_row_equals_documents_one_by_one_float64(form):
+def test_packed_row_equals_documents_one_by_one_float64(form, grouping):
     """float64: values, states and gradients within 1e-10 of the oracle."""
     _compare(FORMS[form], torch.float64, 1e-10, 1e-10)
 
 
 @pytest.mark.parametrize("form", [f for f in sorted(FORMS) if f != "reference"], ids=str)
-def test_packed_row_float32_against_float64_oracle(form):
+def test_packed_row_float32_against_float64_oracle(form, grouping):
     """float32 inputs: values and states within 1e-5, gradients within 1e-4 of the float64 oracle."""
     _compare(FORMS[form], torch.float32, 1e-5, 1e-4)
+
+
+def test_similar_lengths_take_one_padded_call(monkeypatch):
+    """With the default padding limit, documents of similar lengths are one call of the form (not one per
+    document); a long document beside short ones makes the padding too costly: one call per document."""
+    from wuneng.ops.wkv7 import chunk
+
+    calls = []
+    original = chunk._ChunkedWKV7.apply
+
+    def counting(*args):
+        calls.append(args[0].shape[0])  # the batch of the call
+        return original(*args)
+
+    monkeypatch.setattr(chunk._ChunkedWKV7, "apply", counting)
+    seq, _, _, _ = packed_inputs(lengths=(5, 6, 4))
+    wkv7_chunked(*(seq[n] for n in NAMES), cu_seqlens=torch.tensor([0, 5, 11, 15]), chunk_size=4)
+    assert calls == [3]
+    calls.clear()
+    seq, _, _, _ = packed_inputs(lengths=(20, 1, 2))
+    wkv7_chunked(*(seq[n] for n in NAMES), cu_seqlens=torch.tensor([0, 20, 21, 23]), chunk_size=4)
+    assert calls == [1, 1, 1]
 
 
 def test_boundary_restarts_the_state():

@@ -403,7 +403,9 @@ def wkv7_chunked(
         raise ValueError(f"wkv7_chunked: chunk_size must be a positive int, got {chunk_size!r}")
     if cu_seqlens is not None:
         seq = (r, log_w, k, v, a, b)
-        return run_per_document(wkv7_chunked, seq, initial_state, cu_seqlens, extra_query, chunk_size=chunk_size)
+        return run_per_document(
+            wkv7_chunked, seq, initial_state, cu_seqlens, extra_query, chunk_size=chunk_size, batch_documents=True
+        )
     check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
     B, T, H, N = r.shape
     sdt = state_dtype(r.dtype)

@@ -571,7 +571,9 @@ def wkv7_cpu(
     """
     if cu_seqlens is not None:
         seq = (r, log_w, k, v, a, b)
-        return run_per_document(wkv7_cpu, seq, initial_state, cu_seqlens, extra_query, checkpoint_len=checkpoint_len)
+        return run_per_document(
+            wkv7_cpu, seq, initial_state, cu_seqlens, extra_query, checkpoint_len=checkpoint_len, batch_documents=True
+        )
     check_wkv7_inputs(dict(zip(SEQ_NAMES, (r, log_w, k, v, a, b))), initial_state, extra_query)
     if r.device.type != "cpu":
         raise ValueError(f"wkv7: impl='cpu' runs on CPU tensors, got device {r.device}")
