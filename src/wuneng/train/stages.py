@@ -15,7 +15,8 @@ which multiplies that term's sum by it, so the term ends up divided by its own g
 - :class:`CausalLMObjective` (pretrain, sft): next-token cross-entropy on positions whose label is
   not -100 (sft data masks prompts).
 - :class:`DistillObjective` (stage 2): ``tau^2 * KL(p_T || p_S)`` per real token at temperature tau,
-  plus ``ce_weight`` x cross-entropy; teacher logits on the fly.
+  plus ``ce_weight`` x cross-entropy; teacher logits on the fly, or cached top-k logits
+  (``teacher_cache``: :func:`wuneng.train.teacher_cache.bucketed_kl_divergence_sum`).
 - :class:`AlignObjective` (stage 1): per-layer ``||y_T - y_S||_2 / sqrt(C)`` of converted mixers fed
   the teacher's own layer inputs (teacher-forced across depth).
 
