@@ -212,3 +212,30 @@ def test_cli_distill_with_lora_and_frozen_embeddings(tmp_path, tokenizer):
     assert not torch.equal(
         final["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
     )
+
+
+def test_unmerged_final_is_base_model_plus_peft_adapter(tmp_path, tokenizer):
+    """merge_at_end false: final/ holds the converted model's base weights (bit-identical for the adapted linears)
+    and final/adapter/ a PEFT adapter that peft.PeftModel.from_pretrained puts back: the adapter model's logits."""
+    import peft
+
+    student, teacher = student_and_teacher()
+    before = state_of(student)
+    options = PeftConfig(lora_r=4, lora_alpha=8, merge_at_end=False)
+    cfg = run_config(tmp_path, "unmerged", stage="distill", steps=4, save_final=True, peft=options)
+    result = train(cfg, model=student, teacher=teacher, tokenizer=tokenizer, data_sources=[TEXTS])
+    ids = probe_ids()
+    adapter = WuNengForCausalLM.from_teacher(tiny_qwen2(hidden=64))
+    apply_peft_options(adapter, cfg.peft, "distill")
+    adapter.load_state_dict(load_file(result.last_checkpoint / "model.safetensors"), strict=False)
+    base = WuNengForCausalLM.from_pretrained(result.final_dir).eval()
+    saved = state_of(base)
+    for name in teacher_linear_names(base):
+        assert torch.equal(saved[f"{name}.weight"], before[f"{name}.weight"])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        restored = peft.PeftModel.from_pretrained(base, result.final_dir / "adapter").eval()
+        adapter_logits = adapter.eval()(input_ids=ids).logits
+        restored_logits = restored(input_ids=ids).logits
+    torch.testing.assert_close(restored_logits, adapter_logits, atol=LOGITS_ATOL, rtol=0)
+    assert (restored_logits - base_logits).abs().max() > 1e-3  # the adapter is really applied

@@ -145,7 +145,8 @@ class PeftConfig:
     ``lora_r`` set: LoRA adapters of rank ``lora_r`` (the ``peft`` library, extra ``wuneng[peft]``) on
     ``target_modules`` ("teacher-linear": the linears copied from the teacher, or a list of module names or
     suffixes); their base weights freeze. ``freeze``: also freeze the MLPs and/or the embeddings.
-    ``merge_at_end``: the final model is saved with the adapters merged (it loads with the usual classes).
+    ``merge_at_end``: the final model is saved with the adapters merged (it loads with the usual classes); false:
+    ``final/`` holds the base weights and ``final/adapter/`` the adapter (a PEFT adapter folder).
     """
 
     lora_r: Optional[int] = None
@@ -400,11 +401,6 @@ def validate(
         )
     if config.peft.lora_r is not None and config.peft.lora_r < 1:
         raise ConfigError(f"config.peft.lora_r: must be >= 1 (or null for no LoRA), got {config.peft.lora_r}")
-    if config.peft.lora_r is not None and not config.peft.merge_at_end and config.save_final:
-        raise ConfigError(
-            "config.peft.merge_at_end: false with save_final: true is not supported (the final model is saved with "
-            "the adapters merged); set merge_at_end: true, or save_final: false to keep only the checkpoints"
-        )
     if not has_model:
         m = config.model
         if (m.path is None) == (m.config is None):

@@ -673,15 +673,21 @@ def train(
         if is_main:
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
-            if config.peft.lora_r is not None and config.peft.merge_at_end and state_dict is None:
-                from .peft_options import merge_lora
+            adapter = None
+            if config.peft.lora_r is not None and state_dict is None:
+                from .peft_options import ADAPTER_DIR, merge_lora, take_adapter, write_adapter
 
-                logger.info("%s: merged %d LoRA adapters into the final model", stage, merge_lora(student))
+                if config.peft.merge_at_end:
+                    logger.info("%s: merged %d LoRA adapters into the final model", stage, merge_lora(student))
+                else:  # the base weights as the model's own, the adapter beside them in final/adapter/
+                    adapter = take_adapter(student)
 
             def write_final(folder: str) -> None:
                 student.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
                 if hasattr(tokenizer, "save_pretrained"):
                     tokenizer.save_pretrained(folder)
+                if adapter is not None:
+                    write_adapter(Path(folder) / ADAPTER_DIR, *adapter)
 
             # assembled beside and renamed in; a resumed run's earlier final/ is replaced only once the new one is whole
             save_pretrained_atomic(student, final_dir, write=write_final, check=False)

@@ -30,6 +30,9 @@ __all__ = [
     "apply_peft_options",
     "lora_is_active",
     "merge_lora",
+    "take_adapter",
+    "write_adapter",
+    "ADAPTER_DIR",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,16 +156,48 @@ def apply_peft_options(model: nn.Module, options, stage: str) -> None:
     logger.info("%s: LoRA r=%d on %d linears, %d adapter parameters", stage, options.lora_r, len(targets), n_adapter)
 
 
-def merge_lora(model: nn.Module) -> int:
+def merge_lora(model: nn.Module, merge: bool = True) -> int:
     """Fold every injected LoRA adapter into its base linear (``W += B A * alpha / r``) and put the plain linear back
-    in its place, so ``model`` has its original modules and parameter names again. Returns the number merged."""
+    in its place, so ``model`` has its original modules and parameter names again. Returns the number of linears.
+    ``merge=False``: put the base linears back unchanged (the adapters are dropped: :func:`take_adapter`)."""
     merged = 0
     for name, module in list(model.named_modules()):
         if not (hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
             continue
-        module.merge()
+        if merge:
+            module.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
         merged += 1
     return merged
+
+
+#: Where the unmerged final model keeps its adapter (a PEFT adapter folder inside ``final/``).
+ADAPTER_DIR = "adapter"
+
+
+def take_adapter(model: nn.Module) -> tuple[dict, object]:
+    """Remove the injected LoRA adapters from ``model`` (base linears put back unmerged) and return them as
+    ``(state_dict, LoraConfig)`` in the layout of ``peft.PeftModel.save_pretrained`` (keys prefixed
+    ``base_model.model.``), for :func:`write_adapter`."""
+    peft = _import_peft()
+    tensors = peft.get_peft_model_state_dict(model)
+    state = {f"base_model.model.{k}": v.detach().contiguous().clone() for k, v in tensors.items()}
+    lora_config = model.peft_config["default"]
+    merge_lora(model, merge=False)
+    del model.peft_config
+    return state, lora_config
+
+
+def write_adapter(folder, state: dict, lora_config) -> None:
+    """Write a :func:`take_adapter` result as a PEFT adapter folder (``adapter_model.safetensors`` and
+    ``adapter_config.json``): ``peft.PeftModel.from_pretrained(base, folder)`` loads it over the saved base model."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    lora_config.save_pretrained(str(folder))
