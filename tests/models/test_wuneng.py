@@ -405,3 +405,16 @@ def test_config_validation():
     assert cfg.hybrid_layers == [0] and cfg.arwkv_layers == [2]
     again = WuNengConfig.from_dict(cfg.to_dict())
     assert again.layer_kinds == cfg.layer_kinds
+
+
+def test_parameter_accounting_lives_in_the_report_module():
+    """Issue 15: the accounting is in wuneng.models.wuneng.report; the model's methods only forward to it."""
+    import wuneng.models.wuneng.modeling_wuneng as modeling
+    from wuneng.models.wuneng import report
+
+    student = WuNengForCausalLM.from_teacher(tiny_teacher(), attention=False)
+    assert report.parameter_breakdown(student) == student.parameter_breakdown()
+    assert report.format_parameter_breakdown(student) == student.format_parameter_breakdown()
+    assert report.teacher_num_parameters(student.config) == student.teacher_num_parameters()
+    assert report.num_extra_parameters(student) == student.num_extra_parameters()
+    assert not any(hasattr(modeling, n) for n in ("_attention_params", "_mlp_params", "_HYBRID_COMPONENTS"))

@@ -30,6 +30,7 @@ from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
 from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
 from ...saving import checkpoint_mismatches, describe_loading_problems
+from . import report
 from .configuration_wuneng import WuNengConfig
 
 __all__ = ["WuNengPreTrainedModel", "WuNengModel", "WuNengForCausalLM", "WuNengDecoderLayer", "WuNengMLP"]
@@ -43,16 +44,6 @@ _TEACHER_LAYER_PARAMS = (
     "mlp.down_proj.weight",
 )
 _TEACHER_ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-# Components of the new parameters, matched on the name inside a hybrid mixer (first match wins).
-_HYBRID_COMPONENTS = (
-    ("state.", "state heads (decay/alpha/value LoRAs, k_k, k_a, r_k, GroupNorm)"),
-    ("receptance_lora_", "receptance correction R1 R2"),
-    ("state_query_", "state-query modulation (W^state, lambda)"),
-    ("middle_lora_", "middle heads (P, W^O_m)"),
-    ("o_middle.", "middle heads (P, W^O_m)"),
-    ("", "fusion"),
-)
 
 
 class WuNengMLP(nn.Module):
@@ -463,65 +454,22 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
                 count += 1
         return count
 
+    # -- parameter accounting: thin entry points to wuneng.models.wuneng.report ---------------------------
     def teacher_num_parameters(self) -> int:
         """Parameter count of the teacher this model was converted from (computed from the config)."""
-        c = self.config
-        C, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
-        return V * C * (1 if c.tie_word_embeddings else 2) + C + L * (2 * C + _mlp_params(c) + _attention_params(c))
+        return report.teacher_num_parameters(self.config)
 
     def num_extra_parameters(self) -> int:
-        """Parameters of this model minus those of its teacher (ARWKV layers drop the teacher's attention)."""
-        return sum(p.numel() for p in self.parameters()) - self.teacher_num_parameters()
+        """Parameters of this model minus those of its teacher (:func:`report.num_extra_parameters`)."""
+        return report.num_extra_parameters(self)
 
     def parameter_breakdown(self) -> Dict[str, int]:
-        """Parameter counts per component: the teacher's parts ("teacher: ..."), the new ones ("new: ...") and the
-        teacher attention dropped by ARWKV layers ("dropped: ...", negative). The teacher and new entries sum to
-        the model's parameter count; the new and dropped entries sum to :meth:`num_extra_parameters`."""
-        teacher = self.teacher_parameter_names()
-        out: Dict[str, int] = {}
-
-        def add(key, n):
-            out[key] = out.get(key, 0) + n
-
-        for name, p in self.named_parameters():
-            n = p.numel()
-            if name in teacher:
-                if "embed_tokens" in name or name.startswith("lm_head"):
-                    add("teacher: embeddings and LM head", n)
-                elif ".self_attn." in name:
-                    add("teacher: attention", n)
-                elif ".mlp." in name:
-                    add("teacher: MLP", n)
-                else:
-                    add("teacher: norms", n)
-                continue
-            layer_idx = int(name.split(".")[2])
-            if self.config.layer_kinds[layer_idx] == "arwkv":
-                add("new: ARWKV time-mix", n)
-                continue
-            local = name.split(".self_attn.", 1)[1]
-            for prefix, label in _HYBRID_COMPONENTS:
-                if local.startswith(prefix):
-                    add("new: " + label, n)
-                    break
-        dropped = len(self.config.arwkv_layers) * _attention_params(self.config)
-        if dropped:
-            out["dropped: teacher attention of ARWKV layers"] = -dropped
-        order = ("teacher", "new", "dropped")
-        return dict(sorted(out.items(), key=lambda kv: order.index(kv[0].split(":")[0])))
+        """Parameter counts per component (:func:`report.parameter_breakdown`)."""
+        return report.parameter_breakdown(self)
 
     def format_parameter_breakdown(self) -> str:
         """The breakdown as a text table with shares of the teacher's parameter count."""
-        teacher_total = self.teacher_num_parameters()
-        rows = self.parameter_breakdown()
-        width = max(len(k) for k in rows) + 2
-        lines = [f"{'component':<{width}}{'parameters':>16}{'% of teacher':>14}"]
-        for key, n in rows.items():
-            lines.append(f"{key:<{width}}{n:>16,}{100.0 * n / teacher_total:>13.3f}%")
-        extra = self.num_extra_parameters()
-        lines.append(f"{'teacher total':<{width}}{teacher_total:>16,}{100.0:>13.3f}%")
-        lines.append(f"{'extra (student - teacher)':<{width}}{extra:>16,}{100.0 * extra / teacher_total:>13.3f}%")
-        return "\n".join(lines)
+        return report.format_parameter_breakdown(self)
 
     def print_parameter_breakdown(self) -> None:
         """Log :meth:`format_parameter_breakdown` at INFO through ``logging`` (the library never prints; the CLI
@@ -539,20 +487,3 @@ def check_checkpoint_matches_config(path: str, ignore_sizes: bool = False) -> No
     problems = checkpoint_mismatches(path, model, config.tie_word_embeddings, ignore_sizes)
     if problems:
         raise ValueError(f"checkpoint {path!r}: the weights do not match its config.json ({problems})")
-
-
-def _attention_params(c: WuNengConfig) -> int:
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    n = c.hidden_size * (q + 2 * kv) + q * c.hidden_size
-    if c.attention_bias:
-        n += q + 2 * kv
-    if c.attention_out_bias:
-        n += c.hidden_size
-    return n
-
-
-def _mlp_params(c: WuNengConfig) -> int:
-    n = 3 * c.hidden_size * c.intermediate_size
-    if c.mlp_bias:
-        n += 2 * c.intermediate_size + c.hidden_size
-    return n
