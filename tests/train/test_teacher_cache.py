@@ -76,10 +76,11 @@ def test_full_vocabulary_cache_matches_live_distillation(tmp_path, tokenizer, ro
     g_live = torch.autograd.grad(loss_live, [p for p in student.parameters() if p.requires_grad])
     loss_cached = cached({**batch, "row_index": torch.tensor(idx)})["loss_sum"]
     g_cached = torch.autograd.grad(loss_cached, [p for p in student.parameters() if p.requires_grad])
-    # float32 throughout, the vocabulary summed in another order: relative 1e-5 on the loss, 1e-4 (+1e-7) on grads
+    # float32 throughout, the vocabulary summed in another order: relative 1e-5 on the loss; each gradient within
+    # 1e-4 relative plus 1e-5 of its largest entry (absolute)
     assert float(loss_cached.detach()) == pytest.approx(float(loss_live.detach()), rel=1e-5)
     for a, b in zip(g_cached, g_live):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("k", [1, 5, 40])

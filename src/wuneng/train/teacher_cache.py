@@ -350,8 +350,9 @@ def bucketed_kl_divergence_sum(
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(dtype) / temperature
-    log_p = F.log_softmax(s, dim=-1)
-    log_p_top = log_p.gather(-1, topk_ids)
+    # only k + 1 student log-probabilities are needed: no [N, V] log_softmax is materialised
+    lse_all = s.logsumexp(-1)
+    log_p_top = s.gather(-1, topk_ids) - lse_all.unsqueeze(-1)
     a = topk_logits.to(dtype) / temperature
     k, vocab = topk_ids.shape[-1], s.shape[-1]
     if k == vocab:
@@ -362,7 +363,7 @@ def bucketed_kl_divergence_sum(
         log_z = torch.cat([a, r], dim=-1).logsumexp(-1, keepdim=True)
         log_q = a - log_z
         log_q_rest = (r - log_z).squeeze(-1)
-        log_p_rest = s.scatter(-1, topk_ids, -math.inf).logsumexp(-1) - s.logsumexp(-1)
+        log_p_rest = s.scatter(-1, topk_ids, -math.inf).logsumexp(-1) - lse_all
         per_token = (log_q.exp() * (log_q - log_p_top)).sum(-1) + log_q_rest.exp() * (log_q_rest - log_p_rest)
     per_token = per_token * temperature**2
     return (per_token * mask.to(per_token.dtype)).sum()
