@@ -1,7 +1,8 @@
 """Cached teacher logits for stage 2 (distillation without the teacher in memory).
 
 One pass of the teacher over the packed training rows writes, per token, its ``k`` largest logits
-(``topk_logits`` [n, T, k] float32, raw, before the temperature), their ids (``topk_ids`` [n, T, k] int64) and
+(``topk_logits`` [n, T, k] float32, raw, before the temperature), their ids (``topk_ids`` [n, T, k] int32 on disk,
+int64 when read) and
 ``rest_lse`` [n, T] float32 = ``logsumexp_{v not in top-k} z_v / tau``, the log-sum-exp of the *rest* of the
 vocabulary at the distillation temperature (``-inf`` when k = V). The teacher's full normaliser is then exact:
 ``log Z_T = logaddexp(logsumexp_i z_i / tau, rest_lse)``.
@@ -56,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST = "cache.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Fields of the manifest a training run must match (in the order a mismatch is reported).
 FINGERPRINT_FIELDS = ("data_sha256", "teacher", "seq_len", "top_k", "vocab", "temperature")
 
@@ -114,7 +115,7 @@ def _write_atomic_json(path: Path, data: dict) -> None:
 
 
 def _topk_of(logits: torch.Tensor, top_k: int, temperature: float):
-    """logits [B, T, V] -> (topk_ids [B,T,k] int64, topk_logits [B,T,k] float32, rest_lse [B,T] float32)."""
+    """logits [B, T, V] -> (topk_ids [B,T,k] int32, topk_logits [B,T,k] float32, rest_lse [B,T] float32)."""
     z = logits.float()
     values, ids = z.topk(top_k, dim=-1)
     if top_k == z.shape[-1]:
@@ -122,7 +123,7 @@ def _topk_of(logits: torch.Tensor, top_k: int, temperature: float):
     else:
         rest_logits = (z / temperature).scatter(-1, ids, -math.inf)
         rest = rest_logits.logsumexp(-1)
-    return ids.to(torch.int64), values, rest
+    return ids.to(torch.int32), values, rest
 
 
 def build_teacher_cache(
@@ -314,7 +315,7 @@ class TeacherLogitCache:
         return tensors
 
     def rows(self, indices) -> dict[str, torch.Tensor]:
-        """``{"topk_ids" [B,T,k], "topk_logits" [B,T,k], "rest_lse" [B,T]}`` for dataset rows ``indices``."""
+        """``{"topk_ids" [B,T,k] int64, "topk_logits" [B,T,k], "rest_lse" [B,T]}`` for dataset rows ``indices``."""
         parts = []
         for r in (int(i) for i in indices):
             if not 0 <= r < self.num_rows:
@@ -322,7 +323,9 @@ class TeacherLogitCache:
             shard, offset = divmod(r, self.shard_rows)
             t = self._shard(shard)
             parts.append({k: v[offset] for k, v in t.items()})
-        return {k: torch.stack([p[k] for p in parts]) for k in ("topk_ids", "topk_logits", "rest_lse")}
+        out = {k: torch.stack([p[k] for p in parts]) for k in ("topk_ids", "topk_logits", "rest_lse")}
+        out["topk_ids"] = out["topk_ids"].long()  # int32 on disk (a third less), int64 for gather
+        return out
 
 
 # ------------------------------------------------------------------------------------ the loss
