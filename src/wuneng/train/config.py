@@ -27,6 +27,7 @@ __all__ = [
     "AlignConfig",
     "DistillConfig",
     "PeftConfig",
+    "TeacherCacheConfig",
     "TrainConfig",
     "STAGES",
     "load_config",
