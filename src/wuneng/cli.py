@@ -161,6 +161,26 @@ def resolve_device(value: str) -> str:
     return value
 
 
+def _weights_dtype(name: str):
+    """The torch dtype of a ``--dtype`` option (``keep`` -> None: the input's own); a usage error otherwise."""
+    import torch
+
+    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {name!r}", param_hint="--dtype")
+    return dtypes[name]
+
+
+def _rwkv7_summary(out_dir: str, model) -> str:
+    """The one line import-rwkv and import-fla print about the RWKV-7 model they wrote."""
+    c = model.config
+    return (
+        f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
+        f"ranks w/a/v/g={c.decay_low_rank_dim}/{c.a_low_rank_dim}/{c.v_low_rank_dim}/{c.gate_low_rank_dim} "
+        f"dtype={model.dtype}"
+    )
+
+
 def _print_version(value: bool) -> None:
     if value:
         from wuneng import __version__
@@ -338,24 +358,16 @@ def import_rwkv(
     ),
 ) -> None:
     """Convert a BlinkDL RWKV-LM RWKV-7 checkpoint into a wuneng RWKV7ForCausalLM directory."""
-    import torch
     from rich.console import Console
 
     from wuneng.models.rwkv7.convert_rwkv_lm import import_rwkv_lm_checkpoint
 
-    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    weights_dtype = _weights_dtype(dtype)
     console = Console()
     model = import_rwkv_lm_checkpoint(
-        checkpoint, out_dir, dtype=dtypes[dtype], overwrite=overwrite, head_size=head_size
+        checkpoint, out_dir, dtype=weights_dtype, overwrite=overwrite, head_size=head_size
     )
-    c = model.config
-    console.print(
-        f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
-        f"ranks w/a/v/g={c.decay_low_rank_dim}/{c.a_low_rank_dim}/{c.v_low_rank_dim}/{c.gate_low_rank_dim} "
-        f"dtype={model.dtype} ({sum(p.numel() for p in model.parameters()):,} parameters)"
-    )
+    console.print(f"{_rwkv7_summary(out_dir, model)} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
 @app.command("import-fla", epilog=_examples("import-fla"))
@@ -373,22 +385,13 @@ def import_fla(
     ),
 ) -> None:
     """Convert a flash-linear-attention (fla-hub) RWKV-7 folder into a wuneng RWKV7ForCausalLM directory."""
-    import torch
     from rich.console import Console
 
     from wuneng.models.rwkv7.convert_fla import import_fla_checkpoint
 
-    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
-    model = import_fla_checkpoint(src, out_dir, dtype=dtypes[dtype], overwrite=overwrite)
-    c = model.config
-    Console().print(
-        f"wrote {out_dir}: RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_size={c.head_size} "
-        f"ranks w/a/v/g={c.decay_low_rank_dim}/{c.a_low_rank_dim}/{c.v_low_rank_dim}/{c.gate_low_rank_dim} dtype={model.dtype}",
-        markup=False,
-        highlight=False,
-    )
+    weights_dtype = _weights_dtype(dtype)
+    model = import_fla_checkpoint(src, out_dir, dtype=weights_dtype, overwrite=overwrite)
+    Console().print(_rwkv7_summary(out_dir, model), markup=False, highlight=False)
 
 
 @app.command("export-fla", epilog=_examples("export-fla"))
@@ -403,19 +406,16 @@ def export_fla(
     ),
 ) -> None:
     """Write a wuneng RWKV-7 folder in flash-linear-attention's layout (loads into fla's RWKV7ForCausalLM)."""
-    import torch
     from rich.console import Console
 
     from wuneng.models.rwkv7.convert_fla import export_fla_checkpoint
 
-    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
-    model = export_fla_checkpoint(src, out_dir, dtype=dtypes[dtype], overwrite=overwrite)
+    weights_dtype = _weights_dtype(dtype)
+    model = export_fla_checkpoint(src, out_dir, dtype=weights_dtype, overwrite=overwrite)
     c = model.config
     Console().print(
         f"wrote {out_dir}: fla RWKV-7 L={c.num_hidden_layers} C={c.hidden_size} V={c.vocab_size} head_dim={c.head_size} "
-        f"dtype={dtypes[dtype] or model.dtype}",
+        f"dtype={weights_dtype or model.dtype}",
         markup=False,
         highlight=False,
     )
@@ -674,14 +674,11 @@ def convert_command(
     with --arwkv-init radlads), so its logits differ from the teacher's until the align and distill stages
     train it. Everything else (embeddings, MLPs, norms, LM head) is the teacher's.
     """
-    import torch
     from rich.console import Console
 
     from wuneng.convert import convert_checkpoint
 
-    dtypes = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"must be one of {sorted(dtypes)}, got {dtype!r}", param_hint="--dtype")
+    weights_dtype = _weights_dtype(dtype)
     from wuneng.convert import is_layer_file
 
     if keep_attention is not None and hybrid_layers is not None:
@@ -706,7 +703,7 @@ def convert_command(
         teacher_dir,
         out_dir,
         overwrite=overwrite,
-        dtype=dtypes[dtype],
+        dtype=weights_dtype,
         fusion=fusion,
         middle_heads=middle_heads,
         state_query=state_query,
