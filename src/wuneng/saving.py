@@ -44,6 +44,7 @@ __all__ = [
     "save_pretrained_atomic",
     "check_weight_files",
     "check_model_folder",
+    "read_folder_config",
     "checkpoint_tensor_shapes",
     "checkpoint_mismatches",
     "describe_loading_problems",
@@ -385,6 +386,31 @@ def checkpoint_mismatches(path: PathLike, model, tied: bool = False, ignore_size
     return describe_loading_problems(info)
 
 
+def read_folder_config(
+    path: PathLike,
+    what: str = "model",
+    folder_kind: str = "a save_pretrained folder",
+    config_kind: str = "the config.json save_pretrained writes",
+) -> dict:
+    """The config.json of the model folder ``path`` as a dict. FileNotFoundError (``what path: not a model
+    folder ... expected folder_kind``) without one; :class:`ModelFolderError` (one line naming the file,
+    expecting ``config_kind``) when it is not readable JSON or not a JSON object."""
+    path = os.fspath(path)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{what} {path}: not a model folder (no config.json; expected {folder_kind}: config.json + model.safetensors)"
+        )
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelFolderError(f"{config_path}: not readable JSON ({_one_line(err)}); expected {config_kind}") from None
+    if not isinstance(raw, dict):
+        raise ModelFolderError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def check_model_folder(path: PathLike, what: str = "model") -> dict:
     """Check a ``save_pretrained`` folder before a model is built from it; returns its config.json as a dict.
 
@@ -396,19 +422,7 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
     weights (e.g. ``pytorch_model.bin``) are checked up to the config."""
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{what} {path}: not a model folder (no config.json; expected a save_pretrained folder: config.json + model.safetensors)"
-        )
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ModelFolderError(
-            f"{config_path}: not readable JSON ({_one_line(err)}); expected the config.json save_pretrained writes"
-        ) from None
-    if not isinstance(raw, dict):
-        raise ModelFolderError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_folder_config(path, what)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     own = library_model_types()  # importing wuneng.models registers them with transformers

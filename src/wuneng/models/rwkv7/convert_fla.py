@@ -119,23 +119,11 @@ def read_fla_folder(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
     :class:`FlaConfigError` when ``model_type`` is not "rwkv7"."""
     from safetensors.torch import load_file
 
-    from ...saving import ModelFolderError, check_weight_files
+    from ...saving import ModelFolderError, check_weight_files, read_folder_config
 
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"fla checkpoint {path}: not a model folder (no config.json; expected an fla-hub folder: config.json + model.safetensors)"
-        )
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ModelFolderError(
-            f"{config_path}: not readable JSON ({' '.join(str(err).split())}); expected fla's config.json"
-        ) from None
-    if not isinstance(config, dict):
-        raise ModelFolderError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    config = read_folder_config(path, "fla checkpoint", "an fla-hub folder", "fla's config.json")
     if config.get("model_type") != FLA_MODEL_TYPE:
         raise FlaConfigError(
             f"{config_path}: model_type is {config.get('model_type')!r}, expected 'rwkv7' (flash-linear-attention's "
