@@ -336,7 +336,9 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         """As :meth:`RWKV7Model.forward`, plus ``labels`` [B, T] (next-token cross-entropy, shifted inside,
-        -100 ignored) and ``logits_to_keep`` (int k > 0: logits of the last k positions only; 0: all).
+        -100 ignored; the mean over the labelled tokens, or their sum / ``num_items_in_batch`` when that keyword is
+        given, as transformers' Trainer does under gradient accumulation) and ``logits_to_keep`` (int k > 0: logits of
+        the last k positions only; 0: all).
 
         Returns ``CausalLMOutputWithPast(loss, logits [B, T, V] float32, past_key_values, hidden_states)``.
         """
@@ -366,11 +368,18 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
                 got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
                 raise ValueError(f"RWKV7: labels must have the shape of input_ids {tuple(logits.shape[:2])}, got {got}")
+            # transformers' Trainer passes num_items_in_batch (the labelled tokens of the whole optimiser step,
+            # all accumulated micro-batches) and then does not divide by the accumulation steps itself: the sum
+            # over this micro-batch divided by that count is the step's token mean, as its own models compute.
+            num_items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
                 labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
+                reduction="mean" if num_items is None else "sum",
             )
+            if num_items is not None:
+                loss = loss / torch.as_tensor(num_items, device=loss.device, dtype=loss.dtype)
         if not return_dict:
             rest = tuple(v for v in (out.past_key_values, out.hidden_states) if v is not None)
             return ((loss,) if loss is not None else ()) + (logits,) + rest
