@@ -6,6 +6,8 @@ Layout of ``RUN_DIR/checkpoints/step_00000120/``:
 - ``optimizer.pt``, ``scheduler.pt``: ``torch.save`` of their ``state_dict`` (numbers and tensors only,
   loaded with ``torch.load(weights_only=True)``);
 - ``rng_rank{r}.pt``: Python / NumPy / torch (and CUDA) RNG states of process r;
+- ``data_state.json`` (streamed data only): the position of the next row in the data stream
+  (:meth:`wuneng.train.streaming.TokenStream.state_dict`), read back by :func:`load_data_state`;
 - ``trainer_state.json``: step, samples consumed, the last logged metrics. Written last.
 
 A checkpoint is assembled in ``checkpoints/.tmp-step_XXXXXXXX`` and renamed into place with one
@@ -35,12 +37,14 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_training_checkpoint",
+    "load_data_state",
     "rng_state",
     "set_rng_state",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})$")
+DATA_STATE_FILE = "data_state.json"
 _REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
 
@@ -125,6 +129,7 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     model_state_dict: Optional[dict] = None,
     sharded_optimizer: bool = False,
+    data_state: Optional[dict] = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last``; every process calls
     this (each writes its RNG state; process 0 writes the rest and renames). Returns the final path.
@@ -132,6 +137,8 @@ def save_checkpoint(
     ``model_state_dict``: an already gathered full state dict (FSDP/ZeRO); else ``model`` is saved.
     ``sharded_optimizer`` (FSDP/ZeRO): every process writes its own ``optimizer_rank{r}.pt`` and
     ``optimizer.pt`` only records that; resuming then needs the same number of processes.
+    ``data_state``: the data stream's position (plain JSON data; every process reads the same stream, process 0
+    writes it).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
@@ -162,6 +169,9 @@ def save_checkpoint(
             tmp / "optimizer.pt",
         )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if data_state is not None:
+            with open(tmp / DATA_STATE_FILE, "w", encoding="utf-8") as f:
+                json.dump(data_state, f, indent=1)
         state = dict(trainer_state, step=step, world_size=world_size)
         with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
@@ -221,3 +231,21 @@ def load_training_checkpoint(
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     with open(path / "trainer_state.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+def load_data_state(path: str | Path) -> Optional[dict]:
+    """The data stream position saved in checkpoint ``path`` (``data_state.json``), or None when the run that
+    wrote it did not stream its data."""
+    file = Path(path) / DATA_STATE_FILE
+    if not file.is_file():
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+    except ValueError as e:
+        raise ValueError(
+            f"{file}: not valid JSON ({e}); the checkpoint is damaged, resume from an earlier one"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a JSON object (the data stream position), got {type(state).__name__}")
+    return state

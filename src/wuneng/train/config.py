@@ -81,6 +81,13 @@ class DataConfig:
     hf_split: str = "train"
     generator_kwargs: dict = field(default_factory=dict)
     max_documents: Optional[int] = None
+    # Stream the sources (wuneng.train.streaming): read, tokenised by num_workers DataLoader workers (0: in the
+    # training process) and packed on the fly, in source order (rows shuffled within windows of shuffle_window
+    # rows; 0 = no shuffling); the stream position is saved in checkpoints. false: everything is read, tokenised
+    # and packed before step 1 and rows are drawn in a seeded permutation per epoch.
+    streaming: bool = False
+    num_workers: int = 0
+    shuffle_window: int = 0
 
 
 @dataclass
@@ -399,6 +406,20 @@ def validate(
         raise ConfigError(
             "config.distill.teacher_cache: needs `path` (a folder) and top_k, shard_rows, batch_size >= 1, got "
             f"{cache!r}"
+        )
+    d = config.data
+    if d.num_workers < 0 or d.shuffle_window < 0:
+        raise ConfigError(
+            f"config.data: num_workers and shuffle_window must be >= 0, got {d.num_workers} and {d.shuffle_window}"
+        )
+    if not d.streaming and (d.num_workers or d.shuffle_window):
+        raise ConfigError(
+            "config.data: num_workers and shuffle_window apply to streamed data; set data.streaming: true (or remove them)"
+        )
+    if d.streaming and config.stage == "distill" and cache is not None:
+        raise ConfigError(
+            "config.data.streaming: the cached teacher logits are looked up by row index of the eager dataset; "
+            "set data.streaming: false to distil from distill.teacher_cache"
         )
     if config.peft.lora_r is not None and config.peft.lora_r < 1:
         raise ConfigError(f"config.peft.lora_r: must be >= 1 (or null for no LoRA), got {config.peft.lora_r}")

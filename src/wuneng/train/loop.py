@@ -436,7 +436,12 @@ def train(
             f"the tokenizer has {len(tokenizer)} ids but the model's vocabulary is {vocab}: "
             "use a model with vocab_size >= the tokenizer size (or the matching tokenizer)"
         )
-    if dataset is None:
+    stream = None  # data.streaming: rows come from a TokenStream (wuneng.train.streaming), in stream order
+    if dataset is None and config.data.streaming:
+        from .streaming import open_stream
+
+        stream = open_stream(config.data, tokenizer, stage, data_sources, seed=config.seed)
+    elif dataset is None:
         dataset = build_dataset(config.data, tokenizer, stage, data_sources)
     teacher_cache = None
     if cache_cfg is not None:  # distil from cached logits: the teacher is not loaded (one given here only names it)
@@ -487,8 +492,18 @@ def train(
     # ---- resume, part 2: optimizer, scheduler, this process's RNG
     if resumed_from is not None:
         load_training_checkpoint(resumed_from, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=True)
+        if stream is not None:
+            from .checkpoint import load_data_state
+
+            data_state = load_data_state(resumed_from)
+            if data_state is None:
+                raise ConfigError(
+                    f"--resume: {resumed_from} was written by a run without data.streaming, so its position in the "
+                    "data stream is unknown; resume with data.streaming: false (or start a new run)"
+                )
+            stream.load_state_dict(data_state)
     stop_step = min(config.max_steps, config.stop_at_step or config.max_steps)
-    sampler = GlobalSampler(len(dataset), config.seed)
+    sampler = GlobalSampler(len(dataset), config.seed) if stream is None else None
     rows_per_micro = config.micro_batch_size
     rows_per_step = rows_per_micro * world * config.grad_accum_steps
     if is_main:  # everything loaded: only now the run folder gets the run's files (a failed start leaves none)
@@ -502,7 +517,7 @@ def train(
                 "stage": stage,
                 "step": step,
                 "checkpoint": str(resumed_from) if resumed_from else None,
-                "rows": len(dataset),
+                "rows": len(dataset) if stream is None else None,
                 "world_size": world,
                 "rows_per_step": rows_per_step,
             }
@@ -514,10 +529,10 @@ def train(
         else:
             logger.info("%s: starting at step 0 (runs to step %d) in %s", stage, stop_step, run_dir)
         logger.info(
-            "%s: %d rows of %d tokens, %d process(es) x %d rows x %d accumulation = %d rows per step",
+            "%s: %s rows of %d tokens, %d process(es) x %d rows x %d accumulation = %d rows per step",
             stage,
-            len(dataset),
-            dataset.input_ids.shape[1],
+            len(dataset) if stream is None else "streamed",
+            dataset.input_ids.shape[1] if stream is None else stream.seq_len,
             world,
             rows_per_micro,
             config.grad_accum_steps,
@@ -554,15 +569,22 @@ def train(
             barrier=accelerator.wait_for_everyone,
             model_state_dict=full_sd,
             sharded_optimizer=sharded,
+            data_state=stream.state_dict() if stream is not None else None,
         )
 
     with progress:
         while step < stop_step:
             # -- the micro-batches of this step on this process
             batches = []
+            step_rows = stream.next_rows(rows_per_step) if stream is not None else None  # every process: all rows
             for a in range(config.grad_accum_steps):
                 first = base_sample + (step - base_step) * rows_per_step
                 start = first + a * world * rows_per_micro + rank * rows_per_micro
+                if step_rows is not None:
+                    offset = start - first
+                    b = step_rows.batch(range(offset, offset + rows_per_micro))
+                    batches.append({k: v.to(accelerator.device) for k, v in b.items()})
+                    continue
                 row_indices = sampler.rows(start, rows_per_micro)
                 b = dataset.batch(row_indices)
                 if teacher_cache is not None:  # the cached teacher logits are looked up by row index
@@ -661,6 +683,8 @@ def train(
             if stop_now:
                 break
 
+    if stream is not None:
+        stream.close()
     final_dir = None
     if config.save_final:
         final_dir = run_dir / "final"
