@@ -166,6 +166,8 @@ class PeftConfig:
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+#: The experiment trackers ``log_with`` takes (accelerate's names).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def parse_mixed_precision(value: Any, where: str = "config.mixed_precision") -> str:
@@ -223,6 +225,18 @@ class TrainConfig:
     # progress_interval seconds (null: $WUNENG_PROGRESS_INTERVAL, else 10; 0: every step).
     progress: bool = True
     progress_interval: Optional[float] = None
+    # Experiment trackers (accelerate's, docs/training.md "Trackers"): any of tensorboard, wandb, mlflow. They get the
+    # numbers of every logged step (metrics.jsonl and the log lines stay as they are). A named tracker whose package
+    # is missing stops the run before it starts, naming the extra to install.
+    log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    # Where the trackers write: TensorBoard's events, wandb's run folder, MLflow's artifacts. null: OUTPUT_DIR/trackers.
+    project_dir: Optional[str] = None
+    # The trackers' project: TensorBoard's subfolder of project_dir, the wandb project, the MLflow experiment.
+    tracker_project: str = "wuneng"
+    # Keyword arguments per tracker for its start (accelerate's init_trackers init_kwargs), e.g.
+    # {wandb: {mode: online, entity: me, name: s1}}; wandb runs offline unless this or $WANDB_MODE says otherwise.
+    tracker_kwargs: dict = field(default_factory=dict)
+    # Also TensorBoard, as if named in log_with, when its package is installed (quietly none when it is not).
     tensorboard: bool = True
     # DDP: set when some trainable parameters do not take part in every forward pass.
     find_unused_parameters: bool = False
@@ -421,6 +435,12 @@ def validate(
             "config.data.streaming: the cached teacher logits are looked up by row index of the eager dataset; "
             "set data.streaming: false to distil from distill.teacher_cache"
         )
+    for name, kwargs in config.tracker_kwargs.items():
+        if name not in TRACKERS or not isinstance(kwargs, dict):
+            raise ConfigError(
+                f"config.tracker_kwargs.{name}: expected a tracker name ({', '.join(TRACKERS)}) mapped to its keyword "
+                f"arguments, e.g. tracker_kwargs: {{wandb: {{mode: online}}}}; got {name!r}: {kwargs!r}"
+            )
     if config.peft.lora_r is not None and config.peft.lora_r < 1:
         raise ConfigError(f"config.peft.lora_r: must be >= 1 (or null for no LoRA), got {config.peft.lora_r}")
     if not has_model:

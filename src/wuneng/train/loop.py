@@ -181,34 +181,105 @@ def _pick_tokenizer(config: TrainConfig):
 
 
 # ---------------------------------------------------------------------------------- logging
-class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (+ TensorBoard when installed)."""
+#: The package each tracker of ``log_with`` imports; the wuneng extra that installs it has the tracker's name.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+
+def _package_available(name: str) -> bool:
+    """Whether ``import name`` would find the package (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or stubbed-out module
+        return False
+
+
+def resolve_trackers(config: TrainConfig) -> list[str]:
+    """The run's experiment trackers: ``config.log_with`` (a missing package raises :class:`ConfigError` naming
+    the extra to install), plus TensorBoard when ``config.tensorboard`` is set and its package is installed."""
+    names = list(dict.fromkeys(config.log_with))
+    for name in names:
+        package = TRACKER_PACKAGES[name]
+        if not _package_available(package):
+            raise ConfigError(
+                f"config.log_with: {name!r} needs the {package} package, which is not installed; install it with "
+                f"pip install 'wuneng[{name}]' (or remove {name} from log_with)"
+            )
+    if config.tensorboard and "tensorboard" not in names and _package_available(TRACKER_PACKAGES["tensorboard"]):
+        names.append("tensorboard")
+    return names
+
+
+def tracker_dir_of(config: TrainConfig) -> Path:
+    """Where the trackers write: ``config.project_dir``, else ``OUTPUT_DIR/trackers``."""
+    if config.project_dir:
+        return Path(config.project_dir).expanduser()
+    return Path(config.output_dir) / "trackers"
+
+
+def tracker_init_kwargs(config: TrainConfig, trackers: Sequence[str]) -> dict[str, dict]:
+    """accelerate's ``init_trackers(init_kwargs=...)``: ``config.tracker_kwargs`` per tracker; wandb also gets its
+    folder (``dir``: the trackers' folder) and offline mode unless the kwargs or ``$WANDB_MODE`` choose one."""
+    import os
+
+    kwargs = {name: dict(config.tracker_kwargs.get(name, {})) for name in trackers}
+    if "wandb" in kwargs:
+        kwargs["wandb"].setdefault("dir", str(tracker_dir_of(config)))
+        if "WANDB_MODE" not in os.environ:
+            kwargs["wandb"].setdefault("mode", "offline")
+    return kwargs
+
+
+def flat_hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    """The run's configuration as one level of dotted keys (``optim.lr``) with scalar values (lists and mappings as
+    JSON text): what trackers store as hyperparameters."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[prefix[:-1]] = value
+        else:
+            out[prefix[:-1]] = json.dumps(value)
+
+    walk("", config_to_dict(config))
+    return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to ``metrics.jsonl``; the numbers of each step's record (one with a
+    ``step`` and no ``event``) also go to the run's experiment trackers through ``accelerator.log``."""
+
+    def __init__(self, run_dir: Path, enabled: bool, accelerator: Any = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed: metrics.jsonl only
-                self.tb = None
+        has_trackers = accelerator is not None and bool(getattr(accelerator, "trackers", None))
+        self.accelerator = accelerator if enabled and has_trackers else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+        if self.accelerator is not None and "step" in record and "event" not in record:
+            values = {
+                k: v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            self.accelerator.log(values, step=int(record["step"]))
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        """Finish the trackers (their files complete); not accelerate's ``end_training``, which would also end
+        the process group."""
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
+            self.accelerator = None
 
 
 class _RunProgress:
@@ -309,9 +380,10 @@ def _mixed_precision(choice: Any) -> str:
 
 # ------------------------------------------------------------------------------------ run folder
 #: Entries a training run writes into its output folder. A fresh run refuses a folder holding any of them (an
-#: earlier run: its config, metrics, checkpoints, final model or TensorBoard logs are never overwritten nor
-#: mixed with the new run's); other files there are left alone.
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "final", "tensorboard")
+#: earlier run: its config, metrics, checkpoints, final model or tracker logs are never overwritten nor
+#: mixed with the new run's; ``tensorboard`` is where earlier versions wrote TensorBoard's); other files there are
+#: left alone.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "final", "trackers", "tensorboard")
 
 
 def check_run_dir(run_dir: Path, resume: bool, stage: str) -> None:
@@ -409,12 +481,18 @@ def train(
         from ..runtime import tune_cpu_allocator
 
         tune_cpu_allocator()  # a CPU step otherwise re-faults its activations' pages every step
+    trackers = resolve_trackers(config)  # a missing tracker package stops the run here, before anything is written
     accelerator = Accelerator(
         # cpu=True on CPU-only machines: accelerate then runs torchrun's processes as MULTI_CPU (gloo).
         cpu=not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(config.mixed_precision),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
+        log_with=trackers or None,
+        project_dir=str(tracker_dir_of(config)) if trackers else None,
     )
+    dropped = [name for name in trackers if name not in {str(t) for t in accelerator.log_with}]
+    if dropped:  # accelerate skips (with a debug line) a tracker whose package it does not see
+        raise ConfigError(f"config.log_with: accelerate cannot start {', '.join(dropped)}; is the package installed?")
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = Path(config.output_dir)
@@ -509,7 +587,14 @@ def train(
     if is_main:  # everything loaded: only now the run folder gets the run's files (a failed start leaves none)
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_config(run_dir, config, resumed_from)
-    writer = MetricsWriter(run_dir, is_main, config.tensorboard)
+        if trackers:
+            tracker_dir_of(config).mkdir(parents=True, exist_ok=True)
+            accelerator.init_trackers(
+                config.tracker_project,
+                config=flat_hyperparameters(config),
+                init_kwargs=tracker_init_kwargs(config, trackers),
+            )
+    writer = MetricsWriter(run_dir, is_main, accelerator)
     if is_main:
         writer.write(
             {
