@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
+import socket
+import subprocess
 import sys
 import types
 
@@ -21,7 +24,7 @@ from wuneng.train import train
 from wuneng.train.config import ConfigError, config_from_dict, validate
 from wuneng.train.loop import RUN_ENTRIES, check_run_dir
 
-from train_helpers import TEXTS, quick_config, tiny_qwen2
+from train_helpers import PYTHON, REPO, TEXTS, quick_config, saved_run_files, tiny_qwen2
 
 STEP_KEYS = ("loss", "lr", "grad_norm", "tokens")
 
@@ -35,6 +38,12 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(folder))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def float32(x: float) -> float:
@@ -146,3 +155,24 @@ def test_wandb_gets_the_steps_offline_in_the_run_folder(tmp_path, tokenizer, mon
         (r["step"], {k: r[k] for k in STEP_KEYS}) for r in result.history
     ]
     assert wb.finished and wandb.config.stored["optim.lr"] == 3e-3
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_set_of_events(tmp_path, tokenizer):
+    """torchrun with 2 processes (gloo): only the main process writes TensorBoard events, and they hold the
+    global step's numbers that the main process's metrics.jsonl holds."""
+    path = saved_run_files(tmp_path, tokenizer, max_steps=3, save_every=1000, log_with=["tensorboard"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "wuneng.cli", "train", str(path),
+        "--output-dir", str(tmp_path / "two"), "-o", "micro_batch_size=2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "two" / "trackers" / "wuneng"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    lines = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "event" not in l]
+    assert [l["world_size"] for l in lines if l.get("event") == "start"] == [2]
+    assert scalars(folder)["loss"] == [(r["step"], float32(r["loss"])) for r in steps]
