@@ -220,5 +220,7 @@ def test_align_refuses_a_teacher_without_attention_layers():
 
     torch.manual_seed(0)
     rwkv = RWKV7ForCausalLM(RWKV7Config(vocab_size=260, hidden_size=64, num_hidden_layers=2, head_size=16))
-    with pytest.raises(TypeError, match=r"align: the teacher \(RWKV7ForCausalLM\) is not a Llama/Qwen2-style"):
+    with pytest.raises(
+        TypeError, match=r"align: the teacher \(RWKV7ForCausalLM\) is not a transformers decoder-only causal LM"
+    ):
         AlignObjective(converted_student(), rwkv)

@@ -1,7 +1,7 @@
 """wuneng with a transformers that has no ``transformers.cache_utils.DummyLayer`` (5.17, which GPU machine images
 ship; pyproject.toml supports 5.17-5.23): ``wuneng.cache`` then defines its own, and generation through the hybrid
 cache (attention layers with keys/values, ARWKV and RWKV-7 layers with none) gives the same tokens as with
-transformers' class. Run in a fresh process with the class removed before wuneng is imported."""
+transformers' class. Run in a fresh process with the class removed while wuneng is imported."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ import torch
 import transformers.cache_utils as cache_utils
 
 if sys.argv[1] == "without":
+    # hidden while wuneng is imported (so that wuneng.cache defines its own), then put back: transformers 5.23's
+    # own masking code refers to its class, which 5.17's code does not
+    hidden = cache_utils.DummyLayer
     del cache_utils.DummyLayer
 from wuneng.cache import DummyLayer
 from wuneng.models import RWKV7Config, RWKV7ForCausalLM, WuNengConfig, WuNengForCausalLM
+if sys.argv[1] == "without":
+    cache_utils.DummyLayer = hidden
 
 out = {"dummy_module": DummyLayer.__module__}
 torch.manual_seed(0)

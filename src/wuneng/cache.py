@@ -326,16 +326,27 @@ class RecurrentStateCache(Cache):
         self.seen_tokens += int(num_tokens)
 
     # -- the transformers Cache interface ---------------------------------------------------------------
+    def _kv_layer(self, layer_idx: int):
+        """The key/value layer ``layer_idx`` when it holds keys and values (not a DummyLayer), else None."""
+        if 0 <= layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if isinstance(layer, CacheLayerMixin) and not isinstance(layer, DummyLayer):
+                return layer
+        return None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen so far (padding included, like ``input_ids.shape[1]``). Attention layers, if any, count."""
-        if 0 <= layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CacheLayerMixin):
-            return self.layers[layer_idx].get_seq_length()
-        return self.seen_tokens
+        """Tokens seen so far (padding included, like ``input_ids.shape[1]``). Attention layers, if any, count; a
+        layer without keys and values (ARWKV, RWKV-7) answers with the tokens the model has seen."""
+        layer = self._kv_layer(layer_idx)
+        return self.seen_tokens if layer is None else layer.get_seq_length()
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> Tuple[int, int]:
-        if 0 <= layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CacheLayerMixin):
-            return self.layers[layer_idx].get_mask_sizes(query_length)
-        return query_length, 0
+        """(key length, key offset) of an attention mask for ``query_length`` new tokens: the layer's own for a
+        key/value layer, else all the tokens seen plus the new ones."""
+        layer = self._kv_layer(layer_idx)
+        if layer is None:
+            return self.seen_tokens + query_length, 0
+        return layer.get_mask_sizes(query_length)
 
     @property
     def batch_size(self) -> int:

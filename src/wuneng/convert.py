@@ -1,12 +1,18 @@
-"""Conversion of a Llama/Qwen2 teacher into a WuNeng model (SPEC sections 3 and 5), and ``wuneng convert``.
+"""Conversion of a transformers decoder (the teacher) into a WuNeng model (SPEC sections 3 and 5), and
+``wuneng convert``.
 
-``convert_teacher(teacher, ...)`` builds a :class:`~wuneng.models.wuneng.WuNengForCausalLM` with the teacher's
-shapes on the ``meta`` device (no memory), gives it every teacher tensor the student keeps (embeddings, norms,
-MLPs, attention of hybrid and attention layers, LM head; copied, or shared with ``share_teacher_weights``) and
-materialises only the new parameters, at their function-preserving initialisation, so that the converted
-model's logits equal the teacher's (every fusion but ``hymba``). Peak memory is the teacher plus the student's
-new parameters (plus a copy of the teacher's tensors when they are not shared). ARWKV replacement layers drop
-the teacher's attention (or, with ``arwkv_init="radlads"``, start from copies of it).
+``convert_teacher(teacher, ...)`` builds a :class:`~wuneng.models.wuneng.WuNengForCausalLM` from the teacher's own
+config on the ``meta`` device (no memory): the teacher's transformers classes with the chosen layers' attention
+wrapped (hybrid) or replaced (ARWKV). It gives it every teacher tensor the student keeps (the names are the
+teacher's; copied, or shared with ``share_teacher_weights``), the teacher's buffers (rotary frequencies, embedding
+scales) and materialises only the new parameters, at their function-preserving initialisation, so that the
+converted model's logits equal the teacher's (every fusion but ``hymba``). Peak memory is the teacher plus the
+student's new parameters (plus a copy of the teacher's tensors when they are not shared). ARWKV replacement
+layers drop the teacher's attention (or, with ``arwkv_init="radlads"``, start from copies of it).
+
+Any causal LM of transformers whose decoder layers have a ``self_attn`` with ``q_proj``/``k_proj``/``v_proj``
+(or a fused ``qkv_proj``) and ``o_proj`` can be converted; :data:`TESTED_TEACHERS` are the families the tests
+convert exactly. Anything else is refused with one line naming what is missing.
 
 ``convert_checkpoint(teacher_dir, out_dir, ...)`` does the same from a local checkpoint directory, saves the
 result with ``save_pretrained`` (safetensors) atomically, and copies the tokenizer files.
@@ -14,6 +20,7 @@ result with ``save_pretrained`` (safetensors) atomically, and copies the tokeniz
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Dict, Optional, Sequence, Union
@@ -21,8 +28,9 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .layers.hybrid import STATE_HEAD_MULTIPLE, attention_shapes
 from .models.wuneng import WuNengConfig, WuNengForCausalLM
-from .models.wuneng.configuration_wuneng import default_middle_heads
+from .models.wuneng.configuration_wuneng import default_middle_heads, teacher_model_class
 from .saving import (
     check_output_dir,
     check_weight_files,
@@ -32,7 +40,7 @@ from .saving import (
 )
 
 __all__ = [
-    "SUPPORTED_TEACHERS",
+    "TESTED_TEACHERS",
     "WUNENG_OPTIONS",
     "check_teacher",
     "config_from_teacher",
@@ -41,8 +49,8 @@ __all__ = [
     "convert_checkpoint",
 ]
 
-#: teacher class name -> model_type
-SUPPORTED_TEACHERS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+#: teacher model_types whose conversion the tests check exactly (tests/test_teacher_families.py)
+TESTED_TEACHERS = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "qwen3_moe")
 
 #: WuNeng options ``from_teacher`` accepts (besides fusion, middle_heads, state_query and the layer selection)
 WUNENG_OPTIONS = (
@@ -58,30 +66,62 @@ WUNENG_OPTIONS = (
     "wkv_impl",
 )
 
-_TEACHER_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: the ARWKV head size RWKV-7 models use; another is chosen when it does not divide the teacher's width
+DEFAULT_ARWKV_HEAD_SIZE = 64
 
 logger = logging.getLogger(__name__)
 
 
 def check_teacher(teacher) -> str:
-    """The teacher's model_type ("llama" | "qwen2"); ValueError naming the class for anything else, or for a
-    feature the student does not reproduce (sliding-window attention)."""
+    """The teacher's model_type when WuNeng can convert it; ValueError naming what is missing otherwise (not a
+    transformers causal LM of its config's class, no ``.model.layers[i].self_attn``, an attention without the
+    projections the wrapper needs)."""
     name = type(teacher).__name__
-    if name not in SUPPORTED_TEACHERS:
+    config = getattr(teacher, "config", None)
+    what = f"unsupported teacher architecture {name} (model_type {getattr(config, 'model_type', None)!r})"
+    if config is None:
+        raise ValueError(f"{what}: not a transformers model (it has no config)")
+    try:
+        expected = teacher_model_class(config)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    if not isinstance(teacher, expected):
+        raise ValueError(f"{what}: WuNeng converts the causal LM class of the teacher's config, {expected.__name__}")
+    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(
-            f"unsupported teacher architecture {name}; WuNeng converts {' or '.join(SUPPORTED_TEACHERS)} models"
+            f"{what}: it has no decoder layers in .model.layers; WuNeng converts decoder-only models whose layers "
+            "each have a self_attn module with q_proj, k_proj, v_proj (or qkv_proj) and o_proj"
         )
-    _check_teacher_config(teacher.config, name)
-    return SUPPORTED_TEACHERS[name]
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if not isinstance(attn, nn.Module):
+            raise ValueError(f"{what}: decoder layer {i} has no self_attn module")
+        try:
+            attention_shapes(attn)
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
+    return config.model_type
 
 
-def _check_teacher_config(cfg, name: str) -> None:
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
-        raise ValueError(
-            f"{name} teacher uses sliding-window attention (layer_types={sorted(set(layer_types))}); "
-            "WuNeng keeps full causal attention only"
-        )
+def _arwkv_head_size(teacher_config, given: Optional[int]) -> int:
+    """The ARWKV head size: the one given, else 64 when it divides the width, else the teacher's head_dim or the
+    largest multiple of 16 below 64 that does (logged)."""
+    if given is not None:
+        return given
+    C = teacher_config.hidden_size
+    if C % DEFAULT_ARWKV_HEAD_SIZE == 0:
+        return DEFAULT_ARWKV_HEAD_SIZE
+    head_dim = getattr(teacher_config, "head_dim", None) or C // teacher_config.num_attention_heads
+    candidates = [head_dim] + list(range(DEFAULT_ARWKV_HEAD_SIZE, 0, -STATE_HEAD_MULTIPLE))
+    for n in candidates:
+        if n % STATE_HEAD_MULTIPLE == 0 and C % n == 0:
+            logger.info("arwkv_head_size=%d (64 does not divide the teacher's hidden_size %d)", n, C)
+            return n
+    raise ValueError(
+        f"no ARWKV head size fits the teacher's hidden_size {C}: it must be divisible by a multiple of "
+        f"{STATE_HEAD_MULTIPLE}; convert with attention kept (hybrid layers) instead"
+    )
 
 
 def config_from_teacher(
@@ -98,21 +138,16 @@ def config_from_teacher(
     untie_embeddings: bool = False,
     **options,
 ) -> WuNengConfig:
-    """A :class:`WuNengConfig` with the teacher's shapes (a ``LlamaConfig`` / ``Qwen2Config``) and the options.
+    """A :class:`WuNengConfig` around a copy of the teacher's config, with the options.
 
     ``keep_attention``: the layers that keep the teacher's attention, every other layer converted (hybrid, or ARWKV
     with ``attention=False``): the complement form of ``hybrid_layers`` (fla's ``attn.layers``). ``untie_embeddings``:
     a teacher with tied input/output embeddings gives the student an LM head of its own (a copy).
 
-    ``middle_heads=None`` chooses :func:`~wuneng.models.wuneng.configuration_wuneng.default_middle_heads` of the
-    teacher's attention heads (4, or fewer for a teacher with fewer heads), stores it in the config and logs it."""
-    model_type = getattr(teacher_config, "model_type", None)
-    if model_type not in SUPPORTED_TEACHERS.values():
-        arch = (getattr(teacher_config, "architectures", None) or [type(teacher_config).__name__])[0]
-        raise ValueError(
-            f"unsupported teacher architecture {arch} (model_type {model_type!r}); WuNeng converts "
-            f"{' or '.join(SUPPORTED_TEACHERS)} models"
-        )
+    Defaults adapt to the teacher and are stored in the config and logged: ``middle_heads=None`` chooses
+    :func:`~wuneng.models.wuneng.configuration_wuneng.default_middle_heads` of the teacher's attention heads (4, or
+    fewer for a teacher with fewer heads); the ARWKV head size is 64, or a multiple of 16 that divides the width."""
+    teacher_model_class(teacher_config)  # one line for a config transformers has no causal LM for
     unknown = sorted(set(options) - set(WUNENG_OPTIONS))
     if unknown:
         raise TypeError(
@@ -120,8 +155,9 @@ def config_from_teacher(
             f"hybrid_layers, attention, arwkv_layers, layer_kinds, keep_attention, untie_embeddings, dtype, "
             f"{', '.join(WUNENG_OPTIONS)}"
         )
-    _check_teacher_config(teacher_config, type(teacher_config).__name__)
-    c = teacher_config
+    c = copy.deepcopy(teacher_config)
+    if untie_embeddings:
+        c.tie_word_embeddings = False
     if keep_attention is not None:
         if hybrid_layers is not None or layer_kinds is not None:
             raise ValueError(
@@ -132,13 +168,6 @@ def config_from_teacher(
         if overlap:
             raise ValueError(f"layers {overlap} are both in keep_attention and in arwkv_layers; choose one for each")
         hybrid_layers = [i for i in range(c.num_hidden_layers) if i not in kept]
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if model_type == "qwen2":
-        qkv_bias, out_bias, mlp_bias = True, False, False
-    else:
-        qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
-        mlp_bias = bool(getattr(c, "mlp_bias", False))
-    rope = dict(c.rope_parameters) if getattr(c, "rope_parameters", None) else None
     if middle_heads is None:
         middle_heads = default_middle_heads(c.num_attention_heads)
         logger.info(
@@ -146,24 +175,11 @@ def config_from_teacher(
             middle_heads,
             c.num_attention_heads,
         )
+    converts_to_arwkv = not attention or bool(arwkv_layers) or "arwkv" in (layer_kinds or [])
+    if converts_to_arwkv and options.get("arwkv_init", "rwkv7") != "radlads":
+        options["arwkv_head_size"] = _arwkv_head_size(c, options.get("arwkv_head_size"))
     return WuNengConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
-        head_dim=head_dim,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        initializer_range=getattr(c, "initializer_range", 0.02),
-        rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=rope,
-        attention_bias=qkv_bias,
-        attention_out_bias=out_bias,
-        mlp_bias=mlp_bias,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)) and not untie_embeddings,
-        teacher_model_type=model_type,
+        teacher_config=c,
         fusion=fusion,
         middle_heads=middle_heads,
         state_query=state_query,
@@ -171,6 +187,7 @@ def config_from_teacher(
         attention=attention,
         arwkv_layers=arwkv_layers,
         layer_kinds=list(layer_kinds) if layer_kinds is not None else None,
+        use_cache=bool(getattr(c, "use_cache", True)),
         pad_token_id=getattr(c, "pad_token_id", None),
         bos_token_id=getattr(c, "bos_token_id", None),
         eos_token_id=getattr(c, "eos_token_id", None),
@@ -190,10 +207,11 @@ def _checked_layers(values: Sequence[int], num_layers: int, name: str) -> set:
 
 
 def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None):
-    """Load a local Llama/Qwen2 checkpoint directory (nothing is downloaded).
+    """Load a local checkpoint directory of a causal LM WuNeng can convert (nothing is downloaded).
 
-    The architecture is checked from config.json before any weight is read; a checkpoint whose weights do not
-    match its config (missing, unexpected or differently shaped tensors) is a ValueError naming them."""
+    The architecture is checked from config.json (on a meta-device skeleton) before any weight is read; a
+    checkpoint whose weights do not match its config (missing, unexpected or differently shaped tensors) is a
+    ValueError naming them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.fspath(path)
@@ -203,14 +221,12 @@ def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = N
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as err:  # transformers raises several types (OSError, strict-dataclass validation errors)
         raise ValueError(f"cannot read the teacher config in {path!r}: {err}") from err
-    if getattr(cfg, "model_type", None) not in SUPPORTED_TEACHERS.values():
-        arch = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
-        raise ValueError(
-            f"unsupported teacher architecture {arch} (model_type {cfg.model_type!r}) in {path!r}; WuNeng converts "
-            f"{' or '.join(SUPPORTED_TEACHERS)} models"
-        )
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg)
+        check_teacher(skeleton)
+    except ValueError as err:
+        raise ValueError(f"{err} (teacher checkpoint {path!r})") from None
     check_weight_files(path)  # a truncated or corrupt safetensors file: one line naming it
     problems = checkpoint_mismatches(path, skeleton, bool(getattr(cfg, "tie_word_embeddings", False)))
     if problems:
@@ -228,25 +244,25 @@ def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = N
     return teacher
 
 
-def _radlads_init(student: WuNengForCausalLM, teacher_sd: Dict[str, torch.Tensor]) -> None:
+def _radlads_init(student: WuNengForCausalLM, teacher) -> None:
     """ARWKV layers from the teacher's attention: W_r <- W_q, W_k <- repeat_kv(W_k), W_v <- repeat_kv(W_v),
-    W_o <- W_o (biases dropped; the time-mix has none)."""
-    c = student.config
-    n_rep, d = c.num_attention_heads // c.num_key_value_heads, c.head_dim
-    for i in c.arwkv_layers:
+    W_o <- W_o (biases dropped; the time-mix has none). A fused ``qkv_proj`` (Phi-3) is split first."""
+    for i in student.config.arwkv_layers:
+        attn = teacher.model.layers[i].self_attn
+        H, H_kv, d, fused = attention_shapes(attn)
+        if fused:
+            w_q, w_k, w_v = attn.qkv_proj.weight.split([H * d, H_kv * d, H_kv * d], dim=0)
+        else:
+            w_q, w_k, w_v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+        n_rep = H // H_kv
+        # [H_kv d, C] -> [H_q d, C], kv head j serving query heads j n_rep .. (j+1) n_rep - 1
+        w_k, w_v = (w.view(H_kv, 1, d, -1).expand(-1, n_rep, -1, -1).reshape(H * d, -1) for w in (w_k, w_v))
         mixer = student.model.layers[i].self_attn
-        pre = f"model.layers.{i}.self_attn."
-
-        def rep(w):  # [H_kv d, C] -> [H_q d, C], kv head j serving query heads j n_rep .. (j+1) n_rep - 1
-            return (
-                w.view(c.num_key_value_heads, 1, d, -1).expand(-1, n_rep, -1, -1).reshape(c.num_attention_heads * d, -1)
-            )
-
         with torch.no_grad():
-            mixer.receptance.weight.copy_(teacher_sd[pre + "q_proj.weight"])
-            mixer.key.weight.copy_(rep(teacher_sd[pre + "k_proj.weight"]))
-            mixer.value.weight.copy_(rep(teacher_sd[pre + "v_proj.weight"]))
-            mixer.output.weight.copy_(teacher_sd[pre + "o_proj.weight"])
+            mixer.receptance.weight.copy_(w_q)
+            mixer.key.weight.copy_(w_k)
+            mixer.value.weight.copy_(w_v)
+            mixer.output.weight.copy_(attn.o_proj.weight)
 
 
 def convert_teacher(
@@ -268,7 +284,8 @@ def convert_teacher(
     """Convert a teacher into a WuNeng model.
 
     Args:
-        teacher: a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` instance, or a local checkpoint directory.
+        teacher: a transformers causal LM (``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM``, ...;
+            see :func:`check_teacher`), or a local checkpoint directory.
         fusion: "gate" (default) | "add" | "concat" | "hymba" | "none".
         middle_heads: H_m (default None: 4, at most the teacher's attention heads; 0 = no middle heads).
         state_query: state-query modulation q += lambda Y W^state (default True).
@@ -310,24 +327,23 @@ def convert_teacher(
         **options,
     )
     teacher_sd = teacher.state_dict()
-    ref = teacher_sd["model.embed_tokens.weight"]
+    ref = teacher.get_input_embeddings().weight
     device, dtype = ref.device, dtype or ref.dtype
     with torch.device("meta"):  # shapes only; every tensor is given or materialised below
         student = WuNengForCausalLM(config)
     student_params = dict(student.named_parameters())
+    student_buffers = dict(student.named_buffers())
     teacher_names = student.teacher_parameter_names()
-    dropped = {
-        f"model.layers.{i}.self_attn.{p}.{w}"
-        for i in config.arwkv_layers
-        for p in _TEACHER_ATTN
-        for w in ("weight", "bias")
-    }
-    given, problems = {}, []
+    dropped = tuple(f"model.layers.{i}.self_attn." for i in config.arwkv_layers)
+    given, given_buffers, problems = {}, {}, []
     for name, tensor in teacher_sd.items():
-        if name in dropped:
+        if name.startswith(dropped):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied to the embedding
+        if name in student_buffers:  # a persistent buffer of the teacher's modules
+            given_buffers[name] = tensor
+            continue
         target = student_params.get(name)
         if target is None or name not in teacher_names:
             problems.append(f"teacher tensor {name} has no place in the student")
@@ -351,10 +367,10 @@ def convert_teacher(
         _set_parameter(student, name, value)
     if config.tie_word_embeddings:
         student.lm_head.weight = student.model.embed_tokens.weight
+    _buffers_from_teacher(student, teacher, given_buffers, device)
     _materialise_new_parameters(student, device, dtype)
-    _rotary_from_teacher(student, teacher, device)
     if config.arwkv_init == "radlads" and config.arwkv_layers:
-        _radlads_init(student, teacher_sd)
+        _radlads_init(student, teacher)
     left = [n for n, t in list(student.named_parameters()) + list(student.named_buffers()) if t.is_meta]
     if left:  # a part of the student that neither the teacher nor an init provides: a bug here, not bad input
         raise RuntimeError(f"conversion left tensors without data: {', '.join(left[:12])}")
@@ -376,7 +392,7 @@ def _materialise_new_parameters(student: WuNengForCausalLM, device: torch.device
     parameters and buffers, initialised in float32 on ``device`` by the model's own init (the RWKV-7 / WuNeng
     init, :meth:`~wuneng.models.wuneng.WuNengPreTrainedModel._init_weights`) and then cast to ``dtype``, one layer
     at a time."""
-    for layer in student.model.layers:
+    for layer_idx, layer in enumerate(student.model.layers):
         mixer = layer.self_attn
         tensors = [(m, n, t, True) for m in mixer.modules() for n, t in m._parameters.items() if t is not None]
         tensors += [(m, n, t, False) for m in mixer.modules() for n, t in m._buffers.items() if t is not None]
@@ -399,7 +415,7 @@ def _materialise_new_parameters(student: WuNengForCausalLM, device: torch.device
             if floating and bool(getattr(module, name).isnan().any())
         ]
         if unset:  # a bug of the model's init, not bad input
-            raise RuntimeError(f"conversion: the init of layer {layer.layer_idx} left {', '.join(unset)} unset")
+            raise RuntimeError(f"conversion: the init of layer {layer_idx} left {', '.join(unset)} unset")
         with torch.no_grad():
             for module, name, floating, is_param in fresh:
                 if floating and dtype != torch.float32:
@@ -410,18 +426,19 @@ def _materialise_new_parameters(student: WuNengForCausalLM, device: torch.device
                         module._buffers[name] = value
 
 
-def _rotary_from_teacher(student: WuNengForCausalLM, teacher, device: torch.device) -> None:
-    """A real rotary embedding for the meta-built student, with the teacher's frequency buffers (their values and
-    dtype: float32 in a teacher loaded in bf16, bf16 in one cast with ``.to``), so that positions are encoded
-    exactly as the teacher encodes them; recomputed from the config where the teacher has no such buffer."""
-    with torch.device(device):
-        rotary = type(student.model.rotary_emb)(config=student.config)
-    source = getattr(getattr(teacher, "model", None), "rotary_emb", None)
-    for name, buffer in list(rotary.named_buffers(recurse=False)):
-        theirs = getattr(source, name, None)
-        if isinstance(theirs, torch.Tensor) and theirs.shape == buffer.shape:
-            rotary._buffers[name] = theirs.detach().to(device).clone()
-    student.model.rotary_emb = rotary
+def _buffers_from_teacher(
+    student: WuNengForCausalLM, teacher, persistent: Dict[str, torch.Tensor], device: torch.device
+) -> None:
+    """The teacher's buffers for the meta-built student, by name: its persistent ones (``persistent``, from the
+    state dict) and the others (rotary frequencies, embedding scales: their values and dtype, e.g. float32 in a
+    teacher loaded in bf16), so that positions and scales are exactly the teacher's."""
+    theirs = dict(teacher.named_buffers())
+    theirs.update(persistent)
+    for name, buffer in list(student.named_buffers()):
+        value = theirs.get(name)
+        if isinstance(value, torch.Tensor) and value.shape == buffer.shape:
+            owner, _, attr = name.rpartition(".")
+            student.get_submodule(owner)._buffers[attr] = value.detach().to(device).clone()
 
 
 def convert_checkpoint(

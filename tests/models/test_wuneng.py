@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from wuneng.layers.hybrid import HybridContext
 from wuneng.models.wuneng import WuNengConfig, WuNengForCausalLM
 
 from _helpers import perturb_
@@ -289,16 +290,18 @@ def test_align_forward_contract():
     captured = {}
 
     def hook(module, args, kwargs, output):
-        captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"], output[0])
+        kwargs = dict(kwargs)
+        captured[module.layer_idx] = (kwargs.pop("hidden_states"), kwargs, output[0])
 
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in teacher.model.layers]
     with torch.no_grad():
-        teacher(ids)
+        teacher(ids, use_cache=False)
         for h in handles:
             h.remove()
+        context = HybridContext()  # one per batch: the first hybrid layer publishes v_first there
         for i in student.converted_layer_indices():
-            hs, pe, y_teacher = captured[i]
-            res = student.model.layers[i].self_attn.align_forward(hs, pe)
+            hs, kwargs, y_teacher = captured[i]
+            res = student.model.layers[i].self_attn.align_forward(hs, wuneng_context=context, **kwargs)
             assert set(res) >= {"output", "state"} and res["state"].shape == hs.shape
             assert (res["output"] - y_teacher).abs().max() <= 1e-5
 

@@ -1,26 +1,25 @@
-"""WuNeng token mixers (SPEC section 3): the teacher's attention, the hybrid mixer, the ARWKV replacement.
+"""WuNeng token mixers (SPEC section 3): the hybrid wrapper around a teacher's attention, and ARWKV's replacement.
 
-Three mixers take the place of a Llama/Qwen2 decoder layer's ``self_attn``; all share one call signature::
+A WuNeng student is its teacher's transformers model with the chosen layers' ``self_attn`` changed in place:
 
-    out, v_first = mixer(u, position_embeddings, attention_mask=None, cache=None, v_first=None)
+- :func:`wrap_attention` turns the teacher's attention module (any class with ``q_proj``/``k_proj``/``v_proj``
+  or a fused ``qkv_proj``, and ``o_proj``: Llama, Qwen2/3, Mistral, Gemma 3, Phi-3, Qwen3-MoE, ...) into a
+  :class:`HybridMixer`: the same object, its class a subclass of both, so its parameters keep the teacher's names
+  and the teacher's ``forward`` runs unchanged (its RoPE variant, q/k norms, biases, sliding window, softcapping,
+  ``attn_implementation``). The state heads enter at the two places SPEC section 3 puts them: the state-query
+  term is added to the query projection's output, and the fusion and middle heads act on the per-head attention
+  output before the output projection. Both are done by giving the teacher's forward, for the duration of one
+  call, stand-ins for its projection modules (:meth:`HybridMixer._teacher_attention`).
+- :class:`ARWKVMixer`: ARWKV's pure RWKV-7 time-mix replacing attention, with the teacher attention's call
+  signature (``hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs`` -> (out, None)).
 
-with ``u`` [B, T, C] the RMSNorm output (the teacher's ``self_attn`` input), ``position_embeddings`` the
-(cos, sin) pair of the rotary embedding [B, T, d_h], ``attention_mask`` a 2-D padding mask [B, S]
-(1 = token, 0 = padding) over the cached plus the current tokens (S = past + T) or None,
-``cache`` a :class:`wuneng.cache.RecurrentStateCache` (or None) and ``v_first`` the value-residual
-source of the first layer of the same kind (None in that layer).
-
-- :class:`Attention`: the teacher's attention (GQA, RoPE, optional q/k/v and output biases), softmax via
-  ``torch.nn.functional.scaled_dot_product_attention``. Parameter names are the teacher's
-  (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so conversion is a plain weight copy.
-- :class:`HybridMixer`: the attention plus RWKV-7 state-driven heads aligned one per query head, the
-  multi-token state processing (state-query modulation, lambda), cross-head fusion
-  (gate | add | concat | hymba | none) and middle heads. Every new parameter has a zero factor at
-  initialisation (except for ``hymba``), so the mixer computes the teacher's attention exactly.
-- :class:`ARWKVMixer`: ARWKV's pure RWKV-7 time-mix replacing attention (own r/k/v/o, no RoPE).
+Beside the teacher's own arguments every mixer receives ``wuneng_context``, a :class:`HybridContext` made by the
+model's forward: the 2-D padding mask (the teacher's attention gets its own 4-D mask) and the value-residual
+source ``v_first`` of the first layer of each kind. The recurrent states live in the transformers ``Cache``
+passed as ``past_key_values`` (:class:`wuneng.cache.RecurrentStateCache`), beside the teacher's KV layers.
 
 Padding: padded positions never write into the recurrent state (the state heads get ``log_w = 0`` and
-``k = v = b = 0`` there, the token shift sees zeros), and no real token attends to a padded key.
+``k = v = b = 0`` there, the token shift sees zeros).
 """
 
 from __future__ import annotations
@@ -44,12 +43,13 @@ __all__ = [
     "FUSIONS",
     "MIXER_KINDS",
     "RMSNorm",
-    "Attention",
+    "HybridContext",
     "HybridMixer",
     "ARWKVMixer",
-    "apply_rotary",
+    "wrap_attention",
+    "hybrid_attention_class",
+    "attention_shapes",
     "repeat_kv_heads",
-    "attention_padding_mask",
     "middle_head_indices",
     "check_state_head_size",
 ]
@@ -73,8 +73,8 @@ def check_state_head_size(head_size: int, what: str = "state heads") -> None:
 
 
 class RMSNorm(nn.Module):
-    """Llama/Qwen2 RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 (float64 inputs stay
-    float64). [..., C] -> [..., C]."""
+    """RMSNorm ``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 (float64 inputs stay float64);
+    the norms of the ``hymba`` fusion. [..., C] -> [..., C]."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -91,17 +91,6 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the Llama/Qwen2 (rotate-half) convention. x: [B, H, T, d]; cos, sin: [B, T, d]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
-
-
 def repeat_kv_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """GQA head sharing on the [B, T, H_kv, d] layout: kv head j serves query heads j*n_rep ... (j+1)*n_rep - 1
     (the order of transformers' ``repeat_kv``). Returns [B, T, H_kv * n_rep, d]."""
@@ -113,129 +102,10 @@ def repeat_kv_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(B, T, H, n_rep, d).reshape(B, T, H * n_rep, d)
 
 
-def attention_padding_mask(
-    attention_mask: Optional[torch.Tensor], query_length: int, key_length: int, device: torch.device
-) -> Optional[torch.Tensor]:
-    """The boolean SDPA mask [B or 1, 1, T, S] (True = may attend), or None when plain causal attention
-    with no offset (``is_causal``) does it.
-
-    Query i (absolute position ``S - T + i``) sees key j iff j <= S - T + i and key j is not padding. Each query
-    also always sees itself: a padded query would otherwise see no key at all (softmax of nothing is NaN),
-    and a NaN at a padded position would leak through ``0 * NaN`` into later layers. Real queries never see
-    padded keys, so their outputs do not depend on the padding.
-    """
-    past = key_length - query_length
-    if attention_mask is None:
-        if past == 0 or query_length == 1:
-            return None
-    elif attention_mask.dim() != 2 or attention_mask.shape[1] != key_length:
-        raise ValueError(
-            f"attention_mask must be a 2-D padding mask [B, past + T] = [B, {key_length}] (1 = token, 0 = padding), "
-            f"got shape {tuple(attention_mask.shape)}"
-        )
-    q_pos = torch.arange(query_length, device=device)[:, None] + past
-    k_pos = torch.arange(key_length, device=device)[None, :]
-    allowed = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
-    if attention_mask is not None:
-        keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        allowed = (allowed & keep) | (k_pos == q_pos)[None, None]
-    return allowed
-
-
 def middle_head_indices(num_heads: int, num_middle: int) -> list:
     """pi(j): the query head the j-th middle head bridges, evenly spaced over the heads:
     ``pi(j) = floor((j + 1/2) * H_q / H_m)`` (H_q 28, H_m 4 -> heads 3, 10, 17, 24)."""
     return [int((j + 0.5) * num_heads / num_middle) for j in range(num_middle)]
-
-
-class Attention(nn.Module):
-    """The teacher's (Llama/Qwen2) multi-head attention with grouped-query heads and RoPE.
-
-    ``q = u W^Q (+b_q)``, ``k = u W^K (+b_k)``, ``v = u W^V (+b_v)`` (H_q, H_kv heads of size d_h),
-    ``A = softmax(RoPE(q) RoPE(k)^T / sqrt(d_h) + causal/padding mask) v``, ``out = A W^O (+b_o)``.
-    Cache: the rotated keys and the values of past tokens in ``cache.layers[layer_idx]`` (a transformers
-    ``DynamicLayer``).
-    """
-
-    kind = "attention"
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        layer_idx: int = 0,
-        *,
-        qkv_bias: bool = False,
-        out_bias: bool = False,
-    ):
-        super().__init__()
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(
-                f"Attention: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
-            )
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.num_kv_groups = num_heads // num_kv_heads
-        self.layer_idx = layer_idx
-        self.scaling = head_dim**-0.5
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
-
-    # -- pieces ---------------------------------------------------------------------------------------
-    def project(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B,T,H_q,d], k [B,T,H_kv,d], v [B,T,H_kv,d] (before RoPE)."""
-        B, T, _ = u.shape
-        q = self.q_proj(u).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(u).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(u).view(B, T, self.num_kv_heads, self.head_dim)
-        return q, k, v
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        cache=None,
-    ) -> torch.Tensor:
-        """Causal softmax attention of q [B,T,H_q,d] on the cached plus current k, v [B,T,H_kv,d].
-        Returns A [B, T, H_q, d]."""
-        B, T = q.shape[:2]
-        cos, sin = position_embeddings
-        q = apply_rotary(q.transpose(1, 2), cos, sin)
-        k = apply_rotary(k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        S = k.shape[2]
-        mask = attention_padding_mask(attention_mask, T, S, q.device)
-        is_causal = mask is None and T > 1 and S == T
-        # GQA inside SDPA: no copy of the cached keys/values per query-head group
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling, enable_gqa=self.num_kv_groups > 1
-        )
-        return a.transpose(1, 2)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        cache=None,
-        v_first: Optional[torch.Tensor] = None,
-    ):
-        """hidden_states [B,T,C] -> (out [B,T,C], v_first unchanged)."""
-        B, T, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states)
-        a = self.attend(q, k, v, position_embeddings, attention_mask, cache)
-        return self.o_proj(a.reshape(B, T, -1)), v_first
 
 
 def _token_mask(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
@@ -250,40 +120,115 @@ def _token_mask(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torc
     return attention_mask[:, -T:]
 
 
-class _VFirstMixin:
-    """Value-residual plumbing for ``align_forward``: the first layer of a kind publishes its v_first in a
-    store shared by the model's layers (``self.v_first_store``, a dict set by the model), later layers read
-    it when called one at a time (stage-1 alignment calls the mixers layer by layer, in order)."""
+class HybridContext:
+    """What one forward of a WuNeng model gives its mixers beside the teacher's arguments (``wuneng_context``).
 
-    v_first_store: Optional[Dict[str, torch.Tensor]] = None
+    Args:
+        attention_mask: the 2-D padding mask [B, past + T] (1 = token, 0 = padding), or None (no padding).
+        v_first: kind ("hybrid" | "arwkv") -> v_first [B, T, A] of the first layer of that kind, filled during
+            the forward. Stage-1 alignment, which calls the mixers one layer at a time, passes one dictionary
+            for all layers of a batch.
+    """
 
-    def _resolve_v_first(self, v_first: Optional[torch.Tensor], needs_v_first: bool) -> Optional[torch.Tensor]:
-        if not needs_v_first or v_first is not None:
-            return v_first
-        stored = None if self.v_first_store is None else self.v_first_store.get(self.kind)
-        if stored is None:
+    def __init__(self, attention_mask: Optional[torch.Tensor] = None, v_first: Optional[Dict] = None):
+        self.attention_mask = attention_mask
+        self.v_first: Dict[str, torch.Tensor] = {} if v_first is None else v_first
+
+    def token_mask(self, T: int) -> Optional[torch.Tensor]:
+        """The [B, T] padding mask of the T current tokens, or None."""
+        return _token_mask(self.attention_mask, T)
+
+    def read_v_first(self, mixer: nn.Module, needed: bool) -> Optional[torch.Tensor]:
+        """v_first of ``mixer``'s kind when the mixer mixes its values towards it (``needed``), else None."""
+        if not needed:
+            return None
+        v_first = self.v_first.get(mixer.kind)
+        if v_first is None:
             raise ValueError(
-                f"{type(self).__name__} (layer {self.layer_idx}): this layer mixes its values towards v_first of the "
-                f"first {self.kind} layer; pass v_first, or run the first {self.kind} layer's align_forward first"
+                f"{type(mixer).__name__} (layer {mixer.layer_idx}): this layer mixes its values towards v_first of "
+                f"the first {mixer.kind} layer, which has not run in this forward; run the layers in order"
             )
-        return stored
+        return v_first
 
-    def _publish_v_first(self, v_first: torch.Tensor, produced_here: bool) -> None:
-        if produced_here and self.v_first_store is not None:
-            self.v_first_store[self.kind] = v_first
+    def publish_v_first(self, mixer: nn.Module, v_first: torch.Tensor, produced_here: bool) -> None:
+        if produced_here:
+            self.v_first[mixer.kind] = v_first
 
 
-class HybridMixer(_VFirstMixin, Attention):
+def attention_shapes(attn: nn.Module) -> Tuple[int, int, int, bool]:
+    """(H_q, H_kv, d_h, fused_qkv) of a transformers attention module, read from the module and its config;
+    ValueError naming what is missing when the wrapper cannot serve it."""
+    name = type(attn).__name__
+    fused = isinstance(getattr(attn, "qkv_proj", None), nn.Module)
+    needed = ("qkv_proj", "o_proj") if fused else ("q_proj", "k_proj", "v_proj", "o_proj")
+    missing = [p for p in needed if not isinstance(getattr(attn, p, None), nn.Module)]
+    config = getattr(attn, "config", None)
+    if config is None:
+        missing.append("config")
+    if missing:
+        raise ValueError(
+            f"the teacher's attention {name} cannot be wrapped: it has no {', '.join(missing)} (WuNeng wraps "
+            "attention modules with q_proj, k_proj, v_proj (or a fused qkv_proj) and o_proj, and a config)"
+        )
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
+    if head_dim is None and heads:
+        head_dim = config.hidden_size // heads
+    if not heads or not head_dim or heads % kv_heads != 0:
+        raise ValueError(
+            f"the teacher's attention {name} cannot be wrapped: num_attention_heads={heads!r}, "
+            f"num_key_value_heads={kv_heads!r}, head_dim={head_dim!r} (expected positive ints, heads a multiple of "
+            "key/value heads)"
+        )
+    return int(heads), int(kv_heads), int(head_dim), fused
+
+
+class _GivenOutput(nn.Module):
+    """Stands in for a projection module during one teacher-attention call: returns a tensor computed before
+    the call. The teacher's forward must call it on the attention input itself, else the stand-in would silently
+    serve something else."""
+
+    def __init__(self, expected_input: torch.Tensor, output: torch.Tensor, what: str):
+        super().__init__()
+        self.expected_input, self.output, self.what = expected_input, output, what
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.expected_input:
+            raise RuntimeError(
+                f"WuNeng hybrid layer: the teacher's attention called {self.what} on something other than its "
+                "input; this attention class cannot be wrapped"
+            )
+        return self.output
+
+
+class _FusedOutput(nn.Module):
+    """Stands in for ``o_proj`` during one teacher-attention call: [B, T, H_q d_h] attention output -> the
+    mixer's output (fusion with the state heads, the output projection, the middle heads)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.fn(attn_output)
+
+
+class HybridMixer(nn.Module):
     """WuNeng hybrid attention (SPEC section 3): the teacher's attention plus H_q RWKV-7 state heads.
 
-    With u the RMSNorm output, H_q query heads of size d_h (A = H_q d_h)::
+    Not built directly: :func:`wrap_attention` makes a teacher attention module an instance of
+    ``hybrid_attention_class(type(attn))``, a subclass of this class and of the teacher's class.
+
+    With u the attention input (the teacher's normed hidden states), H_q query heads of size d_h (A = H_q d_h)::
 
         q, k, v   = u W^Q, u W^K, u W^V                      teacher's projections (+ biases)
         r         = q + (u R1) R2                            W^K-hat: the query plus a rank-D_r correction, R2 = 0
-        k_s, v_s  = repeat_kv(k), repeat_kv(v)               before RoPE
+        k_s, v_s  = repeat_kv(k), repeat_kv(v)               before RoPE (and before q/k norms)
         Y         = RWKV7StateHeads(u, r, k_s, v_s)          decay/alpha/value-residual LoRAs, WKV-7, GroupNorm, bonus
-        q_h      += lambda_h (Y_h W^state)                   state_query (before RoPE); lambda = 0, W^state = I
-        A         = softmax attention(RoPE(q), RoPE(k), v)
+        q_h      += lambda_h (Y_h W^state)                   state_query, on the query projection's output;
+                                                             lambda = 0, W^state = I
+        A         = the teacher's attention of that q, k, v  (its RoPE, norms, mask, window, softcapping)
         Z         = fusion(A, Y)                             gate | add | concat | hymba | none
         M_j       = s_j(u) A_pi(j) + (1 - s_j(u)) Y_pi(j)    middle heads, s_j = sigmoid(u P1 P2)_j
         out       = Z W^O  (+ Y W^O_s for concat)  (+ M W^O_m)
@@ -296,23 +241,18 @@ class HybridMixer(_VFirstMixin, Attention):
                    (initialised from the teacher's; not function-preserving)
         ``none``:  Z = A
 
-    Cache per layer: the attention keys/values (``cache.layers[i]``) and the states ``time_shift`` [B, C]
+    Cache per layer: the teacher's key/value layer (``cache.layers[i]``) and the states ``time_shift`` [B, C]
     (the last u) and ``wkv`` [B, H_q, d_h, d_h] float32.
     """
 
     kind = "hybrid"
 
-    def __init__(
+    def init_hybrid(
         self,
         hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        layer_idx: int = 0,
-        num_layers: int = 1,
+        layer_idx: int,
+        num_layers: int,
         *,
-        qkv_bias: bool = False,
-        out_bias: bool = False,
         fusion: str = "gate",
         middle_heads: int = 4,
         state_query: bool = True,
@@ -326,10 +266,9 @@ class HybridMixer(_VFirstMixin, Attention):
         v_rank: Optional[int] = None,
         hymba_eps: float = 1e-6,
         wkv_impl: str = "auto",
-    ):
-        super().__init__(
-            hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias=qkv_bias, out_bias=out_bias
-        )
+    ) -> None:
+        """Add the state side to a teacher attention module (called by :func:`wrap_attention`)."""
+        num_heads, num_kv_heads, head_dim, fused = attention_shapes(self)
         if fusion not in FUSIONS:
             raise ValueError(f"HybridMixer: unknown fusion {fusion!r}; expected one of {FUSIONS}")
         check_state_head_size(head_dim, "HybridMixer state heads (one per query head, size = the teacher's head_dim)")
@@ -346,6 +285,13 @@ class HybridMixer(_VFirstMixin, Attention):
                 raise ValueError(f"HybridMixer: {name} must be a positive int, got {rank!r}")
         C, H, d = hidden_size, num_heads, head_dim
         A = H * d
+        self.hidden_size = C
+        self.num_heads = H
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = d
+        self.num_kv_groups = H // num_kv_heads
+        self.fused_qkv = fused
+        self.layer_idx = layer_idx
         self.num_layers = num_layers
         self.fusion = fusion
         self.num_middle_heads = middle_heads
@@ -388,7 +334,21 @@ class HybridMixer(_VFirstMixin, Attention):
             self.o_middle = nn.Linear(middle_heads * d, C, bias=False)  # W^O_m, init 0
             # pi(j) as a persistent buffer: saved with the weights, so a loaded checkpoint never re-derives it
             self.register_buffer("middle_index", torch.tensor(middle_head_indices(H, middle_heads)))
-        self.reset_new_parameters()
+        if not any(t.is_meta for t in self.new_tensors()):
+            self.reset_new_parameters()
+
+    def new_parameter_names(self) -> list:
+        """Names (relative to this module) of the parameters the teacher's attention does not have."""
+        teacher = set(self._teacher_parameter_names)
+        return [n for n, _ in self.named_parameters() if n not in teacher]
+
+    def new_tensors(self) -> list:
+        """The parameters and buffers the wrapper added (the state side)."""
+        names = set(self.new_parameter_names())
+        out = [p for n, p in self.named_parameters() if n in names]
+        if self.num_middle_heads > 0:
+            out.append(self.middle_index)
+        return out
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
@@ -503,11 +463,18 @@ class HybridMixer(_VFirstMixin, Attention):
         return low_rank_bank(self, "low_rank_bank", maps, inputs)
 
     def fuse(
-        self, u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, low: Optional[Dict[str, torch.Tensor]] = None
+        self,
+        u: torch.Tensor,
+        a: torch.Tensor,
+        y: torch.Tensor,
+        low: Optional[Dict[str, torch.Tensor]] = None,
+        o_proj: Optional[nn.Module] = None,
     ) -> torch.Tensor:
         """The output [B,T,C] from A, Y [B,T,H_q,d] (cross-head fusion and middle heads); ``low`` as returned by
-        :meth:`low_rank_inputs` or :meth:`low_rank_outputs` (computed when None)."""
+        :meth:`low_rank_inputs` or :meth:`low_rank_outputs` (computed when None); ``o_proj`` the teacher's output
+        projection (default ``self.o_proj``; given explicitly while the teacher's forward runs with a stand-in)."""
         B, T = u.shape[:2]
+        o_proj = self.o_proj if o_proj is None else o_proj
         if low is None:
             low = self.low_rank_inputs(u)
         # one dtype for the fusion (torch.lerp does not promote): under autocast A is in the autocast dtype while Y
@@ -527,7 +494,7 @@ class HybridMixer(_VFirstMixin, Attention):
             z = (self.norm_attn(a.reshape(B, T, -1)) + self.norm_state(y.reshape(B, T, -1))) * 0.5
         else:  # none, concat
             z = a
-        out = self.o_proj(z.reshape(B, T, -1))
+        out = o_proj(z.reshape(B, T, -1))
         if self.fusion == "concat":
             out = out + self.o_state(y.reshape(B, T, -1))
         if self.num_middle_heads > 0:
@@ -605,11 +572,42 @@ class HybridMixer(_VFirstMixin, Attention):
             low["middle_sigmoid"] = middle.unsqueeze(1)
         return y.view(B, 1, self.num_heads, self.head_dim), wkv_state, vf.unsqueeze(1), last, low
 
-    def _run(self, u, position_embeddings, attention_mask, cache, v_first, publish=False):
+    # -- the teacher's attention, with the state heads at SPEC section 3's two places -----------------------
+    def project(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's projections: q [B,T,H_q,d], k [B,T,H_kv,d], v [B,T,H_kv,d] (before RoPE and q/k norms)."""
         B, T, _ = u.shape
-        token_mask = _token_mask(attention_mask, T)
+        d = self.head_dim
+        if self.fused_qkv:
+            q, k, v = self.qkv_proj(u).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        else:
+            q, k, v = self.q_proj(u), self.k_proj(u), self.v_proj(u)
+        return q.view(B, T, -1, d), k.view(B, T, -1, d), v.view(B, T, -1, d)
+
+    def _teacher_attention(self, u, q, k, v, output_fn, args, kwargs):
+        """Run the teacher's own forward on u with its projections replaced, for this call only, by the given
+        q, k, v [B,T,H,d] and by ``output_fn`` ([B,T,A] attention output -> [B,T,C]) for ``o_proj``."""
+        B, T, _ = u.shape
+        flat = [t.reshape(B, T, -1) for t in (q, k, v)]
+        if self.fused_qkv:
+            stand_ins = {"qkv_proj": _GivenOutput(u, torch.cat(flat, dim=-1), "qkv_proj")}
+        else:
+            stand_ins = {name: _GivenOutput(u, t, name) for name, t in zip(("q_proj", "k_proj", "v_proj"), flat)}
+        stand_ins["o_proj"] = _FusedOutput(output_fn)
+        saved = {name: self._modules[name] for name in stand_ins}
+        self._modules.update(stand_ins)
+        try:
+            out = super().forward(u, *args, **kwargs)
+        finally:
+            self._modules.update(saved)
+        return out
+
+    def _run(self, u, context, cache, publish=False):
+        """The state side of one call: (q for the attention [B,T,H_q,d], k, v, Y [B,T,H_q,d], v_first [B,T,A],
+        the fusion's low-rank outputs)."""
+        B, T, _ = u.shape
+        token_mask = context.token_mask(T)
         needs_v_first = self.state.value_residual
-        v_first = self._resolve_v_first(v_first, needs_v_first)
+        v_first = context.read_v_first(self, needs_v_first)
         shift = wkv_state = None
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
@@ -631,68 +629,84 @@ class HybridMixer(_VFirstMixin, Attention):
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", last)
             cache.set_state(self.layer_idx, "wkv", wkv_state)
-        a = self.attend(self.modulate_query(q, y), k, v, position_embeddings, attention_mask, cache)
-        if publish:
-            self._publish_v_first(v_first, not needs_v_first)
-        return a, y, v_first, low
+        context.publish_v_first(self, v_first, not needs_v_first)
+        # the query the attention sees, in the projection's dtype (under autocast Y is float32)
+        q_attn = self.modulate_query(q, y).to(q.dtype)
+        return q_attn, k, v, y, v_first, low
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        cache=None,
-        v_first: Optional[torch.Tensor] = None,
-    ):
-        """hidden_states u [B,T,C] -> (out [B,T,C], v_first [B,T,A])."""
-        a, y, v_first, low = self._run(hidden_states, position_embeddings, attention_mask, cache, v_first)
-        return self.fuse(hidden_states, a, y, low), v_first
+    def forward(self, hidden_states: torch.Tensor, *args, wuneng_context: Optional[HybridContext] = None, **kwargs):
+        """The teacher's attention call: hidden_states u [B,T,C] and the teacher's arguments (position embeddings,
+        its attention mask, ``past_key_values``, ...) -> the teacher's (output [B,T,C], attention weights or None)."""
+        context = HybridContext() if wuneng_context is None else wuneng_context
+        u = hidden_states
+        q, k, v, y, _, low = self._run(u, context, kwargs.get("past_key_values"))
+        o_proj = self.o_proj
+        return self._teacher_attention(u, q, k, v, lambda a: self.fuse(u, a.view_as(q), y, low, o_proj), args, kwargs)
 
     def align_forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        v_first: Optional[torch.Tensor] = None,
+        self, hidden_states: torch.Tensor, *args, wuneng_context: Optional[HybridContext] = None, **kwargs
     ) -> Dict[str, torch.Tensor]:
         """Stage-1 alignment view (no cache): ``output`` [B,T,C] the mixer's output, ``state`` [B,T,C] the state
         heads alone through the output projection (``o_proj(Y)``), ``v_first`` [B,T,A].
 
-        hidden_states: the normed layer input (what the teacher's ``self_attn`` receives); attention_mask: 2-D
-        padding mask [B, T] or None. Layers after the first hybrid layer take v_first from the model's shared
-        store (written by the first hybrid layer's align_forward) unless it is passed."""
-        B, T, _ = hidden_states.shape
-        a, y, v_first, low = self._run(hidden_states, position_embeddings, attention_mask, None, v_first, publish=True)
-        return {
-            "output": self.fuse(hidden_states, a, y, low),
-            "state": self.o_proj(y.reshape(B, T, -1)),
-            "v_first": v_first,
-        }
+        hidden_states and ``*args, **kwargs``: what the teacher's attention module received (record them with a
+        forward hook, ``with_kwargs=True``); ``wuneng_context``: a :class:`HybridContext` with the 2-D padding
+        mask, one per batch shared by the layers called in order (the first hybrid layer publishes v_first there)."""
+        context = HybridContext() if wuneng_context is None else wuneng_context
+        kwargs = {**kwargs, "past_key_values": None}
+        u = hidden_states
+        B, T, _ = u.shape
+        q, k, v, y, v_first, low = self._run(u, context, None)
+        o_proj = self.o_proj
+        out, _ = self._teacher_attention(u, q, k, v, lambda a: self.fuse(u, a.view_as(q), y, low, o_proj), args, kwargs)
+        return {"output": out, "state": o_proj(y.reshape(B, T, -1)), "v_first": v_first}
 
 
-class ARWKVMixer(_VFirstMixin, TimeMix):
-    """ARWKV's replacement of attention: a full RWKV-7 time-mix on the RMSNorm output (no RoPE, no KV cache).
+_HYBRID_CLASSES: Dict[type, type] = {}
+
+
+def hybrid_attention_class(attention_class: type) -> type:
+    """The class of a wrapped ``attention_class`` module: ``Hybrid<Name>(HybridMixer, attention_class)``, made
+    once per teacher class."""
+    cls = _HYBRID_CLASSES.get(attention_class)
+    if cls is None:
+        cls = type(f"Hybrid{attention_class.__name__}", (HybridMixer, attention_class), {"__module__": __name__})
+        _HYBRID_CLASSES[attention_class] = cls
+    return cls
+
+
+def wrap_attention(attn: nn.Module, hidden_size: int, layer_idx: int, num_layers: int, **options) -> HybridMixer:
+    """Make the teacher attention module ``attn`` a WuNeng hybrid mixer in place (same object, same parameters
+    under the same names, plus the state side; ``options`` as :meth:`HybridMixer.init_hybrid`). The new
+    parameters are initialised (function-preserving) unless they were created on the meta device."""
+    if isinstance(attn, HybridMixer):
+        raise ValueError(f"layer {layer_idx}: the attention module is already a WuNeng hybrid mixer")
+    attention_shapes(attn)  # the one-line error for an attention the wrapper cannot serve
+    teacher_names = tuple(n for n, _ in attn.named_parameters())
+    attn.__class__ = hybrid_attention_class(type(attn))
+    # transformers marks modules it has initialised; the wrapped module has new parameters to initialise
+    attn.__dict__.pop("_is_hf_initialized", None)
+    attn._teacher_parameter_names = teacher_names
+    attn.init_hybrid(hidden_size, layer_idx, num_layers, **options)
+    return attn
+
+
+class ARWKVMixer(TimeMix):
+    """ARWKV's replacement of attention: a full RWKV-7 time-mix on the attention input (no RoPE, no KV cache),
+    called as the teacher's attention is: ``(hidden_states, position_embeddings, attention_mask,
+    past_key_values, **kwargs) -> (out, None)``; only ``past_key_values`` (its recurrent states) and
+    ``wuneng_context`` (padding mask, v_first) are read.
 
     Own r/k/v/o (A x C, C x A; A = H N, by default N = 64 and A = C), gate, GroupNorm and bonus exactly as
-    SPEC section 2. ``position_embeddings`` is accepted and ignored. Cache per layer: ``time_shift`` [B, C]
-    and ``wkv`` [B, H, N, N] float32.
+    SPEC section 2. Cache per layer: ``time_shift`` [B, C] and ``wkv`` [B, H, N, N] float32.
     """
 
     kind = "arwkv"
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        cache=None,
-        v_first: Optional[torch.Tensor] = None,
-        publish: bool = False,
-    ):
-        """hidden_states [B,T,C] -> (out [B,T,C], v_first [B,T,A])."""
+    def _run(self, hidden_states, context, cache):
         T = hidden_states.shape[1]
-        token_mask = _token_mask(attention_mask, T)
-        v_first = self._resolve_v_first(v_first, self.value_residual)
+        token_mask = context.token_mask(T)
+        v_first = context.read_v_first(self, self.value_residual)
         state = None
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
@@ -701,17 +715,28 @@ class ARWKVMixer(_VFirstMixin, TimeMix):
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", shift)
             cache.set_state(self.layer_idx, "wkv", wkv_state)
-        if publish:
-            self._publish_v_first(v_first_new, not self.value_residual)
+        context.publish_v_first(self, v_first_new, not self.value_residual)
         return out, v_first_new
 
-    def align_forward(
+    def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        v_first: Optional[torch.Tensor] = None,
+        position_embeddings=None,
+        attention_mask=None,
+        past_key_values=None,
+        wuneng_context: Optional[HybridContext] = None,
+        **kwargs,
+    ):
+        """hidden_states [B,T,C] -> (out [B,T,C], None)."""
+        context = HybridContext() if wuneng_context is None else wuneng_context
+        out, _ = self._run(hidden_states, context, past_key_values)
+        return out, None
+
+    def align_forward(
+        self, hidden_states: torch.Tensor, *args, wuneng_context: Optional[HybridContext] = None, **kwargs
     ) -> Dict[str, torch.Tensor]:
-        """Stage-1 alignment view: ``output`` [B,T,C] and ``v_first`` [B,T,A] (no cache)."""
-        out, v_first = self.forward(hidden_states, position_embeddings, attention_mask, None, v_first, publish=True)
+        """Stage-1 alignment view: ``output`` [B,T,C] and ``v_first`` [B,T,A] (no cache); arguments as
+        :meth:`HybridMixer.align_forward`."""
+        context = HybridContext() if wuneng_context is None else wuneng_context
+        out, v_first = self._run(hidden_states, context, None)
         return {"output": out, "v_first": v_first}

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import IGNORE_INDEX
+from ..layers.hybrid import HybridContext
 
 __all__ = [
     "Objective",
@@ -286,9 +287,9 @@ def capture_teacher_attention(
     """Run the teacher (no grad) and capture, for each layer i in ``layers``, what its attention
     ``teacher.model.layers[i].self_attn`` received and returned:
 
-    ``{"hidden_states": [B,T,C] (the normed layer input), "position_embeddings": (cos, sin),
-    "attention_mask": the mask the attention got (4-D or None), "output": [B,T,C] y_T incl. o_proj}``.
-    The forward stops after the last captured layer.
+    ``{"hidden_states": [B,T,C] (the normed layer input), "args": the other positional arguments, "kwargs": the
+    keyword arguments (position embeddings, the teacher's own attention mask, ...), "output": [B,T,C] y_T incl.
+    o_proj}``: what a WuNeng mixer's ``align_forward`` takes. The forward stops after the last captured layer.
     """
     captured: dict[int, dict[str, Any]] = {}
     last = max(layers)
@@ -296,12 +297,16 @@ def capture_teacher_attention(
 
     def make_hook(i: int):
         def hook(module, args, kwargs, output):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            kwargs = dict(kwargs)
+            if "hidden_states" in kwargs:
+                hidden = kwargs.pop("hidden_states")
+            else:
+                hidden, args = args[0], args[1:]
             y = output[0] if isinstance(output, (tuple, list)) else output
             captured[i] = {
                 "hidden_states": hidden.detach(),
-                "position_embeddings": kwargs.get("position_embeddings"),
-                "attention_mask": kwargs.get("attention_mask"),
+                "args": tuple(args),
+                "kwargs": kwargs,
                 "output": y.detach(),
             }
             if i == last:
@@ -313,7 +318,7 @@ def capture_teacher_attention(
         decoder_layers = teacher.model.layers
     except AttributeError:
         raise TypeError(
-            "the teacher must be a Hugging Face Llama/Qwen2-style causal LM (teacher.model.layers[i].self_attn)"
+            "the teacher must be a transformers decoder-only causal LM (teacher.model.layers[i].self_attn)"
         ) from None
     for i in layers:
         if not 0 <= i < len(decoder_layers):
@@ -321,7 +326,7 @@ def capture_teacher_attention(
         handles.append(decoder_layers[i].self_attn.register_forward_hook(make_hook(i), with_kwargs=True))
     try:
         with torch.no_grad():
-            teacher(input_ids=input_ids, attention_mask=attention_mask)
+            teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -352,14 +357,14 @@ ALIGN_TEACHER_FIELDS = (
 
 
 def check_align_teacher(student: nn.Module, teacher: nn.Module) -> None:
-    """Stage 1 needs the teacher the student was converted from: a Llama/Qwen2-style model
+    """Stage 1 needs the teacher the student was converted from: a transformers decoder
     (``teacher.model.layers[i].self_attn``, else TypeError) of the architecture recorded in the student's
     ``config.teacher_model_type`` and with its shapes (:data:`ALIGN_TEACHER_FIELDS`), else a ValueError naming
     each differing field."""
     layers = getattr(getattr(teacher, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise TypeError(
-            f"align: the teacher ({type(teacher).__name__}) is not a Llama/Qwen2-style causal LM "
+            f"align: the teacher ({type(teacher).__name__}) is not a transformers decoder-only causal LM "
             "(teacher.model.layers[i].self_attn); expected the model the student was converted from: set `teacher:` to that folder"
         )
     sc, tc = getattr(student, "config", None), getattr(teacher, "config", None)
@@ -388,9 +393,9 @@ class AlignObjective(Objective):
     """Stage 1 (ARWKV alignment, SPEC section 5), teacher-forced across depth.
 
     The student follows the WuNeng contract: ``student.model.layers[i].self_attn.align_forward(
-    hidden_states, position_embeddings, attention_mask=None) -> {"output", ["state"]}``,
-    ``student.converted_layer_indices()`` and ``student.new_parameter_names()``; ``attention_mask`` is the
-    2-D padding mask [B, T]. Only the new
+    hidden_states, *args, wuneng_context=HybridContext(mask), **kwargs) -> {"output", ["state"]}`` with what the
+    teacher's attention of that layer received (:func:`capture_teacher_attention`) and the 2-D padding mask [B, T],
+    ``student.converted_layer_indices()`` and ``student.new_parameter_names()``. Only the new
     parameters of the aligned layers train. Loss = mean over layers of the output term plus
     ``state_weight`` x mean over layers of the state term (hybrid mixers only); both are reported
     (``align_output``, ``align_state``).
@@ -449,12 +454,13 @@ class AlignObjective(Objective):
         state_sum = torch.zeros((), device=mask.device)
         n_state = 0
         aligned = set(self.layers)
+        # one context for the batch: the 2-D padding mask, and v_first published by the first converted layer
+        context = HybridContext(mask)
         for i in self.run_layers:
             c = captured[i]
             mixer = self.student.model.layers[i].self_attn
-            # The mixer gets the 2-D padding mask [B, T] (the contract of align_forward), not the teacher's 4-D one.
             with contextlib.nullcontext() if i in aligned else torch.no_grad():
-                result = mixer.align_forward(c["hidden_states"], c["position_embeddings"], attention_mask=mask)
+                result = mixer.align_forward(c["hidden_states"], *c["args"], wuneng_context=context, **c["kwargs"])
             if i not in aligned:
                 continue
             out_sum = out_sum + _rms_distance_sum(c["output"], result["output"], mask)

@@ -3,13 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_wuneng import WuNengConfig, resolve_layer_kinds
-from .modeling_wuneng import (
-    WuNengDecoderLayer,
-    WuNengForCausalLM,
-    WuNengMLP,
-    WuNengModel,
-    WuNengPreTrainedModel,
-)
+from .modeling_wuneng import WuNengForCausalLM, WuNengModel, WuNengPreTrainedModel
 
 AutoConfig.register(WuNengConfig.model_type, WuNengConfig, exist_ok=True)
 AutoModel.register(WuNengConfig, WuNengModel, exist_ok=True)
@@ -20,7 +14,5 @@ __all__ = [
     "WuNengPreTrainedModel",
     "WuNengModel",
     "WuNengForCausalLM",
-    "WuNengDecoderLayer",
-    "WuNengMLP",
     "resolve_layer_kinds",
 ]

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence
 
-from transformers import PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 from ...layers.hybrid import FUSIONS, MIXER_KINDS, check_state_head_size
 from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
 
-__all__ = ["WuNengConfig", "resolve_layer_kinds", "ARWKV_INITS", "DEFAULT_MIDDLE_HEADS", "default_middle_heads"]
+__all__ = [
+    "WuNengConfig",
+    "resolve_layer_kinds",
+    "ARWKV_INITS",
+    "DEFAULT_MIDDLE_HEADS",
+    "default_middle_heads",
+    "TEACHER_SHAPE_FIELDS",
+    "teacher_model_class",
+]
 
 #: the paper's number of middle heads H_m; a teacher with fewer attention heads gets one per head
 DEFAULT_MIDDLE_HEADS = 4
@@ -17,6 +27,41 @@ DEFAULT_MIDDLE_HEADS = 4
 #: how ARWKV replacement layers are initialised: the RWKV-7 init (SPEC section 2), or RADLADS-style copies of the
 #: teacher's attention projections (W_r <- W_q, W_k <- repeat_kv(W_k), W_v <- repeat_kv(W_v), W_o <- W_o)
 ARWKV_INITS = ("rwkv7", "radlads")
+
+
+#: fields of the WuNeng config that mirror the teacher's (read from ``teacher_config``; kept flat so that code
+#: reading ``config.hidden_size`` and older saved folders, which have no ``teacher_config``, keep working)
+TEACHER_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+)
+
+
+def teacher_model_class(teacher_config: PretrainedConfig, causal_lm: bool = True) -> type:
+    """The transformers class of the teacher's causal LM (or, ``causal_lm=False``, its base model) for
+    ``teacher_config``; ValueError naming the config when transformers has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if causal_lm else MODEL_MAPPING
+    try:
+        return mapping[type(teacher_config)]
+    except KeyError:
+        raise ValueError(
+            f"no transformers {'causal LM' if causal_lm else 'base model'} class for the teacher config "
+            f"{type(teacher_config).__name__} (model_type {getattr(teacher_config, 'model_type', None)!r}); WuNeng "
+            "converts decoder-only causal LMs (AutoModelForCausalLM)"
+        ) from None
 
 
 def _is_int(x) -> bool:
@@ -78,15 +123,18 @@ def resolve_layer_kinds(
 
 
 class WuNengConfig(PretrainedConfig):
-    r"""Configuration of :class:`~wuneng.WuNengForCausalLM`: a Llama/Qwen2 decoder whose attention modules are
-    replaced, layer by layer, by WuNeng hybrid mixers, ARWKV RWKV-7 time-mixes, or kept as attention.
+    r"""Configuration of :class:`~wuneng.WuNengForCausalLM`: a teacher's transformers decoder (any family whose
+    attention the wrapper serves: Llama, Qwen2/3, Mistral, Gemma 3, Phi-3, Qwen3-MoE, ...) whose attention modules
+    are, layer by layer, wrapped as WuNeng hybrid mixers, replaced by ARWKV RWKV-7 time-mixes, or kept.
 
-    Teacher shape (copied from a Llama/Qwen2 config by ``from_teacher``): ``vocab_size``, ``hidden_size`` C,
-    ``intermediate_size``, ``num_hidden_layers`` L, ``num_attention_heads`` H_q, ``num_key_value_heads`` H_kv,
-    ``head_dim`` d_h, ``hidden_act``, ``rms_norm_eps``, ``rope_parameters``, ``max_position_embeddings``,
-    ``attention_bias`` (q/k/v biases: True for Qwen2), ``attention_out_bias`` (o_proj bias: Llama's
-    attention_bias), ``mlp_bias``, ``tie_word_embeddings``; ``teacher_model_type`` ("qwen2" | "llama") records
-    where it came from.
+    Teacher: ``teacher_config``, the teacher's own config (saved inside this one as a nested dictionary with its
+    ``model_type``); the student's embeddings, norms, MLPs, rotary embeddings and attention code are the modules
+    this config builds. The flat fields :data:`TEACHER_SHAPE_FIELDS` (``hidden_size`` C, ``num_hidden_layers`` L,
+    ``num_attention_heads`` H_q, ``num_key_value_heads`` H_kv, ``head_dim`` d_h, ...) mirror it. Without
+    ``teacher_config`` (configs written before it existed, or built by hand) a Qwen2 or Llama teacher config is
+    made from the flat fields: ``attention_bias`` (q/k/v biases) without ``attention_out_bias`` is Qwen2, equal
+    ones are Llama (``attention_bias`` on all four projections), ``mlp_bias`` is Llama's.
+    ``teacher_model_type`` records the teacher's model_type.
 
     WuNeng options (SPEC section 3; defaults are the paper's configuration):
         layer_kinds: per-layer "hybrid" | "arwkv" | "attention" (default: all "hybrid"). The constructor also
@@ -106,6 +154,7 @@ class WuNengConfig(PretrainedConfig):
 
     model_type = "wuneng"
     keys_to_ignore_at_inference = ["past_key_values"]
+    sub_configs_defaults = {"teacher_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", optional=True)}
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -143,11 +192,13 @@ class WuNengConfig(PretrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    teacher_config: dict | PretrainedConfig | None = None  # last: see __setattr__
 
     def __post_init__(self, **kwargs):
         hybrid_layers = kwargs.pop("hybrid_layers", None)
         arwkv_layers = kwargs.pop("arwkv_layers", None)
         attention = kwargs.pop("attention", True)
+        self._resolve_teacher_config()
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
@@ -161,8 +212,6 @@ class WuNengConfig(PretrainedConfig):
                 f"WuNengConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"WuNengConfig: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"WuNengConfig: unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
         if self.middle_heads is None:
@@ -200,6 +249,82 @@ class WuNengConfig(PretrainedConfig):
                         f"({self.hidden_size}); an ARWKV layer has hidden_size / arwkv_head_size heads"
                     )
         super().__post_init__(**kwargs)
+
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        # a mirrored field set after construction (``from_pretrained(path, vocab_size=...)`` does that) is the
+        # teacher's field: the modules are built from teacher_config
+        # (teacher_config is the last field: while the dataclass __init__ assigns the mirrored fields it is unset)
+        if key in TEACHER_SHAPE_FIELDS:
+            teacher = self.__dict__.get("teacher_config")
+            if isinstance(teacher, PretrainedConfig) and getattr(teacher, key, None) != value:
+                setattr(teacher, key, value)
+
+    def _resolve_teacher_config(self) -> None:
+        """``teacher_config`` as a config object (from its dictionary, or made from the flat fields), and the flat
+        fields mirroring it."""
+        teacher = self.teacher_config
+        if isinstance(teacher, dict):
+            teacher = dict(teacher)
+            model_type = teacher.pop("model_type", None)
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(
+                    f"WuNengConfig: teacher_config has model_type {model_type!r}, which this transformers does not "
+                    "know; install the transformers version the model was converted with"
+                )
+            teacher = CONFIG_MAPPING[model_type](**teacher)
+        elif teacher is None:
+            teacher = self._teacher_config_from_fields()
+        elif isinstance(teacher, PretrainedConfig):
+            teacher = copy.deepcopy(teacher)  # the caller's config object is never changed through this one
+        else:
+            raise TypeError(
+                f"WuNengConfig: teacher_config must be a transformers config or its dictionary, got "
+                f"{type(teacher).__name__}"
+            )
+        self.teacher_config = teacher
+        self.teacher_model_type = teacher.model_type
+        for name in TEACHER_SHAPE_FIELDS:
+            value = getattr(teacher, name, None)
+            if name == "num_key_value_heads" and value is None:
+                value = teacher.num_attention_heads
+            if name == "head_dim" and value is None:
+                value = teacher.hidden_size // teacher.num_attention_heads
+            if name == "rope_parameters" and value is not None:
+                value = dict(value)
+            if value is not None or name == "rope_parameters":
+                setattr(self, name, value)
+        self.tie_word_embeddings = bool(getattr(teacher, "tie_word_embeddings", False))
+
+    def _teacher_config_from_fields(self) -> PretrainedConfig:
+        """A Qwen2 / Llama teacher config from the flat fields (see the class docstring)."""
+        qkv, out, mlp = bool(self.attention_bias), bool(self.attention_out_bias), bool(self.mlp_bias)
+        if qkv and not out and not mlp and self.teacher_model_type in (None, "qwen2"):
+            model_type, extra = "qwen2", {}
+        elif qkv == out and self.teacher_model_type in (None, "llama"):
+            model_type, extra = "llama", {"attention_bias": qkv, "mlp_bias": mlp}
+        else:
+            raise ValueError(
+                f"WuNengConfig: no teacher_config, and the flat fields (attention_bias={qkv}, attention_out_bias="
+                f"{out}, mlp_bias={mlp}, teacher_model_type={self.teacher_model_type!r}) describe neither a Qwen2 "
+                "nor a Llama teacher; give teacher_config"
+            )
+        num_kv = self.num_key_value_heads or self.num_attention_heads
+        fields = {name: getattr(self, name) for name in TEACHER_SHAPE_FIELDS if name not in ("num_key_value_heads",)}
+        if fields["head_dim"] is None:
+            fields["head_dim"] = self.hidden_size // self.num_attention_heads
+        if fields["rope_parameters"] is None:
+            fields.pop("rope_parameters")
+        return CONFIG_MAPPING[model_type](
+            num_key_value_heads=num_kv,
+            attention_dropout=self.attention_dropout,
+            use_cache=self.use_cache,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            **fields,
+            **extra,
+        )
 
     # -- derived views ------------------------------------------------------------------------------------
     @property

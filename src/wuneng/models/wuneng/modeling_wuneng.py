@@ -1,64 +1,43 @@
-"""The WuNeng language model: a Llama/Qwen2 decoder whose attention is augmented by RWKV-7 state heads.
+"""The WuNeng language model: a teacher's transformers decoder whose attention is augmented by RWKV-7 state heads.
 
-Layer l of a :class:`WuNengModel` is the teacher's decoder layer (pre-norm RMSNorm, residuals, SwiGLU MLP) with
-``self_attn`` one of three mixers (``config.layer_kinds[l]``, see :mod:`wuneng.layers.hybrid`):
-``"hybrid"`` (:class:`~wuneng.layers.hybrid.HybridMixer`), ``"arwkv"`` (:class:`~wuneng.layers.hybrid.ARWKVMixer`)
-or ``"attention"`` (the teacher's attention, unchanged). Parameter names are the teacher's wherever the teacher
-has the parameter, so a converted model loads the teacher's state dict directly.
+A :class:`WuNengForCausalLM` is built from its config's ``teacher_config``: the teacher's own transformers classes
+(``Qwen2ForCausalLM``, ``Gemma3ForCausalLM``, ``Phi3ForCausalLM``, ...) make the embeddings, decoder layers,
+norms, rotary embeddings and LM head, and then each layer's ``self_attn`` becomes what ``config.layer_kinds[l]``
+says (:mod:`wuneng.layers.hybrid`): ``"hybrid"`` (the teacher's attention module wrapped in place,
+:func:`~wuneng.layers.hybrid.wrap_attention`), ``"arwkv"`` (replaced by an
+:class:`~wuneng.layers.hybrid.ARWKVMixer`) or ``"attention"`` (unchanged). The forward is the teacher's forward
+(masks, positions, softcapping, loss): the model adds only the cache and a :class:`~wuneng.layers.hybrid.HybridContext`
+(2-D padding mask, v_first) that reaches every mixer as the keyword ``wuneng_context``. Parameter names are the
+teacher's wherever the teacher has the parameter, so a converted model loads the teacher's state dict directly.
 
-Inference state: a :class:`wuneng.cache.RecurrentStateCache` holding, per layer, the attention keys/values (a
-:class:`wuneng.cache.GrowingKVLayer`, appended in place; none in ARWKV layers) and the RWKV state ``time_shift`` [B, C] and ``wkv``
-[B, H, N, N] (none in attention layers). ``generate()`` creates it; beam search reorders it.
+Inference state: a :class:`wuneng.cache.RecurrentStateCache` holding, per layer, the teacher's kind of key/value
+layer (a :class:`wuneng.cache.GrowingKVLayer` for full attention, transformers' sliding-window layer for sliding
+layers, none for ARWKV layers) and the RWKV states ``time_shift`` [B, C] and ``wkv`` [B, H, N, N] (none in
+attention layers). ``generate()`` creates it; beam search reorders it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...auto_map import AutoMapMixin
 from ...cache import DummyLayer, GrowingKVLayer, RecurrentStateCache
-from ...layers.hybrid import ARWKVMixer, Attention, HybridMixer, RMSNorm
+from ...layers.hybrid import ARWKVMixer, HybridContext, HybridMixer, wrap_attention
 from ...layers.low_rank import derived_weights_session
 from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
 from ...saving import checkpoint_mismatches, describe_loading_problems
 from . import report
-from .configuration_wuneng import WuNengConfig
+from .configuration_wuneng import WuNengConfig, teacher_model_class
 
-__all__ = ["WuNengPreTrainedModel", "WuNengModel", "WuNengForCausalLM", "WuNengDecoderLayer", "WuNengMLP"]
-
-# Per-layer teacher parameters kept by every layer kind, and those of the teacher's attention.
-_TEACHER_LAYER_PARAMS = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-_TEACHER_ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-class WuNengMLP(nn.Module):
-    """The teacher's SwiGLU MLP: ``down(act(gate(x)) * up(x))``. [B,T,C] -> [B,T,C]."""
-
-    def __init__(self, config: WuNengConfig):
-        super().__init__()
-        C, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(C, I, bias=bias)
-        self.up_proj = nn.Linear(C, I, bias=bias)
-        self.down_proj = nn.Linear(I, C, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+__all__ = ["WuNengPreTrainedModel", "WuNengModel", "WuNengForCausalLM", "convert_layers", "new_hybrid_cache"]
 
 
 def _first_layer_of_kind(config: WuNengConfig, layer_idx: int) -> bool:
@@ -66,78 +45,73 @@ def _first_layer_of_kind(config: WuNengConfig, layer_idx: int) -> bool:
     return config.layer_kinds.index(kind) == layer_idx
 
 
-def build_mixer(config: WuNengConfig, layer_idx: int) -> nn.Module:
-    """The ``self_attn`` module of layer ``layer_idx`` for its kind in ``config.layer_kinds``."""
-    kind = config.layer_kinds[layer_idx]
+def convert_layers(base_model: nn.Module, config: WuNengConfig) -> None:
+    """Give each decoder layer of the teacher's base model (``base_model.layers``) the mixer of its kind in
+    ``config.layer_kinds``: wrap the attention (hybrid), replace it (ARWKV) or keep it (attention)."""
+    layers = getattr(base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) != config.num_hidden_layers:
+        raise ValueError(
+            f"the teacher's base model {type(base_model).__name__} has no list of {config.num_hidden_layers} decoder "
+            "layers in .layers; WuNeng converts decoder-only models whose layers each have a self_attn module"
+        )
     C, L = config.hidden_size, config.num_hidden_layers
-    common = dict(qkv_bias=config.attention_bias, out_bias=config.attention_out_bias)
-    if kind == "attention":
-        return Attention(
-            C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_idx, **common
-        )
-    # the first layer of a kind produces v_first; the later ones mix their values towards it
-    value_residual = not _first_layer_of_kind(config, layer_idx)
-    if kind == "hybrid":
-        return HybridMixer(
-            C,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            layer_idx,
-            L,
-            fusion=config.fusion,
-            middle_heads=config.middle_heads,
-            state_query=config.state_query,
-            state_query_init=config.state_query_init,
-            receptance_rank=config.receptance_rank,
-            gate_rank=config.gate_rank,
-            middle_rank=config.middle_rank,
-            value_residual=value_residual,
-            decay_rank=config.decay_low_rank_dim,
-            a_rank=config.a_low_rank_dim,
-            v_rank=config.v_low_rank_dim,
-            hymba_eps=config.rms_norm_eps,
-            wkv_impl=config.wkv_impl,
-            **common,
-        )
-    return ARWKVMixer(
-        C,
-        config.arwkv_num_heads,
-        config.arwkv_head_size,
-        layer_idx,
-        L,
-        value_residual=value_residual,
-        wkv_impl=config.wkv_impl,
-    )
+    for i, kind in enumerate(config.layer_kinds):
+        layer = layers[i]
+        if not isinstance(getattr(layer, "self_attn", None), nn.Module):
+            raise ValueError(
+                f"decoder layer {i} ({type(layer).__name__}) of the teacher has no self_attn module; WuNeng wraps "
+                "the attention module of each layer"
+            )
+        if kind == "attention":
+            continue
+        # the first layer of a kind produces v_first; the later ones mix their values towards it
+        value_residual = not _first_layer_of_kind(config, i)
+        if kind == "hybrid":
+            wrap_attention(
+                layer.self_attn,
+                C,
+                i,
+                L,
+                fusion=config.fusion,
+                middle_heads=config.middle_heads,
+                state_query=config.state_query,
+                state_query_init=config.state_query_init,
+                receptance_rank=config.receptance_rank,
+                gate_rank=config.gate_rank,
+                middle_rank=config.middle_rank,
+                value_residual=value_residual,
+                decay_rank=config.decay_low_rank_dim,
+                a_rank=config.a_low_rank_dim,
+                v_rank=config.v_low_rank_dim,
+                hymba_eps=config.rms_norm_eps,
+                wkv_impl=config.wkv_impl,
+            )
+        else:
+            layer.self_attn = ARWKVMixer(
+                C,
+                config.arwkv_num_heads,
+                config.arwkv_head_size,
+                i,
+                L,
+                value_residual=value_residual,
+                wkv_impl=config.wkv_impl,
+            )
 
 
-class WuNengDecoderLayer(nn.Module):
-    """``h = h + mixer(RMSNorm(h)); h = h + MLP(RMSNorm(h))`` (the teacher's layer, its attention swapped)."""
-
-    def __init__(self, config: WuNengConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.kind = config.layer_kinds[layer_idx]
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = build_mixer(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = WuNengMLP(config)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[RecurrentStateCache] = None,
-        v_first: Optional[torch.Tensor] = None,
-    ):
-        """hidden_states [B,T,C] -> (hidden_states [B,T,C], v_first of this layer's kind)."""
-        mixed, v_first = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, v_first
-        )
-        hidden_states = hidden_states + mixed
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, v_first
+def new_hybrid_cache(config: WuNengConfig) -> RecurrentStateCache:
+    """An empty inference cache: per layer the teacher's kind of key/value layer (full attention: a
+    :class:`GrowingKVLayer`; sliding window: transformers' own layer, as ``DynamicCache(config=teacher)`` makes
+    it), nothing for ARWKV layers, beside the recurrent states."""
+    template = DynamicCache(config=config.teacher_config)
+    layers = []
+    for kind, layer in zip(config.layer_kinds, template.layers):
+        if kind == "arwkv":
+            layers.append(DummyLayer())
+        elif type(layer) is DynamicLayer:
+            layers.append(GrowingKVLayer())
+        else:
+            layers.append(layer)
+    return RecurrentStateCache(config.num_hidden_layers, layers=layers)
 
 
 class WuNengPreTrainedModel(AutoMapMixin, PreTrainedModel):
@@ -145,79 +119,66 @@ class WuNengPreTrainedModel(AutoMapMixin, PreTrainedModel):
     config: WuNengConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["WuNengDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _is_stateful = True  # a recurrent state cannot be rolled back: no assisted generation
+
+    def _adopt_teacher(self, teacher: PreTrainedModel) -> None:
+        """Keep the teacher's model object (not as a submodule: its modules are this model's) to run its forward
+        and its weight init."""
+        self.__dict__["_teacher"] = teacher
+        self.__dict__["_teacher_init"] = type(teacher)._init_weights.__get__(teacher)
+        self._no_split_modules = list(getattr(teacher, "_no_split_modules", None) or [])
+        # transformers initialises a sub-model (the teacher's base model) with that sub-model's own _init_weights:
+        # route it here, so that the WuNeng mixers inside get their own init there too
+        for module in teacher.modules():
+            if isinstance(module, PreTrainedModel):
+                module.__dict__["_init_weights"] = self._init_weights
 
     def _init_weights(self, module: nn.Module) -> None:
         # Modules are visited children first: the RWKV modules re-apply their own init after their children's
-        # generic (normal / ones) init.
+        # (the teacher's) init; every other module gets the teacher's own init.
         if isinstance(module, HybridMixer):
             module.reset_new_parameters()
         elif isinstance(module, TimeMix):
             module.reset_parameters()
         elif isinstance(module, RWKV7StateHeads):
             module.reset_state_parameters()
+        elif "_teacher_init" in self.__dict__:
+            self.__dict__["_teacher_init"](module)
         else:
             super()._init_weights(module)
 
-
-class WuNengModel(WuNengPreTrainedModel):
-    """Embeddings, the decoder layers and the final norm. Returns the last hidden state [B, T, C]."""
-
-    def __init__(self, config: WuNengConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([WuNengDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        # v_first of the first layer of each kind, shared by the mixers' align_forward (stage-1 alignment)
-        self.v_first_store: Dict[str, torch.Tensor] = {}
-        for layer in self.layers:
-            if layer.kind != "attention":
-                layer.self_attn.v_first_store = self.v_first_store
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     def new_cache(self) -> RecurrentStateCache:
-        """An empty inference cache: a KV layer per attention/hybrid layer, a dummy per ARWKV layer."""
-        layers = [DummyLayer() if kind == "arwkv" else GrowingKVLayer() for kind in self.config.layer_kinds]
-        return RecurrentStateCache(self.config.num_hidden_layers, layers=layers)
+        """An empty inference cache (:func:`new_hybrid_cache`)."""
+        return new_hybrid_cache(self.config)
 
-    def forward(
+    def _teacher_forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RecurrentStateCache] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, past + T] 2-D padding mask;
-        position_ids [B or 1, T] (default: from the attention mask, so left padding does not shift positions,
-        else ``past + arange(T)``); past_key_values: a :class:`RecurrentStateCache` from :meth:`new_cache`."""
+    ):
+        """The teacher's forward with this model's cache and the mixers' :class:`HybridContext`."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("WuNengModel: give exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T, _ = inputs_embeds.shape
+            raise ValueError(f"{type(self).__name__}: give exactly one of input_ids or inputs_embeds")
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if use_cache is None:  # a training forward does not need (or keep alive) an inference cache
             use_cache = self.config.use_cache and not self.training
-        checkpointing = self.gradient_checkpointing and self.training
+        # transformers 5.23 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+        on = getattr(self, "is_activation_checkpointing", None)
+        checkpointing = self.training and bool(self.is_gradient_checkpointing if on is None else on)
         if checkpointing and use_cache:
             use_cache = False  # recomputation would write the cache twice
         if past_key_values is not None and not isinstance(past_key_values, RecurrentStateCache):
             raise TypeError(
-                f"WuNengModel: past_key_values must be a RecurrentStateCache from model.new_cache(), got "
+                f"{type(self).__name__}: past_key_values must be a RecurrentStateCache from model.new_cache(), got "
                 f"{type(past_key_values).__name__}"
             )
         if use_cache and past_key_values is None:
@@ -226,83 +187,92 @@ class WuNengModel(WuNengPreTrainedModel):
         # decides whether a new one is made); not under activation checkpointing, which runs the layers twice
         cache = None if checkpointing else past_key_values
         past = cache.get_seq_length() if cache is not None else 0
+        padding = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != past + T:
                 raise ValueError(
-                    f"WuNengModel: attention_mask must be a 2-D padding mask [B, past + T] = [{B}, {past + T}], got "
-                    f"shape {tuple(attention_mask.shape)}"
+                    f"{type(self).__name__}: attention_mask must be a 2-D padding mask [B, past + T] = "
+                    f"[{B}, {past + T}], got shape {tuple(attention_mask.shape)}"
                 )
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: the fast causal path
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-
-        hidden_states = inputs_embeds
-        all_hidden = [hidden_states] if output_hidden_states else None
-        v_first: Dict[str, Optional[torch.Tensor]] = {}
+            if not bool(attention_mask.all()):
+                padding = attention_mask
+        context = HybridContext(padding)
         # weights derived from parameters live for the cache's decoding session, or for this call without one
         with derived_weights_session(None if cache is None else cache.derived_weights):
-            for layer in self.layers:
-                if checkpointing:
-                    hidden_states, vf = self._gradient_checkpointing_func(
-                        layer.__call__,
-                        hidden_states,
-                        position_embeddings,
-                        attention_mask,
-                        None,
-                        v_first.get(layer.kind),
-                    )
-                else:
-                    hidden_states, vf = layer(
-                        hidden_states, position_embeddings, attention_mask, cache, v_first.get(layer.kind)
-                    )
-                if layer.kind not in v_first and vf is not None:
-                    v_first[layer.kind] = vf
-                if all_hidden is not None:
-                    all_hidden.append(hidden_states)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden[-1] = hidden_states
+            outputs = self.__dict__["_teacher"](
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                wuneng_context=context,
+                **kwargs,
+            )
         if cache is not None:
             cache.advance(T)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=cache,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-        )
+        return outputs
+
+
+class WuNengModel(WuNengPreTrainedModel):
+    """The teacher's base model (embeddings, decoder layers, final norm) with the WuNeng mixers; what
+    ``AutoModel`` loads from a WuNeng folder. Returns the teacher's base-model output (last hidden state
+    [B, T, C], the cache)."""
+
+    def __init__(self, config: WuNengConfig):
+        super().__init__(config)
+        base = teacher_model_class(config.teacher_config, causal_lm=False)(config.teacher_config)
+        convert_layers(base, config)
+        for name, child in base.named_children():
+            self.add_module(name, child)
+        self._adopt_teacher(base)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.__dict__["_teacher"].get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.__dict__["_teacher"].set_input_embeddings(value)
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, **kwargs):
+        """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask: 2-D padding mask [B, past + T]."""
+        return self._teacher_forward(input_ids, attention_mask, past_key_values, inputs_embeds, **kwargs)
 
 
 class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
-    """WuNeng language model with an LM head. Conversion: :meth:`from_teacher`; inference: ``generate()``."""
+    """WuNeng language model: the teacher's causal LM with WuNeng mixers. Conversion: :meth:`from_teacher`;
+    inference: ``generate()``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: WuNengConfig):
         super().__init__(config)
-        self.model = WuNengModel(config)
+        teacher = teacher_model_class(config.teacher_config)(config.teacher_config)
+        for name in ("model", "lm_head"):
+            if not isinstance(getattr(teacher, name, None), nn.Module):
+                raise ValueError(
+                    f"the teacher class {type(teacher).__name__} has no .{name}; WuNeng converts causal LMs laid out "
+                    "as .model (the decoder) and .lm_head"
+                )
+        convert_layers(teacher.model, config)
+        self.model = teacher.model
+        self.lm_head = teacher.lm_head
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._adopt_teacher(teacher)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
-
-    def new_cache(self) -> RecurrentStateCache:
-        """An empty inference cache (see :meth:`WuNengModel.new_cache`)."""
-        return self.model.new_cache()
+        self.__dict__["_teacher"].lm_head = value
 
     def forward(
         self,
@@ -314,30 +284,23 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         logits_to_keep: int = 0,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits [B, T, V] (the last ``logits_to_keep`` positions when > 0); ``loss`` (next-token cross-entropy,
-        labels shifted inside, -100 ignored) when ``labels`` [B, T] is given."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+        """The teacher's causal-LM forward: logits [B, T, V] (the last ``logits_to_keep`` positions when > 0, the
+        teacher's final softcapping if it has one); ``loss`` (next-token cross-entropy, labels shifted inside,
+        -100 ignored) when ``labels`` [B, T] is given. attention_mask: 2-D padding mask [B, past + T];
+        position_ids as the teacher takes them (default ``past + arange(T)``); past_key_values: a
+        :class:`RecurrentStateCache` from :meth:`new_cache`."""
+        return self._teacher_forward(
+            input_ids,
+            attention_mask,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
 
     # -- generation --------------------------------------------------------------------------------------
@@ -402,16 +365,17 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         return [i for i, kind in enumerate(self.config.layer_kinds) if kind != "attention"]
 
     def teacher_parameter_names(self) -> Set[str]:
-        """Names (as in ``named_parameters()``) of the parameters that come from the teacher."""
-        names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-        for i, kind in enumerate(self.config.layer_kinds):
-            prefix = f"model.layers.{i}."
-            names.update(prefix + n for n in _TEACHER_LAYER_PARAMS)
-            names.update(f"{prefix}mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj"))
-            if kind != "arwkv":
-                for proj in _TEACHER_ATTENTION_PARAMS:
-                    names.update((f"{prefix}self_attn.{proj}.weight", f"{prefix}self_attn.{proj}.bias"))
-        return names & {n for n, _ in self.named_parameters()}
+        """Names (as in ``named_parameters()``) of the parameters that come from the teacher: all but the state
+        side of hybrid layers and the whole of ARWKV layers."""
+        new = set()
+        for i, layer in enumerate(self.model.layers):
+            mixer = layer.self_attn
+            prefix = f"model.layers.{i}.self_attn."
+            if isinstance(mixer, HybridMixer):
+                new.update(prefix + n for n in mixer.new_parameter_names())
+            elif isinstance(mixer, ARWKVMixer):
+                new.update(prefix + n for n, _ in mixer.named_parameters())
+        return {n for n, _ in self.named_parameters()} - new
 
     def new_parameter_names(self) -> Set[str]:
         """Names of the parameters that are new (not copied from the teacher)."""

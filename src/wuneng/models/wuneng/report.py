@@ -7,14 +7,23 @@ model's methods (``teacher_num_parameters``, ``num_extra_parameters``, ``paramet
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict
+import functools
+from typing import TYPE_CHECKING, Dict, Tuple
 
-from .configuration_wuneng import WuNengConfig
+import torch
+
+from .configuration_wuneng import WuNengConfig, teacher_model_class
 
 if TYPE_CHECKING:
     from .modeling_wuneng import WuNengForCausalLM
 
-__all__ = ["teacher_num_parameters", "num_extra_parameters", "parameter_breakdown", "format_parameter_breakdown"]
+__all__ = [
+    "attention_params",
+    "teacher_num_parameters",
+    "num_extra_parameters",
+    "parameter_breakdown",
+    "format_parameter_breakdown",
+]
 
 #: parameter-name prefix inside a hybrid layer's ``self_attn`` -> component label (first match wins)
 HYBRID_COMPONENTS = (
@@ -27,30 +36,36 @@ HYBRID_COMPONENTS = (
 )
 
 
-def attention_params(c: WuNengConfig) -> int:
-    """Parameters of one teacher attention (q, k, v, o projections and their biases)."""
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    n = c.hidden_size * (q + 2 * kv) + q * c.hidden_size
-    if c.attention_bias:
-        n += q + 2 * kv
-    if c.attention_out_bias:
-        n += c.hidden_size
-    return n
+@functools.lru_cache(maxsize=16)
+def _teacher_counts(teacher_config_json: str) -> Tuple[int, Tuple[int, ...]]:
+    """(total parameters, attention parameters per layer) of the teacher described by a config's JSON, counted on
+    a meta-device skeleton of its own transformers class (tied embeddings counted once)."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    data = json.loads(teacher_config_json)
+    config = CONFIG_MAPPING[data.pop("model_type")](**data)
+    with torch.device("meta"):
+        teacher = teacher_model_class(config)(config)
+    total = sum(p.numel() for p in teacher.parameters())
+    per_layer = tuple(sum(p.numel() for p in layer.self_attn.parameters()) for layer in teacher.model.layers)
+    return total, per_layer
 
 
-def mlp_params(c: WuNengConfig) -> int:
-    """Parameters of one teacher SwiGLU MLP (gate, up, down and their biases)."""
-    n = 3 * c.hidden_size * c.intermediate_size
-    if c.mlp_bias:
-        n += 2 * c.intermediate_size + c.hidden_size
-    return n
+def _counts(config: WuNengConfig) -> Tuple[int, Tuple[int, ...]]:
+    return _teacher_counts(config.teacher_config.to_json_string(use_diff=False))
+
+
+def attention_params(config: WuNengConfig, layer_idx: int = 0) -> int:
+    """Parameters of the teacher's attention in layer ``layer_idx`` (projections, biases, q/k norms)."""
+    return _counts(config)[1][layer_idx]
 
 
 def teacher_num_parameters(config: WuNengConfig) -> int:
-    """Parameter count of the teacher a model of ``config`` was converted from (computed from the config)."""
-    c = config
-    C, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
-    return V * C * (1 if c.tie_word_embeddings else 2) + C + L * (2 * C + mlp_params(c) + attention_params(c))
+    """Parameter count of the teacher a model of ``config`` was converted from (its own classes on the meta
+    device)."""
+    return _counts(config)[0]
 
 
 def num_extra_parameters(model: "WuNengForCausalLM") -> int:
@@ -89,7 +104,7 @@ def parameter_breakdown(model: "WuNengForCausalLM") -> Dict[str, int]:
             if local.startswith(prefix):
                 add("new: " + label, n)
                 break
-    dropped = len(model.config.arwkv_layers) * attention_params(model.config)
+    dropped = sum(attention_params(model.config, i) for i in model.config.arwkv_layers)
     if dropped:
         out["dropped: teacher attention of ARWKV layers"] = -dropped
     order = ("teacher", "new", "dropped")
