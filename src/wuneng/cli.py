@@ -628,7 +628,8 @@ def _layer_list(text: str | None, option: str):
 @app.command("convert", epilog=_examples("convert"))
 def convert_command(
     teacher_dir: str = typer.Argument(
-        ..., help="Local Llama/Qwen2 checkpoint folder (config.json + safetensors + tokenizer)."
+        ...,
+        help="Local teacher checkpoint folder of a transformers causal LM (Llama, Qwen2/3, Mistral, Gemma 3, Phi-3, Qwen3-MoE, ...: config.json + safetensors + tokenizer).",
     ),
     out_dir: str = typer.Argument(..., help="Output folder (WuNeng config.json, model.safetensors, tokenizer files)."),
     fusion: str = typer.Option("gate", help="Cross-head fusion: gate | add | concat | hymba | none."),
@@ -666,7 +667,7 @@ def convert_command(
         help="Replace OUT_DIR if it is a wuneng model folder (any other non-empty folder, or TEACHER_DIR itself, is refused).",
     ),
 ) -> None:
-    """Convert a Llama/Qwen2 teacher into a WuNeng hybrid (or ARWKV) model.
+    """Convert a transformers decoder (the teacher) into a WuNeng hybrid (or ARWKV) model.
 
     Hybrid conversion is function-preserving: the logits equal the teacher's at step 0 (every fusion but
     hymba). ARWKV conversion (--arwkv, --arwkv-layers) is not function-preserving: those layers' attention is
@@ -728,7 +729,7 @@ def convert_command(
 @app.command("select-layers", epilog=_examples("select-layers"))
 def select_layers_command(
     teacher_dir: str = typer.Argument(
-        ..., help="Local Llama/Qwen2 teacher folder (config.json + safetensors + tokenizer)."
+        ..., help="Local teacher folder of a transformers causal LM (config.json + safetensors + tokenizer)."
     ),
     budget: int = typer.Option(
         ..., "--budget", help="Distillation tokens per run (one run per candidate layer, plus the baseline)."

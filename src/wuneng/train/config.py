@@ -191,7 +191,7 @@ class TrainConfig:
     stage: Literal["pretrain", "align", "distill", "sft"] = "pretrain"
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Teacher for align/distill: a local Qwen2/Llama folder.
+    # Teacher for align/distill: a local folder of the transformers causal LM the student was converted from.
     teacher: Optional[str] = None
     # "byte" (the project's ByteLevelTokenizer), a local tokenizer folder, or None = the teacher's
     # tokenizer when there is a teacher folder, else the model folder's, else "byte".

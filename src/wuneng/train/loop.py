@@ -162,7 +162,7 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise FileNotFoundError(
-            f"teacher {p}: no config.json there (expected a local Qwen2/Llama save_pretrained folder)"
+            f"teacher {p}: no config.json there (expected a local save_pretrained folder of a transformers causal LM)"
         )
     _register_project_models(_model_type_of(p))
     check_model_folder(p, "teacher")  # one line naming a corrupt weights file or a config mismatch

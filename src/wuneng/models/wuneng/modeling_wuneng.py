@@ -326,8 +326,8 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         hybrid_layers=None,
         **options,
     ) -> "WuNengForCausalLM":
-        """Convert a Llama/Qwen2 teacher (an in-memory ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` or a local
-        checkpoint directory). See :func:`wuneng.convert.convert_teacher` for every option."""
+        """Convert a teacher (an in-memory transformers causal LM, e.g. ``Qwen2ForCausalLM``, or a local checkpoint
+        directory). See :func:`wuneng.convert.convert_teacher` for every option."""
         from ...convert import convert_teacher  # conversion sits above the model package
 
         return convert_teacher(
