@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from wuneng.layers.hybrid import HybridContext
 from wuneng.train.config import AlignConfig, DataConfig, DistillConfig, OptimConfig
 from wuneng.train.data import build_dataset
 from wuneng.train.loop import NonFiniteLossError, train
@@ -183,12 +184,14 @@ class FakeHybridMixer(nn.Module):
         self.state_proj = nn.Linear(width, width, bias=False)
         self.mix = nn.Parameter(torch.zeros(width))
 
-    def align_forward(self, hidden_states, position_embeddings, attention_mask=None):
-        assert attention_mask is None or attention_mask.ndim == 2  # the 2-D padding mask
+    def align_forward(self, hidden_states, *args, wuneng_context=None, **kwargs):
+        # the contract: what the teacher's attention received, and the per-batch context with the 2-D padding mask
+        mask = wuneng_context.attention_mask
+        assert mask is None or mask.ndim == 2
         s = self.state_proj(hidden_states)
         if not self.hybrid:  # ARWKV-like replacement: only an output
             return {"output": self.attn.o_proj(s)}
-        a = self.attn(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=None)[0]
+        a = self.attn(hidden_states, *args, **kwargs)[0]
         return {"output": a + self.mix * s, "state": self.attn.o_proj(s)}
 
 
@@ -219,7 +222,7 @@ def test_capture_is_teacher_forced(tokenizer):
         torch.testing.assert_close(cap[i]["hidden_states"], layer.input_layernorm(hs[i]), rtol=0, atol=0)
         torch.testing.assert_close(
             cap[i]["output"],
-            layer.self_attn(cap[i]["hidden_states"], cap[i]["position_embeddings"], None)[0],
+            layer.self_attn(cap[i]["hidden_states"], *cap[i]["args"], **cap[i]["kwargs"])[0],
             rtol=1e-6,
             atol=1e-6,
         )
@@ -242,7 +245,12 @@ def test_align_loss_oracle(tokenizer):
     terms = {"output": [], "state": []}
     for i in (0, 1):
         with torch.no_grad():
-            r = student.model.layers[i].self_attn.align_forward(cap[i]["hidden_states"], cap[i]["position_embeddings"])
+            r = student.model.layers[i].self_attn.align_forward(
+                cap[i]["hidden_states"],
+                *cap[i]["args"],
+                wuneng_context=HybridContext(batch["attention_mask"]),
+                **cap[i]["kwargs"],
+            )
         for k in terms:
             d = (cap[i]["output"].double() - r[k].double()).norm(dim=-1) / math.sqrt(32)
             terms[k].append((d * mask).sum() / mask.sum())
