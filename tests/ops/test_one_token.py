@@ -301,21 +301,41 @@ def test_meta_state_time_mix_decoding_equals_its_tensor_path(num_heads, monkeypa
 def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
     """WUNENG_CPU_KERNEL=0 (or no compiler): TimeMix and HybridMixer decode through their tensor paths, and
     impl='cpu' says why it cannot run."""
-    from wuneng.layers.hybrid import HybridMixer
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
+
+    import wuneng.layers.hybrid as hybrid_mod
+    from wuneng.layers.hybrid import HybridContext, wrap_attention
     from wuneng.ops.wkv7 import cpu as cpu_mod
 
     torch.manual_seed(0)
     tm = perturb_(TimeMix(32, 2, 16, 0, 2).double(), 0.2)
-    hm = perturb_(HybridMixer(32, 2, 1, 16, 0, 2, middle_heads=1).double(), 0.2)
+    # a tiny Qwen2 attention (2 query heads, 1 kv head, head size 16) wrapped into a hybrid mixer
+    config = Qwen2Config(
+        hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_hidden_layers=2,
+        intermediate_size=64, vocab_size=64, attn_implementation="sdpa",
+    )  # fmt: skip
+    hm = perturb_(wrap_attention(Qwen2Attention(config, 0), 32, 0, 2, middle_heads=1).double(), 0.2)
     x = torch.randn(2, 1, 32, dtype=torch.float64)
-    pe = (torch.ones(2, 1, 16, dtype=torch.float64), torch.zeros(2, 1, 16, dtype=torch.float64))
+    # one token: the teacher's attention needs no mask; position 0 (cos 1, sin 0)
+    pe = Qwen2RotaryEmbedding(config)(x, torch.zeros(2, 1, dtype=torch.long))
+
+    def hybrid(x):
+        return hm(hidden_states=x, position_embeddings=pe, attention_mask=None, wuneng_context=HybridContext())[0]
+
+    fused = []
+    real_fused = hybrid_mod.hybrid_state_one_token
+    monkeypatch.setattr(hybrid_mod, "hybrid_state_one_token", lambda *a, **k: fused.append(1) or real_fused(*a, **k))
     with torch.no_grad():
-        want_tm, want_hm = tm(x)[0], hm(x, pe)[0]
+        want_tm, want_hm = tm(x)[0], hybrid(x)
+    calls_with_kernel = 1 if cpu_kernel_available() else 0
+    assert len(fused) == calls_with_kernel  # with the kernel, the hybrid mixer's state side is the one C call
     monkeypatch.setenv("WUNENG_CPU_KERNEL", "0")
     cpu_mod._library.cache_clear()
     try:
         with torch.no_grad():
-            assert rel_err(tm(x)[0], want_tm) <= 1e-12 and rel_err(hm(x, pe)[0], want_hm) <= 1e-12
+            assert rel_err(tm(x)[0], want_tm) <= 1e-12 and rel_err(hybrid(x), want_hm) <= 1e-12
+        assert len(fused) == calls_with_kernel  # without it, the tensor path
         wt = make_weights(32, 2, 16, False)
         x2, shift, S, _ = make_inputs(2, 32, 2, 16, value_residual=False)
         with pytest.raises(ValueError, match="impl='cpu' needs"):
