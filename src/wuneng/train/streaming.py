@@ -556,9 +556,8 @@ class TokenStream:
             start = rows[0].start
             order = [0]
             if window > 1:
-                g = torch.Generator().manual_seed(
-                    (self.seed * 1_000_003 + start[0].epoch) * 1_000_003 + start[0].record * 65_537 + start[1]
-                )
+                key = ((self.seed * 1_000_003 + start[0].epoch) * 1_000_003 + start[0].record) * 65_537 + start[1]
+                g = torch.Generator().manual_seed(key % (1 << 63))
                 order = torch.randperm(len(rows), generator=g).tolist()
             for i in range(taken, len(rows)):
                 yield rows[order[i]], start, i
