@@ -217,3 +217,66 @@ def test_from_pretrained_honours_ignore_mismatched_sizes(kind, tmp_path):
         else:
             assert torch.equal(t, saved[name]), name
     assert loaded(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, new_vocab)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# teacher families other than Llama/Qwen2 (issue 14 item 2): the saved folder names the teacher's classes
+# -------------------------------------------------------------------------------------------------------------
+FAMILY_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folder = sys.argv[1]
+    ref = load_file(folder + "/reference.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ref["ids"], attention_mask=ref["mask"]).logits
+        tokens = model.generate(ref["ids"], attention_mask=ref["mask"], max_new_tokens=%(new)d,
+                                min_new_tokens=%(new)d, do_sample=False, pad_token_id=0)
+    print()
+    print("REPORT " + json.dumps({
+        "class": type(model).__name__,
+        "teacher_model_type": model.config.teacher_config.model_type,
+        "mixers": [type(layer.self_attn).__name__ for layer in model.model.layers],
+        "logits_equal": bool(torch.equal(logits, ref["logits"])),
+        "tokens_equal": bool(torch.equal(tokens, ref["tokens"])),
+    }))
+    """
+) % {"new": NEW_TOKENS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3"])
+def test_non_llama_family_loads_in_a_fresh_process_with_identical_logits(family, tmp_path):
+    """A converted Gemma 3 (sliding/full layers, tied embeddings) and Phi-3 (fused projections) student with
+    state heads that act, saved here and loaded by ``AutoModelForCausalLM`` in a new process: bit-identical logits
+    on a left-padded batch and the same greedy tokens."""
+    from test_teacher_families import make_teacher, padded_batch, perturb_new_parameters
+
+    student = perturb_new_parameters(WuNengForCausalLM.from_teacher(make_teacher(family), keep_attention=[1]))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        logits = student(ids, attention_mask=mask).logits
+        tokens = student.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+    student.save_pretrained(tmp_path)
+    save_file({"ids": ids, "mask": mask, "logits": logits, "tokens": tokens}, str(tmp_path / "reference.safetensors"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [os.path.dirname(os.path.dirname(__import__("wuneng").__file__)), env.get("PYTHONPATH")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", FAMILY_CHILD, str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    report = json.loads(lines[-1][len("REPORT ") :])
+    assert report["class"] == "WuNengForCausalLM" and report["teacher_model_type"] == family, report
+    assert report["mixers"] == [type(layer.self_attn).__name__ for layer in student.model.layers], report
+    assert report["logits_equal"] and report["tokens_equal"], report
