@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from typing import Dict, List, Optional, Set
 
 import torch
@@ -47,13 +48,16 @@ def _first_layer_of_kind(config: WuNengConfig, layer_idx: int) -> bool:
 
 def convert_layers(base_model: nn.Module, config: WuNengConfig) -> None:
     """Give each decoder layer of the teacher's base model (``base_model.layers``) the mixer of its kind in
-    ``config.layer_kinds``: wrap the attention (hybrid), replace it (ARWKV) or keep it (attention)."""
+    ``config.layer_kinds``: wrap the attention (hybrid), replace it (ARWKV) or keep it (attention); and give the
+    base model the forward that brings the cache and the mixers' context (:func:`_hybrid_base_forward`)."""
     layers = getattr(base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) != config.num_hidden_layers:
         raise ValueError(
             f"the teacher's base model {type(base_model).__name__} has no list of {config.num_hidden_layers} decoder "
             "layers in .layers; WuNeng converts decoder-only models whose layers each have a self_attn module"
         )
+    base_model.__dict__["_wuneng_config"] = config
+    base_model.forward = types.MethodType(_hybrid_base_forward, base_model)
     C, L = config.hidden_size, config.num_hidden_layers
     for i, kind in enumerate(config.layer_kinds):
         layer = layers[i]
@@ -114,6 +118,70 @@ def new_hybrid_cache(config: WuNengConfig) -> RecurrentStateCache:
     return RecurrentStateCache(config.num_hidden_layers, layers=layers)
 
 
+def _hybrid_base_forward(
+    self: PreTrainedModel,
+    input_ids=None,
+    attention_mask=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    wuneng_context: Optional[HybridContext] = None,
+    **kwargs,
+):
+    """The forward of a WuNeng student's base model (the teacher's base model class, e.g. ``Qwen2Model``): its own
+    forward with this model's cache and the mixers' :class:`HybridContext`, so that the base model runs on its
+    own too (``model.base_model(...)``, as TRL calls it). Installed as the instance's ``forward`` by
+    :func:`convert_layers` (a bound method: ``copy.deepcopy`` rebinds it to the copy)."""
+    name = type(self).__name__
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"{name}: give exactly one of input_ids or inputs_embeds")
+    B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    config = self.__dict__["_wuneng_config"]
+    if use_cache is None:  # a training forward does not need (or keep alive) an inference cache
+        use_cache = config.use_cache and not self.training
+    # transformers 5.23 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    on = getattr(self, "is_activation_checkpointing", None)
+    checkpointing = self.training and bool(self.is_gradient_checkpointing if on is None else on)
+    if checkpointing and use_cache:
+        use_cache = False  # recomputation would write the cache twice
+    if past_key_values is not None and not isinstance(past_key_values, RecurrentStateCache):
+        raise TypeError(
+            f"WuNeng model: past_key_values must be a RecurrentStateCache from model.new_cache(), got "
+            f"{type(past_key_values).__name__}"
+        )
+    if use_cache and past_key_values is None:
+        past_key_values = new_hybrid_cache(config)
+    # a given cache is read and updated even with use_cache=False, as transformers' Llama does (use_cache only
+    # decides whether a new one is made); not under activation checkpointing, which runs the layers twice
+    cache = None if checkpointing else past_key_values
+    past = cache.get_seq_length() if cache is not None else 0
+    padding = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != past + T:
+            raise ValueError(
+                f"WuNeng model: attention_mask must be a 2-D padding mask [B, past + T] = [{B}, {past + T}], got "
+                f"shape {tuple(attention_mask.shape)}"
+            )
+        if not bool(attention_mask.all()):
+            padding = attention_mask
+    context = HybridContext(padding) if wuneng_context is None else wuneng_context
+    # weights derived from parameters live for the cache's decoding session, or for this call without one
+    with derived_weights_session(None if cache is None else cache.derived_weights):
+        outputs = type(self).forward(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            wuneng_context=context,
+            **kwargs,
+        )
+    if cache is not None:
+        cache.advance(T)
+    return outputs
+
+
 class WuNengPreTrainedModel(AutoMapMixin, PreTrainedModel):
     config_class = WuNengConfig
     config: WuNengConfig
@@ -156,62 +224,6 @@ class WuNengPreTrainedModel(AutoMapMixin, PreTrainedModel):
         """An empty inference cache (:func:`new_hybrid_cache`)."""
         return new_hybrid_cache(self.config)
 
-    def _teacher_forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        **kwargs,
-    ):
-        """The teacher's forward with this model's cache and the mixers' :class:`HybridContext`."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(f"{type(self).__name__}: give exactly one of input_ids or inputs_embeds")
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if use_cache is None:  # a training forward does not need (or keep alive) an inference cache
-            use_cache = self.config.use_cache and not self.training
-        # transformers 5.23 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
-        on = getattr(self, "is_activation_checkpointing", None)
-        checkpointing = self.training and bool(self.is_gradient_checkpointing if on is None else on)
-        if checkpointing and use_cache:
-            use_cache = False  # recomputation would write the cache twice
-        if past_key_values is not None and not isinstance(past_key_values, RecurrentStateCache):
-            raise TypeError(
-                f"{type(self).__name__}: past_key_values must be a RecurrentStateCache from model.new_cache(), got "
-                f"{type(past_key_values).__name__}"
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
-        # a given cache is read and updated even with use_cache=False, as transformers' Llama does (use_cache only
-        # decides whether a new one is made); not under activation checkpointing, which runs the layers twice
-        cache = None if checkpointing else past_key_values
-        past = cache.get_seq_length() if cache is not None else 0
-        padding = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != past + T:
-                raise ValueError(
-                    f"{type(self).__name__}: attention_mask must be a 2-D padding mask [B, past + T] = "
-                    f"[{B}, {past + T}], got shape {tuple(attention_mask.shape)}"
-                )
-            if not bool(attention_mask.all()):
-                padding = attention_mask
-        context = HybridContext(padding)
-        # weights derived from parameters live for the cache's decoding session, or for this call without one
-        with derived_weights_session(None if cache is None else cache.derived_weights):
-            outputs = self.__dict__["_teacher"](
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                wuneng_context=context,
-                **kwargs,
-            )
-        if cache is not None:
-            cache.advance(T)
-        return outputs
-
 
 class WuNengModel(WuNengPreTrainedModel):
     """The teacher's base model (embeddings, decoder layers, final norm) with the WuNeng mixers; what
@@ -236,7 +248,13 @@ class WuNengModel(WuNengPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, **kwargs):
         """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask: 2-D padding mask [B, past + T]."""
-        return self._teacher_forward(input_ids, attention_mask, past_key_values, inputs_embeds, **kwargs)
+        return self.__dict__["_teacher"](
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
 
 
 class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
@@ -291,12 +309,12 @@ class WuNengForCausalLM(WuNengPreTrainedModel, GenerationMixin):
         -100 ignored) when ``labels`` [B, T] is given. attention_mask: 2-D padding mask [B, past + T];
         position_ids as the teacher takes them (default ``past + arange(T)``); past_key_values: a
         :class:`RecurrentStateCache` from :meth:`new_cache`."""
-        return self._teacher_forward(
-            input_ids,
-            attention_mask,
-            past_key_values,
-            inputs_embeds,
-            use_cache,
+        return self.__dict__["_teacher"](
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
             position_ids=position_ids,
             labels=labels,
             logits_to_keep=logits_to_keep,
