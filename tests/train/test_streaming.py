@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wuneng.train.config import ConfigError, DataConfig, validate
+from wuneng.train.config import ConfigError, DataConfig, load_config, validate
 from wuneng.train.data import DataError, build_dataset
 from wuneng.train.loop import train
 from wuneng.train.streaming import TokenStream, list_shards
 
-from train_helpers import TEXTS, quick_config, tiny_qwen2, write_jsonl
+from train_helpers import TEXTS, quick_config, tiny_qwen2, write_jsonl, write_yaml
 
 WORDS = ["ab", "cde", "f", "ghij", "klmnopq", "r", "st"]
 
@@ -218,6 +218,15 @@ def test_errors_are_one_line_naming_the_cause(tmp_path, tokenizer):
     cfg = quick_config(tmp_path / "run", data=DataConfig(sources=[str(good)], num_workers=2))
     with pytest.raises(ConfigError, match=r"set data.streaming: true"):
         validate(cfg, has_model=True)
+    recipe = write_yaml(
+        tmp_path / "run.yaml", {"model": {"config": "x"}, "data": {"streaming": True, "num_workers": -1}}
+    )
+    with pytest.raises(ConfigError, match=r"num_workers and shuffle_window must be >= 0, got -1"):
+        validate(load_config(recipe), has_model=True, has_data=True)
+    recipe = write_yaml(
+        tmp_path / "run.yaml", {"model": {"config": "x"}, "data": {"streaming": True, "num_workers": 2}}
+    )
+    assert load_config(recipe).data.num_workers == 2
 
 
 def test_resuming_a_non_streaming_checkpoint_with_streaming_is_refused(tmp_path, tokenizer):

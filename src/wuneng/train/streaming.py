@@ -446,7 +446,6 @@ class TokenStream:
         self._window_taken = 0  # rows of that window already handed out
         self._rows: Optional[Iterator[_Row]] = None
         self._ahead: deque = deque()  # (row, window_start, window_taken) of rows produced but not handed out
-        self._loader_iter = None
         logger.info(
             "streaming %d shard(s) with %d tokenising worker(s), rows of %d tokens (%s packing)",
             len(self.shards),
@@ -470,14 +469,25 @@ class TokenStream:
                 prefetch_factor=self.prefetch,
             )
             items = iter(loader)
-            self._loader_iter = items
         else:
             items = iter(blocks)
-        for item in items:
-            if "error" in item:
-                raise DataError(item["error"])
-            for pos, ids, labels, splittable, last in item["docs"]:
-                yield pos, Document(ids.tolist(), labels.tolist(), splittable), last
+        error = None
+        try:
+            for item in items:
+                if "error" in item:
+                    error = item["error"]
+                    break
+                for pos, ids, labels, splittable, last in item["docs"]:
+                    yield pos, Document(ids.tolist(), labels.tolist(), splittable), last
+        finally:
+            # stop the workers now: the DataError's traceback (or a generator left suspended) would otherwise keep
+            # the DataLoader iterator, and its worker processes, alive until garbage collection
+            stop = getattr(items, "_shutdown_workers", None)
+            if stop is not None:
+                stop()
+            items = None
+        if error is not None:
+            raise DataError(error)
 
     # ---- rows, in stream order (pack_documents' rules, one row at a time)
     def _packed(self, start: tuple[_Position, int]) -> Iterator[Optional[_Row]]:
@@ -639,9 +649,10 @@ class TokenStream:
 
     def close(self) -> None:
         """Stop the workers (a later :meth:`next_rows` starts new ones from the current position)."""
+        if self._rows is not None:
+            self._rows.close()  # the nested generators close in turn; _documents' finally stops the workers
         self._rows = None
         self._ahead.clear()
-        self._loader_iter = None
 
 
 def open_stream(
