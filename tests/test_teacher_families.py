@@ -229,6 +229,14 @@ def test_beam_search_equals_the_teachers(family):
     assert got.sequences.shape == (6, 12 + NEW_TOKENS)
     assert torch.equal(got.sequences, want.sequences), (family, got.sequences, want.sequences)
     assert max_diff(got.sequences_scores, want.sequences_scores) <= LOGITS_ATOL
+    # with state heads that act, the beams' recurrent states follow their beams: the cached search equals the
+    # search that recomputes every beam's whole sequence at each step (use_cache=False)
+    perturb_new_parameters(student)
+    with torch.no_grad():
+        cached = student.generate(ids, **kwargs)
+        recomputed = student.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences), (family, cached.sequences, recomputed.sequences)
+    assert max_diff(cached.sequences_scores, recomputed.sequences_scores) <= CHUNK_RTOL
 
 
 @pytest.mark.xfail(
@@ -256,6 +264,7 @@ def chunked_last_logits(model, ids, mask, split: int, cache):
     """Last-position logits [B, V] of the prompt fed as ids[:, :split] then ids[:, split:] through ``cache``."""
     first = model(ids[:, :split], attention_mask=mask[:, :split], past_key_values=cache, use_cache=True)
     second = model(ids[:, split:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+    assert second.past_key_values is cache
     return second.logits[:, -1]
 
 
@@ -269,8 +278,17 @@ def test_chunked_prefill_equals_one_pass(family):
     ids, mask = padded_batch()
     with torch.no_grad():
         one_pass = teacher(ids, attention_mask=mask).logits[:, -1]
-        teacher_chunked = chunked_last_logits(teacher, ids, mask, 7, DynamicCache(config=teacher.config))
-        student_chunked = chunked_last_logits(student, ids, mask, 7, student.new_cache())
+        teacher_cache, student_cache = DynamicCache(config=teacher.config), student.new_cache()
+        teacher_chunked = chunked_last_logits(teacher, ids, mask, 7, teacher_cache)
+        student_chunked = chunked_last_logits(student, ids, mask, 7, student_cache)
+        # the student's cache holds the teacher's kind of key/value layer: a sliding layer keeps only its window
+        for i, (ours, theirs) in enumerate(zip(student_cache.layers, teacher_cache.layers)):
+            assert ours.keys.shape == theirs.keys.shape, (family, i, ours.keys.shape, theirs.keys.shape)
+            assert max_diff(ours.keys, theirs.keys) <= LOGITS_ATOL and max_diff(ours.values, theirs.values) <= (
+                LOGITS_ATOL
+            )
+        if family in SLIDING_FAMILIES:
+            assert min(layer.keys.shape[-2] for layer in student_cache.layers) < ids.shape[1]
         scale = float(one_pass.abs().max())
         assert max_diff(teacher_chunked, one_pass) <= CHUNK_RTOL * scale  # the reference itself
         assert max_diff(student_chunked, one_pass) <= CHUNK_RTOL * scale, (family, max_diff(student_chunked, one_pass))
@@ -283,12 +301,16 @@ def test_chunked_prefill_equals_one_pass(family):
             assert err <= CHUNK_RTOL * float(one_pass.abs().max()), (family, split, err)
 
 
+@pytest.mark.parametrize("kind", ["hybrid", "arwkv"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_cached_greedy_decoding_of_a_trained_student_equals_recomputation(family):
+def test_cached_greedy_decoding_of_a_trained_student_equals_recomputation(family, kind):
     """With state heads that act (perturbed), ``generate()`` through the cache (sliding-window KV, recurrent
-    states, left padding) gives, at every step, the logits of the whole sequence recomputed without a cache."""
+    states, left padding) gives, at every step, the logits of the whole sequence recomputed without a cache; for
+    hybrid layers and for ARWKV ones (with layer 1 kept as the teacher's attention)."""
     teacher = make_teacher(family)
-    student = perturb_new_parameters(WuNengForCausalLM.from_teacher(teacher))
+    options = {} if kind == "hybrid" else dict(attention=False, keep_attention=[1])
+    student = perturb_new_parameters(WuNengForCausalLM.from_teacher(teacher, **options))
+    assert student.config.layer_kinds.count(kind) >= 3
     ids, mask = padded_batch()
     with torch.no_grad():
         out = greedy(student, ids, mask)
@@ -303,6 +325,24 @@ def test_cached_greedy_decoding_of_a_trained_student_equals_recomputation(family
             assert err <= CHUNK_RTOL * float(want.abs().max()), (family, step, err)
             want[:, SHAPES["eos_token_id"]] = -float("inf")  # what min_new_tokens does to the eos logit
             assert torch.equal(seq[:, n], want.argmax(-1)), (family, step)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_left_padding_does_not_change_a_rows_logits_when_the_state_heads_act(family):
+    """A left-padded row (positions as ``generate()`` gives them) has, at its real tokens, the logits of the same
+    tokens alone: the padding reaches neither the attention nor the recurrent state (perturbed new parameters,
+    so the state heads change the output). The teacher's own difference is the reference of the tolerance."""
+    teacher = make_teacher(family)
+    student = perturb_new_parameters(WuNengForCausalLM.from_teacher(teacher, keep_attention=[1]))
+    ids, mask = padded_batch()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    real = mask[0].bool()
+    with torch.no_grad():
+        for model in (teacher, student):
+            padded = model(ids, attention_mask=mask, position_ids=positions).logits[0, real]
+            alone = model(ids[:1, real]).logits[0]
+            err = max_diff(padded, alone)
+            assert err <= CHUNK_RTOL * float(alone.abs().max()), (family, type(model).__name__, err)
 
 
 # -- saving -----------------------------------------------------------------------------------------------------
