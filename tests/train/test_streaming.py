@@ -15,7 +15,7 @@ from wuneng.train.data import DataError, build_dataset
 from wuneng.train.loop import train
 from wuneng.train.streaming import TokenStream, list_shards
 
-from train_helpers import TEXTS, quick_config, tiny_qwen2, write_jsonl, write_yaml
+from train_helpers import TEXTS, quick_config, saved_run_files, tiny_qwen2, write_jsonl, write_yaml
 
 WORDS = ["ab", "cde", "f", "ghij", "klmnopq", "r", "st"]
 
@@ -243,3 +243,28 @@ def test_resuming_a_non_streaming_checkpoint_with_streaming_is_refused(tmp_path,
             tokenizer=tokenizer,
             resume=True,
         )
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_rows_of_one(tmp_path, tokenizer):
+    """torchrun with 2 processes x micro-batch 2 (each reads the whole stream, 1 worker each, and keeps its rows)
+    equals 1 process x 4 within test_distributed's tolerance."""
+    from test_distributed import ATOL, STEPS, max_diff, run_both
+
+    data = {
+        "sources": [str(tmp_path / "data.txt")],
+        "seq_len": 16,
+        "text_unit": "line",
+        "streaming": True,
+        "num_workers": 1,
+        "shuffle_window": 4,
+    }
+    path = saved_run_files(
+        tmp_path, tokenizer, data=data, grad_accum_steps=2, max_steps=STEPS, save_every=STEPS,
+        optim={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+    )  # fmt: skip
+    one_w, two_w = run_both(tmp_path, path)
+    assert (tmp_path / "two" / f"checkpoints/step_{STEPS:08d}/data_state.json").is_file()
+    moved, diff = max_diff(one_w, tiny_qwen2().state_dict()), max_diff(one_w, two_w)
+    assert moved > 1e-3
+    assert diff < ATOL, f"max |w_1proc - w_2proc| = {diff:.3g}"
