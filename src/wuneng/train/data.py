@@ -18,6 +18,9 @@ in Hugging Face.
 
 Packing (:func:`pack_documents`) yields fixed-length rows ``input_ids``/``labels``/``attention_mask``
 [N, seq_len]; padding has ``attention_mask = 0`` and ``labels = -100``.
+
+This module reads everything before training (:func:`build_dataset`); ``data.streaming`` reads the same sources
+as a stream instead (:mod:`wuneng.train.streaming`, built on the record and tokenisation functions here).
 """
 
 from __future__ import annotations

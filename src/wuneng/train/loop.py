@@ -3,7 +3,9 @@
 One optimiser step = ``grad_accum_steps`` micro-batches of ``micro_batch_size`` rows on each of
 ``world_size`` processes. Row order is a seeded permutation per epoch, indexed by the global sample
 position, so the data a step sees depends only on (seed, step) — not on the number of processes —
-and resuming needs no data-loader state. Losses are sums over tokens divided by the token count of
+and resuming needs no data-loader state. With ``data.streaming`` the rows of a step are instead the next
+``rows_per_step`` rows of a :class:`~wuneng.train.streaming.TokenStream` (read by every process, which keeps its
+share), whose position every checkpoint saves. Losses are sums over tokens divided by the token count of
 the whole global step, so 1 process x batch 4 and 2 processes x batch 2 compute the same gradient.
 """
 
