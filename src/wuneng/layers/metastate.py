@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rwkv7 import TimeMix, _layer_ratios, mix_init, orthogonal_, token_shift
+from .rwkv7 import TimeMix, _layer_ratios, mix_init, orthogonal_, token_shift, token_shift_documents
 
 __all__ = [
     "MetaStateTimeMix",
@@ -124,9 +124,11 @@ class MetaStateTimeMix(TimeMix):
         v_first: Optional[torch.Tensor] = None,
         state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         mask: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
         """x: [B,T,C] (the LN1 output); v_first [B,T,A] or None (first layer); state (shift [B,C], wkv
-        [B,H,N,N]) or None; mask [B,T] or None.
+        [B,H,N,N]) or None; mask [B,T] or None; doc_start: bool [B,T] or None (documents of packed rows: the
+        token shift and the WKV state restart there, as in :meth:`TimeMix.forward`).
 
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv), read-out [B,T,H,N] or None).
 
@@ -134,19 +136,23 @@ class MetaStateTimeMix(TimeMix):
         (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`), as :class:`TimeMix` does.
         """
         shift, wkv_state = (None, None) if state is None else state
-        fused = self._one_token_fused(x, v_first, shift, wkv_state, mask, self_state_query=self.state_readout)
+        fused = None
+        if doc_start is None:
+            fused = self._one_token_fused(x, v_first, shift, wkv_state, mask, self_state_query=self.state_readout)
         if fused is not None:  # decoding on CPU: one C call, the SSE read-out included
             out, v_first, new_state, *readout = fused
             return out, v_first, new_state, (readout[0].unsqueeze(1) if readout else None)
-        x, xx, x_key, r, k, v, g, state_inputs = self.project(x, shift, mask)  # x_key = x_k^tm, the SSE query's source
+        x, xx, x_key, r, k, v, g, state_inputs = self.project(
+            x, shift, mask, doc_start
+        )  # x_key = x_k^tm, the SSE query's source
         log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, **state_inputs)
         readout = None
         if self.state_readout:
             query = self_state_query(x_key, self.num_heads, self.head_size).to(r.dtype)
-            y, wkv_state, readout = self.recur(r, log_w, k, v, a, b, wkv_state, extra_query=query)
+            y, wkv_state, readout = self.recur(r, log_w, k, v, a, b, wkv_state, extra_query=query, doc_start=doc_start)
             readout = readout.view(*r.shape[:2], self.num_heads, self.head_size)
         else:
-            y, wkv_state = self.recur(r, log_w, k, v, a, b, wkv_state)
+            y, wkv_state = self.recur(r, log_w, k, v, a, b, wkv_state, doc_start=doc_start)
         y = self.read_out(y, r, k, v)
         return self.output(y * g), v_first, (x[:, -1], wkv_state), readout
 
@@ -259,14 +265,17 @@ class MetaStateLayer(nn.Module):
         readout: Optional[torch.Tensor] = None,
         shift: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
         """x: [B,T,C] (LN2 output); readout: [B,T,H,N] (S_t q_t from this layer's time-mix) or None (no SSE);
-        shift: [B,C] or None; mask: [B,T] or None. Returns (out [B,T,C], new shift [B,C])."""
+        shift: [B,C] or None; mask: [B,T] or None; doc_start: bool [B,T] or None (documents of packed rows: the
+        token shift brings zeros there). Returns (out [B,T,C], new shift [B,C])."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MetaStateLayer: expected x of shape [B, T, {self.hidden_size}], got {tuple(x.shape)}")
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)
-        key = x + token_shift(x, shift) * self.x_k  # x_k
+        xx = token_shift(x, shift) if doc_start is None else token_shift_documents(x, shift, doc_start=doc_start)
+        key = x + xx * self.x_k  # x_k
         if readout is not None and self.sse.num_sse_heads > 0:
             key = key + self.sse(readout)  # key_t = x_k + e_t
         scores = torch.relu(key @ self.param_keys.t()) ** 2  # Theta(key K_P^T), [B, T, M]

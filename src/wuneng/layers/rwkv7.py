@@ -99,6 +99,74 @@ def token_shift_documents(
     return torch.where(mask, fill, shifted) - x
 
 
+def document_starts(position_ids: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+    """Where the documents of packed rows begin, read from ``position_ids`` (docs/training.md, "Document-aware
+    packing"): a document starts at token t > 0 wherever ``position_ids[b, t] != position_ids[b, t - 1] + 1`` (the
+    rule of transformers' ``find_packed_sequence_indices``; rows whose positions restart at 0 per document).
+
+    position_ids: [B, T] or [1, T] (broadcast over the batch) integers, or None.
+    Returns bool [B, T] (column 0 always False: the row's first token continues whatever state the row starts
+    with), or None when no row has a boundary (then nothing changes).
+    """
+    if position_ids is None:
+        return None
+    if (
+        not isinstance(position_ids, torch.Tensor)
+        or position_ids.dim() != 2
+        or position_ids.shape[1] != seq_len
+        or position_ids.shape[0] not in (1, batch_size)
+        or position_ids.dtype.is_floating_point
+    ):
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(
+            f"position_ids must be an integer tensor [B, T] = [{batch_size}, {seq_len}] (or [1, T]), got {got}"
+        )
+    starts = torch.zeros(position_ids.shape, dtype=torch.bool, device=position_ids.device)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts.any()):
+        return None
+    return starts.expand(batch_size, seq_len)
+
+
+def wkv7_documents(
+    seq: Tuple[torch.Tensor, ...],
+    initial_state: Optional[torch.Tensor],
+    doc_start: torch.Tensor,
+    extra_query: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+):
+    """WKV-7 over rows [B, T] holding several documents: the state restarts from zero at every ``doc_start``.
+
+    The rows are flattened into one packed row [1, B T] whose document offsets (``cu_seqlens``) are every start
+    and every row start, and run through :func:`~wuneng.ops.wkv7` with ``cu_seqlens`` (every form accepts it).
+
+    seq: (r, log_w, k, v, a, b) [B, T, H, N]; initial_state: [B, H, N, N] or None (zeros), the state before each
+    row's first token (not used by a row whose ``doc_start[b, 0]`` is True); doc_start: bool [B, T];
+    extra_query: optional [B, T, H, N].
+    Returns ``(y [B, T, H, N], final_state [B, H, N, N])`` (+ ``y_extra`` with ``extra_query``): each row's
+    state after its last token (that of its last document).
+    """
+    B, T, H, N = seq[0].shape
+    starts = doc_start.to(seq[0].device).clone()
+    starts[:, 0] = True  # a row's first token begins a packed segment (its state: the row's own)
+    flat = starts.reshape(-1)
+    offsets = torch.cat([flat.nonzero().view(-1), flat.new_tensor([B * T], dtype=torch.long)])
+    n_docs = offsets.numel() - 1
+    first_doc = flat.long().cumsum(0).view(B, T)[:, 0] - 1  # [B]: the segment each row begins with
+    init = None
+    if initial_state is not None:
+        keep = ~doc_start[:, 0].to(initial_state.device)  # rows continuing their given state
+        init = initial_state.new_zeros(n_docs, H, N, N)
+        init = init.index_copy(0, first_doc[keep].to(init.device), initial_state[keep])
+    packed = [t.reshape(1, B * T, H, N) for t in seq]
+    q = None if extra_query is None else extra_query.reshape(1, B * T, H, N)
+    out = wkv7(*packed, init, extra_query=q, impl=impl, cu_seqlens=offsets)
+    last_doc = torch.cat([first_doc[1:], first_doc.new_tensor([n_docs])]) - 1
+    y = out[0].view(B, T, H, N)
+    final = out[1].index_select(0, last_doc.to(out[1].device))
+    return (y, final) if extra_query is None else (y, final, out[2].view(B, T, H, N))
+
+
 def wkv_dtypes(compute_dtype: torch.dtype, log_w: torch.Tensor, *tensors: Optional[torch.Tensor]):
     """The dtypes of the layer -> WKV-7 boundary (SPEC section 1): every tensor of ``tensors`` (r, k, v, a, b, ...;
     None passes) cast to ``compute_dtype``, and the log decay to the state dtype, float32 (float64 when
@@ -377,10 +445,21 @@ class RWKV7StateHeads(nn.Module):
         b: torch.Tensor,
         wkv_state: Optional[torch.Tensor],
         extra_query: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
-        """The WKV-7 recurrence over [B,T,A] inputs. Returns (y [B,T,A], state [B,H,N,N][, y_extra])."""
+        """The WKV-7 recurrence over [B,T,A] inputs. Returns (y [B,T,A], state [B,H,N,N][, y_extra]).
+
+        doc_start: bool [B,T] or None; where True the state restarts from zero (a packed row's document starts,
+        :func:`wkv7_documents`)."""
         B, T, A = r.shape
-        if T == 1:  # decoding: [B,1,A] -> [B,H,N] views, one step
+        if doc_start is not None:
+            shape = (B, T, self.num_heads, self.head_size)
+            q2 = None if extra_query is None else extra_query.reshape(shape)
+            with outside_autocast(r.device.type):
+                out = wkv7_documents(
+                    tuple(t.reshape(shape) for t in (r, log_w, k, v, a, b)), wkv_state, doc_start, q2, self.wkv_impl
+                )
+        elif T == 1:  # decoding: [B,1,A] -> [B,H,N] views, one step
             step_shape = (B, self.num_heads, self.head_size)
             args = [t.view(step_shape) if t.is_contiguous() else t.reshape(step_shape) for t in (r, log_w, k, v, a, b)]
             q2 = None if extra_query is None else extra_query.reshape(step_shape)
@@ -410,13 +489,16 @@ class RWKV7StateHeads(nn.Module):
         mask: Optional[torch.Tensor] = None,
         mixed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
         low: Optional[dict] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
-        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C]; mixed and low as in :meth:`wkv_inputs`.
+        """State heads on projected r, k, v ([B,T,A]); x, xx [B,T,C]; mixed and low as in :meth:`wkv_inputs`;
+        doc_start: bool [B,T] or None, where the WKV state restarts (xx must then be the document-aware shift,
+        :func:`token_shift_documents`).
 
         Returns (y [B,T,A] after GroupNorm and bonus, new wkv state [B,H,N,N] float32, v_first [B,T,A]).
         """
         log_w, k, v, a, b, v_first = self.wkv_inputs(x, xx, k, v, v_first, mask, mixed, low)
-        y, state = self.recur(r, log_w, k, v, a, b, wkv_state)
+        y, state = self.recur(r, log_w, k, v, a, b, wkv_state, doc_start=doc_start)
         return self.read_out(y, r, k, v), state, v_first
 
 
@@ -467,10 +549,17 @@ class TimeMix(RWKV7StateHeads):
         orthogonal_(self.value.weight, 1.0)
         nn.init.zeros_(self.output.weight)
 
-    def project(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+    def project(
+        self,
+        x: torch.Tensor,
+        shift: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
+    ):
         """Token shift and the r/k/v/gate projections.
 
-        x: [B,T,C]; shift: [B,C] (the previous token) or None; mask: [B,T] or None.
+        x: [B,T,C]; shift: [B,C] (the previous token) or None; mask: [B,T] or None; doc_start: bool [B,T] or None
+        (a document starts there: the shift brings zeros, :func:`token_shift_documents`).
         Returns (x, xx, x_key, r, k, v, g, state_inputs): x with padding zeroed, xx = shift(x) - x, x_key =
         x + xx * mu_k (the key's input, [B,T,C]), r, k, v, g [B,T,A], and the keyword arguments that complete
         :meth:`wkv_inputs`: ``{"mixed": (x_w, x_a, x_v)}`` (the token-shift mixes [B,T,C]) with autograd, or,
@@ -483,7 +572,7 @@ class TimeMix(RWKV7StateHeads):
             )
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)  # padding never enters the token shift
-        xx = token_shift(x, shift)
+        xx = token_shift(x, shift) if doc_start is None else token_shift_documents(x, shift, doc_start=doc_start)
         if torch.is_grad_enabled():
             mixes = torch.stack([self.x_r, self.x_k, self.x_g, self.x_w, self.x_a, self.x_v])
             x_r, x_key, x_g, x_w, x_a, x_v = token_mixes(x, xx, mixes)
@@ -540,9 +629,12 @@ class TimeMix(RWKV7StateHeads):
         v_first: Optional[torch.Tensor] = None,
         state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         mask: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
         """x: [B,T,C] (the LN1 output); v_first: [B,T,A] from the first layer (None in it);
-        state: (shift [B,C], wkv [B,H,N,N]) or None; mask: [B,T] (1 = token, 0 = padding) or None.
+        state: (shift [B,C], wkv [B,H,N,N]) or None; mask: [B,T] (1 = token, 0 = padding) or None;
+        doc_start: bool [B,T] or None, the documents of packed rows (:func:`document_starts`): the token shift
+        and the WKV state restart from zero there.
 
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
 
@@ -551,11 +643,13 @@ class TimeMix(RWKV7StateHeads):
         tensor path below.
         """
         shift, wkv_state = (None, None) if state is None else state
-        fused = self._one_token_fused(x, v_first, shift, wkv_state, mask)
+        fused = None if doc_start is not None else self._one_token_fused(x, v_first, shift, wkv_state, mask)
         if fused is not None:
             return fused
-        x, xx, _, r, k, v, g, state_inputs = self.project(x, shift, mask)
-        y, wkv_state, v_first = super().forward(x, xx, r, k, v, v_first, wkv_state, mask, **state_inputs)
+        x, xx, _, r, k, v, g, state_inputs = self.project(x, shift, mask, doc_start)
+        y, wkv_state, v_first = super().forward(
+            x, xx, r, k, v, v_first, wkv_state, mask, **state_inputs, doc_start=doc_start
+        )
         return self.output(y * g), v_first, (x[:, -1], wkv_state)
 
     def _one_token_fused(self, x, v_first, shift, wkv_state, mask, self_state_query: bool = False):
@@ -606,13 +700,23 @@ class ChannelMix(nn.Module):
         orthogonal_(self.key.weight, 1.0)
         nn.init.zeros_(self.value.weight)
 
-    def mixed_key(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x_k = x + (shift(x) - x) * mu_k, [B,T,C]."""
-        return x + token_shift(x, shift) * self.x_k
+    def mixed_key(
+        self, x: torch.Tensor, shift: Optional[torch.Tensor] = None, doc_start: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x_k = x + (shift(x) - x) * mu_k, [B,T,C] (the shift restarting at ``doc_start``, bool [B,T], if given)."""
+        xx = token_shift(x, shift) if doc_start is None else token_shift_documents(x, shift, doc_start=doc_start)
+        return x + xx * self.x_k
 
-    def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        """x: [B,T,C] (LN2 output); shift: [B,C] or None. Returns (out [B,T,C], new shift [B,C])."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        shift: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
+    ):
+        """x: [B,T,C] (LN2 output); shift: [B,C] or None; doc_start: bool [B,T] or None (documents of packed rows:
+        the shift brings zeros there). Returns (out [B,T,C], new shift [B,C])."""
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)
-        k = torch.relu(self.key(self.mixed_key(x, shift))) ** 2
+        k = torch.relu(self.key(self.mixed_key(x, shift, doc_start))) ** 2
         return self.value(k), x[:, -1]

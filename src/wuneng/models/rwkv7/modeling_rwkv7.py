@@ -10,6 +10,10 @@ shift [B, C], the WKV state [B, H, N, N] (float32) and the channel-mix shift [B,
 with the context. ``attention_mask`` (1 = token, 0 = padding) keeps padding out of the WKV state and the
 token shift. Use left padding when the state is continued (generate): the returned shift states are those of
 the last position, which right padding would make a padding position.
+
+Packed rows (docs/training.md, "Document-aware packing"): ``position_ids`` [B, T] restarting at 0 per document
+make the token shifts and the WKV states restart at every document, in a forward without padding and without
+earlier tokens in the cache (the rule under which transformers makes its attention block-diagonal).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ...auto_map import AutoMapMixin
 from ...cache import RecurrentStateCache
 from ...layers.low_rank import derived_weights_session
-from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, orthogonal_
+from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, document_starts, orthogonal_
 from .configuration_rwkv7 import RWKV7Config
 
 __all__ = ["RWKV7Block", "RWKV7PreTrainedModel", "RWKV7Model", "RWKV7ForCausalLM"]
@@ -83,15 +87,18 @@ class RWKV7Block(GradientCheckpointingLayer):
         wkv: Optional[torch.Tensor] = None,
         channel_shift: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
         """hidden [B,T,C]; v_first [B,T,A] (A = H N; None in layer 0); states as in the cache (None = zeros);
-        mask [B,T] or None. Returns (hidden, v_first, time_shift, wkv, channel_shift)."""
+        mask [B,T] or None; doc_start: bool [B,T] or None, the documents of packed rows (token shifts and WKV state
+        restart there). Returns (hidden, v_first, time_shift, wkv, channel_shift)."""
         if self.ln0 is not None:
             hidden = self.ln0(hidden)
         state = None if time_shift is None and wkv is None else (time_shift, wkv)
-        att_out, v_first, (time_shift, wkv), *readout = self.att(self.ln1(hidden), v_first, state, mask)
+        docs = {} if doc_start is None else {"doc_start": doc_start}  # mixers without the keyword keep working
+        att_out, v_first, (time_shift, wkv), *readout = self.att(self.ln1(hidden), v_first, state, mask, **docs)
         hidden = hidden + att_out
-        ffn_out, channel_shift = self.ffn(self.ln2(hidden), *readout, channel_shift, mask)
+        ffn_out, channel_shift = self.ffn(self.ln2(hidden), *readout, channel_shift, mask, **docs)
         hidden = hidden + ffn_out
         return hidden, v_first, time_shift, wkv, channel_shift
 
@@ -253,10 +260,14 @@ class RWKV7Model(RWKV7PreTrainedModel):
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Union[Tuple, BaseModelOutputWithPast]:
         """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, T] or [B, past + T] (1 = token,
-        0 = left padding; its last T columns are used); past_key_values: the state to continue from.
+        0 = left padding; its last T columns are used); past_key_values: the state to continue from;
+        position_ids [B, T] or [1, T]: only read to find the documents of packed rows (positions restarting at 0,
+        :func:`~wuneng.layers.rwkv7.document_starts`), where the token shifts and WKV states restart; ignored when
+        the input has padding or the cache holds earlier tokens (a continued row has no new documents).
 
         Returns ``BaseModelOutputWithPast(last_hidden_state [B, T, C], past_key_values, hidden_states)``.
         """
@@ -276,6 +287,14 @@ class RWKV7Model(RWKV7PreTrainedModel):
             mask = attention_mask[:, -seq_len:]
             if bool((mask == 1).all()):
                 mask = None  # no padding: skip the masking work
+        doc_start = None
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if position_ids is not None and mask is None and past == 0:
+            if isinstance(position_ids, torch.Tensor) and position_ids.device != hidden.device:
+                raise ValueError(
+                    f"RWKV7: position_ids is on {position_ids.device} but the model is on {hidden.device}; move it"
+                )
+            doc_start = document_starts(position_ids, hidden.shape[0], seq_len)
         all_hidden = () if output_hidden_states else None
         v_first = None
         # weights derived from parameters live for the cache's decoding session, or for this call without one
@@ -286,7 +305,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 states = (None, None, None)
                 if past_key_values is not None:
                     states = tuple(past_key_values.get_state(i, name) for name in (TIME_SHIFT, WKV, CHANNEL_SHIFT))
-                hidden, v_first, *new_states = block(hidden, v_first, *states, mask)
+                hidden, v_first, *new_states = block(hidden, v_first, *states, mask, doc_start=doc_start)
                 if use_cache:
                     for name, t in zip((TIME_SHIFT, WKV, CHANNEL_SHIFT), new_states):
                         past_key_values.set_state(i, name, t)
@@ -333,9 +352,10 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        position_ids: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Union[Tuple, CausalLMOutputWithPast]:
-        """As :meth:`RWKV7Model.forward`, plus ``labels`` [B, T] (next-token cross-entropy, shifted inside,
+        """As :meth:`RWKV7Model.forward` (``position_ids``: the documents of packed rows), plus ``labels`` [B, T] (next-token cross-entropy, shifted inside,
         -100 ignored; the mean over the labelled tokens, or their sum / ``num_items_in_batch`` when that keyword is
         given, as transformers' Trainer does under gradient accumulation) and ``logits_to_keep`` (int k > 0: logits of
         the last k positions only; 0: all).
@@ -351,6 +371,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
         )
         hidden = out.last_hidden_state
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
