@@ -15,7 +15,7 @@ from wuneng.train.data import DataError, build_dataset
 from wuneng.train.loop import train
 from wuneng.train.streaming import TokenStream, list_shards
 
-from train_helpers import TEXTS, quick_config, saved_run_files, tiny_qwen2, write_jsonl, write_yaml
+from train_helpers import CHATS, TEXTS, quick_config, saved_run_files, tiny_qwen2, write_jsonl, write_yaml
 
 WORDS = ["ab", "cde", "f", "ghij", "klmnopq", "r", "st"]
 
@@ -87,6 +87,24 @@ def test_parquet_datasets_folder_and_python_sources_stream_like_the_eager_reader
         )
         again.load_state_dict(state)
         _same_rows(again.next_rows(len(ref) - cut), ref.batch(range(cut, len(ref))))
+
+
+def test_sft_conversations_and_max_documents_stream_like_the_eager_reader(tmp_path, tokenizer):
+    """The sft stage (assistant tokens only as targets) and conversations (truncated to a row, not split) and
+    data.max_documents give the eager rows, with 2 workers."""
+    chats = [
+        dict(c, messages=c["messages"] + [{"role": "user", "content": "x" * (i % 5)}]) for i, c in enumerate(CHATS)
+    ]
+    chats[3]["messages"][1]["content"] = "a very long answer " * 6  # longer than a row: truncated
+    write_jsonl(tmp_path / "chats.jsonl", chats)
+    for stage, max_documents in (("sft", None), ("sft", 7), ("pretrain", 5)):
+        kw = dict(sources=[str(tmp_path / "chats.jsonl")], seq_len=48, max_documents=max_documents)
+        ref = build_dataset(DataConfig(**kw), tokenizer, stage)
+        assert (ref.labels == -100).any() and ref.num_truncated == 1
+        stream = TokenStream(DataConfig(**kw, streaming=True, num_workers=2), tokenizer, stage, block_documents=2)
+        _same_rows(stream.next_rows(len(ref)), ref)
+        _same_rows(stream.next_rows(1), ref.batch([0]))  # then the next epoch
+        stream.close()
 
 
 @pytest.mark.parametrize("shuffle_window", [0, 5])
