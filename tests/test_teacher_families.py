@@ -401,6 +401,32 @@ def test_arwkv_conversion_with_defaults_gives_finite_logits_and_trains(family):
     assert torch.isfinite(torch.tensor(loss)) and after < loss, (family, loss, after)
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_hybrid_state_side_trains_with_the_teacher_frozen(family):
+    """Distillation's first stage: the teacher's parameters frozen, three AdamW steps on a repeated batch; every
+    new parameter the forward uses gets a gradient by the third step (the zero-initialised fusion and query paths
+    open up one step after another) and the loss falls at every step."""
+    student = WuNengForCausalLM.from_teacher(make_teacher(family), keep_attention=[1]).train()
+    assert student.freeze_teacher_parameters() > 0
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert set(trained) == student.new_parameter_names()
+    used = set(trained) - student.unused_parameter_names()
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-3)
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    losses, got_gradient = [], set()
+    for _ in range(3):
+        loss = student(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        got_gradient |= {n for n, p in trained.items() if p.grad is not None and bool(p.grad.any())}
+        assert all(bool(torch.isfinite(p.grad).all()) for p in trained.values() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert sorted(used - got_gradient) == [], family
+    assert losses[0] > losses[1] > losses[2], (family, losses)
+
+
 # -- tied embeddings --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", TIED_FAMILIES)
 def test_untie_embeddings_gives_an_own_lm_head_and_keeps_the_logits(family, tmp_path):
