@@ -167,9 +167,17 @@ def test_an_endless_source_streams(tokenizer):
     assert "document 0 " in text and "document 99 " in text
 
 
+def tiny_rwkv7(seed: int = 0):
+    from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+
+    torch.manual_seed(seed)
+    return RWKV7ForCausalLM(RWKV7Config(vocab_size=260, hidden_size=32, num_hidden_layers=2, head_size=16))
+
+
 def test_training_resumed_from_a_checkpoint_sees_the_rows_of_an_uninterrupted_run(tmp_path, tokenizer, monkeypatch):
-    """6 steps in one run == 3 steps, checkpoint, --resume, 3 steps: the same rows at every step (2 workers,
-    shuffled windows) and bit-identical weights; the checkpoint holds the stream position."""
+    """A tiny RWKV-7: 6 steps in one run == 3 steps, checkpoint, --resume, 3 steps: the same rows at every step
+    (2 workers, forked after the WKV kernel ran in this process; shuffled windows) and bit-identical weights; the
+    checkpoint holds the stream position."""
     corpus = tmp_path / "data.txt"
     corpus.write_text("\n".join(TEXTS + _texts(9, 40)), encoding="utf-8")
     seen: list[torch.Tensor] = []
@@ -190,13 +198,13 @@ def test_training_resumed_from_a_checkpoint_sees_the_rows_of_an_uninterrupted_ru
         return quick_config(tmp_path / name, **{**base, **kw})
 
     torch.manual_seed(0)
-    train(config("full"), model=tiny_qwen2(), tokenizer=tokenizer)
+    train(config("full"), model=tiny_rwkv7(), tokenizer=tokenizer)
     full_rows, seen[:] = list(seen), []
     torch.manual_seed(0)
-    train(config("sliced", stop_at_step=3), model=tiny_qwen2(), tokenizer=tokenizer)
+    train(config("sliced", stop_at_step=3), model=tiny_rwkv7(), tokenizer=tokenizer)
     state = json.loads((tmp_path / "sliced/checkpoints/step_00000003/data_state.json").read_text())
     assert state["rows_handed_out"] == 12
-    train(config("sliced"), model=tiny_qwen2(seed=5), tokenizer=tokenizer, resume=True)
+    train(config("sliced"), model=tiny_rwkv7(seed=5), tokenizer=tokenizer, resume=True)
     assert len(seen) == len(full_rows) == 6
     for step, (a, b) in enumerate(zip(full_rows, seen), start=1):
         assert torch.equal(a, b), f"step {step}"
