@@ -135,3 +135,49 @@ def test_document_starts_rule_and_errors():
     assert document_starts(None, 2, 7) is None
     with pytest.raises(ValueError, match=r"position_ids must be an integer tensor \[B, T\] = \[2, 7\]"):
         document_starts(torch.zeros(2, 6, dtype=torch.long), 2, 7)
+
+
+# -- WuNeng: the teacher's attention is block-diagonal by transformers; the state side restarts by the model -------
+def wuneng_student(layer_kinds, **options):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from wuneng.models.wuneng import WuNengForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    teacher = Qwen2ForCausalLM(cfg).double()
+    student = WuNengForCausalLM.from_teacher(teacher, layer_kinds=layer_kinds, **options)
+    # noise on the new parameters (zero-initialised paths), so that the state side changes the logits
+    return perturb_(student, 0.2, only=student.new_parameter_names().__contains__, seed=1)
+
+
+@pytest.mark.parametrize(
+    "layer_kinds,options",
+    [
+        (["hybrid", "hybrid", "attention"], dict(fusion="gate", middle_heads=2)),
+        (["hybrid", "arwkv", "hybrid"], dict(fusion="concat", middle_heads=0)),
+        (["arwkv", "arwkv", "attention"], dict()),  # an ARWKV student
+    ],
+    ids=["hybrid", "mixed", "arwkv"],
+)
+def test_wuneng_packed_row_equals_documents_alone(layer_kinds, options):
+    student = wuneng_student(layer_kinds, **options).train()  # a training forward: no cache (dropout is 0)
+    assert_packed_equals_alone(student)
+
+
+def test_wuneng_packed_row_inference_path():
+    """Without autograd the hybrid mixer takes its batched low-rank path; it restarts at the documents too."""
+    student = wuneng_student(["hybrid", "arwkv", "hybrid"], fusion="gate", middle_heads=2).eval()
+    docs, ids, positions = packed_row()
+    with torch.no_grad():
+        packed = student(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([student(input_ids=d, use_cache=False).logits for d in docs], dim=1)
+    assert (packed - alone).abs().max().item() < TOL

@@ -20,6 +20,10 @@ passed as ``past_key_values`` (:class:`wuneng.cache.RecurrentStateCache`), besid
 
 Padding: padded positions never write into the recurrent state (the state heads get ``log_w = 0`` and
 ``k = v = b = 0`` there, the token shift sees zeros).
+
+Packed rows (docs/training.md, "Document-aware packing"): where the context's ``doc_start`` marks a document start
+(from ``position_ids`` restarting at 0, under the rule by which transformers makes the teacher's attention
+block-diagonal), the token shift and the WKV state restart from zero.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ..ops.wkv7.one_token import (
     one_token_kernel_preferred,
 )
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
-from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift
+from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift, token_shift_documents
 
 __all__ = [
     "FUSIONS",
@@ -128,11 +132,21 @@ class HybridContext:
         v_first: kind ("hybrid" | "arwkv") -> v_first [B, T, A] of the first layer of that kind, filled during
             the forward. Stage-1 alignment, which calls the mixers one layer at a time, passes one dictionary
             for all layers of a batch.
+        doc_start: bool [B, T] or None: where a document of a packed row starts
+            (:func:`~wuneng.layers.rwkv7.document_starts`); the state side's token shift and WKV state restart
+            there. Filled by the model's forward only where the teacher's attention is block-diagonal too (no
+            attention mask, no cache).
     """
 
-    def __init__(self, attention_mask: Optional[torch.Tensor] = None, v_first: Optional[Dict] = None):
+    def __init__(
+        self,
+        attention_mask: Optional[torch.Tensor] = None,
+        v_first: Optional[Dict] = None,
+        doc_start: Optional[torch.Tensor] = None,
+    ):
         self.attention_mask = attention_mask
         self.v_first: Dict[str, torch.Tensor] = {} if v_first is None else v_first
+        self.doc_start = doc_start
 
     def token_mask(self, T: int) -> Optional[torch.Tensor]:
         """The [B, T] padding mask of the T current tokens, or None."""
@@ -391,15 +405,17 @@ class HybridMixer(nn.Module):
         r_low: Optional[torch.Tensor] = None,
         low: Optional[Dict[str, torch.Tensor]] = None,
         shifted: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        doc_start: Optional[torch.Tensor] = None,
     ):
         """Y [B,T,H_q,d] from u [B,T,C] and the teacher's q [B,T,H_q,d], k, v [B,T,H_kv,d] (before RoPE);
         r_low = u R1 when already computed (see :meth:`low_rank_inputs`); low: the LoRA outputs of
         :meth:`low_rank_outputs` (no autograd; then r_low is not used); shifted: (x, xx) of :meth:`shifted`
-        when already computed.
+        when already computed; doc_start: bool [B,T] or None, document starts of packed rows (the token shift and
+        the WKV state restart there).
 
         Returns (Y, new wkv state [B,H_q,d,d], v_first [B,T,A], last token of the masked u [B,C])."""
         B, T, C = u.shape
-        x, xx = self.shifted(u, token_mask, shift) if shifted is None else shifted
+        x, xx = self.shifted(u, token_mask, shift, doc_start) if shifted is None else shifted
         if low is not None:
             r = q.reshape(B, T, -1) + low["receptance"]
         else:
@@ -409,14 +425,22 @@ class HybridMixer(nn.Module):
             r = torch.addmm(q.reshape(B * T, -1), r_low.reshape(B * T, -1), self.receptance_lora_b).view(B, T, -1)
         k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
         v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
-        y, wkv_state, v_first = self.state(x, xx, r, k_s, v_s, v_first, wkv_state, token_mask, low=low)
+        y, wkv_state, v_first = self.state(
+            x, xx, r, k_s, v_s, v_first, wkv_state, token_mask, low=low, doc_start=doc_start
+        )
         return y.view(B, T, self.num_heads, self.head_dim), wkv_state, v_first, x[:, -1]
 
     @staticmethod
-    def shifted(u: torch.Tensor, token_mask: Optional[torch.Tensor], shift: Optional[torch.Tensor]):
-        """(x, xx): x = u with padding zeroed (padding never enters the token shift), xx = shift(x) - x. [B,T,C]."""
+    def shifted(
+        u: torch.Tensor,
+        token_mask: Optional[torch.Tensor],
+        shift: Optional[torch.Tensor],
+        doc_start: Optional[torch.Tensor] = None,
+    ):
+        """(x, xx): x = u with padding zeroed (padding never enters the token shift), xx = shift(x) - x. [B,T,C].
+        doc_start: bool [B,T] or None; the shift brings zeros at a document start."""
         x = u if token_mask is None else u * token_mask.to(u.dtype).unsqueeze(-1)
-        return x, token_shift(x, shift)
+        return x, token_shift(x, shift) if doc_start is None else token_shift_documents(x, shift, doc_start=doc_start)
 
     def modulate_query(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """q_h + lambda_h (Y_h W^state); q, y [B,T,H_q,d]."""
@@ -612,19 +636,22 @@ class HybridMixer(nn.Module):
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
         q, k, v = self.project(u)
+        doc_start = context.doc_start
         fused = None
-        if T == 1 and not torch.is_grad_enabled() and self.state.wkv_impl in ("auto", "cpu"):
+        if T == 1 and doc_start is None and not torch.is_grad_enabled() and self.state.wkv_impl in ("auto", "cpu"):
             fused = self._state_one_token(u, q, k, v, v_first, token_mask, shift, wkv_state)
         if fused is not None:  # decoding on CPU: the state side in one C call
             y, wkv_state, v_first, last, low = fused
         elif torch.is_grad_enabled():
             low = self.low_rank_inputs(u)
-            y, wkv_state, v_first, last = self.state_heads(u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"])
+            y, wkv_state, v_first, last = self.state_heads(
+                u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"], doc_start=doc_start
+            )
         else:  # inference: every low-rank map in two batched matmuls
-            x, xx = self.shifted(u, token_mask, shift)
+            x, xx = self.shifted(u, token_mask, shift, doc_start)
             low = self.low_rank_outputs(u, x, xx)
             y, wkv_state, v_first, last = self.state_heads(
-                u, q, k, v, v_first, token_mask, shift, wkv_state, low=low, shifted=(x, xx)
+                u, q, k, v, v_first, token_mask, shift, wkv_state, low=low, shifted=(x, xx), doc_start=doc_start
             )
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", last)
@@ -711,7 +738,9 @@ class ARWKVMixer(TimeMix):
         if cache is not None:
             shift, wkv_state = cache.get_state(self.layer_idx, "time_shift"), cache.get_state(self.layer_idx, "wkv")
             state = None if shift is None else (shift, wkv_state)
-        out, v_first_new, (shift, wkv_state) = TimeMix.forward(self, hidden_states, v_first, state, token_mask)
+        out, v_first_new, (shift, wkv_state) = TimeMix.forward(
+            self, hidden_states, v_first, state, token_mask, context.doc_start
+        )
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", shift)
             cache.set_state(self.layer_idx, "wkv", wkv_state)

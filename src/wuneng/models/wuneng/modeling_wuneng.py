@@ -33,7 +33,7 @@ from ...auto_map import AutoMapMixin
 from ...cache import DummyLayer, GrowingKVLayer, RecurrentStateCache
 from ...layers.hybrid import ARWKVMixer, HybridContext, HybridMixer, wrap_attention
 from ...layers.low_rank import derived_weights_session
-from ...layers.rwkv7 import RWKV7StateHeads, TimeMix
+from ...layers.rwkv7 import RWKV7StateHeads, TimeMix, document_starts
 from ...saving import checkpoint_mismatches, describe_loading_problems
 from . import report
 from .configuration_wuneng import WuNengConfig, teacher_model_class
@@ -164,7 +164,13 @@ def _hybrid_base_forward(
             )
         if not bool(attention_mask.all()):
             padding = attention_mask
-    context = HybridContext(padding) if wuneng_context is None else wuneng_context
+    # packed rows: the state side restarts at the documents under the rule by which transformers makes the
+    # teacher's attention block-diagonal (position_ids given, no attention mask, no cache; masking_utils)
+    doc_start = None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and attention_mask is None and cache is None and position_ids.dim() == 2:
+        doc_start = document_starts(position_ids, B, T)
+    context = HybridContext(padding, doc_start=doc_start) if wuneng_context is None else wuneng_context
     # weights derived from parameters live for the cache's decoding session, or for this call without one
     with derived_weights_session(None if cache is None else cache.derived_weights):
         outputs = type(self).forward(
