@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from wuneng.bench_arch import (
+from wuneng.apps.bench_arch import (
     VARIANTS,
     BenchConfig,
     TaskSetting,

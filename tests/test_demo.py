@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from wuneng.demo import DemoBudget, DemoConfig, answer_only_dataset
+from wuneng.apps.demo import DemoBudget, DemoConfig, answer_only_dataset
 from wuneng.eval.tasks.arithmetic import arithmetic_example, recall_example
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,8 +118,8 @@ def test_demo_fast_end_to_end(tmp_path):
 def test_an_earlier_demo_run_is_replaced_or_with_no_overwrite_refused(tmp_path):
     from typer.testing import CliRunner
 
+    from wuneng.apps.demo import prepare_output_dir
     from wuneng.cli import app
-    from wuneng.demo import prepare_output_dir
 
     out = tmp_path / "demo"
     (out / "teacher" / "step_00000040").mkdir(parents=True)

@@ -32,7 +32,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("wuneng.cache", "wuneng.models", "wuneng.auto_map", "wuneng.saving", "wuneng.tokenization")),
     ("conversion", ("wuneng.convert", "wuneng.grow")),
     ("train/eval", ("wuneng.train", "wuneng.eval", "wuneng.select_layers")),  # select_layers trains probes
-    ("applications", ("wuneng.cli", "wuneng.demo", "wuneng.bench_arch")),
+    ("applications", ("wuneng.cli", "wuneng.apps")),  # the CLI and the demo and benchmark apps
 ]
 FLOOR_ORDER = ["base", "ops", "layers", "models", "conversion", "train/eval", "applications"]
 PACKAGE_ROOT = "wuneng"  # the root __init__ only re-exports lazily (PEP 562): no floor of its own

@@ -237,7 +237,7 @@ def demo_command(
     import sys
     from dataclasses import replace
 
-    from wuneng.demo import DemoBudget, DemoConfig, run_demo
+    from wuneng.apps.demo import DemoBudget, DemoConfig, run_demo
     from wuneng.train.plotting import pyplot
 
     pyplot()  # its figures need the plot extra: say so before the run, not after it
@@ -309,7 +309,7 @@ def bench_arch_command(
 ) -> None:
     """Train Transformer, RWKV-7, WuNeng (gate/add/concat/hymba, lambda=0) and Meta-State from scratch on MQAR and
     state tracking with equal budgets and a small learning-rate sweep; print and plot accuracy per setting."""
-    from wuneng.bench_arch import BenchConfig, run_bench
+    from wuneng.apps.bench_arch import BenchConfig, run_bench
     from wuneng.train.plotting import pyplot
 
     pyplot()  # its figure needs the plot extra: say so before the run, not after it

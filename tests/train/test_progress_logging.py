@@ -195,11 +195,11 @@ def test_configure_logging_plain_lines_one_handler(capsys):
 
 
 def test_demo_logs_its_evaluations(caplog):
-    from wuneng.demo import log_evaluation
+    from wuneng.apps.demo import log_evaluation
 
-    with caplog.at_level(logging.INFO, logger="wuneng.demo"):
+    with caplog.at_level(logging.INFO, logger="wuneng.apps.demo"):
         line = log_evaluation("wuneng after sft", {"exact": 0.5, "recall": 0.25, "ppl": 1.2345}, 12.3)
-    assert caplog.records[0].name == "wuneng.demo" and caplog.messages == [line]
+    assert caplog.records[0].name == "wuneng.apps.demo" and caplog.messages == [line]
     assert line.startswith("wuneng after sft: exact ") and line.endswith("ppl 1.234 (12 s)")
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .labels import IGNORE_INDEX
+from wuneng.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,10 @@ class TaskSetting:
 
     def task_config(self):
         if self.task == "mqar":
-            from .eval.tasks.mqar import MQARConfig
+            from wuneng.eval.tasks.mqar import MQARConfig
 
             return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
-        from .eval.tasks.state_tracking import StateTrackingConfig
+        from wuneng.eval.tasks.state_tracking import StateTrackingConfig
 
         return StateTrackingConfig(group=self.group, seq_len=self.seq_len)
 
@@ -114,11 +114,11 @@ class TaskSetting:
     def generate(self, num_examples: int, seed: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, labels)``, int64 ``[num_examples, T]``; labels -100 where nothing is scored."""
         if self.task == "mqar":
-            from .eval.tasks.mqar import generate_mqar
+            from wuneng.eval.tasks.mqar import generate_mqar
 
             d = generate_mqar(self.task_config(), num_examples, seed, epoch)
         else:
-            from .eval.tasks.state_tracking import generate_word_problems
+            from wuneng.eval.tasks.state_tracking import generate_word_problems
 
             d = generate_word_problems(self.task_config(), num_examples, seed, epoch)
         return d.input_ids, d.labels
@@ -297,7 +297,7 @@ def build_model(variant: str, cfg: BenchConfig, vocab: int, seq_len: int, seed: 
     if variant == "transformer":
         return _qwen2(cfg, vocab, seq_len)
     if variant == "rwkv7":
-        from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+        from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
         return RWKV7ForCausalLM(
             RWKV7Config(
@@ -310,7 +310,7 @@ def build_model(variant: str, cfg: BenchConfig, vocab: int, seq_len: int, seed: 
             )
         )
     if variant == "metastate":
-        from .models.metastate import MetaStateConfig, MetaStateForCausalLM
+        from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 
         return MetaStateForCausalLM(
             MetaStateConfig(
@@ -322,7 +322,7 @@ def build_model(variant: str, cfg: BenchConfig, vocab: int, seq_len: int, seed: 
                 eos_token_id=None,
             )
         )
-    from .models.wuneng import WuNengForCausalLM
+    from wuneng.models.wuneng import WuNengForCausalLM
 
     fusion = variant.split("-")[1]
     base = _qwen2(cfg, vocab, seq_len)  # the same random Qwen2 as "transformer", then converted
@@ -343,8 +343,8 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 @torch.no_grad()
 def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, task: str, batch_size: int = 256) -> dict:
     """Accuracy at labelled positions (and, for state tracking, per length and the longest solved prefix)."""
-    from .eval.scoring import labelled_accuracy
-    from .eval.tasks.state_tracking import state_tracking_report
+    from wuneng.eval.scoring import labelled_accuracy
+    from wuneng.eval.tasks.state_tracking import state_tracking_report
 
     was_training = model.training
     model.eval()
@@ -369,8 +369,8 @@ def train_run(
     progress: Optional[Callable[[int, float], None]] = None,
 ) -> dict:
     """Train one model from scratch and evaluate it; returns the result row (without the key)."""
-    from .train.config import OptimConfig
-    from .train.optim import build_optimizer, build_scheduler
+    from wuneng.train.config import OptimConfig
+    from wuneng.train.optim import build_optimizer, build_scheduler
 
     device = torch.device(cfg.device)
     model = build_model(variant, cfg, setting.model_vocab, setting.seq_len, seed).to(device)
@@ -548,7 +548,7 @@ def results_table(rows: Sequence[dict], title: str = "bench-arch: accuracy at th
 
 
 def plot_results(rows: Sequence[dict], path: Path) -> Path:
-    from .train.plotting import pyplot
+    from wuneng.train.plotting import pyplot
 
     plt = pyplot()
 
@@ -578,7 +578,7 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
     Progress (the sweep, each run's step, loss, tokens/s and ETA every few seconds, each result) goes through
     ``logging``; the results table is printed only to ``console`` when one is given (the CLI passes its own).
     """
-    from .progress import ProgressLog
+    from wuneng.progress import ProgressLog
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

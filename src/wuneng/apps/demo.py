@@ -31,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .labels import IGNORE_INDEX
+from wuneng.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def answer_only_dataset(examples, context: int, num_rows: Optional[int] = None):
     because greedy generation from the prompt must produce it first.) Returns a :class:`~wuneng.train.data.PackedDataset` of
     ``[N, context]`` rows (``N = num_rows`` or as many full rows as the text gives).
     """
-    from .eval.tasks.arithmetic import build_corpus
-    from .train.data import PackedDataset
+    from wuneng.eval.tasks.arithmetic import build_corpus
+    from wuneng.train.data import PackedDataset
 
     corpus = build_corpus(examples)
     try:
@@ -174,7 +174,7 @@ def answer_only_dataset(examples, context: int, num_rows: Optional[int] = None):
 
 def _stage_dataset(task, test_set, rows: int, context: int, seed: int, epoch: int):
     """``rows`` answer-masked rows of freshly generated problems (none of them held out)."""
-    from .eval.tasks.arithmetic import generate_training_examples
+    from wuneng.eval.tasks.arithmetic import generate_training_examples
 
     need = rows * context
     n = max(64, need // 40)  # examples are ~45-60 bytes; top up below if short
@@ -209,7 +209,7 @@ def build_teacher(cfg: DemoConfig, tokenizer):
 
 
 def _convert(teacher, kind: str, cfg: DemoConfig):
-    from .models.wuneng import WuNengForCausalLM
+    from wuneng.models.wuneng import WuNengForCausalLM
 
     torch.manual_seed(cfg.seed + (1 if kind == "wuneng" else 2))
     if kind == "wuneng":
@@ -220,7 +220,7 @@ def _convert(teacher, kind: str, cfg: DemoConfig):
 
 
 def _train_config(stage: str, run_dir: Path, steps: int, batch: int, lr: float, cfg: DemoConfig, seed: int):
-    from .train.config import OptimConfig, TrainConfig
+    from wuneng.train.config import OptimConfig, TrainConfig
 
     return TrainConfig(
         stage=stage,
@@ -245,9 +245,9 @@ def answer_perplexity(model, examples, batch_size: int = 64):
     ``prompt + " " + answer + "\n"`` are scored (what answer-only training teaches; the prompt bytes, never a
     target, are not). Sequences of equal length are batched (no padding). Returns a
     :class:`~wuneng.eval.perplexity.PerplexityResult`."""
-    from .eval._model import evaluating, model_device
-    from .eval.perplexity import PerplexityResult
-    from .train.stages import shifted_cross_entropy_sum
+    from wuneng.eval._model import evaluating, model_device
+    from wuneng.eval.perplexity import PerplexityResult
+    from wuneng.train.stages import shifted_cross_entropy_sum
 
     device = model_device(model)
     by_len: dict[int, list[tuple[list[int], int]]] = {}
@@ -276,9 +276,9 @@ def evaluate_student(model, tokenizer, examples) -> dict:
     Returns ``{"exact", "final", "recall", "per_category": {cat: {"exact", ["final"], "count"}},
     "ppl", "nll", "samples": [(prompt, generation, answer), ...]}``; accuracies in [0, 1].
     """
-    from .eval.evaluate import generate_continuations
-    from .eval.scoring import exact_match
-    from .eval.tasks.arithmetic import score_arithmetic
+    from wuneng.eval.evaluate import generate_continuations
+    from wuneng.eval.scoring import exact_match
+    from wuneng.eval.tasks.arithmetic import score_arithmetic
 
     max_new = max(len(e.answer) for e in examples) + 3
     gens = generate_continuations(
@@ -320,7 +320,7 @@ def _first(history: list[dict], key: str) -> float:
 
 
 def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
-    from .train.plotting import pyplot
+    from wuneng.train.plotting import pyplot
 
     plt = pyplot()
 
@@ -366,7 +366,7 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
 def _plot_accuracy(
     final: dict[str, dict], stages: dict[str, dict[str, dict]], categories: list[str], path: Path
 ) -> Path:
-    from .train.plotting import pyplot
+    from wuneng.train.plotting import pyplot
 
     plt = pyplot()
 
@@ -608,9 +608,9 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     Progress goes through ``logging`` (each stage's steps, loss, tokens/s and ETA from the training loop, each
     evaluation); the results tables are printed only to ``console`` when one is given (the CLI passes its own).
     """
-    from .eval.tasks.arithmetic import ArithmeticConfig, heldout_categories, make_test_set
-    from .tokenization import ByteLevelTokenizer
-    from .train.loop import train
+    from wuneng.eval.tasks.arithmetic import ArithmeticConfig, heldout_categories, make_test_set
+    from wuneng.tokenization import ByteLevelTokenizer
+    from wuneng.train.loop import train
 
     cfg = cfg or DemoConfig()
     if cfg.threads is not None:
