@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from wuneng.train.checkpoint import load_data_state
 from wuneng.train.config import ConfigError, DataConfig, load_config, validate
 from wuneng.train.data import DataError, build_dataset
 from wuneng.train.loop import train
@@ -202,8 +203,7 @@ def test_training_resumed_from_a_checkpoint_sees_the_rows_of_an_uninterrupted_ru
     full_rows, seen[:] = list(seen), []
     torch.manual_seed(0)
     train(config("sliced", stop_at_step=3), model=tiny_rwkv7(), tokenizer=tokenizer)
-    state = json.loads((tmp_path / "sliced/checkpoints/step_00000003/data_state.json").read_text())
-    assert state["rows_handed_out"] == 12
+    assert load_data_state(tmp_path / "sliced/checkpoints/step_00000003")["rows_handed_out"] == 12
     train(config("sliced"), model=tiny_rwkv7(seed=5), tokenizer=tokenizer, resume=True)
     assert len(seen) == len(full_rows) == 6
     for step, (a, b) in enumerate(zip(full_rows, seen), start=1):
@@ -211,6 +211,10 @@ def test_training_resumed_from_a_checkpoint_sees_the_rows_of_an_uninterrupted_ru
     full = load_file(str(tmp_path / "full/checkpoints/step_00000006/model.safetensors"))
     sliced = load_file(str(tmp_path / "sliced/checkpoints/step_00000006/model.safetensors"))
     assert all(torch.equal(full[k], sliced[k]) for k in full)
+    damaged = tmp_path / "sliced/checkpoints/step_00000006"
+    (damaged / "data_state.json").write_text('{"format": 1, "window', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data_state.json: not valid JSON .* resume from an earlier one"):
+        load_data_state(damaged)
 
 
 def test_errors_are_one_line_naming_the_cause(tmp_path, tokenizer):
