@@ -88,6 +88,11 @@ class DataConfig:
     streaming: bool = False
     num_workers: int = 0
     shuffle_window: int = 0
+    # Rows carry position_ids restarting at 0 at each packed document, and the training forward passes them (no
+    # attention mask, no cache) so that attention, token shifts and recurrent states restart at every document
+    # (docs/training.md, "Document-aware packing"). null: on for the sft stage, off otherwise; true: also for
+    # pretrain; false: off. Eager (not streamed) data only.
+    document_boundaries: Optional[bool] = None
 
 
 @dataclass
@@ -434,6 +439,15 @@ def validate(
         raise ConfigError(
             "config.data.streaming: the cached teacher logits are looked up by row index of the eager dataset; "
             "set data.streaming: false to distil from distill.teacher_cache"
+        )
+    if d.document_boundaries and config.stage in ("align", "distill"):
+        raise ConfigError(
+            f"config.data.document_boundaries: applies to the pretrain and sft stages, not {config.stage}; remove it"
+        )
+    if d.document_boundaries and d.streaming:
+        raise ConfigError(
+            "config.data.document_boundaries: streamed rows carry no document boundaries (not implemented); set "
+            "data.streaming: false or remove document_boundaries"
         )
     for name, kwargs in config.tracker_kwargs.items():
         if name not in TRACKERS or not isinstance(kwargs, dict):

@@ -17,7 +17,9 @@ says which tokens those are). Labels are aligned with ``ids`` (the model or the 
 in Hugging Face.
 
 Packing (:func:`pack_documents`) yields fixed-length rows ``input_ids``/``labels``/``attention_mask``
-[N, seq_len]; padding has ``attention_mask = 0`` and ``labels = -100``.
+[N, seq_len]; padding has ``attention_mask = 0`` and ``labels = -100``. With document boundaries
+(:func:`uses_document_boundaries`: the ``sft`` stage by default) the rows also carry ``position_ids`` restarting at
+0 per document, which the training forward passes to the model (docs/training.md, "Document-aware packing").
 
 This module reads everything before training (:func:`build_dataset`); ``data.streaming`` reads the same sources
 as a stream instead (:mod:`wuneng.train.streaming`, built on the record and tokenisation functions here).
@@ -46,6 +48,7 @@ __all__ = [
     "encode_conversation",
     "assistant_token_mask",
     "pack_documents",
+    "uses_document_boundaries",
     "build_dataset",
 ]
 
@@ -428,82 +431,103 @@ def encode_record(record: Record, tokenizer, responses_only: bool = False) -> Do
 # ------------------------------------------------------------------------------------ packing
 @dataclass
 class PackedDataset:
-    """Fixed-length rows: ``input_ids``, ``labels``, ``attention_mask``, all ``[N, seq_len]`` int64."""
+    """Fixed-length rows: ``input_ids``, ``labels``, ``attention_mask``, all ``[N, seq_len]`` int64; with
+    document boundaries also ``position_ids`` [N, seq_len] int64, restarting at 0 at every document (and at the
+    padding after the last one; docs/training.md, "Document-aware packing")."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
     num_documents: int = 0
     num_truncated: int = 0
+    position_ids: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {
+        out = {
             "input_ids": self.input_ids[idx],
             "labels": self.labels[idx],
             "attention_mask": self.attention_mask[idx],
         }
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids[idx]
+        return out
 
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int, mode: str = "greedy") -> PackedDataset:
+def uses_document_boundaries(cfg: DataConfig, stage: str) -> bool:
+    """Whether the rows of ``stage`` carry their documents' ``position_ids``: ``data.document_boundaries``, by
+    default (null) on for ``sft`` (each conversation trains as if alone) unless the data is streamed."""
+    if cfg.document_boundaries is None:
+        return stage == "sft" and not cfg.streaming
+    return bool(cfg.document_boundaries)
+
+
+def pack_documents(
+    docs: Iterable[Document], seq_len: int, pad_id: int, mode: str = "greedy", positions: bool = False
+) -> PackedDataset:
     """Pack documents into rows of ``seq_len`` tokens.
 
     ``greedy``: each row holds whole documents in order; a document that does not fit in what is
     left of a row starts the next row (the rest is padding). Texts longer than ``seq_len`` are cut
     into ``seq_len`` pieces; conversations are truncated to ``seq_len`` (counted in ``num_truncated``).
     ``concat``: all documents are one stream cut every ``seq_len`` tokens; only the last row is padded.
+    ``positions``: also return ``position_ids``, each token's position in its document (a document cut across
+    rows continues its count; the padding counts from 0), so that the model restarts at every document.
     """
-    rows: list[tuple[list[int], list[int]]] = []
+    rows: list[tuple[list[int], list[int], list[int]]] = []
     cur_ids: list[int] = []
     cur_labels: list[int] = []
+    cur_pos: list[int] = []
     n_docs = 0
     n_trunc = 0
 
     def flush():
-        nonlocal cur_ids, cur_labels
+        nonlocal cur_ids, cur_labels, cur_pos
         if cur_ids:
-            rows.append((cur_ids, cur_labels))
-        cur_ids, cur_labels = [], []
+            rows.append((cur_ids, cur_labels, cur_pos))
+        cur_ids, cur_labels, cur_pos = [], [], []
 
     for doc in docs:
         if not doc.ids:
             continue
         n_docs += 1
         if mode == "concat":
-            ids, labels = doc.ids, doc.labels
+            ids, labels, at = doc.ids, doc.labels, 0
             while ids:
                 room = seq_len - len(cur_ids)
                 cur_ids += ids[:room]
                 cur_labels += labels[:room]
-                ids, labels = ids[room:], labels[room:]
+                cur_pos += range(at, at + len(ids[:room]))
+                ids, labels, at = ids[room:], labels[room:], at + room
                 if len(cur_ids) == seq_len:
                     flush()
             continue
         if mode != "greedy":
             raise ValueError(f"packing mode must be 'greedy' or 'concat', got {mode!r}")
-        pieces: list[tuple[list[int], list[int]]]
+        pieces: list[tuple[list[int], list[int], int]]  # (ids, labels, position of the first token)
         if len(doc.ids) > seq_len:
             if doc.splittable:
                 pieces = [
-                    (doc.ids[s : s + seq_len], doc.labels[s : s + seq_len]) for s in range(0, len(doc.ids), seq_len)
+                    (doc.ids[s : s + seq_len], doc.labels[s : s + seq_len], s) for s in range(0, len(doc.ids), seq_len)
                 ]
             else:
                 n_trunc += 1
-                pieces = [(doc.ids[:seq_len], doc.labels[:seq_len])]
+                pieces = [(doc.ids[:seq_len], doc.labels[:seq_len], 0)]
         else:
-            pieces = [(doc.ids, doc.labels)]
-        for ids, labels in pieces:
+            pieces = [(doc.ids, doc.labels, 0)]
+        for ids, labels, at in pieces:
             if len(cur_ids) + len(ids) > seq_len:
                 flush()
             cur_ids = cur_ids + ids
             cur_labels = cur_labels + labels
+            cur_pos = cur_pos + list(range(at, at + len(ids)))
             if len(cur_ids) == seq_len:
                 flush()
     flush()
@@ -513,11 +537,15 @@ def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int, mode: st
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
     labels_t = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, seq_len), dtype=torch.long)
-    for r, (ids, labels) in enumerate(rows):
+    position_ids = torch.arange(seq_len, dtype=torch.long).repeat(n, 1) if positions else None
+    for r, (ids, labels, pos) in enumerate(rows):
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels_t[r, : len(ids)] = torch.tensor(labels, dtype=torch.long)
         mask[r, : len(ids)] = 1
-    return PackedDataset(input_ids, labels_t, mask, n_docs, n_trunc)
+        if position_ids is not None:
+            position_ids[r, : len(ids)] = torch.tensor(pos, dtype=torch.long)
+            position_ids[r, len(ids) :] = torch.arange(seq_len - len(ids))  # the padding: a document of its own
+    return PackedDataset(input_ids, labels_t, mask, n_docs, n_trunc, position_ids)
 
 
 def build_dataset(cfg: DataConfig, tokenizer, stage: str, extra_sources: Sequence[SourceLike] = ()) -> PackedDataset:
@@ -540,7 +568,8 @@ def build_dataset(cfg: DataConfig, tokenizer, stage: str, extra_sources: Sequenc
                 yield encode_record(record, tokenizer, responses_only)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packed = pack_documents(documents(), cfg.seq_len, pad_id if pad_id is not None else 0, cfg.packing)
+    positions = uses_document_boundaries(cfg, stage)
+    packed = pack_documents(documents(), cfg.seq_len, pad_id if pad_id is not None else 0, cfg.packing, positions)
     if packed.num_target_tokens == 0:
         raise DataError("the data has no target tokens (for sft: no assistant responses)")
     return packed

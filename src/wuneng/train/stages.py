@@ -173,7 +173,13 @@ class CausalLMObjective(Objective):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if "position_ids" in batch:
+            # packed documents (data.document_boundaries): the position_ids restarting at 0 mark them, read by
+            # transformers (block-diagonal attention) and by the recurrent models only without an attention mask
+            # and a cache; the padding at a row's end comes after every real token, so no real token sees it
+            out = self.student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        else:
+            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ce, _ = shifted_cross_entropy_sum(out.logits, batch["labels"])
         return {"loss_sum": ce, "ce": ce.detach()}
 
