@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import json, sys
 import torch
@@ -47,6 +49,10 @@ def run(mode: str) -> dict:
 
 
 def test_generation_is_the_same_without_transformers_dummy_layer():
+    import transformers.cache_utils
+
+    if not hasattr(transformers.cache_utils, "DummyLayer"):  # 5.17 itself: the other tests run without the class
+        pytest.skip("this transformers has no DummyLayer to compare with (the test hides the class of one that has)")
     with_class, without_class = run("with"), run("without")
     assert with_class["dummy_module"] == "transformers.cache_utils"
     assert without_class["dummy_module"] == "wuneng.cache"

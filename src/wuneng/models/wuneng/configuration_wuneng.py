@@ -6,7 +6,11 @@ import copy
 from typing import List, Optional, Sequence
 
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:  # transformers >= 5.2x: a sub-config's class, default type and optionality in one spec
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.17 (a GPU image's): the older `sub_configs = {name: class}`
+    SubConfigSpec = None
 
 from ...layers.hybrid import FUSIONS, MIXER_KINDS, check_state_head_size
 from ...ops.wkv7.dispatch import IMPLS as WKV_IMPLS
@@ -71,6 +75,12 @@ def _is_int(x) -> bool:
 def default_middle_heads(num_attention_heads: int) -> int:
     """H_m when none is given: :data:`DEFAULT_MIDDLE_HEADS`, at most the number of attention heads H_q."""
     return min(DEFAULT_MIDDLE_HEADS, num_attention_heads)
+
+
+def _keyed_by_layer_type(rope_parameters, teacher: PretrainedConfig) -> bool:
+    """Whether a teacher's ``rope_parameters`` hold one entry per attention layer type (Gemma 3's sliding and full)."""
+    layer_types = getattr(teacher, "layer_types", None) or ()
+    return isinstance(rope_parameters, dict) and bool(set(rope_parameters) & set(layer_types))
 
 
 def resolve_layer_kinds(
@@ -154,7 +164,12 @@ class WuNengConfig(PretrainedConfig):
 
     model_type = "wuneng"
     keys_to_ignore_at_inference = ["past_key_values"]
-    sub_configs_defaults = {"teacher_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", optional=True)}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "teacher_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", optional=True)
+        }
+    else:
+        sub_configs = {"teacher_config": AutoConfig}
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -258,6 +273,10 @@ class WuNengConfig(PretrainedConfig):
         if key in TEACHER_SHAPE_FIELDS:
             teacher = self.__dict__.get("teacher_config")
             if isinstance(teacher, PretrainedConfig) and getattr(teacher, key, None) != value:
+                if key == "rope_parameters" and _keyed_by_layer_type(getattr(teacher, key, None), teacher):
+                    # transformers 5.17 rewrites this flat copy as one global RoPE (it has no layer_types here);
+                    # the teacher's own per-layer-type parameters (Gemma 3) stay as they are
+                    return
                 setattr(teacher, key, value)
 
     def _resolve_teacher_config(self) -> None:
