@@ -98,8 +98,32 @@ def test_packed_sft_loss_equals_conversations_alone(build):
     assert abs(unpacked - alone) / abs(alone) > 1e-3
 
 
+def test_concat_packing_continues_a_cut_document_and_streams_match():
+    """concat rows cut documents: a document continued in the next row continues its positions; the streamed rows
+    (data.streaming) carry the same position_ids as the eager ones, for concat pretraining and greedy SFT."""
+    from wuneng.train.streaming import open_stream
+
+    tok = ByteLevelTokenizer()
+    texts = ["abcdefghij", "klmno", "pqrstuvwxyzab"]  # 11, 6, 14 tokens with <eos>
+    cfg = DataConfig(seq_len=8, packing="concat", document_boundaries=True)
+    data = build_dataset(cfg, tok, "pretrain", extra_sources=[texts])
+    expected = list(range(11)) + list(range(6)) + list(range(14))
+    rows = data.position_ids.reshape(-1)[: len(expected)].tolist()
+    assert rows == expected and data.position_ids[-1, -1].item() == 0  # the last row: 7 tokens and one of padding
+    for cfg_stream, stage, sources in (
+        (DataConfig(seq_len=8, packing="concat", document_boundaries=True, streaming=True), "pretrain", texts),
+        (DataConfig(seq_len=SEQ_LEN // 2, streaming=True), "sft", CHATS),
+    ):
+        eager = build_dataset(DataConfig(**{**cfg_stream.__dict__, "streaming": False}), tok, stage, [sources])
+        stream = open_stream(cfg_stream, tok, stage, [sources])
+        try:
+            streamed = stream.next_rows(len(eager))
+        finally:
+            stream.close()
+        assert torch.equal(streamed.input_ids, eager.input_ids)
+        assert eager.position_ids is not None and torch.equal(streamed.position_ids, eager.position_ids)
+
+
 def test_document_boundaries_config_errors():
     with pytest.raises(ConfigError, match="config.data.document_boundaries: applies to the pretrain and sft stages"):
         validate(TrainConfig(stage="distill", data=DataConfig(document_boundaries=True)), has_teacher=True)
-    with pytest.raises(ConfigError, match="config.data.document_boundaries: streamed rows carry no document"):
-        validate(TrainConfig(stage="sft", data=DataConfig(document_boundaries=True, streaming=True)))

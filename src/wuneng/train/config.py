@@ -91,7 +91,7 @@ class DataConfig:
     # Rows carry position_ids restarting at 0 at each packed document, and the training forward passes them (no
     # attention mask, no cache) so that attention, token shifts and recurrent states restart at every document
     # (docs/training.md, "Document-aware packing"). null: on for the sft stage, off otherwise; true: also for
-    # pretrain; false: off. Eager (not streamed) data only.
+    # pretrain; false: off. Eager and streamed data alike.
     document_boundaries: Optional[bool] = None
 
 
@@ -443,11 +443,6 @@ def validate(
     if d.document_boundaries and config.stage in ("align", "distill"):
         raise ConfigError(
             f"config.data.document_boundaries: applies to the pretrain and sft stages, not {config.stage}; remove it"
-        )
-    if d.document_boundaries and d.streaming:
-        raise ConfigError(
-            "config.data.document_boundaries: streamed rows carry no document boundaries (not implemented); set "
-            "data.streaming: false or remove document_boundaries"
         )
     for name, kwargs in config.tracker_kwargs.items():
         if name not in TRACKERS or not isinstance(kwargs, dict):

@@ -463,9 +463,9 @@ class PackedDataset:
 
 def uses_document_boundaries(cfg: DataConfig, stage: str) -> bool:
     """Whether the rows of ``stage`` carry their documents' ``position_ids``: ``data.document_boundaries``, by
-    default (null) on for ``sft`` (each conversation trains as if alone) unless the data is streamed."""
+    default (null) on for ``sft`` (each conversation trains as if alone), eager or streamed."""
     if cfg.document_boundaries is None:
-        return stage == "sft" and not cfg.streaming
+        return stage == "sft"
     return bool(cfg.document_boundaries)
 
 

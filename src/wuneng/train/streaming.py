@@ -66,6 +66,7 @@ from .data import (
     _iter_python,
     _record_from_obj,
     encode_record,
+    uses_document_boundaries,
 )
 
 __all__ = ["Shard", "TokenStream", "list_shards", "open_stream", "STREAM_STATE_FORMAT"]
@@ -399,6 +400,7 @@ class _Row:
     ids: list[int]
     labels: list[int]
     start: tuple[_Position, int]  # the first document of the row and the token offset in it
+    positions: list[int]  # each token's position in its document (pack_documents' position_ids)
 
 
 class TokenStream:
@@ -433,6 +435,7 @@ class TokenStream:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.responses_only = stage == "sft"
+        self.document_positions = uses_document_boundaries(cfg, stage)  # rows carry position_ids
         self.shards = list_shards(list(cfg.sources) + list(extra_sources))
         self.seq_len = cfg.seq_len
         self.seed = seed
@@ -495,6 +498,7 @@ class TokenStream:
         seq_len, concat = self.seq_len, self.cfg.packing == "concat"
         cur_ids: list[int] = []
         cur_labels: list[int] = []
+        cur_pos: list[int] = []
         cur_start: Optional[tuple[_Position, int]] = None
         first_offset = start[1]
         rows_this_epoch = 0
@@ -512,11 +516,12 @@ class TokenStream:
                             cur_start = (pos, off)
                         cur_ids += doc.ids[off : off + room]
                         cur_labels += doc.labels[off : off + room]
+                        cur_pos += range(off, min(off + room, n))
                         off += room
                         if len(cur_ids) == seq_len:
-                            yield _Row(cur_ids, cur_labels, cur_start)
+                            yield _Row(cur_ids, cur_labels, cur_start, cur_pos)
                             rows_this_epoch += 1
-                            cur_ids, cur_labels = [], []
+                            cur_ids, cur_labels, cur_pos = [], [], []
                 else:
                     if n > seq_len:
                         offsets = range(0, n, seq_len) if doc.splittable else range(0, 1)
@@ -527,22 +532,23 @@ class TokenStream:
                             continue
                         ids = doc.ids[off : off + seq_len]
                         if len(cur_ids) + len(ids) > seq_len:
-                            yield _Row(cur_ids, cur_labels, cur_start)
+                            yield _Row(cur_ids, cur_labels, cur_start, cur_pos)
                             rows_this_epoch += 1
-                            cur_ids, cur_labels = [], []
+                            cur_ids, cur_labels, cur_pos = [], [], []
                         if not cur_ids:
                             cur_start = (pos, off)
                         cur_ids = cur_ids + ids
                         cur_labels = cur_labels + doc.labels[off : off + seq_len]
+                        cur_pos = cur_pos + list(range(off, off + len(ids)))
                         if len(cur_ids) == seq_len:
-                            yield _Row(cur_ids, cur_labels, cur_start)
+                            yield _Row(cur_ids, cur_labels, cur_start, cur_pos)
                             rows_this_epoch += 1
-                            cur_ids, cur_labels = [], []
+                            cur_ids, cur_labels, cur_pos = [], [], []
             if last:
                 if cur_ids:
-                    yield _Row(cur_ids, cur_labels, cur_start)
+                    yield _Row(cur_ids, cur_labels, cur_start, cur_pos)
                     rows_this_epoch += 1
-                    cur_ids, cur_labels = [], []
+                    cur_ids, cur_labels, cur_pos = [], [], []
                 if rows_this_epoch == 0 and whole_epoch:
                     raise DataError("no training tokens: every source was empty")
                 rows_this_epoch, whole_epoch = 0, True
@@ -589,13 +595,17 @@ class TokenStream:
         input_ids = torch.full((count, self.seq_len), self.pad_id, dtype=torch.long)
         labels = torch.full((count, self.seq_len), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((count, self.seq_len), dtype=torch.long)
+        position_ids = torch.arange(self.seq_len).repeat(count, 1) if self.document_positions else None
         for r in range(count):
             row = self._next_row()
             n = len(row.ids)
             input_ids[r, :n] = torch.as_tensor(row.ids, dtype=torch.long)
             labels[r, :n] = torch.as_tensor(row.labels, dtype=torch.long)
             mask[r, :n] = 1
-        return PackedDataset(input_ids, labels, mask)
+            if position_ids is not None:  # as pack_documents: the padding counts from 0
+                position_ids[r, :n] = torch.as_tensor(row.positions, dtype=torch.long)
+                position_ids[r, n:] = torch.arange(self.seq_len - n)
+        return PackedDataset(input_ids, labels, mask, position_ids=position_ids)
 
     # ---- position
     def state_dict(self) -> dict:
