@@ -4,7 +4,7 @@ For each width C (heads of 64, state width A = C), batch B and torch thread coun
 one token without autograd through
 
     fused    wkv_impl="auto" with the preference rule lifted: one call of
-             wuneng.ops.wkv7.one_token.time_mix_one_token (single-threaded C)
+             wuneng.fused.one_token.time_mix_one_token (single-threaded C)
     tensor   wkv_impl="chunked": the layer's tensor ops (token mixes, low_rank_bank, projections through the
              BLAS, wkv7_step, the read-out, the output projection)
 
@@ -24,10 +24,10 @@ import time
 
 import torch
 
+from wuneng.fused import one_token
+from wuneng.fused.cpu import fused_kernel_available, fused_kernel_error
 from wuneng.layers.low_rank import derived_weights_session
 from wuneng.layers.rwkv7 import TimeMix
-from wuneng.ops.wkv7 import one_token
-from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
 
 
 def median_us(fn, steps: int) -> float:
@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per case (median)")
     args = parser.parse_args()
-    if not cpu_kernel_available():
-        raise SystemExit(f"the C kernel is unavailable: {cpu_kernel_error()}")
+    if not fused_kernel_available():
+        raise SystemExit(f"the C kernel is unavailable: {fused_kernel_error()}")
     limit, max_batch = one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH
     print(
         f"torch {torch.__version__}; FUSED_WORK_LIMIT = {limit / 2**20:.0f}M, FUSED_MAX_BATCH = {max_batch}; "

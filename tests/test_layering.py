@@ -26,6 +26,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     # 0: no wuneng imports of their own: importable from any floor
     ("base", ("wuneng.progress", "wuneng.runtime", "wuneng.labels")),
     ("ops", ("wuneng.ops",)),
+    # fused decoding kernels of whole layers (C and their tensor-op references): above the operators they call
+    ("fused", ("wuneng.fused",)),
     ("layers", ("wuneng.layers",)),
     # RWKV-LM <-> transformers checkpoint conversion sits above the RWKV-7 model it builds
     ("conversion", ("wuneng.models.rwkv7.convert_rwkv_lm", "wuneng.models.rwkv7.convert_fla")),
@@ -34,7 +36,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("train/eval", ("wuneng.train", "wuneng.eval", "wuneng.select_layers")),  # select_layers trains probes
     ("applications", ("wuneng.cli", "wuneng.apps")),  # the CLI and the demo and benchmark apps
 ]
-FLOOR_ORDER = ["base", "ops", "layers", "models", "conversion", "train/eval", "applications"]
+FLOOR_ORDER = ["base", "ops", "fused", "layers", "models", "conversion", "train/eval", "applications"]
 PACKAGE_ROOT = "wuneng"  # the root __init__ only re-exports lazily (PEP 562): no floor of its own
 
 # (importer, imported) -> why a lazy upward import is right there
@@ -241,6 +243,28 @@ def test_the_walker_sees_cycles_and_upward_imports(tmp_path):
     found = module_imports(modules)
     assert found["wuneng.ops"] == {"module": [("wuneng.ops.x", 1)], "function": []}
     assert found["wuneng.ops.x"] == {"module": [("wuneng.cli", 1)], "function": [("wuneng.ops", 4)]}
+
+
+def test_c_sources_include_only_their_floor_or_below():
+    """The C sources follow the floors too: the operators' ``csrc`` includes only its own headers (it knows nothing
+    of the fused kernels), the fused floor's ``csrc`` its own and the operators' (given with -I by its build)."""
+    import re
+
+    root = Path(wuneng.__file__).resolve().parent
+    allowed = {
+        root / "ops" / "wkv7" / "csrc": [root / "ops" / "wkv7" / "csrc"],
+        root / "fused" / "csrc": [root / "fused" / "csrc", root / "ops" / "wkv7" / "csrc"],
+    }
+    problems = []
+    for folder, search in allowed.items():
+        assert folder.is_dir(), folder
+        for source in sorted(folder.glob("*.[ch]")):
+            for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(encoding="utf-8"), re.M):
+                if not any((where / name).is_file() and (where / name).resolve().parent == where for where in search):
+                    problems.append(
+                        f"{source.relative_to(root)} includes {name!r}, not in {[str(w.relative_to(root)) for w in search]}"
+                    )
+    assert not problems, problems
 
 
 def test_one_definition_per_shared_constant():

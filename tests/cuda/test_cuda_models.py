@@ -16,9 +16,10 @@ import pytest
 import torch
 from test_mixed_precision import KINDS, TOL, V, assert_close_to_float32, build, ids, wkv_states
 
+from wuneng.fused import cpu as fused_cpu
+from wuneng.fused import one_token as one_token_mod
 from wuneng.ops.wkv7 import cpu as cpu_mod
 from wuneng.ops.wkv7 import dispatch
-from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7 import readout as readout_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
 from wuneng.ops.wkv7.dispatch import fla_available
@@ -155,7 +156,10 @@ class CountingLibrary:
         return getattr(self.lib, name)
 
 
-@pytest.mark.skipif(not cpu_kernel_available(), reason="the C kernels are not built here: the CPU control cannot run")
+@pytest.mark.skipif(
+    not (cpu_kernel_available() and fused_cpu.fused_kernel_available()),
+    reason="the C kernels are not built here: the CPU control cannot run",
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_decoding_on_cuda_never_reaches_the_cpu_kernels(kind, cpu_reference, monkeypatch):
     """The fused one-token kernels, the C WKV-7 and the C read-out serve CPU tensors only: counted over a no-grad
@@ -165,8 +169,11 @@ def test_decoding_on_cuda_never_reaches_the_cpu_kernels(kind, cpu_reference, mon
     import wuneng.layers.rwkv7 as rwkv7_layers
 
     counting = CountingLibrary(cpu_mod._library())
-    for module in (cpu_mod, one_token_mod, readout_mod):
+    for module in (cpu_mod, readout_mod):
         monkeypatch.setattr(module, "_library", lambda: counting)
+    counting_fused = CountingLibrary(fused_cpu._library())
+    counting_fused.fetched = counting.fetched  # one list for both libraries
+    monkeypatch.setattr(one_token_mod, "_library", lambda: counting_fused)
     fused = []
     for module, name in ((rwkv7_layers, "time_mix_one_token"), (hybrid_layers, "hybrid_state_one_token")):
         real = getattr(module, name)

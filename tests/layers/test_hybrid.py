@@ -24,6 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Rotary
 
 import wuneng.layers.hybrid as hybrid_mod
 from wuneng.cache import RecurrentStateCache
+from wuneng.fused import one_token as one_token_mod
 from wuneng.layers.hybrid import (
     FUSIONS,
     ARWKVMixer,
@@ -33,7 +34,6 @@ from wuneng.layers.hybrid import (
     wrap_attention,
 )
 from wuneng.layers.low_rank import derived_weights_session
-from wuneng.ops.wkv7 import one_token as one_token_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available
 
 from _helpers import perturb_

@@ -1,4 +1,5 @@
-"""How the C library (wuneng.ops.wkv7.cpu) is found, built, trusted and loaded, and that a forked child can use it.
+"""How the operators' C library (wuneng.ops.wkv7.cpu, through wuneng.ops.c_library) is found, built, trusted and
+loaded, and that a forked child can use it (the fused kernels' library, built by the same machinery: tests/fused).
 
 Most tests start from a private cache folder holding a copy of the library this process already loaded (named by
 the same key), so that they need no compile; the concurrent-build test compiles for real (marked slow).
@@ -6,7 +7,6 @@ the same key), so that they need no compile; the concurrent-build test compiles 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import multiprocessing
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wuneng.ops.wkv7 import _abi
+from wuneng.ops import c_library
 from wuneng.ops.wkv7 import cpu as cpu_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
 
@@ -33,11 +33,11 @@ ROOT = os.geteuid() == 0  # root writes into read-only folders: those tests also
 @pytest.fixture
 def fresh(monkeypatch):
     """A clean slate: no cached library handle, the once-per-process warning not yet given, our own environment."""
-    loaded = cpu_mod._library_path() if cpu_kernel_available() else None
+    loaded = cpu_mod.LIBRARY.path() if cpu_kernel_available() else None
     for name in ("WUNENG_KERNEL_CACHE", "XDG_CACHE_HOME", "WUNENG_CPU_KERNEL"):
         monkeypatch.delenv(name, raising=False)
     cpu_mod._library.cache_clear()
-    monkeypatch.setattr(cpu_mod, "_warned", False)
+    monkeypatch.setattr(cpu_mod.LIBRARY, "warned", False)
     yield loaded
     monkeypatch.undo()
     cpu_mod._library.cache_clear()  # the next test loads the default library again
@@ -59,13 +59,13 @@ def _warnings(caplog) -> list:
 
 def test_cache_folder_follows_xdg_cache_home_and_the_override(fresh, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cpu_mod._cache_dir() == tmp_path / "home" / ".cache" / "wuneng" / "kernels"
+    assert c_library.kernel_cache_dir() == tmp_path / "home" / ".cache" / "wuneng" / "kernels"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cpu_mod._cache_dir() == tmp_path / "xdg" / "wuneng" / "kernels"
+    assert c_library.kernel_cache_dir() == tmp_path / "xdg" / "wuneng" / "kernels"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: ignore a relative path
-    assert cpu_mod._cache_dir() == tmp_path / "home" / ".cache" / "wuneng" / "kernels"
+    assert c_library.kernel_cache_dir() == tmp_path / "home" / ".cache" / "wuneng" / "kernels"
     monkeypatch.setenv("WUNENG_KERNEL_CACHE", str(tmp_path / "mine"))
-    assert cpu_mod._cache_dir() == tmp_path / "mine"
+    assert c_library.kernel_cache_dir() == tmp_path / "mine"
 
 
 @needs_kernel
@@ -74,7 +74,7 @@ def test_library_found_under_xdg_cache_home_is_loaded(fresh, monkeypatch, tmp_pa
     folder.mkdir(parents=True, mode=0o755)
     shutil.copy2(fresh, folder / fresh.name)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(cpu_mod, "_compile", lambda out: pytest.fail("compiled although the library was cached"))
+    monkeypatch.setattr(cpu_mod.LIBRARY, "compile", lambda out: pytest.fail("compiled although the library was cached"))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert cpu_kernel_available(), cpu_kernel_error()
     assert not _warnings(caplog)
@@ -92,7 +92,7 @@ def test_cached_library_loads_with_no_compiler_on_path(fresh, monkeypatch, tmp_p
     def no_subprocess(*args, **kwargs):
         raise AssertionError(f"ran a program to load a cached library: {args}")
 
-    monkeypatch.setattr(cpu_mod.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(c_library.subprocess, "run", no_subprocess)
     assert cpu_kernel_available(), cpu_kernel_error()
     # and it computes
     from wuneng.ops.wkv7 import wkv7_reference
@@ -152,7 +152,7 @@ def _fail_writes_on_root(monkeypatch):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
             return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(cpu_mod.os, "open", read_only_open)
+        monkeypatch.setattr(c_library.os, "open", read_only_open)
 
 
 @needs_kernel
@@ -206,7 +206,7 @@ def test_cache_writable_by_others_is_refused(fresh, monkeypatch, tmp_path, caplo
         if ROOT:
             os.chown(library, 4321, -1)
         else:  # not root: pretend the file belongs to someone else
-            monkeypatch.setattr(cpu_mod.os, "geteuid", lambda: os.getuid() + 4321)
+            monkeypatch.setattr(c_library.os, "geteuid", lambda: os.getuid() + 4321)
         expected = "owned by uid"
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert not cpu_kernel_available()
@@ -219,85 +219,20 @@ def test_cache_writable_by_others_is_refused(fresh, monkeypatch, tmp_path, caplo
 def test_a_library_built_for_another_key_is_refused(fresh, monkeypatch, tmp_path):
     """A file with the expected name but another build inside (here: the real library under a new key) is not used."""
     folder = _private_cache(tmp_path, fresh, monkeypatch)
-    monkeypatch.setattr(cpu_mod, "_kernel_key", lambda: "0123456789abcdef0123")
+    monkeypatch.setattr(cpu_mod.LIBRARY, "key", lambda: "0123456789abcdef0123")
     shutil.copy2(folder / fresh.name, folder / "wkv7_cpu_0123456789abcdef0123.so")
     assert not cpu_kernel_available()
     assert "was built for key" in cpu_kernel_error() and "delete it to rebuild" in cpu_kernel_error()
-
-
-# -- argument layouts of the fused kernels ----------------------------------------------------------------------
-
-
-@needs_kernel
-def test_loaded_library_layouts_equal_the_python_structures():
-    lib = cpu_mod._library()
-    for kernel, cls in _abi.FUSED_KERNELS.items():
-        for suffix in ("f32", "f64"):
-            fn = getattr(lib, f"{kernel}_layout_{suffix}")
-            assert fn().decode() == cls.layout
-            assert getattr(lib, f"{kernel}_args_size_{suffix}")() == ctypes.sizeof(cls)
-    # the weights' NamedTuple fields are C fields of the same name (they are passed by name)
-    from wuneng.ops.wkv7.one_token import HybridStateWeights, TimeMixWeights
-
-    for weights, cls in ((TimeMixWeights, _abi.TimeMixArgs), (HybridStateWeights, _abi.HybridStateArgs)):
-        names = [n for n, _ in cls._fields_]
-        assert set(weights._fields[:-1]) <= set(names) and "eps" in names
-
-
-class _FakeLibrary:
-    """Stands in for the C library with given layout texts (everything else as this package expects); plain
-    functions take the restype / argtypes attributes that check_library sets."""
-
-    def __init__(self, layouts: dict, abi: int = _abi.KERNEL_ABI, key: str = "k"):
-        self.wuneng_kernel_abi = lambda: abi
-        self.wuneng_kernel_key = lambda: key.encode()
-        for kernel, cls in _abi.FUSED_KERNELS.items():
-            for suffix in ("f32", "f64"):
-                setattr(self, f"{kernel}_layout_{suffix}", lambda text=layouts.get(kernel, cls.layout): text.encode())
-                setattr(self, f"{kernel}_args_size_{suffix}", lambda cls=cls: ctypes.sizeof(cls))
-                setattr(self, f"{kernel}_{suffix}", lambda *a: None)
-
-
-def test_a_reordered_field_fails_loudly_at_load():
-    good = _FakeLibrary({})
-    _abi.check_library(good, "k", ("f32", "f64"))  # the fake itself is consistent
-    fields = _abi.TimeMixArgs.layout.split(";")[:-1]
-    i, j = fields.index("p:W_k"), fields.index("p:W_v")  # two fields of one kind and type: C would not notice
-    fields[i], fields[j] = fields[j], fields[i]
-    swapped = ";".join(fields) + ";"
-    with pytest.raises(RuntimeError, match=r"time_mix_one_token_f32: the C argument layout differs") as info:
-        _abi.check_library((_FakeLibrary({"time_mix_one_token": swapped})), "k", ("f32", "f64"))
-    assert swapped in str(info.value) and _abi.TimeMixArgs.layout in str(info.value)
-    with pytest.raises(RuntimeError, match="argument-layout version 1"):
-        _abi.check_library((_FakeLibrary({}, abi=1)), "k", ("f32",))
-    with pytest.raises(RuntimeError, match="built for key 'other'"):
-        _abi.check_library((_FakeLibrary({}, key="other")), "k", ("f32",))
-
-
-def test_kernel_args_are_filled_by_name_and_all_of_them():
-    cls = _abi.HybridStateArgs
-    values = {n: 0 for n, _ in cls._fields_}
-    values.update(Hkv=3, eps=0.5, gate_bias=0xABC0)
-    packed = _abi.kernel_args(cls, values)
-    assert packed == bytes(cls(**values))  # the packer lays the fields out as ctypes (and C) does
-    view = cls.from_buffer_copy(packed)
-    assert (view.Hkv, view.eps, view.gate_bias, view.v_first) == (3, 0.5, 0xABC0, None)
-    with pytest.raises(TypeError, match=r"missing fields \['gate_bias'\]"):
-        _abi.kernel_args(cls, {n: v for n, v in values.items() if n != "gate_bias"})
-    with pytest.raises(TypeError, match=r"unknown fields \['gate'\]"):
-        _abi.kernel_args(cls, {**values, "gate": 0})
 
 
 # -- fork -------------------------------------------------------------------------------------------------------
 
 
 def _call_every_kernel() -> list:
-    """Every C kernel once (heads / rows split over the pool when the caller allows), outputs and gradients."""
-    from test_one_token import make_hybrid_weights, make_inputs, make_weights
-
+    """Every operator C kernel once (heads / rows split over the pool when the caller allows), outputs and
+    gradients."""
     from wuneng.ops.wkv7 import wkv7_step
     from wuneng.ops.wkv7.cpu import wkv7_cpu
-    from wuneng.ops.wkv7.one_token import hybrid_state_one_token, time_mix_one_token
     from wuneng.ops.wkv7.readout import group_norm_bonus
 
     g = torch.Generator().manual_seed(0)
@@ -312,13 +247,7 @@ def _call_every_kernel() -> list:
     ro_grads = torch.autograd.grad((ro * ro).sum(), ro_in)
     with torch.no_grad():
         step = wkv7_step(*[t[:, 0].detach() for t in seq], S.detach(), impl="cpu")
-        tm = time_mix_one_token(*make_inputs(2, 32, 2, 16), make_weights(32, 2, 16, True), impl="cpu")
-        u, shift, S0, v_first = make_inputs(2, 32, 2, 16, seed=3)
-        q, k, v = (torch.randn(2, n, generator=g, dtype=torch.float64) for n in (32, 16, 16))
-        hs = hybrid_state_one_token(
-            u, shift, S0, v_first, q, k, v, make_hybrid_weights(32, 2, 16, True, True, 8), impl="cpu"
-        )
-    return [t.detach() for t in (y, S, *grads, ro, *ro_grads, *step, *tm, *[x for x in hs if x is not None])]
+    return [t.detach() for t in (y, S, *grads, ro, *ro_grads, *step)]
 
 
 def _child(conn) -> None:
@@ -384,9 +313,9 @@ def test_two_processes_building_at_once_make_one_library(tmp_path):
         import os, time
         while not os.path.exists({str(start)!r}):
             time.sleep(0.01)
-        from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error, _build
+        from wuneng.ops.wkv7.cpu import LIBRARY, cpu_kernel_available, cpu_kernel_error
         assert cpu_kernel_available(), cpu_kernel_error()
-        print(_build())  # (found now: the path of the loaded library)
+        print(LIBRARY.build())  # (found now: the path of the loaded library)
         """
     )
     env = {**os.environ, "WUNENG_KERNEL_CACHE": str(cache), "CC": str(wrapper), "OMP_NUM_THREADS": "1"}

@@ -165,10 +165,10 @@ def test_bad_checkpoint_len_and_device():
 @needs_kernel
 def test_build_is_cached_by_content(monkeypatch, tmp_path):
     monkeypatch.setenv("WUNENG_KERNEL_CACHE", str(tmp_path))
-    first = cpu_mod._build()
+    first = cpu_mod.LIBRARY.build()
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert cpu_mod._build() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert cpu_mod.LIBRARY.build() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
     stem = first.name[: -len(".so")]  # the library, its build record and its lock file; no temp file left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, stem + ".json", stem + ".lock"])
 

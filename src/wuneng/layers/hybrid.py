@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.wkv7.one_token import (
+from ..fused.one_token import (
     HybridStateWeights,
     hybrid_state_one_token,
     one_token_kernel_fits,

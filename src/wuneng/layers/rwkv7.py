@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fused.one_token import TimeMixWeights, one_token_kernel_fits, one_token_kernel_preferred, time_mix_one_token
 from ..ops import wkv7, wkv7_step
-from ..ops.wkv7.one_token import TimeMixWeights, one_token_kernel_fits, one_token_kernel_preferred, time_mix_one_token
 from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 

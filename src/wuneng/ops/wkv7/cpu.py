@@ -13,23 +13,12 @@ materialised. Python cannot run it fast; ``csrc/wkv7_cpu.c`` does, for float32 a
 - Threads: heads are split across ``torch.get_num_threads()`` Python threads (a pool created on first use,
   per process); ctypes releases the GIL for the duration of a C call, so they run in parallel.
 
-Build and load (tests in ``tests/ops/test_kernel_build.py``):
+Build and load: :class:`~wuneng.ops.c_library.CLibrary` (cache folder, lock, ownership checks, ABI and key
+check; tests in ``tests/ops/test_kernel_build.py``) builds ``csrc/wkv7_cpu.c`` into ``wkv7_cpu_<key>.so``.
+When it is unavailable (no compiler, build failed, refused, ``WUNENG_CPU_KERNEL=0``) one warning says why;
+:func:`cpu_kernel_available` is False, ``wkv7(impl="auto")`` and the other dispatchers take their PyTorch paths,
+and ``impl="cpu"`` raises with the reason (:func:`cpu_kernel_error`).
 
-- Cache folder: ``$WUNENG_KERNEL_CACHE`` if set, else ``$XDG_CACHE_HOME/wuneng/kernels`` (``~/.cache`` when
-  XDG_CACHE_HOME is unset or not absolute). The library is named by a key hashed from the sources, the flags,
-  the CPU (``-march=native``) and the machine type, not from the compiler: a library already there is loaded
-  without running (or having) a compiler. The first build runs ``$CC`` (or ``cc``; ``-O3 -march=native``) and
-  records the compiler's identity in a ``.json`` beside the library; to rebuild with another compiler, delete
-  the folder.
-- Concurrent processes: the build runs under an exclusive ``fcntl.flock`` on a lock file beside the library;
-  the first process builds (temp file, then an atomic rename), the others wait, then load its result.
-- Trust: the folder and the library must belong to this user and not be writable by group or others, else
-  they are refused (a library there runs as this user's code); the loaded library must report this
-  package's argument-layout version and the key it was built for (:mod:`._abi`), else it is refused.
-- Unavailable (no compiler, build failed, folder not usable, refused, ``WUNENG_CPU_KERNEL=0``): one warning
-  through ``logging`` per process saying why; :func:`cpu_kernel_available` is False, ``wkv7(impl="auto")``
-  and the other dispatchers take their PyTorch paths, and ``impl="cpu"`` raises with the reason
-  (:func:`cpu_kernel_error`).
 - Fork: the thread pool and the lock are replaced in a forked child (``os.register_at_fork``), so a
   DataLoader worker or a ``multiprocessing`` fork child can call every kernel.
 - torch.compile: the sequence kernels are torch custom ops, ``torch.ops.wuneng.wkv7_cpu_forward`` and
@@ -44,218 +33,33 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import functools
-import hashlib
-import json
 import logging
 import os
-import platform
-import shutil
-import stat
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-from ._abi import KERNEL_ABI, check_library
+from ..c_library import DTYPE_SUFFIX, CLibrary, data_ptr
 from ._checks import SEQ_NAMES, check_wkv7_inputs, state_dtype
 from .varlen import run_per_document
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: builds are not locked across processes
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
 #: tokens between two stored states (the backward recomputes at most this many steps per row)
 CHECKPOINT_LEN = 16
+#: must equal WUNENG_KERNEL_ABI in csrc/wkv7_cpu.c (bumped whenever a function's arguments change)
+KERNEL_ABI = 3
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("wkv7_cpu.c", "args.h", "wkv7_cpu_impl.h", "readout_impl.h", "one_token_impl.h")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-
-_build_error: Optional[str] = None
-_warned = False  # the "C kernels unavailable" warning is logged once per process
+_SUFFIX = DTYPE_SUFFIX
+_ptr = data_ptr
 _lock = threading.Lock()
 
 
-class KernelUnavailable(RuntimeError):
-    """Why the C library cannot be used (the message is the reason shown to the user)."""
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and flags (Linux), else the platform string."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(keep))) or platform.processor()
-    except OSError:
-        return platform.platform() + platform.processor()
-
-
-def _compiler() -> list:
-    return os.environ.get("CC", "cc").split()
-
-
-def _cache_dir() -> Path:
-    """``$WUNENG_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/wuneng/kernels`` (``~/.cache`` if unset or relative)."""
-    override = os.environ.get("WUNENG_KERNEL_CACHE")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "wuneng" / "kernels"
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel_key() -> str:
-    """Hash of what the library's code depends on: sources, flags, CPU, machine type and ABI (no compiler run)."""
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((_CSRC / name).read_bytes())
-    for part in (" ".join(_CFLAGS), _cpu_signature(), platform.machine(), str(KERNEL_ABI)):
-        digest.update(part.encode())
-    return digest.hexdigest()[:20]
-
-
-def _library_path() -> Path:
-    return _cache_dir() / f"wkv7_cpu_{_kernel_key()}.so"
-
-
-def _refuse_if_shared(path: Path, what: str) -> None:
-    """Raise KernelUnavailable when ``path`` belongs to another user or is writable by group or others."""
-    st = path.stat()
-    uid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
-    if st.st_uid != uid:
-        problem = f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
-    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problem = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
-    else:
-        return
-    raise KernelUnavailable(
-        f"kernel cache {what} {path} {problem}; refusing to load code from it "
-        "(chmod go-w it, or set WUNENG_KERNEL_CACHE to a private folder)"
-    )
-
-
-def _find_compiler() -> list:
-    """The compiler command, or KernelUnavailable when it is not on PATH."""
-    cc = _compiler()
-    if not cc or shutil.which(cc[0]) is None:
-        raise KernelUnavailable(f"no C compiler found ({' '.join(cc) or '$CC is empty'} is not on PATH; set CC)")
-    return cc
-
-
-def _compile(out: Path) -> None:
-    """Compile the library into ``out`` (temp file in the same folder, then an atomic rename)."""
-    cc = _find_compiler()
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        key_flag = f'-DWUNENG_KERNEL_KEY="{_kernel_key()}"'
-        proc = subprocess.run(
-            cc + _CFLAGS + [key_flag, "-o", tmp, str(_CSRC / "wkv7_cpu.c"), "-lm"], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise KernelUnavailable(
-                f"build failed: {' '.join(cc)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-            )
-        os.chmod(tmp, 0o755)  # whatever the compiler and umask made of it: not writable by others
-        version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout.strip().splitlines()
-        info = {"compiler": cc, "version": version[0] if version else "", "flags": _CFLAGS, "key": _kernel_key()}
-        info_tmp = out.with_suffix(".json.tmp")
-        info_tmp.write_text(json.dumps(info, indent=1) + "\n")
-        os.replace(info_tmp, out.with_suffix(".json"))
-        os.replace(tmp, out)  # atomic: another process sees no file or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _build() -> Path:
-    """The path of a trusted library for this key: found in the cache (no compiler needed), or built there now
-    under a cross-process lock. Raises KernelUnavailable with the reason."""
-    out = _library_path()
-    folder = out.parent
-    try:
-        if folder.is_dir():
-            _refuse_if_shared(folder, "folder")
-            if out.exists():
-                _refuse_if_shared(out, "library")
-                return out
-        _find_compiler()  # before creating anything
-        try:
-            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
-        except OSError as err:
-            raise KernelUnavailable(
-                f"kernel cache folder {folder} cannot be created ({err}); set WUNENG_KERNEL_CACHE"
-            ) from err
-        _refuse_if_shared(folder, "folder")
-        lock_path = out.with_suffix(".lock")
-        try:
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise KernelUnavailable(
-                f"kernel cache folder {folder} is not writable ({err.strerror}); set WUNENG_KERNEL_CACHE to a "
-                "writable private folder"
-            ) from err
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another process may be building the same key: wait for it
-            if not out.exists():
-                try:
-                    _compile(out)
-                except OSError as err:
-                    raise KernelUnavailable(
-                        f"the library cannot be written into {folder} ({err}); set WUNENG_KERNEL_CACHE to a writable "
-                        "private folder"
-                    ) from err
-            _refuse_if_shared(out, "library")
-        finally:
-            os.close(lock_fd)  # releases the lock
-    except OSError as err:  # stat of a folder or file that vanished, a permission error on the way
-        raise KernelUnavailable(f"kernel cache {folder} not usable ({err})") from err
-    return out
-
-
-def _warn_unavailable(reason: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        logger.warning(
-            "wuneng C kernels unavailable (%s); the WKV-7, read-out and one-token ops take their slower PyTorch paths",
-            reason,
-        )
-
-
-@functools.lru_cache(maxsize=1)
-def _library():
-    """The loaded kernel library, or None (reason in ``_build_error``, logged once as a warning)."""
-    global _build_error
-    _build_error = None
-    if os.environ.get("WUNENG_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
-        _build_error = "disabled by WUNENG_CPU_KERNEL=0"
-    else:
-        try:
-            with _lock:
-                path = _build()
-                lib = ctypes.CDLL(str(path))
-                try:
-                    check_library(lib, _kernel_key(), _SUFFIX.values())
-                except (RuntimeError, AttributeError) as err:
-                    raise KernelUnavailable(f"{path} does not match this wuneng ({err}); delete it to rebuild") from err
-        except KernelUnavailable as err:
-            _build_error = str(err)
-        except Exception as err:  # an unexpected platform: say what happened, fall back
-            _build_error = f"{type(err).__name__}: {err}"
-    if _build_error is not None:
-        _warn_unavailable(_build_error)
-        return None
+def _configure(lib) -> None:
+    """The ctypes signatures of the library's functions (positional; their order is csrc's)."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for suffix in _SUFFIX.values():
         fwd = getattr(lib, f"wkv7_forward_{suffix}")
@@ -273,7 +77,20 @@ def _library():
         ro_b = getattr(lib, f"readout_backward_{suffix}")
         ro_b.argtypes = [i64] * 4 + [ptr] * 15
         ro_b.restype = None
-    return lib
+
+
+#: the operators' C library: WKV-7 forward/backward/one token and the read-out
+LIBRARY = CLibrary(
+    "wkv7_cpu",
+    _CSRC / "wkv7_cpu.c",
+    [_CSRC / name for name in ("wkv7_cpu.c", "wkv7_cpu_impl.h", "readout_impl.h")],
+    abi=KERNEL_ABI,
+    logger=logger,
+    fallback="the WKV-7 and read-out ops take their slower PyTorch paths",
+    configure=_configure,
+)
+#: the loaded library or None (``_library.cache_clear()`` forgets it)
+_library = LIBRARY.load
 
 
 @torch.compiler.assume_constant_result  # torch.compile: evaluated once, not traced (it takes a lock, loads a library)
@@ -285,7 +102,7 @@ def cpu_kernel_available() -> bool:
 def cpu_kernel_error() -> Optional[str]:
     """Why :func:`cpu_kernel_available` is False (None when it is True or was not tried yet)."""
     _library()
-    return _build_error
+    return LIBRARY.error
 
 
 _thread_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -343,11 +160,6 @@ def _over_heads(fn, n_heads: int, work_per_head: int, args: tuple, work_row: int
     bounds = _split(n_heads, work_per_head)
     work = like.new_empty(len(bounds) - 1, work_row)
     _run_ranges(fn, bounds, lambda i: args + (work[i].data_ptr(),))
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    """The address of a tensor's data, 0 (NULL) for None."""
-    return 0 if t is None else t.data_ptr()
 
 
 def wkv7_cpu_forward(r, w, k, v, a, b, S0=None, q=None, checkpoint_len: Optional[int] = None):
@@ -581,7 +393,7 @@ def wkv7_cpu(
         raise ValueError(f"wkv7_cpu: checkpoint_len must be a positive int, got {checkpoint_len!r}")
     if not cpu_kernel_available():
         raise RuntimeError(
-            f"wkv7: impl='cpu' needs the C kernel, which is unavailable ({_build_error}); use impl='chunked'"
+            f"wkv7: impl='cpu' needs the C kernel, which is unavailable ({LIBRARY.error}); use impl='chunked'"
         )
     B, T, H, N = r.shape
     sdt = state_dtype(r.dtype)

@@ -7,7 +7,7 @@ outweighs their arithmetic at the widths of small models. :func:`time_mix_one_to
 thing:
 
 - ``impl="reference"``: :func:`time_mix_one_token_reference`, the obvious tensor ops (any dtype/device);
-- ``impl="cpu"``: one call of ``csrc/one_token_impl.h`` (in the library of :mod:`.cpu`), float32/float64
+- ``impl="cpu"``: one call of ``csrc/one_token_impl.h`` (in the fused library of :mod:`.cpu`), float32/float64
   CPU tensors, no autograd, single-threaded (a decoding step streams its weights from memory once; the
   matrix-vector products are bandwidth-bound and as fast as the BLAS's on one core). Its arguments travel in
   one struct filled by field name (:mod:`._abi`; the weights' NamedTuple field names are the C field names),
@@ -41,10 +41,12 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..ops.c_library import DTYPE_SUFFIX as _SUFFIX
+from ..ops.c_library import data_ptr as _ptr
+from ..ops.wkv7.readout import group_norm_bonus_reference
+from ..ops.wkv7.step import wkv7_step
 from ._abi import HybridStateArgs, TimeMixArgs, kernel_args
-from .cpu import _SUFFIX, _library, _ptr
-from .readout import group_norm_bonus_reference
-from .step import wkv7_step
+from .cpu import _library
 
 __all__ = [
     "TimeMixWeights",
@@ -212,7 +214,7 @@ def _kernel_chosen(fn: str, impl: str, x, weights, inputs: tuple, same_dtype: tu
     if impl == "cpu" and not fits:
         raise ValueError(
             f"{fn}: impl='cpu' needs float32/float64 CPU tensors of one dtype, contiguous weights, no autograd and "
-            "the C kernel (see wuneng.ops.wkv7.cpu.cpu_kernel_error())"
+            "the C kernel (see wuneng.fused.cpu.fused_kernel_error())"
         )
     return fits
 

@@ -1,10 +1,11 @@
-"""The calling convention of the C library (``csrc/``), declared once on the Python side and checked at load.
+"""The calling convention of the fused kernels' C library (``csrc/``), declared once on the Python side and checked
+at load.
 
 The fused one-token kernels take one struct of named fields; ``csrc/args.h`` lists the fields as X-macros
 (``TIME_MIX_FIELDS``, ``HYBRID_STATE_FIELDS``) from which the C struct and a layout text are generated, and the
-structures below list the same fields for ctypes. :func:`check_library` compares the two (names, kinds, order,
-struct size) when the library is loaded, together with the ABI version and the cache key the library was
-built for: a field added, removed, renamed or reordered on either side raises there, naming both layouts,
+structures below list the same fields for ctypes. :func:`check_layouts` compares the two (names, kinds, order,
+struct size) when the library is loaded (after :class:`~wuneng.ops.c_library.CLibrary` has checked the ABI
+version and the cache key the library was built for): a field added, removed, renamed or reordered on either side raises there, naming both layouts,
 instead of passing pointers into the wrong slots. :func:`kernel_args` fills a structure by field name and
 refuses a missing or unknown name.
 """
@@ -16,7 +17,7 @@ import operator
 import struct
 
 #: must equal WUNENG_KERNEL_ABI in csrc/args.h (bumped whenever an argument layout changes)
-KERNEL_ABI = 2
+KERNEL_ABI = 3
 
 _KINDS = {"i": ctypes.c_int64, "d": ctypes.c_double, "p": ctypes.c_void_p, "o": ctypes.c_void_p}
 _FORMATS = {"i": "q", "d": "d", "p": "P", "o": "P"}
@@ -72,19 +73,9 @@ def kernel_args(cls: type, values: dict) -> bytes:
     return cls.packer.pack(*row)
 
 
-def check_library(lib, key: str, suffixes) -> None:
-    """Raise RuntimeError unless ``lib`` has this package's ABI version, was built for ``key``, and every fused
-    kernel (for each dtype suffix) has the argument layout of the structures above."""
-    lib.wuneng_kernel_abi.restype = ctypes.c_int64
-    lib.wuneng_kernel_abi.argtypes = []
-    abi = lib.wuneng_kernel_abi()
-    if abi != KERNEL_ABI:
-        raise RuntimeError(f"the library has argument-layout version {abi}, this wuneng expects {KERNEL_ABI}")
-    lib.wuneng_kernel_key.restype = ctypes.c_char_p
-    lib.wuneng_kernel_key.argtypes = []
-    built_for = (lib.wuneng_kernel_key() or b"").decode()
-    if built_for != key:
-        raise RuntimeError(f"the library was built for key {built_for!r}, expected {key!r}")
+def check_layouts(lib, suffixes) -> None:
+    """Raise RuntimeError unless every fused kernel of ``lib`` (for each dtype suffix) has the argument layout of
+    the structures above; sets the kernels' ctypes signatures (one argument: the bytes of :func:`kernel_args`)."""
     for kernel, cls in FUSED_KERNELS.items():
         for suffix in suffixes:
             layout_fn = getattr(lib, f"{kernel}_layout_{suffix}")
@@ -95,7 +86,7 @@ def check_library(lib, key: str, suffixes) -> None:
             if c_layout != cls.layout:
                 raise RuntimeError(
                     f"{kernel}_{suffix}: the C argument layout differs from {cls.__name__} "
-                    f"(csrc/args.h vs wuneng/ops/wkv7/_abi.py):\n  C:      {c_layout}\n  Python: {cls.layout}"
+                    f"(csrc/args.h vs wuneng/fused/_abi.py):\n  C:      {c_layout}\n  Python: {cls.layout}"
                 )
             if size_fn() != ctypes.sizeof(cls):
                 raise RuntimeError(f"{kernel}_{suffix}: C struct size {size_fn()} != ctypes size {ctypes.sizeof(cls)}")

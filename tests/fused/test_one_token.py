@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wuneng.layers.rwkv7 import TimeMix
-from wuneng.ops.wkv7 import one_token as one_token_mod
-from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
-from wuneng.ops.wkv7.one_token import (
+from wuneng.fused import one_token as one_token_mod
+from wuneng.fused.cpu import fused_kernel_available, fused_kernel_error
+from wuneng.fused.one_token import (
     HybridStateWeights,
     TimeMixWeights,
     hybrid_state_one_token,
@@ -23,10 +22,11 @@ from wuneng.ops.wkv7.one_token import (
     time_mix_one_token,
     time_mix_one_token_reference,
 )
+from wuneng.layers.rwkv7 import TimeMix
 
 from _helpers import perturb_, rel_err
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
+needs_kernel = pytest.mark.skipif(not fused_kernel_available(), reason=f"C kernel unavailable: {fused_kernel_error()}")
 
 
 def make_weights(C, H, N, value_residual, dtype=torch.float64, seed=0, ranks=(16, 16, 8, 24)):
@@ -305,6 +305,7 @@ def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
 
     import wuneng.layers.hybrid as hybrid_mod
+    from wuneng.fused import cpu as fused_cpu
     from wuneng.layers.hybrid import HybridContext, wrap_attention
     from wuneng.ops.wkv7 import cpu as cpu_mod
 
@@ -328,9 +329,10 @@ def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
     monkeypatch.setattr(hybrid_mod, "hybrid_state_one_token", lambda *a, **k: fused.append(1) or real_fused(*a, **k))
     with torch.no_grad():
         want_tm, want_hm = tm(x)[0], hybrid(x)
-    calls_with_kernel = 1 if cpu_kernel_available() else 0
+    calls_with_kernel = 1 if fused_kernel_available() else 0
     assert len(fused) == calls_with_kernel  # with the kernel, the hybrid mixer's state side is the one C call
     monkeypatch.setenv("WUNENG_CPU_KERNEL", "0")
+    fused_cpu._library.cache_clear()
     cpu_mod._library.cache_clear()
     try:
         with torch.no_grad():
@@ -342,4 +344,5 @@ def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
             time_mix_one_token(x2, shift, S, None, wt, impl="cpu")
     finally:
         monkeypatch.delenv("WUNENG_CPU_KERNEL")
+        fused_cpu._library.cache_clear()
         cpu_mod._library.cache_clear()

@@ -1,6 +1,6 @@
 /* The argument layouts of the fused one-token kernels (one_token_impl.h), as X-macro field lists: each kernel
  * takes a pointer to one struct built from its list, and the same list gives the text that the kernel's
- * NAME(..._layout)() returns. wuneng/ops/wkv7/_abi.py declares the matching ctypes structures and compares
+ * NAME(..._layout)() returns. wuneng/fused/_abi.py declares the matching ctypes structures and compares
  * their fields with that text when the library is loaded, so a field added, removed, renamed or reordered on
  * either side fails at load with the two layouts side by side instead of passing pointers into the wrong slots.
  *
@@ -9,7 +9,7 @@
 #ifndef WUNENG_ARGS_H
 #define WUNENG_ARGS_H
 
-#define WUNENG_KERNEL_ABI 2
+#define WUNENG_KERNEL_ABI 3
 
 #define TIME_MIX_FIELDS(INT, F64, IN, OUT)                                                                      \
     INT(B) INT(C) INT(H) INT(N) INT(Dw) INT(Da) INT(Dv) INT(Dg) INT(value_residual) INT(sse_blocks) F64(eps)   \

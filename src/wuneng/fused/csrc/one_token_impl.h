@@ -3,7 +3,7 @@
  * projection, in one call instead of ~60 small tensor ops (whose per-op cost is most of a decoding step
  * at small widths).
  *
- * Included by wkv7_cpu.c after wkv7_cpu_impl.h and readout_impl.h (`real`, NAME). Shapes (row-major,
+ * Included by fused_cpu.c after the operators' wkv7_cpu_impl.h and readout_impl.h (`real`, NAME). Shapes (row-major,
  * contiguous): x, shift, shift_out, out [B, C]; v_first, v_first_out [B, A]; state, state_out
  * [B, H, N, N] value-major (S[i][j] = value i, key j); A = H * N. Weights in the layer's layout:
  * nn.Linear W_r, W_k, W_v [A, C] and W_o [C, A] (y = W x); LoRA factors w1 [C, Dw], w2 [Dw, A] etc.

@@ -1,0 +1,48 @@
+"""The fused kernels' C library: ``csrc/fused_cpu.c`` (the one-token kernels of :mod:`.one_token`, which call the
+operators' WKV-7 step and read-out from ``wuneng/ops/wkv7/csrc``), built, trusted and loaded by
+:class:`~wuneng.ops.c_library.CLibrary` into ``fused_cpu_<key>.so`` beside the operators' library (same cache
+folder, lock, ownership checks, ABI and key check), then checked field by field against :mod:`._abi`.
+
+Unavailable (no compiler, build failed, refused, ``WUNENG_CPU_KERNEL=0``): one warning per process says why,
+:func:`fused_kernel_available` is False, and decoding takes the tensor-op references.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from ..ops.c_library import DTYPE_SUFFIX, CLibrary
+from ._abi import KERNEL_ABI, check_layouts
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).with_name("csrc")
+_OPS_CSRC = Path(__file__).parent.parent / "ops" / "wkv7" / "csrc"
+
+#: the fused decoding kernels' C library
+LIBRARY = CLibrary(
+    "fused_cpu",
+    _CSRC / "fused_cpu.c",
+    [_CSRC / "fused_cpu.c", _CSRC / "args.h", _CSRC / "one_token_impl.h"]
+    + [_OPS_CSRC / name for name in ("wkv7_cpu_impl.h", "readout_impl.h")],
+    include_dirs=[_OPS_CSRC],
+    abi=KERNEL_ABI,
+    logger=logger,
+    fallback="decoding steps take the slower PyTorch paths of the fused one-token kernels",
+    check=lambda lib: check_layouts(lib, DTYPE_SUFFIX.values()),
+)
+#: the loaded library or None (``_library.cache_clear()`` forgets it)
+_library = LIBRARY.load
+
+
+def fused_kernel_available() -> bool:
+    """True when the fused kernels' C library is built (or builds now) and loads."""
+    return _library() is not None
+
+
+def fused_kernel_error() -> Optional[str]:
+    """Why :func:`fused_kernel_available` is False (None when it is True or was not tried yet)."""
+    _library()
+    return LIBRARY.error

@@ -1,0 +1,41 @@
+/* The fused decoding kernels of whole layers, float32 and float64: the RWKV-7 time-mix and the state side of a
+ * WuNeng hybrid mixer for one token (one_token_impl.h). Built on first use by wuneng/fused/cpu.py (through
+ * wuneng/ops/c_library.py) and called through ctypes with one struct of named fields per kernel (args.h).
+ *
+ * The kernels call the operators' C code (the WKV-7 step, the read-out): their headers are included from the
+ * operators' folder, wuneng/ops/wkv7/csrc, given to the compiler with -I (the dependency points down). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "args.h"
+
+/* What c_library.py checks after loading the library: the argument-layout version (args.h) and the cache key
+ * the library was built for (passed as -DWUNENG_KERNEL_KEY="..."); _abi.py then compares each kernel's layout. */
+#ifndef WUNENG_KERNEL_KEY
+#define WUNENG_KERNEL_KEY ""
+#endif
+int64_t wuneng_kernel_abi(void)
+{
+    return WUNENG_KERNEL_ABI;
+}
+const char *wuneng_kernel_key(void)
+{
+    return WUNENG_KERNEL_KEY;
+}
+
+#define real float
+#define NAME(x) x##_f32
+#include "wkv7_cpu_impl.h"
+#include "readout_impl.h"
+#include "one_token_impl.h"
+#undef real
+#undef NAME
+
+#define real double
+#define NAME(x) x##_f64
+#include "wkv7_cpu_impl.h"
+#include "readout_impl.h"
+#include "one_token_impl.h"
+#undef real
+#undef NAME
