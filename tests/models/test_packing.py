@@ -181,3 +181,33 @@ def test_wuneng_packed_row_inference_path():
         packed = student(input_ids=ids, position_ids=positions, use_cache=False).logits
         alone = torch.cat([student(input_ids=d, use_cache=False).logits for d in docs], dim=1)
     assert (packed - alone).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("build", ["rwkv7", "metastate", "wuneng"])
+def test_trl_padding_free_batch_equals_documents_alone(build):
+    """TRL's padding-free collator (``SFTConfig(padding_free=True)``, also what ``packing=True`` trains on): one row,
+    ``position_ids`` restarting per sequence, no attention mask, its extra flash-attention keywords passed along. The
+    model's mean loss over the row equals the documents' summed losses alone over their label count (relative 1e-6:
+    the RWKV-7 family computes its loss in float32), the logits within 1e-10."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = {
+        "rwkv7": lambda: rwkv7("auto"),
+        "metastate": lambda: metastate("auto"),
+        "wuneng": lambda: wuneng_student(["hybrid", "arwkv", "hybrid"], fusion="gate", middle_heads=2),
+    }[build]().train()
+    docs, _, _ = packed_row()
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": d[0].tolist()} for d in docs]
+    )
+    assert (
+        batch["position_ids"].tolist() == [[t for d in docs for t in range(d.shape[1])]]
+        and "attention_mask" not in batch
+    )
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False)
+        alone = [model(input_ids=d, labels=d, use_cache=False) for d in docs]
+    labelled = sum(d.shape[1] - 1 for d in docs)
+    expected = sum(out.loss.item() * (d.shape[1] - 1) for out, d in zip(alone, docs)) / labelled
+    assert abs(packed.loss.item() - expected) / expected < 1e-6  # RWKV-7's loss is computed in float32
+    assert (packed.logits - torch.cat([out.logits for out in alone], dim=1)).abs().max().item() < TOL
