@@ -14,8 +14,10 @@ from wuneng.apps.bench_arch import (
     best_rows,
     build_model,
     labelled_cross_entropy,
+    next_token_rows,
     read_results,
     run_bench,
+    train_run,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,6 +108,45 @@ def test_labelled_cross_entropy_scores_only_labelled_positions():
     labels[0, 3], labels[1, 1] = 4, 2
     expected = -(torch.log_softmax(logits[0, 3], -1)[4] + torch.log_softmax(logits[1, 1], -1)[2]) / 2
     assert labelled_cross_entropy(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_next_token_rows_score_what_the_task_labels(tmp_path):
+    """train()'s next-token loss on the shifted rows is the task's same-position loss on the original rows, for a
+    causal model (float64; the appended token changes no earlier logit)."""
+    from wuneng.train.stages import shifted_cross_entropy_sum
+
+    setting = TaskSetting("state", 6, group="A4")
+    x, y = setting.generate(5, seed=0)
+    model = build_model("rwkv7", _tiny(tmp_path, ("rwkv7",)), setting.model_vocab, 6, seed=0).double()
+    rows = next_token_rows(x, y)
+    assert rows.input_ids.shape == (5, 7) and rows.num_target_tokens == int((y != -100).sum())
+    with torch.no_grad():
+        expected = labelled_cross_entropy(model(input_ids=x).logits.double(), y)
+        logits = model(input_ids=rows.input_ids).logits.double()
+        total, count = shifted_cross_entropy_sum(logits, rows.labels)
+        assert torch.allclose(logits[:, :6], model(input_ids=x).logits.double(), rtol=0, atol=1e-12)
+    assert abs(float(total / count) - float(expected)) < 1e-10
+
+
+def test_a_run_trains_through_the_library_train_loop(tmp_path, monkeypatch):
+    """train_run calls wuneng.train.loop.train with fresh rows every epoch, the step budget, no checkpoints."""
+    import wuneng.train.loop as loop
+
+    seen = {}
+    real_train = loop.train
+
+    def spy(config, **kwargs):
+        seen["config"], seen["kwargs"] = config, kwargs
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(loop, "train", spy)
+    cfg = _tiny(tmp_path, ("transformer",), eval_every=1, stop_accuracy=0.0)
+    row = train_run(cfg.settings[0], "transformer", 3e-3, 0, cfg, progress=False)
+    config, kwargs = seen["config"], seen["kwargs"]
+    assert config.max_steps == 3 and config.micro_batch_size == 4 and not config.save_checkpoints
+    assert kwargs["dataset_for_epoch"](1).input_ids.shape == (8, 17)  # fresh rows of T + 1 tokens
+    # stop_accuracy 0 is reached at the first evaluation: the run ends after step 1
+    assert row["steps"] == 1 and row["stopped_at_accuracy"] and len(row["loss_curve"]) == 1
 
 
 def test_every_variant_builds_and_maps_tokens_to_logits(tmp_path):

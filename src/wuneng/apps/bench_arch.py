@@ -13,7 +13,11 @@ Variants (:data:`VARIANTS`), all 2 layers of width ``d_model`` with head size ``
 Tasks (:class:`TaskSetting`): MQAR (Zoology's generator; accuracy on the queried values) and group word
 problems (accuracy on every prefix product; also the longest prefix length solved above 95%). Training data is
 drawn fresh every epoch; the test set has its own seed. The loss is cross-entropy at labelled positions only
-(the label at position t is predicted by the logits at t; nothing is shifted).
+(the label at position t is predicted by the logits at t).
+
+Every run trains through the library's own :func:`wuneng.train.loop.train` (a ``pretrain`` stage): the task rows
+enter in its next-token convention (:func:`next_token_rows`), with its options for generated tasks
+(``dataset_for_epoch``, ``should_stop``, ``max_seconds``, ``save_checkpoints: false``).
 
 Every run (setting x variant x learning rate x seed) has the same optimiser-step and batch budget (so the same
 token budget) and optionally a wall-clock cap. Finished runs are appended to ``OUTPUT_DIR/results.jsonl``; a run
@@ -30,13 +34,14 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wuneng.labels import IGNORE_INDEX
+from wuneng.train.data import PackedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -360,72 +365,126 @@ def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, task: str, batch
     return {"accuracy": labelled_accuracy(pred, labels)}
 
 
+class TaskVocabulary:
+    """What :func:`~wuneng.train.loop.train` needs of a tokenizer for rows that are already token ids: their number."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def next_token_rows(input_ids: torch.Tensor, labels: torch.Tensor) -> PackedDataset:
+    """A task's rows in the next-token convention of :func:`~wuneng.train.loop.train` (and transformers).
+
+    The generators label position t with what the logits at t must predict (``labels[:, t]``); ``train`` scores the
+    logits at t against ``labels[:, t + 1]``. So the labels move one place right, and one input token (id 0) is
+    appended so that the last label keeps a position: the logits of that extra token are never scored, and a causal
+    model's earlier logits do not see it. ``input_ids``, ``labels``: int64 ``[N, T]``; returns rows ``[N, T + 1]``.
+    """
+    n = input_ids.shape[0]
+    ids = torch.cat([input_ids, input_ids.new_zeros(n, 1)], dim=1)
+    shifted = torch.cat([labels.new_full((n, 1), IGNORE_INDEX), labels], dim=1)
+    return PackedDataset(ids, shifted, torch.ones_like(ids), n, 0)
+
+
+def _losses_of(run_dir: Path) -> list[float]:
+    """The loss of every step of a run (its ``metrics.jsonl``, written with ``log_every: 1``)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["loss"] for r in records if "event" not in r and "loss" in r]
+
+
 def train_run(
     setting: TaskSetting,
     variant: str,
     lr: float,
     seed: int,
     cfg: BenchConfig,
-    progress: Optional[Callable[[int, float], None]] = None,
+    progress: bool = True,
 ) -> dict:
-    """Train one model from scratch and evaluate it; returns the result row (without the key)."""
-    from wuneng.train.config import OptimConfig
-    from wuneng.train.optim import build_optimizer, build_scheduler
+    """Train one model from scratch through :func:`wuneng.train.loop.train` and evaluate it; returns the result row
+    (without the key).
+
+    The run is a ``pretrain`` stage on :func:`next_token_rows` of fresh task data every epoch (``dataset_for_epoch``),
+    with the sweep's step budget (``max_steps``), wall-clock cap (``max_seconds``), early stop at ``stop_accuracy``
+    (``should_stop``), in full precision, writing no checkpoint and no model (its run folder is temporary).
+    """
+    import tempfile
+
+    from wuneng.train.config import OptimConfig, TrainConfig
+    from wuneng.train.loop import NonFiniteLossError, train
 
     device = torch.device(cfg.device)
-    model = build_model(variant, cfg, setting.model_vocab, setting.seq_len, seed).to(device)
-    model.train()
-    optim_cfg = OptimConfig(
-        lr=lr,
-        min_lr=lr / 10,
-        schedule="cosine",
-        warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
-        weight_decay=cfg.weight_decay,
-        w0_lr_scale=1.0,
-    )
-    opt = build_optimizer(model, optim_cfg)
-    sched = build_scheduler(opt, optim_cfg, cfg.steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # train() runs on the current CUDA device
+    model = build_model(variant, cfg, setting.model_vocab, setting.seq_len, seed)
     test_x, test_y = setting.generate(cfg.test_examples, seed=10_000 + seed)
     per_epoch = max(cfg.batch_size, cfg.examples_per_epoch - cfg.examples_per_epoch % cfg.batch_size)
-    epoch, pos = 0, per_epoch
-    data_x = data_y = None
-    curve: list[tuple[int, float]] = []
-    log_every = max(1, cfg.steps // 40)
-    ema = None
-    stopped_early = diverged = False
+
+    def epoch_rows(epoch: int) -> PackedDataset:  # fresh data every epoch (a fixed set gets memorised: Probe B)
+        return next_token_rows(*setting.generate(per_epoch, seed=seed, epoch=epoch))
+
+    stopped_at: list[int] = []
+
+    def reached_accuracy(step: int, trained: torch.nn.Module) -> bool:
+        if not cfg.eval_every or cfg.stop_accuracy is None or step % cfg.eval_every:
+            return False
+        if evaluate(trained, test_x, test_y, setting.task)["accuracy"] >= cfg.stop_accuracy:
+            stopped_at.append(step)
+            return True
+        return False
+
+    diverged = False
     start = time.perf_counter()
-    step = 0
-    while step < cfg.steps:
-        if cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds:
-            break
-        if pos >= per_epoch:  # fresh data every epoch (a fixed set gets memorised: feasibility Probe B)
-            data_x, data_y = setting.generate(per_epoch, seed=seed, epoch=epoch)
-            epoch, pos = epoch + 1, 0
-        x = data_x[pos : pos + cfg.batch_size].to(device)
-        y = data_y[pos : pos + cfg.batch_size].to(device)
-        pos += cfg.batch_size
-        loss = labelled_cross_entropy(model(input_ids=x).logits, y)
-        if not torch.isfinite(loss):
+    with tempfile.TemporaryDirectory(prefix="wuneng-bench-arch-") as run_dir:
+        config = TrainConfig(
+            stage="pretrain",
+            output_dir=run_dir,
+            optim=OptimConfig(
+                lr=lr,
+                min_lr=lr / 10,
+                schedule="cosine",
+                warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
+                weight_decay=cfg.weight_decay,
+                w0_lr_scale=1.0,
+            ),
+            micro_batch_size=cfg.batch_size,
+            max_steps=cfg.steps,
+            max_seconds=cfg.max_seconds,
+            seed=seed,
+            mixed_precision="no",
+            device="cpu" if device.type == "cpu" else "auto",
+            log_every=1,  # every step's loss: the curve below
+            save_checkpoints=False,
+            save_final=False,
+            progress=progress,
+            tensorboard=False,
+        )
+        try:
+            train(
+                config,
+                model=model,
+                tokenizer=TaskVocabulary(setting.model_vocab),
+                dataset_for_epoch=epoch_rows,
+                should_stop=reached_accuracy,
+            )
+        except NonFiniteLossError as e:  # the weights of the last finite step stay; the row says it diverged
+            logger.info("%s %s lr=%g seed=%d diverged: %s", setting.name, variant, lr, seed, e)
             diverged = True
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        value = loss.item()
+        losses = _losses_of(Path(run_dir))
+    seconds = time.perf_counter() - start
+    log_every = max(1, cfg.steps // 40)
+    curve: list[tuple[int, float]] = []
+    ema = None
+    for step, value in enumerate(losses, start=1):
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         if step % log_every == 0 or step == cfg.steps:
             curve.append((step, round(ema, 4)))
-            if progress is not None:
-                progress(step, ema)
-        if cfg.eval_every and cfg.stop_accuracy is not None and step % cfg.eval_every == 0:
-            if evaluate(model, test_x, test_y, setting.task)["accuracy"] >= cfg.stop_accuracy:
-                stopped_early = True
-                break
-    seconds = time.perf_counter() - start
+    steps = len(losses)
     result = evaluate(model, test_x, test_y, setting.task)
     return {
         "setting": setting.name,
@@ -434,12 +493,12 @@ def train_run(
         "lr": lr,
         "seed": seed,
         "params": sum(p.numel() for p in model.parameters()),
-        "steps": step,
-        "tokens": step * cfg.batch_size * setting.seq_len,
+        "steps": steps,
+        "tokens": steps * cfg.batch_size * setting.seq_len,
         "seconds": round(seconds, 2),
         "final_loss": ema,
         "diverged": bool(diverged),
-        "stopped_at_accuracy": stopped_early,
+        "stopped_at_accuracy": bool(stopped_at),
         **result,
         "loss_curve": curve,
     }
@@ -578,7 +637,6 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
     Progress (the sweep, each run's step, loss, tokens/s and ETA every few seconds, each result) goes through
     ``logging``; the results table is printed only to ``console`` when one is given (the CLI passes its own).
     """
-    from wuneng.progress import ProgressLog
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -594,18 +652,8 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
         f"seeds {list(cfg.seeds)}, d={cfg.d_model}, {cfg.num_layers} layers, device {cfg.device}"
     )
     for i, (setting, variant, lr, seed) in enumerate(todo):
-        lines = ProgressLog(
-            f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}", cfg.steps, logger=logger
-        )
-        tokens_per_step = cfg.batch_size * setting.seq_len
-        row = train_run(
-            setting,
-            variant,
-            lr,
-            seed,
-            cfg,
-            progress=lambda step, ema: lines.update(step, f"loss {ema:.4f}", amount=step * tokens_per_step),  # noqa: B023
-        )
+        logger.info(f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: training")
+        row = train_run(setting, variant, lr, seed, cfg)
         row = {"key": cfg.run_key(setting, variant, lr, seed), "mode": cfg.mode, **row}
         _append_row(path, row)
         extra = f", solved k<={row['solved_up_to']}" if "solved_up_to" in row else ""

@@ -212,6 +212,9 @@ class TrainConfig:
     max_steps: int = 100
     # End the run early at this step (the schedule still spans max_steps); for sliced runs.
     stop_at_step: Optional[int] = None
+    # Wall-clock budget in seconds: the run ends after the first optimiser step that finishes at or past it, as if
+    # that step were the last (checkpoint, final model; the lr schedule still spans max_steps). null: none.
+    max_seconds: Optional[float] = None
     seed: int = 0
     # "auto": bf16 autocast where the device supports it (CUDA with bf16), else full precision. "no" (YAML's
     # no/false too): full precision. "fp16" needs a GPU (train() refuses it on CPU). See docs/training.md.
@@ -226,6 +229,11 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     save_final: bool = True
+    # false: no training checkpoints at all, not even at the end (save_every and keep_last unused; nothing to
+    # --resume). For runs whose product is the model in memory (train() returns it trained) or final/.
+    save_checkpoints: bool = True
+    # "auto": the device accelerate picks (CUDA when present); "cpu": the CPU even on a GPU machine.
+    device: Literal["auto", "cpu"] = "auto"
     # Progress on the main process: a rich bar when stderr is a terminal, else a plain log line every
     # progress_interval seconds (null: $WUNENG_PROGRESS_INTERVAL, else 10; 0: every step).
     progress: bool = True
@@ -405,6 +413,8 @@ def validate(
         raise ConfigError("config.data.seq_len: must be >= 2 (one input and one target token)")
     if config.stop_at_step is not None and config.stop_at_step < 1:
         raise ConfigError(f"config.stop_at_step: must be >= 1, got {config.stop_at_step}")
+    if config.max_seconds is not None and not config.max_seconds > 0:
+        raise ConfigError(f"config.max_seconds: must be > 0 seconds (or null for no budget), got {config.max_seconds}")
     o = config.optim
     if o.lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"config.optim: lr must be > 0 and min_lr >= 0 (got lr={o.lr}, min_lr={o.min_lr})")

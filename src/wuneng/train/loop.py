@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
@@ -30,7 +30,15 @@ from .data import PackedDataset, SourceLike, build_dataset
 from .optim import build_optimizer, build_scheduler
 from .stages import build_objective
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "GlobalSampler", "load_model", "load_teacher"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "NonFiniteLossError",
+    "GlobalSampler",
+    "EpochData",
+    "load_model",
+    "load_teacher",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +75,53 @@ class GlobalSampler:
         return self._cache[epoch]
 
     def rows(self, start: int, count: int) -> list[int]:
+        return [row for _, row in self.positions(start, count)]
+
+    def positions(self, start: int, count: int) -> list[tuple[int, int]]:
+        """``(epoch, row)`` of the global sample positions ``start .. start + count - 1``."""
         out = []
         for pos in range(start, start + count):
             epoch, offset = divmod(pos, self.num_rows)
-            out.append(int(self._perm(epoch)[offset]))
+            out.append((epoch, int(self._perm(epoch)[offset])))
         return out
+
+
+class EpochData:
+    """Fresh rows every epoch (``train(dataset_for_epoch=...)``): ``make(epoch)`` returns the
+    :class:`~wuneng.train.data.PackedDataset` of epoch 0, 1, ..., each of the same number of rows and row length
+    (generated tasks, where a fixed set would be memorised). The rows of an epoch are visited in the seeded order of
+    :class:`GlobalSampler`; the two newest epochs are kept in memory."""
+
+    def __init__(self, make: Callable[[int], PackedDataset]):
+        self.make = make
+        self._cache: dict[int, PackedDataset] = {}
+        self.first = self.get(0)
+
+    def get(self, epoch: int) -> PackedDataset:
+        if epoch not in self._cache:
+            data = self.make(epoch)
+            if epoch > 0 and (
+                len(data) != len(self.first) or data.input_ids.shape[1:] != self.first.input_ids.shape[1:]
+            ):
+                raise ValueError(
+                    f"dataset_for_epoch({epoch}) returned {len(data)} rows of {tuple(data.input_ids.shape[1:])} tokens, "
+                    f"epoch 0 {len(self.first)} rows of {tuple(self.first.input_ids.shape[1:])}; every epoch needs "
+                    "the same number of rows and row length"
+                )
+            if len(self._cache) >= 2:
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = data
+        return self._cache[epoch]
+
+    def batch(self, positions: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The rows at ``(epoch, row)`` positions, in order, as one batch."""
+        parts, run = [], []
+        for i, (epoch, row) in enumerate(positions):
+            run.append(row)
+            if i + 1 == len(positions) or positions[i + 1][0] != epoch:
+                parts.append(self.get(epoch).batch(run))
+                run = []
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # ------------------------------------------------------------------------------ model loading
@@ -451,12 +501,18 @@ def train(
     data_sources: Sequence[SourceLike] = (),
     dataset: Optional[PackedDataset] = None,
     resume: bool = False,
+    dataset_for_epoch: Optional[Callable[[int], PackedDataset]] = None,
+    should_stop: Optional[Callable[[int, torch.nn.Module], bool]] = None,
 ) -> TrainResult:
     """Run one training stage as described by ``config``.
 
     Objects given here replace what the config would load: ``model`` (the model to train),
     ``teacher`` (align/distill), ``tokenizer``, extra ``data_sources`` (iterables or callables of
-    texts/records, e.g. the eval task generators) or a ready ``dataset``. With ``resume`` the newest
+    texts/records, e.g. the eval task generators) or a ready ``dataset``. ``dataset_for_epoch`` instead gives fresh
+    rows every epoch: called with 0, 1, ... as the run reaches each epoch (:class:`EpochData`; not with streaming or
+    a teacher cache). ``should_stop(step, model)`` is called after every optimiser step with the trained model (one
+    process, or every process of DDP; e.g. an evaluation); True ends the run at that step as if it were the last
+    (checkpoint, final model), and under several processes one True is enough. With ``resume`` the newest
     complete checkpoint of ``config.output_dir`` is continued (model, optimizer, scheduler, data
     position, RNG); without one it is an error. A fresh run refuses an output folder that holds an
     earlier run (:data:`RUN_ENTRIES`), before anything is written (:func:`check_run_dir`).
@@ -469,8 +525,18 @@ def train(
         config,
         has_model=model is not None,
         has_teacher=teacher is not None,
-        has_data=bool(data_sources) or dataset is not None,
+        has_data=bool(data_sources) or dataset is not None or dataset_for_epoch is not None,
     )
+    if dataset_for_epoch is not None and (dataset is not None or data_sources or config.data.streaming):
+        raise ConfigError(
+            "train(dataset_for_epoch=...) is the run's data: pass no dataset or data_sources and set data.streaming: "
+            "false"
+        )
+    if dataset_for_epoch is not None and config.stage == "distill" and config.distill.teacher_cache is not None:
+        raise ConfigError(
+            "train(dataset_for_epoch=...): distill.teacher_cache looks teacher logits up by row of one fixed dataset; "
+            "distil with the teacher itself (teacher_cache: null) or from one dataset"
+        )
     check_run_dir(Path(config.output_dir), resume, config.stage)  # every process, before anything is written
     hf_logging.disable_progress_bar()  # transformers' loading/saving bars would interleave with the run's own
     stage = config.stage
@@ -486,7 +552,7 @@ def train(
     trackers = resolve_trackers(config)  # a missing tracker package stops the run here, before anything is written
     accelerator = Accelerator(
         # cpu=True on CPU-only machines: accelerate then runs torchrun's processes as MULTI_CPU (gloo).
-        cpu=not torch.cuda.is_available(),
+        cpu=config.device == "cpu" or not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(config.mixed_precision),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
         log_with=trackers or None,
@@ -517,10 +583,14 @@ def train(
             "use a model with vocab_size >= the tokenizer size (or the matching tokenizer)"
         )
     stream = None  # data.streaming: rows come from a TokenStream (wuneng.train.streaming), in stream order
+    epochs = None  # dataset_for_epoch: fresh rows every epoch
     if dataset is None and config.data.streaming:
         from .streaming import open_stream
 
         stream = open_stream(config.data, tokenizer, stage, data_sources, seed=config.seed)
+    elif dataset_for_epoch is not None:
+        epochs = EpochData(dataset_for_epoch)
+        dataset = epochs.first  # epoch 0: the row count and length
     elif dataset is None:
         dataset = build_dataset(config.data, tokenizer, stage, data_sources)
     teacher_cache = None
@@ -632,6 +702,7 @@ def train(
     unwrapped = accelerator.unwrap_model(model_p)
     progress = _progress(config.progress and is_main, stop_step, step, stage, tokens_seen, config.progress_interval)
     window_tokens, window_start = 0, time.perf_counter()
+    loop_start = window_start  # config.max_seconds counts from here (loading and set-up excluded)
 
     def checkpoint(at_step: int, last_metrics: dict) -> Path:
         full_sd = None
@@ -670,6 +741,10 @@ def train(
                 if step_rows is not None:
                     offset = start - first
                     b = step_rows.batch(range(offset, offset + rows_per_micro))
+                    batches.append({k: v.to(accelerator.device) for k, v in b.items()})
+                    continue
+                if epochs is not None:
+                    b = epochs.batch(sampler.positions(start, rows_per_micro))
                     batches.append({k: v.to(accelerator.device) for k, v in b.items()})
                     continue
                 row_indices = sampler.rows(start, rows_per_micro)
@@ -746,6 +821,21 @@ def train(
             stop_now = step >= stop_step
             if config.align.stop_loss is not None and stage == "align" and loss <= config.align.stop_loss:
                 stop_now = True
+            stop_reason = None  # the run's own ends (max_steps, stop_at_step, align.stop_loss) are the same everywhere
+            if stop_now:
+                pass
+            elif config.max_seconds is not None and time.perf_counter() - loop_start >= config.max_seconds:
+                stop_reason = f"wall-clock budget of {config.max_seconds:g} s reached"
+            elif should_stop is not None and should_stop(step, student):
+                stop_reason = "should_stop returned True"
+            if not stop_now and world > 1 and (config.max_seconds is not None or should_stop is not None):
+                flag = accelerator.reduce(torch.tensor([float(stop_reason is not None)], device=accelerator.device))
+                if float(flag.sum()) > 0 and stop_reason is None:
+                    stop_reason = "another process stopped"
+            if stop_reason is not None:  # every process stops at this step
+                stop_now = True
+                if is_main:
+                    logger.info("%s: stopping at step %d (of %d): %s", stage, step, stop_step, stop_reason)
             if step % config.log_every == 0 or stop_now:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / elapsed if elapsed > 0 else 0.0
@@ -763,7 +853,7 @@ def train(
                 progress.update(step, loss, tokens_seen, tps)
             else:
                 progress.update(step, loss, tokens_seen)
-            if step % config.save_every == 0 or stop_now:
+            if config.save_checkpoints and (step % config.save_every == 0 or stop_now):
                 last_ckpt = checkpoint(step, {k: v for k, v in metrics.items()})
                 if is_main:
                     logger.info("%s: checkpoint %s written", stage, last_ckpt)
