@@ -367,8 +367,8 @@ def test_unsupported_teacher_architecture():
 
 
 def test_head_size_the_state_heads_cannot_use():
-    teacher = tiny_teacher(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)  # head_dim 8
-    with pytest.raises(ValueError, match="head size 8 cannot be used by RWKV-7 heads"):
+    teacher = tiny_teacher(hidden_size=64, num_attention_heads=16, num_key_value_heads=4)  # head_dim 4
+    with pytest.raises(ValueError, match="head size 4 cannot be used by RWKV-7 heads"):
         WuNengForCausalLM.from_teacher(teacher)
     # attention-only and ARWKV layers do not need the teacher's head size
     WuNengForCausalLM.from_teacher(teacher, attention=False)
