@@ -106,7 +106,7 @@ def check_teacher(teacher) -> str:
 
 def _arwkv_head_size(teacher_config, given: Optional[int]) -> int:
     """The ARWKV head size: the one given, else 64 when it divides the width, else the teacher's head_dim or the
-    largest multiple of 16 below 64 that does (logged)."""
+    largest multiple of 8 below 64 that does (logged)."""
     if given is not None:
         return given
     C = teacher_config.hidden_size
@@ -146,7 +146,7 @@ def config_from_teacher(
 
     Defaults adapt to the teacher and are stored in the config and logged: ``middle_heads=None`` chooses
     :func:`~wuneng.models.wuneng.configuration_wuneng.default_middle_heads` of the teacher's attention heads (4, or
-    fewer for a teacher with fewer heads); the ARWKV head size is 64, or a multiple of 16 that divides the width."""
+    fewer for a teacher with fewer heads); the ARWKV head size is 64, or a multiple of 8 that divides the width."""
     teacher_model_class(teacher_config)  # one line for a config transformers has no causal LM for
     unknown = sorted(set(options) - set(WUNENG_OPTIONS))
     if unknown:
@@ -178,7 +178,7 @@ def config_from_teacher(
     converts_to_arwkv = not attention or bool(arwkv_layers) or "arwkv" in (layer_kinds or [])
     if converts_to_arwkv and options.get("arwkv_init", "rwkv7") != "radlads":
         options["arwkv_head_size"] = _arwkv_head_size(c, options.get("arwkv_head_size"))
-    return WuNengConfig(
+    config = WuNengConfig(
         teacher_config=c,
         fusion=fusion,
         middle_heads=middle_heads,
@@ -193,6 +193,12 @@ def config_from_teacher(
         eos_token_id=getattr(c, "eos_token_id", None),
         **options,
     )
+    # the teacher's attention implementation (eager, sdpa, flash, flex) runs in the student too; transformers
+    # does not save it in config.json, so a loaded student takes the default unless from_pretrained is told
+    implementation = getattr(teacher_config, "_attn_implementation", None)
+    if implementation is not None:
+        config._attn_implementation = implementation
+    return config
 
 
 def _checked_layers(values: Sequence[int], num_layers: int, name: str) -> set:
