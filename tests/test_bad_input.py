@@ -169,15 +169,45 @@ def test_model_config_file_or_dict_without_a_known_model_type(tmp_path):
 
 
 def test_load_model_and_teacher_check_the_folder(folder):
-    from wuneng.saving import ModelFolderError
+    from wuneng.convert import load_teacher
+    from wuneng.saving import ModelFolderError, load_causal_lm
     from wuneng.train.config import ModelConfig
-    from wuneng.train.loop import load_model, load_teacher
+    from wuneng.train.loop import load_model
 
     truncate(folder / "model.safetensors")
-    with pytest.raises(ModelFolderError, match="model.safetensors: not a readable safetensors file"):
-        load_model(ModelConfig(path=str(folder)))
-    with pytest.raises(ModelFolderError, match="model.safetensors: not a readable safetensors file"):
-        load_teacher(str(folder))
+    for load in (lambda: load_model(ModelConfig(path=str(folder))), lambda: load_causal_lm(folder, what="teacher"),
+                 lambda: load_teacher(folder)):  # fmt: skip
+        with pytest.raises(ModelFolderError, match="model.safetensors: not a readable safetensors file"):
+            load()
+
+
+def test_load_causal_lm_checks_the_structure_on_a_skeleton_before_reading_weights(folder):
+    """The caller's check (convert: the teacher's structure) runs on the meta-device model before any weight file
+    is opened: a refused model with truncated weights gets the check's line (then the folder), not the weights'."""
+    from wuneng.saving import load_causal_lm
+
+    seen = []
+
+    def refuse(model):
+        seen.append(next(model.parameters()).device.type)
+        raise ValueError("not this one")
+
+    truncate(folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"^not this one \(teacher .*model\)$") as err:
+        load_causal_lm(folder, what="teacher", check=refuse)
+    assert seen == ["meta"] and one_line(str(err.value))
+
+
+def test_load_causal_lm_keeps_the_checkpoint_dtype_or_takes_the_given_one(tmp_path):
+    from wuneng.saving import load_causal_lm
+
+    qwen2().to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    seen = []
+    model = load_causal_lm(tmp_path / "m", check=lambda m: seen.append(next(m.parameters()).device.type))
+    assert model.dtype == torch.bfloat16 and seen == ["meta", "cpu"]  # the check: skeleton, then the loaded model
+    assert load_causal_lm(tmp_path / "m", torch.float32).dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="teacher .*nope: not a model folder"):
+        load_causal_lm(tmp_path / "nope", what="teacher")
 
 
 def converted_student():

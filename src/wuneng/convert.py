@@ -31,13 +31,7 @@ import torch.nn as nn
 from .layers.hybrid import STATE_HEAD_MULTIPLE, attention_shapes
 from .models.wuneng import WuNengConfig, WuNengForCausalLM
 from .models.wuneng.configuration_wuneng import default_middle_heads, teacher_model_class
-from .saving import (
-    check_output_dir,
-    check_weight_files,
-    checkpoint_mismatches,
-    describe_loading_problems,
-    save_pretrained_atomic,
-)
+from .saving import check_output_dir, load_causal_lm, save_pretrained_atomic
 
 __all__ = [
     "TESTED_TEACHERS",
@@ -213,41 +207,11 @@ def _checked_layers(values: Sequence[int], num_layers: int, name: str) -> set:
 
 
 def load_teacher(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None):
-    """Load a local checkpoint directory of a causal LM WuNeng can convert (nothing is downloaded).
-
-    The architecture is checked from config.json (on a meta-device skeleton) before any weight is read; a
-    checkpoint whose weights do not match its config (missing, unexpected or differently shaped tensors) is a
-    ValueError naming them."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"teacher checkpoint directory {path!r} does not exist")
-    try:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as err:  # transformers raises several types (OSError, strict-dataclass validation errors)
-        raise ValueError(f"cannot read the teacher config in {path!r}: {err}") from err
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(cfg)
-        check_teacher(skeleton)
-    except ValueError as err:
-        raise ValueError(f"{err} (teacher checkpoint {path!r})") from None
-    check_weight_files(path)  # a truncated or corrupt safetensors file: one line naming it
-    problems = checkpoint_mismatches(path, skeleton, bool(getattr(cfg, "tie_word_embeddings", False)))
-    if problems:
-        raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
-    try:
-        teacher, info = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype or "auto", output_loading_info=True
-        )
-    except RuntimeError as err:  # transformers reports size mismatches this way
-        raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json: {err}") from err
-    problems = describe_loading_problems(dict(info), bool(teacher.config.tie_word_embeddings))
-    if problems:
-        raise ValueError(f"teacher checkpoint {path!r}: weights do not match its config.json ({problems})")
-    check_teacher(teacher)
-    return teacher
+    """A teacher WuNeng can convert, from a local checkpoint folder (nothing is downloaded):
+    :func:`wuneng.saving.load_causal_lm` (the folder's checks, one line naming the file) with
+    :func:`check_teacher` as its structure check, run on a meta-device skeleton before any weight is read and
+    on the loaded model. ``dtype`` None keeps the checkpoint's own."""
+    return load_causal_lm(path, dtype, "teacher", check=check_teacher)
 
 
 def _radlads_init(student: WuNengForCausalLM, teacher) -> None:

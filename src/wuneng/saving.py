@@ -12,7 +12,9 @@ Folders and files are created with the user's umask (directories ``0o777 & ~umas
 
 Reading: :func:`check_model_folder` checks a ``save_pretrained`` folder before a model is built from it
 (readable config.json with a known ``model_type``, readable safetensors headers, tensor shapes equal to
-those config.json describes) and raises :class:`ModelFolderError` with one line naming the file or key.
+those config.json describes) and raises :class:`ModelFolderError` with one line naming the file or key;
+:func:`load_causal_lm` runs those checks and loads the model: the one loader of causal-LM folders (a teacher to
+convert, a teacher to align or distil from, a model to train).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "save_pretrained_atomic",
     "check_weight_files",
     "check_model_folder",
+    "load_causal_lm",
     "read_folder_config",
     "checkpoint_tensor_shapes",
     "checkpoint_mismatches",
@@ -416,10 +419,17 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
 
     FileNotFoundError if ``path`` is not a folder with a config.json. :class:`ModelFolderError` (one line,
     naming the file or key, what was expected and what to do) if config.json is not JSON, its ``model_type``
-    is neither one of :func:`library_model_types` nor one transformers knows, a safetensors file cannot be
-    read (truncated, corrupt), or the tensors it holds are not those config.json describes (missing,
-    unexpected or differently shaped). Only the safetensors headers are read; folders without safetensors
-    weights (e.g. ``pytorch_model.bin``) are checked up to the config."""
+    is neither one of :func:`library_model_types` nor one transformers knows, transformers cannot read it or
+    build a model from it, a safetensors file cannot be read (truncated, corrupt), or the tensors it holds are
+    not those config.json describes (missing, unexpected or differently shaped). Only the safetensors headers
+    are read; folders without safetensors weights (e.g. ``pytorch_model.bin``) are checked up to the config."""
+    return _checked_folder(path, what)[0]
+
+
+def _checked_folder(path: PathLike, what: str, check_skeleton: Optional[Callable] = None, always_build: bool = False):
+    """The checks of :func:`check_model_folder`: (config.json as a dict, the transformers config, the causal LM
+    built from it on the meta device); the last two are None when the folder has no safetensors weights, unless
+    ``always_build``. ``check_skeleton(model)`` runs on the meta-device model before any weight file is opened."""
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")
     raw = read_folder_config(path, what)
@@ -433,20 +443,30 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
             f"{config_path}: {found}; expected one of wuneng's own ({', '.join(own)}) or a transformers model type "
             "(e.g. llama, qwen2): point to a folder saved by wuneng or transformers, or fix model_type"
         )
-    files = check_weight_files(path)
-    if not files:
-        return raw
+    if not (always_build or check_skeleton is not None or _weight_files(path)):
+        return raw, None, None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers raises several types (OSError, strict-dataclass validation errors)
+        raise ModelFolderError(
+            f"{config_path}: cannot read the {what} config ({_one_line(err)}); fix config.json or save the model again"
+        ) from None
+    try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as err:  # transformers raises several types for a config it cannot use
         raise ModelFolderError(
             f"{config_path}: cannot build a model from it ({_one_line(err)}); fix config.json or save the model again"
         ) from None
+    if check_skeleton is not None:
+        try:
+            check_skeleton(skeleton)
+        except ValueError as err:
+            raise ValueError(f"{err} ({what} {path})") from None  # the model is not what the caller needs
+    files = check_weight_files(path)
     problems = checkpoint_mismatches(path, skeleton, bool(getattr(config, "tie_word_embeddings", False)))
     if problems:
         weights = os.path.join(path, files[0] if len(files) == 1 else "model.safetensors.index.json")
@@ -454,4 +474,43 @@ def check_model_folder(path: PathLike, what: str = "model") -> dict:
             f"{weights}: the weights do not match its config.json ({problems}); expected the tensors config.json "
             "describes: use the config.json saved with these weights"
         )
-    return raw
+    return raw, config, skeleton
+
+
+def load_causal_lm(path: PathLike, dtype=None, what: str = "model", check: Optional[Callable] = None):
+    """Load the local causal-LM folder ``path`` (nothing is downloaded) with the project's checks, each failure one
+    line naming the file: the folder and its config.json (:func:`check_model_folder`: a known ``model_type``,
+    wuneng's own types registered with transformers, readable safetensors headers holding the tensors config.json
+    describes, checked on a meta-device skeleton before any weight is read), then the weights transformers loads.
+
+    Args:
+        path: a ``save_pretrained`` folder of any transformers causal LM or of wuneng's own models (``~`` expanded).
+        dtype: a ``torch.dtype``, or None for the checkpoint's own (``dtype="auto"``).
+        what: how messages name the folder ("teacher", "model.path", ...).
+        check: ``check(model)`` raises ValueError when the model does not fit the caller; it runs on the
+            meta-device skeleton before any weight file is opened, and on the loaded model (convert: the
+            teacher's structure).
+
+    Raises:
+        FileNotFoundError: no folder with a config.json there.
+        ModelFolderError: (a ValueError) a broken or inconsistent folder.
+        ValueError: ``check`` refused the model (its message, then the folder).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.expanduser(os.fspath(path))
+    _checked_folder(path, what, check, always_build=True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype or "auto", output_loading_info=True
+        )
+    except RuntimeError as err:  # transformers reports size mismatches this way
+        raise ModelFolderError(
+            f"{what} {path}: the weights do not match its config.json ({_one_line(err)}); save the model again"
+        ) from None
+    problems = describe_loading_problems(dict(info), bool(getattr(model.config, "tie_word_embeddings", False)))
+    if problems:
+        raise ModelFolderError(f"{what} {path}: the weights do not match its config.json ({problems})")
+    if check is not None:
+        check(model)
+    return model

@@ -239,10 +239,14 @@ def test_cli_cache_teacher_then_train_without_the_teacher(tmp_path, tokenizer, m
     assert CliRunner().invoke(app, ["cache-teacher", str(recipe)]).exit_code == 0
     assert shard.stat().st_mtime_ns == mtime  # nothing rewritten
 
-    def no_teacher(*a, **k):
-        raise AssertionError("the teacher was loaded")
+    load_causal_lm = loop.load_causal_lm  # loads the student too (model.path)
 
-    monkeypatch.setattr(loop, "load_teacher", no_teacher)
+    def no_teacher(path, dtype=None, what="model", check=None):
+        if what == "teacher":
+            raise AssertionError("the teacher was loaded")
+        return load_causal_lm(path, dtype, what, check)
+
+    monkeypatch.setattr(loop, "load_causal_lm", no_teacher)
     result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     result = CliRunner().invoke(

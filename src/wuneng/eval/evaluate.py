@@ -77,25 +77,16 @@ class EvalRow:
 def load_model_folder(path: Union[str, os.PathLike], device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """A saved wuneng (or any local HF causal LM) folder -> ``(model in eval mode, tokenizer)``.
 
-    The model loads through ``AutoModelForCausalLM`` after importing :mod:`wuneng.models` (which registers
-    every wuneng class), the tokenizer through :func:`wuneng.tokenization.load_tokenizer` when the folder
-    has one, else the byte-level default. Nothing is downloaded.
+    The model loads through :func:`wuneng.saving.load_causal_lm` (the folder's checks, one line naming the file;
+    wuneng's model classes registered; ``dtype`` None: the checkpoint's own), the tokenizer through
+    :func:`wuneng.tokenization.load_tokenizer` when the folder has one, else the byte-level default. Nothing is
+    downloaded.
     """
-    from transformers import AutoModelForCausalLM
-
-    import wuneng.models  # noqa: F401  (registers the wuneng model classes)
+    from wuneng.saving import load_causal_lm
     from wuneng.tokenization import ByteLevelTokenizer, load_tokenizer
 
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (expected config.json + weights from save_pretrained)")
-    from wuneng.saving import check_model_folder
-
-    check_model_folder(folder)  # one line (ModelFolderError) naming a corrupt weights file or a config mismatch
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model = load_causal_lm(folder, dtype)
     if device is not None:
         model = model.to(device)
     model.eval()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from ..saving import check_model_folder, save_pretrained_atomic
+from ..saving import load_causal_lm, save_pretrained_atomic
 from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, load_training_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, config_to_dict, validate
 from .data import PackedDataset, SourceLike, build_dataset
@@ -37,7 +37,6 @@ __all__ = [
     "GlobalSampler",
     "EpochData",
     "load_model",
-    "load_teacher",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,13 +149,8 @@ def load_model(model_cfg) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, model_cfg.dtype)
-    if model_cfg.path is not None:
-        path = Path(model_cfg.path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {path}: no config.json there (expected a save_pretrained folder)")
-        _register_project_models(_model_type_of(path))
-        check_model_folder(path, "model.path")  # one line naming a corrupt weights file or a config mismatch
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    if model_cfg.path is not None:  # one line naming a missing folder, a corrupt weights file or a config mismatch
+        return load_causal_lm(model_cfg.path, dtype, "model.path")
     spec = model_cfg.config
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -206,19 +200,6 @@ def _refuse_fla_rwkv7(model_type: Optional[str], where: str) -> None:
             f"{where}: model_type 'rwkv7' is flash-linear-attention's RWKV-7, not wuneng's; use 'wuneng_rwkv7' "
             "(an fla-hub folder converts with `wuneng import-fla SRC OUT`)"
         )
-
-
-def load_teacher(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"teacher {p}: no config.json there (expected a local save_pretrained folder of a transformers causal LM)"
-        )
-    _register_project_models(_model_type_of(p))
-    check_model_folder(p, "teacher")  # one line naming a corrupt weights file or a config mismatch
-    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
 
 
 def _pick_tokenizer(config: TrainConfig):
@@ -573,7 +554,7 @@ def train(
     student = model if model is not None else load_model(config.model)
     cache_cfg = config.distill.teacher_cache if stage == "distill" else None
     if teacher is None and config.teacher is not None and stage in ("align", "distill") and cache_cfg is None:
-        teacher = load_teacher(config.teacher, dtype=next(student.parameters()).dtype)
+        teacher = load_causal_lm(config.teacher, next(student.parameters()).dtype, "teacher")
     if stage in ("align", "distill") and teacher is None and cache_cfg is None:
         raise ValueError(f"stage {stage!r} needs a teacher")
     vocab = getattr(getattr(student, "config", None), "vocab_size", None)

@@ -452,9 +452,10 @@ def cache_teacher_for_config(
 ) -> Path:
     """Build the cache of a distill recipe (``wuneng cache-teacher RECIPE``): the recipe's rows (the same
     :func:`~wuneng.train.data.build_dataset` as ``train``), its teacher, ``distill.teacher_cache`` settings."""
+    from ..saving import load_causal_lm
     from .config import ConfigError
     from .data import build_dataset
-    from .loop import _pick_tokenizer, load_teacher
+    from .loop import _pick_tokenizer
     from .stages import _output_vocab, reconcile_vocab_size
 
     cfg = config.distill.teacher_cache
@@ -463,7 +464,7 @@ def cache_teacher_for_config(
     if teacher is None:
         if config.teacher is None:
             raise ConfigError("config.teacher: building a teacher cache needs the teacher folder")
-        teacher = load_teacher(config.teacher)
+        teacher = load_causal_lm(config.teacher, torch.float32, "teacher")
         teacher_id = folder_fingerprint(config.teacher)
     else:
         teacher_id = teacher_fingerprint(teacher)
