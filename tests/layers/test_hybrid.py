@@ -242,7 +242,7 @@ def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     """Without autograd every low-rank map runs in one batched pair of matmuls (low_rank_bank); it must equal the
     per-map path used in training (float64, rel. error < 1e-12), for prefill with left padding and for the
     following decode steps through the cache (on CPU one C call for the state side,
-    :func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`), outputs and cached states alike."""
+    :func:`~wuneng.fused.one_token.hybrid_state_one_token`), outputs and cached states alike."""
     m = make_mixer(value_residual=value_residual, layer_idx=0, num_layers=2, **kw)
     fused_calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
     torch.manual_seed(2)

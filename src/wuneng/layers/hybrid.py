@@ -532,7 +532,7 @@ class HybridMixer(nn.Module):
         return out
 
     def one_token_weights(self) -> HybridStateWeights:
-        """The state-side weights in the layout of :func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`."""
+        """The state-side weights in the layout of :func:`~wuneng.fused.one_token.hybrid_state_one_token`."""
         st, gate, middle = self.state, self.fusion == "gate", self.num_middle_heads > 0
         mixes = st.mix_vectors()
         vr = st.value_residual
@@ -563,10 +563,10 @@ class HybridMixer(nn.Module):
         )
 
     def _state_one_token(self, u, q, k, v, v_first, token_mask, shift, wkv_state):
-        """The state side for one token by one C call (:func:`~wuneng.ops.wkv7.one_token.hybrid_state_one_token`),
+        """The state side for one token by one C call (:func:`~wuneng.fused.one_token.hybrid_state_one_token`),
         as (Y [B,1,H_q,d], wkv state, v_first [B,1,A], new shift [B,C], the fusion's low-rank outputs), or None
         where the kernel cannot serve (not CPU float32/64, no C kernel) or is not preferred (too much work for one
-        core, :func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`). Tests hold it equal to the tensor
+        core, :func:`~wuneng.fused.one_token.one_token_kernel_preferred`). Tests hold it equal to the tensor
         path."""
         if self.state.value_residual and v_first is None:
             return None  # the tensor path raises the precise error

@@ -133,7 +133,7 @@ class MetaStateTimeMix(TimeMix):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv), read-out [B,T,H,N] or None).
 
         One token without autograd on CPU takes the fused kernel with the self-state query
-        (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`), as :class:`TimeMix` does.
+        (:func:`~wuneng.fused.one_token.time_mix_one_token`), as :class:`TimeMix` does.
         """
         shift, wkv_state = (None, None) if state is None else state
         fused = None

@@ -594,7 +594,7 @@ class TimeMix(RWKV7StateHeads):
         return x, xx, x_key, r, k, v, g, state_inputs
 
     def one_token_weights(self) -> TimeMixWeights:
-        """The weights in the layout of :func:`~wuneng.ops.wkv7.one_token.time_mix_one_token` (the stacked
+        """The weights in the layout of :func:`~wuneng.fused.one_token.time_mix_one_token` (the stacked
         token-shift mixes cached, :func:`~wuneng.layers.low_rank.derived_weight`)."""
         mixes = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]
         vr = self.value_residual
@@ -639,7 +639,7 @@ class TimeMix(RWKV7StateHeads):
         Returns (out [B,T,C], v_first [B,T,A], new state (shift, wkv)).
 
         One token without autograd on CPU (decoding) with ``wkv_impl`` "auto" or "cpu" runs as one fused C call
-        (:func:`~wuneng.ops.wkv7.one_token.time_mix_one_token`, where it is preferred); tests hold it equal to the
+        (:func:`~wuneng.fused.one_token.time_mix_one_token`, where it is preferred); tests hold it equal to the
         tensor path below.
         """
         shift, wkv_state = (None, None) if state is None else state
@@ -656,7 +656,7 @@ class TimeMix(RWKV7StateHeads):
         """The fused path for one token without autograd (out, v_first, (shift, wkv)[, self-state read-out
         [B, H, N]]), or None where it does not apply: several tokens, autograd, ``wkv_impl`` not "auto"/"cpu", not
         CPU float32/64, no C kernel, or too much work for one core
-        (:func:`~wuneng.ops.wkv7.one_token.one_token_kernel_preferred`)."""
+        (:func:`~wuneng.fused.one_token.one_token_kernel_preferred`)."""
         if x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled() or self.wkv_impl not in ("auto", "cpu"):
             return None
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
