@@ -176,6 +176,15 @@ def _weights_with_umask(save_directory: Union[str, os.PathLike]) -> None:
             apply_umask(os.path.join(save_directory, name))
 
 
+def _unsharded_class(cls: type) -> type:
+    """The model class itself under FSDP2: ``fully_shard`` turns a model's class into ``FSDP<Name>(FSDPModule,
+    <Name>)`` (defined in torch), which the shim must not name."""
+    bases = cls.__bases__
+    if cls.__name__.startswith("FSDP") and len(bases) == 2 and bases[0].__name__ == "FSDPModule":
+        return bases[1]
+    return cls
+
+
 class AutoMapMixin:
     """Makes ``save_pretrained`` folders self-describing (see the module doc). Put it first in the bases of a
     ``PreTrainedModel`` subclass (the config gets the model ``auto_map``) or of a tokenizer class
@@ -206,7 +215,7 @@ class AutoMapMixin:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_auto_map_of(classes)}
             result = super().save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):
-                write_shim(save_directory, [*classes.values(), type(self)])
+                write_shim(save_directory, [*classes.values(), _unsharded_class(type(self))])
                 _weights_with_umask(save_directory)
             return result
         if isinstance(self, PreTrainedTokenizerBase):

@@ -10,6 +10,10 @@ Layout of ``RUN_DIR/checkpoints/step_00000120/``:
   (:meth:`wuneng.train.streaming.TokenStream.state_dict`), read back by :func:`load_data_state`;
 - ``trainer_state.json``: step, samples consumed, the last logged metrics. Written last.
 
+A run with ``distributed.strategy: fsdp`` writes ``distributed_state/`` instead of ``model.safetensors`` and
+``optimizer.pt``: a ``torch.distributed.checkpoint`` folder of the model's and the optimizer's state, each process
+its own shards (:mod:`wuneng.train.fsdp`), readable with any number of processes.
+
 A checkpoint is assembled in ``checkpoints/.tmp-step_XXXXXXXX`` and renamed into place with one
 ``os.replace`` once every file is written and flushed, so a killed run leaves either a complete
 checkpoint or a temporary folder that :func:`latest_checkpoint` never picks up.
@@ -30,6 +34,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..saving import apply_umask, replace_folder
+from .fsdp import DISTRIBUTED_STATE_DIR, has_distributed_state, load_distributed_state, save_distributed_state
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -46,6 +51,12 @@ CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})$")
 DATA_STATE_FILE = "data_state.json"
 _REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+#: An FSDP checkpoint's files: the DCP folder's metadata (written after every shard) instead of model and optimizer.
+_REQUIRED_DISTRIBUTED = (f"{DISTRIBUTED_STATE_DIR}/.metadata", "scheduler.pt", "trainer_state.json")
+
+
+def _complete(folder: Path) -> bool:
+    return any(all((folder / f).is_file() for f in files) for files in (_REQUIRED, _REQUIRED_DISTRIBUTED))
 
 
 def _fsync_file(path: Path) -> None:
@@ -96,7 +107,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         return found
     for d in root.iterdir():
         m = _NAME.match(d.name)
-        if not m or not d.is_dir() or not all((d / f).is_file() for f in _REQUIRED):
+        if not m or not d.is_dir() or not _complete(d):
             continue
         try:
             with open(d / "trainer_state.json", encoding="utf-8") as f:
@@ -130,6 +141,7 @@ def save_checkpoint(
     model_state_dict: Optional[dict] = None,
     sharded_optimizer: bool = False,
     data_state: Optional[dict] = None,
+    distributed_state: Optional[tuple[torch.nn.Module, torch.optim.Optimizer]] = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last``; every process calls
     this (each writes its RNG state; process 0 writes the rest and renames). Returns the final path.
@@ -139,6 +151,8 @@ def save_checkpoint(
     ``optimizer.pt`` only records that; resuming then needs the same number of processes.
     ``data_state``: the data stream's position (plain JSON data; every process reads the same stream, process 0
     writes it).
+    ``distributed_state``: ``(model, optimizer)`` of an FSDP run (``distributed.strategy: fsdp``): every process
+    writes its shards of both into ``distributed_state/`` (``model``/``optimizer`` and ``model_state_dict`` unused).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
@@ -151,23 +165,27 @@ def save_checkpoint(
     barrier()
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     _fsync_file(tmp / f"rng_rank{rank}.pt")
-    if sharded_optimizer:
+    if distributed_state is not None:
+        save_distributed_state(tmp / DISTRIBUTED_STATE_DIR, *distributed_state)
+    elif sharded_optimizer:
         torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
         _fsync_file(tmp / f"optimizer_rank{rank}.pt")
     barrier()
     if rank == 0:
-        if model_state_dict is not None:
-            from safetensors.torch import save_file
+        if distributed_state is None:  # an FSDP run's model and optimizer are in distributed_state/
+            if model_state_dict is not None:
+                from safetensors.torch import save_file
 
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in model_state_dict.items()}, str(tmp / "model.safetensors")
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in model_state_dict.items()},
+                    str(tmp / "model.safetensors"),
+                )
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
+            torch.save(
+                {"sharded": True, "world_size": world_size} if sharded_optimizer else optimizer.state_dict(),
+                tmp / "optimizer.pt",
             )
-        else:
-            save_model(model, str(tmp / "model.safetensors"))
-        torch.save(
-            {"sharded": True, "world_size": world_size} if sharded_optimizer else optimizer.state_dict(),
-            tmp / "optimizer.pt",
-        )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if data_state is not None:
             with open(tmp / DATA_STATE_FILE, "w", encoding="utf-8") as f:
@@ -177,7 +195,12 @@ def save_checkpoint(
             json.dump(state, f, indent=2)
         apply_umask(tmp)  # safetensors writes 0o600 whatever the umask; others of a shared machine may read runs
         for name in os.listdir(tmp):
-            _fsync_file(tmp / name)
+            if (tmp / name).is_file():
+                _fsync_file(tmp / name)
+        if distributed_state is not None:
+            for name in os.listdir(tmp / DISTRIBUTED_STATE_DIR):
+                _fsync_file(tmp / DISTRIBUTED_STATE_DIR / name)
+            _fsync_dir(tmp / DISTRIBUTED_STATE_DIR)
         _fsync_dir(tmp)
         # The same step written again (a resumed run): the old one is renamed aside, the new one in, then the old
         # one deleted; a failed rename-in puts the old one back (wuneng.saving.replace_folder).
@@ -201,11 +224,20 @@ def load_training_checkpoint(
     """Load a checkpoint written by :func:`save_checkpoint` into the given objects; returns the
     trainer state (``step``, ``samples_consumed``, ...). Any of model / optimizer / scheduler may be
     None (the loop loads weights before wrapping the model for DDP/FSDP, the rest after). RNG states of
-    ``rank`` are restored when that file exists (extra processes of a larger resumed run keep their seed)."""
+    ``rank`` are restored when that file exists (extra processes of a larger resumed run keep their seed).
+
+    An FSDP checkpoint (``distributed_state/``) loads model and optimizer together, after sharding: give both or
+    neither (collective: every process calls this)."""
     path = Path(path)
-    missing = [f for f in _REQUIRED if not (path / f).is_file()]
+    distributed = has_distributed_state(path)
+    missing = [f for f in (_REQUIRED_DISTRIBUTED if distributed else _REQUIRED) if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    if distributed and (model is None) != (optimizer is None):
+        raise ValueError(f"{path} is a sharded (FSDP) checkpoint: load its model and optimizer together")
+    if distributed and model is not None:
+        load_distributed_state(path / DISTRIBUTED_STATE_DIR, model, optimizer)
+        model = optimizer = None
     if model is not None:
         missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing_keys or unexpected:

@@ -27,6 +27,7 @@ __all__ = [
     "AlignConfig",
     "DistillConfig",
     "PeftConfig",
+    "DistributedConfig",
     "TeacherCacheConfig",
     "TrainConfig",
     "STAGES",
@@ -170,6 +171,18 @@ class PeftConfig:
     freeze: list[Literal["mlp", "embeddings"]] = field(default_factory=list)
 
 
+@dataclass
+class DistributedConfig:
+    """How several processes share the training (docs/training.md "From a laptop to a cluster").
+
+    ``strategy``: ``ddp``: every process holds the whole model and optimizer (accelerate's DDP; one process: plain
+    training). ``fsdp``: the student is sharded with FSDP2 ``fully_shard`` (each decoder layer and the root;
+    wuneng.train.fsdp) on any backend, gloo on CPU included; checkpoints are sharded (torch.distributed.checkpoint).
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 #: The experiment trackers ``log_with`` takes (accelerate's names).
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -206,6 +219,7 @@ class TrainConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     micro_batch_size: int = 2
     grad_accum_steps: int = 1
     # Length of the run: the lr schedule spans max_steps optimiser steps.
@@ -460,6 +474,16 @@ def validate(
                 f"config.tracker_kwargs.{name}: expected a tracker name ({', '.join(TRACKERS)}) mapped to its keyword "
                 f"arguments, e.g. tracker_kwargs: {{wandb: {{mode: online}}}}; got {name!r}: {kwargs!r}"
             )
+    if config.distributed.strategy == "fsdp" and config.stage == "align":
+        raise ConfigError(
+            "config.distributed.strategy: fsdp does not run the align stage (it calls the mixers inside the sharded "
+            "decoder layers directly); align with strategy ddp (it trains only the new parameters)"
+        )
+    if config.distributed.strategy == "fsdp" and config.peft.lora_r is not None:
+        raise ConfigError(
+            "config.distributed.strategy: fsdp with peft.lora_r is not supported (the adapters are saved from the "
+            "unsharded model); use strategy ddp with LoRA"
+        )
     if config.peft.lora_r is not None and config.peft.lora_r < 1:
         raise ConfigError(f"config.peft.lora_r: must be >= 1 (or null for no LoRA), got {config.peft.lora_r}")
     if not has_model:

@@ -456,6 +456,20 @@ def check_run_dir(run_dir: Path, resume: bool, stage: str) -> None:
         )
 
 
+def _check_resume_strategy(checkpoint: Path, fsdp: bool) -> bool:
+    """Whether ``checkpoint`` is an FSDP one (``distributed_state/``); an FSDP run refuses a checkpoint of a DDP run
+    (its optimizer state is per unsharded parameter)."""
+    from .fsdp import has_distributed_state
+
+    distributed = has_distributed_state(checkpoint)
+    if fsdp and not distributed:
+        raise ConfigError(
+            f"--resume: {checkpoint} was written with distributed.strategy ddp; resume it with strategy ddp (an FSDP "
+            "run reads only the sharded checkpoints of FSDP runs)"
+        )
+    return distributed
+
+
 def _write_run_config(run_dir: Path, config: TrainConfig, resumed_from: Optional[Path]) -> None:
     """``config.yaml`` of a fresh run; a resumed run keeps the first one and, if its config differs, writes
     ``config.resume-step_XXXXXXXX.yaml`` beside it. Written to a temporary name and renamed."""
@@ -608,21 +622,37 @@ def train(
     # (not steps) lets a resumed run change its global batch and still continue where it stopped.
     base_step, base_sample = 0, 0
     resumed_from = latest_checkpoint(run_dir) if resume else None  # check_run_dir: one exists when resuming
+    fsdp = config.distributed.strategy == "fsdp"  # FSDP2 by the loop itself (wuneng.train.fsdp), not accelerate's
     if resumed_from is not None:
-        state = load_training_checkpoint(resumed_from, model=student, restore_rng=False)
+        fsdp_checkpoint = _check_resume_strategy(resumed_from, fsdp)  # its model loads with the optimizer (part 2)
+        state = load_training_checkpoint(resumed_from, model=None if fsdp_checkpoint else student, restore_rng=False)
         step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         base_step, base_sample = step, int(state.get("samples_consumed", 0))
 
+    fsdp_sharded = fsdp and world > 1  # one process: nothing to shard (its checkpoints are sharded ones all the same)
+    if fsdp_sharded:
+        from .fsdp import shard_model
+
+        shard_model(student)  # before the optimizer: it holds the sharded parameters
     optimizer = build_optimizer(student, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
-    model_p, optimizer_p = accelerator.prepare(objective, optimizer)
+    if fsdp_sharded:  # accelerate for the rest (optimizer, reductions, trackers), no DDP around the sharded model
+        model_p, optimizer_p = objective, accelerator.prepare(optimizer)
+    else:
+        model_p, optimizer_p = accelerator.prepare(objective, optimizer)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     # FSDP/ZeRO clip through the wrapped model's (flat) parameters; otherwise the trainable ones.
     params = list(model_p.parameters()) if sharded else [p for p in student.parameters() if p.requires_grad]
 
     # ---- resume, part 2: optimizer, scheduler, this process's RNG
     if resumed_from is not None:
-        load_training_checkpoint(resumed_from, optimizer=optimizer_p, scheduler=scheduler, rank=rank, restore_rng=True)
+        load_training_checkpoint(
+            resumed_from,
+            **({"model": student, "optimizer": optimizer} if fsdp_checkpoint else {"optimizer": optimizer_p}),
+            scheduler=scheduler,
+            rank=rank,
+            restore_rng=True,
+        )
         if stream is not None:
             from .checkpoint import load_data_state
 
@@ -709,6 +739,7 @@ def train(
             model_state_dict=full_sd,
             sharded_optimizer=sharded,
             data_state=stream.state_dict() if stream is not None else None,
+            distributed_state=(student, optimizer) if fsdp else None,
         )
 
     with progress:
@@ -754,7 +785,11 @@ def train(
             sums: dict[str, torch.Tensor] = {}
             for a, b in enumerate(batches):
                 sync = contextlib.nullcontext() if a == len(batches) - 1 else accelerator.no_sync(model_p)
-                with sync:
+                if fsdp_sharded:  # not prepared by accelerate: its autocast and no_sync are applied here
+                    from .fsdp import no_gradient_sync
+
+                    sync = contextlib.nullcontext() if a == len(batches) - 1 else no_gradient_sync(student)
+                with sync, accelerator.autocast() if fsdp_sharded else contextlib.nullcontext():
                     out = model_p(b, **forward_kwargs)
                     # DDP averages gradients over processes: scale by world so the result is sum / n_global.
                     accelerator.backward(out["loss_sum"] * (world / n_global))
@@ -764,7 +799,11 @@ def train(
             totals = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), reduction="sum")
             metrics = {("loss" if k == "loss_sum" else k): float(v) / n_global for k, v in zip(keys, totals)}
             loss = metrics["loss"]
-            if config.optim.grad_clip is not None:
+            if fsdp_sharded:  # DTensor gradients: the norm of the full gradients, on every process
+                from .fsdp import clip_grad_norm
+
+                grad_norm = clip_grad_norm(params, config.optim.grad_clip)
+            elif config.optim.grad_clip is not None:
                 grad_norm = accelerator.clip_grad_norm_(params, config.optim.grad_clip)
             else:
                 grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
@@ -852,6 +891,10 @@ def train(
             if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
             else None
         )
+        if fsdp_sharded:  # gathered on process 0, keys without the objective's "student." (added for the line below)
+            from .fsdp import full_model_state_dict
+
+            state_dict = {f"student.{k}": v for k, v in full_model_state_dict(student).items()}
         if is_main:
             if state_dict is not None:
                 state_dict = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
