@@ -20,8 +20,8 @@ Sections, in the order they run:
     throughput_train   training tokens/s (bf16 autocast, AdamW) and peak memory: the Qwen2 teacher at
                        Qwen2.5-0.5B shapes, WuNeng and ARWKV converted from it, RWKV-7 and fla's RWKV-7
     throughput_decode  decode tokens/s (bf16 parameters) at batch 1 and 32 after 2048 and 16384 tokens, peak memory
-    two_process        DDP with 2 processes: on 2 GPUs when there are 2, on the CPU (gloo) in --cpu mode,
-                       else skipped with the reason
+    two_process        DDP, then FSDP (distributed.strategy fsdp), with 2 processes: on 2 GPUs when there are 2,
+                       on the CPU (gloo) in --cpu mode, else skipped with the reason
 
 --cpu runs the same code on the CPU with tiny sizes (the dry run of tests/test_gpu_check.py). GPU_CHECK_INJECT
 (e.g. "environment:fail,fla_accuracy:hang") makes sections fail or hang, for the test of the guards.
@@ -518,9 +518,46 @@ def section_train_stages(res: Result, mode: str, deadline: float, out: Path) -> 
     res["status"] = "ok" if statuses == {"ok"} else ("failed" if "ok" not in statuses else "partial")
 
 
+def _torchrun_train(path: Path, run_dir: Path, overrides: list[str], deadline: float) -> dict:
+    """`torchrun --nproc_per_node 2 -m wuneng.cli train PATH` with ``-o`` overrides; its exit code, world size, the
+    logged losses, seconds, and status ok when 2 processes logged 3 finite losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "wuneng.cli", "train", str(path), "--output-dir", str(run_dir),
+           *[a for o in overrides for a in ("-o", o)]]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res: dict = {"command": " ".join(cmd[2:])}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=max(5.0, seconds_left(deadline) - 2))  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return dict(res, status="timeout", error="torchrun ran past the section's time")
+    print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n", flush=True)
+    res["exit_code"] = proc.returncode
+    rows = (
+        [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if proc.returncode == 0
+        else []
+    )
+    start = next((r for r in rows if r.get("event") == "start"), {})
+    losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
+    res.update(world_size=start.get("world_size"), losses=losses, seconds=round(time.perf_counter() - t0, 2))
+    ok = proc.returncode == 0 and start.get("world_size") == 2 and len(losses) == 3 and all(map(math.isfinite, losses))
+    res["status"] = "ok" if ok else "failed"
+    if not ok:
+        res["error"] = (
+            f"exit {proc.returncode}, world_size {start.get('world_size')}, losses {losses}: {proc.stderr[-1500:]}"
+        )
+    return res
+
+
 def section_two_process(res: Result, mode: str, deadline: float, out: Path) -> None:
-    """Two data-parallel processes (torchrun) of `wuneng train`, bf16: on two GPUs when the machine has them; in
-    --cpu mode on the CPU (gloo), so that the command itself is exercised; skipped on a one-GPU machine."""
+    """Two processes (torchrun) of `wuneng train`, bf16: DDP (align) and then FSDP (`distributed.strategy: fsdp`,
+    distill, recorded under "fsdp"), on two GPUs when the machine has them; in --cpu mode on the CPU (gloo), so that
+    the commands themselves are exercised; skipped on a one-GPU machine."""
     import torch
     import yaml
 
@@ -528,48 +565,25 @@ def section_two_process(res: Result, mode: str, deadline: float, out: Path) -> N
     res["gpu_count"] = gpus
     if mode == "cuda" and gpus < 2:
         res.update(status="skipped", reason=f"{gpus} GPU(s): a 2-process CUDA run needs one GPU per process (NCCL "
-                   "refuses two ranks on one device); the 2-process code path is tested on the CPU in CI "
-                   "(tests/train/test_distributed.py)")  # fmt: skip
+                   "refuses two ranks on one device); the 2-process code paths (DDP, FSDP) are tested on the CPU in "
+                   "CI (tests/train/test_distributed.py, tests/train/test_fsdp.py)")  # fmt: skip
         return
     root = Path(tempfile.mkdtemp(prefix="gpu_check_ddp_"))
     teacher, model, text, _ = _tiny_training_folders(root)
-    cfg = _stage_config("align", model, text, teacher, steps=3)
-    path = root / "align.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "wuneng.cli", "train", str(path), "--output-dir", str(root / "run")]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res.update(device="cuda" if mode == "cuda" else "cpu (gloo)", command=" ".join(cmd[2:]))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=max(5.0, seconds_left(deadline) - 2))  # fmt: skip
-        print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n", flush=True)
-        res["exit_code"] = proc.returncode
-        rows = (
-            [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-            if proc.returncode == 0
-            else []
+    res["device"] = "cuda" if mode == "cuda" else "cpu (gloo)"
+    for stage in ("align", "distill"):
+        (root / f"{stage}.yaml").write_text(
+            yaml.safe_dump(_stage_config(stage, model, text, teacher, steps=3)), encoding="utf-8"
         )
-        start = next((r for r in rows if r.get("event") == "start"), {})
-        losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
-        res.update(world_size=start.get("world_size"), losses=losses, seconds=round(time.perf_counter() - t0, 2))
-        ok = (
-            proc.returncode == 0
-            and start.get("world_size") == 2
-            and len(losses) == 3
-            and all(map(math.isfinite, losses))
-        )
-        res["status"] = "ok" if ok else "failed"
-        if not ok:
-            res["error"] = (
-                f"exit {proc.returncode}, world_size {start.get('world_size')}, losses {losses}: {proc.stderr[-1500:]}"
-            )
-    except subprocess.TimeoutExpired:
-        res.update(status="timeout", error="torchrun ran past the section's time")
+    res.update(_torchrun_train(root / "align.yaml", root / "run", [], deadline))
+    if res["status"] == "ok":  # FSDP2 over the decoder layers (wuneng.train.fsdp), a sharded checkpoint at the end
+        fsdp = _torchrun_train(root / "distill.yaml", root / "fsdp", ["distributed.strategy=fsdp"], deadline)
+        ckpt = root / "fsdp" / "checkpoints" / "step_00000003" / "distributed_state" / ".metadata"
+        if fsdp["status"] == "ok" and not ckpt.is_file():
+            fsdp.update(status="failed", error="no sharded checkpoint (distributed_state/) at step 3")
+        res["fsdp"] = fsdp
+        if fsdp["status"] != "ok":
+            res["status"] = "partial"
     shutil.rmtree(root, ignore_errors=True)
 
 

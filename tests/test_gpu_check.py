@@ -84,6 +84,8 @@ def test_cpu_dry_run_fills_every_section(tmp_path):
 
     ddp = sections["two_process"]
     assert ddp["status"] == "ok" and ddp["world_size"] == 2 and len(ddp["losses"]) == 3
+    fsdp = ddp["fsdp"]  # distributed.strategy fsdp (distill), 2 processes on gloo
+    assert fsdp["status"] == "ok" and fsdp["world_size"] == 2 and len(fsdp["losses"]) == 3
     assert report["summary"] == {"ok": 5, "skipped": 2}
 
 

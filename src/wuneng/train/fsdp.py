@@ -62,20 +62,24 @@ def sharded_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, device_type: Optional[str] = None) -> nn.Module:
     """Shard ``model`` in place over the default process group: rank 0's weights are broadcast first (every process
     then starts from the same weights, as DDP does), then ``fully_shard`` each decoder layer and the root. Build the
-    optimizer after this (its parameters are the sharded ones). Returns ``model``."""
+    optimizer after this (its parameters are the sharded ones). ``device_type``: where the model is ("cpu",
+    "cuda"; default: its first parameter's). Returns ``model``."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
     units = sharded_units(model)
+    # the mesh on the model's device (FSDP's default follows the machine: CUDA even for a run on the CPU)
+    mesh = init_device_mesh(device_type or next(model.parameters()).device.type, (dist.get_world_size(),))
     for unit in units:
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     logger.info(
         "FSDP: %d decoder layers (%s) and the root sharded over %d processes",
         len(units),
