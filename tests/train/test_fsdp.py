@@ -26,10 +26,11 @@ from train_helpers import PYTHON, REPO, saved_run_files, tiny_qwen2
 
 STEPS = 4
 # float32 sums in another order (two half batches, gradients reduce-scattered, vs one batch). Measured after 4
-# AdamW steps at lr 3e-3 (grad_clip 1.0 active: the RWKV-7 gradient norm starts near 1e3): RWKV-7 pretrain weights
-# within 1.2e-7 (training moved them 6e-3); WuNeng distill within 1.1e-5 (moved 9e-3), the largest in a LoRA factor
-# initialised at zero, whose first Adam steps amplify rounding; 2 processes with DDP differ from 1 process by the
-# same 1.1e-5 there (and from FSDP by 2.8e-6). Losses and gradient norms within 1e-6 relative. Asserted:
+# AdamW steps at lr 3e-3 (grad_clip 1.0 active: the RWKV-7 gradient norm starts near 1e3): RWKV-7 and Meta-State
+# pretrain weights within 1.2e-7 (training moved them 6e-3); WuNeng distill within 1.1e-5 (moved 9e-3; from cached
+# logits 9.9e-6), the largest in a LoRA factor initialised at zero, whose first Adam steps amplify rounding;
+# 2 processes with DDP differ from 1 process by the same 1.1e-5 there (and from FSDP by 2.8e-6). Losses and gradient
+# norms within 6e-7 relative. Asserted:
 WEIGHT_ATOL = 5e-5
 LOSS_RTOL = 1e-5
 
@@ -84,9 +85,8 @@ def test_the_strategy_option_is_validated():
 def test_the_sharded_units_are_the_decoder_layers():
     from wuneng.train.fsdp import sharded_units
 
-    meta = MetaStateForCausalLM(MetaStateConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, head_size=16))
     wuneng = convert_teacher(tiny_qwen2(hidden=64))
-    for model, name in ((rwkv7(), "RWKV7Block"), (meta, "MetaStateBlock"), (wuneng, "Qwen2DecoderLayer")):
+    for model, name in ((rwkv7(), "RWKV7Block"), (metastate(), "MetaStateBlock"), (wuneng, "Qwen2DecoderLayer")):
         units = sharded_units(model)
         assert [type(u).__name__ for u in units] == [name, name], type(model).__name__
     assert sharded_units(wuneng) == list(wuneng.model.layers)
@@ -155,13 +155,20 @@ def assert_same_training(tmp_path, path, initial: dict, what: str) -> None:
     assert diff < WEIGHT_ATOL, f"max |w_1proc - w_fsdp2| = {diff:.3g}"
 
 
+def metastate() -> MetaStateForCausalLM:
+    torch.manual_seed(0)
+    return MetaStateForCausalLM(MetaStateConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, head_size=16))
+
+
 @pytest.mark.slow
-def test_fsdp_two_processes_equal_one_process_rwkv7(tmp_path, tokenizer):
-    rwkv7().save_pretrained(tmp_path / "student")
+@pytest.mark.parametrize("kind", ["rwkv7", "metastate"])
+def test_fsdp_two_processes_equal_one_process_recurrent(tmp_path, tokenizer, kind):
+    """RWKV-7 and Meta-State pretraining: their blocks are the sharded units."""
+    {"rwkv7": rwkv7, "metastate": metastate}[kind]().save_pretrained(tmp_path / "student")
     initial = load_file(str(tmp_path / "student" / "model.safetensors"))
     path = saved_run_files(tmp_path, tokenizer, model={"path": str(tmp_path / "student")}, grad_accum_steps=2,
                            max_steps=STEPS, save_every=STEPS, save_final=True)  # fmt: skip
-    assert_same_training(tmp_path, path, initial, "rwkv7 pretrain")
+    assert_same_training(tmp_path, path, initial, f"{kind} pretrain")
 
 
 @pytest.mark.slow
@@ -175,6 +182,21 @@ def test_fsdp_two_processes_equal_one_process_wuneng_distill(tmp_path, tokenizer
                            model={"path": str(tmp_path / "student")}, distill={"ce_weight": 0.5},
                            max_steps=STEPS, save_every=STEPS, save_final=True)  # fmt: skip
     assert_same_training(tmp_path, path, initial, "wuneng distill")
+
+
+@pytest.mark.slow
+def test_fsdp_distill_from_cached_teacher_logits(tmp_path, tokenizer):
+    """`wuneng cache-teacher` once, then distillation from the cache (no teacher in memory): 2 FSDP processes (each
+    reads the cached rows of its share) equal 1 process."""
+    convert_teacher(tiny_qwen2(hidden=64)).save_pretrained(tmp_path / "student")
+    initial = load_file(str(tmp_path / "student" / "model.safetensors"))
+    cache = {"path": str(tmp_path / "cache"), "top_k": 8, "shard_rows": 8}
+    path = saved_run_files(tmp_path, tokenizer, hidden=64, stage="distill", teacher=str(tmp_path / "model"),
+                           model={"path": str(tmp_path / "student")}, distill={"teacher_cache": cache, "ce_weight": 0.5},
+                           max_steps=STEPS, save_every=STEPS, save_final=True)  # fmt: skip
+    built = CliRunner().invoke(app, ["cache-teacher", str(path)])
+    assert built.exit_code == 0, built.output
+    assert_same_training(tmp_path, path, initial, "wuneng distill from the cache")
 
 
 @pytest.mark.slow
