@@ -20,7 +20,7 @@ from wuneng.convert import convert_teacher
 from wuneng.models.metastate import MetaStateConfig, MetaStateForCausalLM
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from wuneng.train.checkpoint import list_checkpoints
-from wuneng.train.config import ConfigError, config_from_dict, validate
+from wuneng.train.config import ConfigError, DistributedConfig, config_from_dict, validate
 
 from train_helpers import PYTHON, REPO, saved_run_files, tiny_qwen2
 
@@ -236,3 +236,19 @@ def test_a_two_process_sharded_checkpoint_resumes_in_one_process(tmp_path, token
     diff = max_diff(load_file(str(tmp_path / "one" / final)), load_file(str(tmp_path / "run" / final)))
     print(f"2-process checkpoint resumed in 1 process: max |w - w_1proc| = {diff:.3g}")
     assert diff < WEIGHT_ATOL
+
+
+def test_fsdp_with_accelerates_own_sharding_is_refused(tmp_path, tokenizer, monkeypatch):
+    """An accelerate config for FSDP/DeepSpeed (GPU launches) and strategy fsdp would shard twice: one line, no files."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from wuneng.train.loop import train
+
+    from train_helpers import TEXTS, quick_config
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    config = quick_config(tmp_path / "run", max_steps=1, distributed=DistributedConfig(strategy="fsdp"))
+    with pytest.raises(ConfigError, match="accelerate is set up for DEEPSPEED"):
+        train(config, model=rwkv7(), tokenizer=tokenizer, data_sources=[TEXTS])
+    assert not (tmp_path / "run").exists()

@@ -630,6 +630,12 @@ def train(
         base_step, base_sample = step, int(state.get("samples_consumed", 0))
 
     fsdp_sharded = fsdp and world > 1  # one process: nothing to shard (its checkpoints are sharded ones all the same)
+    if fsdp and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            f"config.distributed.strategy: fsdp shards the model itself, but accelerate is set up for "
+            f"{accelerator.distributed_type.value} (accelerate config / launch --config_file); use one of the two: "
+            "strategy ddp with that accelerate config, or strategy fsdp with a plain multi-process launch"
+        )
     if fsdp_sharded:
         from .fsdp import shard_model
 
