@@ -143,6 +143,7 @@ def run_pair(tmp_path, path) -> tuple:
 def assert_same_training(tmp_path, path, initial: dict, what: str) -> None:
     one_rec, two_rec, one_w, two_w = run_pair(tmp_path, path)
     assert [r["step"] for r in one_rec] == [r["step"] for r in two_rec] == list(range(1, STEPS + 1))
+    assert any(r["grad_norm"] > 1.0 for r in one_rec)  # optim.grad_clip 1.0 acted: clipping of DTensor gradients
     rel = max(abs(b[k] - a[k]) / abs(a[k]) for a, b in zip(one_rec, two_rec) for k in ("loss", "grad_norm"))
     print(f"{what}: losses and gradient norms within {rel:.3g} relative")
     for a, b in zip(one_rec, two_rec):
