@@ -119,10 +119,10 @@ def test_one_process_fsdp_checkpoint_resumes_exactly(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- slow
-def run_pair(tmp_path, path) -> tuple:
-    """The recipe with 2 FSDP processes x micro-batch 1 (torchrun) and 1 process x micro-batch 2 (ddp strategy):
-    their step records and final weights."""
-    torchrun(path, tmp_path / "two", "distributed.strategy=fsdp")
+def run_pair(tmp_path, path, *fsdp_overrides: str) -> tuple:
+    """The recipe with 2 FSDP processes x micro-batch 1 (torchrun, with ``fsdp_overrides``) and 1 process x
+    micro-batch 2 (ddp strategy): their step records and final weights."""
+    torchrun(path, tmp_path / "two", "distributed.strategy=fsdp", *fsdp_overrides)
     one = CliRunner().invoke(
         app, ["train", str(path), "--output-dir", str(tmp_path / "one"), "-o", "micro_batch_size=2"]
     )
@@ -140,8 +140,8 @@ def run_pair(tmp_path, path) -> tuple:
     )
 
 
-def assert_same_training(tmp_path, path, initial: dict, what: str) -> None:
-    one_rec, two_rec, one_w, two_w = run_pair(tmp_path, path)
+def assert_same_training(tmp_path, path, initial: dict, what: str, *fsdp_overrides: str) -> None:
+    one_rec, two_rec, one_w, two_w = run_pair(tmp_path, path, *fsdp_overrides)
     assert [r["step"] for r in one_rec] == [r["step"] for r in two_rec] == list(range(1, STEPS + 1))
     assert any(r["grad_norm"] > 1.0 for r in one_rec)  # optim.grad_clip 1.0 acted: clipping of DTensor gradients
     rel = max(abs(b[k] - a[k]) / abs(a[k]) for a, b in zip(one_rec, two_rec) for k in ("loss", "grad_norm"))
@@ -175,14 +175,16 @@ def test_fsdp_two_processes_equal_one_process_recurrent(tmp_path, tokenizer, kin
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_wuneng_distill(tmp_path, tokenizer):
     """A WuNeng student converted from a tiny Qwen2 (its Qwen2DecoderLayer units sharded, tied head with the root),
-    distilled from that teacher (replicated, not sharded) with a CE term."""
+    distilled from that teacher (replicated, not sharded) with a CE term; the FSDP run recomputes activations
+    (gradient checkpointing inside the sharded layers: same numbers)."""
     convert_teacher(tiny_qwen2(hidden=64)).save_pretrained(tmp_path / "student")
     initial = load_file(str(tmp_path / "student" / "model.safetensors"))
     # the teacher: the tiny Qwen2 that saved_run_files writes to tmp_path/model
     path = saved_run_files(tmp_path, tokenizer, hidden=64, stage="distill", teacher=str(tmp_path / "model"),
                            model={"path": str(tmp_path / "student")}, distill={"ce_weight": 0.5},
                            max_steps=STEPS, save_every=STEPS, save_final=True)  # fmt: skip
-    assert_same_training(tmp_path, path, initial, "wuneng distill")
+    assert_same_training(tmp_path, path, initial, "wuneng distill", "gradient_checkpointing=true")
+    assert "gradient_checkpointing: true" in (tmp_path / "two" / "config.yaml").read_text()
 
 
 @pytest.mark.slow
