@@ -24,6 +24,13 @@ Machine limits, measured in the same run:
     stream    GB/s of torch.mv over a float32 matrix of the model's non-embedding size plus its head (the
               decode limit: tokens/s = bandwidth / bytes read per token, every weight once)
 
+Second peer, optional: llama.cpp through ``llama-cpp-python`` (``--llama-converter PATH`` to llama.cpp's
+``convert_hf_to_gguf.py``, e.g. the one vendored in the llama-cpp-python sdist). The checkpoint is exported to
+fla-hub's layout (``to_fla``) with the RWKV world vocabulary file the converter requires, converted to GGUF
+(f32 or bf16 like the run), and timed taking turns with the other two: prefill (last logits only, its logits
+checked against wuneng's), decode at batch 1, resident memory (loaded without mmap). Skipped with a note when
+``llama_cpp`` is not importable or no converter is given. See benchmarks/README.md, section llama.cpp.
+
 Each result is printed as a ratio to the package and as a fraction of its limit. Targets (issue 17): decode at
 batch 1 >= 1.2x the package and >= 85% of the bandwidth limit; bf16 decode >= 1.6x fp32; prefill >= 2.5x the
 package and >= 75% of the matmul limit.
@@ -128,12 +135,53 @@ def load_package(path: str, dtype: str):
     return model, rss_bytes() - before
 
 
+def export_gguf(path: str, converter: str, dtype_name: str) -> str:
+    """The RWKV-LM checkpoint ``path`` (without .pth) as a GGUF for llama.cpp, written beside it: exported to
+    fla-hub's layout, plus ``rwkv_vocab_v20230424.txt`` (copied from the rwkv package; llama.cpp's converter
+    reads the RWKV world vocabulary from the folder), then converted by llama.cpp's own ``convert_hf_to_gguf.py``
+    (``converter``, run with this interpreter: it needs torch, numpy and pyyaml). Returns the GGUF's path."""
+    import shutil
+    import subprocess
+
+    import rwkv
+
+    fla = Path(f"{path}-{dtype_name}-fla")
+    RWKV7ForCausalLM.from_rwkv_lm(path + ".pth").to_fla(fla)
+    shutil.copy(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt", fla)
+    out = f"{path}-{dtype_name}.gguf"
+    outtype = {"fp32": "f32", "bf16": "bf16"}[dtype_name]
+    cmd = [sys.executable, converter, str(fla), "--outtype", outtype, "--outfile", out]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{converter} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    shutil.rmtree(fla)
+    return out
+
+
+def load_llama(gguf: str, threads: int, n_ctx: int):
+    from llama_cpp import Llama
+
+    before = rss_bytes()
+    llm = Llama(gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, use_mmap=False, verbose=False)
+    return llm, rss_bytes() - before
+
+
+def llama_last_logits(llm) -> torch.Tensor:
+    import llama_cpp
+
+    return torch.tensor(llama_cpp.llama_get_logits_ith(llm.ctx, -1)[: llm.n_vocab()])
+
+
 def measure(size: str, dtype_name: str, args, folder: Path) -> dict:
     config, path, non_embed, head = build_checkpoint(size, folder)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     ours, ours_mem = load_ours(path, dtype)
     pkg, pkg_mem = load_package(path, dtype_name)
     out = {"size": size, "dtype": dtype_name, "non_embed": non_embed, "mem_ours": ours_mem, "mem_pkg": pkg_mem}
+    llm = None
+    if args.llama_converter:
+        gguf = export_gguf(path, args.llama_converter, dtype_name)
+        llm, out["mem_llama"] = load_llama(gguf, args.threads, max(args.prompts) + args.decode_steps + 128)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for T in args.prompts:
@@ -141,21 +189,36 @@ def measure(size: str, dtype_name: str, args, folder: Path) -> dict:
             ids = tokens[0].tolist()
             ours(tokens[:, :16], logits_to_keep=1)  # warm-up (kernel build, allocator)
             pkg.forward(ids[:16], None)
-            t_ours, t_pkg = [], []
-            for _ in range(args.repeats):  # the two take turns
+            if llm is not None:
+                llm.reset()
+                llm.eval(ids[:16])
+            t_ours, t_pkg, t_llama = [], [], []
+            for _ in range(args.repeats):  # the programs take turns
                 t0 = time.perf_counter()
-                ours(tokens, logits_to_keep=1, use_cache=False)
+                logits = ours(tokens, logits_to_keep=1, use_cache=False).logits[0, -1].float()
                 t_ours.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 pkg.forward(ids, None)
                 t_pkg.append(time.perf_counter() - t0)
+                if llm is not None:
+                    t0 = time.perf_counter()
+                    llm.reset()
+                    llm.eval(ids)
+                    t_llama.append(time.perf_counter() - t0)
             out[f"prefill{T}_ours"] = T / min(t_ours)
             out[f"prefill{T}_pkg"] = T / min(t_pkg)
+            if llm is not None:
+                out[f"prefill{T}_llama"] = T / min(t_llama)
+                diff = (llama_last_logits(llm) - logits).abs().max() / logits.abs().max()
+                out["llama_logit_err"] = max(out.get("llama_logit_err", 0.0), float(diff))
         prompt = torch.randint(0, VOCAB, (1, 64), generator=g)
         cache = ours(prompt, use_cache=True).past_key_values
         _, state = pkg.forward(prompt[0].tolist(), None)
         tok = int(prompt[0, -1])
-        step_ours, step_pkg = [], []
+        if llm is not None:
+            llm.reset()
+            llm.eval(prompt[0].tolist())
+        step_ours, step_pkg, step_llama = [], [], []
         for _ in range(args.decode_steps):
             t0 = time.perf_counter()
             cache = ours(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).past_key_values
@@ -163,8 +226,14 @@ def measure(size: str, dtype_name: str, args, folder: Path) -> dict:
             t0 = time.perf_counter()
             _, state = pkg.forward([tok], state)
             step_pkg.append(time.perf_counter() - t0)
+            if llm is not None:
+                t0 = time.perf_counter()
+                llm.eval([tok])
+                step_llama.append(time.perf_counter() - t0)
         out["decode_ms_ours"] = 1000 * statistics.median(step_ours)
         out["decode_ms_pkg"] = 1000 * statistics.median(step_pkg)
+        if llm is not None:
+            out["decode_ms_llama"] = 1000 * statistics.median(step_llama)
         for B in args.batches:
             rows = torch.randint(0, VOCAB, (B, 16), generator=g)
             cache = ours(rows, use_cache=True).past_key_values
@@ -176,7 +245,7 @@ def measure(size: str, dtype_name: str, args, folder: Path) -> dict:
                 times.append(time.perf_counter() - t0)
             out[f"batch{B}_ours"] = B / statistics.median(times)
             out[f"batch{B}_pkg"] = 1000 / out["decode_ms_pkg"]  # B sequential single-row steps
-    del ours, pkg
+    del ours, pkg, llm
     gc.collect()
     # limits at this model's size
     flops_per_token = 2 * non_embed
@@ -209,6 +278,16 @@ def report(results: list, args) -> str:
             f"{'resident memory added (MiB)':<34}{r['mem_pkg'] / 2**20:>12.0f}{r['mem_ours'] / 2**20:>12.0f}"
             f"{r['mem_ours'] / max(1, r['mem_pkg']):>12.2f}"
         )
+        if "decode_ms_llama" in r:
+            lines.append(f"{'llama.cpp (GGUF, same weights)':<34}{'llama.cpp':>12}{'wuneng':>12}{'wuneng/llama':>14}")
+            for T in args.prompts:
+                o, q = r[f"prefill{T}_ours"], r[f"prefill{T}_llama"]
+                lines.append(f"{f'  prefill {T} (tok/s)':<34}{q:>12.0f}{o:>12.0f}{o / q:>14.2f}")
+            o, q = r["decode_ms_ours"], r["decode_ms_llama"]
+            lines.append(f"{'  decode batch 1 (ms/token)':<34}{q:>12.1f}{o:>12.1f}{q / o:>14.2f}")
+            q, o = r["mem_llama"] / 2**20, r["mem_ours"] / 2**20
+            lines.append(f"{'  resident memory added (MiB)':<34}{q:>12.0f}{o:>12.0f}{o / max(1, q):>14.2f}")
+            lines.append(f"  last-token logits, max |llama.cpp - wuneng| / max |wuneng|: {r['llama_logit_err']:.1e}")
     lines.append(
         "\nwuneng/pkg: > 1 is wuneng faster (for decode ms: the package's time / wuneng's); limit: the "
         "machine's prefill tokens/s or decode ms/token for this model; of limit: wuneng's share of it."
@@ -226,6 +305,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a tiny model, prompts of 64, to check that it runs")
+    ap.add_argument(
+        "--llama-converter",
+        default=None,
+        metavar="PATH",
+        help="llama.cpp's convert_hf_to_gguf.py: adds llama.cpp (llama-cpp-python) as a second peer",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.prompts, args.batches, args.decode_steps = "tiny", "64", "4", 4
@@ -237,6 +322,14 @@ def main(argv=None) -> int:
     except ImportError:
         print("the official rwkv package is not installed: pip install 'wuneng[test]'", file=sys.stderr)
         return 2
+    if args.llama_converter:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp peer skipped: llama_cpp is not importable (pip install llama-cpp-python)", file=sys.stderr)
+            args.llama_converter = None
+    else:
+        print("llama.cpp peer skipped: no --llama-converter (see benchmarks/README.md, llama.cpp)", file=sys.stderr)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
@@ -246,7 +339,12 @@ def main(argv=None) -> int:
                 print(f"[{size} {dtype}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
     from importlib.metadata import version
 
-    print(f"torch {torch.__version__}, rwkv {version('rwkv')}, RWKV_JIT_ON={os.environ['RWKV_JIT_ON']}")
+    peers = f"rwkv {version('rwkv')}"
+    if args.llama_converter:
+        import llama_cpp
+
+        peers += f", llama-cpp-python {llama_cpp.__version__}"
+    print(f"torch {torch.__version__}, {peers}, RWKV_JIT_ON={os.environ['RWKV_JIT_ON']}")
     print(report(results, args))
     return 0
 
