@@ -29,3 +29,26 @@ def perturb_(
             noise = torch.randn_like(p) if gen is None else torch.randn(p.shape, generator=gen, dtype=p.dtype)
             p.add_(scale * noise.to(p.device))
     return module
+
+
+def results_of_a_fork_child(target, timeout: float = 60.0) -> list:
+    """Run ``target(conn)`` in a forked child (as a DataLoader worker is made) and return the list it sends back as
+    ``("ok", results)``; fails the test on anything else or when the child does not answer within ``timeout`` s."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(child_end,))
+    proc.start()
+    try:
+        assert parent_end.poll(timeout), (
+            f"the forked child did not finish its kernel calls within {timeout:g} s (deadlock)"
+        )
+        status, got = parent_end.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert status == "ok", got
+    return got

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import torch
 from wuneng.fused import _abi
 from wuneng.fused import cpu as fused_cpu
 from wuneng.fused.cpu import fused_kernel_available, fused_kernel_error
+
+from _helpers import results_of_a_fork_child
 
 needs_kernel = pytest.mark.skipif(not fused_kernel_available(), reason=f"C kernel unavailable: {fused_kernel_error()}")
 LOGGER = "wuneng.fused.cpu"
@@ -175,19 +176,7 @@ def _child(conn) -> None:
 def test_forked_child_calls_the_fused_kernels():
     """A DataLoader worker or multiprocessing fork child (the parent has called the kernels) gets equal results."""
     want = _call_every_fused_kernel()
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child_end,))
-    proc.start()
-    try:
-        assert parent_end.poll(60), "the forked child did not finish its kernel calls within 60 s (deadlock)"
-        status, got = parent_end.recv()
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    assert status == "ok", got
+    got = results_of_a_fork_child(_child)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert torch.equal(torch.from_numpy(g), w)

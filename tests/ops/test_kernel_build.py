@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import multiprocessing
 import os
 import shutil
 import stat
@@ -24,6 +23,8 @@ import torch
 from wuneng.ops import c_library
 from wuneng.ops.wkv7 import cpu as cpu_mod
 from wuneng.ops.wkv7.cpu import cpu_kernel_available, cpu_kernel_error
+
+from _helpers import results_of_a_fork_child
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason=f"C kernel unavailable: {cpu_kernel_error()}")
 LOGGER = "wuneng.ops.wkv7.cpu"
@@ -276,19 +277,7 @@ def test_forked_child_calls_every_kernel(monkeypatch):
     monkeypatch.setattr(readout_mod, "_split", _two_ranges)
     want = _call_every_kernel()  # the parent's pool now has live threads
     assert cpu_mod._pool()._threads, "the parent did not use its pool"
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child_end,))
-    proc.start()
-    try:
-        assert parent_end.poll(60), "the forked child did not finish its kernel calls within 60 s (deadlock)"
-        status, got = parent_end.recv()
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    assert status == "ok", got
+    got = results_of_a_fork_child(_child)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert torch.equal(torch.from_numpy(g), w)
