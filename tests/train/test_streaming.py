@@ -3,6 +3,7 @@ repeat a document, an exact position in checkpoints, and one-line errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -93,8 +94,10 @@ def test_parquet_datasets_folder_and_python_sources_stream_like_the_eager_reader
 def test_sft_conversations_and_max_documents_stream_like_the_eager_reader(tmp_path, tokenizer):
     """The sft stage (assistant tokens only as targets) and conversations (truncated to a row, not split) and
     data.max_documents give the eager rows, with 2 workers."""
+    # deep copies: the edit below must not reach the module-level CHATS other test files train on
     chats = [
-        dict(c, messages=c["messages"] + [{"role": "user", "content": "x" * (i % 5)}]) for i, c in enumerate(CHATS)
+        dict(c, messages=copy.deepcopy(c["messages"]) + [{"role": "user", "content": "x" * (i % 5)}])
+        for i, c in enumerate(CHATS)
     ]
     chats[3]["messages"][1]["content"] = "a very long answer " * 6  # longer than a row: truncated
     write_jsonl(tmp_path / "chats.jsonl", chats)
