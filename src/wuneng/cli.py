@@ -550,14 +550,91 @@ def eval_command(
     context_length: int = typer.Option(512, "--context-length", help="Perplexity window in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward / generate call."),
     seed: int = typer.Option(1, "--seed", help="Data seed (1 = the held-out test seed)."),
+    teacher: str = typer.Option(
+        None,
+        "--teacher",
+        help="Retention report: score CHECKPOINT against this teacher folder (relative scores, passkey grid, cache "
+        "bytes, tokens/s); needs --out.",
+    ),
+    out: str = typer.Option(
+        None, "--out", help="With --teacher: folder for retention.md/.json and PNGs (existing ones are refused)."
+    ),
+    train_length: int = typer.Option(
+        None,
+        "--train-length",
+        help="With --teacher: the student's training context in tokens (default: data.seq_len of its run's "
+        "config.yaml).",
+    ),
+    lengths: str = typer.Option(
+        None, "--lengths", help="With --teacher: grid lengths in tokens (default: 0.5,1,2,4 x the training length)."
+    ),
+    depths: str = typer.Option(None, "--depths", help="With --teacher: needle depths (default 0,0.25,0.5,0.75,1)."),
+    trials: int = typer.Option(None, "--trials", help="With --teacher: keys per passkey cell (default 2)."),
+    decode_tokens: int = typer.Option(
+        None, "--decode-tokens", help="With --teacher: greedy steps timed after each prefill (default 32)."
+    ),
 ) -> None:
-    """Evaluate a saved checkpoint on the synthetic tasks, perplexity and optionally lm-eval tasks; print a table."""
+    """Evaluate a saved checkpoint on the synthetic tasks, perplexity and optionally lm-eval tasks; print a table.
+    With --teacher, write a retention report of CHECKPOINT against TEACHER instead."""
     from pathlib import Path
 
     from rich.console import Console
 
     from wuneng.eval.evaluate import evaluate_model, load_model_folder, rows_table, write_rows_json
     from wuneng.saving import ModelFolderError
+
+    report_options = {
+        "--out": out,
+        "--train-length": train_length,
+        "--lengths": lengths,
+        "--depths": depths,
+        "--trials": trials,
+        "--decode-tokens": decode_tokens,
+    }
+    if teacher is None:
+        given = [name for name, value in report_options.items() if value is not None]
+        if given:
+            _fail(f"{', '.join(given)} belong to the retention report: give --teacher TEACHER too", 2)
+    else:
+        from wuneng.eval.retention import REPORT_FILES, report_tables, retention_report
+
+        try:
+            if out is None:
+                raise ValueError("--teacher writes a report: give --out FOLDER")
+            other = {"--lm-eval": lm_eval, "--json": json_out, "--text": text, "--preset": presets or None}
+            if any(value is not None for value in other.values()):
+                raise ValueError(
+                    f"{', '.join(k for k, v in other.items() if v is not None)} do not apply to the retention report "
+                    "(--teacher); run them without --teacher"
+                )
+            names = [t.strip() for t in tasks.split(",") if t.strip() and t.strip() not in ("perplexity", "none")]
+            settings = dict(
+                tasks=tuple(names),
+                limit=limit,
+                seed=seed,
+                batch_size=batch_size,
+                lengths=tuple(int(x) for x in (lengths or "").split(",") if x.strip()),
+                depths=tuple(float(x) for x in depths.split(",") if x.strip()) if depths else None,
+                trials=trials,
+                decode_tokens=decode_tokens,
+            )
+            report = retention_report(
+                checkpoint,
+                teacher,
+                out,
+                {k: v for k, v in settings.items() if v is not None},
+                train_length=train_length,
+                device=resolve_device(device),
+            )
+        except ModelFolderError:  # broken model files: a failure (exit 1)
+            raise
+        except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+            _fail(e, 2)
+        console = Console()
+        for table in report_tables(report):
+            console.print(table)
+        console.print(f"wrote {', '.join(str(Path(out) / name) for name in REPORT_FILES)}")
+        return
 
     device = resolve_device(device)
     console = Console()

@@ -95,6 +95,29 @@ class ArithmeticConfig:
         if not self.names or not self.items:
             raise ValueError("ArithmeticConfig.names and items must be non-empty")
 
+    def chance(self, category: str) -> float:
+        """Exact-match accuracy of a guesser on one test category (:func:`heldout_categories`).
+
+        ``"recall"``: one of the ``recall_values`` values, ``1 / recall_values``. An arithmetic category
+        (``"+1d"``, ``"-2d"``, ...): the guesser copies the operands from the prompt and picks the result
+        uniformly among the values the operation gives on the category's operands (both 1..9 for ``1d``, both
+        10..99 for ``2d``, as :func:`make_test_set` draws them; for ``-`` the larger comes first), so
+        ``1 / |{a op b}|`` (``+1d``: 1/17). The ``#### N`` final-number match has the same chance.
+        """
+        if category == "recall":
+            return 1.0 / self.recall_values
+        op, digits = category[:1], category[1:]
+        if op not in _APPLY or digits not in ("1d", "2d"):
+            raise ValueError(
+                f"unknown arithmetic category {category!r}; expected 'recall' or an op of {tuple(_APPLY)} followed "
+                "by '1d' or '2d'"
+            )
+        operands = range(1, 10) if digits == "1d" else range(10, 100)
+        results = {
+            _APPLY[op](max(a, b), min(a, b)) if op == "-" else _APPLY[op](a, b) for a in operands for b in operands
+        }
+        return 1.0 / len(results)
+
 
 @dataclass(frozen=True)
 class ArithmeticExample:

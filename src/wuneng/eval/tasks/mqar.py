@@ -70,6 +70,12 @@ class MQARConfig:
             raise ValueError(f"MQARConfig.filler must be 'random' or 'zero', got {self.filler!r}")
 
     @property
+    def chance(self) -> float:
+        """Accuracy of a uniform guess among the ``V - V//2`` value tokens (the labels are values):
+        ``1 / (V - V//2)``."""
+        return 1.0 / (self.vocab_size - self.vocab_size // 2)
+
+    @property
     def num_gap_slots(self) -> int:
         """S = (T - 2n) // 2, the number of possible query slots (even offsets in the query region)."""
         return (self.seq_len - 2 * self.num_kv_pairs) // 2

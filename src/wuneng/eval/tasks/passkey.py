@@ -79,6 +79,12 @@ class PasskeyConfig:
         if self.filler not in ("classic", "varied"):
             raise ValueError(f"PasskeyConfig.filler must be 'classic' or 'varied', got {self.filler!r}")
 
+    @property
+    def chance(self) -> float:
+        """Accuracy of a uniform guess of the key: ``num_digits`` digits, the first non-zero,
+        ``1 / (9 * 10**(num_digits - 1))``."""
+        return 1.0 / (9 * 10 ** (self.num_digits - 1))
+
     def depths(self) -> np.ndarray:
         """Relative needle depths, float64 ``[num_depths]`` in [0, 1]."""
         return np.linspace(0.0, 1.0, self.num_depths) if self.num_depths > 1 else np.zeros(1)

@@ -159,6 +159,11 @@ class StateTrackingConfig:
         """Number of tokens = group order (inputs and labels share the element vocabulary)."""
         return make_group(self.group).order
 
+    @property
+    def chance(self) -> float:
+        """Accuracy of a uniform guess among the group's elements: ``1 / |G|``."""
+        return 1.0 / make_group(self.group).order
+
 
 @dataclass
 class StateTrackingData:
