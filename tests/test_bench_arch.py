@@ -37,7 +37,7 @@ def _tiny(out, variants, **kw) -> BenchConfig:
         examples_per_epoch=8,
         test_examples=8,
         threads=1,
-        **kw,
+        **{"seeds": (0,), **kw},
     )
 
 

@@ -64,9 +64,32 @@ VARIANTS = (
     "wuneng-add",
     "wuneng-concat",
     "wuneng-hymba",
+    "wuneng-none",
     "wuneng-gate-lambda0",
     "metastate",
+    "arwkv",
+    "arwkv-attn",
 )
+
+# 97.5% quantiles of Student's t for 1..29 degrees of freedom (two-sided 95% interval); 30 and more use df = 30's.
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and half-width of the two-sided 95% Student-t interval over seeds: ``t_{0.975, n-1} * s / sqrt(n)``
+    with the sample standard deviation ``s`` (ddof 1). One value has no interval (half-width None)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("t_interval needs at least one value")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, None
+    t = T_975[min(x.size - 1, len(T_975)) - 1]
+    return mean, float(t * x.std(ddof=1) / math.sqrt(x.size))
 
 
 @dataclass(frozen=True)
@@ -75,11 +98,15 @@ class TaskSetting:
 
     Attributes:
         task: "mqar" or "state".
-        seq_len: T (MQAR) or k (state tracking: elements per sequence).
+        seq_len: T (MQAR) or k (state tracking: elements per training sequence).
         num_kv_pairs: MQAR key-value pairs n.
         vocab_size: MQAR vocabulary V (state tracking: the group order, set by ``group``).
-        group: state-tracking group ("A5", "S5", "Z60", ...).
+        group: state-tracking group ("A5", "S5", "Z60", "Z2" for parity, ...).
         variants: the variants run on this setting (None: all of the sweep's).
+        test_seq_len: state tracking only: test sequences of this length (> ``seq_len``), scored on the positions
+            beyond the training length only (length generalisation); None: test at ``seq_len``, every position.
+        lrs: learning rates of this setting (None: the sweep's ``lrs``).
+        steps: optimiser steps of this setting (None: the sweep's ``steps``).
     """
 
     task: str
@@ -88,6 +115,9 @@ class TaskSetting:
     vocab_size: int = 1024
     group: str = "A5"
     variants: Optional[tuple[str, ...]] = None
+    test_seq_len: Optional[int] = None
+    lrs: Optional[tuple[float, ...]] = None
+    steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.task not in ("mqar", "state"):
@@ -96,28 +126,56 @@ class TaskSetting:
         for v in self.variants or ():
             if v not in VARIANTS:
                 raise ValueError(f"TaskSetting.variants: unknown variant {v!r}; expected some of {VARIANTS}")
+        if self.test_seq_len is not None and (self.task != "state" or not self.test_seq_len > self.seq_len):
+            raise ValueError(
+                f"TaskSetting.test_seq_len is for state tracking and must exceed seq_len ({self.seq_len}), "
+                f"got {self.test_seq_len!r} for task {self.task!r}"
+            )
+        if self.lrs is not None and (not self.lrs or any(not lr > 0 for lr in self.lrs)):
+            raise ValueError(f"TaskSetting.lrs must be positive learning rates, got {self.lrs}")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(f"TaskSetting.steps must be a positive int, got {self.steps!r}")
 
     @property
     def name(self) -> str:
         if self.task == "mqar":
             return f"mqar T={self.seq_len} n={self.num_kv_pairs} V={self.vocab_size}"
+        if self.test_seq_len is not None:
+            return f"state {self.group} k={self.seq_len} test k={self.test_seq_len}"
         return f"state {self.group} k={self.seq_len}"
 
-    def task_config(self):
+    def task_config(self, seq_len: Optional[int] = None):
         if self.task == "mqar":
             from wuneng.eval.tasks.mqar import MQARConfig
 
             return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
         from wuneng.eval.tasks.state_tracking import StateTrackingConfig
 
-        return StateTrackingConfig(group=self.group, seq_len=self.seq_len)
+        return StateTrackingConfig(group=self.group, seq_len=seq_len or self.seq_len)
 
     @property
     def model_vocab(self) -> int:
         return self.task_config().vocab_size
 
-    def generate(self, num_examples: int, seed: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, labels)``, int64 ``[num_examples, T]``; labels -100 where nothing is scored."""
+    @property
+    def chance(self) -> float:
+        """Accuracy of a uniform guess over the label alphabet: 1 / (V/2) values (MQAR), 1 / group order (state)."""
+        if self.task == "mqar":
+            return 1.0 / (self.vocab_size - self.vocab_size // 2)
+        return 1.0 / self.model_vocab
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the model sees (the test length when it is longer)."""
+        return self.test_seq_len or self.seq_len
+
+    def generate(
+        self, num_examples: int, seed: int, epoch: int = 0, seq_len: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, int64 ``[num_examples, T]``; labels -100 where nothing is scored.
+        ``seq_len``: state tracking only, another sequence length (the test length)."""
         if self.task == "mqar":
             from wuneng.eval.tasks.mqar import generate_mqar
 
@@ -125,19 +183,85 @@ class TaskSetting:
         else:
             from wuneng.eval.tasks.state_tracking import generate_word_problems
 
-            d = generate_word_problems(self.task_config(), num_examples, seed, epoch)
+            d = generate_word_problems(self.task_config(seq_len), num_examples, seed, epoch)
         return d.input_ids, d.labels
+
+    def generate_test(self, num_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test set: at ``test_seq_len`` when set (all positions labelled; :func:`evaluate` scores the ones
+        beyond ``seq_len``), else like the training data."""
+        return self.generate(num_examples, seed=seed, seq_len=self.test_seq_len)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: a count N (seeds 0..N-1, N >= 2: a single seed has no interval) or a comma-separated list of
+    two or more seeds, e.g. ``"3"`` -> (0, 1, 2), ``"0,4"`` -> (0, 4)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"--seeds: expected a count N >= 2 or a comma-separated list of seeds >= 0, got {text!r}")
+    if len(values) == 1:
+        if values[0] < 2:
+            raise ValueError(f"--seeds: a count must be >= 2 (an interval needs two seeds), got {text!r}")
+        return tuple(range(values[0]))
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class Control:
+    """A known result that must reproduce in the same sweep for its comparisons to count.
+
+    The control holds when the mean test accuracy over seeds of ``variant`` on the setting named ``setting``
+    (at its best learning rate) is ``>= at_least`` and ``<= at_most`` (either may be None).
+    """
+
+    label: str
+    setting: str
+    variant: str
+    at_least: Optional[float] = None
+    at_most: Optional[float] = None
+
+
+def check_controls(rows: Sequence[dict], controls: Sequence[Control]) -> list[dict]:
+    """Each control's verdict from the result rows: ``{"control", "status"`` ("reproduced", "failed" or "not run"),
+    ``"accuracy"`` (mean over seeds), ``"half_width"`` (95% t-interval), ``"seeds"}``."""
+    best = best_rows(rows)
+    out = []
+    for c in controls:
+        b = best.get((c.setting, c.variant))
+        if b is None:
+            out.append({"control": c, "status": "not run", "accuracy": None, "half_width": None, "seeds": []})
+            continue
+        acc = b["accuracy"]
+        ok = (c.at_least is None or acc >= c.at_least) and (c.at_most is None or acc <= c.at_most)
+        out.append(
+            {
+                "control": c,
+                "status": "reproduced" if ok else "failed",
+                "accuracy": acc,
+                "half_width": b["half_width"],
+                "seeds": b["seeds"],
+            }
+        )
+    return out
 
 
 @dataclass
 class BenchConfig:
-    """The sweep: settings x variants x learning rates x seeds, each run with the same budget."""
+    """The sweep: settings x variants x learning rates x seeds, each run with the same budget.
+
+    ``controls``: known results that must reproduce in the same sweep (:class:`Control`); when one fails or was not
+    run, ``results.md`` says so at its top and marks the comparisons as not interpretable.
+    """
 
     output_dir: str = "runs/bench-arch"
     settings: tuple[TaskSetting, ...] = ()
     variants: tuple[str, ...] = VARIANTS
     lrs: tuple[float, ...] = (2e-3, 6e-3)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    controls: tuple[Control, ...] = ()
     d_model: int = 64
     num_layers: int = 2
     head_size: int = 32
@@ -191,13 +315,17 @@ class BenchConfig:
     def num_heads(self) -> int:
         return self.d_model // self.head_size
 
+    def steps_of(self, setting: TaskSetting) -> int:
+        """The optimiser-step budget of a setting (its own, else the sweep's)."""
+        return setting.steps or self.steps
+
     def runs(self) -> list[tuple[TaskSetting, str, float, int]]:
         """Every (setting, variant, lr, seed) of the sweep, in order."""
         out = []
         for s in self.settings:
             chosen = [v for v in self.variants if s.variants is None or v in s.variants]
             for v in chosen:
-                for lr in self.lrs:
+                for lr in s.lrs or self.lrs:
                     for seed in self.seeds:
                         out.append((s, v, lr, seed))
         return out
@@ -207,7 +335,7 @@ class BenchConfig:
         cap = "" if self.max_seconds is None else f" cap={self.max_seconds:g}s"
         return (
             f"{setting.name} | {variant} | lr={lr:g} | seed={seed} | d={self.d_model} L={self.num_layers} "
-            f"hs={self.head_size} | steps={self.steps} bs={self.batch_size}{cap}"
+            f"hs={self.head_size} | steps={self.steps_of(setting)} bs={self.batch_size}{cap}"
         )
 
     # ------------------------------------------------------------------ presets
@@ -329,8 +457,18 @@ def build_model(variant: str, cfg: BenchConfig, vocab: int, seq_len: int, seed: 
         )
     from wuneng.models.wuneng import WuNengForCausalLM
 
-    fusion = variant.split("-")[1]
     base = _qwen2(cfg, vocab, seq_len)  # the same random Qwen2 as "transformer", then converted
+    if variant.startswith("arwkv"):
+        from wuneng.convert import convert_teacher
+
+        # ARWKV: every attention replaced by an RWKV-7 time-mix; "arwkv-attn" keeps the last layer's attention
+        kinds = ["arwkv"] * cfg.num_layers
+        if variant == "arwkv-attn":
+            kinds[-1] = "attention"
+        model = convert_teacher(base, layer_kinds=kinds)
+        model.requires_grad_(True)
+        return model
+    fusion = variant.split("-")[1]
     model = WuNengForCausalLM.from_teacher(
         base, fusion=fusion, middle_heads=min(4, cfg.num_heads), state_query=not variant.endswith("lambda0")
     )
@@ -346,8 +484,18 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, task: str, batch_size: int = 256) -> dict:
-    """Accuracy at labelled positions (and, for state tracking, per length and the longest solved prefix)."""
+def evaluate(
+    model,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    task: str,
+    batch_size: int = 256,
+    train_len: Optional[int] = None,
+) -> dict:
+    """Accuracy at labelled positions (and, for state tracking, per length and the longest solved prefix).
+
+    State tracking with test rows longer than ``train_len``: ``accuracy`` counts only the positions beyond
+    ``train_len`` (length generalisation); ``accuracy_within_train_len`` the others."""
     from wuneng.eval.scoring import labelled_accuracy
     from wuneng.eval.tasks.state_tracking import state_tracking_report
 
@@ -361,6 +509,15 @@ def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, task: str, batch
     pred = torch.cat(preds)
     if task == "state":
         rep = state_tracking_report(pred, labels)
+        if train_len is not None and labels.shape[1] > train_len:
+            beyond, within = labels.clone(), labels.clone()
+            beyond[:, :train_len] = IGNORE_INDEX
+            within[:, train_len:] = IGNORE_INDEX
+            return {
+                "accuracy": labelled_accuracy(pred, beyond),
+                "accuracy_within_train_len": labelled_accuracy(pred, within),
+                "solved_up_to": rep["solved_up_to"],
+            }
         return {"accuracy": rep["accuracy"], "solved_up_to": rep["solved_up_to"]}
     return {"accuracy": labelled_accuracy(pred, labels)}
 
@@ -421,8 +578,9 @@ def train_run(
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)  # train() runs on the current CUDA device
-    model = build_model(variant, cfg, setting.model_vocab, setting.seq_len, seed)
-    test_x, test_y = setting.generate(cfg.test_examples, seed=10_000 + seed)
+    steps_budget = cfg.steps_of(setting)
+    model = build_model(variant, cfg, setting.model_vocab, setting.max_seq_len, seed)
+    test_x, test_y = setting.generate_test(cfg.test_examples, seed=10_000 + seed)
     per_epoch = max(cfg.batch_size, cfg.examples_per_epoch - cfg.examples_per_epoch % cfg.batch_size)
 
     def epoch_rows(epoch: int) -> PackedDataset:  # fresh data every epoch (a fixed set gets memorised: Probe B)
@@ -433,7 +591,7 @@ def train_run(
     def reached_accuracy(step: int, trained: torch.nn.Module) -> bool:
         if not cfg.eval_every or cfg.stop_accuracy is None or step % cfg.eval_every:
             return False
-        if evaluate(trained, test_x, test_y, setting.task)["accuracy"] >= cfg.stop_accuracy:
+        if evaluate(trained, test_x, test_y, setting.task, train_len=setting.seq_len)["accuracy"] >= cfg.stop_accuracy:
             stopped_at.append(step)
             return True
         return False
@@ -448,12 +606,12 @@ def train_run(
                 lr=lr,
                 min_lr=lr / 10,
                 schedule="cosine",
-                warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
+                warmup_steps=max(1, int(cfg.warmup_fraction * steps_budget)),
                 weight_decay=cfg.weight_decay,
                 w0_lr_scale=1.0,
             ),
             micro_batch_size=cfg.batch_size,
-            max_steps=cfg.steps,
+            max_steps=steps_budget,
             max_seconds=cfg.max_seconds,
             seed=seed,
             mixed_precision="no",
@@ -477,15 +635,15 @@ def train_run(
             diverged = True
         losses = _losses_of(Path(run_dir))
     seconds = time.perf_counter() - start
-    log_every = max(1, cfg.steps // 40)
+    log_every = max(1, steps_budget // 40)
     curve: list[tuple[int, float]] = []
     ema = None
     for step, value in enumerate(losses, start=1):
         ema = value if ema is None else 0.95 * ema + 0.05 * value
-        if step % log_every == 0 or step == cfg.steps:
+        if step % log_every == 0 or step == steps_budget:
             curve.append((step, round(ema, 4)))
     steps = len(losses)
-    result = evaluate(model, test_x, test_y, setting.task)
+    result = evaluate(model, test_x, test_y, setting.task, train_len=setting.seq_len)
     return {
         "setting": setting.name,
         "task": setting.task,
@@ -495,6 +653,7 @@ def train_run(
         "params": sum(p.numel() for p in model.parameters()),
         "steps": steps,
         "tokens": steps * cfg.batch_size * setting.seq_len,
+        "chance": setting.chance,
         "seconds": round(seconds, 2),
         "final_loss": ema,
         "diverged": bool(diverged),
@@ -530,8 +689,9 @@ def _append_row(path: Path, row: dict) -> None:
 def best_rows(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
     """Per (setting, variant): the learning rate with the best mean accuracy over seeds.
 
-    Returns ``{(setting, variant): {"lr", "accuracy" (mean over seeds), "seeds", "solved_up_to" (mean, state
-    tracking), "by_lr": {lr: mean accuracy}}}``.
+    Returns ``{(setting, variant): {"lr", "accuracy" (mean over seeds), "half_width" (of the 95% Student-t
+    interval over seeds, :func:`t_interval`; None for one seed), "seeds", "accuracies" (per seed, in seed order),
+    "seconds" (mean per run), "solved_up_to" (mean, state tracking), "by_lr": {lr: mean accuracy}}}``.
     """
     groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
     for r in rows:
@@ -540,12 +700,16 @@ def best_rows(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
     for key, by_lr in groups.items():
         means = {lr: float(np.mean([r["accuracy"] for r in rs])) for lr, rs in by_lr.items()}
         lr = max(means, key=lambda k: (means[k], -k))
-        rs = by_lr[lr]
+        rs = sorted(by_lr[lr], key=lambda r: r["seed"])
         solved = [r["solved_up_to"] for r in rs if r.get("solved_up_to") is not None]
+        _, half_width = t_interval([r["accuracy"] for r in rs])
         best[key] = {
             "lr": lr,
             "accuracy": means[lr],
-            "seeds": sorted(r["seed"] for r in rs),
+            "half_width": half_width,
+            "accuracies": [r["accuracy"] for r in rs],
+            "seconds": float(np.mean([r["seconds"] for r in rs])) if all("seconds" in r for r in rs) else None,
+            "seeds": [r["seed"] for r in rs],
             "solved_up_to": float(np.mean(solved)) if solved else None,
             "by_lr": means,
         }
@@ -558,21 +722,67 @@ def _ordered(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
     return settings, variants
 
 
-def results_markdown(rows: Sequence[dict]) -> str:
-    """The best-lr accuracy table (one column per setting) and the full per-run table, as Markdown."""
+def _cell(b: dict) -> str:
+    """``mean ± half-width % (n seeds, lr)`` of one best_rows entry."""
+    hw = "" if b.get("half_width") is None else f" ± {100 * b['half_width']:.1f}"
+    extra = f", solved k<={b['solved_up_to']:g}" if b.get("solved_up_to") is not None else ""
+    return f"{100 * b['accuracy']:.1f}%{hw} (n={len(b['seeds'])}, lr {b['lr']:g}{extra})"
+
+
+def controls_markdown(rows: Sequence[dict], controls: Sequence[Control]) -> tuple[str, bool]:
+    """The controls' verdicts as Markdown lines, and whether every control reproduced (True when there are none)."""
+    if not controls:
+        return "", True
+    verdicts = check_controls(rows, controls)
+    lines = ["## Positive controls", ""]
+    for v in verdicts:
+        c = v["control"]
+        bound = " and ".join(
+            part
+            for part in (
+                None if c.at_least is None else f">= {100 * c.at_least:g}%",
+                None if c.at_most is None else f"<= {100 * c.at_most:g}%",
+            )
+            if part
+        )
+        if v["status"] == "not run":
+            measured = "not run in this sweep"
+        else:
+            hw = "" if v["half_width"] is None else f" ± {100 * v['half_width']:.1f}"
+            measured = f"{100 * v['accuracy']:.1f}%{hw} over seeds {v['seeds']}"
+        lines.append(
+            f"- **{v['status'].upper()}**: {c.label}: {c.variant} on {c.setting} must be {bound}; measured {measured}"
+        )
+    ok = all(v["status"] == "reproduced" for v in verdicts)
+    lines.append("")
+    if not ok:
+        lines.append(
+            "**The comparisons below are NOT INTERPRETABLE: a positive control did not reproduce (or was not run) "
+            "in this sweep.**"
+        )
+    else:
+        lines.append("Both controls reproduced: the comparisons below are interpretable.")
+    return "\n".join(lines), ok
+
+
+def results_markdown(rows: Sequence[dict], controls: Sequence[Control] = ()) -> str:
+    """The controls' verdicts (at the top), the best-lr accuracy table (mean ± 95% t-interval over seeds, one column
+    per setting) and the full per-run table, as Markdown."""
     best = best_rows(rows)
     settings, variants = _ordered(rows)
-    header = "| variant | " + " | ".join(settings) + " |"
-    lines = [header, "|" + "---|" * (len(settings) + 1)]
+    head, ok = controls_markdown(rows, controls)
+    lines = [head, ""] if head else []
+    title = "## Accuracy at the best learning rate: mean ± 95% t-interval half-width over seeds"
+    lines += [title + ("" if ok else " (NOT INTERPRETABLE: see the controls above)"), ""]
+    chance = {r["setting"]: r["chance"] for r in rows if r.get("chance") is not None}
+    header = (
+        "| variant | "
+        + " | ".join(f"{s}" + (f" (chance {100 * chance[s]:.1f}%)" if s in chance else "") for s in settings)
+        + " |"
+    )
+    lines += [header, "|" + "---|" * (len(settings) + 1)]
     for v in variants:
-        cells = []
-        for s in settings:
-            b = best.get((s, v))
-            if b is None:
-                cells.append("-")
-                continue
-            extra = f", solved k<={b['solved_up_to']:g}" if b.get("solved_up_to") is not None else ""
-            cells.append(f"{100 * b['accuracy']:.1f}% (lr {b['lr']:g}{extra})")
+        cells = ["-" if (s, v) not in best else _cell(best[(s, v)]) for s in settings]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -601,7 +811,8 @@ def results_table(rows: Sequence[dict], title: str = "bench-arch: accuracy at th
         cells = []
         for s in settings:
             b = best.get((s, v))
-            cells.append("-" if b is None else f"{100 * b['accuracy']:.1f}% @ {b['lr']:g}")
+            hw = "" if b is None or b["half_width"] is None else f" ± {100 * b['half_width']:.1f}"
+            cells.append("-" if b is None else f"{100 * b['accuracy']:.1f}%{hw} @ {b['lr']:g} (n={len(b['seeds'])})")
         table.add_row(v, *cells)
     return table
 
@@ -618,10 +829,13 @@ def plot_results(rows: Sequence[dict], path: Path) -> Path:
     for j, v in enumerate(variants):
         xs = np.arange(len(settings)) + (j - (len(variants) - 1) / 2) * width
         vals = [100 * best[(s, v)]["accuracy"] if (s, v) in best else np.nan for s in settings]
-        bars = ax.bar(xs, vals, width, label=v)
+        errs = [
+            100 * (best[(s, v)]["half_width"] or 0.0) if (s, v) in best else 0.0 for s in settings
+        ]  # 95% t-interval half-widths over seeds
+        bars = ax.bar(xs, vals, width, yerr=errs, capsize=2, error_kw={"elinewidth": 0.8}, label=v)
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
-    ax.set_ylabel("test accuracy (%), best learning rate")
+    ax.set_ylabel("test accuracy (%), best lr; mean and 95% t-interval over seeds")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, ncol=4)
     ax.set_title("bench-arch: accuracy per variant and setting (equal step x batch budget)", fontsize=10)
@@ -662,7 +876,7 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
             f"loss {row['final_loss'] if row['final_loss'] is None else round(row['final_loss'], 3)} ({row['seconds']:.0f} s)"
         )
     rows = read_results(path)
-    (out / "results.md").write_text(results_markdown(rows) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(results_markdown(rows, cfg.controls) + "\n", encoding="utf-8")
     if rows:
         plot_results(rows, out / "accuracy.png")
         if console is not None:

@@ -1,0 +1,149 @@
+"""``wuneng bench-arch`` (issue 18 items 1-2): seeds and 95% intervals, ``--seeds`` extends a finished sweep, the
+positive controls and their "not interpretable" marking, the length-generalisation state-tracking setting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import wuneng.apps.bench_arch as bench
+from wuneng.apps.bench_arch import (
+    BenchConfig,
+    Control,
+    TaskSetting,
+    best_rows,
+    check_controls,
+    evaluate,
+    parse_seeds,
+    results_markdown,
+    run_bench,
+    t_interval,
+)
+
+
+def test_t_interval_matches_a_hand_computed_value():
+    # n = 3: mean 0.95, sample sd 0.05, t_{0.975, 2} = 4.303 -> half-width 4.303 * 0.05 / sqrt(3) = 0.124217
+    mean, hw = t_interval([0.90, 0.95, 1.00])
+    assert mean == pytest.approx(0.95, abs=1e-12)
+    assert hw == pytest.approx(0.124217, abs=1e-6)
+    # n = 5: values 1..5, sd sqrt(2.5), t_{0.975, 4} = 2.776 -> 2.776 * 1.5811388 / 2.2360680 = 1.962928
+    assert t_interval([1, 2, 3, 4, 5])[1] == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-12)
+    assert t_interval([1, 2, 3, 4, 5])[1] == pytest.approx(1.962928, abs=1e-6)
+    assert t_interval([0.4]) == (0.4, None)  # one seed: no interval
+    rows = [
+        {"setting": "s", "variant": "rwkv7", "lr": 1e-3, "seed": i, "accuracy": a}
+        for i, a in enumerate([0.9, 1.0, 0.95])
+    ]
+    best = best_rows(rows)[("s", "rwkv7")]
+    assert best["half_width"] == pytest.approx(0.124217, abs=1e-6) and best["accuracies"] == [0.9, 1.0, 0.95]
+
+
+def test_parse_seeds_a_count_or_a_list():
+    assert parse_seeds("3") == (0, 1, 2)
+    assert parse_seeds("0,4") == (0, 4)
+    for bad in ("0", "-1", "a,b", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def _tiny(out, seeds, controls=(), variants=("transformer",)) -> BenchConfig:
+    return BenchConfig(
+        output_dir=str(out),
+        settings=(TaskSetting("mqar", 16, 2, 64),),
+        variants=variants,
+        lrs=(3e-3,),
+        seeds=seeds,
+        controls=controls,
+        d_model=32,
+        head_size=16,
+        steps=2,
+        batch_size=4,
+        examples_per_epoch=8,
+        test_examples=8,
+        threads=1,
+    )
+
+
+def test_more_seeds_train_only_the_missing_runs(tmp_path, monkeypatch):
+    trained = []
+    real = bench.train_run
+
+    def counting(setting, variant, lr, seed, cfg, progress=True):
+        trained.append((setting.name, variant, seed))
+        return real(setting, variant, lr, seed, cfg, progress=False)
+
+    monkeypatch.setattr(bench, "train_run", counting)
+    rows = run_bench(_tiny(tmp_path, (0,)))
+    assert len(trained) == 1 and len(rows) == 1
+    rows = run_bench(_tiny(tmp_path, parse_seeds("3")))
+    assert [t[2] for t in trained] == [0, 1, 2]  # seed 0 was reused, only seeds 1 and 2 trained
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2]
+    run_bench(_tiny(tmp_path, parse_seeds("3")))  # finished: nothing trains
+    assert len(trained) == 3
+    table = (tmp_path / "results.md").read_text()
+    assert "n=3" in table and " ± " in table
+
+
+def test_a_failed_control_marks_the_comparisons_not_interpretable(tmp_path):
+    setting = "mqar T=16 n=2 V=64"
+    impossible = Control("recall", setting, "transformer", at_least=0.99)  # 2 steps cannot reach 99%
+    run_bench(_tiny(tmp_path, (0,), controls=(impossible,)))
+    text = (tmp_path / "results.md").read_text()
+    head = text.split("## Accuracy")[0]
+    assert "**FAILED**: recall" in head and "NOT INTERPRETABLE" in head
+    assert "NOT INTERPRETABLE" in text.split("## Accuracy")[1].splitlines()[0]
+
+    trivial = Control("recall", setting, "transformer", at_least=0.0)
+    missing = Control("state", "state Z2 k=8 test k=16", "rwkv7", at_least=0.95)
+    rows = bench.read_results(tmp_path / "results.jsonl")
+    verdicts = check_controls(rows, (trivial, missing))
+    assert [v["status"] for v in verdicts] == ["reproduced", "not run"]
+    assert "NOT INTERPRETABLE" in results_markdown(rows, (trivial, missing))  # a control not run counts as failed
+    ok = results_markdown(rows, (trivial,))
+    assert "NOT INTERPRETABLE" not in ok and "**REPRODUCED**: recall" in ok
+
+
+def test_parity_length_generalisation_labels_and_scoring():
+    s = TaskSetting("state", 8, group="Z2", test_seq_len=20)
+    assert s.name == "state Z2 k=8 test k=20" and s.chance == 0.5 and s.max_seq_len == 20
+    x, y = s.generate(64, seed=3)
+    assert x.shape == (64, 8)
+    tx, ty = s.generate_test(50, seed=10_003)
+    assert tx.shape == ty.shape == (50, 20)
+    for xs, ys in ((x, y), (tx, ty)):  # brute force: label t is the parity of the first t + 1 bits
+        for row, lab in zip(xs.tolist(), ys.tolist()):
+            assert lab == [sum(row[: t + 1]) % 2 for t in range(len(row))]
+
+    class WrongBeyondTraining(torch.nn.Module):
+        """Right parity up to position 8, wrong after: one-hot logits [B, T, 2]."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            parity = torch.cumsum(input_ids, 1) % 2
+            parity[:, 8:] = 1 - parity[:, 8:]
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(parity, 2).float()})
+
+    res = evaluate(WrongBeyondTraining(), tx, ty, "state", train_len=8)
+    assert res["accuracy"] == 0.0 and res["accuracy_within_train_len"] == 1.0 and res["solved_up_to"] == 8
+    with pytest.raises(ValueError, match="test_seq_len"):
+        TaskSetting("state", 8, group="Z2", test_seq_len=8)
+    with pytest.raises(ValueError, match="test_seq_len"):
+        TaskSetting("mqar", 16, 2, 64, test_seq_len=32)
+
+
+def test_default_sweep_holds_both_controls_every_variant_and_three_seeds():
+    cfg = BenchConfig.default()
+    assert len(cfg.seeds) >= 3 and len(cfg.controls) >= 2
+    names = {s.name for s in cfg.settings}
+    assert all(c.setting in names and c.variant in cfg.variants for c in cfg.controls)
+    for v in ("transformer", "rwkv7", "wuneng-gate", "wuneng-add", "wuneng-concat", "wuneng-hymba", "wuneng-none"):
+        assert v in cfg.variants
+    for v in ("wuneng-gate-lambda0", "metastate", "arwkv", "arwkv-attn"):
+        assert v in cfg.variants
+    assert np.all([c.at_least is None or c.at_least >= 0.95 for c in cfg.controls])
