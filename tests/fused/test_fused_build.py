@@ -217,3 +217,17 @@ def test_the_fused_library_builds_alone_into_an_empty_cache(tmp_path):
     name = proc.stdout.strip().splitlines()[-1]
     assert sorted(p.name for p in cache.iterdir() if p.suffix == ".so") == [name]
     assert name.startswith("fused_cpu_")
+
+
+@needs_kernel
+def test_the_fused_library_runs_on_torchs_openmp_runtime():
+    """Built with OpenMP where torch runs on GNU libgomp, and loaded onto torch's own copy: one runtime and one
+    thread pool in the process (a second runtime would keep its own threads spinning on the same cores)."""
+    if not fused_cpu._torch_uses_libgomp():
+        pytest.skip("torch does not run on GNU libgomp here: the kernels are built without OpenMP")
+    lib = fused_cpu._library()
+    lib.wuneng_fused_openmp.restype = ctypes.c_int64
+    assert lib.wuneng_fused_openmp() == 1
+    with open("/proc/self/maps") as maps:
+        gomp = {line.split()[-1] for line in maps if "/libgomp" in line}
+    assert len(gomp) == 1, gomp

@@ -128,15 +128,15 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
     import wuneng.layers.rwkv7 as rwkv7_layers
 
     calls = []
-    real = rwkv7_layers.time_mix_one_token
-    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = rwkv7_layers.time_mix_one_token_planned
+    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token_planned", lambda *a: calls.append(a[-1]) or real(*a))
     tm = TimeMix(32, 2, 16, 1, 3)
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
         tm(x, torch.randn(2, 1, 32))  # decoding: fused
         tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
     tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
-    assert calls == [{"self_state_query": False, "impl": "cpu"}]
+    assert calls == [False]  # one call, without the self-state query
     # more work than one core should take (FUSED_WORK_LIMIT): the tensor path
     monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", 0)
     with torch.no_grad():
@@ -278,8 +278,8 @@ def test_meta_state_time_mix_decoding_equals_its_tensor_path(num_heads, monkeypa
     from wuneng.layers.metastate import MetaStateTimeMix
 
     calls = []
-    real = rwkv7_layers.time_mix_one_token
-    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = rwkv7_layers.time_mix_one_token_planned
+    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token_planned", lambda *a: calls.append(a[-1]) or real(*a))
     torch.manual_seed(num_heads)
     C, N, B = 32, 16, 2
     tm = perturb_(MetaStateTimeMix(C, num_heads, N, 1, 3).double(), 0.2)
@@ -291,7 +291,7 @@ def test_meta_state_time_mix_decoding_equals_its_tensor_path(num_heads, monkeypa
         for impl in ("auto", "chunked"):  # auto: the fused kernel; chunked: the tensor path
             tm.wkv_impl = impl
             results.append(tm(x, v_first, state))
-    assert calls == [{"self_state_query": True, "impl": "cpu"}]
+    assert calls == [True]  # one kernel call, with the self-state query
     (out, vf, (s, S), ro), (out_t, vf_t, (s_t, S_t), ro_t) = results
     assert ro.shape == ro_t.shape == (B, 1, num_heads, N)
     for got, want in ((out, out_t), (vf, vf_t), (s, s_t), (S, S_t), (ro, ro_t)):
@@ -346,3 +346,54 @@ def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
         monkeypatch.delenv("WUNENG_CPU_KERNEL")
         fused_cpu._library.cache_clear()
         cpu_mod._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("C,sse", [(200, False), (192, True)], ids=["C200", "C192-self-state-query"])
+def test_kernel_result_does_not_depend_on_the_thread_count(dtype, tol, C, sse):
+    """The kernel splits rows, columns and heads across torch's threads; every element is computed by one thread in
+    the same order, so 1 and 2 threads agree exactly, and both agree with the float64 reference (relative error
+    <= tol). C = 200: blocks of 16 rows that do not divide the input width, a ragged tail; C = 192 with
+    Meta-State's self-state query (which needs C a multiple of N)."""
+    H, N, B = 3, 64, 3
+    wt64 = make_weights(C, H, N, True, seed=11, ranks=(32, 32, 16, 48))
+    ins64 = make_inputs(B, C, H, N, seed=12)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    ref = time_mix_one_token_reference(*ins64, wt64, mask, self_state_query=sse)
+    wt = TimeMixWeights(*(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in wt64))
+    ins = [t.to(dtype) for t in ins64]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(time_mix_one_token(*ins, wt, mask.to(dtype), self_state_query=sse, impl="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two, want in zip(("out", "shift", "state", "v_first", "readout"), *results, ref):
+        assert torch.equal(one, two), name
+        assert rel_err(one, want) <= tol, name
+
+
+@needs_kernel
+def test_layer_decoding_follows_a_weight_changed_within_a_session():
+    """The layer keeps its kernel plan (weights checked, pointers read) for a decoding session; a weight changed in
+    place, or replaced by another tensor, is seen at the next step."""
+    from wuneng.layers.low_rank import derived_weights_session
+
+    torch.manual_seed(3)
+    tm = perturb_(TimeMix(32, 2, 16, 1, 3).double(), 0.2)
+    x, v_first = torch.randn(2, 1, 32, dtype=torch.float64), torch.randn(2, 1, 32, dtype=torch.float64)
+    with torch.no_grad(), derived_weights_session():
+        tm(x, v_first)
+        tm.receptance.weight.mul_(2.0)
+        fused_inplace = tm(x, v_first)[0]
+        tm.w1.data = tm.w1.data + 0.5
+        fused_replaced = tm(x, v_first)[0]
+        tm.wkv_impl = "chunked"
+        tensor_replaced = tm(x, v_first)[0]
+        tm.w1.data = tm.w1.data - 0.5
+        tensor_inplace = tm(x, v_first)[0]
+    assert rel_err(fused_inplace, tensor_inplace) <= 1e-12
+    assert rel_err(fused_replaced, tensor_replaced) <= 1e-12

@@ -17,7 +17,7 @@ import operator
 import struct
 
 #: must equal WUNENG_KERNEL_ABI in csrc/args.h (bumped whenever an argument layout changes)
-KERNEL_ABI = 3
+KERNEL_ABI = 4
 
 _KINDS = {"i": ctypes.c_int64, "d": ctypes.c_double, "p": ctypes.c_void_p, "o": ctypes.c_void_p}
 _FORMATS = {"i": "q", "d": "d", "p": "P", "o": "P"}
@@ -41,7 +41,7 @@ def _structure(name: str, spec: str) -> type:
 
 TimeMixArgs = _structure(
     "TimeMixArgs",
-    "i:B i:C i:H i:N i:Dw i:Da i:Dv i:Dg i:value_residual i:sse_blocks d:eps "
+    "i:B i:C i:H i:N i:Dw i:Da i:Dv i:Dg i:value_residual i:sse_blocks i:threads d:eps "
     "p:x p:mask p:shift p:state p:v_first p:mix p:W_r p:W_k p:W_v p:W_o p:w0 p:w1 p:w2 p:a0 p:a1 p:a2 "
     "p:v0 p:v1 p:v2 p:g1 p:g2 p:k_k p:k_a p:r_k p:ln_w p:ln_b "
     "o:work o:out o:shift_out o:state_out o:v_first_out o:readout_out",

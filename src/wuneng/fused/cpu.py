@@ -21,6 +21,18 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _OPS_CSRC = Path(__file__).parent.parent / "ops" / "wkv7" / "csrc"
 
+
+def _torch_uses_libgomp() -> bool:
+    """Whether this process has GNU libgomp (``libgomp.so.1``) loaded, as torch's Linux wheels do: a library built
+    with ``-fopenmp`` then shares torch's OpenMP runtime and thread pool instead of starting a second one (two
+    runtimes would each keep their threads spinning between regions, on the same cores)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("/libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
 #: the fused decoding kernels' C library
 LIBRARY = CLibrary(
     "fused_cpu",
@@ -32,6 +44,9 @@ LIBRARY = CLibrary(
     logger=logger,
     fallback="decoding steps take the slower PyTorch paths of the fused one-token kernels",
     check=lambda lib: check_layouts(lib, DTYPE_SUFFIX.values()),
+    # the time-mix kernel splits its work across torch's threads in one OpenMP region; the library then needs
+    # libgomp.so.1, which the dynamic loader finds already loaded by torch (one runtime, one thread pool)
+    optional_flags=("-fopenmp",) if _torch_uses_libgomp() else (),
 )
 #: the loaded library or None (``_library.cache_clear()`` forgets it)
 _library = LIBRARY.load

@@ -52,6 +52,9 @@ __all__ = [
     "TimeMixWeights",
     "time_mix_one_token",
     "time_mix_one_token_reference",
+    "TimeMixPlan",
+    "time_mix_plan",
+    "time_mix_one_token_planned",
     "one_token_kernel_fits",
     "one_token_kernel_preferred",
     "FUSED_WORK_LIMIT",
@@ -267,10 +270,13 @@ FUSED_WORK_LIMIT = 1 << 27
 def one_token_kernel_preferred(weights, batch: int) -> bool:
     """Whether a decoding step of ``batch`` sequences should take a fused kernel (``weights``:
     :class:`TimeMixWeights` or :class:`HybridStateWeights`) rather than tensor ops (see FUSED_WORK_LIMIT)."""
-    if batch > FUSED_MAX_BATCH:
-        return False
     params = sum(t.numel() for t in weights[:-1] if t is not None)
-    return params * batch * torch.get_num_threads() <= FUSED_WORK_LIMIT
+    return kernel_preferred_for(params, batch)
+
+
+def kernel_preferred_for(params: int, batch: int) -> bool:
+    """:func:`one_token_kernel_preferred` from the weight parameter count (a plan's ``params``)."""
+    return batch <= FUSED_MAX_BATCH and params * batch * torch.get_num_threads() <= FUSED_WORK_LIMIT
 
 
 def time_mix_one_token(
@@ -305,12 +311,76 @@ def time_mix_one_token(
         shift = torch.zeros_like(x)
     if not _kernel_chosen("time_mix_one_token", impl, x, weights, (x, shift, state, v_first)):
         return time_mix_one_token_reference(x, shift, state, v_first, weights, mask, self_state_query)
+    B, C, H, N = _check(x, shift, state, v_first, weights, mask, self_state_query)
+    return time_mix_one_token_planned(x, shift, state, v_first, time_mix_plan(weights), mask, self_state_query)
+
+
+#: TimeMixArgs: the per-call fields, then the weights in TimeMixWeights order, then the outputs
+_TIME_MIX_CALL_FIELDS = (
+    "B C H N Dw Da Dv Dg value_residual sse_blocks threads eps x mask shift state v_first".split(),
+    "work out shift_out state_out v_first_out readout_out".split(),
+)
+assert TimeMixArgs.order == (*_TIME_MIX_CALL_FIELDS[0], *TimeMixWeights._fields[:-1], *_TIME_MIX_CALL_FIELDS[1]), (
+    "TimeMixArgs and TimeMixWeights disagree on the order of the weight fields"
+)
+
+
+class TimeMixPlan(NamedTuple):
+    """A time-mix's weights prepared for repeated kernel calls (:func:`time_mix_plan`): checked once, their sizes
+    and data pointers read once. Valid while the weights keep their storage (a layer keeps its plan in a
+    :func:`~wuneng.layers.low_rank.derived_weight`, rebuilt when a weight changes)."""
+
+    weights: TimeMixWeights
+    dtype: torch.dtype
+    C: int
+    H: int
+    N: int
+    ranks: Tuple[int, int, int, int]  # D_w, D_a, D_v (0 without value residual), D_g
+    params: int  # weight parameters read per token (what one_token_kernel_preferred counts)
+    pointers: dict  # weight field name -> data pointer (0: NULL), in TimeMixWeights order
+
+
+def time_mix_plan(weights: TimeMixWeights) -> Optional[TimeMixPlan]:
+    """The plan of ``weights`` for :func:`time_mix_one_token_planned`, or None where the kernel cannot serve them
+    (not float32/float64 CPU tensors of one dtype, not contiguous, no C library). Raises ValueError for weights of
+    inconsistent shapes."""
     wt = weights
-    B, C, H, N = _check(x, shift, state, v_first, wt, mask, self_state_query)
+    tensors = [t for t in wt[:-1] if t is not None]
+    if not one_token_kernel_fits(wt.mix, wt):
+        return None
+    H, N = wt.r_k.shape
+    C = wt.mix.shape[1]
+    expected = {
+        "mix": (len(MIX_ROWS), C),
+        **{name: (H * N, C) for name in ("W_r", "W_k", "W_v")},
+        "W_o": (C, H * N),
+        **{name: (H * N,) for name in ("w0", "a0", "k_k", "k_a", "ln_w", "ln_b")},
+    }
+    pairs = [("w1", "w2", H * N), ("a1", "a2", H * N), ("g1", "g2", H * N)]
+    _check_weights("time_mix_one_token", wt, C, expected, pairs + ([("v1", "v2", H * N)] if wt.value_residual else []))
+    ranks = (wt.w1.shape[1], wt.a1.shape[1], wt.v1.shape[1] if wt.value_residual else 0, wt.g1.shape[1])
+    pointers = {name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])}
+    return TimeMixPlan(wt, wt.mix.dtype, C, H, N, ranks, sum(t.numel() for t in tensors), pointers)
+
+
+def time_mix_one_token_planned(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    state: Optional[torch.Tensor],
+    v_first: Optional[torch.Tensor],
+    plan: TimeMixPlan,
+    mask: Optional[torch.Tensor] = None,
+    self_state_query: bool = False,
+):
+    """:func:`time_mix_one_token` through the C kernel with weights already prepared (:func:`time_mix_plan`), for
+    callers that have checked the shapes (a layer's decoding step): x [B, C] of the plan's dtype on the CPU,
+    shift [B, C], state [B, H, N, N] or None, v_first [B, A] with value residual, mask [B] or None; no autograd.
+    The kernel splits its work across ``torch.get_num_threads()`` threads. Returns as :func:`time_mix_one_token`."""
+    wt = plan.weights
+    B, C, H, N = x.shape[0], plan.C, plan.H, plan.N
     A = H * N
-    dw, da, dg = wt.w1.shape[1], wt.a1.shape[1], wt.g1.shape[1]
-    dv = wt.v1.shape[1] if wt.value_residual else 0
-    dt = x.dtype
+    dw, da, dv, dg = plan.ranks
+    dt = plan.dtype
     x, shift = x.contiguous(), shift.to(dt).contiguous()
     state = None if state is None else state.to(dt).contiguous()
     v_in = v_first.to(dt).contiguous() if wt.value_residual else None
@@ -321,34 +391,15 @@ def time_mix_one_token(
     readout = x.new_empty(B, H, N) if self_state_query else None
     work = x.new_empty(7 * B * C + 11 * B * A + B * (dw + da + dv + dg) + 2 * B * H)
     fn = getattr(_library(), f"time_mix_one_token_{_SUFFIX[dt]}")
-    args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
-        TimeMixArgs,
-        dict(
-            B=B,
-            C=C,
-            H=H,
-            N=N,
-            Dw=dw,
-            Da=da,
-            Dv=dv,
-            Dg=dg,
-            value_residual=int(wt.value_residual),
-            sse_blocks=C // N if self_state_query else 0,
-            eps=float(wt.eps),
-            x=_ptr(x),
-            mask=_ptr(m),
-            shift=_ptr(shift),
-            state=_ptr(state),
-            v_first=_ptr(v_in),
-            **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
-            work=_ptr(work),
-            out=_ptr(out),
-            shift_out=_ptr(shift_out),
-            state_out=_ptr(state_out),
-            v_first_out=_ptr(v_out),
-            readout_out=_ptr(readout),
-        ),
-    )
+    # the struct's bytes in one pack: the fields in TimeMixArgs order, the weights' pointers from the plan (their
+    # place in that order is checked at import, _TIME_MIX_CALL_FIELDS; kernel_args would check every name per call)
+    args = TimeMixArgs.packer.pack(
+        B, C, H, N, dw, da, dv, dg, int(wt.value_residual), C // N if self_state_query else 0,
+        torch.get_num_threads(), float(wt.eps),
+        _ptr(x), _ptr(m), _ptr(shift), _ptr(state), _ptr(v_in),
+        *plan.pointers.values(),
+        _ptr(work), _ptr(out), _ptr(shift_out), _ptr(state_out), _ptr(v_out), _ptr(readout),
+    )  # fmt: skip
     fn(args)
     result = (out, shift_out, state_out, v_first if wt.value_residual else v_out)
     return result + ((readout,) if self_state_query else ())

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fused.one_token import TimeMixWeights, one_token_kernel_fits, one_token_kernel_preferred, time_mix_one_token
+from ..fused.one_token import TimeMixWeights, kernel_preferred_for, time_mix_one_token_planned, time_mix_plan
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
@@ -664,15 +664,29 @@ class TimeMix(RWKV7StateHeads):
         if self_state_query and self.hidden_size % self.head_size:
             return None
         B = x.shape[0]
-        weights = self.one_token_weights()
-        if not (one_token_kernel_fits(x, weights) and one_token_kernel_preferred(weights, B)):
+        # the weights checked and their pointers read once per decoding session (rebuilt when a weight changes)
+        plan = derived_weight(self, "one_token_plan", self._one_token_sources(), self._one_token_plan)
+        if plan is None or x.dtype != plan.dtype or x.device.type != "cpu" or not kernel_preferred_for(plan.params, B):
             return None
         vf = v_first.reshape(B, -1) if self.value_residual else None
         m = None if mask is None else mask.reshape(B)
-        out, shift, wkv_state, vf, *readout = time_mix_one_token(
-            x.reshape(B, -1), shift, wkv_state, vf, weights, m, self_state_query=self_state_query, impl="cpu"
+        if shift is None:
+            shift = x.new_zeros(B, self.hidden_size)
+        out, shift, wkv_state, vf, *readout = time_mix_one_token_planned(
+            x.reshape(B, -1), shift, wkv_state, vf, plan, m, self_state_query
         )
         return (out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state), *readout)
+
+    def _one_token_sources(self) -> list:
+        """The tensors :meth:`one_token_weights` reads (cheaper to list than ``self.parameters()``)."""
+        tensors = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g, self.receptance.weight]
+        tensors += [self.key.weight, self.value.weight, self.output.weight, self.w0, self.w1, self.w2, self.a0]
+        tensors += [self.a1, self.a2, self.g1, self.g2, self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias]
+        return tensors + ([self.v0, self.v1, self.v2] if self.value_residual else [])
+
+    def _one_token_plan(self):
+        """The fused kernel's plan of this layer's weights (None where the kernel cannot serve them)."""
+        return time_mix_plan(self.one_token_weights())
 
 
 class ChannelMix(nn.Module):

@@ -152,6 +152,9 @@ class CLibrary:
         fallback: what runs instead, for that warning ("the ... take their slower PyTorch paths").
         check: ``check(lib)`` raises RuntimeError when the library does not fit its Python side.
         configure: ``configure(lib)`` sets the ctypes signatures of its functions.
+        optional_flags: compiler flags added to :data:`CFLAGS` when the compiler accepts them (the fused kernels'
+            ``-fopenmp``); a build that fails with them is retried without them (logged), and the code must work
+            either way. They enter the key.
     """
 
     def __init__(
@@ -166,10 +169,12 @@ class CLibrary:
         fallback: str,
         check: Optional[Callable] = None,
         configure: Optional[Callable] = None,
+        optional_flags: Sequence[str] = (),
     ):
         self.name, self.main, self.sources, self.include_dirs = name, Path(main), tuple(sources), tuple(include_dirs)
         self.abi, self.logger, self.fallback = abi, logger, fallback
         self.check, self.configure = check, configure
+        self.optional_flags = tuple(optional_flags)
         self.error: Optional[str] = None
         self.warned = False  # the "unavailable" warning is logged once per process
         self.lock = threading.Lock()
@@ -181,7 +186,8 @@ class CLibrary:
         digest = hashlib.sha256()
         for path in self.sources:
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-        for part in (" ".join(CFLAGS), _cpu_signature(), platform.machine(), str(self.abi)):
+        flags = " ".join(CFLAGS + self.optional_flags)
+        for part in (flags, _cpu_signature(), platform.machine(), str(self.abi)):
             digest.update(part.encode())
         return digest.hexdigest()[:20]
 
@@ -199,14 +205,32 @@ class CLibrary:
         os.close(fd)
         try:
             flags = list(CFLAGS) + [f"-I{d}" for d in self.include_dirs] + [f'-DWUNENG_KERNEL_KEY="{self.key()}"']
-            proc = subprocess.run(cc + flags + ["-o", tmp, str(self.main), "-lm"], capture_output=True, text=True)
+            used = list(CFLAGS)
+            proc = None
+            if self.optional_flags:
+                proc = subprocess.run(
+                    cc + flags + list(self.optional_flags) + ["-o", tmp, str(self.main), "-lm"],
+                    capture_output=True,
+                    text=True,
+                )
+                if proc.returncode == 0:
+                    used += self.optional_flags
+                else:
+                    self.logger.info(
+                        "%s: the build with %s failed (%s); building without them",
+                        self.name,
+                        " ".join(self.optional_flags),
+                        proc.stderr.strip()[-500:],
+                    )
+            if proc is None or proc.returncode != 0:
+                proc = subprocess.run(cc + flags + ["-o", tmp, str(self.main), "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelUnavailable(
                     f"build failed: {' '.join(cc)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
                 )
             os.chmod(tmp, 0o755)  # whatever the compiler and umask made of it: not writable by others
             version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout.strip().splitlines()
-            info = {"compiler": cc, "version": version[0] if version else "", "flags": list(CFLAGS), "key": self.key()}
+            info = {"compiler": cc, "version": version[0] if version else "", "flags": used, "key": self.key()}
             info_tmp = out.with_suffix(".json.tmp")
             info_tmp.write_text(json.dumps(info, indent=1) + "\n")
             os.replace(info_tmp, out.with_suffix(".json"))

@@ -9,10 +9,11 @@
 #ifndef WUNENG_ARGS_H
 #define WUNENG_ARGS_H
 
-#define WUNENG_KERNEL_ABI 3
+#define WUNENG_KERNEL_ABI 4
 
 #define TIME_MIX_FIELDS(INT, F64, IN, OUT)                                                                      \
-    INT(B) INT(C) INT(H) INT(N) INT(Dw) INT(Da) INT(Dv) INT(Dg) INT(value_residual) INT(sse_blocks) F64(eps)   \
+    INT(B) INT(C) INT(H) INT(N) INT(Dw) INT(Da) INT(Dv) INT(Dg) INT(value_residual) INT(sse_blocks)          \
+    INT(threads) F64(eps)                                                                                       \
     IN(x) IN(mask) IN(shift) IN(state) IN(v_first) IN(mix) IN(W_r) IN(W_k) IN(W_v) IN(W_o) IN(w0) IN(w1)      \
     IN(w2) IN(a0) IN(a1) IN(a2) IN(v0) IN(v1) IN(v2) IN(g1) IN(g2) IN(k_k) IN(k_a) IN(r_k) IN(ln_w) IN(ln_b)  \
     OUT(work) OUT(out) OUT(shift_out) OUT(state_out) OUT(v_first_out) OUT(readout_out)

@@ -10,6 +10,13 @@
 
 #include "args.h"
 
+#ifdef _OPENMP /* built with -fopenmp: the time-mix kernel splits its work across `threads` threads */
+#include <omp.h>
+#define WUNENG_OPENMP 1
+#else
+#define WUNENG_OPENMP 0
+#endif
+
 /* What c_library.py checks after loading the library: the argument-layout version (args.h) and the cache key
  * the library was built for (passed as -DWUNENG_KERNEL_KEY="..."); _abi.py then compares each kernel's layout. */
 #ifndef WUNENG_KERNEL_KEY
@@ -22,6 +29,11 @@ int64_t wuneng_kernel_abi(void)
 const char *wuneng_kernel_key(void)
 {
     return WUNENG_KERNEL_KEY;
+}
+/* 1 when the kernels were built with OpenMP (threads > 1 runs in parallel), else 0 (one thread always) */
+int64_t wuneng_fused_openmp(void)
+{
+    return WUNENG_OPENMP;
 }
 
 #define real float

@@ -27,33 +27,58 @@
  * (no state yet), v_first_out (value-residual layers) and readout_out (no SSE) may be NULL; v1, v2, v0 are read
  * only with value_residual. */
 
-/* y[b][o] = sum_i W[o][i] x[b][i]: nn.Linear's layout, four weight rows at a time against every batch row
- * (the rows stay in L1 while the batch reuses them), each dot product in 16 independent lanes (vectorised
- * without reassociation). */
-static void NAME(linear)(int64_t B, int64_t O, int64_t I, const real *W, const real *x, real *y)
+/* Work split across threads: block [lo, hi) of thread t of T over n items, in whole multiples of `align` (rows of
+ * 16 floats share a cache line: no two threads write one line of a result). */
+static inline void NAME(share)(int64_t n, int64_t align, int t, int T, int64_t *lo, int64_t *hi)
 {
-    int64_t o = 0;
-    for (; o + 4 <= O; o += 4) {
+    const int64_t blocks = (n + align - 1) / align;
+    const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
+    *lo = b0 * align < n ? b0 * align : n;
+    *hi = b1 * align < n ? b1 * align : n;
+}
+
+/* One 64-byte vector of reals (16 floats, 8 doubles): GCC/Clang vector extensions, lowered to the widest
+ * registers the target has (-march=native: AVX-512 or AVX2 here, NEON elsewhere). Loaded with memcpy
+ * (unaligned, no aliasing assumption). */
+typedef real NAME(vec) __attribute__((vector_size(64)));
+#define VEC_LANES ((int64_t)(64 / sizeof(real)))
+
+static inline NAME(vec) NAME(vload)(const real *p)
+{
+    NAME(vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline real NAME(vsum)(NAME(vec) v)
+{
+    real s = 0;
+    for (int j = 0; j < (int)VEC_LANES; ++j)
+        s += v[j];
+    return s;
+}
+
+/* y[b][o] = sum_i W[o][i] x[b][i] for the rows o in [lo, hi): nn.Linear's layout. Four weight rows at a time
+ * against every batch row (the rows stay in L1 while the batch reuses them), each dot product in one vector of
+ * independent lanes: a batch-1 step streams W once at the memory's rate. */
+static void NAME(linear_rows)(int64_t B, int64_t O, int64_t I, const real *W, const real *x, real *y, int64_t lo,
+                              int64_t hi)
+{
+    int64_t o = lo;
+    for (; o + 4 <= hi; o += 4) {
         const real *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
         for (int64_t b = 0; b < B; ++b) {
             const real *xb = x + b * I;
-            real l0[16] = {0}, l1[16] = {0}, l2[16] = {0}, l3[16] = {0};
+            NAME(vec) l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0};
             int64_t i = 0;
-            for (; i + 16 <= I; i += 16)
-                for (int j = 0; j < 16; ++j) {
-                    const real xv = xb[i + j];
-                    l0[j] += w0[i + j] * xv;
-                    l1[j] += w1[i + j] * xv;
-                    l2[j] += w2[i + j] * xv;
-                    l3[j] += w3[i + j] * xv;
-                }
-            real s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-            for (int j = 0; j < 16; ++j) {
-                s0 += l0[j];
-                s1 += l1[j];
-                s2 += l2[j];
-                s3 += l3[j];
+            for (; i + VEC_LANES <= I; i += VEC_LANES) {
+                const NAME(vec) xv = NAME(vload)(xb + i);
+                l0 += NAME(vload)(w0 + i) * xv;
+                l1 += NAME(vload)(w1 + i) * xv;
+                l2 += NAME(vload)(w2 + i) * xv;
+                l3 += NAME(vload)(w3 + i) * xv;
             }
+            real s0 = NAME(vsum)(l0), s1 = NAME(vsum)(l1), s2 = NAME(vsum)(l2), s3 = NAME(vsum)(l3);
             for (; i < I; ++i) {
                 s0 += w0[i] * xb[i];
                 s1 += w1[i] * xb[i];
@@ -67,101 +92,115 @@ static void NAME(linear)(int64_t B, int64_t O, int64_t I, const real *W, const r
             yb[3] = s3;
         }
     }
-    for (; o < O; ++o)
+    for (; o < hi; ++o)
         for (int64_t b = 0; b < B; ++b)
             y[b * O + o] = NAME(dot)(W + o * I, x + b * I, I);
 }
 
-/* y[b][o] = sum_i x[b][i] W[i][o]: the LoRA layout (x @ W), a row of W at a time. */
-static void NAME(matmul)(int64_t B, int64_t I, int64_t O, const real *x, const real *W, real *y)
+/* y[b][o] = sum_i x[b][i] W[i][o] for the columns o in [lo, hi): the LoRA layout (x @ W), a row of W at a
+ * time; act: 0 none, 1 tanh, 2 sigmoid, applied to the finished columns. */
+static inline real NAME(sigmoid)(real z)
 {
-    memset(y, 0, (size_t)(B * O) * sizeof(real));
+    return (real)1 / ((real)1 + (real)exp(-(double)z));
+}
+
+static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, const real *W, real *y, int64_t lo,
+                              int64_t hi, int act)
+{
+    if (hi <= lo)
+        return;
+    for (int64_t b = 0; b < B; ++b)
+        memset(y + b * O + lo, 0, (size_t)(hi - lo) * sizeof(real));
     for (int64_t i = 0; i < I; ++i) {
         const real *restrict wi = W + i * O;
         for (int64_t b = 0; b < B; ++b) {
             const real xi = x[b * I + i];
             real *restrict yb = y + b * O;
 #pragma omp simd
-            for (int64_t o = 0; o < O; ++o)
+            for (int64_t o = lo; o < hi; ++o)
                 yb[o] += xi * wi[o];
         }
     }
+    if (act)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t o = lo; o < hi; ++o) {
+                real *p = y + b * O + o;
+                *p = act == 1 ? (real)tanh((double)*p) : NAME(sigmoid)(*p);
+            }
 }
 
-static inline real NAME(sigmoid)(real z)
+static void NAME(matmul)(int64_t B, int64_t I, int64_t O, const real *x, const real *W, real *y)
 {
-    return (real)1 / ((real)1 + (real)exp(-(double)z));
+    NAME(matmul_cols)(B, I, O, x, W, y, 0, O, 0);
 }
 
-/* The state heads from projected r, k, v [B][A] and the LoRA pre-activations (without their biases) wz
- * (decay), az (in-context rate) and, with value residual, vz (value gate): decay, value residual, key
- * normalisation, a and b, the mask, the WKV-7 step and the read-out into `ro` [B][A] (and, with a second query
- * q [B][A], the raw read-out S q into y2 [B][A]; both may be NULL). Overwrites k, v
- * (with the recurrence's k, v), wz (with w), az (with alpha), vz (with a = -kk); bb [B][A], y [B][A] and
- * stats [B H][2] are scratch. */
-static void NAME(state_heads_one_token)(int64_t B, int64_t H, int64_t N, int64_t value_residual, double eps,
-                                        const real *mask, const real *r, real *k, real *v, real *wz, real *az,
-                                        real *vz, real *bb, real *y, real *stats, const real *v_first,
+/* The state heads bh in [lo, hi) of the B * H heads (bh = b H + h), from projected r, k, v [B][A] and the LoRA
+ * pre-activations (without their biases) wz (decay), az (in-context rate) and, with value residual, vz (value
+ * gate): decay, value residual, key normalisation, a and b, the mask, the WKV-7 step and the read-out into `ro`
+ * [B][A] (and, with a second query q [B][A], the raw read-out S q into y2 [B][A]; both may be NULL). Overwrites
+ * k, v (with the recurrence's k, v), wz (with w), az (with alpha), vz (with a = -kk); bb [B][A], y [B][A] and
+ * stats [B H][2] are scratch. Heads are independent: threads take disjoint ranges. */
+static void NAME(state_heads_one_token)(int64_t lo, int64_t hi, int64_t H, int64_t N, int64_t value_residual,
+                                        double eps, const real *mask, const real *r, real *k, real *v, real *wz,
+                                        real *az, real *vz, real *bb, real *y, real *stats, const real *v_first,
                                         real *v_first_out, const real *w0, const real *a0, const real *v0,
                                         const real *k_k, const real *k_a, const real *r_k, const real *ln_w,
                                         const real *ln_b, const real *state, real *state_out, real *ro,
                                         const real *q, real *y2)
 {
-    const int64_t A = H * N;
     const real decay_scale = (real)0.6065306597126334; /* e^{-1/2} */
     real *w = wz, *al = az, *aa = vz;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t b = bh / H, h = bh % H, o = bh * N; /* o = b A + h N */
         const real m = mask ? mask[b] : (real)1;
-        for (int64_t i = 0; i < A; ++i) {
-            const int64_t o = b * A + i;
+        for (int64_t j = 0; j < N; ++j) {
+            const int64_t p = h * N + j;
             /* log w = -e^{-1/2} sigmoid(z), times the mask as the tensor path does (masked: w = 1) */
-            const real log_w = -decay_scale * NAME(sigmoid)(w[o] + w0[i]);
-            w[o] = (real)exp((double)(mask ? log_w * m : log_w));
-            al[o] = NAME(sigmoid)(al[o] + a0[i]);
+            const real log_w = -decay_scale * NAME(sigmoid)(w[o + j] + w0[p]);
+            w[o + j] = (real)exp((double)(mask ? log_w * m : log_w));
+            al[o + j] = NAME(sigmoid)(al[o + j] + a0[p]);
             if (value_residual) {
-                const real gate = NAME(sigmoid)(vz[o] + v0[i]);
-                v[o] = v[o] + (v_first[o] - v[o]) * gate;
+                const real gate = NAME(sigmoid)(vz[o + j] + v0[p]);
+                v[o + j] = v[o + j] + (v_first[o + j] - v[o + j]) * gate;
             } else if (v_first_out) {
-                v_first_out[o] = v[o];
+                v_first_out[o + j] = v[o + j];
             }
         }
-        for (int64_t h = 0; h < H; ++h) {
-            const int64_t o = b * A + h * N;
-            real ss = 0;
-            for (int64_t j = 0; j < N; ++j) {
-                const real t = k[o + j] * k_k[h * N + j];
-                ss += t * t;
-            }
-            real nrm = (real)sqrt((double)ss);
-            if (nrm < (real)1e-12)
-                nrm = (real)1e-12;
-            for (int64_t j = 0; j < N; ++j) {
-                const int64_t p = h * N + j;
-                const real kk = k[o + j] * k_k[p] / nrm;
-                aa[o + j] = -kk;
-                bb[o + j] = kk * al[o + j];
-                k[o + j] = k[o + j] * (((real)1 - k_a[p]) + al[o + j] * k_a[p]);
-            }
+        real ss = 0;
+        for (int64_t j = 0; j < N; ++j) {
+            const real t = k[o + j] * k_k[h * N + j];
+            ss += t * t;
+        }
+        real nrm = (real)sqrt((double)ss);
+        if (nrm < (real)1e-12)
+            nrm = (real)1e-12;
+        for (int64_t j = 0; j < N; ++j) {
+            const int64_t p = h * N + j;
+            const real kk = k[o + j] * k_k[p] / nrm;
+            aa[o + j] = -kk;
+            bb[o + j] = kk * al[o + j];
+            k[o + j] = k[o + j] * (((real)1 - k_a[p]) + al[o + j] * k_a[p]);
         }
         if (mask)
-            for (int64_t i = 0; i < A; ++i) {
-                k[b * A + i] *= m;
-                v[b * A + i] *= m;
-                bb[b * A + i] *= m;
+            for (int64_t j = 0; j < N; ++j) {
+                k[o + j] *= m;
+                v[o + j] *= m;
+                bb[o + j] *= m;
             }
     }
-    NAME(wkv7_one_token)(0, B * H, N, r, w, k, v, aa, bb, q, state, y, y2, state_out);
-    NAME(readout_forward)(0, B * H, H, N, y, r, k, v, r_k, ln_w, ln_b, eps, ro, stats);
+    NAME(wkv7_one_token)(lo, hi, N, r, w, k, v, aa, bb, q, state, y, y2, state_out);
+    NAME(readout_forward)(lo, hi, H, N, y, r, k, v, r_k, ln_w, ln_b, eps, ro, stats);
 }
 
-/* xm[q][b][c] = x[b][c] + (shift[b][c] - x[b][c]) mix[q][c] for the Q mixes, x masked first (into xin). */
+/* xm[q][b][c] = x[b][c] + (shift[b][c] - x[b][c]) mix[q][c] for the Q mixes and the columns c in [lo, hi), x
+ * masked first (into xin). */
 static void NAME(token_mixes)(int64_t B, int64_t C, int64_t Q, const real *x, const real *mask, const real *shift,
-                              const real *mix, real *xin, real *xm)
+                              const real *mix, real *xin, real *xm, int64_t lo, int64_t hi)
 {
     const int64_t BC = B * C;
     for (int64_t b = 0; b < B; ++b) {
         const real m = mask ? mask[b] : (real)1;
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = lo; c < hi; ++c) {
             const real xc = mask ? x[b * C + c] * m : x[b * C + c];
             const real xx = shift[b * C + c] - xc;
             xin[b * C + c] = xc;
@@ -175,13 +214,7 @@ static void NAME(token_mixes)(int64_t B, int64_t C, int64_t Q, const real *x, co
 static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x, const real *w1, const real *w2,
                        int act, real *h, real *y)
 {
-    NAME(matmul)(B, C, D, x, w1, h);
-    if (act == 1)
-        for (int64_t i = 0; i < B * D; ++i)
-            h[i] = (real)tanh((double)h[i]);
-    else if (act == 2)
-        for (int64_t i = 0; i < B * D; ++i)
-            h[i] = NAME(sigmoid)(h[i]);
+    NAME(matmul_cols)(B, C, D, x, w1, h, 0, D, act);
     NAME(matmul)(B, D, A, h, w2, y);
 }
 
@@ -210,6 +243,10 @@ int64_t NAME(hybrid_state_one_token_args_size)(void)
     return (int64_t)sizeof(struct NAME(hybrid_state_args));
 }
 
+/* With threads > 1 the kernel runs as one OpenMP parallel region (the OpenMP runtime torch loaded: the same
+ * libgomp, so the same thread pool as torch's own operators): each phase splits its rows, columns or heads across
+ * the threads, a barrier between phases. Every output element is computed by one thread in the same order as
+ * with one thread, so the result does not depend on the thread count. */
 void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
 {
     TIME_MIX_FIELDS(UNPACK_INT, UNPACK_F64, UNPACK_IN, UNPACK_OUT)
@@ -218,39 +255,71 @@ void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
     real *xin = xm + 6 * BC;      /* [B][C] the masked token */
     real *r = xin + BC, *k = r + BA, *v = k + BA, *w = v + BA, *al = w + BA, *g = al + BA;
     real *aa = g + BA, *bb = aa + BA, *y = bb + BA, *yo = y + BA; /* [B][A] each */
-    real *h = yo + BA;            /* LoRA hidden, [B][max(D)] */
-    real *stats = h + B * (Dw + Da + Dv + Dg);    /* [B * H][2] */
+    real *h_w = yo + BA, *h_a = h_w + B * Dw, *h_g = h_a + B * Da, *h_v = h_g + B * Dg; /* LoRA hidden [B][D] */
+    real *stats = h_v + B * Dv;   /* [B * H][2] */
     real *q = stats + 2 * B * H;  /* [B][A] the self-state query (sse_blocks > 0) */
-
-    NAME(token_mixes)(B, C, 6, x, mask, shift, mix, xin, xm);
     const real *x_r = xm, *x_w = xm + BC, *x_k = xm + 2 * BC, *x_v = xm + 3 * BC, *x_a = xm + 4 * BC;
     const real *x_g = xm + 5 * BC;
-    NAME(linear)(B, A, C, W_r, x_r, r);
-    NAME(linear)(B, A, C, W_k, x_k, k);
-    NAME(linear)(B, A, C, W_v, x_v, v);
-    NAME(lora)(B, C, Dw, A, x_w, w1, w2, 1, h, w);
-    NAME(lora)(B, C, Da, A, x_a, a1, a2, 0, h, al);
-    NAME(lora)(B, C, Dg, A, x_g, g1, g2, 2, h, g);
-    if (value_residual)
-        NAME(lora)(B, C, Dv, A, x_v, v1, v2, 0, h, aa);
-    if (sse_blocks > 0) /* Meta-State: head h also reads S q_h, q_h = the unit block h mod sse_blocks of x_k */
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t hh = 0; hh < H; ++hh) {
+    const int nthreads = threads > 1 ? (int)threads : 1;
+    (void)nthreads;
+
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        int64_t lo, hi;
+        NAME(share)(C, 16, t, T, &lo, &hi);
+        NAME(token_mixes)(B, C, 6, x, mask, shift, mix, xin, xm, lo, hi);
+#pragma omp barrier
+        NAME(share)(A, 16, t, T, &lo, &hi);
+        NAME(linear_rows)(B, A, C, W_r, x_r, r, lo, hi);
+        NAME(linear_rows)(B, A, C, W_k, x_k, k, lo, hi);
+        NAME(linear_rows)(B, A, C, W_v, x_v, v, lo, hi);
+        NAME(share)(Dw, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Dw, x_w, w1, h_w, lo, hi, 1);
+        NAME(share)(Da, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Da, x_a, a1, h_a, lo, hi, 0);
+        NAME(share)(Dg, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Dg, x_g, g1, h_g, lo, hi, 2);
+        if (value_residual) {
+            NAME(share)(Dv, 16, t, T, &lo, &hi);
+            NAME(matmul_cols)(B, C, Dv, x_v, v1, h_v, lo, hi, 0);
+        }
+#pragma omp barrier
+        NAME(share)(A, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, Dw, A, h_w, w2, w, lo, hi, 0);
+        NAME(matmul_cols)(B, Da, A, h_a, a2, al, lo, hi, 0);
+        NAME(matmul_cols)(B, Dg, A, h_g, g2, g, lo, hi, 0);
+        if (value_residual)
+            NAME(matmul_cols)(B, Dv, A, h_v, v2, aa, lo, hi, 0);
+        NAME(share)(B * H, 1, t, T, &lo, &hi);
+        if (sse_blocks > 0) /* Meta-State: head h also reads S q_h, q_h = the unit block h mod sse_blocks of x_k */
+            for (int64_t bh = lo; bh < hi; ++bh) {
+                const int64_t b = bh / H, hh = bh % H;
                 const real *blk = x_k + b * C + (hh % sse_blocks) * N;
-                real *qh = q + b * A + hh * N;
+                real *qh = q + bh * N;
                 real nrm = (real)sqrt((double)NAME(dot)(blk, blk, N));
                 if (nrm < (real)1e-12)
                     nrm = (real)1e-12;
                 for (int64_t j = 0; j < N; ++j)
                     qh[j] = blk[j] / nrm;
             }
-    NAME(state_heads_one_token)(B, H, N, value_residual, eps, mask, r, k, v, w, al, aa, bb, y, stats, v_first,
-                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, yo,
-                                sse_blocks > 0 ? q : 0, sse_blocks > 0 ? readout_out : 0);
-    for (int64_t i = 0; i < BA; ++i)
-        yo[i] *= g[i];
-    NAME(linear)(B, C, A, W_o, yo, out);
-    memcpy(shift_out, xin, (size_t)BC * sizeof(real));
+#pragma omp barrier
+        NAME(state_heads_one_token)(lo, hi, H, N, value_residual, eps, mask, r, k, v, w, al, aa, bb, y, stats,
+                                    v_first, v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out,
+                                    yo, sse_blocks > 0 ? q : 0, sse_blocks > 0 ? readout_out : 0);
+        for (int64_t i = lo * N; i < hi * N; ++i)
+            yo[i] *= g[i];
+#pragma omp barrier
+        NAME(share)(C, 16, t, T, &lo, &hi);
+        NAME(linear_rows)(B, C, A, W_o, yo, out, lo, hi);
+        NAME(share)(BC, 16, t, T, &lo, &hi);
+        if (hi > lo)
+            memcpy(shift_out + lo, xin + lo, (size_t)(hi - lo) * sizeof(real));
+    }
 }
 
 /* The state side of a WuNeng hybrid mixer for one token (SPEC section 3; HybridMixer decoding): from the
@@ -276,7 +345,7 @@ void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
     real *h = y + BA;             /* LoRA hidden, [B][max(D)] */
     real *stats = h + B * (Dw + Da + Dv + Dr + Dg + Dm); /* [B * H][2] */
 
-    NAME(token_mixes)(B, C, value_residual ? 3 : 2, u, mask, shift, mix, xin, xm);
+    NAME(token_mixes)(B, C, value_residual ? 3 : 2, u, mask, shift, mix, xin, xm, 0, C);
     NAME(lora)(B, C, Dr, A, u, R1, R2, 0, h, r);
     for (int64_t i = 0; i < BA; ++i)
         r[i] += q[i];
@@ -301,7 +370,7 @@ void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
         for (int64_t i = 0; i < B * Wm; ++i)
             middle_out[i] = NAME(sigmoid)(middle_out[i]);
     }
-    NAME(state_heads_one_token)(B, H, N, value_residual, eps, mask, r, ks, vs, w, al, aa, bb, y, stats, v_first,
-                                v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out, 0, 0);
+    NAME(state_heads_one_token)(0, B * H, H, N, value_residual, eps, mask, r, ks, vs, w, al, aa, bb, y, stats,
+                                v_first, v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out, 0, 0);
     memcpy(shift_out, xin, (size_t)BC * sizeof(real));
 }

@@ -1,0 +1,266 @@
+"""One RWKV-7 decoding step (one token per row, a state cache), timed per piece against the machine's streaming rate.
+
+For each size (random weights; head size 64):
+
+    20m     L5-D384, vocabulary 8192 (the 20 M benchmark's shapes, benchmarks/hybrid.py)
+    0.1b    L12-D768, vocabulary 65536
+    0.4b    L24-D1024, vocabulary 65536
+
+a ``RWKV7ForCausalLM`` decodes ``--steps`` steps after an 8-token prompt with ``logits_to_keep=1`` (as
+``generate()`` does), and the median step is split into its pieces by timers wrapped around the modules:
+
+    time-mix     the L ``TimeMix`` calls (LayerNorm excluded)
+    channel-mix  the L ``ChannelMix`` calls
+    head         the output projection (vocabulary x width)
+    rest         everything else: embedding, LayerNorms, residual adds, the cache, Python
+
+Each piece is also shown as the time its weights take to stream at the rate torch.mv reads a float32 matrix of the
+head's size in the same run (``limit``: bytes / rate; ``of limit`` = limit / measured, 1.0 = at the streaming rate).
+The whole step's limit counts every weight read once per step (the embedding: one row).
+
+Decoding paths (``--paths``), taking turns inside every repeat so that load from other processes hits each alike:
+
+    auto     the model as shipped: fused one-token kernel where ``one_token_kernel_preferred`` picks it
+    fused    the fused kernel forced at every batch (the preference rule lifted)
+    tensor   the tensor ops (``wkv_impl="chunked"``: the kernel never runs)
+
+The machine may be shared: absolute times move with its load, ratios inside one run are what to compare.
+
+    python benchmarks/decode_step.py --sizes 0.1b --threads 2
+    python benchmarks/decode_step.py --sizes 0.1b 0.4b --dtype bf16 --paths auto
+    python benchmarks/decode_step.py --grid --sizes 20m 0.1b 0.4b --threads 1 2 --batch 1 2 4 8 16 32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from wuneng.fused import one_token
+from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+
+SIZES = {
+    "20m": dict(num_hidden_layers=5, hidden_size=384, vocab_size=8192),
+    "0.1b": dict(num_hidden_layers=12, hidden_size=768, vocab_size=65536),
+    "0.4b": dict(num_hidden_layers=24, hidden_size=1024, vocab_size=65536),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PIECES = ("time-mix", "channel-mix", "head")
+
+
+def build(size: str, dtype: torch.dtype, seed: int = 0) -> RWKV7ForCausalLM:
+    """A random model of ``size`` (its own init, perturbed so that no weight is zero), in ``dtype``, eval mode."""
+    torch.manual_seed(seed)
+    model = RWKV7ForCausalLM(RWKV7Config(head_size=64, **SIZES[size]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def weight_bytes(model: RWKV7ForCausalLM) -> dict:
+    """Bytes read per decoding step and row-independent: per piece and in all (the embedding: one row)."""
+
+    def size(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    blocks = model.model.blocks
+    emb = model.model.emb.weight
+    out = {
+        "time-mix": sum(size(b.att) for b in blocks),
+        "channel-mix": sum(size(b.ffn) for b in blocks),
+        "head": size(model.head),
+    }
+    out["step"] = size(model) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    return out
+
+
+def stream_rate(rows: int, cols: int) -> float:
+    """Bytes/s of torch.mv over a float32 [rows, cols] matrix (best of 5)."""
+    m, x = torch.randn(rows, cols), torch.randn(cols)
+    torch.mv(m, x)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mv(m, x)
+        best = min(best, time.perf_counter() - t0)
+    return m.numel() * 4 / best
+
+
+class PieceTimers:
+    """Wall time of each piece per step: perf_counter around the forward of every TimeMix, ChannelMix and the
+    head (each wrapper costs well under a microsecond)."""
+
+    def __init__(self, model: RWKV7ForCausalLM):
+        self.model, self.acc, self.saved = model, dict.fromkeys(PIECES, 0.0), []
+
+    def _wrap(self, module, piece: str) -> None:
+        forward = module.forward
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.acc[piece] += time.perf_counter() - t0
+
+        self.saved.append(module)
+        module.forward = timed
+
+    def __enter__(self):
+        for block in self.model.model.blocks:
+            self._wrap(block.att, "time-mix")
+            self._wrap(block.ffn, "channel-mix")
+        self._wrap(self.model.head, "head")
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.saved:
+            del module.forward  # the instance attribute goes, the class's forward is back
+        self.saved.clear()
+
+    def take(self) -> dict:
+        out, self.acc = self.acc, dict.fromkeys(PIECES, 0.0)
+        return out
+
+
+@contextlib.contextmanager
+def decoding_path(model: RWKV7ForCausalLM, path: str):
+    """``auto`` (as shipped), ``fused`` (the preference rule lifted) or ``tensor`` (no kernel)."""
+    limit, max_batch = one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH
+    impls = [b.att.wkv_impl for b in model.model.blocks]
+    try:
+        if path == "fused":
+            one_token.FUSED_WORK_LIMIT = one_token.FUSED_MAX_BATCH = 1 << 62
+        elif path == "tensor":
+            for b in model.model.blocks:
+                b.att.wkv_impl = "chunked"
+        yield
+    finally:
+        one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH = limit, max_batch
+        for b, impl in zip(model.model.blocks, impls):
+            b.att.wkv_impl = impl
+
+
+def start(model: RWKV7ForCausalLM, batch: int, seed: int = 1):
+    """A cache after an 8-token prompt, and the next token [batch, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 8), generator=g)
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def time_steps(model, cache, token, steps: int, timers: PieceTimers = None) -> list:
+    """``steps`` decoding steps (after 2 unrecorded ones); each a dict of piece times and ``step``."""
+    rows = []
+    with torch.no_grad():
+        for i in range(steps + 2):
+            if timers is not None:
+                timers.take()
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            total = time.perf_counter() - t0
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            if i >= 2:
+                row = timers.take() if timers is not None else {}
+                row["step"] = total
+                rows.append(row)
+    return rows
+
+
+def profile(args) -> None:
+    print(
+        f"torch {torch.__version__}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
+        f"dtype {args.dtype}; median of {args.steps} steps x {args.repeats} repeats"
+    )
+    header = f"{'size':>5} {'thr':>3} {'B':>3} {'path':>6} {'piece':>12} {'ms':>8} {'limit ms':>9} {'of limit':>9}"
+    for size in args.sizes:
+        model = build(size, DTYPES[args.dtype])
+        nbytes = weight_bytes(model)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            head = model.head.weight
+            rate = stream_rate(head.numel() * head.element_size() // 4 // head.shape[1], head.shape[1])
+            print(
+                f"\n{size}: {nbytes['step'] / 1e6:.0f} MB of weights per step; torch.mv streams {rate / 1e9:.1f} GB/s"
+            )
+            print(header)
+            for batch in args.batch:
+                samples = {p: [] for p in args.paths}
+                cache = {}
+                for path in args.paths:
+                    with decoding_path(model, path):
+                        cache[path] = start(model, batch)
+                for _ in range(args.repeats):  # the paths take turns
+                    for path in args.paths:
+                        with decoding_path(model, path), PieceTimers(model) as timers:
+                            samples[path] += time_steps(model, *cache[path], args.steps, timers)
+                for path in args.paths:
+                    rows = samples[path]
+                    med = {k: statistics.median(r[k] for r in rows) for k in (*PIECES, "step")}
+                    med["rest"] = statistics.median(r["step"] - sum(r[p] for p in PIECES) for r in rows)
+                    for piece in (*PIECES, "rest", "step"):
+                        limit = nbytes.get(piece, 0) / rate
+                        frac = f"{limit / med[piece]:>9.2f}" if limit else f"{'':>9}"
+                        print(
+                            f"{size:>5} {threads:>3} {batch:>3} {path:>6} {piece:>12} {med[piece] * 1e3:>8.2f} "
+                            f"{limit * 1e3:>9.2f} {frac}"
+                        )
+                if "fused" in args.paths and "tensor" in args.paths:
+                    f = statistics.median(r["step"] for r in samples["fused"])
+                    t = statistics.median(r["step"] for r in samples["tensor"])
+                    print(f"{'':>23} fused / tensor step: {f / t:.2f}")
+        del model
+
+
+def grid(args) -> None:
+    """Whole-step fused vs tensor at every size x threads x batch (the table behind the preference rule)."""
+    print(
+        f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; dtype {args.dtype}; "
+        f"median of {args.steps} steps x {args.repeats} repeats; rule: FUSED_MAX_BATCH {one_token.FUSED_MAX_BATCH}, "
+        f"FUSED_WORK_LIMIT {one_token.FUSED_WORK_LIMIT / 2**20:.0f}M"
+    )
+    print(f"{'size':>5} {'thr':>3} {'B':>3} {'fused ms':>9} {'tensor ms':>10} {'f/t':>6} {'rule picks':>10}")
+    for size in args.sizes:
+        model = build(size, DTYPES[args.dtype])
+        weights = model.model.blocks[1].att.one_token_weights()
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for batch in args.batch:
+                caches = {}
+                for path in ("fused", "tensor"):
+                    with decoding_path(model, path):
+                        caches[path] = start(model, batch)
+                times = {"fused": [], "tensor": []}
+                for _ in range(args.repeats):
+                    for path in ("fused", "tensor"):
+                        with decoding_path(model, path):
+                            times[path] += [r["step"] for r in time_steps(model, *caches[path], args.steps)]
+                f, t = statistics.median(times["fused"]), statistics.median(times["tensor"])
+                pick = "fused" if one_token.one_token_kernel_preferred(weights, batch) else "tensor"
+                print(f"{size:>5} {threads:>3} {batch:>3} {f * 1e3:>9.2f} {t * 1e3:>10.2f} {f / t:>6.2f} {pick:>10}")
+        del model
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["0.1b"], choices=sorted(SIZES))
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--paths", nargs="+", default=["fused", "tensor"], choices=["auto", "fused", "tensor"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat and path")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds in which the paths take turns")
+    parser.add_argument("--grid", action="store_true", help="whole-step fused vs tensor table (the preference rule)")
+    args = parser.parse_args(argv)
+    (grid if args.grid else profile)(args)
+
+
+if __name__ == "__main__":
+    main()
