@@ -271,6 +271,43 @@ def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     assert len(fused_calls) == (2 if cpu_kernel_available() else 0)  # and the two decode steps took the fused kernel
 
 
+@pytest.mark.parametrize("value_residual", [False, True])
+@pytest.mark.parametrize("kw", CONFIGS, ids=_config_id)
+def test_prefill_low_rank_maps_as_plain_matmuls_equal_the_bank_and_the_autograd_path(kw, value_residual, monkeypatch):
+    """From WIDE_LOW_RANK_MIN_TOKENS tokens on the no-grad low-rank maps run as plain matmuls on the flattened
+    tokens (HybridMixer._low_rank_outputs_wide: the token-shift mixes by linearity, the biases as rows of the second
+    factors): every map's output equals low_rank_bank's (float64, rel. error < 1e-12 per map), with and without
+    left padding (where x differs from u), and the whole mixer's prefill equals the autograd path."""
+    m = make_mixer(value_residual=value_residual, layer_idx=0, num_layers=2, **kw)
+    torch.manual_seed(3)
+    B, T = 2, 40  # 80 tokens >= WIDE_LOW_RANK_MIN_TOKENS
+    assert B * T >= hybrid_mod.WIDE_LOW_RANK_MIN_TOKENS
+    u = torch.randn(B, T, C, dtype=torch.float64)
+    v_first = torch.randn(B, T, H * D, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :7] = 0
+    for token_mask in (None, mask):
+        with torch.no_grad():
+            x, xx = m.shifted(u, token_mask, None)
+            with derived_weights_session() as store:
+                wide = m.low_rank_outputs(u, x, xx)
+            assert store.holds(m, "wide_low_rank") and not store.holds(m, "low_rank_bank")
+            monkeypatch.setattr(hybrid_mod, "WIDE_LOW_RANK_MIN_TOKENS", 10**9)
+            bank = m.low_rank_outputs(u, x, xx)
+            monkeypatch.undo()
+        assert wide.keys() == bank.keys()
+        for name in bank:
+            assert wide[name].shape == bank[name].shape, name
+            assert (wide[name] - bank[name]).abs().max() <= 1e-12 * bank[name].abs().max(), name
+    outs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out, _ = call(m, u, mask, None, v_first)
+        outs.append(out.detach())
+    real = mask.bool()
+    assert (outs[1][real] - outs[0][real]).abs().max() <= 1e-12 * outs[0][real].abs().max()
+
+
 def _count_calls(monkeypatch, module, name: str) -> list:
     """Wrap ``module.name`` so that each call appends its keyword arguments to the returned list."""
     calls, real = [], getattr(module, name)

@@ -126,6 +126,42 @@ def _token_mask(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torc
     return attention_mask[:, -T:]
 
 
+#: from this many tokens (B x T) on, the no-grad low-rank maps of a hybrid mixer run as plain matmuls on the
+#: flattened tokens (:meth:`HybridMixer._low_rank_outputs_wide`) instead of :func:`low_rank_bank`'s batched ones,
+#: whose [maps, tokens, C] input block (an addcmul pass) and broadcast bias (a copy into the output) cost more
+#: than the arithmetic at prefill sizes (profiled at Qwen2.5-0.5B shapes, T 1024, benchmarks/hybrid_real.py)
+WIDE_LOW_RANK_MIN_TOKENS = 64
+_MID_ACTIVATIONS = {"tanh": torch.Tensor.tanh_, "sigmoid": torch.Tensor.sigmoid_}
+
+
+def _wide_low_rank_weights(maps: list, mixes: list):
+    """The weights of :meth:`HybridMixer._low_rank_outputs_wide`: (first [C, width]: every map's A_i side by side,
+    each followed by a zero column (to hold ones) when the map has a bias; first_shift [C, state_width]: mu_i A_i
+    for the first ``len(mixes)`` maps (the token-shift-fed ones), zero at the ones columns; the indices of the
+    ones columns (or None); per map (start, stop, second [stop - start, n_i]: B_i with the bias as its last row);
+    state_width)."""
+    blocks, shift_blocks, ones, spans, col = [], [], [], [], 0
+    state_width = 0
+    for i, m in enumerate(maps):
+        C, r = m.first.shape
+        width = r + (m.bias is not None)
+        block = m.first.new_zeros(C, width)
+        block[:, :r] = m.first
+        blocks.append(block)
+        second = m.second if m.bias is None else torch.cat([m.second, m.bias.view(1, -1)])
+        spans.append((col, col + width, second.contiguous()))
+        if m.bias is not None:
+            ones.append(col + r)
+        if i < len(mixes):
+            shift_blocks.append(block * mixes[i].view(-1, 1))
+            state_width = col + width
+        col += width
+    first = torch.cat(blocks, dim=1)
+    first_shift = torch.cat(shift_blocks, dim=1) if shift_blocks else first.new_zeros(first.shape[0], 0)
+    ones_index = torch.tensor(ones, device=first.device) if ones else None
+    return first, first_shift, ones_index, spans, state_width
+
+
 class HybridContext:
     """What one forward of a WuNeng model gives its mixers beside the teacher's arguments (``wuneng_context``).
 
@@ -484,9 +520,44 @@ class HybridMixer(nn.Module):
             mixes,
             lambda: torch.cat([torch.stack(mixes), mixes[0].new_zeros(n_u, mixes[0].shape[0])]),
         )
+        if u.shape[:-1].numel() >= WIDE_LOW_RANK_MIN_TOKENS:
+            return self._low_rank_outputs_wide(maps, mixes, u, x, xx)
         base = x if x is u else torch.cat([x.expand(n_state, *x.shape), u.expand(n_u, *u.shape)])
         inputs = torch.addcmul(base, xx, mu.view(len(maps), *([1] * (x.dim() - 1)), -1))
         return low_rank_bank(self, "low_rank_bank", maps, inputs)
+
+    def _low_rank_outputs_wide(self, maps: list, mixes: list, u, x, xx) -> Dict[str, torch.Tensor]:
+        """:meth:`low_rank_outputs` for many tokens (prefill): the same maps as plain matmuls on the flattened
+        tokens, with no [maps, tokens, C] input block. Map i's input x + xx * mu_i enters by linearity,
+        ``(x + xx mu_i) A_i = x A_i + xx (mu_i A_i)``, so the first factors of all maps are one matmul of x (u for
+        the u-fed maps) plus one of xx for the token-shift-fed maps; each map's bias rides in its second matmul as
+        a row of ``B_i`` against a column of ones in the hidden layer (no broadcast copy of the bias). Equal to
+        :func:`low_rank_bank` up to float rounding (tests: float64). u, x, xx [B,T,C] -> {name: [B,T,n_i]}."""
+        lead, C = u.shape[:-1], u.shape[-1]
+        layout = derived_weight(
+            self,
+            "wide_low_rank",
+            [t for m in maps for t in (m.first, m.second, m.bias) if t is not None] + list(mixes),
+            lambda: _wide_low_rank_weights(maps, mixes),
+        )
+        first, first_shift, ones_columns, spans, state_width = layout
+        x2, xx2 = x.reshape(-1, C), xx.reshape(-1, C)
+        h = x2 @ first  # [N, width]: every map's x A_i (the columns of ones still 0)
+        h[:, :state_width].addmm_(xx2, first_shift)  # + xx (mu_i A_i) for the token-shift-fed maps
+        if x is not u:  # padding (or document starts) made x differ from u: the u-fed maps read u itself
+            h[:, state_width:] = u.reshape(-1, C) @ first[:, state_width:]
+        if ones_columns is not None:
+            h.index_fill_(1, ones_columns, 1.0)
+        out = {}
+        for m, (start, stop, second) in zip(maps, spans):
+            hidden = h[:, start:stop]
+            if m.mid is not None:
+                _MID_ACTIVATIONS[m.mid](hidden[:, : m.first.shape[1]])
+            z = hidden @ second
+            if m.out_sigmoid:
+                z.sigmoid_()
+            out[m.name] = z.view(*lead, -1)
+        return out
 
     def fuse(
         self,
