@@ -235,3 +235,42 @@ def test_layer_bad_inputs():
     tm1 = TimeMix(C, H, N, 1, L)
     with pytest.raises(ValueError, match="v_first"):
         tm1(torch.randn(1, 3, C))
+
+
+# -- one row (batch-1 decoding): the matrix-vector product ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_one_row_linear_is_a_matrix_vector_product_equal_to_the_module(dtype, tol, monkeypatch):
+    """At one row without autograd linear_one_row takes torch.mv, with the module's result (relative error <= tol
+    against the float64 product: the dtype's rounding); several rows, autograd, a bias or a hook call the module."""
+    from wuneng.layers import rwkv7 as rwkv7_layers
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40, bias=False).to(dtype)
+    x = torch.randn(1, 1, 48).to(dtype)
+    want = F.linear(x.double(), lin.weight.double())
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(rwkv7_layers.torch, "mv", lambda *a: calls.append(1) or real_mv(*a))
+    with torch.no_grad():
+        got = rwkv7_layers.linear_one_row(lin, x)
+        assert got.shape == (1, 1, 40) and got.dtype == dtype and rel_err(got.double(), want) <= tol
+        assert len(calls) == 1
+        rwkv7_layers.linear_one_row(lin, torch.randn(2, 1, 48).to(dtype))  # two rows: the module
+        handle = lin.register_forward_hook(lambda *a: None)
+        rwkv7_layers.linear_one_row(lin, x)  # a hook: the module (so that the hook runs)
+        handle.remove()
+    out = rwkv7_layers.linear_one_row(lin, x)  # autograd: the module
+    assert out.requires_grad and len(calls) == 1
+
+
+def test_channel_mix_one_row_equals_its_batched_rows():
+    """A batch-1 channel-mix step (matrix-vector products) equals the same row inside a batch (matrix products)."""
+    torch.manual_seed(1)
+    cm = perturb_(ChannelMix(C, 4 * C, 1, L).double(), 0.3)
+    x, shift = torch.randn(3, 1, C, dtype=torch.float64), torch.randn(3, C, dtype=torch.float64)
+    with torch.no_grad():
+        batched, _ = cm(x, shift)
+        one, new_shift = cm(x[1:2], shift[1:2])
+    assert rel_err(one, batched[1:2]) <= 1e-12 and torch.equal(new_shift, x[1:2, 0])

@@ -88,6 +88,29 @@ def test_token_by_token_logits_match_rwkv_pip(model, pip_model):
     assert cache.get_seq_length() == len(tokens)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, REL_TOL)], ids=["float64", "float32"])
+def test_batch_one_decoding_equals_the_whole_sequence(threads, dtype, tol):
+    """Decoding one token at a time at batch 1 (the fused time-mix kernel on `threads` threads, the matrix-vector
+    products of the channel-mixes and the head) gives the logits of one forward over the whole sequence (the
+    chunked tensor path), relative error <= tol."""
+    m = random_model(4).to(dtype)
+    ids = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            whole = m(ids).logits
+            cache, steps = None, []
+            for t in range(ids.shape[1]):
+                out = m(ids[:, t : t + 1], past_key_values=cache, logits_to_keep=1)
+                cache = out.past_key_values
+                steps.append(out.logits[:, -1])
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(torch.stack(steps, 1).double(), whole.double()) <= tol
+
+
 def test_prefill_in_pieces_equals_whole(model):
     torch.manual_seed(3)
     ids = torch.randint(0, V, (2, 20))

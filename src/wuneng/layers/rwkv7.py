@@ -200,6 +200,29 @@ def token_mixes(x: torch.Tensor, xx: torch.Tensor, mixes: torch.Tensor, unbind: 
     return block.unbind(0) if unbind else block
 
 
+def linear_one_row(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for x [..., I], as a matrix-vector product (``torch.mv``) when x holds one row, the module is a
+    plain bias-free ``nn.Linear`` on the CPU, and neither autograd nor autocast is on (decoding at batch 1).
+
+    Why: at one row the BLAS's matrix-vector product streams the weight at the memory's rate, while ``F.linear``
+    (a matrix product with M = 1) reads it up to 2x slower on 2 threads and in bf16 (benchmarks/decode_step.py).
+    Same arithmetic otherwise: tests hold the two equal. Anything else (hooks, a replaced module, several rows)
+    calls the module."""
+    if (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and x.numel() == x.shape[-1]
+        and x.device.type == "cpu"
+        and x.dtype == linear.weight.dtype
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not linear._forward_hooks
+        and not linear._forward_pre_hooks
+    ):
+        return torch.mv(linear.weight, x.reshape(-1)).view(*x.shape[:-1], linear.out_features)
+    return linear(x)
+
+
 def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
     """Orthogonal init as RWKV-LM does it: gain * sqrt(rows / cols) when rows > cols. Zero gain zeroes.
     A weight on the meta device is left alone (no data; no random numbers drawn)."""
@@ -732,5 +755,5 @@ class ChannelMix(nn.Module):
         the shift brings zeros there). Returns (out [B,T,C], new shift [B,C])."""
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)
-        k = torch.relu(self.key(self.mixed_key(x, shift, doc_start))) ** 2
-        return self.value(k), x[:, -1]
+        k = torch.relu(linear_one_row(self.key, self.mixed_key(x, shift, doc_start))) ** 2
+        return linear_one_row(self.value, k), x[:, -1]
