@@ -499,6 +499,36 @@ def test_head_size_the_state_heads_cannot_use(head_dim):
         wrap_attention(Qwen2Attention(config, 0), 4 * head_dim, 0, 1)
 
 
+def test_stand_ins_are_made_once_and_hold_nothing_between_calls():
+    """The projections' stand-ins of a teacher-attention call are made at the first call and reused (not
+    submodules: the module tree and the parameters are the same before and after), and after a call, one that
+    raised included, they hold no tensor of it (the attention input and the projections would otherwise stay alive
+    until the next call) and the teacher's projections are back in place."""
+    m = make_mixer(layer_idx=0, num_layers=1, value_residual=False)
+    before = [n for n, _ in m.named_modules()]
+    q_proj = m.q_proj
+    torch.manual_seed(0)
+    u = torch.randn(1, 3, C, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = call(m, u)
+        stand_ins = m._stand_ins()
+        out, _ = call(m, u)
+    assert m._stand_ins() is stand_ins and torch.equal(out, ref)
+    assert [n for n, _ in m.named_modules()] == before and m.q_proj is q_proj
+    assert all(getattr(s, "armed", None) is None and getattr(s, "fn", None) is None for s in stand_ins.values())
+    copied = copy.deepcopy(m)  # a copy makes (or copies) its own, empty ones
+    with torch.no_grad():
+        assert torch.equal(call(copied, u)[0], ref)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        m.fuse = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # fails inside the teacher's call
+        try:
+            call(m, u)
+        finally:
+            del m.fuse
+    assert all(getattr(s, "armed", None) is None and getattr(s, "fn", None) is None for s in stand_ins.values())
+    assert m.q_proj is q_proj and m.o_proj is not stand_ins["o_proj"]
+
+
 def test_attention_the_wrapper_cannot_serve():
     """An attention without the projections, one wrapped twice, and one whose forward feeds its projections
     something other than its input: one clear error each."""

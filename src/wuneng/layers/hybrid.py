@@ -239,28 +239,32 @@ def attention_shapes(attn: nn.Module) -> Tuple[int, int, int, bool]:
 class _GivenOutput(nn.Module):
     """Stands in for a projection module during one teacher-attention call: returns a tensor computed before
     the call. The teacher's forward must call it on the attention input itself, else the stand-in would silently
-    serve something else."""
+    serve something else. One per projection and mixer, made once (:meth:`HybridMixer._stand_ins`); armed with
+    (input, output) for one call and disarmed after it, so that it holds no tensor between calls."""
 
-    def __init__(self, expected_input: torch.Tensor, output: torch.Tensor, what: str):
+    def __init__(self, what: str):
         super().__init__()
-        self.expected_input, self.output, self.what = expected_input, output, what
+        self.what = what
+        self.armed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x is not self.expected_input:
+        armed = self.armed
+        if armed is None or x is not armed[0]:
             raise RuntimeError(
                 f"WuNeng hybrid layer: the teacher's attention called {self.what} on something other than its "
                 "input; this attention class cannot be wrapped"
             )
-        return self.output
+        return armed[1]
 
 
 class _FusedOutput(nn.Module):
     """Stands in for ``o_proj`` during one teacher-attention call: [B, T, H_q d_h] attention output -> the
-    mixer's output (fusion with the state heads, the output projection, the middle heads)."""
+    mixer's output (fusion with the state heads, the output projection, the middle heads); ``fn`` is set for one
+    call."""
 
-    def __init__(self, fn):
+    def __init__(self):
         super().__init__()
-        self.fn = fn
+        self.fn = None
 
     def forward(self, attn_output: torch.Tensor) -> torch.Tensor:
         return self.fn(attn_output)
@@ -680,22 +684,46 @@ class HybridMixer(nn.Module):
             q, k, v = self.q_proj(u), self.k_proj(u), self.v_proj(u)
         return q.view(B, T, -1, d), k.view(B, T, -1, d), v.view(B, T, -1, d)
 
+    def _stand_ins(self) -> Dict[str, nn.Module]:
+        """The stand-ins of :meth:`_teacher_attention` by the projection they replace, made at the first call and
+        kept in a plain attribute (not submodules: no parameters, not in ``named_modules``)."""
+        stand_ins = self.__dict__.get("_wuneng_stand_ins")
+        if stand_ins is None:
+            names = ("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")
+            stand_ins = {name: _GivenOutput(name) for name in names}
+            stand_ins["o_proj"] = _FusedOutput()
+            self.__dict__["_wuneng_stand_ins"] = stand_ins
+        return stand_ins
+
     def _teacher_attention(self, u, q, k, v, output_fn, args, kwargs):
         """Run the teacher's own forward on u with its projections replaced, for this call only, by the given
         q, k, v [B,T,H,d] and by ``output_fn`` ([B,T,A] attention output -> [B,T,C]) for ``o_proj``."""
         B, T, _ = u.shape
         flat = [t.reshape(B, T, -1) for t in (q, k, v)]
+        stand_ins = self._stand_ins()
         if self.fused_qkv:
-            stand_ins = {"qkv_proj": _GivenOutput(u, torch.cat(flat, dim=-1), "qkv_proj")}
+            stand_ins["qkv_proj"].armed = (u, torch.cat(flat, dim=-1))
         else:
-            stand_ins = {name: _GivenOutput(u, t, name) for name, t in zip(("q_proj", "k_proj", "v_proj"), flat)}
-        stand_ins["o_proj"] = _FusedOutput(output_fn)
-        saved = {name: self._modules[name] for name in stand_ins}
-        self._modules.update(stand_ins)
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), flat):
+                stand_ins[name].armed = (u, t)
+        stand_ins["o_proj"].fn = output_fn
+        modules = self._modules
+        saved = {name: modules[name] for name in stand_ins}
+        if any(m is stand_ins[name] for name, m in saved.items()):
+            raise RuntimeError(
+                f"WuNeng hybrid layer {self.layer_idx}: the teacher's attention called this layer again while it "
+                "ran; a wrapped attention cannot run inside itself"
+            )
+        modules.update(stand_ins)
         try:
             out = super().forward(u, *args, **kwargs)
         finally:
-            self._modules.update(saved)
+            modules.update(saved)
+            for stand_in in stand_ins.values():
+                if isinstance(stand_in, _GivenOutput):
+                    stand_in.armed = None
+                else:
+                    stand_in.fn = None
         return out
 
     def _run(self, u, context, cache, publish=False):
