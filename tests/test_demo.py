@@ -90,6 +90,35 @@ def test_demo_fast_end_to_end(tmp_path):
     assert res["align"]["wuneng_output_first"] < 1e-4
     assert res["stages"]["wuneng"]["converted"]["ppl"] == pytest.approx(res["final"]["teacher"]["ppl"], rel=1e-4)
     assert res["align"]["wuneng_state_first"] > 1e-3 and res["align"]["arwkv_output_first"] > 1e-3
+    # the retention report of each student against the teacher: in report.md, in retention/<student>/, in results.json
+    for needle in (
+        "## Retention against the teacher",
+        "### Retention report: student wuneng vs teacher teacher",
+        "### Retention report: student arwkv vs teacher teacher",
+        "![wuneng: passkey accuracy per cell](retention/wuneng/passkey_grid.png)",
+    ):
+        assert needle in report
+    for kind in ("wuneng", "arwkv"):
+        for name in ("retention.md", "retention.json", "passkey_grid.png", "memory_speed.png"):
+            assert (out / "retention" / kind / name).is_file(), (kind, name)
+    c = res["config"]
+    head_dim = c["hidden_size"] // c["num_heads"]
+    lengths = [128, 256, 512]  # 1, 2 and 4 x the context
+    kv_per_position = c["num_layers"] * 2 * c["num_kv_heads"] * head_dim * 4  # keys and values, float32
+    for kind in ("wuneng", "arwkv"):
+        memory = res["retention"][kind]["memory"]
+        assert [m["length"] for m in memory["teacher"]] == lengths
+        assert [(m["state_bytes"], m["kv_bytes"]) for m in memory["teacher"]] == [
+            (0, kv_per_position * n) for n in lengths
+        ]
+        states = {m["state_bytes"] for m in memory["student"]}
+        assert len(states) == 1 and states.pop() > 0  # the recurrent state does not grow with the context
+        # ARWKV keeps no keys/values; WuNeng's attention keeps them in buffers of max(256, L) positions
+        expected_kv = [0] * 3 if kind == "arwkv" else [kv_per_position * max(256, n) for n in lengths]
+        assert [m["kv_bytes"] for m in memory["student"]] == expected_kv
+        assert f"{memory['teacher'][-1]['kv_bytes']:,}" in report
+    assert res["seconds"]["retention"] < 60
+
     # same token budget for both students in every stage
     for stage in ("align", "distill", "sft"):
         w, a = res["histories"][f"wuneng/{stage}"], res["histories"][f"arwkv/{stage}"]

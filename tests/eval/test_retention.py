@@ -316,6 +316,14 @@ def test_report_options_without_teacher_are_refused(tmp_path):
     assert result.exit_code == 2 and "--teacher" in result.output, result.output
 
 
+def test_options_of_the_plain_eval_are_refused_with_teacher(tmp_path):
+    student = save_checkpoint(random_model(), tmp_path / "student")
+    args = ["eval", str(student), "--teacher", str(student), "--out", str(tmp_path / "o"), "--json", "r.json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--json" in result.output and "--teacher" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_length_measurements_markdown_has_the_bytes():
     rows = [LengthMeasurement(64, 4608, 0, 1000.0, 200.0), LengthMeasurement(128, 4608, 0, 1100.0, 210.0)]
     te = [LengthMeasurement(64, 0, 16384, 900.0, 300.0), LengthMeasurement(128, 0, 32768, 950.0, 290.0)]

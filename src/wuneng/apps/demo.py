@@ -11,6 +11,9 @@
 4. Evaluate the teacher and every student after every stage on held-out problems (greedy exact match,
    ``#### N`` final-number match, per category, recall) and on held-out text (perplexity), then write
    ``report.md``, ``results.json`` and PNG plots (loss curves per stage, accuracy bars) and print the table.
+5. Retention report of each student against the teacher (:mod:`wuneng.eval.retention`, small settings): relative
+   scores, a passkey grid up to 4x the training context, cache bytes and tokens/s; written to
+   ``retention/<student>/`` and included in ``report.md``.
 
 Every stage runs through :func:`wuneng.train.loop.train` (the same machinery as ``wuneng train``) with the
 models, tokenizer and an answer-masked :class:`~wuneng.train.data.PackedDataset` passed in memory.
@@ -24,6 +27,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -120,6 +124,12 @@ class DemoConfig:
     # 1 thread is several times faster than oversubscribed OpenMP threads.
     threads: Optional[int] = None
     progress: bool = True
+    # the retention report of each student against the teacher (wuneng.eval.retention), with small settings:
+    # examples per registry task, keys per passkey cell; grid lengths 1, 2 and 4 x budget.context (half of it cannot
+    # hold a passkey prompt of bytes)
+    retention: bool = True
+    retention_limit: int = 16
+    retention_trials: int = 1
     # an earlier demo run in output_dir is replaced (only the entries the demo writes, DEMO_OUTPUTS: its output is
     # regenerated from the same command); False: refuse it, so that nothing is replaced by accident
     overwrite: bool = True
@@ -134,6 +144,10 @@ class DemoConfig:
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
             raise ValueError(f"DemoConfig.threads must be a positive int or None, got {self.threads!r}")
+        for name in ("retention_limit", "retention_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
         for name in ("teacher_lr", "align_lr", "distill_lr", "sft_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DemoConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -462,8 +476,9 @@ def _align_rows(results: dict) -> list[list[str]]:
     ]
 
 
-def write_report(results: dict, out_dir: Path) -> Path:
-    """``report.md`` with the tables, the plots and a few samples."""
+def write_report(results: dict, out_dir: Path, sections: Sequence[str] = ()) -> Path:
+    """``report.md`` with the tables, the plots, ``sections`` (Markdown, e.g. the retention reports) and a few
+    samples."""
     b = results["budget"]
     lines = [
         "# wuneng demo report",
@@ -527,6 +542,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "",
         "![accuracy](accuracy.png)",
         "",
+        *sections,
         "## Samples (after SFT; teacher after pretraining)",
         "",
     ]
@@ -570,6 +586,59 @@ def print_results(results: dict, console) -> None:
     console.print(align)
 
 
+# ------------------------------------------------------------------------------------------- retention
+def retention_settings(cfg: DemoConfig):
+    """The demo's small retention settings: every registry task at ``retention_limit`` examples, a passkey grid of
+    1, 2 and 4 x ``budget.context`` bytes x 5 depths with ``retention_trials`` keys per cell, 16 timed decode
+    steps."""
+    from wuneng.eval.retention import RetentionSettings
+
+    context = cfg.budget.context
+    return RetentionSettings(
+        train_length=context,
+        lengths=(context, 2 * context, 4 * context),
+        trials=cfg.retention_trials,
+        limit=cfg.retention_limit,
+        batch_size=64,
+        decode_tokens=16,
+    )
+
+
+def write_retention_reports(measured: dict, cfg: DemoConfig, out: Path, seconds: dict) -> dict:
+    """Each student's retention report against the teacher into ``out/retention/<student>/``; ``measured``:
+    ``{"teacher" or student: ModelMeasurements}``. Returns ``{student: (RetentionReport, Markdown section for
+    report.md)}`` (empty when nothing was measured)."""
+    if "teacher" not in measured:
+        return {}
+    from wuneng.eval.retention import build_report, report_markdown, write_retention_report
+
+    t0 = time.perf_counter()
+    out_sections: dict = {}
+    for kind in STUDENTS:
+        if kind not in measured:
+            continue
+        report = build_report(measured[kind], measured["teacher"], cfg.budget.context)
+        folder = out / "retention" / kind
+        write_retention_report(report, folder, meta={"demo": True})
+        figures = {
+            f"{kind}: passkey accuracy per cell": f"retention/{kind}/passkey_grid.png",
+            f"{kind}: cache bytes and tokens/s per length": f"retention/{kind}/memory_speed.png",
+        }
+        out_sections[kind] = (report, report_markdown(report, figures, level=3))
+    seconds["retention"] = seconds.get("retention", 0.0) + time.perf_counter() - t0
+    head = (
+        "## Retention against the teacher\n\n"
+        f"`wuneng.eval.retention` with small settings (registry tasks at {cfg.retention_limit} examples, "
+        f"{cfg.retention_trials} key(s) per passkey cell, bytes as tokens; training length {cfg.budget.context}): "
+        f"{seconds['retention']:.0f} s in all. Full reports in `retention/<student>/`; the same from saved folders: "
+        "`wuneng eval STUDENT --teacher TEACHER --out DIR`.\n"
+    )
+    first = next(iter(out_sections))
+    report, section = out_sections[first]
+    out_sections[first] = (report, head + "\n" + section)
+    return out_sections
+
+
 # ------------------------------------------------------------------------------------------------- run
 #: what a demo run writes into its output folder (stage runs, then the report and its companions)
 DEMO_OUTPUTS = (
@@ -581,6 +650,7 @@ DEMO_OUTPUTS = (
     "results.json.tmp",
     "losses.png",
     "accuracy.png",
+    "retention",
 )
 
 
@@ -654,6 +724,18 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     teacher.eval()
     final = {"teacher": evaluate(teacher)}
     log_evaluation("teacher", final["teacher"], seconds["teacher"])
+    measured: dict[str, Any] = {}
+
+    def measure_retention(name: str, model) -> None:
+        if not cfg.retention:
+            return
+        from wuneng.eval.retention import measure_model
+
+        t0 = time.perf_counter()
+        measured[name] = measure_model(model, tokenizer, retention_settings(cfg), name=name)
+        seconds["retention"] = seconds.get("retention", 0.0) + time.perf_counter() - t0
+
+    measure_retention("teacher", teacher)
 
     # -- students: same data per stage for both
     stage_data = {
@@ -684,7 +766,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
             per_stage[kind][stage] = evaluate(student)
             log_evaluation(f"{kind} after {stage}", per_stage[kind][stage], seconds[f"{kind}/{stage}"])
         final[kind] = per_stage[kind]["sft"]
+        measure_retention(kind, student)
         del student
+    retention_sections = write_retention_reports(measured, cfg, out, seconds)
+    from wuneng.eval.retention import report_json, report_tables
 
     seconds["total"] = time.perf_counter() - t_start
     wa, aa = histories["wuneng/align"], histories["arwkv/align"]
@@ -709,6 +794,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         },
         "seconds": seconds,
         "histories": histories,
+        "retention": {kind: report_json(report) for kind, (report, _) in retention_sections.items()},
     }
     _plot_losses(histories, out / "losses.png")
     _plot_accuracy(final, per_stage, categories, out / "accuracy.png")
@@ -716,8 +802,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
     os.replace(tmp, out / "results.json")
-    report = write_report(results, out)
+    report = write_report(results, out, [section for _, section in retention_sections.values()])
     if console is not None:
         print_results(results, console)
+        for retention_report, _ in retention_sections.values():
+            for table in report_tables(retention_report):
+                console.print(table)
     logger.info(f"wrote {report}, {out / 'losses.png'}, {out / 'accuracy.png'} ({results['seconds']['total']:.0f} s)")
     return results
