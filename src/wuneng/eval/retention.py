@@ -326,7 +326,10 @@ def measure_lengths(model: Any, lengths: Sequence[int], decode_tokens: int = 32,
             ids = torch.randint(0, vocab, (1, int(length)), generator=generator).to(device)
             _sync(device)
             t0 = time.perf_counter()
-            result = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            try:  # the logits of the last position only (a [1, L, V] float32 tensor is not what is measured)
+                result = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            except TypeError:  # a model whose forward has no logits_to_keep
+                result = model(input_ids=ids, use_cache=True)
             _sync(device)
             prefill = time.perf_counter() - t0
             cache = result.past_key_values
