@@ -4,6 +4,7 @@ positive controls and their "not interpretable" marking, the length-generalisati
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,3 +148,17 @@ def test_default_sweep_holds_both_controls_every_variant_and_three_seeds():
     for v in ("wuneng-gate-lambda0", "metastate", "arwkv", "arwkv-attn"):
         assert v in cfg.variants
     assert np.all([c.at_least is None or c.at_least >= 0.95 for c in cfg.controls])
+
+
+@pytest.mark.slow
+def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tmp_path):
+    """jobs=2 (spawned workers, 1 thread each) gives the rows that jobs=1 gives, each run once, in one file."""
+    one = run_bench(_tiny(tmp_path / "one", (0, 1)))
+    two = run_bench(replace(_tiny(tmp_path / "two", (0, 1)), jobs=2))
+    by_key = {r["key"]: r for r in two}
+    assert sorted(by_key) == sorted(r["key"] for r in one) and len(two) == 2
+    for r in one:
+        assert by_key[r["key"]]["final_loss"] == pytest.approx(r["final_loss"], rel=1e-6)
+        assert by_key[r["key"]]["accuracy"] == r["accuracy"]
+    with pytest.raises(ValueError, match="jobs"):
+        replace(_tiny(tmp_path, (0,)), jobs=0)

@@ -310,6 +310,9 @@ def bench_arch_command(
     threads: int = typer.Option(
         None, help="torch threads (default: one per core; use 1 on a machine shared with other jobs)."
     ),
+    jobs: int = typer.Option(
+        1, "--jobs", help="Runs trained at once, each in its own CPU process with --threads (default 1) threads."
+    ),
     only: str = typer.Option(
         None,
         "--only",
@@ -343,6 +346,7 @@ def bench_arch_command(
             ("max_seconds", max_seconds),
             ("device", resolve_device(device)),
             ("threads", threads),
+            ("jobs", jobs),
         ):
             if value is not None:
                 kw[name] = value
