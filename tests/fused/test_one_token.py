@@ -397,3 +397,67 @@ def test_layer_decoding_follows_a_weight_changed_within_a_session():
         tensor_inplace = tm(x, v_first)[0]
     assert rel_err(fused_inplace, tensor_inplace) <= 1e-12
     assert rel_err(fused_replaced, tensor_replaced) <= 1e-12
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_weight_kernel_matches_the_float64_reference(threads):
+    """bfloat16 weight matrices, widened to float32 as the kernel reads them (activations and state float32): against
+    the float64 reference of the same rounded weights and inputs, the state within 1e-5 (float32 arithmetic) and
+    out within 1e-2 (out is rounded to bfloat16 at the end, as the layer's tensor path returns it)."""
+    from wuneng.fused.one_token import time_mix_one_token_planned, time_mix_plan
+
+    C, H, N, B = 200, 3, 64, 2
+    wt64 = make_weights(C, H, N, True, seed=13, ranks=(32, 32, 16, 48))
+    wt64 = TimeMixWeights(*(t.to(torch.bfloat16).double() if isinstance(t, torch.Tensor) else t for t in wt64))
+    x, shift, S, v_first = make_inputs(B, C, H, N, seed=14)
+    x, shift, v_first = (t.to(torch.bfloat16).double() for t in (x, shift, v_first))
+    ref = time_mix_one_token_reference(x, shift, S, v_first, wt64)
+    wt = TimeMixWeights(*(t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t for t in wt64))
+    plan = time_mix_plan(wt)
+    assert plan is not None and plan.suffix == "bf16" and plan.compute_dtype == torch.float32
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, new_shift, new_S, vf = time_mix_one_token_planned(
+            x.to(torch.bfloat16), shift.to(torch.bfloat16), S.float(), v_first.to(torch.bfloat16), plan
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert out.dtype == new_shift.dtype == torch.bfloat16 and new_S.dtype == torch.float32
+    assert rel_err(new_S.double(), ref[2]) <= 1e-5
+    assert rel_err(out.double(), ref[0]) <= 1e-2
+    assert torch.equal(new_shift.double(), ref[1])
+
+
+@needs_kernel
+def test_bfloat16_time_mix_layer_decodes_through_the_kernel(monkeypatch):
+    """A bfloat16 TimeMix decoding step takes the bfloat16 kernel and lands nearer the float64 layer than the
+    bfloat16 tensor path does (which rounds every intermediate to bfloat16), both within 3e-2."""
+    import wuneng.layers.rwkv7 as rwkv7_layers
+    from wuneng.layers.low_rank import derived_weights_session
+
+    torch.manual_seed(5)
+    tm64 = perturb_(TimeMix(128, 2, 64, 1, 3).double(), 0.2)
+    with torch.no_grad():
+        for p in tm64.parameters():
+            p.copy_(p.to(torch.bfloat16).double())
+    tm = TimeMix(128, 2, 64, 1, 3)
+    tm.load_state_dict(tm64.state_dict())
+    tm = tm.to(torch.bfloat16)
+    x, v_first = torch.randn(1, 1, 128).to(torch.bfloat16), torch.randn(1, 1, 128).to(torch.bfloat16)
+    state = (torch.randn(1, 128).to(torch.bfloat16), 0.3 * torch.randn(1, 2, 64, 64))
+    calls = []
+    real = rwkv7_layers.time_mix_one_token_planned
+    monkeypatch.setattr(rwkv7_layers, "time_mix_one_token_planned", lambda *a: calls.append(a[4].suffix) or real(*a))
+    tm64.wkv_impl = "chunked"  # the float64 tensor path
+    with torch.no_grad(), derived_weights_session():
+        want = tm64(x.double(), v_first.double(), (state[0].double(), state[1].double()))
+        fused = tm(x, v_first, state)
+        tm.wkv_impl = "chunked"
+        tensor = tm(x, v_first, state)
+    assert calls == ["bf16"]
+    assert fused[0].dtype == torch.bfloat16 and fused[2][1].dtype == torch.float32
+    err_fused, err_tensor = rel_err(fused[0].double(), want[0]), rel_err(tensor[0].double(), want[0])
+    assert err_fused <= err_tensor and err_tensor <= 3e-2, (err_fused, err_tensor)
+    assert rel_err(fused[2][1].double(), want[2][1]) <= 1e-5

@@ -73,10 +73,13 @@ def kernel_args(cls: type, values: dict) -> bytes:
     return cls.packer.pack(*row)
 
 
-def check_layouts(lib, suffixes) -> None:
-    """Raise RuntimeError unless every fused kernel of ``lib`` (for each dtype suffix) has the argument layout of
-    the structures above; sets the kernels' ctypes signatures (one argument: the bytes of :func:`kernel_args`)."""
+def check_layouts(lib, suffixes, kernels=None) -> None:
+    """Raise RuntimeError unless every fused kernel of ``lib`` (or those named in ``kernels``), for each dtype suffix,
+    has the argument layout of the structures above; sets the kernels' ctypes signatures (one argument: the bytes
+    of :func:`kernel_args`)."""
     for kernel, cls in FUSED_KERNELS.items():
+        if kernels is not None and kernel not in kernels:
+            continue
         for suffix in suffixes:
             layout_fn = getattr(lib, f"{kernel}_layout_{suffix}")
             layout_fn.restype, layout_fn.argtypes = ctypes.c_char_p, []

@@ -43,7 +43,10 @@ LIBRARY = CLibrary(
     abi=KERNEL_ABI,
     logger=logger,
     fallback="decoding steps take the slower PyTorch paths of the fused one-token kernels",
-    check=lambda lib: check_layouts(lib, DTYPE_SUFFIX.values()),
+    check=lambda lib: (
+        check_layouts(lib, DTYPE_SUFFIX.values()),
+        check_layouts(lib, ("bf16",), ("time_mix_one_token",)),  # bfloat16 weights: the time-mix only
+    ),
     # the time-mix kernel splits its work across torch's threads in one OpenMP region; the library then needs
     # libgomp.so.1, which the dynamic loader finds already loaded by torch (one runtime, one thread pool)
     optional_flags=("-fopenmp",) if _torch_uses_libgomp() else (),

@@ -330,8 +330,10 @@ class TimeMixPlan(NamedTuple):
     and data pointers read once. Valid while the weights keep their storage (a layer keeps its plan in a
     :func:`~wuneng.layers.low_rank.derived_weight`, rebuilt when a weight changes)."""
 
-    weights: TimeMixWeights
-    dtype: torch.dtype
+    weights: TimeMixWeights  # as the kernel reads them (bfloat16 kernel: the vectors as float32 copies)
+    dtype: torch.dtype  # of the weights and of the layer's input and output
+    compute_dtype: torch.dtype  # of the kernel's activations and state (float32 for bfloat16 weights)
+    suffix: str  # the kernel's name suffix: f32, f64, bf16
     C: int
     H: int
     N: int
@@ -340,13 +342,33 @@ class TimeMixPlan(NamedTuple):
     pointers: dict  # weight field name -> data pointer (0: NULL), in TimeMixWeights order
 
 
+#: the weight matrices of a time-mix: what the bfloat16 kernel reads as bfloat16 (the rest: float32 copies)
+_MATRICES = ("W_r", "W_k", "W_v", "W_o", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+
+
 def time_mix_plan(weights: TimeMixWeights) -> Optional[TimeMixPlan]:
     """The plan of ``weights`` for :func:`time_mix_one_token_planned`, or None where the kernel cannot serve them
-    (not float32/float64 CPU tensors of one dtype, not contiguous, no C library). Raises ValueError for weights of
+    (not CPU tensors, not contiguous, no C library; float32/float64 weights all of one dtype, or bfloat16 weight
+    matrices, whose vectors are then copied to float32 for the bfloat16 kernel). Raises ValueError for weights of
     inconsistent shapes."""
     wt = weights
     tensors = [t for t in wt[:-1] if t is not None]
-    if not one_token_kernel_fits(wt.mix, wt):
+    dtype, compute = wt.W_r.dtype, wt.W_r.dtype
+    if dtype == torch.bfloat16:
+        matrices = [getattr(wt, n) for n in _MATRICES if getattr(wt, n) is not None]
+        if any(t.dtype != dtype or not t.is_contiguous() for t in matrices) or _library() is None:
+            return None
+        if any(t.device.type != "cpu" or not t.is_floating_point() for t in tensors):
+            return None
+        compute = torch.float32
+        wt = wt._replace(
+            **{
+                n: t.to(compute).contiguous()
+                for n, t in wt._asdict().items()
+                if n not in _MATRICES and n != "eps" and t is not None
+            }
+        )
+    elif not one_token_kernel_fits(wt.mix, wt):
         return None
     H, N = wt.r_k.shape
     C = wt.mix.shape[1]
@@ -360,7 +382,8 @@ def time_mix_plan(weights: TimeMixWeights) -> Optional[TimeMixPlan]:
     _check_weights("time_mix_one_token", wt, C, expected, pairs + ([("v1", "v2", H * N)] if wt.value_residual else []))
     ranks = (wt.w1.shape[1], wt.a1.shape[1], wt.v1.shape[1] if wt.value_residual else 0, wt.g1.shape[1])
     pointers = {name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])}
-    return TimeMixPlan(wt, wt.mix.dtype, C, H, N, ranks, sum(t.numel() for t in tensors), pointers)
+    suffix = "bf16" if dtype == torch.bfloat16 else _SUFFIX[dtype]
+    return TimeMixPlan(wt, dtype, compute, suffix, C, H, N, ranks, sum(t.numel() for t in tensors), pointers)
 
 
 def time_mix_one_token_planned(
@@ -375,13 +398,15 @@ def time_mix_one_token_planned(
     """:func:`time_mix_one_token` through the C kernel with weights already prepared (:func:`time_mix_plan`), for
     callers that have checked the shapes (a layer's decoding step): x [B, C] of the plan's dtype on the CPU,
     shift [B, C], state [B, H, N, N] or None, v_first [B, A] with value residual, mask [B] or None; no autograd.
-    The kernel splits its work across ``torch.get_num_threads()`` threads. Returns as :func:`time_mix_one_token`."""
+    The kernel splits its work across ``torch.get_num_threads()`` threads. Returns as :func:`time_mix_one_token`;
+    with bfloat16 weights the kernel computes in float32 and returns out, shift and v_first in bfloat16, the state
+    in float32 (the dtypes of the layer's tensor path)."""
     wt = plan.weights
     B, C, H, N = x.shape[0], plan.C, plan.H, plan.N
     A = H * N
     dw, da, dv, dg = plan.ranks
-    dt = plan.dtype
-    x, shift = x.contiguous(), shift.to(dt).contiguous()
+    dt = plan.compute_dtype
+    x, shift = x.to(dt).contiguous(), shift.to(dt).contiguous()
     state = None if state is None else state.to(dt).contiguous()
     v_in = v_first.to(dt).contiguous() if wt.value_residual else None
     m = None if mask is None else mask.to(dt).contiguous()
@@ -390,7 +415,7 @@ def time_mix_one_token_planned(
     v_out = None if wt.value_residual else x.new_empty(B, A)
     readout = x.new_empty(B, H, N) if self_state_query else None
     work = x.new_empty(7 * B * C + 11 * B * A + B * (dw + da + dv + dg) + 2 * B * H)
-    fn = getattr(_library(), f"time_mix_one_token_{_SUFFIX[dt]}")
+    fn = getattr(_library(), f"time_mix_one_token_{plan.suffix}")
     # the struct's bytes in one pack: the fields in TimeMixArgs order, the weights' pointers from the plan (their
     # place in that order is checked at import, _TIME_MIX_CALL_FIELDS; kernel_args would check every name per call)
     args = TimeMixArgs.packer.pack(
@@ -401,6 +426,10 @@ def time_mix_one_token_planned(
         _ptr(work), _ptr(out), _ptr(shift_out), _ptr(state_out), _ptr(v_out), _ptr(readout),
     )  # fmt: skip
     fn(args)
+    if plan.dtype != dt:  # bfloat16 weights: the layer's tensors in its dtype, the state in float32
+        out, shift_out = out.to(plan.dtype), shift_out.to(plan.dtype)
+        v_out = None if v_out is None else v_out.to(plan.dtype)
+        readout = None if readout is None else readout.to(plan.dtype)
     result = (out, shift_out, state_out, v_first if wt.value_residual else v_out)
     return result + ((readout,) if self_state_query else ())
 

@@ -6,6 +6,7 @@
  * operators' folder, wuneng/ops/wkv7/csrc, given to the compiler with -I (the dependency points down). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "args.h"
@@ -36,18 +37,44 @@ int64_t wuneng_fused_openmp(void)
     return WUNENG_OPENMP;
 }
 
+/* real: the activations' type; wreal: how the weight matrices are stored; SNAME: the operators' functions of
+ * the activations' type */
+#define WUNENG_BF16_WEIGHTS 0
 #define real float
+#define wreal float
 #define NAME(x) x##_f32
+#define SNAME(x) x##_f32
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
 #include "one_token_impl.h"
 #undef real
+#undef wreal
 #undef NAME
+#undef SNAME
 
 #define real double
+#define wreal double
 #define NAME(x) x##_f64
+#define SNAME(x) x##_f64
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
 #include "one_token_impl.h"
 #undef real
+#undef wreal
 #undef NAME
+#undef SNAME
+#undef WGET
+#undef LINEAR_ROWS
+
+/* bfloat16 weight matrices, float32 activations and state (the time-mix kernel only) */
+#undef WUNENG_BF16_WEIGHTS
+#define WUNENG_BF16_WEIGHTS 1
+#define real float
+#define wreal uint16_t
+#define NAME(x) x##_bf16
+#define SNAME(x) x##_f32
+#include "one_token_impl.h"
+#undef real
+#undef wreal
+#undef NAME
+#undef SNAME

@@ -50,6 +50,36 @@ static inline NAME(vec) NAME(vload)(const real *p)
     return v;
 }
 
+/* The weight matrices are stored as `wreal`: `real` itself, or (WUNENG_BF16_WEIGHTS, real = float) bfloat16 bits
+ * (uint16_t), widened to float as they are read: a decoding step then streams half the bytes. WGET reads one. */
+#if WUNENG_BF16_WEIGHTS
+static inline float NAME(bf16)(uint16_t h)
+{
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define WGET(p, i) NAME(bf16)((p)[i])
+typedef uint16_t NAME(hvec) __attribute__((vector_size(32)));
+typedef uint32_t NAME(uvec) __attribute__((vector_size(64)));
+static inline NAME(vec) NAME(wvload)(const wreal *p)
+{
+    NAME(hvec) h;
+    memcpy(&h, p, sizeof h);
+    const NAME(uvec) u = __builtin_convertvector(h, NAME(uvec)) << 16;
+    NAME(vec) v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+#else
+#define WGET(p, i) ((p)[i])
+static inline NAME(vec) NAME(wvload)(const wreal *p)
+{
+    return NAME(vload)(p);
+}
+#endif
+
 static inline real NAME(vsum)(NAME(vec) v)
 {
     real s = 0;
@@ -58,32 +88,95 @@ static inline real NAME(vsum)(NAME(vec) v)
     return s;
 }
 
+#if WUNENG_BF16_WEIGHTS
+/* linear_rows for bfloat16 weights. Widening 16 bfloat16 to 16 floats in order takes shuffles (the measured rate
+ * was the float32 kernel's in elements, not in bytes); instead 32 weights are read as 16 uint32 pairs: the even
+ * elements are (pair << 16), the odd ones (pair & 0xffff0000), two bit operations and no shuffle, against x
+ * deinterleaved the same way once per call (xp: per 32-block the 16 even then the 16 odd elements). */
+static void NAME(linear_rows_pairs)(int64_t B, int64_t O, int64_t I, const wreal *W, const real *x, real *y,
+                                    int64_t lo, int64_t hi)
+{
+    const int64_t I32 = I / 32 * 32;
+    real *xp = I32 > 0 ? (real *)malloc((size_t)(B * I32) * sizeof(real)) : 0;
+    if (I32 > 0 && !xp) { /* no memory for the deinterleaved copy: one element at a time */
+        for (int64_t o = lo; o < hi; ++o)
+            for (int64_t b = 0; b < B; ++b) {
+                real s = 0;
+                for (int64_t i = 0; i < I; ++i)
+                    s += WGET(W + o * I, i) * x[b * I + i];
+                y[b * O + o] = s;
+            }
+        return;
+    }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < I32; i += 32)
+            for (int j = 0; j < 16; ++j) {
+                xp[b * I32 + i + j] = x[b * I + i + 2 * j];
+                xp[b * I32 + i + 16 + j] = x[b * I + i + 2 * j + 1];
+            }
+    NAME(uvec) high;
+    for (int j = 0; j < 16; ++j)
+        high[j] = 0xffff0000u;
+    int64_t o = lo;
+    for (; o < hi; o += 4) {
+        const int64_t rows = hi - o < 4 ? hi - o : 4;
+        for (int64_t b = 0; b < B; ++b) {
+            const real *xb = xp + b * I32;
+            NAME(vec) acc[4] = {{0}, {0}, {0}, {0}};
+            for (int64_t i = 0; i < I32; i += 32) {
+                const NAME(vec) xe = NAME(vload)(xb + i), xo = NAME(vload)(xb + i + 16);
+                for (int64_t r = 0; r < rows; ++r) {
+                    NAME(uvec) u;
+                    memcpy(&u, W + (o + r) * I + i, sizeof u);
+                    const NAME(uvec) ue = u << 16, uo = u & high;
+                    NAME(vec) we, wo;
+                    memcpy(&we, &ue, sizeof we);
+                    memcpy(&wo, &uo, sizeof wo);
+                    acc[r] += we * xe + wo * xo;
+                }
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+                real s = NAME(vsum)(acc[r]);
+                for (int64_t i = I32; i < I; ++i)
+                    s += WGET(W + (o + r) * I, i) * x[b * I + i];
+                y[b * O + o + r] = s;
+            }
+        }
+    }
+    free(xp);
+}
+#define LINEAR_ROWS NAME(linear_rows_pairs)
+#else
+#define LINEAR_ROWS NAME(linear_rows)
+#endif
+
+#if !WUNENG_BF16_WEIGHTS
 /* y[b][o] = sum_i W[o][i] x[b][i] for the rows o in [lo, hi): nn.Linear's layout. Four weight rows at a time
  * against every batch row (the rows stay in L1 while the batch reuses them), each dot product in one vector of
  * independent lanes: a batch-1 step streams W once at the memory's rate. */
-static void NAME(linear_rows)(int64_t B, int64_t O, int64_t I, const real *W, const real *x, real *y, int64_t lo,
+static void NAME(linear_rows)(int64_t B, int64_t O, int64_t I, const wreal *W, const real *x, real *y, int64_t lo,
                               int64_t hi)
 {
     int64_t o = lo;
     for (; o + 4 <= hi; o += 4) {
-        const real *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+        const wreal *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
         for (int64_t b = 0; b < B; ++b) {
             const real *xb = x + b * I;
             NAME(vec) l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0};
             int64_t i = 0;
             for (; i + VEC_LANES <= I; i += VEC_LANES) {
                 const NAME(vec) xv = NAME(vload)(xb + i);
-                l0 += NAME(vload)(w0 + i) * xv;
-                l1 += NAME(vload)(w1 + i) * xv;
-                l2 += NAME(vload)(w2 + i) * xv;
-                l3 += NAME(vload)(w3 + i) * xv;
+                l0 += NAME(wvload)(w0 + i) * xv;
+                l1 += NAME(wvload)(w1 + i) * xv;
+                l2 += NAME(wvload)(w2 + i) * xv;
+                l3 += NAME(wvload)(w3 + i) * xv;
             }
             real s0 = NAME(vsum)(l0), s1 = NAME(vsum)(l1), s2 = NAME(vsum)(l2), s3 = NAME(vsum)(l3);
             for (; i < I; ++i) {
-                s0 += w0[i] * xb[i];
-                s1 += w1[i] * xb[i];
-                s2 += w2[i] * xb[i];
-                s3 += w3[i] * xb[i];
+                s0 += WGET(w0, i) * xb[i];
+                s1 += WGET(w1, i) * xb[i];
+                s2 += WGET(w2, i) * xb[i];
+                s3 += WGET(w3, i) * xb[i];
             }
             real *yb = y + b * O + o;
             yb[0] = s0;
@@ -93,9 +186,16 @@ static void NAME(linear_rows)(int64_t B, int64_t O, int64_t I, const real *W, co
         }
     }
     for (; o < hi; ++o)
-        for (int64_t b = 0; b < B; ++b)
-            y[b * O + o] = NAME(dot)(W + o * I, x + b * I, I);
+        for (int64_t b = 0; b < B; ++b) {
+            const wreal *wo = W + o * I;
+            const real *xb = x + b * I;
+            real s = 0;
+            for (int64_t i = 0; i < I; ++i)
+                s += WGET(wo, i) * xb[i];
+            y[b * O + o] = s;
+        }
 }
+#endif
 
 /* y[b][o] = sum_i x[b][i] W[i][o] for the columns o in [lo, hi): the LoRA layout (x @ W), a row of W at a
  * time; act: 0 none, 1 tanh, 2 sigmoid, applied to the finished columns. */
@@ -104,7 +204,7 @@ static inline real NAME(sigmoid)(real z)
     return (real)1 / ((real)1 + (real)exp(-(double)z));
 }
 
-static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, const real *W, real *y, int64_t lo,
+static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, const wreal *W, real *y, int64_t lo,
                               int64_t hi, int act)
 {
     if (hi <= lo)
@@ -112,13 +212,13 @@ static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, co
     for (int64_t b = 0; b < B; ++b)
         memset(y + b * O + lo, 0, (size_t)(hi - lo) * sizeof(real));
     for (int64_t i = 0; i < I; ++i) {
-        const real *restrict wi = W + i * O;
+        const wreal *restrict wi = W + i * O;
         for (int64_t b = 0; b < B; ++b) {
             const real xi = x[b * I + i];
             real *restrict yb = y + b * O;
 #pragma omp simd
             for (int64_t o = lo; o < hi; ++o)
-                yb[o] += xi * wi[o];
+                yb[o] += xi * WGET(wi, o);
         }
     }
     if (act)
@@ -129,10 +229,12 @@ static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, co
             }
 }
 
-static void NAME(matmul)(int64_t B, int64_t I, int64_t O, const real *x, const real *W, real *y)
+#if !WUNENG_BF16_WEIGHTS
+static void NAME(matmul)(int64_t B, int64_t I, int64_t O, const real *x, const wreal *W, real *y)
 {
     NAME(matmul_cols)(B, I, O, x, W, y, 0, O, 0);
 }
+#endif
 
 /* The state heads bh in [lo, hi) of the B * H heads (bh = b H + h), from projected r, k, v [B][A] and the LoRA
  * pre-activations (without their biases) wz (decay), az (in-context rate) and, with value residual, vz (value
@@ -188,8 +290,8 @@ static void NAME(state_heads_one_token)(int64_t lo, int64_t hi, int64_t H, int64
                 bb[o + j] *= m;
             }
     }
-    NAME(wkv7_one_token)(lo, hi, N, r, w, k, v, aa, bb, q, state, y, y2, state_out);
-    NAME(readout_forward)(lo, hi, H, N, y, r, k, v, r_k, ln_w, ln_b, eps, ro, stats);
+    SNAME(wkv7_one_token)(lo, hi, N, r, w, k, v, aa, bb, q, state, y, y2, state_out);
+    SNAME(readout_forward)(lo, hi, H, N, y, r, k, v, r_k, ln_w, ln_b, eps, ro, stats);
 }
 
 /* xm[q][b][c] = x[b][c] + (shift[b][c] - x[b][c]) mix[q][c] for the Q mixes and the columns c in [lo, hi), x
@@ -210,6 +312,7 @@ static void NAME(token_mixes)(int64_t B, int64_t C, int64_t Q, const real *x, co
     }
 }
 
+#if !WUNENG_BF16_WEIGHTS /* the hybrid kernel: float32/float64 only */
 /* act(x w1) w2 into y [B][A] through the hidden h [B][D]; act: 0 none, 1 tanh, 2 sigmoid. */
 static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x, const real *w1, const real *w2,
                        int act, real *h, real *y)
@@ -218,30 +321,38 @@ static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x
     NAME(matmul)(B, D, A, h, w2, y);
 }
 
+#endif
+
 /* The fused kernels take one struct of named fields (args.h: the field lists, shared with Python's ctypes
  * structures); NAME(x_layout)() returns the field list as text, which Python compares with its own at load. */
 struct NAME(time_mix_args) {
     TIME_MIX_FIELDS(FIELD_INT, FIELD_F64, FIELD_IN, FIELD_OUT)
 };
+#if !WUNENG_BF16_WEIGHTS
 struct NAME(hybrid_state_args) {
     HYBRID_STATE_FIELDS(FIELD_INT, FIELD_F64, FIELD_IN, FIELD_OUT)
 };
+#endif
 const char *NAME(time_mix_one_token_layout)(void)
 {
     return TIME_MIX_FIELDS(TEXT_INT, TEXT_F64, TEXT_IN, TEXT_OUT);
 }
+#if !WUNENG_BF16_WEIGHTS
 const char *NAME(hybrid_state_one_token_layout)(void)
 {
     return HYBRID_STATE_FIELDS(TEXT_INT, TEXT_F64, TEXT_IN, TEXT_OUT);
 }
+#endif
 int64_t NAME(time_mix_one_token_args_size)(void)
 {
     return (int64_t)sizeof(struct NAME(time_mix_args));
 }
+#if !WUNENG_BF16_WEIGHTS
 int64_t NAME(hybrid_state_one_token_args_size)(void)
 {
     return (int64_t)sizeof(struct NAME(hybrid_state_args));
 }
+#endif
 
 /* With threads > 1 the kernel runs as one OpenMP parallel region (the OpenMP runtime torch loaded: the same
  * libgomp, so the same thread pool as torch's own operators): each phase splits its rows, columns or heads across
@@ -275,33 +386,33 @@ void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
         NAME(token_mixes)(B, C, 6, x, mask, shift, mix, xin, xm, lo, hi);
 #pragma omp barrier
         NAME(share)(A, 16, t, T, &lo, &hi);
-        NAME(linear_rows)(B, A, C, W_r, x_r, r, lo, hi);
-        NAME(linear_rows)(B, A, C, W_k, x_k, k, lo, hi);
-        NAME(linear_rows)(B, A, C, W_v, x_v, v, lo, hi);
+        LINEAR_ROWS(B, A, C, (const wreal *)W_r, x_r, r, lo, hi);
+        LINEAR_ROWS(B, A, C, (const wreal *)W_k, x_k, k, lo, hi);
+        LINEAR_ROWS(B, A, C, (const wreal *)W_v, x_v, v, lo, hi);
         NAME(share)(Dw, 16, t, T, &lo, &hi);
-        NAME(matmul_cols)(B, C, Dw, x_w, w1, h_w, lo, hi, 1);
+        NAME(matmul_cols)(B, C, Dw, x_w, (const wreal *)w1, h_w, lo, hi, 1);
         NAME(share)(Da, 16, t, T, &lo, &hi);
-        NAME(matmul_cols)(B, C, Da, x_a, a1, h_a, lo, hi, 0);
+        NAME(matmul_cols)(B, C, Da, x_a, (const wreal *)a1, h_a, lo, hi, 0);
         NAME(share)(Dg, 16, t, T, &lo, &hi);
-        NAME(matmul_cols)(B, C, Dg, x_g, g1, h_g, lo, hi, 2);
+        NAME(matmul_cols)(B, C, Dg, x_g, (const wreal *)g1, h_g, lo, hi, 2);
         if (value_residual) {
             NAME(share)(Dv, 16, t, T, &lo, &hi);
-            NAME(matmul_cols)(B, C, Dv, x_v, v1, h_v, lo, hi, 0);
+            NAME(matmul_cols)(B, C, Dv, x_v, (const wreal *)v1, h_v, lo, hi, 0);
         }
 #pragma omp barrier
         NAME(share)(A, 16, t, T, &lo, &hi);
-        NAME(matmul_cols)(B, Dw, A, h_w, w2, w, lo, hi, 0);
-        NAME(matmul_cols)(B, Da, A, h_a, a2, al, lo, hi, 0);
-        NAME(matmul_cols)(B, Dg, A, h_g, g2, g, lo, hi, 0);
+        NAME(matmul_cols)(B, Dw, A, h_w, (const wreal *)w2, w, lo, hi, 0);
+        NAME(matmul_cols)(B, Da, A, h_a, (const wreal *)a2, al, lo, hi, 0);
+        NAME(matmul_cols)(B, Dg, A, h_g, (const wreal *)g2, g, lo, hi, 0);
         if (value_residual)
-            NAME(matmul_cols)(B, Dv, A, h_v, v2, aa, lo, hi, 0);
+            NAME(matmul_cols)(B, Dv, A, h_v, (const wreal *)v2, aa, lo, hi, 0);
         NAME(share)(B * H, 1, t, T, &lo, &hi);
         if (sse_blocks > 0) /* Meta-State: head h also reads S q_h, q_h = the unit block h mod sse_blocks of x_k */
             for (int64_t bh = lo; bh < hi; ++bh) {
                 const int64_t b = bh / H, hh = bh % H;
                 const real *blk = x_k + b * C + (hh % sse_blocks) * N;
                 real *qh = q + bh * N;
-                real nrm = (real)sqrt((double)NAME(dot)(blk, blk, N));
+                real nrm = (real)sqrt((double)SNAME(dot)(blk, blk, N));
                 if (nrm < (real)1e-12)
                     nrm = (real)1e-12;
                 for (int64_t j = 0; j < N; ++j)
@@ -315,13 +426,14 @@ void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
             yo[i] *= g[i];
 #pragma omp barrier
         NAME(share)(C, 16, t, T, &lo, &hi);
-        NAME(linear_rows)(B, C, A, W_o, yo, out, lo, hi);
+        LINEAR_ROWS(B, C, A, (const wreal *)W_o, yo, out, lo, hi);
         NAME(share)(BC, 16, t, T, &lo, &hi);
         if (hi > lo)
             memcpy(shift_out + lo, xin + lo, (size_t)(hi - lo) * sizeof(real));
     }
 }
 
+#if !WUNENG_BF16_WEIGHTS
 /* The state side of a WuNeng hybrid mixer for one token (SPEC section 3; HybridMixer decoding): from the
  * layer input u [B][C], the teacher's projections q [B][A] (before RoPE) and k, v [B][Hkv N] (kv head j
  * serving query heads j n_rep ... (j + 1) n_rep - 1), the state heads' output (after the read-out)
@@ -374,3 +486,4 @@ void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
                                 v_first, v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out, 0, 0);
     memcpy(shift_out, xin, (size_t)BC * sizeof(real));
 }
+#endif
