@@ -567,3 +567,41 @@ def test_joined_low_rank_weights_follow_in_place_updates():
     # with autograd the gradient reaches every factor through the join
     m.low_rank_inputs(u)["middle"].sum().backward()
     assert m.middle_lora_a.grad is not None and m.middle_lora_a.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="C kernel unavailable")
+def test_decoding_plan_is_kept_per_session_and_follows_weight_changes(monkeypatch):
+    """The fused decoding step's weights and checks are made once per decoding session (the cache's derived
+    weights), and a weight changed in place, or a dtype change, in the middle of decoding is seen at the next
+    step: each step equals the tensor path (float64, rel. error < 1e-12) with the weights as they are then."""
+    m = make_mixer(layer_idx=0, num_layers=1, value_residual=False)
+    torch.manual_seed(4)
+    u = torch.randn(1, 4, C, dtype=torch.float64)
+
+    def decode(model, use_kernel, change):
+        cache, outs = _cache("hybrid"), []
+        if not use_kernel:
+            monkeypatch.setattr(hybrid_mod, "kernel_preferred_for", lambda *a: False)
+        with torch.no_grad(), derived_weights_session(cache.derived_weights):
+            for t in range(4):
+                if t == 2:
+                    change(model)
+                outs.append(call(model, u[:, t : t + 1], None, cache)[0])
+                cache.advance(1)
+        monkeypatch.undo()
+        return torch.cat(outs, 1), cache
+
+    def bump(model):
+        model.state.w1.add_(0.3)
+        model.gate_lora_b.mul_(2.0)
+
+    fused, cache = decode(copy.deepcopy(m), True, bump)
+    tensor, _ = decode(copy.deepcopy(m), False, bump)
+    assert cache.derived_weights.builds >= 2  # built at the first step and again after the change
+    assert (fused - tensor).abs().max() <= 1e-12 * tensor.abs().max()
+    unchanged, _ = decode(copy.deepcopy(m), True, lambda model: None)
+    assert (unchanged[:, 2:] - fused[:, 2:]).abs().max() > 1e-6  # the change did reach the kernel
+    calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
+    with torch.no_grad():
+        call(m.float(), u[:, :1].float())  # float32 weights: a new plan of that dtype, still the kernel
+    assert len(calls) == 1
