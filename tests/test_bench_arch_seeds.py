@@ -68,6 +68,7 @@ def _tiny(out, seeds, controls=(), variants=("transformer",)) -> BenchConfig:
     )
 
 
+@pytest.mark.slow  # three sweeps with their plots: 6 s on a quiet machine, 35 s at load 8
 def test_more_seeds_train_only_the_missing_runs(tmp_path, monkeypatch):
     trained = []
     real = bench.train_run

@@ -106,6 +106,8 @@ _EXAMPLES = {
     ],
     "bench-arch": [
         "wuneng bench-arch --quick  # a few minutes on the CPU",
+        "wuneng bench-arch --jobs 2 --threads 1  # the default: both controls, 11 variants, 3 seeds",
+        "wuneng bench-arch --jobs 2 --threads 1 --seeds 5  # later: trains only seeds 3 and 4",
         "wuneng bench-arch --variants rwkv7,wuneng-gate --lrs 1e-3,3e-3 --device cuda",
     ],
     "import-rwkv": [
