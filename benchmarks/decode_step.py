@@ -145,17 +145,17 @@ class PieceTimers:
 @contextlib.contextmanager
 def decoding_path(model: RWKV7ForCausalLM, path: str):
     """``auto`` (as shipped), ``fused`` (the preference rule lifted) or ``tensor`` (no kernel)."""
-    limit, max_batch = one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH
+    max_batch = one_token.TIME_MIX_MAX_BATCH
     impls = [b.att.wkv_impl for b in model.model.blocks]
     try:
         if path == "fused":
-            one_token.FUSED_WORK_LIMIT = one_token.FUSED_MAX_BATCH = 1 << 62
+            one_token.TIME_MIX_MAX_BATCH = 1 << 62
         elif path == "tensor":
             for b in model.model.blocks:
                 b.att.wkv_impl = "chunked"
         yield
     finally:
-        one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH = limit, max_batch
+        one_token.TIME_MIX_MAX_BATCH = max_batch
         for b, impl in zip(model.model.blocks, impls):
             b.att.wkv_impl = impl
 
@@ -236,8 +236,7 @@ def grid(args) -> None:
     """Whole-step fused vs tensor at every size x threads x batch (the table behind the preference rule)."""
     print(
         f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; dtype {args.dtype}; "
-        f"median of {args.steps} steps x {args.repeats} repeats; rule: FUSED_MAX_BATCH {one_token.FUSED_MAX_BATCH}, "
-        f"FUSED_WORK_LIMIT {one_token.FUSED_WORK_LIMIT / 2**20:.0f}M"
+        f"median of {args.steps} steps x {args.repeats} repeats; rule: TIME_MIX_MAX_BATCH {one_token.TIME_MIX_MAX_BATCH}"
     )
     print(f"{'size':>5} {'thr':>3} {'B':>3} {'fused ms':>9} {'tensor ms':>10} {'f/t':>6} {'rule picks':>10}")
     for size in args.sizes:

@@ -3,14 +3,14 @@
 For each width C (heads of 64, state width A = C), batch B and torch thread count, a perturbed ``TimeMix`` runs
 one token without autograd through
 
-    fused    wkv_impl="auto" with the preference rule lifted: one call of
-             wuneng.fused.one_token.time_mix_one_token (single-threaded C)
+    fused    wkv_impl="auto" with the preference rule lifted: one call of the C kernel
+             (wuneng.fused.one_token.time_mix_one_token_planned, its work split across torch's threads)
     tensor   wkv_impl="chunked": the layer's tensor ops (token mixes, low_rank_bank, projections through the
              BLAS, wkv7_step, the read-out, the output projection)
 
-and the table gives the median time of each and fused / tensor, beside the work the preference rule counts
-(weight parameters x B x threads) and what the rule picks (fused while B <= ``FUSED_MAX_BATCH`` and the work is at
-most ``FUSED_WORK_LIMIT``). This is how the rule was chosen; the whole-model effect is in benchmarks/hybrid.py.
+and the table gives the median time of each and fused / tensor, beside the weight parameters x B x threads and what
+the rule picks (fused while B <= ``TIME_MIX_MAX_BATCH``). The rule itself was chosen from whole-model steps,
+``benchmarks/decode_step.py --grid``.
 
     python benchmarks/one_token.py
     python benchmarks/one_token.py --widths 384 --batches 1 8 --threads 1
@@ -50,11 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     if not fused_kernel_available():
         raise SystemExit(f"the C kernel is unavailable: {fused_kernel_error()}")
-    limit, max_batch = one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH
-    print(
-        f"torch {torch.__version__}; FUSED_WORK_LIMIT = {limit / 2**20:.0f}M, FUSED_MAX_BATCH = {max_batch}; "
-        f"median of {args.steps} steps"
-    )
+    max_batch = one_token.TIME_MIX_MAX_BATCH
+    print(f"torch {torch.__version__}; TIME_MIX_MAX_BATCH = {max_batch}; median of {args.steps} steps")
     print(f"{'threads':>7} {'C':>5} {'B':>4} {'work':>8} {'fused us':>9} {'tensor us':>10} {'fused/tensor':>13}  rule")
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -73,13 +70,13 @@ def main() -> None:
                     for impl in ("auto", "chunked"):
                         mixer.wkv_impl = impl
                         # measure the kernel wherever it applies
-                        one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH = 1 << 62, 1 << 62
+                        one_token.TIME_MIX_MAX_BATCH = 1 << 62
                         try:
                             times[impl] = median_us(lambda: mixer(x, v_first, state), args.steps)  # noqa: B023 - called here
                         finally:
-                            one_token.FUSED_WORK_LIMIT, one_token.FUSED_MAX_BATCH = limit, max_batch
+                            one_token.TIME_MIX_MAX_BATCH = max_batch
                 work = params * batch * threads
-                pick = "fused" if work <= limit and batch <= max_batch else "tensor"
+                pick = "fused" if batch <= max_batch else "tensor"
                 print(
                     f"{threads:>7} {width:>5} {batch:>4} {work / 2**20:>7.0f}M {times['auto']:>9.0f} "
                     f"{times['chunked']:>10.0f} {times['auto'] / times['chunked']:>13.2f}  {pick}"

@@ -137,16 +137,25 @@ def test_time_mix_decoding_calls_the_kernel_once(monkeypatch):
         tm(torch.randn(2, 3, 32), torch.randn(2, 3, 32))  # several tokens: the tensor path
     tm(x, torch.randn(2, 1, 32))  # autograd: the tensor path
     assert calls == [False]  # one call, without the self-state query
-    # more work than one core should take (FUSED_WORK_LIMIT): the tensor path
-    monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", 0)
+    # a batch above TIME_MIX_MAX_BATCH: the tensor path
+    monkeypatch.setattr(one_token_mod, "TIME_MIX_MAX_BATCH", 1)
     with torch.no_grad():
         tm(x, torch.randn(2, 1, 32))
     assert len(calls) == 1
 
 
-def test_kernel_preference_counts_weights_batch_and_threads(monkeypatch):
-    """Fused while weights x batch x threads <= FUSED_WORK_LIMIT and batch <= FUSED_MAX_BATCH."""
+def test_time_mix_preference_follows_the_batch_alone(monkeypatch):
+    """The time-mix kernel uses every torch thread: fused while batch <= TIME_MIX_MAX_BATCH, whatever the size and
+    thread count (the single-threaded hybrid kernel keeps its work limit, below)."""
     wt = make_weights(32, 2, 16, True)
+    monkeypatch.setattr(one_token_mod, "FUSED_WORK_LIMIT", 0)
+    monkeypatch.setattr(one_token_mod, "TIME_MIX_MAX_BATCH", 4)
+    assert one_token_kernel_preferred(wt, 4) and not one_token_kernel_preferred(wt, 5)
+
+
+def test_kernel_preference_counts_weights_batch_and_threads(monkeypatch):
+    """The hybrid kernel: fused while weights x batch x threads <= FUSED_WORK_LIMIT and batch <= FUSED_MAX_BATCH."""
+    wt = make_hybrid_weights(32, 2, 16, True, True, 8)
     params = sum(t.numel() for t in wt[:-1] if t is not None)
     threads = torch.get_num_threads()
     try:

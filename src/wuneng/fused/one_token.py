@@ -59,6 +59,8 @@ __all__ = [
     "one_token_kernel_preferred",
     "FUSED_WORK_LIMIT",
     "FUSED_MAX_BATCH",
+    "TIME_MIX_MAX_BATCH",
+    "time_mix_kernel_preferred",
     "TIME_MIX_IMPLS",
     "MIX_ROWS",
     "HybridStateWeights",
@@ -257,25 +259,40 @@ def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
     return _library() is not None
 
 
-#: The fused kernels run on one core with plain C loops (matrix-vector products, four weight rows against one batch
-#: row at a time); the tensor path's BLAS uses every thread and blocks batched products far better. A decoding step
-#: takes a kernel while the batch is at most FUSED_MAX_BATCH and (weight parameters in the call) x batch x torch
-#: threads is at most FUSED_WORK_LIMIT. Chosen from `python benchmarks/one_token.py` on the 2-core development
-#: machine (TimeMix, fused / tensor time; benchmarks/README.md): 0.36-0.91 up to B 16 at C 384 and 1024 with 1 and
-#: 2 threads, 0.98-1.64 at B 64.
+#: The hybrid state kernel runs on one core with plain C loops (matrix-vector products, four weight rows against
+#: one batch row at a time); the tensor path's BLAS uses every thread and blocks batched products far better. A
+#: hybrid decoding step takes the kernel while the batch is at most FUSED_MAX_BATCH and (weight parameters in the
+#: call) x batch x torch threads is at most FUSED_WORK_LIMIT. Chosen from `python benchmarks/one_token.py` on the
+#: 2-core development machine (single-threaded TimeMix kernel, fused / tensor time; benchmarks/README.md):
+#: 0.36-0.91 up to B 16 at C 384 and 1024 with 1 and 2 threads, 0.98-1.64 at B 64.
 FUSED_MAX_BATCH = 16
 FUSED_WORK_LIMIT = 1 << 27
+
+#: The time-mix kernel splits its work across torch's threads (one OpenMP region), so only the batch decides: a
+#: time-mix decoding step takes the kernel while the batch is at most TIME_MIX_MAX_BATCH. Chosen from
+#: `python benchmarks/decode_step.py --grid` (whole-model step, fused / tensor, RWKV-7 at 20M, 0.1B and 0.4B, 1 thread,
+#: a loaded 2-core machine): 0.77-0.96 at B 1-8 at every size, 1.05-1.17 at B 16, 0.99-1.37 at B 32.
+TIME_MIX_MAX_BATCH = 8
 
 
 def one_token_kernel_preferred(weights, batch: int) -> bool:
     """Whether a decoding step of ``batch`` sequences should take a fused kernel (``weights``:
-    :class:`TimeMixWeights` or :class:`HybridStateWeights`) rather than tensor ops (see FUSED_WORK_LIMIT)."""
+    :class:`TimeMixWeights`: batch <= TIME_MIX_MAX_BATCH; :class:`HybridStateWeights`: see FUSED_WORK_LIMIT)
+    rather than tensor ops."""
+    if isinstance(weights, TimeMixWeights):
+        return time_mix_kernel_preferred(batch)
     params = sum(t.numel() for t in weights[:-1] if t is not None)
     return kernel_preferred_for(params, batch)
 
 
+def time_mix_kernel_preferred(batch: int) -> bool:
+    """Whether a time-mix decoding step of ``batch`` sequences should take the (multi-threaded) fused kernel."""
+    return batch <= TIME_MIX_MAX_BATCH
+
+
 def kernel_preferred_for(params: int, batch: int) -> bool:
-    """:func:`one_token_kernel_preferred` from the weight parameter count (a plan's ``params``)."""
+    """Whether a single-threaded fused kernel (the hybrid state kernel) reading ``params`` weight parameters should
+    serve a decoding step of ``batch`` sequences (see FUSED_WORK_LIMIT)."""
     return batch <= FUSED_MAX_BATCH and params * batch * torch.get_num_threads() <= FUSED_WORK_LIMIT
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fused.one_token import TimeMixWeights, kernel_preferred_for, time_mix_one_token_planned, time_mix_plan
+from ..fused.one_token import TimeMixWeights, time_mix_kernel_preferred, time_mix_one_token_planned, time_mix_plan
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
@@ -678,8 +678,8 @@ class TimeMix(RWKV7StateHeads):
     def _one_token_fused(self, x, v_first, shift, wkv_state, mask, self_state_query: bool = False):
         """The fused path for one token without autograd (out, v_first, (shift, wkv)[, self-state read-out
         [B, H, N]]), or None where it does not apply: several tokens, autograd, ``wkv_impl`` not "auto"/"cpu", not
-        CPU float32/64, no C kernel, or too much work for one core
-        (:func:`~wuneng.fused.one_token.one_token_kernel_preferred`)."""
+        CPU float32/64 or bfloat16 weights, no C kernel, or a batch above
+        :data:`~wuneng.fused.one_token.TIME_MIX_MAX_BATCH` (the BLAS's matrix products win there)."""
         if x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled() or self.wkv_impl not in ("auto", "cpu"):
             return None
         if x.shape[-1] != self.hidden_size or (self.value_residual and v_first is None):
@@ -689,7 +689,7 @@ class TimeMix(RWKV7StateHeads):
         B = x.shape[0]
         # the weights checked and their pointers read once per decoding session (rebuilt when a weight changes)
         plan = derived_weight(self, "one_token_plan", self._one_token_sources(), self._one_token_plan)
-        if plan is None or x.dtype != plan.dtype or x.device.type != "cpu" or not kernel_preferred_for(plan.params, B):
+        if plan is None or x.dtype != plan.dtype or x.device.type != "cpu" or not time_mix_kernel_preferred(B):
             return None
         vf = v_first.reshape(B, -1) if self.value_residual else None
         m = None if mask is None else mask.reshape(B)
