@@ -117,8 +117,11 @@ class PieceTimers:
             self._wrap(block.att, "time-mix")
             self._wrap(block.ffn, "channel-mix")
         # the head runs through modeling_rwkv7.linear_one_row (a matrix-vector product at batch 1, bypassing the
-        # module's forward): time that call
-        head_call = modeling_rwkv7.linear_one_row
+        # module's forward): time that call (an older wuneng, run with PYTHONPATH for a comparison: the module)
+        head_call = getattr(modeling_rwkv7, "linear_one_row", None)
+        if head_call is None:
+            self._wrap(self.model.head, "head")
+            return self
 
         def timed_head(*args):
             t0 = time.perf_counter()
@@ -135,7 +138,8 @@ class PieceTimers:
         for module in self.saved:
             del module.forward  # the instance attribute goes, the class's forward is back
         self.saved.clear()
-        modeling_rwkv7.linear_one_row = self.head_call
+        if getattr(self, "head_call", None) is not None:
+            modeling_rwkv7.linear_one_row = self.head_call
 
     def take(self) -> dict:
         out, self.acc = self.acc, dict.fromkeys(PIECES, 0.0)

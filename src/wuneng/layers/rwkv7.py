@@ -701,11 +701,14 @@ class TimeMix(RWKV7StateHeads):
         return (out.unsqueeze(1), vf.unsqueeze(1), (shift, wkv_state), *readout)
 
     def _one_token_sources(self) -> list:
-        """The tensors :meth:`one_token_weights` reads (cheaper to list than ``self.parameters()``)."""
-        tensors = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g, self.receptance.weight]
-        tensors += [self.key.weight, self.value.weight, self.output.weight, self.w0, self.w1, self.w2, self.a0]
-        tensors += [self.a1, self.a2, self.g1, self.g2, self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias]
-        return tensors + ([self.v0, self.v1, self.v2] if self.value_residual else [])
+        """The tensors :meth:`one_token_weights` reads: this module's own parameters (read from ``_parameters``:
+        ``nn.Module.__getattr__`` per name costs more than the kernel call at small widths) and the projections'."""
+        linears = (self.receptance, self.key, self.value, self.output)
+        return [
+            *self._parameters.values(),
+            *(m._parameters["weight"] for m in linears),
+            *self.ln_x._parameters.values(),
+        ]
 
     def _one_token_plan(self):
         """The fused kernel's plan of this layer's weights (None where the kernel cannot serve them)."""
