@@ -176,10 +176,9 @@ class TaskSetting:
 
     @property
     def chance(self) -> float:
-        """Accuracy of a uniform guess over the label alphabet: 1 / (V/2) values (MQAR), 1 / group order (state)."""
-        if self.task == "mqar":
-            return 1.0 / (self.vocab_size - self.vocab_size // 2)
-        return 1.0 / self.model_vocab
+        """Accuracy of a uniform guess over the labels (the task config's): 1 / (V - V//2) values (MQAR), 1 / group
+        order (state)."""
+        return self.task_config().chance
 
     @property
     def max_seq_len(self) -> int:
