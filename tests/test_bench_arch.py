@@ -64,6 +64,8 @@ def test_results_accumulate_and_resume_skips_finished_runs(tmp_path):
     for v in ("transformer", "rwkv7", "wuneng-gate"):
         assert f"| {v} |" in table
     assert "mqar T=16 n=2 V=64" in table and "state A4 k=6" in table
+    contribution = table.split("## State-head contribution")[1].split("| setting | variant | params |")[0]
+    assert "| wuneng-gate | mqar T=16 n=2 V=64 |" in contribution and "| rwkv7 |" not in contribution
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
 
     # a changed budget is a different run

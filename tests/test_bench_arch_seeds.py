@@ -1,8 +1,10 @@
-"""``wuneng bench-arch`` (issue 18 items 1-2): seeds and 95% intervals, ``--seeds`` extends a finished sweep, the
-positive controls and their "not interpretable" marking, the length-generalisation state-tracking setting."""
+"""``wuneng bench-arch`` (issue 18 items 1-3): seeds and 95% intervals, ``--seeds`` extends a finished sweep, the
+positive controls and their "not interpretable" marking, the length-generalisation state-tracking setting, the
+state-head contribution of the WuNeng variants (accuracy with Y = 0, magnitudes per layer; old rows without it)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -163,3 +165,118 @@ def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tmp_path):
         assert by_key[r["key"]]["accuracy"] == r["accuracy"]
     with pytest.raises(ValueError, match="jobs"):
         replace(_tiny(tmp_path, (0,)), jobs=0)
+
+
+# ---------------------------------------------------------------------------------- state-head contribution (item 3)
+def test_a_wuneng_run_records_its_accuracy_with_the_state_heads_zeroed(tmp_path, monkeypatch):
+    """train_run evaluates a WuNeng model once more under state_heads_zeroed (the same test set) and records the
+    magnitudes per layer; a non-WuNeng run records neither."""
+    from wuneng.eval.ablation import state_head_magnitudes, state_heads_zeroed
+
+    trained = {}
+    real_build = bench.build_model
+
+    def keep(*args, **kwargs):
+        trained["model"] = real_build(*args, **kwargs)
+        return trained["model"]
+
+    monkeypatch.setattr(bench, "build_model", keep)
+    cfg = _tiny(tmp_path, (0,), variants=("wuneng-add",))
+    setting = cfg.settings[0]
+    row = bench.train_run(setting, "wuneng-add", 3e-3, 0, cfg, progress=False)
+    model = trained["model"]
+    test_x, test_y = setting.generate_test(cfg.test_examples, seed=10_000)
+    with state_heads_zeroed(model):
+        expected = evaluate(model, test_x, test_y, setting.task, train_len=setting.seq_len)["accuracy"]
+    assert row["accuracy_state_zeroed"] == expected
+    assert row["accuracy"] == evaluate(model, test_x, test_y, setting.task, train_len=setting.seq_len)["accuracy"]
+    assert row["state_head_magnitudes"] == state_head_magnitudes(model)
+    assert [m["fusion"] for m in row["state_head_magnitudes"]] == ["add", "add"]
+    plain = bench.train_run(setting, "transformer", 3e-3, 0, cfg, progress=False)
+    assert "accuracy_state_zeroed" not in plain and "state_head_magnitudes" not in plain
+
+
+def _wuneng_row(seed, acc, zeroed=None, lam=None, lr=1e-3):
+    row = {"setting": "s", "task": "mqar", "variant": "wuneng-gate", "lr": lr, "seed": seed, "accuracy": acc}
+    row.update(params=1000, steps=3, tokens=48, seconds=1.0, final_loss=2.0, chance=0.1)  # as an old row has
+    if zeroed is not None:
+        row["accuracy_state_zeroed"] = zeroed
+        row["state_head_magnitudes"] = [
+            {"layer": 0, "kind": "hybrid", "fusion": "gate", "lambda_mean_abs": lam, "lambda_max_abs": 2 * lam,
+             "rho_mean_abs": 0.5},
+            {"layer": 1, "kind": "arwkv", "fusion": None},
+        ]  # fmt: skip
+    return row
+
+
+def test_state_contribution_table_holds_hand_computed_means_and_intervals():
+    """At the best lr: accuracy, accuracy with Y = 0 and the drop, each mean ± 95% t-interval over the seeds that
+    have the ablation; the per-layer magnitudes are means over those seeds."""
+    rows = [
+        _wuneng_row(0, 0.90, 0.50, lam=0.1),
+        _wuneng_row(1, 1.00, 0.70, lam=0.3),
+        _wuneng_row(2, 0.95, 0.30, lam=0.2),
+        _wuneng_row(0, 0.10, 0.10, lam=9.0, lr=3e-3),  # a worse lr: not reported
+        {**_wuneng_row(0, 0.99), "variant": "transformer"},
+    ]
+    got = bench.state_contribution(rows)
+    assert list(got) == [("s", "wuneng-gate")]
+    c = got[("s", "wuneng-gate")]
+    # drops 0.40, 0.30, 0.65: mean 0.45, sd 0.180278, half-width 4.303 * 0.180278 / sqrt(3) = 0.447870
+    assert c["seeds"] == [0, 1, 2] and c["lr"] == 1e-3
+    assert c["accuracy"] == pytest.approx(t_interval([0.9, 1.0, 0.95]))
+    assert c["zeroed"] == pytest.approx(t_interval([0.5, 0.7, 0.3]))
+    assert c["drop"][0] == pytest.approx(0.45) and c["drop"][1] == pytest.approx(0.447870, abs=1e-6)
+    assert c["layers"] == [
+        {"layer": 0, "kind": "hybrid", "fusion": "gate", "lambda_mean_abs": pytest.approx(0.2),
+         "lambda_max_abs": pytest.approx(0.4), "rho_mean_abs": pytest.approx(0.5)},
+        {"layer": 1, "kind": "arwkv", "fusion": None},
+    ]  # fmt: skip
+    text = results_markdown(rows)
+    section = text.split("## State-head contribution")[1].split("| setting | variant | params |")[0]
+    assert "| wuneng-gate | s | 95.0% ± 12.4 | 50.0% ± 49.7 | 45.0 ± 44.8 | 3 |" in section
+    assert "| wuneng-gate | s | 0 | gate | 0.2 | 0.4 | 0.5 | - | - |" in section
+    assert "| wuneng-gate | s | 1 | arwkv |" in section
+    assert "transformer" not in section
+
+
+def test_old_rows_without_the_ablation_still_load_and_extend(tmp_path, monkeypatch):
+    """A results.jsonl written before the ablation existed: its rows load, count in the accuracy table, and a
+    --seeds extension adds the new seeds' ablation; the contribution table uses only the seeds that have it."""
+    old = _wuneng_row(0, 0.9)
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"key": "old", **old}) + "\n")
+    rows = bench.read_results(path)
+    assert bench.state_contribution(rows) == {}
+    text = results_markdown(rows)
+    assert "| wuneng-gate | 90.0%" in text and "## State-head contribution" not in text
+    rows.append(_wuneng_row(1, 1.0, 0.5, lam=0.1))
+    rows.append(_wuneng_row(2, 0.8, 0.4, lam=0.3))
+    c = bench.state_contribution(rows)[("s", "wuneng-gate")]
+    assert c["seeds"] == [1, 2] and c["drop"][0] == pytest.approx(0.45)
+    assert best_rows(rows)[("s", "wuneng-gate")]["seeds"] == [0, 1, 2]
+    assert "| 2 |" in results_markdown(rows).split("## State-head contribution")[1]
+
+
+def test_seeds_extend_a_sweep_whose_wuneng_rows_predate_the_ablation(tmp_path, monkeypatch):
+    """run_bench reuses an old WuNeng row (no ablation fields) and trains only the new seed, whose row has them."""
+    cfg = _tiny(tmp_path, (0,), variants=("wuneng-add",))
+    run_bench(cfg)
+    path = tmp_path / "results.jsonl"
+    (row,) = bench.read_results(path)
+    old = {k: v for k, v in row.items() if k not in ("accuracy_state_zeroed", "state_head_magnitudes")}
+    path.write_text(json.dumps(old) + "\n")  # as a sweep before the ablation wrote it
+    trained = []
+    real = bench.train_run
+
+    def counting(setting, variant, lr, seed, cfg, progress=True):
+        trained.append(seed)
+        return real(setting, variant, lr, seed, cfg, progress=False)
+
+    monkeypatch.setattr(bench, "train_run", counting)
+    rows = run_bench(replace(cfg, seeds=(0, 1)))
+    assert trained == [1] and sorted(r["seed"] for r in rows) == [0, 1]
+    assert [("accuracy_state_zeroed" in r) for r in sorted(rows, key=lambda r: r["seed"])] == [False, True]
+    text = (tmp_path / "results.md").read_text()
+    assert "n=2" in text.split("## State-head contribution")[0]
+    assert bench.state_contribution(rows)[(cfg.settings[0].name, "wuneng-add")]["seeds"] == [1]

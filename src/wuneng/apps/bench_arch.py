@@ -28,6 +28,12 @@ Every cell is the mean over seeds (default 3) with a two-sided 95% Student-t int
 checked from the same rows, and ``results.md`` says at its top whether each reproduced; if one did not, the
 comparisons are marked as not interpretable.
 
+State-head contribution (WuNeng variants): after training, each ``wuneng-*`` run is evaluated once more on the same
+test set with its state heads zeroed (Y = 0, :func:`wuneng.eval.ablation.state_heads_zeroed`); the row records
+``accuracy_state_zeroed`` and the learned magnitudes per layer (``state_head_magnitudes``,
+:func:`wuneng.eval.ablation.state_head_magnitudes`), and ``results.md`` gets a "State-head contribution" table
+(:func:`state_contribution`). Rows written before this existed load as before and are left out of that table.
+
 Every run (setting x variant x learning rate x seed) has the same optimiser-step and batch budget (so the same
 token budget; a setting may set its own steps and learning rates) and optionally a wall-clock cap. Finished runs are appended to ``OUTPUT_DIR/results.jsonl``; a run
 whose key is already there is skipped, so an interrupted sweep resumes and several invocations accumulate in
@@ -64,6 +70,7 @@ __all__ = [
     "read_results",
     "best_rows",
     "results_table",
+    "state_contribution",
 ]
 
 VARIANTS = (
@@ -677,6 +684,8 @@ def train_run(
             curve.append((step, round(ema, 4)))
     steps = len(losses)
     result = evaluate(model, test_x, test_y, setting.task, train_len=setting.seq_len)
+    if variant.startswith("wuneng-"):
+        result.update(state_head_ablation(model, test_x, test_y, setting))
     return {
         "setting": setting.name,
         "task": setting.task,
@@ -694,6 +703,17 @@ def train_run(
         **result,
         "loss_curve": curve,
     }
+
+
+def state_head_ablation(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, setting: TaskSetting):
+    """A trained WuNeng model's accuracy on the test set with its state heads zeroed and its learned magnitudes:
+    ``{"accuracy_state_zeroed": float, "state_head_magnitudes": [per layer dict]}`` (see
+    :mod:`wuneng.eval.ablation`)."""
+    from wuneng.eval.ablation import state_head_magnitudes, state_heads_zeroed
+
+    with state_heads_zeroed(model):
+        zeroed = evaluate(model, test_x, test_y, setting.task, train_len=setting.seq_len)["accuracy"]
+    return {"accuracy_state_zeroed": zeroed, "state_head_magnitudes": state_head_magnitudes(model)}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -749,6 +769,92 @@ def best_rows(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
     return best
 
 
+MAGNITUDE_KEYS = ("lambda_mean_abs", "lambda_max_abs", "rho_mean_abs", "beta_mean_abs", "o_state_mean_abs")
+
+
+def state_contribution(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
+    """Per (setting, variant) with state-head ablation rows, at the best learning rate of :func:`best_rows`: the
+    seeds that have the ablation (rows written before it existed are left out) and, each as (mean, half-width of
+    the 95% t-interval over those seeds) by :func:`t_interval`: ``accuracy``, ``zeroed`` (accuracy with Y = 0) and
+    ``drop`` (accuracy - zeroed, per seed). ``layers``: the per-layer magnitudes, each value the mean over those
+    seeds (None where a seed has none, e.g. lambda without the state-query modulation)."""
+    out = {}
+    for key, best in best_rows(rows).items():
+        rs = sorted(
+            (
+                r
+                for r in rows
+                if (r["setting"], r["variant"]) == key and r["lr"] == best["lr"] and "accuracy_state_zeroed" in r
+            ),
+            key=lambda r: r["seed"],
+        )
+        if not rs:
+            continue
+        layers = []
+        for i, first in enumerate(rs[0].get("state_head_magnitudes") or []):
+            layer = dict(first)
+            for name in MAGNITUDE_KEYS:
+                if name in first:
+                    values = [(r["state_head_magnitudes"][i].get(name)) for r in rs]
+                    layer[name] = None if any(v is None for v in values) else float(np.mean(values))
+            layers.append(layer)
+        out[key] = {
+            "lr": best["lr"],
+            "seeds": [r["seed"] for r in rs],
+            "accuracy": t_interval([r["accuracy"] for r in rs]),
+            "zeroed": t_interval([r["accuracy_state_zeroed"] for r in rs]),
+            "drop": t_interval([r["accuracy"] - r["accuracy_state_zeroed"] for r in rs]),
+            "layers": layers,
+        }
+    return out
+
+
+def _pm(mean_hw: tuple[float, Optional[float]], unit: str = "%") -> str:
+    """``mean ± half-width`` in percent (points) of a (mean, half-width or None) pair."""
+    mean, hw = mean_hw
+    return f"{100 * mean:.1f}{unit}" + ("" if hw is None else f" ± {100 * hw:.1f}")
+
+
+def state_contribution_markdown(rows: Sequence[dict]) -> str:
+    """The "State-head contribution" section (empty when no row has the ablation): accuracy, accuracy with Y = 0
+    and the drop per WuNeng variant and setting, and the learned magnitudes per layer."""
+    contribution = state_contribution(rows)
+    if not contribution:
+        return ""
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    keys = sorted(contribution, key=lambda k: (order.get(k[1], len(order)), k[0]))
+    lines = [
+        "## State-head contribution: accuracy with the state heads zeroed (Y = 0) at evaluation",
+        "",
+        "Mean ± 95% t-interval half-width over the seeds that have the ablation, at the best learning rate; drop in "
+        "percentage points (accuracy - accuracy with Y = 0, per seed).",
+        "",
+        "| variant | task | accuracy | accuracy with Y = 0 | drop (points) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting, variant in keys:
+        c = contribution[(setting, variant)]
+        lines.append(
+            f"| {variant} | {setting} | {_pm(c['accuracy'])} | {_pm(c['zeroed'])} | {_pm(c['drop'], '')} "
+            f"| {len(c['seeds'])} |"
+        )
+    lines += [
+        "",
+        "Learned magnitudes per layer (mean over those seeds): mean and max |lambda| (state-query scale), mean |rho| "
+        "(gate), mean |beta| (add), mean |W^O_s| (concat); '-' where the layer has no such parameter.",
+        "",
+        "| variant | task | layer | fusion | mean abs lambda | max abs lambda | mean abs rho | mean abs beta "
+        "| mean abs W^O_s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, variant in keys:
+        for layer in contribution[(setting, variant)]["layers"]:
+            fusion = layer["fusion"] if layer.get("kind") == "hybrid" else layer.get("kind")
+            values = ["-" if layer.get(n) is None else f"{layer[n]:.3g}" for n in MAGNITUDE_KEYS]
+            lines.append(f"| {variant} | {setting} | {layer['layer']} | {fusion} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def _ordered(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
@@ -800,7 +906,8 @@ def controls_markdown(rows: Sequence[dict], controls: Sequence[Control]) -> tupl
 
 def results_markdown(rows: Sequence[dict], controls: Sequence[Control] = ()) -> str:
     """The controls' verdicts (at the top), the best-lr accuracy table (mean ± 95% t-interval over seeds, one column
-    per setting) and the full per-run table, as Markdown."""
+    per setting), the state-head contribution of the WuNeng variants (:func:`state_contribution_markdown`, when
+    rows have it) and the full per-run table, as Markdown."""
     best = best_rows(rows)
     settings, variants = _ordered(rows)
     head, ok = controls_markdown(rows, controls)
@@ -817,6 +924,9 @@ def results_markdown(rows: Sequence[dict], controls: Sequence[Control] = ()) -> 
     for v in variants:
         cells = ["-" if (s, v) not in best else _cell(best[(s, v)]) for s in settings]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    contribution = state_contribution_markdown(rows)
+    if contribution:
+        lines += ["", contribution]
     lines += [
         "",
         "| setting | variant | params | lr | seed | accuracy | steps | tokens | seconds | final loss |",
@@ -913,6 +1023,8 @@ def run_bench(cfg: BenchConfig, console=None) -> list[dict]:
         row = {"key": cfg.run_key(*run), "mode": cfg.mode, **row}
         _append_row(path, row)  # in the parent only: one writer
         extra = f", solved k<={row['solved_up_to']}" if "solved_up_to" in row else ""
+        if "accuracy_state_zeroed" in row:
+            extra += f", with Y = 0 {100 * row['accuracy_state_zeroed']:.1f}%"
         logger.info(
             f"[{i + 1}/{len(todo)}] {setting.name} {variant} lr={lr:g} seed={seed}: acc {100 * row['accuracy']:.1f}%{extra} "
             f"loss {row['final_loss'] if row['final_loss'] is None else round(row['final_loss'], 3)} ({row['seconds']:.0f} s)"
