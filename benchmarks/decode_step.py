@@ -149,7 +149,7 @@ class PieceTimers:
 @contextlib.contextmanager
 def decoding_path(model: RWKV7ForCausalLM, path: str):
     """``auto`` (as shipped), ``fused`` (the preference rule lifted) or ``tensor`` (no kernel)."""
-    max_batch = one_token.TIME_MIX_MAX_BATCH
+    max_batch = getattr(one_token, "TIME_MIX_MAX_BATCH", None)  # None: an older wuneng (auto and tensor only)
     impls = [b.att.wkv_impl for b in model.model.blocks]
     try:
         if path == "fused":
@@ -159,7 +159,8 @@ def decoding_path(model: RWKV7ForCausalLM, path: str):
                 b.att.wkv_impl = "chunked"
         yield
     finally:
-        one_token.TIME_MIX_MAX_BATCH = max_batch
+        if max_batch is not None:
+            one_token.TIME_MIX_MAX_BATCH = max_batch
         for b, impl in zip(model.model.blocks, impls):
             b.att.wkv_impl = impl
 
