@@ -235,7 +235,7 @@ def test_state_contribution_table_holds_hand_computed_means_and_intervals():
     text = results_markdown(rows)
     section = text.split("## State-head contribution")[1].split("| setting | variant | params |")[0]
     assert "| wuneng-gate | s | 95.0% ± 12.4 | 50.0% ± 49.7 | 45.0 ± 44.8 | 3 |" in section
-    assert "| wuneng-gate | s | 0 | gate | 0.2 | 0.4 | 0.5 | - | - |" in section
+    assert "| wuneng-gate | s | 0 | gate | 0.2 | 0.4 | 0.5 | - | - | - |" in section
     assert "| wuneng-gate | s | 1 | arwkv |" in section
     assert "transformer" not in section
 

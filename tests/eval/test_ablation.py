@@ -178,11 +178,13 @@ def test_magnitudes_equal_hand_computed_means():
         assert r["lambda_mean_abs"] == pytest.approx(sum(map(abs, lam)) / len(lam), rel=1e-12)
         assert r["lambda_max_abs"] == pytest.approx(max(map(abs, lam)), rel=1e-12)
         assert r["rho_mean_abs"] == pytest.approx(sum(map(abs, rho)) / len(rho), rel=1e-12)
+        o_middle = m.o_middle.weight.detach().flatten().tolist()
+        assert r["o_middle_mean_abs"] == pytest.approx(sum(map(abs, o_middle)) / len(o_middle), rel=1e-12)
         assert "beta_mean_abs" not in r
-    add = state_head_magnitudes(tiny_student("add", state_query=False))
+    add = state_head_magnitudes(tiny_student("add", middle_heads=0, state_query=False))
     beta = add[0]
-    b = tiny_student("add", state_query=False).model.layers[0].self_attn.fusion_beta.detach()
-    assert beta["lambda_mean_abs"] is None and beta["lambda_max_abs"] is None
+    b = tiny_student("add", middle_heads=0, state_query=False).model.layers[0].self_attn.fusion_beta.detach()
+    assert beta["lambda_mean_abs"] is None and beta["lambda_max_abs"] is None and beta["o_middle_mean_abs"] is None
     assert beta["beta_mean_abs"] == pytest.approx(b.abs().mean().item(), rel=1e-12)
     none = state_head_magnitudes(tiny_student("none"))
     assert none[0]["fusion"] == "none" and set(none[0]) == {
@@ -191,4 +193,5 @@ def test_magnitudes_equal_hand_computed_means():
         "fusion",
         "lambda_mean_abs",
         "lambda_max_abs",
+        "o_middle_mean_abs",
     }

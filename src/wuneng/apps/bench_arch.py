@@ -769,7 +769,14 @@ def best_rows(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
     return best
 
 
-MAGNITUDE_KEYS = ("lambda_mean_abs", "lambda_max_abs", "rho_mean_abs", "beta_mean_abs", "o_state_mean_abs")
+MAGNITUDE_KEYS = (
+    "lambda_mean_abs",
+    "lambda_max_abs",
+    "rho_mean_abs",
+    "beta_mean_abs",
+    "o_state_mean_abs",
+    "o_middle_mean_abs",
+)
 
 
 def state_contribution(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
@@ -841,11 +848,12 @@ def state_contribution_markdown(rows: Sequence[dict]) -> str:
     lines += [
         "",
         "Learned magnitudes per layer (mean over those seeds): mean and max |lambda| (state-query scale), mean |rho| "
-        "(gate), mean |beta| (add), mean |W^O_s| (concat); '-' where the layer has no such parameter.",
+        "(gate), mean |beta| (add), mean |W^O_s| (concat), mean |W^O_m| (middle heads, which mix (1 - s) Y into the "
+        "output); '-' where the layer has no such parameter.",
         "",
         "| variant | task | layer | fusion | mean abs lambda | max abs lambda | mean abs rho | mean abs beta "
-        "| mean abs W^O_s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mean abs W^O_s | mean abs W^O_m |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, variant in keys:
         for layer in contribution[(setting, variant)]["layers"]:

@@ -7,7 +7,7 @@
   middle heads (``s A``). The state itself (token shift, WKV state,
   v_first) still advances, so decoding with a cache stays consistent with the full forward.
 - :func:`state_head_magnitudes`: per converted layer, the parameters that scale Y: mean and max ``|lambda|``,
-  mean ``|rho|`` (gate), mean ``|beta|`` (add), mean ``|W^O_s|`` (concat).
+  mean ``|rho|`` (gate), mean ``|beta|`` (add), mean ``|W^O_s|`` (concat), mean ``|W^O_m|`` (middle heads).
 
 The accuracy drop under :func:`state_heads_zeroed` measures how much a trained model relies on its state heads
 (``wuneng bench-arch`` reports it per WuNeng variant).
@@ -100,7 +100,9 @@ def state_head_magnitudes(model: torch.nn.Module) -> list[dict]:
     ARWKV)}``, and for hybrid layers ``lambda_mean_abs`` / ``lambda_max_abs`` (mean and max of ``|lambda|`` over
     the H_q heads; None without the state-query modulation), plus by fusion: ``rho_mean_abs`` (gate: mean
     ``|rho|`` over [H_q, d]), ``beta_mean_abs`` (add: mean ``|beta|``), ``o_state_mean_abs`` (concat: mean
-    ``|W^O_s|``); hymba and none have no such parameter. Layers that kept plain attention are not listed."""
+    ``|W^O_s|``); hymba and none have no such parameter; ``o_middle_mean_abs``: mean ``|W^O_m|`` of the middle heads
+    (their ``(1 - s) Y`` enters the output through it; None without middle heads). Layers that kept plain attention
+    are not listed."""
     out: list[dict] = []
     for module in model.modules():
         if isinstance(module, ARWKVMixer):
@@ -116,5 +118,6 @@ def state_head_magnitudes(model: torch.nn.Module) -> list[dict]:
                 row["beta_mean_abs"] = _mean_abs(module.fusion_beta)
             elif module.fusion == "concat":
                 row["o_state_mean_abs"] = _mean_abs(module.o_state.weight)
+            row["o_middle_mean_abs"] = _mean_abs(module.o_middle.weight) if module.num_middle_heads > 0 else None
             out.append(row)
     return sorted(out, key=lambda r: r["layer"])
