@@ -175,7 +175,10 @@ def test_decoding_on_cuda_never_reaches_the_cpu_kernels(kind, cpu_reference, mon
     counting_fused.fetched = counting.fetched  # one list for both libraries
     monkeypatch.setattr(one_token_mod, "_library", lambda: counting_fused)
     fused = []
-    for module, name in ((rwkv7_layers, "time_mix_one_token"), (hybrid_layers, "hybrid_state_one_token")):
+    for module, name in (
+        (rwkv7_layers, "time_mix_one_token_planned"),
+        (hybrid_layers, "hybrid_state_one_token_planned"),
+    ):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: fused.append(_name) or _real(*a, **k))
 

@@ -334,8 +334,10 @@ def test_without_the_kernel_the_layers_decode_by_tensor_ops(monkeypatch):
         return hm(hidden_states=x, position_embeddings=pe, attention_mask=None, wuneng_context=HybridContext())[0]
 
     fused = []
-    real_fused = hybrid_mod.hybrid_state_one_token
-    monkeypatch.setattr(hybrid_mod, "hybrid_state_one_token", lambda *a, **k: fused.append(1) or real_fused(*a, **k))
+    real_fused = hybrid_mod.hybrid_state_one_token_planned
+    monkeypatch.setattr(
+        hybrid_mod, "hybrid_state_one_token_planned", lambda *a, **k: fused.append(1) or real_fused(*a, **k)
+    )
     with torch.no_grad():
         want_tm, want_hm = tm(x)[0], hybrid(x)
     calls_with_kernel = 1 if fused_kernel_available() else 0
@@ -470,3 +472,65 @@ def test_bfloat16_time_mix_layer_decodes_through_the_kernel(monkeypatch):
     err_fused, err_tensor = rel_err(fused[0].double(), want[0]), rel_err(tensor[0].double(), want[0])
     assert err_fused <= err_tensor and err_tensor <= 3e-2, (err_fused, err_tensor)
     assert rel_err(fused[2][1].double(), want[2][1]) <= 1e-5
+
+
+def _hybrid_case(C, H, N, B, H_kv, seed, dtype=torch.float64):
+    """Weights, inputs (u, shift, S, v_first, q, k, v) and a mask with a padded row, for the hybrid kernel."""
+    wt = make_hybrid_weights(C, H, N, True, True, 2 * N, seed=seed)
+    u, shift, S, v_first = make_inputs(B, C, H, N, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    q, k, v = (torch.randn(B, n, generator=g, dtype=torch.float64) for n in (H * N, H_kv * N, H_kv * N))
+    mask = torch.ones(B, dtype=torch.float64)
+    mask[1] = 0.0
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return HybridStateWeights(*map(cast, wt)), [cast(t) for t in (u, shift, S, v_first, q, k, v)], cast(mask)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["float64", "float32"])
+def test_hybrid_kernel_result_does_not_depend_on_the_thread_count(dtype, tol):
+    """The hybrid state kernel splits columns and heads across torch's threads; every element is computed by one
+    thread in the same order, so 1 and 2 threads agree exactly, and both agree with the float64 reference (relative
+    error <= tol). C = 200 (blocks of 16 columns with a ragged tail), A = 192, grouped kv heads, a padded row."""
+    wt64, ins64, mask64 = _hybrid_case(200, 3, 64, 3, 1, seed=21)
+    ref = hybrid_state_one_token_reference(*ins64, wt64, mask64)
+    wt, ins, mask = _hybrid_case(200, 3, 64, 3, 1, seed=21, dtype=dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(hybrid_state_one_token(*ins, wt, mask, impl="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two, want in zip(("y", "shift", "state", "v_first", "gamma", "middle"), *results, ref):
+        assert torch.equal(one, two), name
+        assert rel_err(one, want) <= tol, name
+
+
+@needs_kernel
+def test_hybrid_kernel_is_given_torch_thread_count(monkeypatch):
+    """The hybrid kernel's argument struct carries ``threads`` = torch.get_num_threads() (the OpenMP region's size)."""
+    from wuneng.fused._abi import HybridStateArgs
+
+    assert "threads" in HybridStateArgs.field_names
+    lib, seen = one_token_mod._library(), []
+
+    class Recording:  # the library, recording the struct each hybrid kernel call receives
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if not name.startswith("hybrid_state_one_token_"):
+                return fn
+            return lambda args: (seen.append(HybridStateArgs.packer.unpack(args)), fn(args))[1]
+
+    monkeypatch.setattr(one_token_mod, "_library", lambda: Recording())
+    wt, ins, mask = _hybrid_case(32, 2, 16, 2, 2, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            hybrid_state_one_token(*ins, wt, mask, impl="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    at = HybridStateArgs.order.index("threads")
+    assert [row[at] for row in seen] == [1, 2]

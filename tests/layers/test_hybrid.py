@@ -244,7 +244,7 @@ def test_inference_path_equals_autograd_path(kw, value_residual, monkeypatch):
     following decode steps through the cache (on CPU one C call for the state side,
     :func:`~wuneng.fused.one_token.hybrid_state_one_token`), outputs and cached states alike."""
     m = make_mixer(value_residual=value_residual, layer_idx=0, num_layers=2, **kw)
-    fused_calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
+    fused_calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token_planned")
     torch.manual_seed(2)
     B, P, T = 2, 3, 6
     u = torch.randn(B, T + 2, C, dtype=torch.float64)
@@ -319,7 +319,7 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 def test_fused_decoding_only_where_preferred(monkeypatch):
     """More work than one core should take (weights x batch x threads > FUSED_WORK_LIMIT) keeps the tensor path."""
     m = make_mixer(layer_idx=0, num_layers=1, value_residual=False)
-    calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
+    calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token_planned")
     u = torch.randn(1, 1, C, dtype=torch.float64)
     with torch.no_grad():
         call(m, u)
@@ -601,7 +601,7 @@ def test_decoding_plan_is_kept_per_session_and_follows_weight_changes(monkeypatc
     assert (fused - tensor).abs().max() <= 1e-12 * tensor.abs().max()
     unchanged, _ = decode(copy.deepcopy(m), True, lambda model: None)
     assert (unchanged[:, 2:] - fused[:, 2:]).abs().max() > 1e-6  # the change did reach the kernel
-    calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token")
+    calls = _count_calls(monkeypatch, hybrid_mod, "hybrid_state_one_token_planned")
     with torch.no_grad():
         call(m.float(), u[:, :1].float())  # float32 weights: a new plan of that dtype, still the kernel
     assert len(calls) == 1

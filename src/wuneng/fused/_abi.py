@@ -17,7 +17,7 @@ import operator
 import struct
 
 #: must equal WUNENG_KERNEL_ABI in csrc/args.h (bumped whenever an argument layout changes)
-KERNEL_ABI = 4
+KERNEL_ABI = 5
 
 _KINDS = {"i": ctypes.c_int64, "d": ctypes.c_double, "p": ctypes.c_void_p, "o": ctypes.c_void_p}
 _FORMATS = {"i": "q", "d": "d", "p": "P", "o": "P"}
@@ -49,7 +49,7 @@ TimeMixArgs = _structure(
 
 HybridStateArgs = _structure(
     "HybridStateArgs",
-    "i:B i:C i:H i:Hkv i:N i:Dw i:Da i:Dv i:Dr i:Dg i:Dm i:Wm i:value_residual d:eps "
+    "i:B i:C i:H i:Hkv i:N i:Dw i:Da i:Dv i:Dr i:Dg i:Dm i:Wm i:value_residual i:threads d:eps "
     "p:u p:mask p:shift p:state p:v_first p:q p:k p:v p:mix p:w0 p:w1 p:w2 p:a0 p:a1 p:a2 p:v0 p:v1 p:v2 "
     "p:R1 p:R2 p:G1 p:G2 p:gate_bias p:P1 p:P2 p:k_k p:k_a p:r_k p:ln_w p:ln_b "
     "o:work o:y_out o:shift_out o:state_out o:v_first_out o:gamma_out o:middle_out",

@@ -45,7 +45,7 @@ from ..ops.c_library import DTYPE_SUFFIX as _SUFFIX
 from ..ops.c_library import data_ptr as _ptr
 from ..ops.wkv7.readout import group_norm_bonus_reference
 from ..ops.wkv7.step import wkv7_step
-from ._abi import HybridStateArgs, TimeMixArgs, kernel_args
+from ._abi import HybridStateArgs, TimeMixArgs
 from .cpu import _library
 
 __all__ = [
@@ -66,6 +66,9 @@ __all__ = [
     "HybridStateWeights",
     "hybrid_state_one_token",
     "hybrid_state_one_token_reference",
+    "HybridStatePlan",
+    "hybrid_state_plan",
+    "hybrid_state_one_token_planned",
 ]
 
 TIME_MIX_IMPLS = ("auto", "cpu", "reference")
@@ -571,12 +574,78 @@ def hybrid_state_one_token(
         shift = torch.zeros_like(u)
     if not _kernel_chosen("hybrid_state_one_token", impl, u, weights, (u, shift, state, v_first, q, k, v), (q, k, v)):
         return hybrid_state_one_token_reference(u, shift, state, v_first, q, k, v, weights, mask)
+    B, C, H, H_kv, N = _check_hybrid(u, shift, state, v_first, q, k, v, weights, mask)
+    return hybrid_state_one_token_planned(u, shift, state, v_first, q, k, v, hybrid_state_plan(weights), mask)
+
+
+class HybridStatePlan(NamedTuple):
+    """A hybrid mixer's state-side weights prepared for repeated kernel calls (:func:`hybrid_state_plan`): checked
+    once, their sizes and data pointers read once. Valid while the weights keep their storage (the layer keeps its
+    plan in a :func:`~wuneng.layers.low_rank.derived_weight`, rebuilt when a weight changes)."""
+
+    weights: HybridStateWeights
+    suffix: str  # the kernel's name suffix: f32, f64
+    C: int
+    H: int
+    N: int
+    ranks: Tuple[int, int, int, int, int, int]  # D_w, D_a, D_v, D_r, D_g, D_m (0 where absent)
+    width_m: int  # W_m, the middle-head width (0 without middle heads)
+    params: int  # weight parameters read per token (what one_token_kernel_preferred counts)
+    pointers: tuple  # the weights' data pointers (0: NULL), in HybridStateWeights order
+
+
+def hybrid_state_plan(weights: HybridStateWeights) -> Optional[HybridStatePlan]:
+    """The plan of ``weights`` for :func:`hybrid_state_one_token_planned`, or None where the kernel cannot serve them
+    (:func:`one_token_kernel_fits`). Raises ValueError for weights of inconsistent shapes."""
     wt = weights
-    B, C, H, H_kv, N = _check_hybrid(u, shift, state, v_first, q, k, v, wt, mask)
-    A = H * N
+    if not one_token_kernel_fits(wt.k_k, wt):  # k_k: a weight of the weights' dtype and device
+        return None
+    H, N = wt.r_k.shape
+    C = wt.mix.shape[1]
+    one = wt.mix.new_zeros(1, C)  # a one-row token: _check_hybrid then checks the weights alone
+    kv = wt.mix.new_zeros(1, N)
+    vf = wt.mix.new_zeros(1, H * N) if wt.value_residual else None
+    _check_hybrid(one, one, None, vf, wt.mix.new_zeros(1, H * N), kv, kv, wt, None)
     rank = lambda t: 0 if t is None else t.shape[1]  # noqa: E731
-    dw, da, dv, dr, dg, dm = rank(wt.w1), rank(wt.a1), rank(wt.v1), rank(wt.R1), rank(wt.G1), rank(wt.P1)
+    ranks = (rank(wt.w1), rank(wt.a1), rank(wt.v1), rank(wt.R1), rank(wt.G1), rank(wt.P1))
     width_m = 0 if wt.P2 is None else wt.P2.shape[1]
+    params = sum(t.numel() for t in wt[:-1] if t is not None)
+    pointers = tuple(_ptr(t) for t in wt[:-1])
+    return HybridStatePlan(wt, _SUFFIX[wt.k_k.dtype], C, H, N, ranks, width_m, params, pointers)
+
+
+#: HybridStateArgs: the per-call fields, then the weights in HybridStateWeights order, then the outputs
+_HYBRID_CALL_FIELDS = (
+    "B C H Hkv N Dw Da Dv Dr Dg Dm Wm value_residual threads eps u mask shift state v_first q k v".split(),
+    "work y_out shift_out state_out v_first_out gamma_out middle_out".split(),
+)
+assert HybridStateArgs.order == (
+    *_HYBRID_CALL_FIELDS[0],
+    *HybridStateWeights._fields[:-1],
+    *_HYBRID_CALL_FIELDS[1],
+), "HybridStateArgs and HybridStateWeights disagree on the order of the weight fields"
+
+
+def hybrid_state_one_token_planned(
+    u: torch.Tensor,
+    shift: torch.Tensor,
+    state: Optional[torch.Tensor],
+    v_first: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: HybridStatePlan,
+    mask: Optional[torch.Tensor] = None,
+):
+    """:func:`hybrid_state_one_token` through the C kernel with weights already prepared (:func:`hybrid_state_plan`),
+    for callers that have checked the shapes (a layer's decoding step): u [B, C] of the plan's dtype on the CPU,
+    shift [B, C], state [B, H, N, N] or None, v_first [B, A] with value residual, q [B, A], k, v [B, H_kv N] of u's
+    dtype, mask [B] or None; no autograd. The kernel splits its work across ``torch.get_num_threads()`` threads.
+    Returns as :func:`hybrid_state_one_token`."""
+    wt = plan.weights
+    B, C, H, N = u.shape[0], plan.C, plan.H, plan.N
+    A, H_kv = H * N, k.shape[1] // N
+    dw, da, dv, dr, dg, dm = plan.ranks
     dt = u.dtype
     u, q, k, v = (t.contiguous() for t in (u, q, k, v))
     shift = shift.to(dt).contiguous()
@@ -586,43 +655,16 @@ def hybrid_state_one_token(
     y, shift_out, state_out = u.new_empty(B, A), u.new_empty(B, C), u.new_empty(B, H, N, N)
     v_out = None if wt.value_residual else u.new_empty(B, A)
     gamma = None if wt.G1 is None else u.new_empty(B, A)
-    middle = None if wt.P1 is None else u.new_empty(B, width_m)
+    middle = None if wt.P1 is None else u.new_empty(B, plan.width_m)
     work = u.new_empty(4 * B * C + 8 * B * A + B * (dw + da + dv + dr + dg + dm) + 2 * B * H)
-    fn = getattr(_library(), f"hybrid_state_one_token_{_SUFFIX[dt]}")
-    args = kernel_args(  # by field name; the C side's order is checked when the library loads (_abi)
-        HybridStateArgs,
-        dict(
-            B=B,
-            C=C,
-            H=H,
-            Hkv=H_kv,
-            N=N,
-            Dw=dw,
-            Da=da,
-            Dv=dv,
-            Dr=dr,
-            Dg=dg,
-            Dm=dm,
-            Wm=width_m,
-            value_residual=int(wt.value_residual),
-            eps=float(wt.eps),
-            u=_ptr(u),
-            mask=_ptr(m),
-            shift=_ptr(shift),
-            state=_ptr(state),
-            v_first=_ptr(v_in),
-            q=_ptr(q),
-            k=_ptr(k),
-            v=_ptr(v),
-            **{name: _ptr(t) for name, t in zip(wt._fields[:-1], wt[:-1])},
-            work=_ptr(work),
-            y_out=_ptr(y),
-            shift_out=_ptr(shift_out),
-            state_out=_ptr(state_out),
-            v_first_out=_ptr(v_out),
-            gamma_out=_ptr(gamma),
-            middle_out=_ptr(middle),
-        ),
-    )
+    fn = getattr(_library(), f"hybrid_state_one_token_{plan.suffix}")
+    # the struct's bytes in one pack: the fields in HybridStateArgs order (checked at import, _HYBRID_CALL_FIELDS)
+    args = HybridStateArgs.packer.pack(
+        B, C, H, H_kv, N, dw, da, dv, dr, dg, dm, plan.width_m, int(wt.value_residual), torch.get_num_threads(),
+        float(wt.eps),
+        _ptr(u), _ptr(m), _ptr(shift), _ptr(state), _ptr(v_in), _ptr(q), _ptr(k), _ptr(v),
+        *plan.pointers,
+        _ptr(work), _ptr(y), _ptr(shift_out), _ptr(state_out), _ptr(v_out), _ptr(gamma), _ptr(middle),
+    )  # fmt: skip
     fn(args)
     return y, shift_out, state_out, (v_first if wt.value_residual else v_out), gamma, middle

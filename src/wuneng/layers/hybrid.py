@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from ..fused.one_token import (
     HybridStateWeights,
-    hybrid_state_one_token,
+    hybrid_state_one_token_planned,
+    hybrid_state_plan,
     kernel_preferred_for,
-    one_token_kernel_fits,
 )
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift, token_shift_documents
@@ -647,12 +647,13 @@ class HybridMixer(nn.Module):
         return tensors + ([self.middle_lora_a, self.middle_lora_b] if self.num_middle_heads > 0 else [])
 
     def _one_token_plan(self) -> tuple:
-        """(:meth:`one_token_weights`, their dtype where the C kernel can serve them (else None), their number of
-        parameters): what :meth:`_state_one_token` checks at every decoding step, computed once per session."""
+        """(the kernel plan of :meth:`one_token_weights` (:func:`~wuneng.fused.one_token.hybrid_state_plan`: shapes
+        checked, pointers read), their dtype where the C kernel can serve them (else None), their number of
+        parameters): what :meth:`_state_one_token` needs at every decoding step, computed once per session."""
         weights = self.one_token_weights()
-        fits = one_token_kernel_fits(weights.k_k, weights)  # k_k: a weight of the weights' dtype and device
+        plan = hybrid_state_plan(weights)
         params = sum(t.numel() for t in weights[:-1] if t is not None)
-        return weights, weights.k_k.dtype if fits else None, params
+        return plan, None if plan is None else weights.k_k.dtype, params
 
     def _state_one_token(self, u, q, k, v, v_first, token_mask, shift, wkv_state):
         """The state side for one token by one C call (:func:`~wuneng.fused.one_token.hybrid_state_one_token`),
@@ -665,7 +666,7 @@ class HybridMixer(nn.Module):
         B = u.shape[0]
         # the weights gathered and checked once per decoding session (rebuilt when a weight changes): ~0.2 ms per
         # layer and token at Qwen2.5-0.5B shapes when done at every call
-        weights, dtype, params = derived_weight(self, "one_token_plan", self._one_token_sources(), self._one_token_plan)
+        plan, dtype, params = derived_weight(self, "one_token_plan", self._one_token_sources(), self._one_token_plan)
         if dtype is None or u.dtype != dtype or u.device.type != "cpu" or u.numel() == 0:
             return None
         if not kernel_preferred_for(params, B):
@@ -675,17 +676,10 @@ class HybridMixer(nn.Module):
         q, k, v = (t.reshape(B, -1).to(u.dtype) for t in (q, k, v))
         vf = v_first.reshape(B, -1).to(u.dtype) if self.state.value_residual else None
         m = None if token_mask is None else token_mask.reshape(B)
-        y, last, wkv_state, vf, gamma, middle = hybrid_state_one_token(
-            u.reshape(B, -1),
-            shift,
-            wkv_state,
-            vf,
-            q,
-            k,
-            v,
-            weights,
-            m,
-            impl="cpu",
+        u = u.reshape(B, -1)
+        shift = torch.zeros_like(u) if shift is None else shift
+        y, last, wkv_state, vf, gamma, middle = hybrid_state_one_token_planned(
+            u, shift, wkv_state, vf, q, k, v, plan, m
         )
         low = {}
         if gamma is not None:

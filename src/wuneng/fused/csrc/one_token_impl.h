@@ -229,13 +229,6 @@ static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, co
             }
 }
 
-#if !WUNENG_BF16_WEIGHTS
-static void NAME(matmul)(int64_t B, int64_t I, int64_t O, const real *x, const wreal *W, real *y)
-{
-    NAME(matmul_cols)(B, I, O, x, W, y, 0, O, 0);
-}
-#endif
-
 /* The state heads bh in [lo, hi) of the B * H heads (bh = b H + h), from projected r, k, v [B][A] and the LoRA
  * pre-activations (without their biases) wz (decay), az (in-context rate) and, with value residual, vz (value
  * gate): decay, value residual, key normalisation, a and b, the mask, the WKV-7 step and the read-out into `ro`
@@ -311,17 +304,6 @@ static void NAME(token_mixes)(int64_t B, int64_t C, int64_t Q, const real *x, co
         }
     }
 }
-
-#if !WUNENG_BF16_WEIGHTS /* the hybrid kernel: float32/float64 only */
-/* act(x w1) w2 into y [B][A] through the hidden h [B][D]; act: 0 none, 1 tanh, 2 sigmoid. */
-static void NAME(lora)(int64_t B, int64_t C, int64_t D, int64_t A, const real *x, const real *w1, const real *w2,
-                       int act, real *h, real *y)
-{
-    NAME(matmul_cols)(B, C, D, x, w1, h, 0, D, act);
-    NAME(matmul)(B, D, A, h, w2, y);
-}
-
-#endif
 
 /* The fused kernels take one struct of named fields (args.h: the field lists, shared with Python's ctypes
  * structures); NAME(x_layout)() returns the field list as text, which Python compares with its own at load. */
@@ -445,7 +427,8 @@ void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
  *     state heads (as time_mix_one_token from r, k_s, v_s, the decay / rate / value LoRAs on x_w, x_a, x_v)
  *
  * The receptance, gate and middle maps read u itself (unmasked), as the tensor path does. work holds
- * 4 B C + 8 B A + B (Dw + Da + Dv + Dr + Dg + Dm) + 2 B H reals. */
+ * 4 B C + 8 B A + B (Dw + Da + Dv + Dr + Dg + Dm) + 2 B H reals. Runs as one OpenMP region of `threads` threads,
+ * as time_mix_one_token (same split, same guarantee: the result does not depend on the thread count). */
 void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
 {
     HYBRID_STATE_FIELDS(UNPACK_INT, UNPACK_F64, UNPACK_IN, UNPACK_OUT)
@@ -454,36 +437,72 @@ void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
     real *xin = xm + 3 * BC;      /* [B][C] the masked token */
     real *r = xin + BC, *ks = r + BA, *vs = ks + BA, *w = vs + BA, *al = w + BA, *aa = al + BA, *bb = aa + BA;
     real *y = bb + BA;            /* [B][A] each */
-    real *h = y + BA;             /* LoRA hidden, [B][max(D)] */
-    real *stats = h + B * (Dw + Da + Dv + Dr + Dg + Dm); /* [B * H][2] */
+    real *h_r = y + BA, *h_w = h_r + B * Dr, *h_a = h_w + B * Dw, *h_v = h_a + B * Da, *h_g = h_v + B * Dv;
+    real *h_m = h_g + B * Dg;     /* the LoRA hidden [B][D] each */
+    real *stats = h_m + B * Dm;   /* [B * H][2] */
+    const int nthreads = threads > 1 ? (int)threads : 1;
+    (void)nthreads;
 
-    NAME(token_mixes)(B, C, value_residual ? 3 : 2, u, mask, shift, mix, xin, xm, 0, C);
-    NAME(lora)(B, C, Dr, A, u, R1, R2, 0, h, r);
-    for (int64_t i = 0; i < BA; ++i)
-        r[i] += q[i];
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t hh = 0; hh < H; ++hh) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        int64_t lo, hi;
+        NAME(share)(C, 16, t, T, &lo, &hi);
+        NAME(token_mixes)(B, C, value_residual ? 3 : 2, u, mask, shift, mix, xin, xm, lo, hi);
+        NAME(share)(B * H, 1, t, T, &lo, &hi);
+        for (int64_t bh = lo; bh < hi; ++bh) { /* k, v repeated over the query heads of each kv head */
+            const int64_t b = bh / H, hh = bh % H;
             const int64_t src = b * Akv + (hh / n_rep) * N, dst = b * A + hh * N;
             memcpy(ks + dst, k + src, (size_t)N * sizeof(real));
             memcpy(vs + dst, v + src, (size_t)N * sizeof(real));
         }
-    NAME(lora)(B, C, Dw, A, xm, w1, w2, 1, h, w);
-    NAME(lora)(B, C, Da, A, xm + BC, a1, a2, 0, h, al);
-    if (value_residual)
-        NAME(lora)(B, C, Dv, A, xm + 2 * BC, v1, v2, 0, h, aa);
-    if (Dg > 0) {
-        NAME(lora)(B, C, Dg, A, u, G1, G2, 0, h, gamma_out);
+        /* the maps of u need no barrier before them */
+        NAME(share)(Dr, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Dr, u, R1, h_r, lo, hi, 0);
+        NAME(share)(Dg, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Dg, u, G1, h_g, lo, hi, 0);
+        NAME(share)(Dm, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Dm, u, P1, h_m, lo, hi, 0);
+#pragma omp barrier
+        NAME(share)(Dw, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Dw, xm, w1, h_w, lo, hi, 1);
+        NAME(share)(Da, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, C, Da, xm + BC, a1, h_a, lo, hi, 0);
+        if (value_residual) {
+            NAME(share)(Dv, 16, t, T, &lo, &hi);
+            NAME(matmul_cols)(B, C, Dv, xm + 2 * BC, v1, h_v, lo, hi, 0);
+        }
+#pragma omp barrier
+        NAME(share)(A, 16, t, T, &lo, &hi);
+        NAME(matmul_cols)(B, Dr, A, h_r, R2, r, lo, hi, 0);
+        NAME(matmul_cols)(B, Dw, A, h_w, w2, w, lo, hi, 0);
+        NAME(matmul_cols)(B, Da, A, h_a, a2, al, lo, hi, 0);
+        if (value_residual)
+            NAME(matmul_cols)(B, Dv, A, h_v, v2, aa, lo, hi, 0);
+        if (Dg > 0)
+            NAME(matmul_cols)(B, Dg, A, h_g, G2, gamma_out, lo, hi, 0);
         for (int64_t b = 0; b < B; ++b)
-            for (int64_t i = 0; i < A; ++i)
-                gamma_out[b * A + i] = NAME(sigmoid)(gamma_out[b * A + i] + gate_bias[i]);
+            for (int64_t i = lo; i < hi; ++i) {
+                r[b * A + i] += q[b * A + i];
+                if (Dg > 0)
+                    gamma_out[b * A + i] = NAME(sigmoid)(gamma_out[b * A + i] + gate_bias[i]);
+            }
+        if (Dm > 0) {
+            NAME(share)(Wm, 16, t, T, &lo, &hi);
+            NAME(matmul_cols)(B, Dm, Wm, h_m, P2, middle_out, lo, hi, 2);
+        }
+#pragma omp barrier
+        NAME(share)(B * H, 1, t, T, &lo, &hi);
+        NAME(state_heads_one_token)(lo, hi, H, N, value_residual, eps, mask, r, ks, vs, w, al, aa, bb, y, stats,
+                                    v_first, v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out,
+                                    y_out, 0, 0);
+        NAME(share)(BC, 16, t, T, &lo, &hi);
+        if (hi > lo)
+            memcpy(shift_out + lo, xin + lo, (size_t)(hi - lo) * sizeof(real));
     }
-    if (Dm > 0) {
-        NAME(lora)(B, C, Dm, Wm, u, P1, P2, 0, h, middle_out);
-        for (int64_t i = 0; i < B * Wm; ++i)
-            middle_out[i] = NAME(sigmoid)(middle_out[i]);
-    }
-    NAME(state_heads_one_token)(0, B * H, H, N, value_residual, eps, mask, r, ks, vs, w, al, aa, bb, y, stats,
-                                v_first, v_first_out, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, state, state_out, y_out, 0, 0);
-    memcpy(shift_out, xin, (size_t)BC * sizeof(real));
 }
 #endif
