@@ -8,8 +8,8 @@ thing:
 
 - ``impl="reference"``: :func:`time_mix_one_token_reference`, the obvious tensor ops (any dtype/device);
 - ``impl="cpu"``: one call of ``csrc/one_token_impl.h`` (in the fused library of :mod:`.cpu`), float32/float64
-  CPU tensors, no autograd, single-threaded (a decoding step streams its weights from memory once; the
-  matrix-vector products are bandwidth-bound and as fast as the BLAS's on one core). Its arguments travel in
+  CPU tensors, no autograd, one OpenMP region of ``torch.get_num_threads()`` threads (rows, columns and heads
+  split across them; the result does not depend on the thread count). Its arguments travel in
   one struct filled by field name (:mod:`._abi`; the weights' NamedTuple field names are the C field names),
   and the C layout is checked against the Python one when the library loads.
 
@@ -262,12 +262,13 @@ def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
     return _library() is not None
 
 
-#: The hybrid state kernel runs on one core with plain C loops (matrix-vector products, four weight rows against
-#: one batch row at a time); the tensor path's BLAS uses every thread and blocks batched products far better. A
-#: hybrid decoding step takes the kernel while the batch is at most FUSED_MAX_BATCH and (weight parameters in the
-#: call) x batch x torch threads is at most FUSED_WORK_LIMIT. Chosen from `python benchmarks/one_token.py` on the
-#: 2-core development machine (single-threaded TimeMix kernel, fused / tensor time; benchmarks/README.md):
-#: 0.36-0.91 up to B 16 at C 384 and 1024 with 1 and 2 threads, 0.98-1.64 at B 64.
+#: A hybrid decoding step takes the hybrid state kernel while the batch is at most FUSED_MAX_BATCH and (weight
+#: parameters in the call) x batch x torch threads is at most FUSED_WORK_LIMIT. Chosen when the kernels were
+#: single-threaded, from `python benchmarks/one_token.py` on the 2-core development machine (single-threaded TimeMix
+#: kernel, fused / tensor time; benchmarks/README.md): 0.36-0.91 up to B 16 at C 384 and 1024 with 1 and 2 threads,
+#: 0.98-1.64 at B 64. The hybrid kernel now splits its work across torch's threads as the time-mix kernel does; the
+#: rule has not been measured again since (it only reads LoRA factors, 0.66 M parameters per layer at Qwen2.5-0.5B
+#: shapes, so the limit does not bind at batch <= 16 there).
 FUSED_MAX_BATCH = 16
 FUSED_WORK_LIMIT = 1 << 27
 
@@ -294,8 +295,8 @@ def time_mix_kernel_preferred(batch: int) -> bool:
 
 
 def kernel_preferred_for(params: int, batch: int) -> bool:
-    """Whether a single-threaded fused kernel (the hybrid state kernel) reading ``params`` weight parameters should
-    serve a decoding step of ``batch`` sequences (see FUSED_WORK_LIMIT)."""
+    """Whether the hybrid state kernel reading ``params`` weight parameters should serve a decoding step of
+    ``batch`` sequences (see FUSED_WORK_LIMIT)."""
     return batch <= FUSED_MAX_BATCH and params * batch * torch.get_num_threads() <= FUSED_WORK_LIMIT
 
 
