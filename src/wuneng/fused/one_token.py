@@ -266,9 +266,10 @@ def one_token_kernel_fits(x: torch.Tensor, weights) -> bool:
 #: parameters in the call) x batch x torch threads is at most FUSED_WORK_LIMIT. Chosen when the kernels were
 #: single-threaded, from `python benchmarks/one_token.py` on the 2-core development machine (single-threaded TimeMix
 #: kernel, fused / tensor time; benchmarks/README.md): 0.36-0.91 up to B 16 at C 384 and 1024 with 1 and 2 threads,
-#: 0.98-1.64 at B 64. The hybrid kernel now splits its work across torch's threads as the time-mix kernel does; the
-#: rule has not been measured again since (it only reads LoRA factors, 0.66 M parameters per layer at Qwen2.5-0.5B
-#: shapes, so the limit does not bind at batch <= 16 there).
+#: 0.98-1.64 at B 64. The hybrid kernel now splits its work across torch's threads as the time-mix kernel does. One
+#: check since, at Qwen2.5-0.5B shapes (0.66 M kernel parameters per layer: the work limit does not bind up to B 16;
+#: 6 layers, 2 threads, 256-token prompt, whole decoding step, kernel / tensor path, one run on a lightly loaded
+#: 2-core machine): 0.99 at B 1, 0.95 at B 8, 0.96 at B 16, 1.04 at B 32, which FUSED_MAX_BATCH = 16 matches.
 FUSED_MAX_BATCH = 16
 FUSED_WORK_LIMIT = 1 << 27
 
