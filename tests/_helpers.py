@@ -1,9 +1,22 @@
 """Helpers shared by test modules (importable as ``_helpers``: pytest puts tests/, the conftest's folder, on
 sys.path)."""
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(script: str) -> ModuleType:
+    """The module of ``benchmarks/<script>.py`` (the benchmarks are scripts, not a package), loaded fresh."""
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

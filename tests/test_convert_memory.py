@@ -3,20 +3,11 @@ benchmarks/convert_memory.py (VmHWM of each child process, Linux)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_memory.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("convert_memory_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _helpers import load_benchmark
 
 
 @pytest.mark.slow
@@ -29,7 +20,7 @@ def test_converting_a_160_mb_teacher_peaks_at_the_result_plus_15_percent(tmp_pat
     # process that imports the same modules and converts a tiny (< 1 MB) teacher the same way (the libraries' code
     # pages that loading, converting and saving touch). Measured: 1.03x (the old conversion, which built the
     # whole student in float32: 2.5x).
-    bench = load_benchmark()
+    bench = load_benchmark("convert_memory")
     r = bench.measure("small", "bfloat16", workdir=str(tmp_path), with_idle=False, build_in_process=True)
     mib = 2**20
     assert r["teacher_bytes"] > 150 * mib and r["new_bytes"] > 0

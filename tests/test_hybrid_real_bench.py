@@ -3,24 +3,14 @@ each of them, and the ratios are the teacher's numbers over (prefill) or under (
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_real.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("hybrid_real_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _helpers import load_benchmark
 
 
 @pytest.mark.slow
 def test_quick_run_measures_every_model_and_reports_ratios_to_the_teacher(capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("hybrid_real")
     out = bench.main(["--quick", "--threads", "1"])
     results, ratios = out["results"], out["ratios"]
     assert set(results) == {"prefill64", "decode64", "decode256"}
