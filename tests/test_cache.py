@@ -95,25 +95,29 @@ def _kv(generator, batch, length, heads=2, dim=3):
 
 def test_growing_kv_layer_equals_dynamic_layer_through_growth_and_batch_operations():
     """In-place appends into a buffer with spare room give the same keys/values as concatenation, across
-    reallocations (the buffer doubles), beam reordering, batch selection/repetition and crop."""
+    reallocations (to ``needed + needed // growth_divisor`` rounded up to the chunk), beam reordering, batch
+    selection/repetition and crop."""
     g = torch.Generator().manual_seed(0)
     grow, ref = GrowingKVLayer(), DynamicLayer()
-    GrowingKVLayer.min_capacity, saved = 4, GrowingKVLayer.min_capacity
+    saved = GrowingKVLayer.min_capacity, GrowingKVLayer.growth_divisor
+    GrowingKVLayer.min_capacity, GrowingKVLayer.growth_divisor = 4, 4  # chunk 4, a quarter spare: visible growth
     try:
         capacities = []
-        for step, length in enumerate([3, 1, 1, 2, 1, 5, 1]):
+        for step, length in enumerate([3, 1, 1, 2, 1, 5, 1, 20]):
             k, v = _kv(g, 3, length)
             kg, vg = grow.update(k, v)
             kr, vr = ref.update(k, v)
             assert torch.equal(kg, kr) and torch.equal(vg, vr), step
             assert grow.get_seq_length() == ref.get_seq_length() == kr.shape[-2]
             capacities.append(grow.capacity)
-        assert capacities == [4, 4, 8, 8, 8, 16, 16]  # doubled when full (3, 4, 5, 7, 8, 13, 14 positions)
-        assert grow.nbytes() == 2 * 3 * 2 * 16 * 3 * 4
+        # 3, 4, 5, 7, 8, 13, 14, 34 positions: reallocated at 5 (5 + 1 -> 8), 13 (13 + 3 -> 16), 34 (34 + 8 -> 44);
+        # doubling would have given 34 at the last step
+        assert capacities == [4, 4, 8, 8, 8, 16, 16, 44]
+        assert grow.nbytes() == 2 * 3 * 2 * 44 * 3 * 4
         beams = torch.tensor([2, 0, 0])
         grow.reorder_cache(beams)
         ref.reorder_cache(beams)
-        assert grow.capacity == 16 and torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
+        assert grow.capacity == 44 and torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
         grow.batch_repeat_interleave(2)
         ref.batch_repeat_interleave(2)
         grow.batch_select_indices(torch.tensor([0, 3, 5]))
@@ -123,11 +127,45 @@ def test_growing_kv_layer_equals_dynamic_layer_through_growth_and_batch_operatio
         k, v = _kv(g, 3, 2)
         kg, vg = grow.update(k, v)
         kr, vr = ref.update(k, v)
-        assert torch.equal(kg, kr) and torch.equal(vg, vr) and grow.get_seq_length() == 12
+        assert torch.equal(kg, kr) and torch.equal(vg, vr) and grow.get_seq_length() == 32
         grow.reset()
         assert grow.get_seq_length() == 0 and grow.nbytes() == 0 and grow.keys is None
     finally:
-        GrowingKVLayer.min_capacity = saved
+        GrowingKVLayer.min_capacity, GrowingKVLayer.growth_divisor = saved
+
+
+def _storage_bytes(*tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (the test's own count: a view counts its whole storage)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def test_growing_kv_layer_holds_at_most_a_sixteenth_more_than_dynamic_layer_plus_one_chunk():
+    """Memory bound of the growth rule, with the defaults (chunk 256, growth_divisor 16): a 300-token prefill,
+    then one token at a time up to 3000 tokens; at every step the storage behind the keys and values is at most
+    the storage behind ``DynamicLayer``'s (exactly the tokens held, what the teacher's cache holds) times 17/16
+    plus 256 positions. The rule before (doubling when full) held 1024 positions for 513 tokens (2x) and fails."""
+    g = torch.Generator().manual_seed(0)
+    grow, ref = GrowingKVLayer(), DynamicLayer()
+    position_bytes = 2 * 1 * 2 * 3 * 4  # keys and values, batch 1, 2 heads, dim 3, float32
+    k, v = _kv(g, 1, 300)
+    grow.update(k, v)
+    ref.update(k, v)
+    k, v = _kv(g, 1, 2700)
+    worst, reallocations, last_capacity = 0.0, 0, grow.capacity
+    for t in range(2700):
+        kg, vg = grow.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        kr, vr = ref.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        held, teacher = _storage_bytes(kg, vg), _storage_bytes(kr, vr)
+        assert teacher == kr.shape[-2] * position_bytes
+        assert held <= teacher + teacher // 16 + 256 * position_bytes, (kr.shape[-2], held / teacher)
+        assert held == grow.nbytes() and grow.capacity <= GrowingKVLayer.held_positions_bound(kr.shape[-2])
+        worst = max(worst, held / teacher)
+        reallocations += grow.capacity != last_capacity
+        last_capacity = grow.capacity
+    assert torch.equal(kg, kr) and torch.equal(vg, vr)
+    assert worst <= 1.0625 + 256 / 301
+    # 300 -> 512 -> 768 -> ... -> 2816 -> 3072: below 4096 tokens each step is one chunk (256 > needed / 16)
+    assert reallocations == 11 and grow.capacity == 3072
 
 
 def test_growing_kv_layer_concatenates_under_autograd():

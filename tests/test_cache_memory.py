@@ -206,3 +206,44 @@ def test_decoding_stores_its_states_without_copies(kind, monkeypatch):
         for step in range(3):
             cache = model(torch.tensor([[step + 1]]), past_key_values=cache, use_cache=True).past_key_values
     assert copies == [], copies
+
+
+def test_wuneng_keys_and_values_stay_within_a_sixteenth_of_the_teachers_after_decoding():
+    """WuNeng converted from a tiny Qwen2 teacher, both fed the same 600-token prompt and then 3 decoded tokens:
+    per layer, the storage behind WuNeng's keys and values (spare room included) is at most the storage behind
+    the teacher's ``DynamicCache`` (which holds exactly the tokens) times 17/16 plus 256 positions, and the keys
+    are the teacher's (function-preserving conversion, so the same tokens). Growing by doubling (the rule
+    before), the first decoded token reallocated 1200 positions for 601 (2x) and fails."""
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    teacher_config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=C,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=N,
+        max_position_embeddings=1024,
+    )
+    teacher = Qwen2ForCausalLM(teacher_config).eval()
+    wuneng = WuNengForCausalLM.from_teacher(teacher).eval()
+    ids = torch.randint(0, VOCAB, (1, 600), generator=torch.Generator().manual_seed(1))
+    caches = {"teacher": DynamicCache(config=teacher_config), "wuneng": wuneng.new_cache()}
+    with torch.no_grad():
+        for name, model in (("teacher", teacher), ("wuneng", wuneng)):
+            out = model(ids, past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+            for _ in range(3):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(token, past_key_values=caches[name], use_cache=True)
+    position_bytes = 2 * 1 * N * 4  # keys and values of one position: batch 1, 1 KV head, float32
+    for layer_idx in range(2):
+        ours, theirs = caches["wuneng"].layers[layer_idx], caches["teacher"].layers[layer_idx]
+        assert ours.get_seq_length() == theirs.keys.shape[-2] == 603
+        assert torch.allclose(ours.keys, theirs.keys, atol=1e-5)
+        held = held_bytes([ours.keys, ours.values])
+        teacher_bytes = held_bytes([theirs.keys, theirs.values])
+        assert teacher_bytes == 603 * position_bytes
+        assert held <= teacher_bytes + teacher_bytes // 16 + 256 * position_bytes, (layer_idx, held / teacher_bytes)
+        assert held == ours.nbytes() == 768 * position_bytes  # 601 + 37 rounded up to 3 chunks of 256

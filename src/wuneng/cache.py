@@ -126,21 +126,42 @@ def storage_nbytes(tensors) -> int:
 
 
 class GrowingKVLayer(DynamicLayer):
-    """A key/value cache layer whose tensors live in a buffer with spare room, grown geometrically.
+    """A key/value cache layer whose tensors live in a buffer with spare room, grown in small geometric steps.
 
     transformers' ``DynamicLayer`` concatenates on every ``update``: one decoded token copies the whole cache
     (2 x B x H_kv x S x d values per layer), which at batch 1 costs more than the attention that reads it.
     Here a token is written in place into ``[B, H_kv, capacity, d]`` buffers and ``keys``/``values`` are the
-    views ``buffer[:, :, :S]``; when the room runs out the buffers are reallocated at twice the size (at least
-    :attr:`min_capacity` positions), so a sequence of S tokens copies O(S) values in all instead of O(S^2).
+    views ``buffer[:, :, :S]``. The first update allocates ``max(min_capacity, T)`` positions (a long prefill:
+    exactly its T); when the room runs out the buffers are reallocated at :meth:`grown_capacity` of the positions
+    needed, ``needed + needed // growth_divisor`` rounded up to a multiple of :attr:`min_capacity`. So after S
+    appended positions the buffers hold at most ``S + S // 16 + 256`` positions (the bound
+    :meth:`held_positions_bound`; ``DynamicLayer`` holds exactly S, so at most 1.0625x the teacher's bytes plus
+    256 positions), and a sequence of S tokens copies about 17 S positions in all (a geometric series) instead
+    of ``DynamicLayer``'s O(S^2). Doubling (the rule before) held up to 2x the teacher's bytes.
 
     Under autograd (any input requiring grad while grad mode is on) it concatenates like ``DynamicLayer``: an
     in-place write would bump the version of a buffer that an earlier attention call saved for backward.
     The views returned by :meth:`update` are only valid until the next ``update`` (as with any cache).
     """
 
-    #: smallest capacity (positions) of a buffer: prefill of a short prompt leaves room for this many tokens
+    #: smallest capacity (positions) of a buffer, and the granularity of a reallocation: prefill of a short prompt
+    #: leaves room for this many tokens
     min_capacity = 256
+    #: a reallocation adds ``needed // growth_divisor`` spare positions (then rounds up to ``min_capacity``)
+    growth_divisor = 16
+
+    @classmethod
+    def grown_capacity(cls, needed: int) -> int:
+        """The capacity a reallocation for ``needed`` positions allocates: ``needed + needed // growth_divisor``
+        rounded up to a multiple of :attr:`min_capacity`."""
+        chunk = cls.min_capacity
+        return -(-(needed + needed // cls.growth_divisor) // chunk) * chunk
+
+    @classmethod
+    def held_positions_bound(cls, length: int) -> int:
+        """The most positions the buffers hold after ``length`` positions were appended (crop aside):
+        ``length + length // growth_divisor + min_capacity``."""
+        return length + length // cls.growth_divisor + cls.min_capacity
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -190,7 +211,8 @@ class GrowingKVLayer(DynamicLayer):
             self._value_buffer = value_states.new_empty(value_states.shape[:-2] + (capacity, value_states.shape[-1]))
             self._length = 0
         elif self._adopted or self._length + T > self.capacity:
-            capacity = max(2 * self._length, self._length + T, self.min_capacity)
+            # small steps, not doubling: the held room stays within 1/16 (+ one chunk) of what is used
+            capacity = max(self.grown_capacity(self._length + T), self.min_capacity)
             self._key_buffer, self._value_buffer = (
                 self._grown(self._key_buffer, capacity),
                 self._grown(self._value_buffer, capacity),
