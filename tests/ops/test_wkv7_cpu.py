@@ -45,7 +45,7 @@ def _with_grads(fn, seq, s0, q, seed=0):
 
 @needs_kernel
 @pytest.mark.parametrize("checkpoint_len", [1, 4, 16], ids=lambda c: f"ckpt{c}")
-@pytest.mark.parametrize("T,N", [(1, 16), (7, 16), (16, 5), (37, 16), (40, 7)], ids=lambda x: str(x))
+@pytest.mark.parametrize("T,N", [(1, 16), (7, 16), (16, 5), (37, 16), (40, 7), (1, 64), (37, 64)], ids=lambda x: str(x))
 @pytest.mark.parametrize("extra", [False, True], ids=["y", "y+extra"])
 def test_cpu_kernel_matches_float64_reference_values_and_grads(T, N, checkpoint_len, extra):
     seq, s0, q = make_inputs(2, T, 3, N, seed=T * 7 + N, extra=extra)
@@ -69,6 +69,24 @@ def test_cpu_kernel_float32_and_zero_initial_state():
         assert rel_err(o, o_ref) <= 1e-5, rel_err(o, o_ref)
     for g, g_ref in zip(grads, ref_grads):
         assert rel_err(g, g_ref) <= 1e-5, rel_err(g, g_ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("extra", [False, True], ids=["y", "y+extra"])
+def test_cpu_kernel_head_size_64_float32(extra):
+    """N = 64 takes the kernel's own vector path (register-held rows, value-major checkpoints): float32 values and
+    gradients within 1e-5 of the float64 oracle (relative norms), with and without an initial state, a partial
+    last checkpoint chunk (T = 45, L = 16)."""
+    for s0_given in (True, False):
+        seq, s0, q = make_inputs(2, 45, 2, 64, seed=11, extra=extra, state=s0_given)
+        ref, ref_grads = _with_grads(wkv7_reference, seq, s0, q)
+        low = {n: t.float() for n, t in seq.items()}
+        out, grads = _with_grads(wkv7_cpu, low, None if s0 is None else s0.float(), None if q is None else q.float())
+        assert all(o.dtype == torch.float32 for o in out)
+        for o, o_ref in zip(out, ref):
+            assert rel_err(o, o_ref) <= 1e-5, rel_err(o, o_ref)
+        for g, g_ref in zip(grads, ref_grads):
+            assert rel_err(g, g_ref) <= 1e-5, rel_err(g, g_ref)
 
 
 @needs_kernel

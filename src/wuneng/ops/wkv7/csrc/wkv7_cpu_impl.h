@@ -19,6 +19,10 @@
  * through them.
  *
  * Heads [bh0, bh1) of the B * H heads: callers split heads across threads, each with its own work.
+ *
+ * Head size 64 (every RWKV-7 and most teacher head sizes) takes its own vector path, wkv64_forward and
+ * wkv64_backward below (rows in registers, a value-major backward, value-major checkpoints); the generic loops
+ * serve every other N.
  */
 
 static inline real NAME(dot)(const real *restrict x, const real *restrict y, int64_t n)
@@ -89,13 +93,260 @@ static inline void NAME(step)(int64_t N, const real *old, real *nw, real *restri
     }
 }
 
+/* ---- Head size 64: the same recurrence with every state row held as W64_NV vectors of 64 bytes ----
+ *
+ * GCC/Clang vector extensions (lowered to AVX-512, AVX2 or NEON by -march=native); with the row length a
+ * compile-time constant the per-token vectors (sa, y, v and the gradient accumulators) stay in registers,
+ * which the generic loops above cannot do (they reload and store sa and y for every key).
+ * - Forward: key-major state, one pass over the state per token: the new row j updates y and, with the next
+ *   token's a, the next token's sa = S_t a_{t+1} (no separate pass for sa).
+ * - Backward: value-major (rows i), one pass per token: every sum over the keys j (dr, dk, db, dw, da) is a
+ *   vector accumulation, and only dv_i and dsa_i are horizontal sums (two per row, against five per key in the
+ *   key-major form). The checkpoints are therefore stored value-major by wkv64_forward; both functions are
+ *   chosen together, on N alone (wkv7_forward / wkv7_backward), so the layout always matches.
+ * Tested against the float64 oracle at N = 64 (tests/ops/test_wkv7_cpu.py). */
+typedef real NAME(w64v) __attribute__((vector_size(64)));
+typedef real NAME(w64h) __attribute__((vector_size(32)));
+typedef real NAME(w64q) __attribute__((vector_size(16)));
+#define W64_LANES ((int)(64 / sizeof(real)))
+#define W64_NV ((int)(64 / W64_LANES))
+
+static inline NAME(w64v) NAME(w64load)(const real *p)
+{
+    NAME(w64v) x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void NAME(w64store)(real *p, NAME(w64v) x)
+{
+    memcpy(p, &x, sizeof x);
+}
+
+/* the sum of the lanes, as a tree of halves */
+static inline real NAME(w64sum)(NAME(w64v) x)
+{
+    NAME(w64h) lo, hi;
+    memcpy(&lo, &x, sizeof lo);
+    memcpy(&hi, (const char *)&x + sizeof lo, sizeof hi);
+    lo += hi;
+    NAME(w64q) l2, h2;
+    memcpy(&l2, &lo, sizeof l2);
+    memcpy(&h2, (const char *)&lo + sizeof l2, sizeof h2);
+    l2 += h2;
+    real s = 0;
+    for (int j = 0; j < (int)(16 / sizeof(real)); ++j)
+        s += l2[j];
+    return s;
+}
+
+/* dst = src^T for 64 x 64 (8 x 8 blocks, both sides in cache) */
+static void NAME(w64transpose)(real *restrict dst, const real *restrict src)
+{
+    for (int i0 = 0; i0 < 64; i0 += 8)
+        for (int j0 = 0; j0 < 64; j0 += 8)
+            for (int i = i0; i < i0 + 8; ++i)
+                for (int j = j0; j < j0 + 8; ++j)
+                    dst[j * 64 + i] = src[i * 64 + j];
+}
+
+/* One token on the key-major state ST: sa = S_{t-1} a_t (given) -> ST = S_t, y (and y2) = S_t r (q), and
+ * sa <- S_t an (the next token's a). */
+static inline __attribute__((always_inline)) void
+NAME(w64token)(real *restrict ST, NAME(w64v) *sa, const real *restrict rt, const real *restrict wt,
+               const real *restrict kt, const real *restrict vt, const real *restrict bt, const real *restrict qt,
+               const real *restrict an, real *restrict yt, real *restrict y2t, const int has_q)
+{
+    NAME(w64v) vv[W64_NV], yv[W64_NV], y2v[W64_NV], sn[W64_NV];
+    for (int u = 0; u < W64_NV; ++u) {
+        vv[u] = NAME(w64load)(vt + u * W64_LANES);
+        yv[u] = y2v[u] = sn[u] = (NAME(w64v)){0};
+    }
+    for (int j = 0; j < 64; ++j) {
+        const real wj = wt[j], bj = bt[j], kj = kt[j], rj = rt[j], aj = an[j], qj = has_q ? qt[j] : 0;
+        real *row = ST + j * 64;
+        for (int u = 0; u < W64_NV; ++u) {
+            const NAME(w64v) s = NAME(w64load)(row + u * W64_LANES) * wj + sa[u] * bj + vv[u] * kj;
+            NAME(w64store)(row + u * W64_LANES, s);
+            yv[u] += s * rj;
+            sn[u] += s * aj;
+            if (has_q)
+                y2v[u] += s * qj;
+        }
+    }
+    for (int u = 0; u < W64_NV; ++u) {
+        NAME(w64store)(yt + u * W64_LANES, yv[u]);
+        if (has_q)
+            NAME(w64store)(y2t + u * W64_LANES, y2v[u]);
+        sa[u] = sn[u];
+    }
+}
+
+/* wkv7_forward at N = 64 (same arguments); ckpt value-major. work: 64 * 64 reals. */
+static void NAME(wkv64_forward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t L, const real *r,
+                                const real *w, const real *k, const real *v, const real *a, const real *b,
+                                const real *q, const real *s0, real *y, real *y2, real *s_out, real *ckpt,
+                                real *work)
+{
+    const int64_t stride = H * 64, NN = 64 * 64, n_chunks = (T + L - 1) / L;
+    real *ST = work;
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t base = (bh / H) * T * stride + (bh % H) * 64;
+        if (s0)
+            NAME(w64transpose)(ST, s0 + bh * NN);
+        else
+            memset(ST, 0, NN * sizeof(real));
+        NAME(w64v) sa[W64_NV];
+        for (int u = 0; u < W64_NV; ++u)
+            sa[u] = (NAME(w64v)){0};
+        if (s0)
+            for (int j = 0; j < 64; ++j)
+                for (int u = 0; u < W64_NV; ++u)
+                    sa[u] += NAME(w64load)(ST + j * 64 + u * W64_LANES) * a[base + j];
+        for (int64_t t = 0; t < T; ++t) {
+            if (ckpt && t % L == 0)
+                NAME(w64transpose)(ckpt + (bh * n_chunks + t / L) * NN, ST);
+            const int64_t o = base + t * stride, on = t + 1 < T ? o + stride : o;
+            if (q)
+                NAME(w64token)(ST, sa, r + o, w + o, k + o, v + o, b + o, q + o, a + on, y + o, y2 + o, 1);
+            else
+                NAME(w64token)(ST, sa, r + o, w + o, k + o, v + o, b + o, 0, a + on, y + o, 0, 0);
+        }
+        NAME(w64transpose)(s_out + bh * NN, ST);
+    }
+}
+
+/* One token of the backward on value-major states: G = dL/dS_t -> dL/dS_{t-1}; writes the token's gradients. */
+static inline __attribute__((always_inline)) void
+NAME(w64token_backward)(real *restrict G, const real *restrict old, const real *restrict nw,
+                        const real *restrict sa, const real *restrict rt, const real *restrict wt,
+                        const real *restrict kt, const real *restrict vt, const real *restrict at,
+                        const real *restrict bt, const real *restrict qt, const real *restrict dyt,
+                        const real *restrict dy2t, real *restrict drt, real *restrict dwt, real *restrict dkt,
+                        real *restrict dvt, real *restrict dat, real *restrict dbt, real *restrict dqt,
+                        const int has_q)
+{
+    NAME(w64v) rv[W64_NV], wv[W64_NV], kv[W64_NV], av[W64_NV], bv[W64_NV], qv[W64_NV];
+    NAME(w64v) dr[W64_NV], dw[W64_NV], dk[W64_NV], da[W64_NV], db[W64_NV], dq[W64_NV];
+    for (int u = 0; u < W64_NV; ++u) {
+        rv[u] = NAME(w64load)(rt + u * W64_LANES);
+        wv[u] = NAME(w64load)(wt + u * W64_LANES);
+        kv[u] = NAME(w64load)(kt + u * W64_LANES);
+        av[u] = NAME(w64load)(at + u * W64_LANES);
+        bv[u] = NAME(w64load)(bt + u * W64_LANES);
+        qv[u] = has_q ? NAME(w64load)(qt + u * W64_LANES) : (NAME(w64v)){0};
+        dr[u] = dw[u] = dk[u] = da[u] = db[u] = dq[u] = (NAME(w64v)){0};
+    }
+    for (int i = 0; i < 64; ++i) {
+        real *g = G + i * 64;
+        const real *o_row = old + i * 64, *n_row = nw + i * 64;
+        const real dyi = dyt[i], dy2i = has_q ? dy2t[i] : 0, sai = sa[i], vi = vt[i];
+        /* x = G + dy r^T (+ dy2 q^T) (row i); dr += dy_i S_t[i]; dv_i = x k, dsa_i = x b */
+        NAME(w64v) x[W64_NV], pk = {0}, pb = {0};
+        for (int u = 0; u < W64_NV; ++u) {
+            const NAME(w64v) s = NAME(w64load)(n_row + u * W64_LANES);
+            x[u] = NAME(w64load)(g + u * W64_LANES) + rv[u] * dyi;
+            dr[u] += s * dyi;
+            if (has_q) {
+                x[u] += qv[u] * dy2i;
+                dq[u] += s * dy2i;
+            }
+            pk += x[u] * kv[u];
+            pb += x[u] * bv[u];
+        }
+        const real dsai = NAME(w64sum)(pb);
+        dvt[i] = NAME(w64sum)(pk);
+        /* S_t = S_{t-1} w + sa b^T + v k^T, sa = S_{t-1} a */
+        for (int u = 0; u < W64_NV; ++u) {
+            const NAME(w64v) s_old = NAME(w64load)(o_row + u * W64_LANES);
+            dk[u] += x[u] * vi;
+            db[u] += x[u] * sai;
+            dw[u] += x[u] * s_old;
+            da[u] += s_old * dsai;
+            NAME(w64store)(g + u * W64_LANES, x[u] * wv[u] + av[u] * dsai);
+        }
+    }
+    for (int u = 0; u < W64_NV; ++u) {
+        NAME(w64store)(drt + u * W64_LANES, dr[u]);
+        NAME(w64store)(dwt + u * W64_LANES, dw[u]);
+        NAME(w64store)(dkt + u * W64_LANES, dk[u]);
+        NAME(w64store)(dat + u * W64_LANES, da[u]);
+        NAME(w64store)(dbt + u * W64_LANES, db[u]);
+        if (has_q)
+            NAME(w64store)(dqt + u * W64_LANES, dq[u]);
+    }
+}
+
+/* wkv7_backward at N = 64 (same arguments; ckpt value-major as wkv64_forward stores it). work: (L + 1) 64^2
+ * + L 64 reals for the chunk's states and sa rows, 64^2 for G. */
+static void NAME(wkv64_backward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t L, const real *r,
+                                 const real *w, const real *k, const real *v, const real *a, const real *b,
+                                 const real *q, const real *ckpt, const real *dy, const real *dy2,
+                                 const real *ds_final, real *dr, real *dw, real *dk, real *dv, real *da, real *db,
+                                 real *dq, real *ds0, real *work)
+{
+    const int64_t stride = H * 64, NN = 64 * 64, n_chunks = (T + L - 1) / L;
+    real *G = work, *states = work + NN, *sas = states + (L + 1) * NN;
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t base = (bh / H) * T * stride + (bh % H) * 64;
+        if (ds_final)
+            memcpy(G, ds_final + bh * NN, NN * sizeof(real));
+        else
+            memset(G, 0, NN * sizeof(real));
+        for (int64_t c = n_chunks - 1; c >= 0; --c) {
+            const int64_t t0 = c * L, n = (T - t0 < L) ? T - t0 : L;
+            /* states[l] = before token t0 + l, states[l + 1] = after it; sas[l] = S_{t-1} a_t */
+            memcpy(states, ckpt + (bh * n_chunks + c) * NN, NN * sizeof(real));
+            for (int64_t l = 0; l < n; ++l) {
+                const int64_t o = base + (t0 + l) * stride;
+                const real *old = states + l * NN;
+                real *nw = states + (l + 1) * NN, *sa = sas + l * 64;
+                NAME(w64v) av[W64_NV], wv[W64_NV], bv[W64_NV], kv[W64_NV];
+                for (int u = 0; u < W64_NV; ++u) {
+                    av[u] = NAME(w64load)(a + o + u * W64_LANES);
+                    wv[u] = NAME(w64load)(w + o + u * W64_LANES);
+                    bv[u] = NAME(w64load)(b + o + u * W64_LANES);
+                    kv[u] = NAME(w64load)(k + o + u * W64_LANES);
+                }
+                for (int i = 0; i < 64; ++i) {
+                    NAME(w64v) row[W64_NV], p = {0};
+                    for (int u = 0; u < W64_NV; ++u) {
+                        row[u] = NAME(w64load)(old + i * 64 + u * W64_LANES);
+                        p += row[u] * av[u];
+                    }
+                    const real sai = NAME(w64sum)(p), vi = v[o + i];
+                    sa[i] = sai;
+                    for (int u = 0; u < W64_NV; ++u)
+                        NAME(w64store)(nw + i * 64 + u * W64_LANES, row[u] * wv[u] + bv[u] * sai + kv[u] * vi);
+                }
+            }
+            for (int64_t l = n - 1; l >= 0; --l) {
+                const int64_t o = base + (t0 + l) * stride;
+                const real *old = states + l * NN, *nw = states + (l + 1) * NN, *sa = sas + l * 64;
+                if (q)
+                    NAME(w64token_backward)(G, old, nw, sa, r + o, w + o, k + o, v + o, a + o, b + o, q + o, dy + o,
+                                            dy2 + o, dr + o, dw + o, dk + o, dv + o, da + o, db + o, dq + o, 1);
+                else
+                    NAME(w64token_backward)(G, old, nw, sa, r + o, w + o, k + o, v + o, a + o, b + o, 0, dy + o, 0,
+                                            dr + o, dw + o, dk + o, dv + o, da + o, db + o, 0, 0);
+            }
+        }
+        memcpy(ds0 + bh * NN, G, NN * sizeof(real));
+    }
+}
+
 /* y (and y2 when q), the final states s_out [B*H, N, N] value-major; ckpt (nullable): [B*H, ceil(T/L),
- * N, N] key-major chunk-start states for the backward. s0 may be NULL (zero state). work: N*N + 3N reals. */
+ * N, N] key-major chunk-start states for the backward (value-major at N = 64, see wkv64_forward). s0 may be
+ * NULL (zero state). work: N*N + 3N reals. */
 void NAME(wkv7_forward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t N, int64_t L,
                         const real *r, const real *w, const real *k, const real *v, const real *a,
                         const real *b, const real *q, const real *s0, real *y, real *y2, real *s_out,
                         real *ckpt, real *work)
 {
+    if (N == 64) {
+        NAME(wkv64_forward)(bh0, bh1, T, H, L, r, w, k, v, a, b, q, s0, y, y2, s_out, ckpt, work);
+        return;
+    }
     const int64_t stride = H * N, NN = N * N, n_chunks = (T + L - 1) / L;
     real *ST = work, *sa = work + NN, *ys = sa + N, *y2s = ys + N;
     for (int64_t bh = bh0; bh < bh1; ++bh) {
@@ -126,6 +377,11 @@ void NAME(wkv7_backward)(int64_t bh0, int64_t bh1, int64_t T, int64_t H, int64_t
                          const real *ds_final, real *dr, real *dw, real *dk, real *dv, real *da, real *db,
                          real *dq, real *ds0, real *work)
 {
+    if (N == 64) {
+        NAME(wkv64_backward)(bh0, bh1, T, H, L, r, w, k, v, a, b, q, ckpt, dy, dy2, ds_final, dr, dw, dk, dv, da, db,
+                             dq, ds0, work);
+        return;
+    }
     const int64_t stride = H * N, NN = N * N, n_chunks = (T + L - 1) / L;
     real *G = work, *states = work + NN, *sas = states + (L + 1) * NN, *dsa = sas + L * N, *spare = dsa + N;
     for (int64_t bh = bh0; bh < bh1; ++bh) {
