@@ -7,8 +7,11 @@ Prints one table of tokens/s (B * T tokens per call), forward and forward+backwa
     cpu            wkv7_cpu: the C kernel (sequential recurrence, checkpointed backward), when it builds
     fla-chunkwise  fla's pure-PyTorch dplr_chunkwise (CPU peer; forward+backward by autograd)
 
-and the chunked form's effective GFLOP/s (its matmul FLOPs / time) beside a float32 matmul measured
-in the same run, and the ratios chunked/reference, chunked/fla-chunkwise and cpu/chunked.
+and the chunked form's effective GFLOP/s (its matmul FLOPs / time) as a fraction of the machine's float32 matmul
+rate measured in the same run: a 1024^3 matmul and batched matmuls at the chunked form's shapes, each the best of
+5, measured before the first sequence length and after each (the largest of all is the peak: load from other
+processes lowers a measurement, never raises it); and the ratios chunked/reference, chunked/fla-chunkwise and
+cpu/chunked. Every row prints the load average at the time.
 
 Timing: warm-up call, then the median of ``--repeats`` calls; the methods take turns inside each
 repeat so that load from other processes on the machine hits them alike (compare ratios of one run).
@@ -21,7 +24,9 @@ The reference loop's rate does not depend on T, so it is timed on the first ``--
 To compare a change of the chunked form with an earlier version in the same process (interleaved, so that
 load from other processes hits both alike), point ``--baseline-src`` at the ``src`` folder of another
 checkout, e.g. ``git worktree add /tmp/base HEAD~1``, then ``--baseline-src /tmp/base/src``: its
-``wkv7_chunked`` runs as ``chunked-baseline`` and the ratio chunked / chunked-baseline is printed.
+``wkv7_chunked`` runs as ``chunked-baseline`` and the ratio chunked / chunked-baseline is printed; its C kernel
+(when its ABI is this one's) runs as ``cpu-baseline`` under this checkout's Python side. ``--forms chunked cpu``
+times only those rows.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def chunked_matmul_flops(B: int, T: int, H: int, N: int, L: int, backward: bool)
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """float32 GFLOP/s of one size^3 matmul, the best of ``repeats`` (the least disturbed by other processes)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     times = []
@@ -72,7 +78,42 @@ def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / min(times) / 1e9
+
+
+def bmm_gflops(batch: int, m: int, k: int, n: int, repeats: int = 5, inner: int = 4) -> float:
+    """float32 GFLOP/s of a batched [batch, m, k] x [batch, k, n] matmul (the chunked form's shape), best of
+    ``repeats`` timings of ``inner`` calls each."""
+    a, b = torch.randn(batch, m, k), torch.randn(batch, k, n)
+    torch.bmm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.bmm(a, b)
+        times.append((time.perf_counter() - t0) / inner)
+    return 2 * batch * m * k * n / min(times) / 1e9
+
+
+def matmul_peaks(N: int, L: int) -> dict:
+    """The machine's float32 matmul rate, measured now: a 1024^3 matmul, and batched matmuls at the chunked
+    form's shapes (a group of about 96 matrices: [L, N] x [N, N] and [2L, N] x [N, 2L]); each the best of its
+    repeats. The peak is the largest of them."""
+    peaks = {
+        "1024^3": matmul_gflops(),
+        f"bmm 96x[{L},{N}]x[{N},{N}]": bmm_gflops(96, L, N, N),
+        f"bmm 96x[{2 * L},{N}]x[{N},{2 * L}]": bmm_gflops(96, 2 * L, N, 2 * L),
+    }
+    peaks["peak"] = max(peaks.values())
+    return peaks
+
+
+def _load() -> str:
+    """The 1-minute load average (what else the machine was running), or '?' where /proc is absent."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 def _fla_chunkwise():
@@ -95,6 +136,44 @@ def _baseline_chunked(src: str):
     package.__path__ = [str(folder)]
     sys.modules["wkv7_baseline"] = package
     return importlib.import_module("wkv7_baseline.chunk").wkv7_chunked
+
+
+def _baseline_cpu(src: str):
+    """``wkv7_cpu`` running the C kernel built from another checkout's ``csrc`` (same ABI), or None (printed why).
+
+    The library is built beside this one's in the kernel cache; the call swaps it in for its duration, so the
+    Python side (checks, layouts, autograd) is this checkout's and only the kernel differs."""
+    from wuneng.ops import c_library
+    from wuneng.ops.wkv7 import cpu as cpu_mod
+
+    csrc = Path(src) / "wuneng" / "ops" / "wkv7" / "csrc"
+    sources = [p for p in sorted(csrc.glob("*")) if p.suffix in (".c", ".h")]
+    if not (csrc / "wkv7_cpu.c").is_file():
+        print(f"(cpu-baseline: {csrc / 'wkv7_cpu.c'} not found)")
+        return None
+    library = c_library.CLibrary(
+        "wkv7_cpu_baseline",
+        csrc / "wkv7_cpu.c",
+        sources,
+        abi=cpu_mod.KERNEL_ABI,
+        logger=cpu_mod.logger,
+        fallback="no cpu-baseline row",
+        configure=cpu_mod._configure,
+    )
+    lib = library.load()
+    if lib is None:
+        print(f"(cpu-baseline unavailable: {library.error})")
+        return None
+
+    def run(*a):
+        current = cpu_mod._library
+        cpu_mod._library = lambda: lib
+        try:
+            return wkv7_cpu(*a)
+        finally:
+            cpu_mod._library = current
+
+    return run
 
 
 def build_calls(args, T: int):
@@ -128,6 +207,9 @@ def build_calls(args, T: int):
         calls["chunked-baseline"] = (lambda: baseline(*x), with_grad(baseline, x), B * T)
     if cpu_kernel_available():
         calls["cpu"] = (lambda: wkv7_cpu(*x), with_grad(wkv7_cpu, x), B * T)
+        cpu_baseline = _baseline_cpu(args.baseline_src) if args.baseline_src else None
+        if cpu_baseline is not None:
+            calls["cpu-baseline"] = (lambda: cpu_baseline(*x), with_grad(cpu_baseline, x), B * T)
     else:
         print(f"(C kernel unavailable: {cpu_kernel_error()})")
 
@@ -171,48 +253,73 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="one timed repeat")
-    p.add_argument("--baseline-src", help="src folder of another checkout: time its wkv7_chunked beside this one")
+    p.add_argument(
+        "--baseline-src",
+        help="src folder of another checkout: time its wkv7_chunked (and its C kernel, same ABI) beside this one",
+    )
+    p.add_argument(
+        "--forms",
+        nargs="+",
+        help="time only these rows (reference, chunked, chunked-baseline, cpu, cpu-baseline, fla-chunkwise)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.B} H={args.H} N={args.N}, "
-        f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}"
+        f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}; load {_load()}"
     )
-    peak = matmul_gflops()
-    print(f"float32 matmul 1024^3: {peak:.1f} GFLOP/s")
+    L = min(args.chunk, max(args.T))
+    peaks = [matmul_peaks(args.N, L)]
+    print("float32 matmul GFLOP/s (best of 5 each): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks[0].items()))
     header = f"{'T':>6} {'form':<16} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'GFLOP/s fwd':>12} {'GFLOP/s f+b':>12}"
-    rows, ratios = [header, "-" * len(header)], []
+    rows, ratios, chunked_rates = [header, "-" * len(header)], [], []
     for T in args.T:
         calls = build_calls(args, T)
+        if args.forms:
+            calls = {name: c for name, c in calls.items() if name in args.forms}
         times = time_calls(calls, repeats)
+        load = _load()
         rate = {key: calls[key[0]][2] / t for key, t in times.items()}
         for name in calls:
             gf = ["", ""]
-            if name == "chunked":
+            if name in ("chunked", "chunked-baseline"):
                 for i, (mode, bwd) in enumerate((("fwd", False), ("fwd+bwd", True))):
                     flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(args.chunk, T), bwd)
                     gf[i] = f"{flops / times[(name, mode)] / 1e9:.1f}"
+                chunked_rates.append((T, name, float(gf[1])))
             rows.append(
-                f"{T:>6} {name:<16} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} {gf[1]:>12}"
+                f"{T:>6} {name:<16} {rate[(name, 'fwd')]:>11.0f} {rate[(name, 'fwd+bwd')]:>14.0f} {gf[0]:>12} "
+                f"{gf[1]:>12}   load {load}"
             )
         pairs = (
             ("chunked", "reference"),
             ("chunked", "fla-chunkwise"),
             ("cpu", "chunked"),
             ("chunked", "chunked-baseline"),
+            ("cpu", "cpu-baseline"),
         )
         for form, other in pairs:
             if form in calls and other in calls:
-                digits = 3 if other == "chunked-baseline" else 1
+                digits = 3 if other.endswith("-baseline") else 1
                 ratios.append(
                     f"T={T}: {form} / {other} (speed): fwd {rate[(form, 'fwd')] / rate[(other, 'fwd')]:.{digits}f}x, "
                     f"fwd+bwd {rate[(form, 'fwd+bwd')] / rate[(other, 'fwd+bwd')]:.{digits}f}x"
                 )
+        peaks.append(matmul_peaks(args.N, L))  # between the sequence lengths and after the last
     print("\n".join(rows))
     print("\n".join(ratios))
-    print(f"float32 matmul after the runs: {matmul_gflops():.1f} GFLOP/s")
+    print(
+        "float32 matmul GFLOP/s after each T: "
+        + "; ".join(", ".join(f"{k} {v:.1f}" for k, v in p.items()) for p in peaks[1:])
+    )
+    peak = max(p["peak"] for p in peaks)
+    for T, name, gflops in chunked_rates:
+        print(
+            f"T={T}: {name} fwd+bwd {gflops:.1f} GFLOP/s = {gflops / peak:.0%} of the best matmul rate measured in "
+            f"this run ({peak:.1f} GFLOP/s); load {_load()}"
+        )
 
 
 if __name__ == "__main__":

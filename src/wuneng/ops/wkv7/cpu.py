@@ -10,6 +10,10 @@ materialised. Python cannot run it fast; ``csrc/wkv7_cpu.c`` does, for float32 a
   the chunked form's dozens of [L, L] / [L, N] intermediates.
 - Backward: from the last chunk to the first, recompute the chunk's states from its checkpoint (one
   state row at a time: rows evolve independently) and run the row backward through the chunk.
+- Head size 64 has its own code (``wkv64_forward`` / ``wkv64_backward`` in ``csrc/wkv7_cpu_impl.h``): the row
+  length is a compile-time constant, so a row is a few 64-byte vectors held in registers; the forward makes one
+  pass over the state per token (the next token's ``S a`` is accumulated with the update) and the backward runs
+  value-major, one pass per token with two horizontal sums per row. Other head sizes take the generic loops.
 - Threads: heads are split across ``torch.get_num_threads()`` Python threads (a pool created on first use,
   per process); ctypes releases the GIL for the duration of a C call, so they run in parallel.
 
