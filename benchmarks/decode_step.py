@@ -20,9 +20,13 @@ The whole step's limit counts every weight read once per step (the embedding: on
 
 Decoding paths (``--paths``), taking turns inside every repeat so that load from other processes hits each alike:
 
-    auto     the model as shipped: fused one-token kernel where ``one_token_kernel_preferred`` picks it
-    fused    the fused kernel forced at every batch (the preference rule lifted)
-    tensor   the tensor ops (``wkv_impl="chunked"``: the kernel never runs)
+    auto     the model as shipped: the fused time-mix kernel where ``one_token_kernel_preferred`` picks it, the
+             channel-mix and head kernels up to ``CHANNEL_MIX_MAX_BATCH`` / ``HEAD_MAX_ROWS``
+             (wuneng.fused.channel_mix)
+    fused    every fused kernel forced at every batch (the batch limits lifted)
+    mv       as auto, but the channel-mix and the head by torch.mv at one row (matrix products above): the row
+             kernels off
+    tensor   the tensor ops (``wkv_impl="chunked"``, the row kernels off: no kernel runs)
 
 The machine may be shared: absolute times move with its load, ratios inside one run are what to compare.
 
@@ -42,6 +46,11 @@ import time
 import torch
 
 from wuneng.fused import one_token
+
+try:
+    from wuneng.fused import channel_mix as fused_rows  # the channel-mix and head kernels
+except ImportError:  # an older wuneng
+    fused_rows = None
 from wuneng.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM, modeling_rwkv7
 
 SIZES = {
@@ -116,9 +125,10 @@ class PieceTimers:
         for block in self.model.model.blocks:
             self._wrap(block.att, "time-mix")
             self._wrap(block.ffn, "channel-mix")
-        # the head runs through modeling_rwkv7.linear_one_row (a matrix-vector product at batch 1, bypassing the
-        # module's forward): time that call (an older wuneng, run with PYTHONPATH for a comparison: the module)
-        head_call = getattr(modeling_rwkv7, "linear_one_row", None)
+        # the head runs through modeling_rwkv7.head_logits (the linear kernel or a matrix-vector product at batch 1,
+        # bypassing the module's forward; older wuneng: linear_one_row): time that call (older still: the module)
+        self.head_name = next((n for n in ("head_logits", "linear_one_row") if hasattr(modeling_rwkv7, n)), None)
+        head_call = None if self.head_name is None else getattr(modeling_rwkv7, self.head_name)
         if head_call is None:
             self._wrap(self.model.head, "head")
             return self
@@ -130,7 +140,7 @@ class PieceTimers:
             finally:
                 self.acc["head"] += time.perf_counter() - t0
 
-        modeling_rwkv7.linear_one_row = timed_head
+        setattr(modeling_rwkv7, self.head_name, timed_head)
         self.head_call = head_call
         return self
 
@@ -139,28 +149,40 @@ class PieceTimers:
             del module.forward  # the instance attribute goes, the class's forward is back
         self.saved.clear()
         if getattr(self, "head_call", None) is not None:
-            modeling_rwkv7.linear_one_row = self.head_call
+            setattr(modeling_rwkv7, self.head_name, self.head_call)
 
     def take(self) -> dict:
         out, self.acc = self.acc, dict.fromkeys(PIECES, 0.0)
         return out
 
 
+ROW_LIMITS = ("CHANNEL_MIX_MAX_BATCH", "HEAD_MAX_ROWS")
+
+
 @contextlib.contextmanager
 def decoding_path(model: RWKV7ForCausalLM, path: str):
-    """``auto`` (as shipped), ``fused`` (the preference rule lifted) or ``tensor`` (no kernel)."""
+    """``auto`` (as shipped), ``fused`` (every kernel's batch limit lifted), ``mv`` (as shipped but the channel-mix
+    and the head by torch.mv / the BLAS: the row kernels off) or ``tensor`` (no kernel)."""
     max_batch = getattr(one_token, "TIME_MIX_MAX_BATCH", None)  # None: an older wuneng (auto and tensor only)
+    limits = {n: getattr(fused_rows, n) for n in ROW_LIMITS} if fused_rows is not None else {}
     impls = [b.att.wkv_impl for b in model.model.blocks]
     try:
         if path == "fused":
             one_token.TIME_MIX_MAX_BATCH = 1 << 62
-        elif path == "tensor":
+            for n in limits:
+                setattr(fused_rows, n, 1 << 62)
+        elif path in ("tensor", "mv"):
+            for n in limits:
+                setattr(fused_rows, n, 0)
+        if path == "tensor":
             for b in model.model.blocks:
                 b.att.wkv_impl = "chunked"
         yield
     finally:
         if max_batch is not None:
             one_token.TIME_MIX_MAX_BATCH = max_batch
+        for n, value in limits.items():
+            setattr(fused_rows, n, value)
         for b, impl in zip(model.model.blocks, impls):
             b.att.wkv_impl = impl
 
@@ -230,10 +252,10 @@ def profile(args) -> None:
                             f"{size:>5} {threads:>3} {batch:>3} {path:>6} {piece:>12} {med[piece] * 1e3:>8.2f} "
                             f"{limit * 1e3:>9.2f} {frac}"
                         )
-                if "fused" in args.paths and "tensor" in args.paths:
-                    f = statistics.median(r["step"] for r in samples["fused"])
-                    t = statistics.median(r["step"] for r in samples["tensor"])
-                    print(f"{'':>23} fused / tensor step: {f / t:.2f}")
+                first = statistics.median(r["step"] for r in samples[args.paths[0]])
+                for path in args.paths[1:]:
+                    other = statistics.median(r["step"] for r in samples[path])
+                    print(f"{'':>23} {args.paths[0]} / {path} step: {first / other:.2f}")
         del model
 
 
@@ -271,7 +293,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--paths", nargs="+", default=["fused", "tensor"], choices=["auto", "fused", "tensor"])
+    parser.add_argument("--paths", nargs="+", default=["fused", "tensor"], choices=["auto", "fused", "mv", "tensor"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat and path")
     parser.add_argument("--repeats", type=int, default=3, help="rounds in which the paths take turns")
     parser.add_argument("--grid", action="store_true", help="whole-step fused vs tensor table (the preference rule)")

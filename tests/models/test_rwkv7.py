@@ -111,6 +111,41 @@ def test_batch_one_decoding_equals_the_whole_sequence(threads, dtype, tol):
     assert rel_err(torch.stack(steps, 1).double(), whole.double()) <= tol
 
 
+def test_batch_one_decoding_step_takes_the_fused_kernels(monkeypatch):
+    """A batch-1 decoding step is one C call per time-mix and channel-mix and one for the head (float32 logits);
+    a batch-2 step with the row kernels limited to batch 1 takes the matrix products for the channel-mixes and the
+    head. The steps' logits equal the whole sequence's (relative error <= 1e-5)."""
+    import wuneng.layers.rwkv7 as layers_mod
+    from wuneng.fused import channel_mix as rows_mod
+    from wuneng.fused.cpu import fused_kernel_available
+
+    if not fused_kernel_available():
+        pytest.skip("no C kernel")
+    monkeypatch.setattr(rows_mod, "CHANNEL_MIX_MAX_BATCH", 1)
+    monkeypatch.setattr(rows_mod, "HEAD_MAX_ROWS", 1)
+    calls = []
+    for module, name in ((rows_mod, "channel_mix_one_token_planned"), (rows_mod, "linear_one_token_planned"),
+                         (layers_mod, "time_mix_one_token_planned")):  # fmt: skip
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    m = random_model(6)
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        whole = m(ids).logits
+        cache = m(ids[:1, :4]).past_key_values
+        calls.clear()
+        step = m(ids[:1, 4:], past_key_values=cache).logits
+        assert sorted(calls) == sorted(
+            ["time_mix_one_token_planned"] * L + ["channel_mix_one_token_planned"] * L + ["linear_one_token_planned"]
+        )
+        cache2 = m(ids[:, :4]).past_key_values
+        calls.clear()
+        step2 = m(ids[:, 4:], past_key_values=cache2).logits
+        assert calls == ["time_mix_one_token_planned"] * L
+    assert step.dtype == torch.float32
+    assert rel_err(step[0, -1], whole[0, -1]) <= REL_TOL and rel_err(step2[:, -1], whole[:, -1]) <= REL_TOL
+
+
 def test_prefill_in_pieces_equals_whole(model):
     torch.manual_seed(3)
     ids = torch.randint(0, V, (2, 20))

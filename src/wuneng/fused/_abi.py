@@ -2,7 +2,7 @@
 at load.
 
 The fused one-token kernels take one struct of named fields; ``csrc/args.h`` lists the fields as X-macros
-(``TIME_MIX_FIELDS``, ``HYBRID_STATE_FIELDS``) from which the C struct and a layout text are generated, and the
+(``TIME_MIX_FIELDS``, ``HYBRID_STATE_FIELDS``, ``CHANNEL_MIX_FIELDS``, ``LINEAR_FIELDS``) from which the C struct and a layout text are generated, and the
 structures below list the same fields for ctypes. :func:`check_layouts` compares the two (names, kinds, order,
 struct size) when the library is loaded (after :class:`~wuneng.ops.c_library.CLibrary` has checked the ABI
 version and the cache key the library was built for): a field added, removed, renamed or reordered on either side raises there, naming both layouts,
@@ -17,7 +17,7 @@ import operator
 import struct
 
 #: must equal WUNENG_KERNEL_ABI in csrc/args.h (bumped whenever an argument layout changes)
-KERNEL_ABI = 5
+KERNEL_ABI = 6
 
 _KINDS = {"i": ctypes.c_int64, "d": ctypes.c_double, "p": ctypes.c_void_p, "o": ctypes.c_void_p}
 _FORMATS = {"i": "q", "d": "d", "p": "P", "o": "P"}
@@ -55,8 +55,21 @@ HybridStateArgs = _structure(
     "o:work o:y_out o:shift_out o:state_out o:v_first_out o:gamma_out o:middle_out",
 )
 
+ChannelMixArgs = _structure(
+    "ChannelMixArgs", "i:B i:C i:F i:threads p:x p:mask p:shift p:mix p:W_key p:W_value o:work o:out o:shift_out"
+)
+
+LinearArgs = _structure("LinearArgs", "i:B i:O i:I i:threads p:x p:W o:y")
+
 #: kernel name (without the dtype suffix) -> its argument structure
-FUSED_KERNELS = {"time_mix_one_token": TimeMixArgs, "hybrid_state_one_token": HybridStateArgs}
+FUSED_KERNELS = {
+    "time_mix_one_token": TimeMixArgs,
+    "hybrid_state_one_token": HybridStateArgs,
+    "channel_mix_one_token": ChannelMixArgs,
+    "linear_one_token": LinearArgs,
+}
+#: the kernels also built for bfloat16 weight matrices (suffix "bf16"; float32 activations)
+BF16_KERNELS = ("time_mix_one_token", "channel_mix_one_token", "linear_one_token")
 
 
 def kernel_args(cls: type, values: dict) -> bytes:

@@ -1,4 +1,5 @@
-"""The fused kernels' C library: ``csrc/fused_cpu.c`` (the one-token kernels of :mod:`.one_token`, which call the
+"""The fused kernels' C library: ``csrc/fused_cpu.c`` (the one-token kernels of :mod:`.one_token` and
+:mod:`.channel_mix`, which call the
 operators' WKV-7 step and read-out from ``wuneng/ops/wkv7/csrc``), built, trusted and loaded by
 :class:`~wuneng.ops.c_library.CLibrary` into ``fused_cpu_<key>.so`` beside the operators' library (same cache
 folder, lock, ownership checks, ABI and key check), then checked field by field against :mod:`._abi`.
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..ops.c_library import DTYPE_SUFFIX, CLibrary
-from ._abi import KERNEL_ABI, check_layouts
+from ._abi import BF16_KERNELS, KERNEL_ABI, check_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def _torch_uses_libgomp() -> bool:
 LIBRARY = CLibrary(
     "fused_cpu",
     _CSRC / "fused_cpu.c",
-    [_CSRC / "fused_cpu.c", _CSRC / "args.h", _CSRC / "one_token_impl.h"]
+    [_CSRC / name for name in ("fused_cpu.c", "args.h", "one_token_impl.h", "channel_mix_impl.h")]
     + [_OPS_CSRC / name for name in ("wkv7_cpu_impl.h", "readout_impl.h")],
     include_dirs=[_OPS_CSRC],
     abi=KERNEL_ABI,
@@ -45,7 +46,7 @@ LIBRARY = CLibrary(
     fallback="decoding steps take the slower PyTorch paths of the fused one-token kernels",
     check=lambda lib: (
         check_layouts(lib, DTYPE_SUFFIX.values()),
-        check_layouts(lib, ("bf16",), ("time_mix_one_token",)),  # bfloat16 weights: the time-mix only
+        check_layouts(lib, ("bf16",), BF16_KERNELS),  # bfloat16 weights: not the hybrid state kernel
     ),
     # the time-mix kernel splits its work across torch's threads in one OpenMP region; the library then needs
     # libgomp.so.1, which the dynamic loader finds already loaded by torch (one runtime, one thread pool)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fused import channel_mix as fused_rows
 from ..fused.one_token import TimeMixWeights, time_mix_kernel_preferred, time_mix_one_token_planned, time_mix_plan
 from ..ops import wkv7, wkv7_step
 from ..ops.wkv7.readout import group_norm_bonus
@@ -221,6 +222,40 @@ def linear_one_row(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ):
         return torch.mv(linear.weight, x.reshape(-1)).view(*x.shape[:-1], linear.out_features)
     return linear(x)
+
+
+def _plain_linear(linear: nn.Module) -> bool:
+    """A plain bias-free ``nn.Linear`` without hooks (a fused kernel may then read its weight instead of calling it)."""
+    return (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and not linear._forward_hooks
+        and not linear._forward_pre_hooks
+    )
+
+
+def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The language-model head's logits ``head(hidden)`` in float32, hidden [B, T, C] -> [B, T, V].
+
+    Decoding (B T <= :data:`~wuneng.fused.channel_mix.HEAD_MAX_ROWS` rows, no autograd or autocast, a plain
+    bias-free ``nn.Linear`` on the CPU, float32/64 or bfloat16 weights, the C kernel built): one multi-threaded C
+    call that streams the weight once (:func:`~wuneng.fused.channel_mix.linear_one_token_planned`; with bfloat16
+    weights the logits are computed in float32, not rounded to bfloat16 first). Otherwise
+    :func:`linear_one_row` (a matrix-vector product at one row, else the module)."""
+    rows = hidden.numel() // max(1, hidden.shape[-1])
+    if (
+        0 < rows <= fused_rows.HEAD_MAX_ROWS
+        and hidden.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and _plain_linear(head)
+        and hidden.dtype == head.weight.dtype
+    ):
+        plan = derived_weight(head, "one_token_plan", [head.weight], lambda: fused_rows.linear_plan(head.weight))
+        if plan is not None:
+            y = fused_rows.linear_one_token_planned(hidden.reshape(rows, -1), plan)
+            return y.view(*hidden.shape[:-1], plan.O).float()
+    return linear_one_row(head, hidden).float()
 
 
 def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
@@ -756,7 +791,31 @@ class ChannelMix(nn.Module):
     ):
         """x: [B,T,C] (LN2 output); shift: [B,C] or None; doc_start: bool [B,T] or None (documents of packed rows:
         the shift brings zeros there). Returns (out [B,T,C], new shift [B,C])."""
+        fused = None if doc_start is not None else self._one_token_fused(x, shift, mask)
+        if fused is not None:
+            return fused
         if mask is not None:
             x = x * mask.to(x.dtype).unsqueeze(-1)
         k = torch.relu(linear_one_row(self.key, self.mixed_key(x, shift, doc_start))) ** 2
         return linear_one_row(self.value, k), x[:, -1]
+
+    def _one_token_fused(self, x, shift, mask):
+        """The fused C kernel for one token without autograd ((out [B,1,C], new shift [B,C])), or None where it does
+        not apply: several tokens, autograd or autocast, not CPU float32/64 or bfloat16 weights, no C kernel, a
+        batch above :data:`~wuneng.fused.channel_mix.CHANNEL_MIX_MAX_BATCH`, or projections that are not plain
+        bias-free ``nn.Linear`` modules without hooks (they are then called)."""
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[0] > fused_rows.CHANNEL_MIX_MAX_BATCH:
+            return None
+        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return None
+        if not (_plain_linear(self.key) and _plain_linear(self.value)) or x.shape[-1] != self.hidden_size:
+            return None
+        sources = [self.x_k, self.key.weight, self.value.weight]
+        plan = derived_weight(self, "one_token_plan", sources, lambda: fused_rows.channel_mix_plan(*sources))
+        if plan is None or x.dtype != plan.dtype:
+            return None
+        B = x.shape[0]
+        out, new_shift = fused_rows.channel_mix_one_token_planned(
+            x.view(B, -1), shift, plan, None if mask is None else mask.reshape(B)
+        )
+        return out.unsqueeze(1), new_shift

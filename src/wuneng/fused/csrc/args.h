@@ -9,7 +9,7 @@
 #ifndef WUNENG_ARGS_H
 #define WUNENG_ARGS_H
 
-#define WUNENG_KERNEL_ABI 5
+#define WUNENG_KERNEL_ABI 6
 
 #define TIME_MIX_FIELDS(INT, F64, IN, OUT)                                                                      \
     INT(B) INT(C) INT(H) INT(N) INT(Dw) INT(Da) INT(Dv) INT(Dg) INT(value_residual) INT(sse_blocks)          \
@@ -25,6 +25,13 @@
     IN(w0) IN(w1) IN(w2) IN(a0) IN(a1) IN(a2) IN(v0) IN(v1) IN(v2) IN(R1) IN(R2) IN(G1) IN(G2) IN(gate_bias) \
     IN(P1) IN(P2) IN(k_k) IN(k_a) IN(r_k) IN(ln_w) IN(ln_b)                                                    \
     OUT(work) OUT(y_out) OUT(shift_out) OUT(state_out) OUT(v_first_out) OUT(gamma_out) OUT(middle_out)
+
+#define CHANNEL_MIX_FIELDS(INT, F64, IN, OUT)                                                                   \
+    INT(B) INT(C) INT(F) INT(threads)                                                                           \
+    IN(x) IN(mask) IN(shift) IN(mix) IN(W_key) IN(W_value)                                                      \
+    OUT(work) OUT(out) OUT(shift_out)
+
+#define LINEAR_FIELDS(INT, F64, IN, OUT) INT(B) INT(O) INT(I) INT(threads) IN(x) IN(W) OUT(y)
 
 /* struct members (`real` is the including file's scalar type) */
 #define FIELD_INT(n) int64_t n;

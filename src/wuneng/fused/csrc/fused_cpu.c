@@ -1,5 +1,6 @@
 /* The fused decoding kernels of whole layers, float32 and float64: the RWKV-7 time-mix and the state side of a
- * WuNeng hybrid mixer for one token (one_token_impl.h). Built on first use by wuneng/fused/cpu.py (through
+ * WuNeng hybrid mixer for one token (one_token_impl.h), the RWKV-7 channel-mix and a linear map of a few rows (the
+ * language-model head; channel_mix_impl.h). Built on first use by wuneng/fused/cpu.py (through
  * wuneng/ops/c_library.py) and called through ctypes with one struct of named fields per kernel (args.h).
  *
  * The kernels call the operators' C code (the WKV-7 step, the read-out): their headers are included from the
@@ -47,6 +48,7 @@ int64_t wuneng_fused_openmp(void)
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
 #include "one_token_impl.h"
+#include "channel_mix_impl.h"
 #undef real
 #undef wreal
 #undef NAME
@@ -59,6 +61,7 @@ int64_t wuneng_fused_openmp(void)
 #include "wkv7_cpu_impl.h"
 #include "readout_impl.h"
 #include "one_token_impl.h"
+#include "channel_mix_impl.h"
 #undef real
 #undef wreal
 #undef NAME
@@ -66,7 +69,7 @@ int64_t wuneng_fused_openmp(void)
 #undef WGET
 #undef LINEAR_ROWS
 
-/* bfloat16 weight matrices, float32 activations and state (the time-mix kernel only) */
+/* bfloat16 weight matrices, float32 activations and state (the time-mix, channel-mix and linear kernels) */
 #undef WUNENG_BF16_WEIGHTS
 #define WUNENG_BF16_WEIGHTS 1
 #define real float
@@ -74,6 +77,7 @@ int64_t wuneng_fused_openmp(void)
 #define NAME(x) x##_bf16
 #define SNAME(x) x##_f32
 #include "one_token_impl.h"
+#include "channel_mix_impl.h"
 #undef real
 #undef wreal
 #undef NAME

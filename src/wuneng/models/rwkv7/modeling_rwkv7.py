@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ...auto_map import AutoMapMixin
 from ...cache import RecurrentStateCache
 from ...layers.low_rank import derived_weights_session
-from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, document_starts, linear_one_row, orthogonal_
+from ...layers.rwkv7 import ChannelMix, RWKV7StateHeads, TimeMix, document_starts, head_logits, orthogonal_
 from .configuration_rwkv7 import RWKV7Config
 
 __all__ = ["RWKV7Block", "RWKV7PreTrainedModel", "RWKV7Model", "RWKV7ForCausalLM"]
@@ -383,7 +383,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
                 hidden = hidden[:, -logits_to_keep:]
         else:
             hidden = hidden[:, logits_to_keep]
-        logits = linear_one_row(self.head, hidden).float()  # batch-1 decoding: a matrix-vector product
+        logits = head_logits(self.head, hidden)  # decoding: one multi-threaded C call streaming the weight
         loss = None
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
