@@ -266,3 +266,14 @@ def test_a_rerun_skips_finished_rows_and_the_cached_teacher(tiny_run, monkeypatc
     monkeypatch.setattr(bc, "train_arm", fake_train)
     bc.run_convert_bench(tiny(cfg.output_dir, seeds=(0, 1, 2)))
     assert sorted(trained) == sorted((arm, 2) for arm in bc.ARMS)
+
+
+def test_the_command_refuses_an_unknown_arm_as_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from wuneng.cli import app
+
+    result = CliRunner().invoke(app, ["bench-convert", "--arms", "wuneng,mamba", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert "unknown arm 'mamba'" in result.stderr and result.stdout == ""
+    assert not (tmp_path / "x").exists()
