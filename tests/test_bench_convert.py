@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
+import torch
 
 from wuneng.apps import bench_convert as bc
 from wuneng.apps.bench_arch import t_interval
@@ -211,6 +213,9 @@ def test_a_tiny_run_writes_rows_and_the_report(tiny_run):
         for m in ("parity", "arithmetic", "recall"):
             assert 0.0 <= r[m] <= 1.0
         assert set(r["per_category"]) == {"+1d", "-1d", "recall", "parity"}
+        assert 0 <= r["solved_up_to"] <= cfg.parity_bits and set(r["prefix_per_length"]) == {
+            str(k) for k in range(1, cfg.parity_bits + 1)
+        }
     keep = [r["kept_layers"] for r in lines if r["arm"] == "arwkv-keep"]
     assert keep[0] == keep[1] and len(keep[0]) == cfg.keep
     chosen = json.loads((bc.teacher_dir(cfg) / f"select-k1-s1-lr{cfg.select_lr:g}" / "keep_attention.json").read_text())
@@ -218,7 +223,7 @@ def test_a_tiny_run_writes_rows_and_the_report(tiny_run):
     report = open(f"{out}/results.md", encoding="utf-8").read()
     for label in bc.ARM_LABELS.values():
         assert label in report
-    assert "Verdict" in report and "±" in report
+    assert "Verdict" in report and "±" in report and "solved k <=" in report
     with open(f"{out}/accuracy.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -277,3 +282,31 @@ def test_the_command_refuses_an_unknown_arm_as_a_usage_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert "unknown arm 'mamba'" in result.stderr and result.stdout == ""
     assert not (tmp_path / "x").exists()
+
+
+class PrefixParityOracle(torch.nn.Module):
+    """Logits [B, T, 259] that put the parity of the bits so far (bytes "0"/"1" after "P:") at every position;
+    ``wrong_from``: from that bit on, the opposite."""
+
+    def __init__(self, wrong_from: int = 10**9):
+        super().__init__()
+        self.wrong_from = wrong_from
+
+    def forward(self, input_ids):
+        bits = (input_ids[:, 2:] == ord("1")).long()
+        running = torch.cumsum(bits, dim=1) % 2
+        running[:, self.wrong_from :] ^= 1
+        target = torch.full_like(input_ids, ord(" "))
+        target[:, 2:] = running + ord("0")
+        return types.SimpleNamespace(logits=torch.nn.functional.one_hot(target, 259).float())
+
+
+def test_prefix_parity_scores_the_logit_at_each_bit(tmp_path):
+    cfg = tiny(tmp_path, parity_bits=8, parity_test=16)
+    lines = bc.parity_test_set(cfg)
+    exact = bc.prefix_parity(PrefixParityOracle(), lines, batch_size=5)
+    assert exact["accuracy"] == 1.0 and exact["solved_up_to"] == 8
+    assert exact["per_length"] == {k: 1.0 for k in range(1, 9)}
+    broken = bc.prefix_parity(PrefixParityOracle(wrong_from=3), lines)
+    assert broken["solved_up_to"] == 3 and broken["per_length"][4] == 0.0
+    assert broken["accuracy"] == pytest.approx(3 / 8)

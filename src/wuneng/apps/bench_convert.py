@@ -77,6 +77,8 @@ ARM_LABELS = {
 #: the metrics of a row (accuracies in [0, 1]) and their chance levels' keys
 METRICS = ("parity", "arithmetic", "recall")
 PARITY = "parity"
+#: teacher-forced prefix parities (:func:`prefix_parity`): accuracy over every prefix length, longest solved length
+EXTRA_METRICS = ("prefix_accuracy", "solved_up_to")
 
 
 @dataclass
@@ -388,6 +390,36 @@ def scores(result: dict, cfg: ConvertBenchConfig) -> dict:
     }
 
 
+@torch.no_grad()
+def prefix_parity(model, examples: Sequence, batch_size: int = 256) -> dict:
+    """Teacher-forced prefix parities on held-out parity lines: the logits at bit j of ``"P:<bits>="`` predict the
+    parity of bits 0..j (what ``parity_prefix_labels`` trains). Returns
+    :func:`~wuneng.eval.tasks.state_tracking.state_tracking_report`'s ``{"accuracy" (all positions), "per_length"
+    ({k: accuracy of the parity of the first k bits}), "solved_up_to" (longest k with every length <= k above 95%)}``.
+    """
+    from wuneng.eval.tasks.state_tracking import state_tracking_report
+
+    lines = [e for e in examples if e.category == PARITY]
+    if not lines:
+        raise ValueError("prefix_parity needs parity lines (category 'parity')")
+    ids = torch.tensor([list(e.prompt.encode("ascii")) for e in lines], dtype=torch.long)  # [N, 2 + bits + 1]
+    bits = ids[:, 2:-1] - ord("0")
+    labels = torch.cumsum(bits, dim=1) % 2  # [N, bits]: parity of bits 0..j
+    was_training = model.training
+    model.eval()
+    preds = []
+    for i in range(0, len(lines), batch_size):
+        logits = model(input_ids=ids[i : i + batch_size]).logits[:, 2:-1]  # at each bit
+        preds.append(logits.argmax(-1) - ord("0"))
+    model.train(was_training)
+    report = state_tracking_report(torch.cat(preds), labels)
+    return {
+        "accuracy": report["accuracy"],
+        "per_length": {int(k): float(v) for k, v in report["per_length"].items()},
+        "solved_up_to": int(report["solved_up_to"] or 0),
+    }
+
+
 def _train(cfg: ConvertBenchConfig, stage: str, steps: int, batch: int, lr: float, seed: int, **kw):
     """One stage through the library's loop with the demo's stage settings, in a temporary folder, no checkpoint."""
     from wuneng.apps.demo import _train_config
@@ -441,6 +473,7 @@ def prepare_teacher(cfg: ConvertBenchConfig) -> dict:
     seconds = time.perf_counter() - t0
     teacher.eval()
     before = scores(evaluate_student(teacher, tokenizer, examples), cfg)
+    before["prefix"] = prefix_parity(teacher, examples)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -565,10 +598,14 @@ def train_arm(
     model.eval()
     t0 = time.perf_counter()
     result = scores(evaluate_student(model, tokenizer, examples), cfg)
+    prefix = prefix_parity(model, examples)
     return {
         "arm": arm,
         "seed": seed,
         **{m: result[m] for m in METRICS},
+        "prefix_accuracy": prefix["accuracy"],
+        "solved_up_to": prefix["solved_up_to"],
+        "prefix_per_length": prefix["per_length"],
         "chance": result["chance"],
         "per_category": result["per_category"],
         "ppl": result["ppl"],
@@ -627,6 +664,11 @@ def summarise(rows: Sequence[dict], teacher_scores: dict) -> dict:
             else:
                 rmean, rhw = t_interval(rel)
                 entry["relative"][m] = {"values": rel, "mean": rmean, "half_width": rhw}
+        for extra in EXTRA_METRICS:  # no chance level to be relative to
+            values = [float(r[extra]) for r in rs if extra in r]
+            if values:
+                mean, hw = t_interval(values)
+                entry[extra] = {"values": values, "mean": mean, "half_width": hw}
         entry["seconds"] = float(np.mean([r["seconds"] for r in rs]))
         entry["params"] = rs[0]["params"]
         entry["kept_layers"] = rs[0].get("kept_layers")
@@ -682,18 +724,25 @@ def results_markdown(rows: Sequence[dict], teacher: dict) -> str:
         f"(chance {100 * ts['chance']['recall']:.0f}%). Seeds: {', '.join(map(str, seeds))}; "
         "cells are mean ± half-width of the two-sided 95% Student-t interval over seeds.",
         "",
-        "| arm | params | parity | arithmetic | recall | arithmetic rel. to teacher | recall rel. to teacher | s per run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | params | parity (answer) | prefix parities | solved k <= | arithmetic | recall | arithmetic rel. "
+        "to teacher | recall rel. to teacher | s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in summary.items():
         label = ARM_LABELS[arm] + (f" (kept {e['kept_layers']})" if e.get("kept_layers") else "")
         lines.append(
-            f"| {label} | {e['params'] / 1e6:.2f} M | {_pm(e['parity'])} | {_pm(e['arithmetic'])} | {_pm(e['recall'])} "
+            f"| {label} | {e['params'] / 1e6:.2f} M | {_pm(e['parity'])} | {_pm(e.get('prefix_accuracy'))} "
+            f"| {_pm(e.get('solved_up_to'), pct=False)} | {_pm(e['arithmetic'])} | {_pm(e['recall'])} "
             f"| {_pm(e['relative']['arithmetic'], pct=False)} | {_pm(e['relative']['recall'], pct=False)} "
             f"| {e['seconds']:.0f} |"
         )
     status, why = verdict(summary)
     lines += [
+        "",
+        "parity (answer): greedy answer after `=` on held-out lines (chance 50%); prefix parities: teacher-forced "
+        "parity of every prefix at its last bit, all lengths (what the prefix labels train); solved k <=: the longest "
+        f"prefix length k with every length up to k above 95% (teacher before: {ts.get('prefix', {}).get('solved_up_to', '-')}, "
+        f"prefix parities {100 * ts.get('prefix', {}).get('accuracy', float('nan')):.1f}%).",
         "",
         "relative: `(after - chance) / (teacher before - chance)` per seed (1 = the teacher's gain over chance kept).",
         "",
@@ -701,8 +750,9 @@ def results_markdown(rows: Sequence[dict], teacher: dict) -> str:
         "",
         "Per seed:",
         "",
-        "| arm | seed | parity | arithmetic | recall | align loss end | sft loss end | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | seed | parity | prefix parities | solved k <= | arithmetic | recall | align loss end | sft loss end "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (ARMS.index(r["arm"]), r["seed"])):
         st = r["stages"]
@@ -712,7 +762,8 @@ def results_markdown(rows: Sequence[dict], teacher: dict) -> str:
             return "-" if value is None else f"{value:.3f}"
 
         lines.append(
-            f"| {r['arm']} | {r['seed']} | {100 * r['parity']:.1f}% | {100 * r['arithmetic']:.1f}% | "
+            f"| {r['arm']} | {r['seed']} | {100 * r['parity']:.1f}% | {100 * r.get('prefix_accuracy', float('nan')):.1f}% "
+            f"| {r.get('solved_up_to', '-')} | {100 * r['arithmetic']:.1f}% | "
             f"{100 * r['recall']:.1f}% | {loss('align')} | {loss('sft')} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -726,17 +777,21 @@ def plot_results(rows: Sequence[dict], teacher: dict, path: Path) -> Path:
     plt = pyplot()
     summary = summarise(rows, teacher["scores"])
     arms = list(summary)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
-    for ax, m in zip(axes, METRICS):
+    panels = [m for m in ("parity", "prefix_accuracy", "arithmetic", "recall") if all(m in summary[a] for a in arms)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8))
+    for ax, m in zip(axes, panels):
         means = [100 * summary[a][m]["mean"] for a in arms]
         errs = [100 * (summary[a][m]["half_width"] or 0.0) for a in arms]
         ax.bar(range(len(arms)), means, yerr=errs, capsize=4, color=["C0", "C1", "C2", "C3"][: len(arms)])
-        ax.axhline(100 * teacher["scores"][m], color="k", linestyle="--", linewidth=1, label="teacher before")
-        ax.axhline(100 * teacher["scores"]["chance"][m], color="grey", linestyle=":", linewidth=1, label="chance")
+        before = teacher["scores"].get("prefix", {}).get("accuracy") if m == "prefix_accuracy" else teacher["scores"][m]
+        if before is not None:
+            ax.axhline(100 * before, color="k", linestyle="--", linewidth=1, label="teacher before")
+        chance = 0.5 if m == "prefix_accuracy" else teacher["scores"]["chance"][m]
+        ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance")
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels(arms, rotation=20)
         ax.set_ylim(0, 105)
-        ax.set_title(m)
+        ax.set_title({"prefix_accuracy": "prefix parities (teacher-forced)", "parity": "parity (answer)"}.get(m, m))
         ax.set_ylabel("held-out exact match (%)")
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle("bench-convert: mean over seeds, 95% t-interval")
