@@ -10,6 +10,7 @@ from wuneng.eval.tasks.passkey import (
     make_passkey_example,
     needle,
     passkey_match,
+    sample_passkey_examples,
     score_passkey,
 )
 
@@ -113,3 +114,40 @@ def test_score_passkey_perfect_and_constant():
     assert score["accuracy"] == sum(e.answer == constant for e in ex) / len(ex)
     with pytest.raises(ValueError):
         score_passkey(["1"], ex)
+
+
+SHORT = dict(intro="", needle_template="The pass key is {key}.", question="What is the pass key?")
+
+
+def test_a_short_needle_without_intro_builds_the_prompt_a_byte_model_can_hold():
+    cfg = PasskeyConfig(**SHORT)
+    assert needle("12345", cfg.needle_template) == "The pass key is 12345."
+    bare = make_passkey_example(cfg, 44, 0.0, "12345", np.random.default_rng(0))
+    assert bare.prompt == "The pass key is 12345. What is the pass key?"  # no leading space for the empty intro
+    e = make_passkey_example(cfg, 128, 0.5, "12345", np.random.default_rng(0))
+    assert e.prompt == (
+        "The grass is green. The sky is blue. The pass key is 12345. The sun is yellow. Here we go. "
+        "What is the pass key?"
+    )
+    assert e.prompt_length == len(e.prompt) <= 128
+    with pytest.raises(ValueError, match="needle_template"):
+        PasskeyConfig(needle_template="no key here")
+    with pytest.raises(ValueError, match="question"):
+        PasskeyConfig(question="")
+
+
+def test_sampled_training_prompts_are_grid_prompts_of_random_length_depth_and_key():
+    cfg = PasskeyConfig(**SHORT)
+    ex = sample_passkey_examples(cfg, 200, max_length=121, seed=3)
+    assert ex == sample_passkey_examples(cfg, 200, max_length=121, seed=3)
+    assert [e.answer for e in ex] != [e.answer for e in sample_passkey_examples(cfg, 200, max_length=121, seed=4)]
+    for i, e in enumerate(ex):
+        assert 44 <= e.prompt_length <= e.length <= 121 and 0.0 <= e.depth <= 1.0 and e.trial == i
+        assert len(e.answer) == 5 and e.answer[0] != "0"
+        # the prompt is exactly the one the grid builds for that length, depth and key
+        assert e.prompt == make_passkey_example(cfg, e.length, e.depth, e.answer, np.random.default_rng(0)).prompt
+    assert min(e.length for e in ex) < 60 and max(e.length for e in ex) > 110  # lengths spread over the range
+    assert min(e.depth for e in ex) < 0.1 and max(e.depth for e in ex) > 0.9
+    assert len({e.answer for e in ex}) > 190
+    with pytest.raises(ValueError, match="without filler takes 44"):
+        sample_passkey_examples(cfg, 1, max_length=40)

@@ -15,6 +15,11 @@ that fits). Scoring is greedy exact match of the generated digits.
 The filler is the classic block "The grass is green. The sky is blue. The sun is yellow. Here we go.
 There and back again." repeated sentence by sentence (``filler="classic"``), or sentences drawn from
 small templates with a seeded generator (``filler="varied"``) so that the haystack is not periodic.
+
+The intro, the needle sentence (``needle_template``) and the question are fields of :class:`PasskeyConfig`, so that
+a short format fits a byte-level model's short rows (``wuneng demo``: no intro, ``"The pass key is 12345."``,
+``"What is the pass key?"``). :func:`sample_passkey_examples` draws training prompts in the same format at random
+lengths, depths and keys.
 """
 
 from __future__ import annotations
@@ -42,15 +47,17 @@ CLASSIC_FILLER = (
     "There and back again.",
 )
 QUESTION = "What is the pass key? The pass key is"
+#: the sentence that hides the key (``{key}``: the digits), RWKV-X's
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 _SUBJECTS = ("The grass", "The sky", "The sea", "The road", "The house", "The river", "The cat", "The hill")
 _PREDICATES = ("is green", "is blue", "is quiet", "is long", "is old", "is wide", "is warm", "is far away")
 
 TokenCounter = Callable[[str], Union[int, Sequence[int]]]
 
 
-def needle(passkey: str) -> str:
-    """The sentence that hides the key."""
-    return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
+def needle(passkey: str, template: str = NEEDLE) -> str:
+    """The sentence that hides the key: ``template`` with ``{key}`` replaced by ``passkey``."""
+    return template.replace("{key}", passkey)
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,10 @@ class PasskeyConfig:
         num_depths: depths per length, ``linspace(0, 1, num_depths)`` (standard: 10).
         num_digits: digits of the key (standard: 5; the key never starts with 0).
         filler: ``"classic"`` (the repeated 5-sentence block) or ``"varied"`` (seeded templates).
-        intro: the instruction at the start of the prompt.
+        intro: the instruction at the start of the prompt ("" for none).
         question: the text after the haystack; the model continues it with the key.
+        needle_template: the sentence that hides the key, ``{key}`` where the digits go (:func:`needle`); a
+            short one (``"The pass key is {key}."``) lets a byte-level model's short contexts hold the prompt.
     """
 
     num_depths: int = 10
@@ -70,6 +79,7 @@ class PasskeyConfig:
     filler: Literal["classic", "varied"] = "classic"
     intro: str = INTRO
     question: str = QUESTION
+    needle_template: str = NEEDLE
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_depths, int) or self.num_depths < 1:
@@ -78,6 +88,12 @@ class PasskeyConfig:
             raise ValueError(f"PasskeyConfig.num_digits must be an int in [1, 18], got {self.num_digits!r}")
         if self.filler not in ("classic", "varied"):
             raise ValueError(f"PasskeyConfig.filler must be 'classic' or 'varied', got {self.filler!r}")
+        if "{key}" not in self.needle_template:
+            raise ValueError(
+                f"PasskeyConfig.needle_template must contain '{{key}}' where the key goes, got {self.needle_template!r}"
+            )
+        if not self.question:
+            raise ValueError("PasskeyConfig.question must be non-empty: the model continues it with the key")
 
     @property
     def chance(self) -> float:
@@ -125,8 +141,8 @@ def build_prompt(config: PasskeyConfig, filler: Sequence[str], depth: float, pas
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     cut = int(round(depth * len(filler)))
-    parts = [config.intro, *filler[:cut], needle(passkey), *filler[cut:], config.question]
-    return " ".join(parts)
+    parts = [config.intro, *filler[:cut], needle(passkey, config.needle_template), *filler[cut:], config.question]
+    return " ".join(p for p in parts if p)
 
 
 def _length_fn(tokenizer: Optional[TokenCounter]) -> Callable[[str], int]:
@@ -213,6 +229,40 @@ def generate_passkey_examples(
                 key = str(int(rng.integers(low, 10 * low)))
                 examples.append(make_passkey_example(config, int(length), float(depth), key, rng, tokenizer, trial))
     return examples
+
+
+def sample_passkey_examples(
+    config: PasskeyConfig,
+    num_examples: int,
+    max_length: int,
+    seed: int = 0,
+    min_length: Optional[int] = None,
+    tokenizer: Optional[TokenCounter] = None,
+) -> list[PasskeyExample]:
+    """Training prompts in the grid's format: each with its own random key, a length drawn uniformly from
+    ``[min_length, max_length]`` (default minimum: the prompt without filler) and a depth drawn uniformly from
+    [0, 1]; each prompt is :func:`make_passkey_example` of that length and depth (so the longest one that fits).
+    ``trial`` is the example's index. Lengths in characters, or tokens of ``tokenizer``.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples < 0:
+        raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
+    measure = _length_fn(tokenizer)
+    shortest = measure(build_prompt(config, [], 0.0, "9" * config.num_digits))
+    low_length = shortest if min_length is None else int(min_length)
+    if not shortest <= low_length <= max_length:
+        raise ValueError(
+            f"passkey training lengths [{low_length}, {max_length}]: the prompt without filler takes {shortest} units, "
+            "so both bounds must be at least that (and min <= max)"
+        )
+    rng = make_rng(seed)
+    low = 10 ** (config.num_digits - 1)
+    out = []
+    for i in range(int(num_examples)):
+        length = int(rng.integers(low_length, max_length + 1))
+        depth = float(rng.random())
+        key = str(int(rng.integers(low, 10 * low)))
+        out.append(make_passkey_example(config, length, depth, key, rng, tokenizer, i))
+    return out
 
 
 _LEADING_DIGITS = re.compile(r"\s*(\d+)")
