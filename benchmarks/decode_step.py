@@ -42,6 +42,7 @@ import contextlib
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -89,12 +90,36 @@ def weight_bytes(model: RWKV7ForCausalLM) -> dict:
     return out
 
 
-def stream_rate(rows: int, cols: int) -> float:
-    """Bytes/s of torch.mv over a float32 [rows, cols] matrix (best of 5)."""
+def last_level_cache_bytes() -> int:
+    """The size of the largest CPU cache (Linux sysfs; 0 where unknown)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG") or 0) * scale)
+    return max(sizes, default=0)
+
+
+class CacheFlush:
+    """``flush()`` reads a buffer of twice the last-level cache, so that what follows reads its weights from memory,
+    as a model does when another program (or model) ran in between; a no-op when ``enabled`` is False."""
+
+    def __init__(self, enabled: bool):
+        self.buffer = torch.ones(max(1, 2 * last_level_cache_bytes() // 4)) if enabled else None
+
+    def flush(self) -> None:
+        if self.buffer is not None:
+            float(self.buffer.sum())
+
+
+def stream_rate(rows: int, cols: int, flush: CacheFlush = None) -> float:
+    """Bytes/s of torch.mv over a float32 [rows, cols] matrix (best of 5; each after ``flush``, if given)."""
     m, x = torch.randn(rows, cols), torch.randn(cols)
     torch.mv(m, x)
     best = float("inf")
     for _ in range(5):
+        if flush is not None:
+            flush.flush()
         t0 = time.perf_counter()
         torch.mv(m, x)
         best = min(best, time.perf_counter() - t0)
@@ -196,11 +221,14 @@ def start(model: RWKV7ForCausalLM, batch: int, seed: int = 1):
     return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def time_steps(model, cache, token, steps: int, timers: PieceTimers = None) -> list:
-    """``steps`` decoding steps (after 2 unrecorded ones); each a dict of piece times and ``step``."""
+def time_steps(model, cache, token, steps: int, timers: PieceTimers = None, flush: CacheFlush = None) -> list:
+    """``steps`` decoding steps (after 2 unrecorded ones; each after ``flush``, if given); each a dict of piece times
+    and ``step``."""
     rows = []
     with torch.no_grad():
         for i in range(steps + 2):
+            if flush is not None:
+                flush.flush()
             if timers is not None:
                 timers.take()
             t0 = time.perf_counter()
@@ -217,18 +245,21 @@ def time_steps(model, cache, token, steps: int, timers: PieceTimers = None) -> l
 def profile(args) -> None:
     print(
         f"torch {torch.__version__}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
-        f"dtype {args.dtype}; median of {args.steps} steps x {args.repeats} repeats"
+        f"dtype {args.dtype}; median of {args.steps} steps x {args.repeats} repeats; "
+        f"cache flushed before each step: {args.flush}"
     )
     header = f"{'size':>5} {'thr':>3} {'B':>3} {'path':>6} {'piece':>12} {'ms':>8} {'limit ms':>9} {'of limit':>9}"
+    flush = CacheFlush(args.flush) if args.flush else None
     for size in args.sizes:
         model = build(size, DTYPES[args.dtype])
         nbytes = weight_bytes(model)
         for threads in args.threads:
             torch.set_num_threads(threads)
             head = model.head.weight
-            rate = stream_rate(head.numel() * head.element_size() // 4 // head.shape[1], head.shape[1])
+            rate = stream_rate(head.numel() * head.element_size() // 4 // head.shape[1], head.shape[1], flush)
             print(
-                f"\n{size}: {nbytes['step'] / 1e6:.0f} MB of weights per step; torch.mv streams {rate / 1e9:.1f} GB/s"
+                f"\n{size}: {nbytes['step'] / 1e6:.0f} MB of weights per step; torch.mv streams {rate / 1e9:.1f} GB/s; "
+                f"load average {os.getloadavg()[0]:.2f}"
             )
             print(header)
             for batch in args.batch:
@@ -240,7 +271,7 @@ def profile(args) -> None:
                 for _ in range(args.repeats):  # the paths take turns
                     for path in args.paths:
                         with decoding_path(model, path), PieceTimers(model) as timers:
-                            samples[path] += time_steps(model, *cache[path], args.steps, timers)
+                            samples[path] += time_steps(model, *cache[path], args.steps, timers, flush)
                 for path in args.paths:
                     rows = samples[path]
                     med = {k: statistics.median(r[k] for r in rows) for k in (*PIECES, "step")}
@@ -296,6 +327,12 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", nargs="+", default=["fused", "tensor"], choices=["auto", "fused", "mv", "tensor"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat and path")
     parser.add_argument("--repeats", type=int, default=3, help="rounds in which the paths take turns")
+    parser.add_argument(
+        "--flush",
+        action="store_true",
+        help="read twice the last-level cache before every timed step and streaming-rate repeat (the weights then come "
+        "from memory, as in peers.py's decode loop, where the other program runs between steps)",
+    )
     parser.add_argument("--grid", action="store_true", help="whole-step fused vs tensor table (the preference rule)")
     args = parser.parse_args(argv)
     (grid if args.grid else profile)(args)
