@@ -41,6 +41,46 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(hidden_size=96, num_heads=4)
 
 
+def test_stage_rows_hold_passkey_prompts_at_the_stated_share_in_the_grid_format():
+    import re
+
+    from wuneng.apps.demo import _stage_dataset, demo_passkey_config
+    from wuneng.eval.tasks.arithmetic import ArithmeticConfig, make_test_set
+    from wuneng.eval.tasks.passkey import CLASSIC_FILLER, generate_passkey_examples, passkey_match
+
+    task = ArithmeticConfig()
+    test = make_test_set(task, per_category=4, seed=1)
+    cfg = demo_passkey_config()
+    data = _stage_dataset(task, test, 40, 128, 0, 0, cfg, 0.25)
+    assert data.input_ids.shape == (40, 128)
+    rows = [bytes(r.tolist()).decode("ascii") for r in data.input_ids]
+    labels = ["".join("_" if t == -100 else chr(t) for t in r.tolist()) for r in data.labels]
+    # one prompt of the grid's format: filler sentences, the needle among them, the question
+    sentence = "|".join(re.escape(f) for f in CLASSIC_FILLER)
+    grid_format = re.compile(rf"((?:{sentence}) )*The pass key is (\d{{5}})\. ((?:{sentence}) )*What is the pass key\?")
+    starts = [i for i, r in enumerate(rows) if r.startswith(("The ", "Here ")) and "pass key" in r.split("\n")[0]]
+    assert len(starts) == 10  # round(0.25 * 40) rows start with a passkey prompt
+    assert all("pass key" not in r for i, r in enumerate(rows) if i not in starts)  # nowhere else
+    lengths = []
+    for i in starts:
+        line = rows[i].split("\n")[0]
+        prompt, key = line.rsplit(" ", 1)
+        m = grid_format.fullmatch(prompt)
+        assert m is not None and m.group(2) == key, line
+        assert passkey_match(" " + key, key)
+        # the loss is on the separating space, the key and the newline only
+        assert labels[i][: len(line) + 1] == "_" * len(prompt) + " " + key + "\n"
+        lengths.append(len(prompt))
+    assert 44 <= min(lengths) and max(lengths) <= 128 - 7 and len(set(lengths)) > 3
+    # the grid asks in the same format (ByteLevelTokenizer: a byte per token) at 0.5 and 1 x the row
+    for e in generate_passkey_examples(cfg, [64, 128], seed=1):
+        assert grid_format.fullmatch(e.prompt) is not None
+    # passkey_fraction 0: the rows of the demo before passkey rows (arithmetic and recall only)
+    plain = _stage_dataset(task, test, 40, 128, 0, 0, cfg, 0.0)
+    assert torch.equal(plain.input_ids, _stage_dataset(task, test, 40, 128, 0, 0).input_ids)
+    assert not any(b"pass key" in bytes(r.tolist()) for r in plain.input_ids)
+
+
 def _png_size(path) -> tuple[int, int]:
     raw = path.read_bytes()
     assert raw[:8] == PNG_MAGIC, f"{path} is not a PNG"
@@ -103,7 +143,7 @@ def test_demo_fast_end_to_end(tmp_path):
             assert (out / "retention" / kind / name).is_file(), (kind, name)
     c = res["config"]
     head_dim = c["hidden_size"] // c["num_heads"]
-    lengths = [128, 256, 512]  # 1, 2 and 4 x the context
+    lengths = [64, 128, 256, 512]  # 0.5, 1, 2 and 4 x the context
     kv_per_position = c["num_layers"] * 2 * c["num_kv_heads"] * head_dim * 4  # keys and values, float32
     for kind in ("wuneng", "arwkv"):
         memory = res["retention"][kind]["memory"]
@@ -114,10 +154,22 @@ def test_demo_fast_end_to_end(tmp_path):
         states = {m["state_bytes"] for m in memory["student"]}
         assert len(states) == 1 and states.pop() > 0  # the recurrent state does not grow with the context
         # ARWKV keeps no keys/values; WuNeng's attention keeps them in buffers of max(256, L) positions
-        expected_kv = [0] * 3 if kind == "arwkv" else [kv_per_position * max(256, n) for n in lengths]
+        expected_kv = [0] * 4 if kind == "arwkv" else [kv_per_position * max(256, n) for n in lengths]
         assert [m["kv_bytes"] for m in memory["student"]] == expected_kv
         assert f"{memory['teacher'][-1]['kv_bytes']:,}" in report
     assert res["seconds"]["retention"] < 60
+    # passkey rows in the training mix, and the grid of all three models in one table of report.md
+    assert res["config"]["passkey_fraction"] == 0.25 and res["passkey_bytes"] == [44, 121]
+    assert "Passkey rows: 25% of the rows" in report
+    assert "## Passkey retrieval per context length" in report and "| model | 64 | 128 | 256 * | 512 * |" in report
+    for name in ("teacher", "wuneng", "arwkv"):
+        grid = res["retention"]["arwkv" if name == "arwkv" else "wuneng"]["passkey"]
+        grid = grid["teacher" if name == "teacher" else "student"]
+        for n in lengths:
+            cells = [c for c in grid if c["length"] == n]
+            assert len(cells) == 5 and all(c["count"] == 4 for c in cells)  # every cell holds a prompt, 4 keys
+            mean = sum(c["accuracy"] for c in cells) / 5
+            assert res["passkey"][name]["per_length"][str(n)] == pytest.approx(mean, abs=1e-12)
 
     # same token budget for both students in every stage
     for stage in ("align", "distill", "sft"):

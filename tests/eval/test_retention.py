@@ -161,6 +161,40 @@ def test_passkey_grid_keeps_the_intro_when_every_length_holds_it():
     assert grid.intro is True and set(grid.cells.values()) == {1.0}
 
 
+def test_the_demo_grid_asks_in_its_training_format_at_every_length_from_half_the_rows():
+    from wuneng.apps.demo import DemoConfig, retention_settings
+
+    tok = ByteLevelTokenizer()
+    settings = retention_settings(DemoConfig())
+    assert settings.grid_lengths() == [64, 128, 256, 512]  # 0.5, 1, 2 and 4 x the 128-byte rows
+    seen: list = []
+
+    class Recorder(RetrieverStub):
+        def generate(self, input_ids, **kwargs):
+            seen.extend(tok.decode(ids) for ids in input_ids.tolist())
+            return super().generate(input_ids, **kwargs)
+
+    measured = {}
+    for name, window in (("teacher", 128), ("student", 64)):  # each retrieves within its window only
+        grid = passkey_grid(
+            Recorder(tok, window=window),
+            tok,
+            settings.grid_lengths(),
+            settings.depths,
+            settings.trials,
+            settings.seed,
+            settings.passkey,
+        )
+        assert grid.notes == [] and None not in grid.cells.values()  # even 64 bytes hold a prompt
+        measured[name] = ModelMeasurements(name, [], grid, [])
+    assert all(p.startswith(("The ", "Here ")) and p.endswith(". What is the pass key?") for p in seen)
+    t = measured["teacher"].grid
+    assert [t.accuracy(n, n) for n in t.lengths] == [1.0, 1.0, 0.0, 0.0]
+    rows = {r.setting: r for r in build_report(measured["student"], measured["teacher"], 128).rows}
+    assert rows["<= 128"].relative == pytest.approx((0.5 - t.chance) / (1.0 - t.chance), rel=1e-12)
+    assert rows["> 128"].relative is None  # the teacher at 0 beyond the rows: undefined, not a number
+
+
 # ------------------------------------------------------------------------------------------- cache bytes
 def _tiny_rwkv7():
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
 """``wuneng demo``: the README's main job on the embedded default data (nothing is downloaded).
 
 1. Pretrain a small byte-level Qwen2 teacher (transformers' own ``Qwen2ForCausalLM``) on generated
-   arithmetic word problems and key-value recall lines (:mod:`wuneng.eval.tasks.arithmetic`), with the
-   loss on answer bytes only (``shared/reference/feasibility.md``: the loss on every byte wastes ~80% of
+   arithmetic word problems and key-value recall lines (:mod:`wuneng.eval.tasks.arithmetic`), and with
+   ``passkey_fraction`` of its rows starting with a passkey prompt (:func:`demo_passkey_config`, the format the
+   retention grid asks in, at lengths up to the row), with the loss on answer bytes only (``shared/reference/feasibility.md``: the loss on every byte wastes ~80% of
    the gradient on random question text).
 2. Convert it into two students: WuNeng (hybrid state heads beside attention, the default options) and
    ARWKV (every attention replaced by an RWKV-7 time-mix, ``attention=False``).
@@ -12,8 +13,9 @@
    ``#### N`` final-number match, per category, recall) and on held-out text (perplexity), then write
    ``report.md``, ``results.json`` and PNG plots (loss curves per stage, accuracy bars) and print the table.
 5. Retention report of each student against the teacher (:mod:`wuneng.eval.retention`, small settings): relative
-   scores, a passkey grid up to 4x the training context, cache bytes and tokens/s; written to
-   ``retention/<student>/`` and included in ``report.md``.
+   scores, a passkey grid at 0.5, 1, 2 and 4x the training context (retrieval beyond the rows the models were
+   trained on: where WuNeng, which keeps attention, and ARWKV, pure recurrent, are expected to differ), cache
+   bytes and tokens/s; written to ``retention/<student>/`` and included in ``report.md``.
 
 Every stage runs through :func:`wuneng.train.loop.train` (the same machinery as ``wuneng train``) with the
 models, tokenizer and an answer-masked :class:`~wuneng.train.data.PackedDataset` passed in memory.
@@ -39,7 +41,16 @@ from wuneng.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoBudget", "DemoConfig", "answer_only_dataset", "build_teacher", "evaluate_student", "run_demo"]
+__all__ = [
+    "DemoBudget",
+    "DemoConfig",
+    "answer_only_dataset",
+    "build_teacher",
+    "demo_passkey_config",
+    "evaluate_student",
+    "passkey_mixed_dataset",
+    "run_demo",
+]
 
 STUDENTS = ("wuneng", "arwkv")
 STUDENT_STAGES = ("align", "distill", "sft")
@@ -119,17 +130,20 @@ class DemoConfig:
     middle_heads: int = 4
     state_query: bool = True
     recall_fraction: float = 0.3
+    # share of the training rows (teacher and every student stage) that start with a passkey prompt of
+    # demo_passkey_config() (lengths up to the row, the rest of the row arithmetic / recall text): the retrieval
+    # the retention grid measures at and beyond the training length; 0: the demo before passkey rows
+    passkey_fraction: float = 0.25
     seed: int = 0
     # torch intra-op threads (None: torch's default, one per core). On a machine whose cores other jobs share,
     # 1 thread is several times faster than oversubscribed OpenMP threads.
     threads: Optional[int] = None
     progress: bool = True
     # the retention report of each student against the teacher (wuneng.eval.retention), with small settings:
-    # examples per registry task, keys per passkey cell; grid lengths 1, 2 and 4 x budget.context (half of it cannot
-    # hold a passkey prompt of bytes)
+    # examples per registry task, keys per passkey cell; grid lengths 0.5, 1, 2 and 4 x budget.context
     retention: bool = True
     retention_limit: int = 16
-    retention_trials: int = 1
+    retention_trials: int = 4
     # an earlier demo run in output_dir is replaced (only the entries the demo writes, DEMO_OUTPUTS: its output is
     # regenerated from the same command); False: refuse it, so that nothing is replaced by accident
     overwrite: bool = True
@@ -151,6 +165,8 @@ class DemoConfig:
         for name in ("teacher_lr", "align_lr", "distill_lr", "sft_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DemoConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.passkey_fraction < 1.0:
+            raise ValueError(f"DemoConfig.passkey_fraction must lie in [0, 1), got {self.passkey_fraction}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -186,18 +202,123 @@ def answer_only_dataset(examples, context: int, num_rows: Optional[int] = None):
     return PackedDataset(input_ids, torch.from_numpy(labels), torch.ones_like(input_ids), corpus.num_examples, 0)
 
 
-def _stage_dataset(task, test_set, rows: int, context: int, seed: int, epoch: int):
-    """``rows`` answer-masked rows of freshly generated problems (none of them held out)."""
-    from wuneng.eval.tasks.arithmetic import generate_training_examples
+def demo_passkey_config():
+    """The passkey prompt of the demo's training rows and of its retention grid: no intro, the short needle
+    ``"The pass key is 12345."``, the question ``"What is the pass key?"`` and the classic filler; 44 bytes without
+    filler, so that a 64-byte cell (half the 128-byte rows) holds it, and the answer is ``" 12345"``."""
+    from wuneng.eval.tasks.passkey import PasskeyConfig
 
-    need = rows * context
+    return PasskeyConfig(intro="", needle_template="The pass key is {key}.", question="What is the pass key?")
+
+
+def _answer_only_stream(examples) -> tuple:
+    """``(ids int64 [n], mask bool [n])`` of ``prompt + " " + answer + "\n"`` per example: mask True on the
+    separating space, the answer and the newline (see :func:`answer_only_dataset`)."""
+    from wuneng.eval.tasks.arithmetic import build_corpus
+
+    corpus = build_corpus(examples)
+    try:
+        ids = np.frombuffer(corpus.text.encode("ascii"), dtype=np.uint8).astype(np.int64)
+    except UnicodeEncodeError:
+        raise ValueError("the demo corpus must be ASCII so that the answer mask aligns with the bytes") from None
+    answer = corpus.answer_mask
+    mask = answer.copy()
+    mask[:-1] |= answer[1:] & ~answer[:-1]  # the byte before each answer: the separating space
+    return ids, mask
+
+
+def passkey_mixed_dataset(examples, passkey_examples, passkey_rows, context: int, num_rows: int):
+    """Rows of ``context`` bytes, answer-masked as :func:`answer_only_dataset`, where row ``passkey_rows[i]`` starts
+    with passkey prompt ``passkey_examples[i]`` (``prompt + " " + key + "\n"``, at most ``context`` bytes, from
+    position 0 as the grid asks it) and every other byte continues the packed stream of ``examples`` (rows may
+    straddle those). ``passkey_examples``: :class:`~wuneng.eval.tasks.passkey.PasskeyExample` list. Returns a
+    :class:`~wuneng.train.data.PackedDataset` of ``[num_rows, context]`` rows."""
+    from wuneng.eval.tasks.arithmetic import ArithmeticExample
+    from wuneng.train.data import PackedDataset
+
+    passkey_rows = [int(r) for r in passkey_rows]
+    if len(passkey_rows) != len(passkey_examples) or len(set(passkey_rows)) != len(passkey_rows):
+        raise ValueError(f"{len(passkey_examples)} passkey examples need as many distinct rows, got {passkey_rows}")
+    if any(not 0 <= r < num_rows for r in passkey_rows):
+        raise ValueError(f"passkey rows must lie in [0, {num_rows}), got {passkey_rows}")
+    stream_ids, stream_mask = _answer_only_stream(examples)
+    first = dict(zip(passkey_rows, passkey_examples))
+    ids = np.empty((num_rows, context), dtype=np.int64)
+    mask = np.empty((num_rows, context), dtype=bool)
+    pos = 0
+    for r in range(num_rows):
+        head_ids, head_mask = np.zeros(0, np.int64), np.zeros(0, bool)
+        if r in first:
+            e = first[r]
+            head_ids, head_mask = _answer_only_stream([ArithmeticExample(e.prompt, e.answer, "passkey")])
+            if len(head_ids) > context:
+                raise ValueError(f"passkey example of {len(head_ids)} bytes does not fit a row of {context} bytes")
+        take = context - len(head_ids)
+        if pos + take > len(stream_ids):
+            raise ValueError(
+                f"{len(stream_ids)} bytes of text cannot fill {num_rows} rows of {context} bytes; generate more examples"
+            )
+        ids[r] = np.concatenate([head_ids, stream_ids[pos : pos + take]])
+        mask[r] = np.concatenate([head_mask, stream_mask[pos : pos + take]])
+        pos += take
+    labels = np.where(mask, ids, IGNORE_INDEX)
+    input_ids = torch.from_numpy(ids)
+    return PackedDataset(
+        input_ids, torch.from_numpy(labels), torch.ones_like(input_ids), len(examples) + len(passkey_examples), 0
+    )
+
+
+def _passkey_byte_range(context: int) -> tuple:
+    """(shortest, longest) prompt bytes of the demo's passkey rows: without filler, and the row less the answer."""
+    from wuneng.eval.tasks.passkey import build_prompt
+
+    config = demo_passkey_config()
+    return len(build_prompt(config, [], 0.0, "9" * config.num_digits)), context - (config.num_digits + 2)
+
+
+def _stage_dataset(
+    task,
+    test_set,
+    rows: int,
+    context: int,
+    seed: int,
+    epoch: int,
+    passkey=None,
+    passkey_fraction: float = 0.0,
+    passkey_min_length: Optional[int] = None,
+):
+    """``rows`` answer-masked rows of freshly generated problems (none of them held out); with ``passkey`` (a
+    :class:`~wuneng.eval.tasks.passkey.PasskeyConfig`), ``round(passkey_fraction * rows)`` rows drawn at random
+    start with a passkey prompt of that format (:func:`passkey_mixed_dataset`), its length uniform between the
+    prompt without filler and ``context`` minus the answer, its depth uniform in [0, 1]."""
+    from wuneng.eval.tasks.arithmetic import generate_training_examples
+    from wuneng.eval.tasks.mqar import make_rng
+
+    n_passkey = int(round(passkey_fraction * rows)) if passkey is not None else 0
+    passkey_examples: list = []
+    if n_passkey:
+        from wuneng.eval.tasks.passkey import sample_passkey_examples
+
+        # the seed stream of this stage's passkey rows: independent of the problems' (seed, epoch) stream
+        # the longest prompt leaves room for " " + key + "\n" in the row
+        passkey_examples = sample_passkey_examples(
+            passkey,
+            n_passkey,
+            context - (passkey.num_digits + 2),
+            seed=seed * 1_000_003 + 7 * epoch + 5,
+            min_length=passkey_min_length,
+        )
+    need = rows * context - sum(len(e.prompt) + passkey.num_digits + 2 for e in passkey_examples)
     n = max(64, need // 40)  # examples are ~45-60 bytes; top up below if short
     examples = generate_training_examples(task, n, seed, test_set, epoch)
     extra = 1
     while sum(len(e.text) + 1 for e in examples) < need:
         examples += generate_training_examples(task, max(64, n // 4), seed, test_set, epoch + 7919 * extra)
         extra += 1
-    return answer_only_dataset(examples, context, rows)
+    if not n_passkey:
+        return answer_only_dataset(examples, context, rows)
+    order = make_rng(seed, 1_000_003 + epoch).permutation(rows)
+    return passkey_mixed_dataset(examples, passkey_examples, sorted(order[:n_passkey].tolist()), context, rows)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -476,6 +597,45 @@ def _align_rows(results: dict) -> list[list[str]]:
     ]
 
 
+def _passkey_data_lines(results: dict) -> list:
+    share = results["config"].get("passkey_fraction", 0.0)
+    if not share:
+        return []
+    return [
+        f"Passkey rows: {100 * share:g}% of the rows of every training stage (teacher and students) start with a "
+        "passkey prompt in the format of the retention grid below (`demo_passkey_config`: classic filler sentences "
+        'with the needle `"The pass key is 12345."` among them, then `"What is the pass key?"`; the answer is the '
+        f"key), {results['passkey_bytes'][0]}-{results['passkey_bytes'][1]} bytes, needle depth uniform in [0, 1], "
+        "a fresh key per row; the rest of such a row continues the arithmetic and recall text. The held-out set "
+        "and its categories are those of the demo without passkey rows; the arithmetic and recall lines get that "
+        "much less of the rows.",
+        "",
+    ]
+
+
+def _passkey_summary_lines(results: dict) -> list:
+    grids = results.get("passkey")
+    if not grids:
+        return []
+    context = results["budget"]["context"]
+    lengths = sorted({int(n) for g in grids.values() for n in g["per_length"]})
+    header = ["model", *[f"{n}{' *' if n > context else ''}" for n in lengths], f"<= {context}", f"> {context}"]
+    rows = [
+        [name, *[_fmt_pct(g["per_length"].get(str(n), g["per_length"].get(n))) for n in lengths]]
+        + [_fmt_pct(g["within"]), _fmt_pct(g["beyond"])]
+        for name, g in grids.items()
+    ]
+    return [
+        "## Passkey retrieval per context length (bytes; * beyond the training rows)",
+        "",
+        _md_table(header, rows),
+        "",
+        f"Greedy exact match of the 5-digit key (chance 1/90000), {results['passkey_keys']} keys per length "
+        "(depths 0, 0.25, 0.5, 0.75, 1); the students after SFT. Per cell in the retention reports below.",
+        "",
+    ]
+
+
 def write_report(results: dict, out_dir: Path, sections: Sequence[str] = ()) -> Path:
     """``report.md`` with the tables, the plots, ``sections`` (Markdown, e.g. the retention reports) and a few
     samples."""
@@ -490,6 +650,7 @@ def write_report(results: dict, out_dir: Path, sections: Sequence[str] = ()) -> 
         "Data: generated arithmetic word problems (1-digit `+`/`-`) and key-value recall lines, bytes as tokens; "
         "pretraining and SFT put the loss on answer bytes only (with the space before and the newline after); held-out problems never occur in training.",
         "",
+        *_passkey_data_lines(results),
         "## Held-out results",
         "",
         _md_table(_main_header(results), _main_rows(results)),
@@ -542,6 +703,7 @@ def write_report(results: dict, out_dir: Path, sections: Sequence[str] = ()) -> 
         "",
         "![accuracy](accuracy.png)",
         "",
+        *_passkey_summary_lines(results),
         *sections,
         "## Samples (after SFT; teacher after pretraining)",
         "",
@@ -589,18 +751,17 @@ def print_results(results: dict, console) -> None:
 # ------------------------------------------------------------------------------------------- retention
 def retention_settings(cfg: DemoConfig):
     """The demo's small retention settings: every registry task at ``retention_limit`` examples, a passkey grid of
-    1, 2 and 4 x ``budget.context`` bytes x 5 depths with ``retention_trials`` keys per cell, 16 timed decode
-    steps."""
+    0.5, 1, 2 and 4 x ``budget.context`` bytes x 5 depths with ``retention_trials`` keys per cell in the format of
+    the training rows (:func:`demo_passkey_config`), 16 timed decode steps."""
     from wuneng.eval.retention import RetentionSettings
 
-    context = cfg.budget.context
     return RetentionSettings(
-        train_length=context,
-        lengths=(context, 2 * context, 4 * context),
+        train_length=cfg.budget.context,
         trials=cfg.retention_trials,
         limit=cfg.retention_limit,
         batch_size=64,
         decode_tokens=16,
+        passkey=demo_passkey_config(),
     )
 
 
@@ -711,7 +872,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         f"wuneng demo: teacher Qwen2 {cfg.num_layers}L x {cfg.hidden_size} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M "
         f"parameters), {b.teacher_steps} steps x {b.teacher_batch} x {b.context} bytes; output {out}"
     )
-    data = _stage_dataset(task, test, b.teacher_steps * b.teacher_batch, b.context, cfg.seed, epoch=0)
+    passkey = demo_passkey_config()
+    data = _stage_dataset(
+        task, test, b.teacher_steps * b.teacher_batch, b.context, cfg.seed, 0, passkey, cfg.passkey_fraction
+    )
     t0 = time.perf_counter()
     res = train(
         _train_config("pretrain", out / "teacher", b.teacher_steps, b.teacher_batch, cfg.teacher_lr, cfg, cfg.seed),
@@ -739,7 +903,16 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
 
     # -- students: same data per stage for both
     stage_data = {
-        stage: _stage_dataset(task, test, b.stage_steps(stage) * b.student_batch, b.context, cfg.seed, epoch=1 + k)
+        stage: _stage_dataset(
+            task,
+            test,
+            b.stage_steps(stage) * b.student_batch,
+            b.context,
+            cfg.seed,
+            1 + k,
+            passkey,
+            cfg.passkey_fraction,
+        )
         for k, stage in enumerate(STUDENT_STAGES)
     }
     stage_lr = {"align": cfg.align_lr, "distill": cfg.distill_lr, "sft": cfg.sft_lr}
@@ -795,6 +968,16 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         "seconds": seconds,
         "histories": histories,
         "retention": {kind: report_json(report) for kind, (report, _) in retention_sections.items()},
+        "passkey": {
+            name: {
+                "per_length": {n: m.grid.accuracy(n, n) for n in m.grid.lengths},
+                "within": m.grid.accuracy(max_length=b.context),
+                "beyond": m.grid.accuracy(min_length=b.context + 1),
+            }
+            for name, m in measured.items()
+        },
+        "passkey_keys": cfg.retention_trials * len(retention_settings(cfg).depths),
+        "passkey_bytes": _passkey_byte_range(b.context),
     }
     _plot_losses(histories, out / "losses.png")
     _plot_accuracy(final, per_stage, categories, out / "accuracy.png")
