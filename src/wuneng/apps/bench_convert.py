@@ -255,6 +255,9 @@ class ConvertBenchConfig:
     def run_key(self, arm: str, seed: int) -> str:
         """Identity of an (arm, seed) run: the teacher, the budgets and the subtask (a change is a new run)."""
         keep = f" keep={self.keep} select={self.select_steps}@{self.select_lr:g}" if arm == "arwkv-keep" else ""
+        if arm == "wuneng":  # the demo's student options (a change there is a new run here)
+            dc = self.demo_config()
+            keep = f" fusion={dc.fusion} hm={dc.middle_heads} sq={int(dc.state_query)}"
         return (
             f"{arm} | seed={seed} | teacher={teacher_key(self)} | align={self.align_steps}@{self.align_lr:g} "
             f"sft={self.sft_steps}@{self.sft_lr:g} bs={self.batch} ctx={self.context} | parity bits={self.parity_bits} "
