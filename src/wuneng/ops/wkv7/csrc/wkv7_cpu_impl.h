@@ -140,9 +140,59 @@ static inline real NAME(w64sum)(NAME(w64v) x)
     return s;
 }
 
-/* dst = src^T for 64 x 64 (8 x 8 blocks, both sides in cache) */
+#ifndef WKV64_TRANSPOSE32
+#define WKV64_TRANSPOSE32
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+/* dst = src^T for 64 x 64 32-bit words, as 16 x 16 blocks of 16-lane vectors, each transposed in registers by four
+ * butterfly stages (stage s swaps the off-diagonal s x s sub-blocks of every 2s x 2s block). The scalar loop costs
+ * several times more, and the checkpoints of the N = 64 path need one transpose per chunk of tokens. */
+typedef uint32_t wkv64_u32x16 __attribute__((vector_size(64)));
+#define WKV64_LIST(...) __VA_ARGS__
+#define WKV64_STAGE(s, LO, HI)                                                                                       \
+    for (int i = 0; i < 16; ++i)                                                                                     \
+        if (!(i & (s))) {                                                                                            \
+            const wkv64_u32x16 a = m[i], b = m[i + (s)];                                                             \
+            m[i] = __builtin_shufflevector(a, b, WKV64_LIST LO);                                                 \
+            m[i + (s)] = __builtin_shufflevector(a, b, WKV64_LIST HI);                                           \
+        }
+static void wkv64_transpose32(void *restrict dst, const void *restrict src)
+{
+    const char *in = (const char *)src;
+    char *out = (char *)dst;
+    for (int bi = 0; bi < 4; ++bi)
+        for (int bj = 0; bj < 4; ++bj) {
+            wkv64_u32x16 m[16];
+            for (int i = 0; i < 16; ++i)
+                memcpy(&m[i], in + ((bi * 16 + i) * 64 + bj * 16) * 4, 64);
+            WKV64_STAGE(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                        (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+            WKV64_STAGE(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                        (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+            WKV64_STAGE(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                        (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+            WKV64_STAGE(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                        (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+            for (int i = 0; i < 16; ++i)
+                memcpy(out + ((bj * 16 + i) * 64 + bi * 16) * 4, &m[i], 64);
+        }
+}
+#undef WKV64_STAGE
+#undef WKV64_LIST
+#define WKV64_HAVE_TRANSPOSE32 1
+#else
+#define WKV64_HAVE_TRANSPOSE32 0
+#endif
+#endif
+
+/* dst = src^T for 64 x 64 (float: the vector transpose above where the compiler has it; else 8 x 8 blocks) */
 static void NAME(w64transpose)(real *restrict dst, const real *restrict src)
 {
+#if WKV64_HAVE_TRANSPOSE32
+    if (sizeof(real) == 4) {
+        wkv64_transpose32(dst, src);
+        return;
+    }
+#endif
     for (int i0 = 0; i0 < 64; i0 += 8)
         for (int j0 = 0; j0 < 64; j0 += 8)
             for (int i = i0; i < i0 + 8; ++i)
