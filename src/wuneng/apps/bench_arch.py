@@ -71,6 +71,11 @@ __all__ = [
     "best_rows",
     "results_table",
     "state_contribution",
+    "Claim",
+    "CLAIMS",
+    "claim_verdicts",
+    "claims_markdown",
+    "difference_interval",
 ]
 
 VARIANTS = (
@@ -816,6 +821,123 @@ def state_contribution(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claim that variant ``better`` reaches a higher test accuracy than ``worse`` (at each one's best lr)."""
+
+    label: str
+    better: str
+    worse: str
+
+
+# The papers' claims the default sweep can test (WuNeng: gated fusion, the state-query modulation, the state heads'
+# fusion; ARWKV: keeping attention layers), each checked on every setting both variants ran.
+CLAIMS = (
+    Claim("gated fusion beats concatenation", "wuneng-gate", "wuneng-concat"),
+    Claim("gated fusion beats addition", "wuneng-gate", "wuneng-add"),
+    Claim("gated fusion beats Hymba's mean fusion", "wuneng-gate", "wuneng-hymba"),
+    Claim(
+        "fusing the state heads beats none (state heads only in the middle heads and the query)",
+        "wuneng-gate",
+        "wuneng-none",
+    ),
+    Claim("the state-query modulation helps (lambda learned vs lambda = 0)", "wuneng-gate", "wuneng-gate-lambda0"),
+    Claim("WuNeng (gate) beats the Transformer", "wuneng-gate", "transformer"),
+    Claim("WuNeng (gate) beats RWKV-7", "wuneng-gate", "rwkv7"),
+    Claim("ARWKV keeping an attention layer beats pure ARWKV", "arwkv-attn", "arwkv"),
+)
+
+CEILING = 0.95  # both variants at or above this accuracy: the setting cannot separate them
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, Optional[float], Optional[float]]:
+    """``mean(a) - mean(b)`` with the half-width of Welch's two-sided 95% interval and its degrees of freedom.
+
+    Half-width ``t_{0.975, floor(df)} * sqrt(s_a^2/n_a + s_b^2/n_b)`` with the Welch-Satterthwaite ``df`` (rounded
+    down: a wider interval); (diff, None, None) when a side has fewer than two values, (diff, 0.0, inf) when both
+    sides are constant. The seeds are not paired: the same seed gives the two variants the same data but different
+    initial weights.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return diff, None, None
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    if va + vb == 0:
+        return diff, 0.0, math.inf
+    df = (va + vb) ** 2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1))
+    t = T_975[min(max(int(math.floor(df)), 1), len(T_975)) - 1]
+    return diff, float(t * math.sqrt(va + vb)), float(df)
+
+
+def claim_verdicts(rows: Sequence[dict], claims: Sequence[Claim] = CLAIMS) -> list[dict]:
+    """Each claim on each setting where either variant ran: ``{"claim", "setting", "verdict", "note", "better",
+    "worse" (best_rows entries or None), "diff", "half_width"}``.
+
+    Verdict: "held" when the 95% Welch interval of ``better - worse`` lies above 0, "not held" when it lies below
+    0, "inconclusive" when it contains 0 (the note says when both are at or above 95%: the setting does not
+    separate them) or a side has one seed, "not run" when a variant is missing.
+    """
+    best = best_rows(rows)
+    settings, _ = _ordered(rows)
+    out = []
+    for c in claims:
+        for s in settings:
+            b, w = best.get((s, c.better)), best.get((s, c.worse))
+            if b is None and w is None:
+                continue
+            entry = {"claim": c, "setting": s, "better": b, "worse": w, "diff": None, "half_width": None, "note": ""}
+            if b is None or w is None:
+                entry.update(verdict="not run", note=f"{c.better if b is None else c.worse} not in these results")
+                out.append(entry)
+                continue
+            diff, hw, _ = difference_interval(b["accuracies"], w["accuracies"])
+            entry.update(diff=diff, half_width=hw)
+            if hw is None:
+                entry.update(verdict="inconclusive", note="one seed: no interval")
+            elif diff - hw > 0:
+                entry["verdict"] = "held"
+            elif diff + hw < 0:
+                entry["verdict"] = "not held"
+            else:
+                entry["verdict"] = "inconclusive"
+                if min(b["accuracy"], w["accuracy"]) >= CEILING:
+                    entry["note"] = f"both >= {100 * CEILING:g}%: this setting does not separate them"
+            out.append(entry)
+    return out
+
+
+def claims_markdown(rows: Sequence[dict], claims: Sequence[Claim] = CLAIMS, controls_ok: bool = True) -> str:
+    """The "Claims" section: per claim and setting, both accuracies, the difference with its 95% Welch interval
+    (:func:`difference_interval`) and the verdict (:func:`claim_verdicts`); headed NOT INTERPRETABLE when a
+    positive control did not reproduce."""
+    verdicts = claim_verdicts(rows, claims)
+    if not verdicts:
+        return ""
+    title = "## Claims: difference of mean accuracy with its 95% Welch interval over seeds"
+    lines = [
+        title + ("" if controls_ok else " (NOT INTERPRETABLE: see the controls above)"),
+        "",
+        "held: the interval of (first - second) lies above 0; not held: below 0; inconclusive: it contains 0.",
+        "",
+        "| claim | setting | first | second | difference (points) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in verdicts:
+        c = v["claim"]
+        first = "-" if v["better"] is None else _cell(v["better"])
+        second = "-" if v["worse"] is None else _cell(v["worse"])
+        if v["diff"] is None:
+            diff = "-"
+        else:
+            diff = f"{100 * v['diff']:+.1f}" + ("" if v["half_width"] is None else f" ± {100 * v['half_width']:.1f}")
+        verdict = f"**{v['verdict']}**" + (f" ({v['note']})" if v["note"] else "")
+        lines.append(
+            f"| {c.label} ({c.better} vs {c.worse}) | {v['setting']} | {first} | {second} | {diff} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def _pm(mean_hw: tuple[float, Optional[float]], unit: str = "%") -> str:
     """``mean ± half-width`` in percent (points) of a (mean, half-width or None) pair."""
     mean, hw = mean_hw
@@ -932,6 +1054,9 @@ def results_markdown(rows: Sequence[dict], controls: Sequence[Control] = ()) -> 
     for v in variants:
         cells = ["-" if (s, v) not in best else _cell(best[(s, v)]) for s in settings]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    claims = claims_markdown(rows, controls_ok=ok)
+    if claims:
+        lines += ["", claims]
     contribution = state_contribution_markdown(rows)
     if contribution:
         lines += ["", contribution]
