@@ -234,7 +234,13 @@ def test_state_contribution_table_holds_hand_computed_means_and_intervals():
     ]  # fmt: skip
     text = results_markdown(rows)
     section = text.split("## State-head contribution")[1].split("| setting | variant | params |")[0]
-    assert "| wuneng-gate | s | 95.0% ± 12.4 | 50.0% ± 49.7 | 45.0 ± 44.8 | 3 |" in section
+    assert "| wuneng-gate | s | 95.0% ± 12.4 | 50.0% ± 49.7 | 45.0 ± 44.8 | 3 | **held** |" in section  # 45.0 > 44.8
+    narrow = [
+        _wuneng_row(0, 0.9, 0.5, 0.1),
+        _wuneng_row(1, 1.0, 0.9, 0.1),
+        _wuneng_row(2, 0.95, 0.3, 0.1),
+    ]  # drops .4 .1 .65
+    assert "| 3 | **inconclusive** |" in results_markdown(narrow)  # 38.3 ± 68.4 contains 0
     assert "| wuneng-gate | s | 0 | gate | 0.2 | 0.4 | 0.5 | - | - | - |" in section
     assert "| wuneng-gate | s | 1 | arwkv |" in section
     assert "transformer" not in section

@@ -958,14 +958,19 @@ def state_contribution_markdown(rows: Sequence[dict]) -> str:
         "Mean ± 95% t-interval half-width over the seeds that have the ablation, at the best learning rate; drop in "
         "percentage points (accuracy - accuracy with Y = 0, per seed).",
         "",
-        "| variant | task | accuracy | accuracy with Y = 0 | drop (points) | seeds |",
-        "|---|---|---|---|---|---|",
+        "Claim: the trained model uses its state heads. held: the drop's interval lies above 0; not held: below 0; "
+        "inconclusive: it contains 0 (or one seed).",
+        "",
+        "| variant | task | accuracy | accuracy with Y = 0 | drop (points) | seeds | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for setting, variant in keys:
         c = contribution[(setting, variant)]
+        drop, hw = c["drop"]
+        verdict = "inconclusive" if hw is None or abs(drop) <= hw else ("held" if drop > 0 else "not held")
         lines.append(
             f"| {variant} | {setting} | {_pm(c['accuracy'])} | {_pm(c['zeroed'])} | {_pm(c['drop'], '')} "
-            f"| {len(c['seeds'])} |"
+            f"| {len(c['seeds'])} | **{verdict}** |"
         )
     lines += [
         "",
