@@ -168,6 +168,8 @@ def test_intervals_are_bench_arch_t_intervals():
     assert (rel["mean"], rel["half_width"]) == t_interval(rel["values"])
     assert s["wuneng"]["relative"]["parity"] is None  # the teacher is at chance there: undefined
     assert s["teacher"]["parity"]["half_width"] == 0.0
+    report = bc.results_markdown(rows, {"key": "k", "params": 1000, "scores": TEACHER})
+    assert "| 60.0% ± 24.8 |" in report and "| 0.88 ± 0.31 |" in report  # parity; arithmetic relative
 
 
 @pytest.mark.parametrize(

@@ -703,14 +703,16 @@ def verdict(summary: dict, margin: float = 0.1) -> tuple[str, str]:
     return "inconclusive", text + ": the intervals overlap"
 
 
-def _pm(entry: Optional[dict], pct: bool = True) -> str:
+def _pm(entry: Optional[dict], pct: bool = True, digits: int = 2) -> str:
+    """``mean ± half-width`` of a summary entry: accuracies in percent with one decimal, other numbers with
+    ``digits`` decimals; "undefined" for None."""
     if entry is None:
         return "undefined"
-    scale, unit = (100.0, "%") if pct else (1.0, "")
-    mean = f"{scale * entry['mean']:.1f}{unit}" if pct else f"{entry['mean']:.2f}"
+    scale, unit, digits = (100.0, "%", 1) if pct else (1.0, "", digits)
+    mean = f"{scale * entry['mean']:.{digits}f}{unit}"
     if entry["half_width"] is None:
         return mean
-    return f"{mean} ± {scale * entry['half_width']:.1f}" if pct else f"{mean} ± {entry['half_width']:.2f}"
+    return f"{mean} ± {scale * entry['half_width']:.{digits}f}"
 
 
 def results_markdown(rows: Sequence[dict], teacher: dict) -> str:
@@ -735,7 +737,7 @@ def results_markdown(rows: Sequence[dict], teacher: dict) -> str:
         label = ARM_LABELS[arm] + (f" (kept {e['kept_layers']})" if e.get("kept_layers") else "")
         lines.append(
             f"| {label} | {e['params'] / 1e6:.2f} M | {_pm(e['parity'])} | {_pm(e.get('prefix_accuracy'))} "
-            f"| {_pm(e.get('solved_up_to'), pct=False)} | {_pm(e['arithmetic'])} | {_pm(e['recall'])} "
+            f"| {_pm(e.get('solved_up_to'), pct=False, digits=1)} | {_pm(e['arithmetic'])} | {_pm(e['recall'])} "
             f"| {_pm(e['relative']['arithmetic'], pct=False)} | {_pm(e['relative']['recall'], pct=False)} "
             f"| {e['seconds']:.0f} |"
         )
