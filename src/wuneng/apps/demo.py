@@ -290,7 +290,8 @@ def _stage_dataset(
     """``rows`` answer-masked rows of freshly generated problems (none of them held out); with ``passkey`` (a
     :class:`~wuneng.eval.tasks.passkey.PasskeyConfig`), ``round(passkey_fraction * rows)`` rows drawn at random
     start with a passkey prompt of that format (:func:`passkey_mixed_dataset`), its length uniform between the
-    prompt without filler and ``context`` minus the answer, its depth uniform in [0, 1]."""
+    prompt without filler (or ``passkey_min_length``) and ``context`` minus the answer, its depth uniform in
+    [0, 1]."""
     from wuneng.eval.tasks.arithmetic import generate_training_examples
     from wuneng.eval.tasks.mqar import make_rng
 
