@@ -194,15 +194,21 @@ def build_calls(args, T: int):
     x_ref = [t[:, :t_ref].contiguous() for t in x]
     calls["reference"] = (lambda: wkv7_reference(*x_ref), with_grad(wkv7_reference, x_ref), B * t_ref)
 
-    def chunked(*a):
-        return wkv7_chunked(*a, chunk_size=args.chunk)
+    for i, size in enumerate(args.chunk):  # "chunked" at the first size, "chunked@L" at the others
 
-    calls["chunked"] = (lambda: chunked(*x), with_grad(chunked, x), B * T)
+        def chunked(*a, size=size):
+            return wkv7_chunked(*a, chunk_size=size)
+
+        calls["chunked" if i == 0 else f"chunked@{size}"] = (
+            lambda fn=chunked: fn(*x),
+            with_grad(chunked, x),
+            B * T,
+        )
     if args.baseline_src:
         baseline_fn = _baseline_chunked(args.baseline_src)
 
         def baseline(*a):
-            return baseline_fn(*a, chunk_size=args.chunk)
+            return baseline_fn(*a, chunk_size=args.chunk[0])
 
         calls["chunked-baseline"] = (lambda: baseline(*x), with_grad(baseline, x), B * T)
     if cpu_kernel_available():
@@ -247,7 +253,13 @@ def main() -> None:
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--H", type=int, default=4)
     p.add_argument("--N", type=int, default=64)
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="chunk size of wkv7_chunked")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_CHUNK_SIZE],
+        help="chunk sizes of wkv7_chunked: the first is the row 'chunked' (and the baseline's), the others 'chunked@L'",
+    )
     p.add_argument("--fla-chunk", type=int, default=32, help="chunk size of fla's dplr_chunkwise")
     p.add_argument("--ref-tokens", type=int, default=256, help="tokens per sequence timed for the reference loop")
     p.add_argument("--threads", type=int, default=2)
@@ -270,7 +282,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.B} H={args.H} N={args.N}, "
         f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}; load {_load()}"
     )
-    L = min(args.chunk, max(args.T))
+    L = min(args.chunk[0], max(args.T))
     peaks = [matmul_peaks(args.N, L)]
     print("float32 matmul GFLOP/s (best of 5 each): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks[0].items()))
     header = f"{'T':>6} {'form':<16} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'GFLOP/s fwd':>12} {'GFLOP/s f+b':>12}"
@@ -284,9 +296,10 @@ def main() -> None:
         rate = {key: calls[key[0]][2] / t for key, t in times.items()}
         for name in calls:
             gf = ["", ""]
-            if name in ("chunked", "chunked-baseline"):
+            if name.startswith("chunked"):
+                size = int(name.split("@")[1]) if "@" in name else args.chunk[0]
                 for i, (mode, bwd) in enumerate((("fwd", False), ("fwd+bwd", True))):
-                    flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(args.chunk, T), bwd)
+                    flops = chunked_matmul_flops(args.B, T, args.H, args.N, min(size, T), bwd)
                     gf[i] = f"{flops / times[(name, mode)] / 1e9:.1f}"
                 chunked_rates.append((T, name, float(gf[1])))
             rows.append(
