@@ -1113,12 +1113,13 @@ def plot_results(rows: Sequence[dict], path: Path) -> Path:
         errs = [
             100 * (best[(s, v)]["half_width"] or 0.0) if (s, v) in best else 0.0 for s in settings
         ]  # 95% t-interval half-widths over seeds
-        bars = ax.bar(xs, vals, width, yerr=errs, capsize=2, error_kw={"elinewidth": 0.8}, label=v)
+        color = plt.get_cmap("tab20")(VARIANTS.index(v) % 20 if v in VARIANTS else j % 20)  # 11 variants: tab10 repeats
+        bars = ax.bar(xs, vals, width, yerr=errs, capsize=2, error_kw={"elinewidth": 0.8}, label=v, color=color)
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
     ax.set_ylabel("test accuracy (%): mean, 95% t-interval", fontsize=9)
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)  # below the bars
     ax.set_title("bench-arch: accuracy per variant and setting at the best lr, over seeds (equal budgets)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
