@@ -374,7 +374,7 @@ class BenchConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def default(cls, **kw) -> "BenchConfig":
-        """The two positive controls, each for every variant, 3 seeds (see ``docs/results.md`` for the tuning runs).
+        """The two positive controls, each for every variant, 3 seeds (see ``docs/results/history.md`` for the tuning runs).
 
         - recall: MQAR T = 32, n = 2, V = 512, 800 steps x 64 at lr 1.5e-3; the control is a 2-layer Transformer
           at >= 95% test accuracy;
