@@ -69,15 +69,20 @@ def chunked_matmul_flops(B: int, T: int, H: int, N: int, L: int, backward: bool)
     return chunks * total
 
 
+#: the clock every timing reads: wall time, or with ``--clock cpu`` this process's CPU time (time.process_time; for
+#: one thread on a machine shared with other work, where wall time counts the other processes' turns too)
+_clock = time.perf_counter
+
+
 def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
     """float32 GFLOP/s of one size^3 matmul, the best of ``repeats`` (the least disturbed by other processes)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         a @ b
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return 2 * size**3 / min(times) / 1e9
 
 
@@ -88,10 +93,10 @@ def bmm_gflops(batch: int, m: int, k: int, n: int, repeats: int = 5, inner: int 
     torch.bmm(a, b)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         for _ in range(inner):
             torch.bmm(a, b)
-        times.append((time.perf_counter() - t0) / inner)
+        times.append((_clock() - t0) / inner)
     return 2 * batch * m * k * n / min(times) / 1e9
 
 
@@ -139,10 +144,12 @@ def _baseline_chunked(src: str):
 
 
 def _baseline_cpu(src: str):
-    """``wkv7_cpu`` running the C kernel built from another checkout's ``csrc`` (same ABI), or None (printed why).
+    """``swapped(fn)``: fn run with the C kernel built from another checkout's ``csrc`` (same ABI) in place of this
+    one's, or None (printed why).
 
-    The library is built beside this one's in the kernel cache; the call swaps it in for its duration, so the
-    Python side (checks, layouts, autograd) is this checkout's and only the kernel differs."""
+    The library is built beside this one's in the kernel cache and swapped in for the whole of ``fn`` (forward and
+    backward: the checkpoints one kernel stores are read by the same kernel's backward), so the Python side
+    (checks, layouts, autograd) is this checkout's and only the kernel differs."""
     from wuneng.ops import c_library
     from wuneng.ops.wkv7 import cpu as cpu_mod
 
@@ -165,15 +172,18 @@ def _baseline_cpu(src: str):
         print(f"(cpu-baseline unavailable: {library.error})")
         return None
 
-    def run(*a):
-        current = cpu_mod._library
-        cpu_mod._library = lambda: lib
-        try:
-            return wkv7_cpu(*a)
-        finally:
-            cpu_mod._library = current
+    def swapped(fn):
+        def run():
+            current = cpu_mod._library
+            cpu_mod._library = lambda: lib
+            try:
+                return fn()
+            finally:
+                cpu_mod._library = current
 
-    return run
+        return run
+
+    return swapped
 
 
 def build_calls(args, T: int):
@@ -213,9 +223,9 @@ def build_calls(args, T: int):
         calls["chunked-baseline"] = (lambda: baseline(*x), with_grad(baseline, x), B * T)
     if cpu_kernel_available():
         calls["cpu"] = (lambda: wkv7_cpu(*x), with_grad(wkv7_cpu, x), B * T)
-        cpu_baseline = _baseline_cpu(args.baseline_src) if args.baseline_src else None
-        if cpu_baseline is not None:
-            calls["cpu-baseline"] = (lambda: cpu_baseline(*x), with_grad(cpu_baseline, x), B * T)
+        swapped = _baseline_cpu(args.baseline_src) if args.baseline_src else None
+        if swapped is not None:
+            calls["cpu-baseline"] = (swapped(lambda: wkv7_cpu(*x)), swapped(with_grad(wkv7_cpu, x)), B * T)
     else:
         print(f"(C kernel unavailable: {cpu_kernel_error()})")
 
@@ -241,9 +251,9 @@ def time_calls(calls: dict, repeats: int) -> dict:
     for _ in range(repeats):
         for name, (fwd, fwd_bwd, _) in calls.items():
             for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                t0 = time.perf_counter()
+                t0 = _clock()
                 fn()
-                samples[(name, mode)].append(time.perf_counter() - t0)
+                samples[(name, mode)].append(_clock() - t0)
     return {key: statistics.median(v) for key, v in samples.items()}
 
 
@@ -274,13 +284,24 @@ def main() -> None:
         nargs="+",
         help="time only these rows (reference, chunked, chunked-baseline, cpu, cpu-baseline, fla-chunkwise)",
     )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall (default) or cpu: this process's CPU time, for --threads 1 on a shared machine",
+    )
     args = p.parse_args()
+    if args.clock == "cpu":
+        if args.threads != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time adds up the threads' time)")
+        global _clock
+        _clock = time.process_time
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.B} H={args.H} N={args.N}, "
-        f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}; load {_load()}"
+        f"chunk {args.chunk} (fla-chunkwise {args.fla_chunk}), median of {repeats}, {args.clock} clock; load {_load()}"
     )
     L = min(args.chunk[0], max(args.T))
     peaks = [matmul_peaks(args.N, L)]
