@@ -25,6 +25,15 @@ Targets (issue 17): wuneng prefill >= 0.85x; wuneng decode >= 0.9x after 1024 an
     python benchmarks/hybrid_real.py                       # the full run, 2 threads (about 6-8 minutes)
     python benchmarks/hybrid_real.py --quick               # tiny shapes, seconds (the test runs this)
     python benchmarks/hybrid_real.py --context 1024        # skip the slow 8192-token cache
+    python benchmarks/hybrid_real.py --layers 4            # the same shapes with 4 decoder layers (profiling)
+    python benchmarks/hybrid_real.py --kv-growth           # only the key/value buffer growth rules (seconds)
+
+``--kv-growth`` times the appends of WuNeng's key/value cache layer (:class:`wuneng.cache.GrowingKVLayer`) at the
+shapes' key/value size (24 layers, 2 KV heads x 64, float32), a --prefill-chunk prefill up to 1024 tokens and then
+one token at a time up to the longest --context plus --decode-steps, under growth rules taking turns: the default
+(needed/16 rounded up to 256 positions), doubling (the rule before) and a fixed 256-position step; it prints the
+append time per token (mean and the worst token: a reallocation) and the bytes held at the end against the
+teacher's exact-size cache.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from wuneng.cache import GrowingKVLayer
 from wuneng.models.wuneng import WuNengForCausalLM
 from wuneng.runtime import tune_cpu_allocator
 
@@ -168,6 +178,55 @@ def measure_decode(models: dict, prompt, steps: int, chunk: int):
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}, cache_bytes
 
 
+class _DoublingKVLayer(GrowingKVLayer):
+    """The growth rule before session 9: twice the positions held (at least the positions needed)."""
+
+    @classmethod
+    def grown_capacity(cls, needed: int) -> int:
+        return max(2 * (needed - 1), needed)
+
+
+class _FixedStepKVLayer(GrowingKVLayer):
+    """A fixed step: the positions needed rounded up to the next multiple of 256."""
+
+    growth_divisor = 1 << 62
+
+
+KV_GROWTH_RULES = {"needed/16": GrowingKVLayer, "doubling": _DoublingKVLayer, "fixed 256": _FixedStepKVLayer}
+
+
+def measure_kv_growth(shapes: dict, context: int, chunk: int, repeats: int = 3) -> dict:
+    """rule -> (mean ms per token, worst token ms, held bytes at the end): ``shapes``' layers of key/value buffers
+    (batch 1) filled by a prefill in chunks of ``chunk`` up to 1024 tokens, then one token at a time up to
+    ``context``; the rules take turns ``repeats`` times (the best mean, the worst token of that repeat)."""
+    L, H, d = shapes["num_hidden_layers"], shapes["num_key_value_heads"], shapes["head_dim"]
+    g = torch.Generator().manual_seed(2)
+    prompt = min(1024, context)
+    keys = torch.randn(1, H, context, d, generator=g)
+    values = torch.randn(1, H, context, d, generator=g)
+    best = {}
+    for _ in range(repeats):
+        for rule, layer_class in KV_GROWTH_RULES.items():
+            layers = [layer_class() for _ in range(L)]
+            with torch.no_grad():
+                for start in range(0, prompt, chunk):
+                    stop = min(start + chunk, prompt)
+                    for layer in layers:
+                        layer.update(keys[:, :, start:stop], values[:, :, start:stop])
+                steps = []
+                for t in range(prompt, context):
+                    t0 = time.perf_counter()
+                    for layer in layers:
+                        layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+                    steps.append(time.perf_counter() - t0)
+            held = sum(layer.nbytes() for layer in layers)
+            mean_ms = 1e3 * sum(steps) / max(len(steps), 1)
+            if rule not in best or mean_ms < best[rule][0]:
+                best[rule] = (mean_ms, 1e3 * max(steps, default=0.0), held)
+            del layers
+    return best
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -185,14 +244,30 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, prompts 64, contexts 64 and 256")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shapes' 24)")
+    parser.add_argument("--kv-growth", action="store_true", help="only time the key/value buffer growth rules")
     args = parser.parse_args(argv)
     shapes = QWEN25_05B
     if args.quick:
         shapes, args.prefill, args.context, args.decode_steps, args.repeats = QUICK, [64], [64, 256], 4, 1
         args.prefill_chunk = 128
+    if args.layers is not None:
+        shapes = {**shapes, "num_hidden_layers": args.layers}
     warnings.filterwarnings("ignore")
     tune_cpu_allocator()
     torch.set_num_threads(args.threads)
+    if args.kv_growth:
+        context = max(args.context) + args.decode_steps
+        print(
+            f"load average {load_average()}; key/value appends of {shapes['num_hidden_layers']} layers up to {context}"
+        )
+        growth = measure_kv_growth(shapes, context, args.prefill_chunk, args.repeats)
+        exact = 2 * shapes["num_hidden_layers"] * shapes["num_key_value_heads"] * context * shapes["head_dim"] * 4
+        print(f"{'rule':<12}{'ms/token':>10}{'worst ms':>10}{'held MiB':>10}{'/teacher':>10}")
+        for rule, (mean_ms, worst_ms, held) in growth.items():
+            print(f"{rule:<12}{mean_ms:>10.4f}{worst_ms:>10.2f}{held / 2**20:>10.1f}{held / exact:>9.3f}x")
+        print(f"teacher (DynamicLayer) holds exactly {exact / 2**20:.1f} MiB; load average {load_average()}")
+        return {"kv_growth": growth, "teacher_bytes": exact}
     t0 = time.perf_counter()
     models = build_models(shapes)
     models = {name: models[name] for name in args.models}
