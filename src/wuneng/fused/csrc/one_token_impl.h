@@ -88,6 +88,26 @@ static inline real NAME(vsum)(NAME(vec) v)
     return s;
 }
 
+/* Software prefetch in the row products: while a group of four rows is read, each step also asks for the line at
+ * the same place in the next group's four rows (4 I elements on, none past the thread's last group). Measured on
+ * the 2-core development machine (one thread, a [131072, 768] matrix, the machine loaded): 1.6x the rate of the
+ * same loop without it in bfloat16, 1.2x in float32; the hardware prefetcher alone did not keep four interleaved
+ * row streams ahead. Prefetches change no result. */
+#ifndef WUNENG_LINEAR_PREFETCH_DEFINED
+#define WUNENG_LINEAR_PREFETCH_DEFINED
+static inline int64_t b_prefetch_ahead(int64_t o, int64_t hi, int64_t I)
+{
+    return o + 8 <= hi ? 4 * I : 0;
+}
+#define LINEAR_PREFETCH(at)                                                                                            \
+    do {                                                                                                               \
+        __builtin_prefetch(w0 + (at));                                                                                 \
+        __builtin_prefetch(w1 + (at));                                                                                 \
+        __builtin_prefetch(w2 + (at));                                                                                 \
+        __builtin_prefetch(w3 + (at));                                                                                 \
+    } while (0)
+#endif
+
 #if WUNENG_BF16_WEIGHTS
 /* linear_rows for bfloat16 weights. Widening 16 bfloat16 to 16 floats in order takes shuffles (the measured rate
  * was the float32 kernel's in elements, not in bytes); instead 32 weights are read as 16 uint32 pairs: the even
@@ -130,10 +150,13 @@ static void NAME(linear_rows_pairs)(int64_t B, int64_t O, int64_t I, const wreal
     int64_t o = lo;
     for (; o + 4 <= hi; o += 4) {
         const wreal *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+        const int64_t ahead = b_prefetch_ahead(o, hi, I); /* the next group's rows (see LINEAR_PREFETCH) */
         for (int64_t b = 0; b < B; ++b) {
             const real *xb = xp + b * I32;
             NAME(vec) e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
             for (int64_t i = 0; i < I32; i += 32) {
+                if (b == 0)
+                    LINEAR_PREFETCH(i + ahead);
                 const NAME(vec) xe = NAME(vload)(xb + i), xo = NAME(vload)(xb + i + 16);
                 NAME(pair_fma)(w0 + i, xe, xo, &e0, &d0);
                 NAME(pair_fma)(w1 + i, xe, xo, &e1, &d1);
@@ -186,11 +209,14 @@ static void NAME(linear_rows)(int64_t B, int64_t O, int64_t I, const wreal *W, c
     int64_t o = lo;
     for (; o + 4 <= hi; o += 4) {
         const wreal *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+        const int64_t ahead = b_prefetch_ahead(o, hi, I); /* the next group's rows (see LINEAR_PREFETCH) */
         for (int64_t b = 0; b < B; ++b) {
             const real *xb = x + b * I;
             NAME(vec) l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0};
             int64_t i = 0;
             for (; i + VEC_LANES <= I; i += VEC_LANES) {
+                if (b == 0)
+                    LINEAR_PREFETCH(i + ahead);
                 const NAME(vec) xv = NAME(vload)(xb + i);
                 l0 += NAME(wvload)(w0 + i) * xv;
                 l1 += NAME(wvload)(w1 + i) * xv;
