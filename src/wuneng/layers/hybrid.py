@@ -638,13 +638,12 @@ class HybridMixer(nn.Module):
         )
 
     def _one_token_sources(self) -> list:
-        """The parameters :meth:`one_token_weights` reads (the key of its per-session plan)."""
-        st = self.state
-        tensors = [st.x_w, st.x_a, st.w0, st.w1, st.w2, st.a0, st.a1, st.a2, st.k_k, st.k_a, st.r_k]
-        tensors += [st.ln_x.weight, st.ln_x.bias, self.receptance_lora_a, self.receptance_lora_b]
-        tensors += [st.x_v, st.v0, st.v1, st.v2] if st.value_residual else []
-        tensors += [self.gate_lora_a, self.gate_lora_b, self.gate_bias] if self.fusion == "gate" else []
-        return tensors + ([self.middle_lora_a, self.middle_lora_b] if self.num_middle_heads > 0 else [])
+        """The key of the per-session plan of :meth:`one_token_weights`: every parameter held directly by this
+        mixer, its state heads and their GroupNorm (a superset of the weights the plan reads: a change to any of
+        them rebuilds it), read from the modules' ``_parameters`` (one ``nn.Module.__getattr__`` per name cost
+        ~20 attribute look-ups per layer and token)."""
+        st = self._modules["state"]
+        return [p for module in (self, st, st._modules["ln_x"]) for p in module._parameters.values() if p is not None]
 
     def _one_token_plan(self) -> tuple:
         """(the kernel plan of :meth:`one_token_weights` (:func:`~wuneng.fused.one_token.hybrid_state_plan`: shapes
