@@ -48,10 +48,14 @@ ROW_KERNEL_IMPLS = ("auto", "cpu", "reference")
 
 #: A decoding step's channel-mix (:class:`~wuneng.layers.rwkv7.ChannelMix`) takes the kernel while the batch is at
 #: most CHANNEL_MIX_MAX_BATCH, and the language-model head (:func:`~wuneng.layers.rwkv7.head_logits`) while it has at
-#: most HEAD_MAX_ROWS rows; beyond, torch.mv at one row and the BLAS's matrix products above. 0: off until measured
-#: (``python benchmarks/decode_step.py --paths auto mv``).
-CHANNEL_MIX_MAX_BATCH = 0
-HEAD_MAX_ROWS = 0
+#: most HEAD_MAX_ROWS rows; beyond, torch.mv at one row and the BLAS's matrix products above. Measured at batch 1
+#: only, on the 2-core development machine under a load average of 5-9 (other programs running; one process, the
+#: variants alternating): kernel / torch.mv time at 0.1b shapes, 1 thread: head 0.94 (fp32) and 0.93 (bf16),
+#: 12 channel-mixes 0.91 and 0.60 (medians); 2 threads: 0.97, 0.50, 0.81 and 1.05 (an oversubscribed machine: 2-thread
+#: times were 5-10x the 1-thread ones); whole 0.1b step at 1 thread (benchmarks/decode_step.py's machinery, paths
+#: "fused" vs "mv"): 0.94 fp32, 0.90 bf16. Larger batches were not measured: the matrix products keep them.
+CHANNEL_MIX_MAX_BATCH = 1
+HEAD_MAX_ROWS = 1
 
 
 def channel_mix_one_token_reference(x, shift, mix, W_key, W_value, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -753,7 +753,9 @@ class TimeMix(RWKV7StateHeads):
 class ChannelMix(nn.Module):
     """RWKV-7 channel-mix: ``relu(x_k W_key)^2 W_value`` with a token shift. [B,T,C] -> [B,T,C].
 
-    State for decoding: shift [B, C], the last input token.
+    State for decoding: shift [B, C], the last input token. One token without autograd on the CPU (decoding, batch
+    up to :data:`~wuneng.fused.channel_mix.CHANNEL_MIX_MAX_BATCH`) runs as one multi-threaded C call
+    (:func:`~wuneng.fused.channel_mix.channel_mix_one_token_planned`); tests hold it equal to the tensor path.
     """
 
     def __init__(
