@@ -10,7 +10,8 @@ it measures, the two programs taking turns inside every repeat (so that load fro
 
     prefill   tokens/s of one prompt of T tokens (``--prompts``, default 1024 and 4096); wuneng with
               ``logits_to_keep=1``, the package with ``forward(tokens, None)`` (last logits only)
-    decode    ms/token at batch 1 after a 64-token prompt (the median step of ``--decode-steps``)
+    decode    ms/token at batch 1 after a 64-token prompt (the median step of ``--decode-steps``; the programs
+              alternate every step, or with ``--decode-order blocks`` in blocks of consecutive steps)
     batched   tokens/s of one decoding step at batch B (``--batches``, default 8 and 32): wuneng decodes the B
               rows together; the package has no batch dimension, so its figure is B sequential single-row steps
     memory    the weights each program holds (bytes of the storages of its tensors), and the resident memory
@@ -240,14 +241,19 @@ def measure(size: str, dtype_name: str, args, folder: Path) -> dict:
             llm.reset()
             llm.eval(prompt[0].tolist())
         step_ours, step_pkg, step_llama = [], [], []
-        for _ in range(args.decode_steps):
-            t0 = time.perf_counter()
-            cache = ours(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).past_key_values
-            step_ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            _, state = pkg.forward([tok], state)
-            step_pkg.append(time.perf_counter() - t0)
-            if llm is not None:
+        # alternate: the programs take turns every step (each step then starts with the other program's weights in
+        # the caches); blocks: each decodes a block of consecutive steps in turn (as one program decoding alone)
+        block = 1 if args.decode_order == "alternate" else max(1, args.decode_steps // 4)
+        for _ in range(0, args.decode_steps, block):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                cache = ours(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).past_key_values
+                step_ours.append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                _, state = pkg.forward([tok], state)
+                step_pkg.append(time.perf_counter() - t0)
+            for _ in range(block if llm is not None else 0):
                 t0 = time.perf_counter()
                 llm.eval([tok])
                 step_llama.append(time.perf_counter() - t0)
@@ -331,6 +337,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--decode-order",
+        default="alternate",
+        choices=["alternate", "blocks"],
+        help="decode at batch 1: the programs alternate every step (default), or take turns in blocks of a quarter "
+        "of --decode-steps consecutive steps (a program decoding alone keeps part of its weights in the last-level "
+        "cache between steps; alternating steps evict them)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a tiny model, prompts of 64, to check that it runs")
     ap.add_argument(
@@ -372,7 +386,10 @@ def main(argv=None) -> int:
         import llama_cpp
 
         peers += f", llama-cpp-python {llama_cpp.__version__}"
-    print(f"torch {torch.__version__}, {peers}, RWKV_JIT_ON={os.environ['RWKV_JIT_ON']}")
+    print(
+        f"torch {torch.__version__}, {peers}, RWKV_JIT_ON={os.environ['RWKV_JIT_ON']}, decode order {args.decode_order}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print(report(results, args))
     return 0
 
