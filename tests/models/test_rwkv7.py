@@ -113,7 +113,7 @@ def test_batch_one_decoding_equals_the_whole_sequence(threads, dtype, tol):
 
 def test_batch_one_decoding_step_takes_the_fused_kernels(monkeypatch):
     """A batch-1 decoding step is one C call per time-mix and channel-mix and one for the head (float32 logits);
-    a batch-2 step with the row kernels limited to batch 1 takes the matrix products for the channel-mixes and the
+    a batch-2 step (above the row kernels' default limits) takes the matrix products for the channel-mixes and the
     head. The steps' logits equal the whole sequence's (relative error <= 1e-5)."""
     import wuneng.layers.rwkv7 as layers_mod
     from wuneng.fused import channel_mix as rows_mod
@@ -121,8 +121,7 @@ def test_batch_one_decoding_step_takes_the_fused_kernels(monkeypatch):
 
     if not fused_kernel_available():
         pytest.skip("no C kernel")
-    monkeypatch.setattr(rows_mod, "CHANNEL_MIX_MAX_BATCH", 1)
-    monkeypatch.setattr(rows_mod, "HEAD_MAX_ROWS", 1)
+    assert rows_mod.CHANNEL_MIX_MAX_BATCH == rows_mod.HEAD_MAX_ROWS == 1  # the defaults (measured at batch 1)
     calls = []
     for module, name in ((rows_mod, "channel_mix_one_token_planned"), (rows_mod, "linear_one_token_planned"),
                          (layers_mod, "time_mix_one_token_planned")):  # fmt: skip
