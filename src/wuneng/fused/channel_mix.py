@@ -53,7 +53,8 @@ ROW_KERNEL_IMPLS = ("auto", "cpu", "reference")
 #: variants alternating): kernel / torch.mv time at 0.1b shapes, 1 thread: head 0.94 (fp32) and 0.93 (bf16),
 #: 12 channel-mixes 0.91 and 0.60 (medians); 2 threads: 0.97, 0.50, 0.81 and 1.05 (an oversubscribed machine: 2-thread
 #: times were 5-10x the 1-thread ones); whole 0.1b step at 1 thread (benchmarks/decode_step.py's machinery, paths
-#: "fused" vs "mv"): 0.94 fp32, 0.90 bf16. Larger batches were not measured: the matrix products keep them.
+#: "fused" vs "mv"): 0.94 fp32, 0.90 bf16; at 2 threads once the load fell to 2.5-2.9: 0.94 fp32 (32.8 vs 34.8 ms),
+#: 0.73 bf16 (22.3 vs 30.7 ms). Larger batches were not measured: the matrix products keep them.
 CHANNEL_MIX_MAX_BATCH = 1
 HEAD_MAX_ROWS = 1
 
