@@ -291,6 +291,12 @@ def test_eval_with_teacher_writes_the_report_and_never_overwrites(tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "relative" in result.output and "passkey" in result.output
 
+    from wuneng.eval.retention import REPORT_FILES
+    from wuneng.saving import current_umask
+
+    modes = {name: (out / name).stat().st_mode & 0o777 for name in REPORT_FILES}
+    assert modes == {name: 0o666 & ~current_umask() for name in REPORT_FILES}  # the umask, not mkstemp's 0o600
+
     data = json.loads((out / "retention.json").read_text())
     assert data["meta"]["train_length"] == 64  # from the run's config.yaml
     assert data["meta"]["lengths"] == [32, 64, 128, 256]

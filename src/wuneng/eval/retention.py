@@ -41,6 +41,7 @@ from wuneng.cache import storage_nbytes
 from wuneng.eval._model import evaluating, model_device
 from wuneng.eval.perplexity import _encode
 from wuneng.eval.tasks.passkey import PasskeyConfig
+from wuneng.saving import apply_umask
 
 __all__ = [
     "DEFAULT_DEPTHS",
@@ -747,6 +748,7 @@ def _save_figure(fig, plt, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90)
+        apply_umask(tmp)  # mkstemp made it 0o600
         _publish(Path(tmp), path)
     finally:
         plt.close(fig)
@@ -775,6 +777,7 @@ def _write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        apply_umask(tmp)  # mkstemp made it 0o600
         _publish(Path(tmp), path)
     finally:
         if os.path.exists(tmp):

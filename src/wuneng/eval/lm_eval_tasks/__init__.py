@@ -23,6 +23,7 @@ import yaml
 
 from wuneng.eval.scoring import parse_final_number
 from wuneng.eval.tasks.arithmetic import ArithmeticConfig, make_test_set
+from wuneng.saving import apply_umask
 
 TASKS_DIR = Path(__file__).resolve().parent
 WUNENG_ARITH_DIR = TASKS_DIR / "wuneng_arith"
@@ -49,6 +50,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        apply_umask(tmp)  # mkstemp made it 0o600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
