@@ -50,6 +50,9 @@ def test_parse_seeds_a_count_or_a_list():
     for bad in ("0", "-1", "a,b", ""):
         with pytest.raises(ValueError, match="--seeds"):
             parse_seeds(bad)
+    # a user who means "seed 0 only" is told how to pick seeds
+    with pytest.raises(ValueError, match="comma-separated list of two or more, e.g. '0,1'"):
+        parse_seeds("1")
 
 
 def _tiny(out, seeds, controls=(), variants=("transformer",)) -> BenchConfig:

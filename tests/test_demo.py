@@ -44,14 +44,14 @@ def test_demo_config_rejects_bad_values():
 def test_stage_rows_hold_passkey_prompts_at_the_stated_share_in_the_grid_format():
     import re
 
-    from wuneng.apps.demo import _stage_dataset, demo_passkey_config
+    from wuneng.apps.demo import demo_passkey_config, stage_dataset
     from wuneng.eval.tasks.arithmetic import ArithmeticConfig, make_test_set
     from wuneng.eval.tasks.passkey import CLASSIC_FILLER, generate_passkey_examples, passkey_match
 
     task = ArithmeticConfig()
     test = make_test_set(task, per_category=4, seed=1)
     cfg = demo_passkey_config()
-    data = _stage_dataset(task, test, 40, 128, 0, 0, cfg, 0.25)
+    data = stage_dataset(task, test, 40, 128, 0, 0, cfg, 0.25)
     assert data.input_ids.shape == (40, 128)
     rows = [bytes(r.tolist()).decode("ascii") for r in data.input_ids]
     labels = ["".join("_" if t == -100 else chr(t) for t in r.tolist()) for r in data.labels]
@@ -76,8 +76,8 @@ def test_stage_rows_hold_passkey_prompts_at_the_stated_share_in_the_grid_format(
     for e in generate_passkey_examples(cfg, [64, 128], seed=1):
         assert grid_format.fullmatch(e.prompt) is not None
     # passkey_fraction 0: the rows of the demo before passkey rows (arithmetic and recall only)
-    plain = _stage_dataset(task, test, 40, 128, 0, 0, cfg, 0.0)
-    assert torch.equal(plain.input_ids, _stage_dataset(task, test, 40, 128, 0, 0).input_ids)
+    plain = stage_dataset(task, test, 40, 128, 0, 0, cfg, 0.0)
+    assert torch.equal(plain.input_ids, stage_dataset(task, test, 40, 128, 0, 0).input_ids)
     assert not any(b"pass key" in bytes(r.tolist()) for r in plain.input_ids)
 
 

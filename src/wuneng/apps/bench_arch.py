@@ -230,7 +230,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise ValueError(f"--seeds: expected a count N >= 2 or a comma-separated list of seeds >= 0, got {text!r}")
     if len(values) == 1:
         if values[0] < 2:
-            raise ValueError(f"--seeds: a count must be >= 2 (an interval needs two seeds), got {text!r}")
+            raise ValueError(
+                f"--seeds: a count must be >= 2 (an interval needs two seeds), got {text!r}; to pick seeds give a "
+                f"comma-separated list of two or more, e.g. '0,1'"
+            )
         return tuple(range(values[0]))
     return tuple(values)
 

@@ -425,11 +425,11 @@ def prefix_parity(model, examples: Sequence, batch_size: int = 256) -> dict:
 
 def _train(cfg: ConvertBenchConfig, stage: str, steps: int, batch: int, lr: float, seed: int, **kw):
     """One stage through the library's loop with the demo's stage settings, in a temporary folder, no checkpoint."""
-    from wuneng.apps.demo import _train_config
+    from wuneng.apps.demo import stage_train_config
     from wuneng.train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="wuneng-bench-convert-") as run_dir:
-        tc = _train_config(stage, Path(run_dir) / stage, steps, batch, lr, cfg.demo_config(seed), seed)
+        tc = stage_train_config(stage, Path(run_dir) / stage, steps, batch, lr, cfg.demo_config(seed), seed)
         tc = replace(tc, save_checkpoints=False, mixed_precision="no", device="cpu")
         return train(tc, **kw)
 
@@ -441,7 +441,7 @@ def teacher_dir(cfg: ConvertBenchConfig) -> Path:
 def prepare_teacher(cfg: ConvertBenchConfig) -> dict:
     """Pretrain the teacher (seed 0) and evaluate it, or read both from ``teacher-<key>/`` when an earlier run of the
     same settings wrote them. Returns ``{"dir", "scores", "seconds", "params"}``."""
-    from wuneng.apps.demo import _stage_dataset, build_teacher, evaluate_student
+    from wuneng.apps.demo import build_teacher, evaluate_student, stage_dataset
     from wuneng.tokenization import ByteLevelTokenizer
 
     folder = teacher_dir(cfg)
@@ -460,7 +460,7 @@ def prepare_teacher(cfg: ConvertBenchConfig) -> dict:
         f"bench-convert: pretraining the teacher ({cfg.teacher_steps} steps x {cfg.teacher_batch} x {cfg.context} "
         "bytes, arithmetic and recall, no parity)"
     )
-    data = _stage_dataset(cfg.task(), test, cfg.teacher_steps * cfg.teacher_batch, cfg.context, 0, epoch=0)
+    data = stage_dataset(cfg.task(), test, cfg.teacher_steps * cfg.teacher_batch, cfg.context, 0, epoch=0)
     t0 = time.perf_counter()
     _train(
         cfg,
@@ -543,11 +543,11 @@ def build_arm(arm: str, teacher, cfg: ConvertBenchConfig, seed: int, keep: Seque
     """The model an arm trains: a conversion of ``teacher`` (seeded by ``seed``), or a copy of the teacher."""
     import copy
 
-    from wuneng.apps.demo import _convert
+    from wuneng.apps.demo import convert_teacher
     from wuneng.models.wuneng import WuNengForCausalLM
 
     if arm in ("wuneng", "arwkv"):
-        return _convert(teacher, arm, cfg.demo_config(seed))
+        return convert_teacher(teacher, arm, cfg.demo_config(seed))
     if arm == "arwkv-keep":
         torch.manual_seed(seed + 2)  # as the demo seeds its arwkv conversion
         return WuNengForCausalLM.from_teacher(teacher, attention=False, keep_attention=list(keep))

@@ -276,7 +276,7 @@ def _passkey_byte_range(context: int) -> tuple:
     return len(build_prompt(config, [], 0.0, "9" * config.num_digits)), context - (config.num_digits + 2)
 
 
-def _stage_dataset(
+def stage_dataset(
     task,
     test_set,
     rows: int,
@@ -344,7 +344,10 @@ def build_teacher(cfg: DemoConfig, tokenizer):
     return Qwen2ForCausalLM(config)
 
 
-def _convert(teacher, kind: str, cfg: DemoConfig):
+def convert_teacher(teacher, kind: str, cfg: DemoConfig):
+    """The demo's student of ``kind`` ("wuneng": attention kept, state heads added with ``cfg``'s fusion, middle
+    heads and state query; otherwise ARWKV: attention replaced) converted from ``teacher``, with the random init of
+    its new parameters seeded from ``cfg.seed`` (also used by ``wuneng bench-convert``)."""
     from wuneng.models.wuneng import WuNengForCausalLM
 
     torch.manual_seed(cfg.seed + (1 if kind == "wuneng" else 2))
@@ -355,7 +358,9 @@ def _convert(teacher, kind: str, cfg: DemoConfig):
     return WuNengForCausalLM.from_teacher(teacher, attention=False)
 
 
-def _train_config(stage: str, run_dir: Path, steps: int, batch: int, lr: float, cfg: DemoConfig, seed: int):
+def stage_train_config(stage: str, run_dir: Path, steps: int, batch: int, lr: float, cfg: DemoConfig, seed: int):
+    """The :class:`~wuneng.train.config.TrainConfig` of one demo stage: cosine schedule from ``lr`` to ``lr / 10``
+    with a short warm-up, only the end-of-run checkpoint kept in ``run_dir`` (also used by ``wuneng bench-convert``)."""
     from wuneng.train.config import OptimConfig, TrainConfig
 
     return TrainConfig(
@@ -874,12 +879,14 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
         f"parameters), {b.teacher_steps} steps x {b.teacher_batch} x {b.context} bytes; output {out}"
     )
     passkey = demo_passkey_config()
-    data = _stage_dataset(
+    data = stage_dataset(
         task, test, b.teacher_steps * b.teacher_batch, b.context, cfg.seed, 0, passkey, cfg.passkey_fraction
     )
     t0 = time.perf_counter()
     res = train(
-        _train_config("pretrain", out / "teacher", b.teacher_steps, b.teacher_batch, cfg.teacher_lr, cfg, cfg.seed),
+        stage_train_config(
+            "pretrain", out / "teacher", b.teacher_steps, b.teacher_batch, cfg.teacher_lr, cfg, cfg.seed
+        ),
         model=teacher,
         tokenizer=tokenizer,
         dataset=data,
@@ -904,7 +911,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
 
     # -- students: same data per stage for both
     stage_data = {
-        stage: _stage_dataset(
+        stage: stage_dataset(
             task,
             test,
             b.stage_steps(stage) * b.student_batch,
@@ -920,14 +927,14 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None, command: str = "wun
     params = {"teacher": sum(p.numel() for p in teacher.parameters())}
     per_stage: dict[str, dict[str, dict]] = {}
     for kind in STUDENTS:
-        student = _convert(teacher, kind, cfg)
+        student = convert_teacher(teacher, kind, cfg)
         params[kind] = sum(p.numel() for p in student.parameters())
         per_stage[kind] = {"converted": evaluate(student)}
         for stage in STUDENT_STAGES:
             logger.info(f"{kind}: stage {stage} ({b.stage_steps(stage)} steps)")
             t0 = time.perf_counter()
             res = train(
-                _train_config(
+                stage_train_config(
                     stage, out / kind / stage, b.stage_steps(stage), b.student_batch, stage_lr[stage], cfg, cfg.seed
                 ),
                 model=student,
