@@ -38,7 +38,7 @@ def _torch_uses_libgomp() -> bool:
 LIBRARY = CLibrary(
     "fused_cpu",
     _CSRC / "fused_cpu.c",
-    [_CSRC / name for name in ("fused_cpu.c", "args.h", "one_token_impl.h", "channel_mix_impl.h")]
+    [_CSRC / name for name in ("fused_cpu.c", "args.h", "parallel.h", "one_token_impl.h", "channel_mix_impl.h")]
     + [_OPS_CSRC / name for name in ("wkv7_cpu_impl.h", "readout_impl.h")],
     include_dirs=[_OPS_CSRC],
     abi=KERNEL_ABI,

@@ -42,16 +42,12 @@ void NAME(channel_mix_one_token)(const struct NAME(channel_mix_args) *args)
     CHANNEL_MIX_FIELDS(UNPACK_INT, UNPACK_F64, UNPACK_IN, UNPACK_OUT)
     real *xk = work;     /* [B][C] the key's input */
     real *k = xk + B * C; /* [B][F] the hidden activations */
-    const int nthreads = threads > 1 ? (int)threads : 1;
+    const int nthreads = wuneng_team_size(threads);
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
+        WUNENG_THREAD_INDEX(t, T);
         int64_t lo, hi;
         NAME(share)(C, 16, t, T, &lo, &hi);
         for (int64_t b = 0; b < B; ++b)
@@ -77,16 +73,12 @@ void NAME(channel_mix_one_token)(const struct NAME(channel_mix_args) *args)
 void NAME(linear_one_token)(const struct NAME(linear_args) *args)
 {
     LINEAR_FIELDS(UNPACK_INT, UNPACK_F64, UNPACK_IN, UNPACK_OUT)
-    const int nthreads = threads > 1 ? (int)threads : 1;
+    const int nthreads = wuneng_team_size(threads);
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
+        WUNENG_THREAD_INDEX(t, T);
         int64_t lo, hi;
         NAME(share)(O, 16, t, T, &lo, &hi);
         LINEAR_ROWS(B, O, I, (const wreal *)W, x, y, lo, hi);

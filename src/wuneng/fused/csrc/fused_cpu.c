@@ -11,9 +11,9 @@
 #include <string.h>
 
 #include "args.h"
+#include "parallel.h" /* the kernels' OpenMP preamble (omp.h when built with -fopenmp) */
 
-#ifdef _OPENMP /* built with -fopenmp: the time-mix kernel splits its work across `threads` threads */
-#include <omp.h>
+#ifdef _OPENMP /* built with -fopenmp: the kernels split their work across `threads` threads */
 #define WUNENG_OPENMP 1
 #else
 #define WUNENG_OPENMP 0

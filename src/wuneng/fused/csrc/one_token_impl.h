@@ -405,16 +405,12 @@ void NAME(time_mix_one_token)(const struct NAME(time_mix_args) *args)
     real *q = stats + 2 * B * H;  /* [B][A] the self-state query (sse_blocks > 0) */
     const real *x_r = xm, *x_w = xm + BC, *x_k = xm + 2 * BC, *x_v = xm + 3 * BC, *x_a = xm + 4 * BC;
     const real *x_g = xm + 5 * BC;
-    const int nthreads = threads > 1 ? (int)threads : 1;
+    const int nthreads = wuneng_team_size(threads);
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
+        WUNENG_THREAD_INDEX(t, T);
         int64_t lo, hi;
         NAME(share)(C, 16, t, T, &lo, &hi);
         NAME(token_mixes)(B, C, 6, x, mask, shift, mix, xin, xm, lo, hi);
@@ -492,16 +488,12 @@ void NAME(hybrid_state_one_token)(const struct NAME(hybrid_state_args) *args)
     real *h_r = y + BA, *h_w = h_r + B * Dr, *h_a = h_w + B * Dw, *h_v = h_a + B * Da, *h_g = h_v + B * Dv;
     real *h_m = h_g + B * Dg;     /* the LoRA hidden [B][D] each */
     real *stats = h_m + B * Dm;   /* [B * H][2] */
-    const int nthreads = threads > 1 ? (int)threads : 1;
+    const int nthreads = wuneng_team_size(threads);
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
+        WUNENG_THREAD_INDEX(t, T);
         int64_t lo, hi;
         NAME(share)(C, 16, t, T, &lo, &hi);
         NAME(token_mixes)(B, C, value_residual ? 3 : 2, u, mask, shift, mix, xin, xm, lo, hi);
