@@ -27,6 +27,18 @@ Targets (issue 17): wuneng prefill >= 0.85x; wuneng decode >= 0.9x after 1024 an
     python benchmarks/hybrid_real.py --context 1024        # skip the slow 8192-token cache
     python benchmarks/hybrid_real.py --layers 4            # the same shapes with 4 decoder layers (profiling)
     python benchmarks/hybrid_real.py --kv-growth           # only the key/value buffer growth rules (seconds)
+    python benchmarks/hybrid_real.py --layers 6 --threads 1 --context 1024 --breakdown   # where the time goes
+
+``--breakdown`` adds where the time goes, per decoder layer (1 thread recommended: per-piece clocks of a 2-thread
+step are blurred by the OpenMP pools): for prefill at the first --prefill length and decode after the first
+--context, the models taking turns, each layer's mixer split by forward hooks and method timers into the q/k/v/o
+projections, the WuNeng state side (the fused C call at decode; the low-rank maps and the state heads with the WKV-7
+kernel at prefill), the state-query product, the fusion and middle heads (outside o_proj) and the rest of the
+teacher's attention (RoPE, cache, SDPA); the MLP; the rest of the model. Beside it, the work that a model cannot
+avoid: weight and state bytes read per decoded token (decoding at batch 1 streams them from memory) and matmul
+FLOPs per prefilled token, and the ratio to the teacher each would allow if time followed it alone, so that the
+measured ratio's distance to its target splits into extra work and overhead. The timers add a few microseconds per
+piece; their totals are printed beside the untimed numbers.
 
 ``--kv-growth`` times the appends of WuNeng's key/value cache layer (:class:`wuneng.cache.GrowingKVLayer`) at the
 shapes' key/value size (24 layers, 2 KV heads x 64, float32), a --prefill-chunk prefill up to 1024 tokens and then
@@ -39,6 +51,7 @@ teacher's exact-size cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -49,6 +62,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from wuneng.cache import GrowingKVLayer
+from wuneng.layers.hybrid import ARWKVMixer, HybridMixer
 from wuneng.models.wuneng import WuNengForCausalLM
 from wuneng.runtime import tune_cpu_allocator
 
@@ -227,6 +241,257 @@ def measure_kv_growth(shapes: dict, context: int, chunk: int, repeats: int = 3) 
     return best
 
 
+#: the pieces of a decoder layer that --breakdown prints, in order (ms per layer)
+PIECES = (
+    ("mixer", "mixer (attention / hybrid / time-mix)"),
+    ("proj", "  q/k/v/o projections"),
+    ("state", "  state side (C call | state heads, WKV-7)"),
+    ("lowrank", "  low-rank maps (prefill)"),
+    ("state_query", "  state-query product"),
+    ("fusion", "  fusion + middle heads (beyond o_proj)"),
+    ("attn_core", "  rest of attention (RoPE, cache, SDPA)"),
+    ("mlp", "MLP"),
+    ("other", "rest of the model (norms, head), /layer"),
+)
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+_HYBRID_METHODS = {
+    "_state_one_token": "state",
+    "low_rank_outputs": "lowrank",
+    "state_heads": "state",
+    "modulate_query": "state_query",
+    "fuse": "fuse",
+}
+
+
+@contextlib.contextmanager
+def timed_pieces(model, acc: dict):
+    """Accumulate seconds per piece of ``model``'s decoder layers into ``acc`` while the block runs: forward hooks
+    on each layer's mixer (``self_attn``), MLP and projection modules, and timers around a hybrid mixer's methods
+    (instance attributes shadowing the class's, removed at the end)."""
+
+    def add(key, seconds):
+        acc[key] = acc.get(key, 0.0) + seconds
+
+    def hook_pair(module, key):
+        start = []
+
+        def pre(_module, _args):
+            start.append(time.perf_counter())
+
+        def post(_module, _args, _out):
+            add(key, time.perf_counter() - start.pop())
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def timer(fn, key):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                add(key, time.perf_counter() - t)
+
+        return timed
+
+    handles, patched = [], []
+    for layer in model.model.layers:
+        mixer = layer.self_attn
+        handles += hook_pair(mixer, "mixer") + hook_pair(layer.mlp, "mlp")
+        if not isinstance(mixer, ARWKVMixer):
+            for name in _PROJECTIONS:
+                proj = mixer._modules.get(name)
+                if proj is not None:
+                    handles += hook_pair(proj, "o_proj" if name == "o_proj" else "proj")
+        if isinstance(mixer, HybridMixer):
+            for name, key in _HYBRID_METHODS.items():
+                mixer.__dict__[name] = timer(getattr(mixer, name), key)
+                patched.append((mixer, name))
+    try:
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+        for mixer, name in patched:
+            del mixer.__dict__[name]
+
+
+def pieces_per_layer(acc: dict, step_seconds: float, layers: int) -> dict:
+    """Seconds per piece (:data:`PIECES`) per layer from one step's accumulated hook times. o_proj runs inside a hybrid
+    mixer's ``fuse``; the fusion is what ``fuse`` takes beyond it."""
+    out = {k: acc.get(k, 0.0) for k in ("mixer", "state", "lowrank", "state_query", "mlp")}
+    out["proj"] = acc.get("proj", 0.0) + acc.get("o_proj", 0.0)
+    out["fusion"] = max(acc.get("fuse", 0.0) - acc.get("o_proj", 0.0), 0.0) if "fuse" in acc else 0.0
+    if "proj" in acc:  # attention or hybrid: what the mixer spends outside the named pieces
+        named = ("proj", "state", "lowrank", "state_query", "fusion")
+        out["attn_core"] = out["mixer"] - sum(out[k] for k in named)
+    else:
+        out["attn_core"] = 0.0
+    out["other"] = step_seconds - out["mixer"] - out["mlp"]
+    return {k: v / layers for k, v in out.items()}
+
+
+def work_per_token(model, context: int) -> dict:
+    """What a model must move or compute per token at batch 1, float32 (the limits if time followed work alone):
+    ``decode_bytes``: every parameter read once (tied embeddings once: the LM head reads the whole matrix) plus the
+    key/value cache read at ``context`` tokens plus the recurrent states read and written; ``prefill_flops``: 2 x the
+    matmul weights (2-D parameters except the token embedding; the LM head runs for one token per forward:
+    ``logits_to_keep=1``) plus causal attention over (context + 1) / 2 keys on average (2 products of A
+    per key) plus a WKV-7 step of ~10 FLOPs per state element (S a, the rank-2 update, S r); ``kv_copy_bytes``: what the
+    teacher's cache (transformers' concatenating DynamicLayer) reads and writes again per token, 0 for WuNeng's."""
+    config = model.config
+    L = config.num_hidden_layers
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    params = {id(p): p for p in model.parameters()}
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    matmul = sum(p.numel() for p in params.values() if p.dim() >= 2 and p is not embed and p is not head)
+    attention_layers, state_layers, state_elems = 0, 0, 0
+    for layer in model.model.layers:
+        mixer = layer.self_attn
+        if isinstance(mixer, ARWKVMixer):
+            state_layers += 1
+            state_elems += mixer.num_heads * mixer.head_size**2
+            continue
+        attention_layers += 1
+        if isinstance(mixer, HybridMixer):
+            state_layers += 1
+            state_elems += mixer.num_heads * mixer.head_dim**2
+            if mixer.state_query:  # one d x d matrix applied per head
+                matmul += (mixer.num_heads - 1) * mixer.head_dim**2
+    teacher_config = getattr(config, "teacher_config", config)
+    kv_heads = getattr(teacher_config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(teacher_config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_width = config.num_attention_heads * head_dim
+    kv_bytes = attention_layers * 2 * kv_heads * head_dim * context * 4
+    state_bytes = 2 * state_elems * 4  # read and written
+    # transformers' DynamicLayer (the teacher's cache) concatenates: every token reads and writes its whole cache once
+    # more; WuNeng's GrowingKVLayer appends in place
+    kv_copy_bytes = 0 if isinstance(model, WuNengForCausalLM) else 2 * kv_bytes
+    flops = 2 * matmul + attention_layers * 4 * q_width * (context + 1) / 2 + 10 * state_elems
+    return {
+        "decode_bytes": weight_bytes + kv_bytes + state_bytes,
+        "weight_bytes": weight_bytes,
+        "cache_read_bytes": kv_bytes + state_bytes,
+        "kv_copy_bytes": kv_copy_bytes,
+        "prefill_flops": flops,
+        "layers": L,
+        "attention_layers": attention_layers,
+        "state_layers": state_layers,
+    }
+
+
+@torch.no_grad()
+def measure_breakdown(models: dict, ids, prompt, steps: int, chunk: int, repeats: int) -> dict:
+    """Prefill of ``ids`` [1, T] and decode after ``prompt`` with the pieces timed (:func:`timed_pieces`), the models
+    taking turns: per model the median over ``repeats`` forwards (prefill) or ``steps`` tokens (decode) of the step's
+    seconds and of each piece's seconds per layer (:func:`pieces_per_layer`).
+    Returns {"prefill" | "decode": {name: {"step": seconds, piece: seconds per layer}}}."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        runs = {name: [] for name in models}
+        state = {}
+        if phase == "decode":
+            state = {name: build_cache(model, prompt, chunk) for name, model in models.items()}
+            for _ in range(2):  # warm-up steps
+                for name, model in models.items():
+                    cache, token = state[name]
+                    model(token, past_key_values=cache, use_cache=True)
+        else:
+            for model in models.values():
+                model(ids, use_cache=False, logits_to_keep=1)
+        for _ in range(repeats if phase == "prefill" else steps):
+            for name, model in models.items():
+                acc = {}
+                with timed_pieces(model, acc):
+                    start = time.perf_counter()
+                    if phase == "prefill":
+                        model(ids, use_cache=False, logits_to_keep=1)
+                    else:
+                        cache, token = state[name]
+                        model(token, past_key_values=cache, use_cache=True)
+                    seconds = time.perf_counter() - start
+                row = pieces_per_layer(acc, seconds, model.config.num_hidden_layers)
+                row["step"] = seconds
+                runs[name].append(row)
+        out[phase] = {
+            name: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for name, rows in runs.items()
+        }
+        del state
+    return out
+
+
+def print_breakdown(models: dict, breakdown: dict, prefill_tokens: int, context: int, results: dict) -> None:
+    """The per-piece tables of :func:`measure_breakdown` and the work per token (:func:`work_per_token`) with the
+    ratio to the teacher each limit allows beside the measured ratio."""
+    names = list(models)
+    others = [n for n in names if n != "teacher"]
+    for phase, label in (("prefill", f"prefill {prefill_tokens}"), ("decode", f"decode after {context}")):
+        rows = breakdown[phase]
+        print(f"\nwhere the time goes, {label}, ms per layer (median; hooks on):")
+        print(f"{'piece':<42}" + "".join(f"{n:>10}" for n in names) + "".join(f"{n + '-T':>10}" for n in others))
+        for key, text in PIECES:
+            line = f"{text:<42}" + "".join(f"{1e3 * rows[n][key]:>10.3f}" for n in names)
+            if "teacher" in rows:
+                line += "".join(f"{1e3 * (rows[n][key] - rows['teacher'][key]):>+10.3f}" for n in others)
+            print(line)
+        step = {n: rows[n]["step"] for n in names}
+        per_token = {n: step[n] / (prefill_tokens if phase == "prefill" else 1) for n in names}
+        print(
+            f"{'whole step with hooks, ms':<42}"
+            + "".join(f"{1e3 * step[n]:>10.2f}" for n in names)
+            + ("".join(f"{per_token['teacher'] / per_token[n]:>9.3f}x" for n in others) if "teacher" in step else "")
+        )
+    if "teacher" not in models:
+        return
+    work = {n: work_per_token(m, context) for n, m in models.items()}
+    prefill_work = {n: work_per_token(m, prefill_tokens) for n, m in models.items()}
+    print("\nwork per token (float32, batch 1) and the ratio to the teacher it allows:")
+    print(f"{'':<42}" + "".join(f"{n:>10}" for n in names) + "".join(f"{n + '/T':>10}" for n in others))
+    rows = [
+        ("weights read per decoded token, MB", {n: work[n]["weight_bytes"] / 1e6 for n in names}, False),
+        ("cache read (+ states written), MB", {n: work[n]["cache_read_bytes"] / 1e6 for n in names}, False),
+        (f"bytes per decoded token after {context}, MB", {n: work[n]["decode_bytes"] / 1e6 for n in names}, False),
+        (
+            "  + cache copy (teacher's DynamicLayer), MB",
+            {n: (work[n]["decode_bytes"] + work[n]["kv_copy_bytes"]) / 1e6 for n in names},
+            False,
+        ),
+        (
+            f"FLOPs per prefill token (T {prefill_tokens}), M",
+            {n: prefill_work[n]["prefill_flops"] / 1e6 for n in names},
+            False,
+        ),
+    ]
+    for text, row, _ in rows:
+        print(
+            f"{text:<42}"
+            + "".join(f"{row[n]:>10.2f}" for n in names)
+            + "".join(f"{row['teacher'] / row[n]:>9.3f}x" for n in others)
+        )
+    for key, measured_key, what in (
+        ("decode_bytes", f"decode{context}", "decode (bytes)"),
+        ("prefill_flops", f"prefill{prefill_tokens}", "prefill (FLOPs)"),
+    ):
+        source = work if key == "decode_bytes" else prefill_work
+        for n in others:
+            bound = source["teacher"][key] / source[n][key]
+            if key == "decode_bytes":
+                copy = source["teacher"]["kv_copy_bytes"]
+                what = (
+                    f"decode (bytes; {(source['teacher'][key] + copy) / source[n][key]:.3f}x with the teacher's copy)"
+                )
+            row = results.get(measured_key)
+            if row is None:
+                continue
+            measured = row[n] / row["teacher"] if measured_key.startswith("prefill") else row["teacher"] / row[n]
+            gap = 1 - measured
+            share = (1 - bound) / gap if gap > 0 else float("nan")
+            print(
+                f"{n} {what}: work allows {bound:.3f}x, measured {measured:.3f}x"
+                + (f": extra work explains {100 * share:.0f}% of the distance to 1x" if gap > 0 else "")
+            )
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -246,6 +511,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, prompts 64, contexts 64 and 256")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shapes' 24)")
     parser.add_argument("--kv-growth", action="store_true", help="only time the key/value buffer growth rules")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time each piece of a layer (prefill at the first --prefill, decode after the first --context) and "
+        "print the work per token each model cannot avoid (bytes per decoded token, FLOPs per prefill token)",
+    )
     args = parser.parse_args(argv)
     shapes = QWEN25_05B
     if args.quick:
@@ -318,11 +589,24 @@ def main(argv=None) -> dict:
     if cache_bytes:
         last = args.context[-1]
         print(f"{f'cache MiB (after {last})':<34}" + "".join(f"{cache_bytes[n] / mib:>10.1f}" for n in models))
+    breakdown = None
+    if args.breakdown:
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(0, vocab, (1, args.prefill[0]), generator=g)
+        prompt = torch.randint(0, vocab, (1, args.context[0]), generator=g)
+        breakdown = measure_breakdown(models, ids, prompt, args.decode_steps, args.prefill_chunk, args.repeats)
+        print_breakdown(models, breakdown, args.prefill[0], args.context[0], results)
     rss = resident_memory()
     if rss:
         print(f"process VmRSS {rss['VmRSS'] / mib:.0f} MiB, VmHWM {rss['VmHWM'] / mib:.0f} MiB")
     print(f"load average at the end {load_average()}, total {time.perf_counter() - t0:.0f} s")
-    return {"results": results, "ratios": ratios, "cache_bytes": cache_bytes_by_context, "param_bytes": params}
+    return {
+        "results": results,
+        "ratios": ratios,
+        "cache_bytes": cache_bytes_by_context,
+        "param_bytes": params,
+        "breakdown": breakdown,
+    }
 
 
 if __name__ == "__main__":
