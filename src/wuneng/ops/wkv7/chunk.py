@@ -167,9 +167,10 @@ class _ChunkedWKV7(torch.autograd.Function):
         queries_c = [cv(x) for x in queries]
         Y_seq = r.new_empty(nR, B, Tp, H, N)  # the read-outs, written group by group in sequence layout
         Y_c = [cv(y) for y in Y_seq]
-        S_all = r.new_empty(nC + 1, BH, N, N)  # chunk-start states, then the final state
-        S_all[0] = S0
-        S_list = S_all.unbind(0)
+        # Chunk-start states, one slab per group: S_slab[i] = S_{c0 + i} for i = 0 .. G (the last is the next
+        # group's first). ~1.5 MB slabs come back from the heap; one [n_chunks + 1, B*H, N, N] buffer (34 MB at
+        # T 4096, B*H 16, N 64) would be a fresh mmap whose pages fault in at every call.
+        S_next = S0  # the state at the start of the group being processed
         groups = []
         for c0, c1 in _chunk_groups(nC, BH):
             G, sl = c1 - c0, slice(c0, c1)
@@ -225,27 +226,33 @@ class _ChunkedWKV7(torch.autograd.Function):
             M.diagonal(dim1=1, dim2=2).add_(decay_L.reshape(Z, N))
             K_eff = torch.baddbmm(K_end, Q.transpose(1, 2), B_end)
             # D_c is written straight into the slot of S_{c+1}, which then accumulates S_c M_c in place.
-            torch.bmm(V.transpose(1, 2), K_eff, out=S_all[c0 + 1 : c1 + 1].view(Z, N, N))
-            for c, M_c in enumerate(M.view(G, BH, N, N).unbind(0), start=c0):
-                S_list[c + 1].baddbmm_(S_list[c], M_c)
-            Y_g.baddbmm_(RQp, S_all[sl].view(Z, N, N).transpose(1, 2))
+            S_slab = r.new_empty(G + 1, BH, N, N)
+            S_slab[0] = S_next
+            S_list = S_slab.unbind(0)
+            torch.bmm(V.transpose(1, 2), K_eff, out=S_slab[1:].view(Z, N, N))
+            for i, M_c in enumerate(M.view(G, BH, N, N).unbind(0)):
+                S_list[i + 1].baddbmm_(S_list[i], M_c)
+            S_next = S_list[G]
+            S_start = S_slab[:G].view(Z, N, N)  # S_c for the group's chunks
+            Y_g.baddbmm_(RQp, S_start.transpose(1, 2))
             Y_g5 = Y_g.view(G, B, H, nR * L, N)
             for i, y in enumerate(Y_c):  # into the [B, T, H, N] output while the group is in cache
                 y[sl].copy_(Y_g5[..., i * L : (i + 1) * L, :])
             # Intermediates that are neither inputs nor outputs may live on ctx (no reference cycle).
-            groups.append((left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L))
-        ctx.save_for_backward(S_all)
+            groups.append(
+                (left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L, S_start)
+            )
         ctx.groups = groups
         ctx.dims = (B, H, nC, L, N, nR, m)
-        return Y_seq, S_all[nC].clone()
+        return Y_seq, S_next.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dY, dS_final):
-        (S_all,) = ctx.saved_tensors
+        state_like = ctx.groups[0][-1]  # (dtype and device of the state)
         B, H, nC, L, N, nR, m = ctx.dims
         BH = B * H
-        dt, dev = S_all.dtype, S_all.device
+        dt, dev = state_like.dtype, state_like.device
         need = ctx.needs_input_grad
         causal = _causal_bits(L, 1 + nR, dt, dev)
         # Reverse cumulative sum over the chunk as one batched matmul with an upper-triangular ones matrix.
@@ -253,7 +260,7 @@ class _ChunkedWKV7(torch.autograd.Function):
 
         # Sequence gradients, written group by group through chunk-major views.
         def out_like():
-            return S_all.new_empty(B, nC * L, H, N)
+            return state_like.new_empty(B, nC * L, H, N)
 
         grads = {"log_w": out_like()}
         for name, i in (("r", 0), ("k", 2), ("v", 3), ("a", 4), ("b", 5)):
@@ -264,22 +271,26 @@ class _ChunkedWKV7(torch.autograd.Function):
         grads_c = {name: _chunk_view(x, nC, L) for name, x in grads.items()}
         dY_c = [_chunk_view(dy, nC, L) for dy in dY]  # dY [nR, B, T, H, N], any strides (expanded too)
 
-        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T; G_all[c + 1] = dS_{c+1} = dD_c.
-        G_all = S_all.new_empty(nC + 1, BH, N, N)
-        G_all[nC] = dS_final
-        G_list = G_all.unbind(0)
+        # Reverse over chunks: dS_c = dS_from_y_c + dS_{c+1} M_c^T. Each group's state gradients live in a slab
+        # of its own, G_slab[c - c0] = dS_c for c0 <= c <= c1 (so G_slab[1:] = dD of the group's chunks), whose
+        # first slot is the next (earlier) group's last: a ~1.5 MB slab per group comes back from the heap,
+        # where one [n_chunks + 1, B*H, N, N] buffer (34 MB at T 4096, B*H 16, N 64) is a fresh mmap whose
+        # pages fault in (~8k faults) at every backward.
+        dS_next = dS_final  # dS_{c1} of the group being processed
         for (c0, c1), saved in zip(reversed(_chunk_groups(nC, BH)), reversed(ctx.groups)):
-            left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L = saved
+            left, right, A, P, W, Q, A_eff, K_eff, V, RQp, a_e, bk_end, M, E, start_to_ref, decay_L, S3 = saved
             G, sl = c1 - c0, slice(c0, c1)
             Z = G * BH
+            G_slab = state_like.new_empty(G + 1, BH, N, N)
+            G_slab[G] = dS_next
+            G_list = G_slab.unbind(0)
             e_a, e_r, ref_to_end = E[..., :L, :], E[..., 1:, :], E[..., L:, :]
             # the group's output gradient, gathered into one contiguous chunk-major block (any input strides,
             # an expanded y.sum() gradient too: strided matmul operands would take a per-matrix loop)
-            dY_g = S_all.new_empty(G, B, H, nR * L, N)
+            dY_g = state_like.new_empty(G, B, H, nR * L, N)
             for i, dy in enumerate(dY_c):
                 dY_g[..., i * L : (i + 1) * L, :].copy_(dy[sl])
             dY_g = dY_g.view(Z, nR * L, N)
-            S3 = S_all[sl].view(Z, N, N)
             A_rqb = A[:, L:, :L]
             B_end = bk_end[:, :L]
             # (Every matmul below writes a fresh contiguous tensor: bmm into a strided slice falls back
@@ -288,11 +299,12 @@ class _ChunkedWKV7(torch.autograd.Function):
             # Y = RQ' S_c^T + A_eff V.  dS_from_y_c = dY_c^T RQ'_c is written straight into the slot
             # of dS_c, which then accumulates dS_{c+1} M_c^T.
             dRQp = torch.bmm(dY_g, S3)
-            torch.bmm(dY_g.transpose(1, 2), RQp, out=G_all[sl].view(Z, N, N))
+            torch.bmm(dY_g.transpose(1, 2), RQp, out=G_slab[:G].view(Z, N, N))
             M_list = M.view(G, BH, N, N).unbind(0)
-            for c in range(c1 - 1, c0 - 1, -1):
-                G_list[c].baddbmm_(G_list[c + 1], M_list[c - c0].transpose(1, 2))
-            dD = G_all[c0 + 1 : c1 + 1].view(Z, N, N)
+            for i in range(G - 1, -1, -1):
+                G_list[i].baddbmm_(G_list[i + 1], M_list[i].transpose(1, 2))
+            dD = G_slab[1:].view(Z, N, N)
+            dS_next = G_list[0]
 
             # D = V^T K_eff, K_eff = K' + Q^T B',  Y_in = A_eff V
             dK_end = torch.bmm(V, dD)  # = dK_eff
@@ -307,7 +319,7 @@ class _ChunkedWKV7(torch.autograd.Function):
             # RQ' = rq_e + A_rqb W,  A_eff = A_rqk + A_rqb Q,  K_eff = K' + Q^T B'
             dW.baddbmm_(A_rqb.transpose(1, 2), dRQp)
             dQ = torch.bmm(B_end, dK_end.transpose(1, 2)).baddbmm_(A_rqb.transpose(1, 2), dA_eff)
-            dA = S_all.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
+            dA = state_like.new_empty(Z, (1 + nR) * L, 2 * L)  # gradient of the intra-chunk matrices A
             dA[:, L:, :L] = torch.bmm(dA_eff, Q.transpose(1, 2)).baddbmm_(dRQp, W.transpose(1, 2))
             dA[:, L:, L:] = dA_eff
             # W = P a_e, Q = P A_ak, P = (I - A_ab)^{-1}:  d a_e = P^T dW,  dA_ak = P^T dQ,
@@ -367,7 +379,7 @@ class _ChunkedWKV7(torch.autograd.Function):
             if "v" in grads:
                 grads_c["v"][sl].copy_(dV.view(shape))
         g_ = grads.get
-        return g_("r"), grads["log_w"], g_("k"), g_("v"), g_("a"), g_("b"), G_all[0], g_("q"), None
+        return g_("r"), grads["log_w"], g_("k"), g_("v"), g_("a"), g_("b"), dS_next.clone(), g_("q"), None
 
 
 def wkv7_chunked(
