@@ -52,7 +52,7 @@ def _with_threads(n, fn):
 
 @needs_kernel
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
-@pytest.mark.parametrize("B,C,F", [(1, 64, 256), (3, 38, 152), (2, 200, 808)], ids=str)
+@pytest.mark.parametrize("B,C,F", [(1, 64, 256), (3, 38, 152), (2, 200, 808), (8, 200, 808)], ids=str)
 def test_channel_mix_kernel_matches_reference_float64(masked, B, C, F):
     # C = 38, F = 152 and C = 200, F = 808: neither width a multiple of the kernel's 16-row blocks or 4-row groups
     x, shift, mix, Wk, Wv, mask = make_case(B, C, F, seed=C)
@@ -66,7 +66,7 @@ def test_channel_mix_kernel_matches_reference_float64(masked, B, C, F):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B,O,I", [(1, 40, 48), (3, 70, 38), (2, 1000, 200)], ids=str)
+@pytest.mark.parametrize("B,O,I", [(1, 40, 48), (3, 70, 38), (2, 1000, 200), (8, 1000, 200)], ids=str)
 def test_linear_kernel_matches_reference_float64(B, O, I):  # noqa: E741
     g = torch.Generator().manual_seed(O)
     x, W = torch.randn(B, I, generator=g, dtype=torch.float64), torch.randn(O, I, generator=g, dtype=torch.float64)
@@ -213,7 +213,50 @@ def test_head_logits_take_the_kernel_at_one_row(monkeypatch):
 
 
 @needs_kernel
-def test_bfloat16_channel_mix_layer_lands_nearer_float64_than_its_tensor_path():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_layers_take_the_row_kernels_up_to_the_measured_batch(monkeypatch, dtype):
+    """By default a decoding step's channel-mix and head take their kernels up to 8 rows with float32/64 weights and
+    up to 4 with bfloat16 weights (the batches where they beat the BLAS's products, CHANNEL_MIX_MAX_BATCH /
+    HEAD_MAX_ROWS / BF16_MAX_ROWS); one row more takes the products."""
+    limit = 4 if dtype == torch.bfloat16 else 8
+    cm_calls = _count_calls(monkeypatch, rows_mod, "channel_mix_one_token_planned")
+    head_calls = _count_calls(monkeypatch, rows_mod, "linear_one_token_planned")
+    torch.manual_seed(4)
+    cm = perturb_(ChannelMix(48, 192, 1, 3).double(), 0.3).to(dtype)
+    head = torch.nn.Linear(48, 200, bias=False).to(dtype)
+    with torch.no_grad():
+        for B in (1, limit, limit + 1):
+            x, shift = torch.randn(B, 1, 48).to(dtype), torch.randn(B, 48).to(dtype)
+            cm(x, shift)
+            head_logits(head, x)
+    assert cm_calls == [1, limit] and head_calls == [1, limit]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channel_mix_layer_and_head_at_batch_8_equal_their_tensor_paths_in_float64(threads):
+    """At the largest default batch (8 rows, every other one padding, C = 40: not a multiple of the 16-row blocks)
+    the kernel paths equal the tensor paths (the layer under autograd; x W^T): relative error <= 1e-12 (the head's
+    logits are returned in float32: <= 1e-7)."""
+    torch.manual_seed(5)
+    cm = perturb_(ChannelMix(40, 160, 1, 3).double(), 0.3)
+    head = torch.nn.Linear(40, 300, bias=False).double()
+    x, shift = torch.randn(8, 1, 40, dtype=torch.float64), torch.randn(8, 40, dtype=torch.float64)
+    mask = torch.tensor([1.0, 0.0] * 4, dtype=torch.float64).reshape(8, 1)
+    want_out, want_shift = cm(x, shift, mask)  # autograd: the tensor path
+    got_out, got_shift = _with_threads(threads, lambda: _no_grad(lambda: cm(x, shift, mask)))
+    logits = _with_threads(threads, lambda: _no_grad(lambda: head_logits(head, x)))
+    assert rel_err(got_out, want_out) <= 1e-12 and torch.equal(got_shift, want_shift)
+    assert rel_err(logits, x.detach() @ head.weight.detach().t()) <= 1e-7
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
+@needs_kernel
+def test_bfloat16_channel_mix_layer_lands_nearer_float64_than_its_tensor_path(monkeypatch):
     """A bfloat16 ChannelMix step through the kernel (float32 inside) is nearer the float64 layer of the same rounded
     weights than the bfloat16 tensor path (which rounds every intermediate), both within 3e-2."""
     torch.manual_seed(2)
@@ -228,7 +271,8 @@ def test_bfloat16_channel_mix_layer_lands_nearer_float64_than_its_tensor_path():
     with torch.no_grad():
         want = cm64(x.double(), shift.double())[0]
         fused = cm(x, shift)[0]
-        tensor = cm(x.expand(2, 1, 128), shift.expand(2, 128))[0][:1]  # batch 2: the tensor path
+        monkeypatch.setattr(rows_mod, "CHANNEL_MIX_MAX_BATCH", 0)  # the kernel off: the tensor path
+        tensor = cm(x, shift)[0]
     assert fused.dtype == torch.bfloat16
     err_fused, err_tensor = rel_err(fused, want), rel_err(tensor, want)
     assert err_fused <= err_tensor and err_tensor <= 3e-2, (err_fused, err_tensor)

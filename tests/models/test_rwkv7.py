@@ -111,38 +111,38 @@ def test_batch_one_decoding_equals_the_whole_sequence(threads, dtype, tol):
     assert rel_err(torch.stack(steps, 1).double(), whole.double()) <= tol
 
 
-def test_batch_one_decoding_step_takes_the_fused_kernels(monkeypatch):
-    """A batch-1 decoding step is one C call per time-mix and channel-mix and one for the head (float32 logits);
-    a batch-2 step (above the row kernels' default limits) takes the matrix products for the channel-mixes and the
-    head. The steps' logits equal the whole sequence's (relative error <= 1e-5)."""
+@pytest.mark.parametrize("dtype,limit,tol", [(torch.float32, 8, REL_TOL), (torch.bfloat16, 4, 2e-2)], ids=str)
+def test_decoding_steps_take_the_fused_kernels_up_to_their_batch_limits(monkeypatch, dtype, limit, tol):
+    """A decoding step of batch 1 up to the row kernels' default limit (8 rows with float32 weights, 4 with bfloat16:
+    CHANNEL_MIX_MAX_BATCH, HEAD_MAX_ROWS, BF16_MAX_ROWS) is one C call per time-mix and channel-mix and one for the
+    head (float32 logits); one row more takes the matrix products for the channel-mixes and the head (and, above
+    TIME_MIX_MAX_BATCH = 8, for the time-mixes). The steps' logits equal the whole sequence's (relative error <= tol;
+    bfloat16: the tensor path rounds its intermediates)."""
     import wuneng.layers.rwkv7 as layers_mod
     from wuneng.fused import channel_mix as rows_mod
+    from wuneng.fused import one_token
     from wuneng.fused.cpu import fused_kernel_available
 
     if not fused_kernel_available():
         pytest.skip("no C kernel")
-    assert rows_mod.CHANNEL_MIX_MAX_BATCH == rows_mod.HEAD_MAX_ROWS == 1  # the defaults (measured at batch 1)
     calls = []
     for module, name in ((rows_mod, "channel_mix_one_token_planned"), (rows_mod, "linear_one_token_planned"),
                          (layers_mod, "time_mix_one_token_planned")):  # fmt: skip
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
-    m = random_model(6)
-    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    m = random_model(6).to(dtype)
+    ids = torch.randint(0, V, (limit + 1, 5), generator=torch.Generator().manual_seed(7))
+    every = ["time_mix_one_token_planned"] * L + ["channel_mix_one_token_planned"] * L + ["linear_one_token_planned"]
     with torch.no_grad():
-        whole = m(ids).logits
-        cache = m(ids[:1, :4]).past_key_values
-        calls.clear()
-        step = m(ids[:1, 4:], past_key_values=cache).logits
-        assert sorted(calls) == sorted(
-            ["time_mix_one_token_planned"] * L + ["channel_mix_one_token_planned"] * L + ["linear_one_token_planned"]
-        )
-        cache2 = m(ids[:, :4]).past_key_values
-        calls.clear()
-        step2 = m(ids[:, 4:], past_key_values=cache2).logits
-        assert calls == ["time_mix_one_token_planned"] * L
-    assert step.dtype == torch.float32
-    assert rel_err(step[0, -1], whole[0, -1]) <= REL_TOL and rel_err(step2[:, -1], whole[:, -1]) <= REL_TOL
+        whole = m(ids).logits.double()
+        for rows, want_calls in ((1, every), (limit, every), (limit + 1, ["time_mix_one_token_planned"] * L)):
+            cache = m(ids[:rows, :4]).past_key_values
+            calls.clear()
+            step = m(ids[:rows, 4:], past_key_values=cache).logits
+            want_calls = want_calls if rows <= one_token.TIME_MIX_MAX_BATCH else []
+            assert sorted(calls) == sorted(want_calls), rows
+            assert step.dtype == torch.float32
+            assert rel_err(step[:, -1].double(), whole[:rows, -1]) <= tol, rows
 
 
 def test_prefill_in_pieces_equals_whole(model):

@@ -42,21 +42,38 @@ __all__ = [
     "ROW_KERNEL_IMPLS",
     "CHANNEL_MIX_MAX_BATCH",
     "HEAD_MAX_ROWS",
+    "BF16_MAX_ROWS",
+    "row_kernel_fits",
 ]
 
 ROW_KERNEL_IMPLS = ("auto", "cpu", "reference")
 
 #: A decoding step's channel-mix (:class:`~wuneng.layers.rwkv7.ChannelMix`) takes the kernel while the batch is at
 #: most CHANNEL_MIX_MAX_BATCH, and the language-model head (:func:`~wuneng.layers.rwkv7.head_logits`) while it has at
-#: most HEAD_MAX_ROWS rows; beyond, torch.mv at one row and the BLAS's matrix products above. Measured at batch 1
-#: only, on the 2-core development machine under a load average of 5-9 (other programs running; one process, the
-#: variants alternating): kernel / torch.mv time at 0.1b shapes, 1 thread: head 0.94 (fp32) and 0.93 (bf16),
-#: 12 channel-mixes 0.91 and 0.60 (medians); 2 threads: 0.97, 0.50, 0.81 and 1.05 (an oversubscribed machine: 2-thread
-#: times were 5-10x the 1-thread ones); whole 0.1b step at 1 thread (benchmarks/decode_step.py's machinery, paths
-#: "fused" vs "mv"): 0.94 fp32, 0.90 bf16; at 2 threads once the load fell to 2.5-2.9: 0.94 fp32 (32.8 vs 34.8 ms),
-#: 0.73 bf16 (22.3 vs 30.7 ms). Larger batches were not measured: the matrix products keep them.
-CHANNEL_MIX_MAX_BATCH = 1
-HEAD_MAX_ROWS = 1
+#: most HEAD_MAX_ROWS rows; with bfloat16 weights both also at most BF16_MAX_ROWS (:func:`row_kernel_fits`). Beyond,
+#: torch.mv at one row and the BLAS's matrix products above. Measured on the 2-core development machine, 1 thread,
+#: under a load average of 3-3.6 (other programs running; one process, the variants alternating step by step, medians
+#: of 10-24 steps each): kernel / BLAS time of the pieces of a whole RWKV-7 step (benchmarks/decode_step.py's timers;
+#: channel-mix, head):
+#:
+#:     float32, 0.1b: batch 2 0.94, 0.92; 4 0.73, 0.60; 8 0.70, 0.46;  the grid: 16 1.24, 1.18; 32 1.66, 1.42
+#:     float32, 0.4b: batch 2 0.98, 0.99; 4 0.66, 0.66; 8 0.65, 0.58; 16 1.26, 1.44
+#:     bfloat16, 0.1b: batch 2 0.70, 0.70; 4 0.91, 0.97; 8 1.28, 1.60; 16 2.50, 2.73
+#:
+#: (the BLAS's bfloat16 products, oneDNN with this CPU's bfloat16 instructions, gain on the kernel, which widens the
+#: weights to float32, as the batch grows). At batch 1 (session 9, same machine loaded, against torch.mv): head 0.94
+#: (fp32) and 0.93 (bf16), 12 channel-mixes 0.91 and 0.60.
+CHANNEL_MIX_MAX_BATCH = 8
+HEAD_MAX_ROWS = 8
+BF16_MAX_ROWS = 4
+
+
+def row_kernel_fits(rows: int, limit: int, weight_dtype: torch.dtype) -> bool:
+    """Whether ``rows`` rows of a decoding step take a row kernel whose batch limit is ``limit``
+    (CHANNEL_MIX_MAX_BATCH or HEAD_MAX_ROWS) with weights of ``weight_dtype`` (bfloat16: at most BF16_MAX_ROWS too)."""
+    if weight_dtype == torch.bfloat16:
+        limit = min(limit, BF16_MAX_ROWS)
+    return 0 < rows <= limit
 
 
 def channel_mix_one_token_reference(x, shift, mix, W_key, W_value, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -237,14 +237,15 @@ def _plain_linear(linear: nn.Module) -> bool:
 def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The language-model head's logits ``head(hidden)`` in float32, hidden [B, T, C] -> [B, T, V].
 
-    Decoding (B T <= :data:`~wuneng.fused.channel_mix.HEAD_MAX_ROWS` rows, no autograd or autocast, a plain
+    Decoding (B T <= :data:`~wuneng.fused.channel_mix.HEAD_MAX_ROWS` rows, bfloat16 weights also
+    <= :data:`~wuneng.fused.channel_mix.BF16_MAX_ROWS`, no autograd or autocast, a plain
     bias-free ``nn.Linear`` on the CPU, float32/64 or bfloat16 weights, the C kernel built): one multi-threaded C
     call that streams the weight once (:func:`~wuneng.fused.channel_mix.linear_one_token_planned`; with bfloat16
     weights the logits are computed in float32, not rounded to bfloat16 first). Otherwise
     :func:`linear_one_row` (a matrix-vector product at one row, else the module)."""
     rows = hidden.numel() // max(1, hidden.shape[-1])
     if (
-        0 < rows <= fused_rows.HEAD_MAX_ROWS
+        fused_rows.row_kernel_fits(rows, fused_rows.HEAD_MAX_ROWS, hidden.dtype)  # the weights' dtype (below)
         and hidden.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
@@ -808,9 +809,12 @@ class ChannelMix(nn.Module):
     def _one_token_fused(self, x, shift, mask):
         """The fused C kernel for one token without autograd ((out [B,1,C], new shift [B,C])), or None where it does
         not apply: several tokens, autograd or autocast, not CPU float32/64 or bfloat16 weights, no C kernel, a
-        batch above :data:`~wuneng.fused.channel_mix.CHANNEL_MIX_MAX_BATCH`, or projections that are not plain
+        batch above :data:`~wuneng.fused.channel_mix.CHANNEL_MIX_MAX_BATCH` (bfloat16 weights: above
+        :data:`~wuneng.fused.channel_mix.BF16_MAX_ROWS`), or projections that are not plain
         bias-free ``nn.Linear`` modules without hooks (they are then called)."""
-        if x.dim() != 3 or x.shape[1] != 1 or x.shape[0] > fused_rows.CHANNEL_MIX_MAX_BATCH:
+        if x.dim() != 3 or x.shape[1] != 1:
+            return None
+        if not fused_rows.row_kernel_fits(x.shape[0], fused_rows.CHANNEL_MIX_MAX_BATCH, x.dtype):  # = the plan's
             return None
         if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return None
