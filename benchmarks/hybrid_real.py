@@ -420,6 +420,38 @@ def measure_breakdown(models: dict, ids, prompt, steps: int, chunk: int, repeats
     return out
 
 
+def piece_bytes(model, context: int) -> dict:
+    """Bytes one decoded token reads per layer in each piece of :data:`PIECES` (float32 weights of the first decoder
+    layer, its key/value cache at ``context`` tokens, its recurrent state read and written): what the decode
+    breakdown divides by its times to give each piece's streaming rate."""
+    layer = model.model.layers[0]
+    mixer = layer.self_attn
+
+    def nbytes(module_or_tensors) -> int:
+        tensors = (
+            module_or_tensors.parameters() if isinstance(module_or_tensors, torch.nn.Module) else module_or_tensors
+        )
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    out = {key: 0 for key, _ in PIECES}
+    out["mlp"] = nbytes(layer.mlp)
+    if isinstance(mixer, ARWKVMixer):
+        out["mixer"] = nbytes(mixer) + 2 * mixer.num_heads * mixer.head_size**2 * 4
+        return out
+    out["proj"] = sum(nbytes(mixer._modules[n]) for n in _PROJECTIONS if mixer._modules.get(n) is not None)
+    kv_heads, d = mixer.config.num_key_value_heads, mixer.head_dim
+    out["attn_core"] = 2 * kv_heads * d * context * 4
+    if isinstance(mixer, HybridMixer):
+        weights = mixer.one_token_weights()
+        out["state"] = nbytes(weights[:-1]) + 2 * mixer.num_heads * d * d * 4
+        out["state_query"] = nbytes([mixer.state_query_proj]) if mixer.state_query else 0
+        # the output projections of the middle heads and (concat fusion) of Y; the per-channel vectors are negligible
+        out["fusion"] = nbytes(mixer.o_middle) if mixer.num_middle_heads > 0 else 0
+        out["fusion"] += nbytes(mixer.o_state) if mixer.fusion == "concat" else 0
+    out["mixer"] = sum(out[k] for k in ("proj", "attn_core", "state", "state_query", "fusion"))
+    return out
+
+
 def print_breakdown(models: dict, breakdown: dict, prefill_tokens: int, context: int, results: dict) -> None:
     """The per-piece tables of :func:`measure_breakdown` and the work per token (:func:`work_per_token`) with the
     ratio to the teacher each limit allows beside the measured ratio."""
@@ -441,6 +473,18 @@ def print_breakdown(models: dict, breakdown: dict, prefill_tokens: int, context:
             + "".join(f"{1e3 * step[n]:>10.2f}" for n in names)
             + ("".join(f"{per_token['teacher'] / per_token[n]:>9.3f}x" for n in others) if "teacher" in step else "")
         )
+    decode = breakdown["decode"]
+    moved = {n: piece_bytes(m, context) for n, m in models.items()}
+    print(f"\ndecode after {context}: MB read per layer and token by each piece / its rate in GB/s (hooks on):")
+    print(f"{'piece':<42}" + "".join(f"{n:>20}" for n in names))
+    for key, text in PIECES:
+        if key in ("other", "lowrank"):
+            continue
+        cells = []
+        for n in names:
+            mb, seconds = moved[n][key] / 1e6, decode[n][key]
+            cells.append(f"{mb:>9.2f} / {mb / 1e3 / seconds:>6.2f}" if mb > 0 and seconds > 0 else f"{'-':>20}")
+        print(f"{text:<42}" + "".join(f"{c:>20}" for c in cells))
     if "teacher" not in models:
         return
     work = {n: work_per_token(m, context) for n, m in models.items()}

@@ -60,3 +60,25 @@ def test_breakdown_times_the_pieces_each_model_has(capsys):
     assert breakdown["decode"]["wuneng"]["lowrank"] == 0
     printed = capsys.readouterr().out
     assert "where the time goes, decode after 64" in printed and "work allows" in printed
+
+
+@pytest.mark.slow
+def test_piece_bytes_are_each_pieces_weights_and_cache():
+    bench = load_benchmark("hybrid_real")
+    models = bench.build_models(bench.QUICK)
+    s = bench.QUICK
+    C, H, H_kv, d = (s[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
+    teacher, wuneng = (bench.piece_bytes(models[n], 100) for n in ("teacher", "wuneng"))
+    projections = (2 * C * H * d + 2 * C * H_kv * d + H * d + 2 * H_kv * d) * 4  # q, o; k, v; the q/k/v biases
+    assert teacher["proj"] == wuneng["proj"] == projections
+    assert teacher["attn_core"] == wuneng["attn_core"] == 2 * H_kv * d * 100 * 4
+    assert teacher["state"] == teacher["fusion"] == 0
+    mixer = models["wuneng"].model.layers[0].self_attn
+    assert wuneng["fusion"] == mixer.o_middle.weight.numel() * 4
+    assert wuneng["state_query"] == d * d * 4
+    # the state side: every weight the fused C call reads (the layer's own LoRAs, mixes, vectors) and the state
+    assert (
+        wuneng["state"]
+        == sum(t.numel() * 4 for t in mixer.one_token_weights()[:-1] if t is not None) + 2 * H * d * d * 4
+    )
+    assert wuneng["mlp"] == teacher["mlp"] == 3 * C * s["intermediate_size"] * 4
