@@ -40,6 +40,7 @@ from ..fused.one_token import (
     hybrid_state_plan,
     kernel_preferred_for,
 )
+from .hybrid_training import training_low_rank
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift, token_shift_documents
 
@@ -458,7 +459,7 @@ class HybridMixer(nn.Module):
         Returns (Y, new wkv state [B,H_q,d,d], v_first [B,T,A], last token of the masked u [B,C])."""
         B, T, C = u.shape
         x, xx = self.shifted(u, token_mask, shift, doc_start) if shifted is None else shifted
-        if low is not None:
+        if low is not None and "receptance" in low:
             r = q.reshape(B, T, -1) + low["receptance"]
         else:
             if r_low is None:
@@ -757,10 +758,11 @@ class HybridMixer(nn.Module):
             fused = self._state_one_token(u, q, k, v, v_first, token_mask, shift, wkv_state)
         if fused is not None:  # decoding on CPU: the state side in one C call
             y, wkv_state, v_first, last, low = fused
-        elif torch.is_grad_enabled():
-            low = self.low_rank_inputs(u)
+        elif torch.is_grad_enabled():  # training: every first low-rank factor in one matmul (hybrid_training.py)
+            x, xx = self.shifted(u, token_mask, shift, doc_start)
+            low = training_low_rank(self, u, x, xx)
             y, wkv_state, v_first, last = self.state_heads(
-                u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"], doc_start=doc_start
+                u, q, k, v, v_first, token_mask, shift, wkv_state, low["r"], low, (x, xx), doc_start=doc_start
             )
         else:  # inference: every low-rank map in two batched matmuls
             x, xx = self.shifted(u, token_mask, shift, doc_start)

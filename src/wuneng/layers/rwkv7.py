@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..fused import channel_mix as fused_rows
 from ..fused.one_token import TimeMixWeights, time_mix_kernel_preferred, time_mix_one_token_planned, time_mix_plan
 from ..ops import wkv7, wkv7_step
+from ..ops.state_inputs import state_inputs
 from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
@@ -440,6 +441,16 @@ class RWKV7StateHeads(nn.Module):
         B, T, _ = k.shape
         compute_dtype = k.dtype
         H, N = self.num_heads, self.head_size
+        if low is not None and "decay_logit" in low:  # training (hybrid_training.py): the chain in one fused op
+            if self.value_residual and v_first is None:
+                raise ValueError("RWKV7StateHeads: a value-residual layer needs v_first from the first layer")
+            vr = self.value_residual
+            zv, vf = (low["value_gate_logit"], v_first) if vr else (None, None)
+            log_w, k2, v2, a, b = state_inputs(
+                low["decay_logit"], low["alpha_logit"], zv, k, v, vf, self.k_k, self.k_a, H, mask
+            )
+            log_w, (k2, v2, a, b, v_first) = wkv_dtypes(compute_dtype, log_w, k2, v2, a, b, v_first if vr else v)
+            return log_w, k2, v2, a, b, v_first
         if low is not None:
             decay = low["decay"]  # sigmoid(z), in the activations' dtype
             log_w = -DECAY_SCALE * (decay if decay.dtype == torch.float64 else decay.float())

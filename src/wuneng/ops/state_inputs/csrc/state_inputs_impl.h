@@ -1,0 +1,107 @@
+/* Included by state_inputs.c once per scalar type (real, NAME, SQRT, EXP defined there). Rows r0..r1 of a
+ * [rows = tokens * H, N] layout; the parameters k_k, k_a are [H * N]; mask (or NULL) is one value per token. zv, vf,
+ * v_out (forward) and their gradients (backward) are NULL without value residual. */
+
+
+void NAME(state_inputs_forward)(int64_t r0, int64_t r1, int64_t H, int64_t N, double decay_scale, const real *zw,
+                                const real *za, const real *zv, const real *k, const real *v, const real *vf,
+                                const real *k_k, const real *k_a, const real *mask, real *log_w, real *k_out,
+                                real *v_out, real *a_out, real *b_out)
+{
+    const real c = (real)decay_scale;
+    for (int64_t row = r0; row < r1; row++) {
+        const int64_t o = row * N, p = (row % H) * N;
+        const real m = mask ? mask[row / H] : (real)1;
+        real ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t n = 0; n < N; n++) {
+            const real q = k[o + n] * k_k[p + n];
+            ss += q * q;
+        }
+        real nrm = SQRT(ss);
+        const real inv = (real)1 / (nrm > (real)1e-12 ? nrm : (real)1e-12);
+        real sa[N], sw[N], sg[N];
+        SIGROW(N, za + o, sa);
+        SIGROW(N, zw + o, sw);
+        if (v_out)
+            SIGROW(N, zv + o, sg);
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) {
+            const real alpha = sa[n];
+            const real kk = k[o + n] * k_k[p + n] * inv;
+            log_w[o + n] = -c * sw[n] * m;
+            k_out[o + n] = k[o + n] * ((real)1 + (alpha - (real)1) * k_a[p + n]) * m;
+            a_out[o + n] = -kk;
+            b_out[o + n] = kk * alpha * m;
+        }
+        if (v_out) {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) {
+                const real g = sg[n];
+                v_out[o + n] = (v[o + n] + (vf[o + n] - v[o + n]) * g) * m;
+            }
+        }
+    }
+}
+
+/* d_kk, d_ka: this range's own [H * N] accumulators (summed by the caller), zeroed by the caller. */
+void NAME(state_inputs_backward)(int64_t r0, int64_t r1, int64_t H, int64_t N, double decay_scale, const real *zw,
+                                 const real *za, const real *zv, const real *k, const real *v, const real *vf,
+                                 const real *k_k, const real *k_a, const real *mask, const real *g_logw,
+                                 const real *g_k, const real *g_v, const real *g_a, const real *g_b, real *d_zw,
+                                 real *d_za, real *d_zv, real *d_k, real *d_v, real *d_vf, real *d_kk,
+                                 real *d_ka)
+{
+    const real c = (real)decay_scale;
+    for (int64_t row = r0; row < r1; row++) {
+        const int64_t o = row * N, p = (row % H) * N;
+        const real m = mask ? mask[row / H] : (real)1;
+        real ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t n = 0; n < N; n++) {
+            const real q = k[o + n] * k_k[p + n];
+            ss += q * q;
+        }
+        const real nrm = SQRT(ss);
+        const int normed = nrm > (real)1e-12;
+        const real inv = (real)1 / (normed ? nrm : (real)1e-12);
+        real sa[N], sw[N], sg[N];
+        SIGROW(N, za + o, sa);
+        SIGROW(N, zw + o, sw);
+        if (d_v)
+            SIGROW(N, zv + o, sg);
+        /* <d kk, kk> over the row, d kk = -g_a + m g_b alpha */
+        real dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t n = 0; n < N; n++) {
+            const real alpha = sa[n];
+            const real kk = k[o + n] * k_k[p + n] * inv;
+            dot += (-g_a[o + n] + m * g_b[o + n] * alpha) * kk;
+        }
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) {
+            const real alpha = sa[n];
+            const real s_w = sw[n];
+            const real kk = k[o + n] * k_k[p + n] * inv;
+            const real gk = m * g_k[o + n];
+            const real dkk = -g_a[o + n] + m * g_b[o + n] * alpha;
+            const real dq = normed ? (dkk - kk * dot) * inv : dkk * inv;
+            const real d_alpha = gk * k[o + n] * k_a[p + n] + m * g_b[o + n] * kk;
+            d_zw[o + n] = -c * m * g_logw[o + n] * s_w * ((real)1 - s_w);
+            d_za[o + n] = d_alpha * alpha * ((real)1 - alpha);
+            d_k[o + n] = gk * ((real)1 + (alpha - (real)1) * k_a[p + n]) + dq * k_k[p + n];
+            d_kk[p + n] += dq * k[o + n];
+            d_ka[p + n] += gk * k[o + n] * (alpha - (real)1);
+        }
+        if (d_v) {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) {
+                const real g = sg[n];
+                const real gv = m * g_v[o + n];
+                d_v[o + n] = gv * ((real)1 - g);
+                d_vf[o + n] = gv * g;
+                d_zv[o + n] = gv * (vf[o + n] - v[o + n]) * g * ((real)1 - g);
+            }
+        }
+    }
+}
