@@ -232,6 +232,34 @@ def test_chunked_gradients_match_reference(chunk_size, T, extra):
         assert rel_err(grads32[name], ref) <= 1e-4, (name, rel_err(grads32[name], ref))
 
 
+@pytest.mark.parametrize("group_matrices", [2, 6, 10], ids=lambda g: f"group{g}")
+def test_chunked_gradients_across_chunk_groups(monkeypatch, group_matrices):
+    """Chunks run in groups (``_GROUP_MATRICES`` (chunk, batch, head) matrices each) whose chunk-start states and
+    state gradients are handed from group to group; with 1, 3 and 5 chunks per group (12 chunks, the last group
+    partial) values, final state and the gradients of every input incl. the initial state and the extra query
+    stay within 1e-10 of the float64 oracle."""
+    from wuneng.ops.wkv7 import chunk
+
+    monkeypatch.setattr(chunk, "_GROUP_MATRICES", group_matrices)
+    B, T, H, N = 1, 45, 2, 8  # chunk 4: 12 chunks, B * H = 2 matrices per chunk
+    seq, s0, q = make_inputs(B, T, H, N, seed=11, extra=True)
+    g = torch.Generator().manual_seed(12)
+    cot = [
+        torch.randn(B, T, H, N, generator=g, dtype=torch.float64),
+        torch.randn(B, H, N, N, generator=g, dtype=torch.float64),
+        torch.randn(B, T, H, N, generator=g, dtype=torch.float64),
+    ]
+    ref_grads, ref_out = _grads(wkv7_reference, seq, s0, q, cot)
+    grads, out = _grads(
+        lambda *a, extra_query=None: wkv7_chunked(*a, extra_query=extra_query, chunk_size=4), seq, s0, q, cot
+    )
+    for o, o_ref in zip(out, ref_out):
+        assert rel_err(o, o_ref) <= 1e-10, rel_err(o, o_ref)
+    assert set(grads) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        assert rel_err(grads[name], ref) <= 1e-10, (name, rel_err(grads[name], ref))
+
+
 def test_chunked_gradcheck_float64():
     torch.manual_seed(0)
     seq, s0, q = make_inputs(1, 6, 1, 3, seed=7, extra=True)
