@@ -421,10 +421,11 @@ def measure_breakdown(models: dict, ids, prompt, steps: int, chunk: int, repeats
 
 
 def piece_bytes(model, context: int) -> dict:
-    """Bytes one decoded token reads per layer in each piece of :data:`PIECES` (float32 weights of the first decoder
-    layer, its key/value cache at ``context`` tokens, its recurrent state read and written): what the decode
-    breakdown divides by its times to give each piece's streaming rate."""
-    layer = model.model.layers[0]
+    """Bytes one decoded token reads per layer in each piece of :data:`PIECES` (float32 weights of the last decoder
+    layer, a typical one: the first hybrid layer has no value-residual LoRA; its key/value cache at ``context``
+    tokens, its recurrent state read and written): what the decode breakdown divides by its times to give each
+    piece's streaming rate."""
+    layer = model.model.layers[-1]
     mixer = layer.self_attn
 
     def nbytes(module_or_tensors) -> int:

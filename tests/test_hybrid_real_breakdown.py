@@ -73,7 +73,7 @@ def test_piece_bytes_are_each_pieces_weights_and_cache():
     assert teacher["proj"] == wuneng["proj"] == projections
     assert teacher["attn_core"] == wuneng["attn_core"] == 2 * H_kv * d * 100 * 4
     assert teacher["state"] == teacher["fusion"] == 0
-    mixer = models["wuneng"].model.layers[0].self_attn
+    mixer = models["wuneng"].model.layers[-1].self_attn  # with the value-residual LoRA
     assert wuneng["fusion"] == mixer.o_middle.weight.numel() * 4
     assert wuneng["state_query"] == d * d * 4
     # the state side: every weight the fused C call reads (the layer's own LoRAs, mixes, vectors) and the state
