@@ -40,6 +40,7 @@ from ..fused.one_token import (
     hybrid_state_plan,
     kernel_preferred_for,
 )
+from ..ops.state_inputs import gate_fusion
 from .hybrid_training import training_low_rank
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 from .rwkv7 import RWKV7StateHeads, TimeMix, orthogonal_, token_shift, token_shift_documents
@@ -585,11 +586,10 @@ class HybridMixer(nn.Module):
         if self.fusion == "gate":
             if "gate_sigmoid" in low:
                 gamma = low["gate_sigmoid"]
-            else:
-                gamma = torch.sigmoid(
-                    F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1))
-                )  # bias in the addmm
-            z = torch.lerp(a, y, (gamma.view_as(a) * self.gate_scale).to(a.dtype))  # a + gamma (y - a)
+                z = torch.lerp(a, y, (gamma.view_as(a) * self.gate_scale).to(a.dtype))  # a + gamma (y - a)
+            else:  # training: the sigmoid, scale and lerp in one fused op (ops/state_inputs); bias in the addmm
+                zg = F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1))
+                z = gate_fusion(a, y, zg.view_as(a), self.gate_scale)
         elif self.fusion == "add":
             z = a + self.fusion_beta * y
         elif self.fusion == "hymba":

@@ -33,12 +33,19 @@ from ..wkv7.cpu import _run_ranges, _split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["state_inputs", "state_inputs_reference", "state_inputs_kernel_available", "DECAY_SCALE"]
+__all__ = [
+    "state_inputs",
+    "state_inputs_reference",
+    "gate_fusion",
+    "gate_fusion_reference",
+    "state_inputs_kernel_available",
+    "DECAY_SCALE",
+]
 
 #: log w = -DECAY_SCALE sigmoid(z) (as wuneng.layers.rwkv7)
 DECAY_SCALE = math.exp(-0.5)
 #: must equal WUNENG_KERNEL_ABI in csrc/state_inputs.c
-KERNEL_ABI = 1
+KERNEL_ABI = 2
 STATE_INPUTS_IMPLS = ("auto", "cpu", "reference")
 _CSRC = Path(__file__).with_name("csrc")
 
@@ -54,6 +61,12 @@ def _configure(lib) -> None:
         bwd = getattr(lib, f"state_inputs_backward_{suffix}")
         bwd.argtypes = [i64] * 4 + [dbl] + [ptr] * 22
         bwd.restype = None
+        gf = getattr(lib, f"gate_fusion_forward_{suffix}")
+        gf.argtypes = [i64] * 4 + [ptr] * 5
+        gf.restype = None
+        gb = getattr(lib, f"gate_fusion_backward_{suffix}")
+        gb.argtypes = [i64] * 4 + [ptr] * 9
+        gb.restype = None
 
 
 LIBRARY = CLibrary(
@@ -207,3 +220,54 @@ def state_inputs(
         return out
     log_w, k2, a, b = out
     return log_w, k2, v if mask is None else v * m.unsqueeze(-1), a, b
+
+
+def gate_fusion_reference(a: torch.Tensor, y: torch.Tensor, zg: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """The WuNeng gate fusion ``a + sigmoid(zg) rho (y - a)`` as PyTorch ops (SPEC section 3, ``gate``): a, y, zg
+    [B, T, H, d], rho [H, d]; the result in a's dtype (under autocast the gate is computed in float32)."""
+    return torch.lerp(a, y, (torch.sigmoid(zg) * rho).to(a.dtype))
+
+
+class _GateFusionCPU(torch.autograd.Function):
+    """Contiguous [B, T, H, d] a, y, zg of one dtype; rho [H, d]."""
+
+    @staticmethod
+    def forward(ctx, a, y, zg, rho):
+        H, N = rho.shape
+        rows = a.numel() // N
+        z = torch.empty_like(a)
+        fn = getattr(_library(), f"gate_fusion_forward_{DTYPE_SUFFIX[a.dtype]}")
+        ptrs = tuple(data_ptr(t) for t in (a, y, zg, rho, z))
+        _run_ranges(fn, _split(rows, 8 * N), lambda i: (H, N) + ptrs)
+        ctx.save_for_backward(a, y, zg, rho)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        a, y, zg, rho = ctx.saved_tensors
+        H, N = rho.shape
+        rows = a.numel() // N
+        g = g.contiguous()
+        d_a, d_y, d_zg = (torch.empty_like(a) for _ in range(3))
+        bounds = _split(rows, 16 * N)
+        d_rho = a.new_zeros(len(bounds) - 1, H * N)
+        fn = getattr(_library(), f"gate_fusion_backward_{DTYPE_SUFFIX[a.dtype]}")
+        ptrs = tuple(data_ptr(t) for t in (a, y, zg, rho, g, d_a, d_y, d_zg))
+        _run_ranges(fn, bounds, lambda i: (H, N) + ptrs + (d_rho[i].data_ptr(),))
+        return d_a, d_y, d_zg, d_rho.sum(0).view(H, N)
+
+
+def gate_fusion(a: torch.Tensor, y: torch.Tensor, zg: torch.Tensor, rho: torch.Tensor, impl: str = "auto"):
+    """``a + sigmoid(zg) rho (y - a)``: a, y, zg [B, T, H, d] (the attention output, the state heads' output, the
+    gate's pre-activation), rho [H, d]. impl as :func:`state_inputs` (the C kernel: one pass forward, one backward,
+    reading only the inputs; the reference: :func:`gate_fusion_reference`)."""
+    if impl not in STATE_INPUTS_IMPLS:
+        raise ValueError(f"gate_fusion: impl must be one of {STATE_INPUTS_IMPLS}, got {impl!r}")
+    if a.shape != y.shape or a.shape != zg.shape or tuple(rho.shape) != tuple(a.shape[-2:]):
+        raise ValueError(
+            f"gate_fusion: a, y, zg must share one shape [..., H, d] and rho be [H, d], got {tuple(a.shape)}, "
+            f"{tuple(y.shape)}, {tuple(zg.shape)}, {tuple(rho.shape)}"
+        )
+    if impl == "reference" or not _kernel_serves((a, y, zg, rho), impl):
+        return gate_fusion_reference(a, y, zg, rho)
+    return _GateFusionCPU.apply(a.contiguous(), y.contiguous(), zg.contiguous(), rho.contiguous())

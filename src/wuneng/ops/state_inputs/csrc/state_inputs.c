@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define WUNENG_KERNEL_ABI 1
+#define WUNENG_KERNEL_ABI 2
 #ifndef WUNENG_KERNEL_KEY
 #define WUNENG_KERNEL_KEY ""
 #endif

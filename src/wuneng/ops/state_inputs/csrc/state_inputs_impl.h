@@ -105,3 +105,37 @@ void NAME(state_inputs_backward)(int64_t r0, int64_t r1, int64_t H, int64_t N, d
         }
     }
 }
+
+/* The gate fusion z = a + sigmoid(zg) rho (y - a) over rows r0..r1 of [rows = tokens * H, N]; rho is [H * N]. */
+void NAME(gate_fusion_forward)(int64_t r0, int64_t r1, int64_t H, int64_t N, const real *a, const real *y,
+                               const real *zg, const real *rho, real *z)
+{
+    for (int64_t row = r0; row < r1; row++) {
+        const int64_t o = row * N, p = (row % H) * N;
+        real s[N];
+        SIGROW(N, zg + o, s);
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++)
+            z[o + n] = a[o + n] + s[n] * rho[p + n] * (y[o + n] - a[o + n]);
+    }
+}
+
+/* d_rho: this range's own [H * N] accumulator, zeroed by the caller. */
+void NAME(gate_fusion_backward)(int64_t r0, int64_t r1, int64_t H, int64_t N, const real *a, const real *y,
+                                const real *zg, const real *rho, const real *g, real *d_a, real *d_y, real *d_zg,
+                                real *d_rho)
+{
+    for (int64_t row = r0; row < r1; row++) {
+        const int64_t o = row * N, p = (row % H) * N;
+        real s[N];
+        SIGROW(N, zg + o, s);
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) {
+            const real w = s[n] * rho[p + n], gy = g[o + n] * (y[o + n] - a[o + n]);
+            d_a[o + n] = g[o + n] - g[o + n] * w;
+            d_y[o + n] = g[o + n] * w;
+            d_zg[o + n] = gy * rho[p + n] * s[n] * ((real)1 - s[n]);
+            d_rho[p + n] += gy * s[n];
+        }
+    }
+}
