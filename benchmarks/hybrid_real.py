@@ -266,8 +266,8 @@ _HYBRID_METHODS = {
 @contextlib.contextmanager
 def timed_pieces(model, acc: dict):
     """Accumulate seconds per piece of ``model``'s decoder layers into ``acc`` while the block runs: forward hooks
-    on each layer's mixer (``self_attn``), MLP and projection modules, and timers around a hybrid mixer's methods
-    (instance attributes shadowing the class's, removed at the end)."""
+    on each layer's mixer (``self_attn``) and MLP, and timers around the projections' ``forward`` and a hybrid
+    mixer's methods (instance attributes shadowing the class's, removed at the end)."""
 
     def add(key, seconds):
         acc[key] = acc.get(key, 0.0) + seconds
@@ -298,10 +298,13 @@ def timed_pieces(model, acc: dict):
         mixer = layer.self_attn
         handles += hook_pair(mixer, "mixer") + hook_pair(layer.mlp, "mlp")
         if not isinstance(mixer, ARWKVMixer):
+            # the projections' own forward timed (not a hook: a hooked o_proj makes the hybrid fusion keep its
+            # output and add into a new tensor, a path the untimed run does not take)
             for name in _PROJECTIONS:
                 proj = mixer._modules.get(name)
                 if proj is not None:
-                    handles += hook_pair(proj, "o_proj" if name == "o_proj" else "proj")
+                    proj.__dict__["forward"] = timer(proj.forward, "o_proj" if name == "o_proj" else "proj")
+                    patched.append((proj, "forward"))
         if isinstance(mixer, HybridMixer):
             for name, key in _HYBRID_METHODS.items():
                 mixer.__dict__[name] = timer(getattr(mixer, name), key)
@@ -311,8 +314,8 @@ def timed_pieces(model, acc: dict):
     finally:
         for h in handles:
             h.remove()
-        for mixer, name in patched:
-            del mixer.__dict__[name]
+        for owner, name in patched:
+            del owner.__dict__[name]
 
 
 def pieces_per_layer(acc: dict, step_seconds: float, layers: int) -> dict:

@@ -605,3 +605,43 @@ def test_decoding_plan_is_kept_per_session_and_follows_weight_changes(monkeypatc
     with torch.no_grad():
         call(m.float(), u[:, :1].float())  # float32 weights: a new plan of that dtype, still the kernel
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("fusion", ["gate", "concat", "hymba"])
+def test_middle_heads_output_in_one_addmm_equals_the_module_calls_and_respects_hooks(fusion):
+    """Without autograd the middle heads' output product and its sum with the output projection are one addmm
+    (into o_proj's output when nobody else holds it): equal (float64, rel. error < 1e-12) to the autograd form,
+    which calls o_middle and adds; a forward hook on o_proj keeps the output it saw (the sum goes to a new tensor
+    then), and a hook on o_middle still runs (the module is called)."""
+    m = make_mixer(fusion=fusion, middle_heads=2)
+    torch.manual_seed(4)
+    B, T = 2, 5
+    u = torch.randn(B, T, C, dtype=torch.float64)
+    a = torch.randn(B, T, H, D, dtype=torch.float64)
+    y = torch.randn(B, T, H, D, dtype=torch.float64)
+    low = m.low_rank_inputs(u)
+    low = {k: v.detach() for k, v in low.items()}
+    with torch.enable_grad():
+        ref = m.fuse(u, a, y, low).detach()
+    with torch.no_grad():
+        out = m.fuse(u, a, y, low)
+    assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
+    seen, middle_calls = [], []
+    handles = [
+        m.o_proj.register_forward_hook(lambda _m, _i, o: seen.append((o, o.clone()))),
+        m.o_middle.register_forward_hook(lambda *_: middle_calls.append(1)),
+    ]
+    with torch.no_grad():
+        hooked = m.fuse(u, a, y, low)
+    assert (hooked - ref).abs().max() <= 1e-12 * ref.abs().max()
+    ((held, at_call),) = seen
+    assert torch.equal(held, at_call)  # o_proj's output, as its hook got it, was not written into
+    assert middle_calls == [1]
+    handles[1].remove()  # o_proj still hooked: the product is one addmm into a new tensor
+    seen.clear()
+    with torch.no_grad():
+        hooked = m.fuse(u, a, y, low)
+    assert (hooked - ref).abs().max() <= 1e-12 * ref.abs().max()
+    ((held, at_call),) = seen
+    assert torch.equal(held, at_call)
+    handles[0].remove()

