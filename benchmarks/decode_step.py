@@ -34,7 +34,8 @@ where it is neither (some pieces above their limit, others not), taking turns (3
 timed steps per turn up to batch 8, then 6 x 8 / batch, at least 2); printed: each path's median step, auto / tensor
 and fused / tensor, each piece's fused / tensor ratio, what the limits pick; at the end, per piece, the largest batch
 up to which its kernel won everywhere. The models' orthogonal init is replaced by Gaussian matrices of the same
-scale (the QR of the heads took most of the run). About 4.5 minutes on the quiet 2-core machine (estimate).
+scale (the QR of the heads took most of the run). The 1-thread half took 3 min 45 s on the 2-core development
+machine under a load average of 3.5; the whole grid on the quiet machine is estimated at 3-5 minutes.
 
 The machine may be shared: absolute times move with its load, ratios inside one run are what to compare.
 
