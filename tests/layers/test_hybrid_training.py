@@ -36,20 +36,28 @@ def per_map_reference(m, u, x, xx):
     return out
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("case", ["plain", "masked", "prev", "docs"])
 @pytest.mark.parametrize("value_residual", [False, True])
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: f"{kw['fusion']}-m{kw['middle_heads']}")
-def test_training_low_rank_equals_per_map_expressions(kw, value_residual, masked):
+def test_training_low_rank_equals_per_map_expressions(kw, value_residual, case):
+    """Cases: no padding (x is u), left padding (x differs from u), a previous token from a cache (the shift's
+    first row), document starts of packed rows (the shift brings zeros there); gradients include the previous
+    token's."""
     m = make_mixer(value_residual=value_residual, layer_idx=1, num_layers=3, **kw)
     torch.manual_seed(4)
     B, T = 2, 7
     u = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
-    mask = None
-    if masked:
+    mask = prev = doc_start = None
+    if case == "masked":
         mask = torch.ones(B, T, dtype=torch.long)
         mask[1, :3] = 0
-    x, xx = m.shifted(u, mask, None)
-    assert (x is u) == (not masked)
+    if case == "prev":
+        prev = torch.randn(B, C, dtype=torch.float64, requires_grad=True)
+    if case == "docs":
+        doc_start = torch.zeros(B, T, dtype=torch.bool)
+        doc_start[0, 3] = doc_start[1, 0] = doc_start[1, 5] = True
+    x, xx = m.shifted(u, mask, prev, doc_start)
+    assert (x is u) == (case != "masked")
     got = training_low_rank(m, u, x, xx)
     want = per_map_reference(m, u, x, xx)
     assert got.keys() == want.keys()
