@@ -432,7 +432,10 @@ class RWKV7StateHeads(nn.Module):
         mask: [B,T] (1 = real token) or None; mixed: the token-shift mixes (x_w, x_a, x_v) [B,T,C] when the
         caller already has them (:meth:`TimeMix.project`), else computed here; low: the LoRA outputs
         ``{"decay", "alpha"(, "value_gate")}`` [B,T,A] when already evaluated by the no-grad
-        :func:`~wuneng.layers.low_rank.low_rank_bank` (then x, xx and mixed are not read).
+        :func:`~wuneng.layers.low_rank.low_rank_bank` (then x, xx and mixed are not read), or their
+        pre-activations ``{"decay_logit", "alpha_logit"(, "value_gate_logit")}`` (the hybrid mixer's training path,
+        :func:`~wuneng.layers.hybrid_training.training_low_rank`): then the whole chain runs in one fused op,
+        :func:`~wuneng.ops.state_inputs.state_inputs`.
         Returns (log_w, k, v, a, b, v_first), all [B,T,A]: k, v, a, b, v_first in the compute dtype (the dtype
         of the projected k: autocast's dtype under ``torch.autocast``, else the parameters'), log_w in float32
         (float64 when the compute dtype is float64), the dtypes :func:`~wuneng.ops.wkv7` takes (:func:`wkv_dtypes`).
