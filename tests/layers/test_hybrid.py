@@ -295,10 +295,17 @@ def test_prefill_low_rank_maps_as_plain_matmuls_equal_the_bank_and_the_autograd_
             monkeypatch.setattr(hybrid_mod, "WIDE_LOW_RANK_MIN_TOKENS", 10**9)
             bank = m.low_rank_outputs(u, x, xx)
             monkeypatch.undo()
-        assert wide.keys() == bank.keys()
+        # the fused prefill (PREFILL_FUSED_CHAIN) hands the state heads' maps and the gate over before their sigmoids
+        # and the receptance correction as its first factor u R1 (state_heads adds q in its addmm)
+        logits = {name: key for name, key in hybrid_mod._PREFILL_LOGIT_NAMES.items() if key in wide}
+        assert {logits.get(name, "r" if name == "receptance" else name) for name in bank} == set(wide)
         for name in bank:
-            assert wide[name].shape == bank[name].shape, name
-            assert (wide[name] - bank[name]).abs().max() <= 1e-12 * bank[name].abs().max(), name
+            if name == "receptance":
+                got = wide["r"] @ m.receptance_lora_b
+            else:
+                got = torch.sigmoid(wide[logits[name]]) if name in logits else wide[name]
+            assert got.shape == bank[name].shape, name
+            assert (got - bank[name]).abs().max() <= 1e-12 * bank[name].abs().max(), name
     outs = []
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
@@ -306,6 +313,41 @@ def test_prefill_low_rank_maps_as_plain_matmuls_equal_the_bank_and_the_autograd_
         outs.append(out.detach())
     real = mask.bool()
     assert (outs[1][real] - outs[0][real]).abs().max() <= 1e-12 * outs[0][real].abs().max()
+
+
+@pytest.mark.parametrize("value_residual", [False, True])
+@pytest.mark.parametrize("kw", CONFIGS, ids=_config_id)
+def test_prefill_fused_chain_equals_the_unfused_prefill_and_the_autograd_path(kw, value_residual, monkeypatch):
+    """With PREFILL_FUSED_CHAIN the no-grad prefill hands the state heads' maps and the fusion gate over before
+    their sigmoids and runs the state heads' input chain (ops.state_inputs.state_inputs) and, with gate fusion,
+    the gate (gate_fusion) as fused passes: the mixer's output and v_first equal the unfused prefill's and the
+    autograd path's (float64, rel. error < 1e-12 on real tokens), with and without left padding."""
+    import wuneng.layers.rwkv7 as rwkv7_mod
+
+    m = make_mixer(value_residual=value_residual, layer_idx=1, num_layers=2, **kw)
+    torch.manual_seed(4)
+    B, T = 2, 40  # 80 tokens >= WIDE_LOW_RANK_MIN_TOKENS
+    u = torch.randn(B, T, C, dtype=torch.float64)
+    v_first = torch.randn(B, T, H * D, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :5] = 0
+    for token_mask in (None, mask):
+        runs = {}
+        for name, grad, fused in (("autograd", True, True), ("unfused", False, False), ("fused", False, True)):
+            monkeypatch.setattr(hybrid_mod, "PREFILL_FUSED_CHAIN", fused)
+            chain = _count_calls(monkeypatch, rwkv7_mod, "state_inputs")
+            gates = _count_calls(monkeypatch, hybrid_mod, "gate_fusion")
+            ctx = context(m, token_mask, v_first)
+            with torch.set_grad_enabled(grad):
+                out, _ = m(hidden_states=u, wuneng_context=ctx, **teacher_arguments(m, u, token_mask, None))
+            runs[name] = (out.detach(), len(chain), len(gates))
+            monkeypatch.undo()
+        assert runs["fused"][1:] == (1, int(kw["fusion"] == "gate"))  # the fused passes did run
+        assert runs["unfused"][1:] == (0, 0)
+        real = slice(None) if token_mask is None else token_mask.bool()
+        ref = runs["autograd"][0][real]
+        for name in ("fused", "unfused"):
+            assert (runs[name][0][real] - ref).abs().max() <= 1e-12 * ref.abs().max(), name
 
 
 def _count_calls(monkeypatch, module, name: str) -> list:

@@ -133,6 +133,18 @@ def _token_mask(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torc
 #: whose [maps, tokens, C] input block (an addcmul pass) and broadcast bias (a copy into the output) cost more
 #: than the arithmetic at prefill sizes (profiled at Qwen2.5-0.5B shapes, T 1024, benchmarks/hybrid_real.py)
 WIDE_LOW_RANK_MIN_TOKENS = 64
+#: the prefill (:meth:`HybridMixer._low_rank_outputs_wide`) hands the state heads' maps and the fusion gate over
+#: before their sigmoids, as ``{"decay_logit", "alpha_logit"(, "value_gate_logit"), "gate_logit"}``, so that the
+#: state heads' input chain and the gate fusion each run as one C pass (:mod:`wuneng.ops.state_inputs`) instead
+#: of ~15 elementwise PyTorch passes; False keeps the post-sigmoid outputs (the reference; tests compare the two)
+PREFILL_FUSED_CHAIN = True
+#: the map names whose pre-activation the fused prefill hands over, and the key it gets in ``low``
+_PREFILL_LOGIT_NAMES = {
+    "decay": "decay_logit",
+    "alpha": "alpha_logit",
+    "value_gate": "value_gate_logit",
+    "gate_sigmoid": "gate_logit",
+}
 _MID_ACTIVATIONS = {"tanh": torch.Tensor.tanh_, "sigmoid": torch.Tensor.sigmoid_}
 
 
@@ -568,11 +580,19 @@ class HybridMixer(nn.Module):
         if ones_columns is not None:
             h.index_fill_(1, ones_columns, 1.0)
         out = {}
+        fused_chain = PREFILL_FUSED_CHAIN
         for m, (start, stop, second) in zip(maps, spans):
             hidden = h[:, start:stop]
             if m.mid is not None:
                 _MID_ACTIVATIONS[m.mid](hidden[:, : m.first.shape[1]])
+            if fused_chain and m.name == "receptance" and m.bias is None and m.mid is None:
+                # u R1 only: state_heads adds q in its addmm (q + (u R1) R2 in one pass, no separate sum)
+                out["r"] = hidden.view(*lead, -1)
+                continue
             z = hidden @ second
+            if fused_chain and m.name in _PREFILL_LOGIT_NAMES:  # the sigmoid runs in the fused pass that reads it
+                out[_PREFILL_LOGIT_NAMES[m.name]] = z.view(*lead, -1)
+                continue
             if m.out_sigmoid:
                 z.sigmoid_()
             out[m.name] = z.view(*lead, -1)
@@ -600,6 +620,8 @@ class HybridMixer(nn.Module):
             if "gate_sigmoid" in low:
                 gamma = low["gate_sigmoid"]
                 z = torch.lerp(a, y, (gamma.view_as(a) * self.gate_scale).to(a.dtype))  # a + gamma (y - a)
+            elif "gate_logit" in low:  # prefill (PREFILL_FUSED_CHAIN): the sigmoid, scale and lerp in one pass
+                z = gate_fusion(a, y, low["gate_logit"].view_as(a), self.gate_scale)
             else:  # training: the sigmoid, scale and lerp in one fused op (ops/state_inputs); bias in the addmm
                 zg = F.linear(low["gate"], self.gate_lora_b.t(), self.gate_bias.view(-1))
                 z = gate_fusion(a, y, zg.view_as(a), self.gate_scale)
@@ -802,7 +824,7 @@ class HybridMixer(nn.Module):
             x, xx = self.shifted(u, token_mask, shift, doc_start)
             low = self.low_rank_outputs(u, x, xx)
             y, wkv_state, v_first, last = self.state_heads(
-                u, q, k, v, v_first, token_mask, shift, wkv_state, low=low, shifted=(x, xx), doc_start=doc_start
+                u, q, k, v, v_first, token_mask, shift, wkv_state, low.get("r"), low, (x, xx), doc_start=doc_start
             )
         if cache is not None:
             cache.set_state(self.layer_idx, "time_shift", last)
