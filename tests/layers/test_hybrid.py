@@ -315,6 +315,27 @@ def test_prefill_low_rank_maps_as_plain_matmuls_equal_the_bank_and_the_autograd_
     assert (outs[1][real] - outs[0][real]).abs().max() <= 1e-12 * outs[0][real].abs().max()
 
 
+def test_prefill_token_shift_in_one_pass_equals_token_shift(monkeypatch):
+    """Without autograd and with PREFILL_FUSED_CHAIN, HybridMixer.shifted writes xx = shift(x) - x in one pass
+    (no concatenation): equal to rwkv7.token_shift (float64, exactly: the same subtractions), with and without the
+    previous token, with padding; with autograd it is token_shift itself."""
+    from wuneng.layers.rwkv7 import token_shift
+
+    calls = _count_calls(monkeypatch, hybrid_mod, "token_shift")
+    torch.manual_seed(5)
+    u = torch.randn(2, 9, C, dtype=torch.float64)
+    mask = torch.ones(2, 9)
+    mask[1, :3] = 0
+    for prev in (None, torch.randn(2, C, dtype=torch.float64)):
+        for token_mask in (None, mask):
+            with torch.no_grad():
+                x, xx = HybridMixer.shifted(u, token_mask, prev)
+            assert torch.equal(xx, token_shift(x, prev))
+    assert calls == []  # the one-pass form served every no-grad call
+    HybridMixer.shifted(u.requires_grad_(), None, None)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("value_residual", [False, True])
 @pytest.mark.parametrize("kw", CONFIGS, ids=_config_id)
 def test_prefill_fused_chain_equals_the_unfused_prefill_and_the_autograd_path(kw, value_residual, monkeypatch):

@@ -136,7 +136,8 @@ WIDE_LOW_RANK_MIN_TOKENS = 64
 #: the prefill (:meth:`HybridMixer._low_rank_outputs_wide`) hands the state heads' maps and the fusion gate over
 #: before their sigmoids, as ``{"decay_logit", "alpha_logit"(, "value_gate_logit"), "gate_logit"}``, so that the
 #: state heads' input chain and the gate fusion each run as one C pass (:mod:`wuneng.ops.state_inputs`) instead
-#: of ~15 elementwise PyTorch passes; False keeps the post-sigmoid outputs (the reference; tests compare the two)
+#: of ~15 elementwise PyTorch passes (and :meth:`HybridMixer.shifted` writes xx in one pass); False keeps the
+#: post-sigmoid outputs and token_shift (the reference; tests compare the two)
 PREFILL_FUSED_CHAIN = True
 #: the map names whose pre-activation the fused prefill hands over, and the key it gets in ``low``
 _PREFILL_LOGIT_NAMES = {
@@ -509,7 +510,18 @@ class HybridMixer(nn.Module):
         """(x, xx): x = u with padding zeroed (padding never enters the token shift), xx = shift(x) - x. [B,T,C].
         doc_start: bool [B,T] or None; the shift brings zeros at a document start."""
         x = u if token_mask is None else u * token_mask.to(u.dtype).unsqueeze(-1)
-        return x, token_shift(x, shift) if doc_start is None else token_shift_documents(x, shift, doc_start=doc_start)
+        if doc_start is not None:
+            return x, token_shift_documents(x, shift, doc_start=doc_start)
+        if torch.is_grad_enabled() or x.shape[1] == 1 or not PREFILL_FUSED_CHAIN:
+            return x, token_shift(x, shift)
+        # prefill: xx written in one pass (token_shift's concatenation is a second pass over [B,T,C])
+        xx = torch.empty_like(x)
+        torch.sub(x[:, :-1], x[:, 1:], out=xx[:, 1:])
+        if shift is None:
+            torch.neg(x[:, 0], out=xx[:, 0])
+        else:
+            torch.sub(shift.to(x.dtype), x[:, 0], out=xx[:, 0])
+        return x, xx
 
     def modulate_query(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """q_h + lambda_h (Y_h W^state); q, y [B,T,H_q,d]."""
