@@ -340,8 +340,9 @@ def test_prefill_token_shift_in_one_pass_equals_token_shift(monkeypatch):
 @pytest.mark.parametrize("kw", CONFIGS, ids=_config_id)
 def test_prefill_fused_chain_equals_the_unfused_prefill_and_the_autograd_path(kw, value_residual, monkeypatch):
     """With PREFILL_FUSED_CHAIN the no-grad prefill hands the state heads' maps and the fusion gate over before
-    their sigmoids and runs the state heads' input chain (ops.state_inputs.state_inputs) and, with gate fusion,
-    the gate (gate_fusion) as fused passes: the mixer's output and v_first equal the unfused prefill's and the
+    their sigmoids and runs the state heads' input chain (ops.state_inputs: state_inputs_grouped on the grouped
+    keys and values, state_inputs on repeated ones where v_first must stay unmasked) and, with gate fusion, the
+    gate (gate_fusion) as fused passes: the mixer's output and v_first equal the unfused prefill's and the
     autograd path's (float64, rel. error < 1e-12 on real tokens), with and without left padding."""
     import wuneng.layers.rwkv7 as rwkv7_mod
 
@@ -357,14 +358,19 @@ def test_prefill_fused_chain_equals_the_unfused_prefill_and_the_autograd_path(kw
         for name, grad, fused in (("autograd", True, True), ("unfused", False, False), ("fused", False, True)):
             monkeypatch.setattr(hybrid_mod, "PREFILL_FUSED_CHAIN", fused)
             chain = _count_calls(monkeypatch, rwkv7_mod, "state_inputs")
+            grouped = _count_calls(monkeypatch, rwkv7_mod, "state_inputs_grouped")
             gates = _count_calls(monkeypatch, hybrid_mod, "gate_fusion")
             ctx = context(m, token_mask, v_first)
             with torch.set_grad_enabled(grad):
                 out, _ = m(hidden_states=u, wuneng_context=ctx, **teacher_arguments(m, u, token_mask, None))
-            runs[name] = (out.detach(), len(chain), len(gates))
+            runs[name] = (out.detach(), len(chain), len(grouped), len(gates))
             monkeypatch.undo()
-        assert runs["fused"][1:] == (1, int(kw["fusion"] == "gate"))  # the fused passes did run
-        assert runs["unfused"][1:] == (0, 0)
+        # the fused passes did run; the grouped keys and values read in place except where v_first must stay
+        # unmasked (no value residual, padding)
+        assert m.num_kv_groups > 1
+        in_place = int(value_residual or token_mask is None)
+        assert runs["fused"][1:] == (1 - in_place, in_place, int(kw["fusion"] == "gate"))
+        assert runs["unfused"][1:] == (0, 0, 0)
         real = slice(None) if token_mask is None else token_mask.bool()
         ref = runs["autograd"][0][real]
         for name in ("fused", "unfused"):

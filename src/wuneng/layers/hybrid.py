@@ -493,8 +493,18 @@ class HybridMixer(nn.Module):
                 r_low = u @ self.receptance_lora_a
             # r = q + r_low R2 in one addmm over the flattened tokens
             r = torch.addmm(q.reshape(B * T, -1), r_low.reshape(B * T, -1), self.receptance_lora_b).view(B, T, -1)
-        k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
-        v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
+        if (
+            low is not None
+            and "decay_logit" in low
+            and not torch.is_grad_enabled()
+            and self.num_kv_groups > 1
+            and (self.state.value_residual or token_mask is None)
+        ):  # the fused prefill reads the grouped heads in place (no repeated [B,T,A] copies of k and v)
+            k_s, v_s = k.reshape(B, T, -1), v.reshape(B, T, -1)
+            low = {**low, "kv_heads": self.num_kv_heads}
+        else:
+            k_s = repeat_kv_heads(k, self.num_kv_groups).reshape(B, T, -1)
+            v_s = repeat_kv_heads(v, self.num_kv_groups).reshape(B, T, -1)
         y, wkv_state, v_first = self.state(
             x, xx, r, k_s, v_s, v_first, wkv_state, token_mask, low=low, doc_start=doc_start
         )

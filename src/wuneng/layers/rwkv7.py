@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..fused import channel_mix as fused_rows
 from ..fused.one_token import TimeMixWeights, time_mix_kernel_preferred, time_mix_one_token_planned, time_mix_plan
 from ..ops import wkv7, wkv7_step
-from ..ops.state_inputs import state_inputs
+from ..ops.state_inputs import state_inputs, state_inputs_grouped
 from ..ops.wkv7.readout import group_norm_bonus
 from .low_rank import LowRankMap, derived_weight, low_rank_bank
 
@@ -434,8 +434,10 @@ class RWKV7StateHeads(nn.Module):
         ``{"decay", "alpha"(, "value_gate")}`` [B,T,A] when already evaluated by the no-grad
         :func:`~wuneng.layers.low_rank.low_rank_bank` (then x, xx and mixed are not read), or their
         pre-activations ``{"decay_logit", "alpha_logit"(, "value_gate_logit")}`` (the hybrid mixer's training path,
-        :func:`~wuneng.layers.hybrid_training.training_low_rank`): then the whole chain runs in one fused op,
-        :func:`~wuneng.ops.state_inputs.state_inputs`.
+        :func:`~wuneng.layers.hybrid_training.training_low_rank`, and its no-grad prefill): then the whole chain
+        runs in one fused op, :func:`~wuneng.ops.state_inputs.state_inputs`; with ``low["kv_heads"]`` = G (the
+        no-grad prefill, no autograd, no value residual only without a mask), k, v are [B,T,G N] grouped heads
+        read in place (:func:`~wuneng.ops.state_inputs.state_inputs_grouped`).
         Returns (log_w, k, v, a, b, v_first), all [B,T,A]: k, v, a, b, v_first in the compute dtype (the dtype
         of the projected k: autocast's dtype under ``torch.autocast``, else the parameters'), log_w in float32
         (float64 when the compute dtype is float64), the dtypes :func:`~wuneng.ops.wkv7` takes (:func:`wkv_dtypes`).
@@ -449,9 +451,16 @@ class RWKV7StateHeads(nn.Module):
                 raise ValueError("RWKV7StateHeads: a value-residual layer needs v_first from the first layer")
             vr = self.value_residual
             zv, vf = (low["value_gate_logit"], v_first) if vr else (None, None)
-            log_w, k2, v2, a, b = state_inputs(
-                low["decay_logit"], low["alpha_logit"], zv, k, v, vf, self.k_k, self.k_a, H, mask
-            )
+            kv_heads = low.get("kv_heads")
+            if kv_heads is not None:  # the no-grad prefill: k, v [B,T,G N] of grouped heads, read in place
+                log_w, k2, v2, a, b = state_inputs_grouped(
+                    low["decay_logit"], low["alpha_logit"], zv, k, v, vf, self.k_k, self.k_a, H, kv_heads, mask
+                )
+                v = v2  # without value residual v' = v (times the mask: the caller passes kv_heads only unmasked)
+            else:
+                log_w, k2, v2, a, b = state_inputs(
+                    low["decay_logit"], low["alpha_logit"], zv, k, v, vf, self.k_k, self.k_a, H, mask
+                )
             log_w, (k2, v2, a, b, v_first) = wkv_dtypes(compute_dtype, log_w, k2, v2, a, b, v_first if vr else v)
             return log_w, k2, v2, a, b, v_first
         if low is not None:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "state_inputs",
     "state_inputs_reference",
+    "state_inputs_grouped",
     "gate_fusion",
     "gate_fusion_reference",
     "state_inputs_kernel_available",
@@ -45,7 +46,7 @@ __all__ = [
 #: log w = -DECAY_SCALE sigmoid(z) (as wuneng.layers.rwkv7)
 DECAY_SCALE = math.exp(-0.5)
 #: must equal WUNENG_KERNEL_ABI in csrc/state_inputs.c
-KERNEL_ABI = 2
+KERNEL_ABI = 3
 STATE_INPUTS_IMPLS = ("auto", "cpu", "reference")
 _CSRC = Path(__file__).with_name("csrc")
 
@@ -61,6 +62,9 @@ def _configure(lib) -> None:
         bwd = getattr(lib, f"state_inputs_backward_{suffix}")
         bwd.argtypes = [i64] * 4 + [dbl] + [ptr] * 22
         bwd.restype = None
+        grouped = getattr(lib, f"state_inputs_forward_grouped_{suffix}")
+        grouped.argtypes = [i64] * 5 + [dbl] + [ptr] * 14
+        grouped.restype = None
         gf = getattr(lib, f"gate_fusion_forward_{suffix}")
         gf.argtypes = [i64] * 4 + [ptr] * 5
         gf.restype = None
@@ -220,6 +224,53 @@ def state_inputs(
         return out
     log_w, k2, a, b = out
     return log_w, k2, v if mask is None else v * m.unsqueeze(-1), a, b
+
+
+def state_inputs_grouped(
+    zw: torch.Tensor,
+    za: torch.Tensor,
+    zv: Optional[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    vf: Optional[torch.Tensor],
+    k_k: torch.Tensor,
+    k_a: torch.Tensor,
+    num_heads: int,
+    kv_heads: int,
+    mask: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+) -> Tuple[torch.Tensor, ...]:
+    """:func:`state_inputs` without autograd (the no-grad prefill) for grouped keys and values: k, v [B, T, G N]
+    with G = ``kv_heads`` key/value heads, each shared by H / G consecutive state heads (head h reads group
+    h // (H / G), as ``repeat_interleave`` over the heads), read in place of a repeated [B, T, H N] copy. zw, za
+    (, zv, vf) [B, T, H N], k_k, k_a [H N], mask [B, T] or None. Returns (log_w, k', v', a, b) [B, T, H N]; v' is
+    ``v * mask`` without value residual (a tensor of its own). The C kernel serves float32/float64 CPU tensors
+    outside autocast (one pass); else the reference on repeated k, v. Raises where autograd would record."""
+    if impl not in STATE_INPUTS_IMPLS:
+        raise ValueError(f"state_inputs_grouped: impl must be one of {STATE_INPUTS_IMPLS}, got {impl!r}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (zw, za, zv, k, v, vf, k_k, k_a)):
+        raise RuntimeError("state_inputs_grouped: no backward; use state_inputs on repeated keys and values")
+    if (zv is None) != (vf is None):
+        raise ValueError("state_inputs_grouped: zv and vf go together (value residual) or are both None")
+    B, T, A = zw.shape
+    if num_heads % kv_heads != 0 or A % num_heads != 0 or k.shape[-1] * num_heads != A * kv_heads:
+        raise ValueError(
+            f"state_inputs_grouped: {num_heads} heads of width {A} with {kv_heads} key/value heads, k of width "
+            f"{k.shape[-1]}"
+        )
+    if impl == "reference" or not _kernel_serves((zw, za, zv, k, v, vf, k_k, k_a), impl):
+        rep, N = num_heads // kv_heads, A // num_heads
+        k, v = (t.view(B, T, kv_heads, N).repeat_interleave(rep, dim=2).view(B, T, A) for t in (k, v))
+        return state_inputs_reference(zw, za, zv, k, v, vf, k_k, k_a, num_heads, mask)
+    H, N = num_heads, A // num_heads
+    rows = B * T * H
+    args = [None if t is None else t.contiguous() for t in (zw, za, zv, k, v, vf, k_k, k_a)]
+    m = None if mask is None else mask.to(k.dtype).contiguous()
+    log_w, k2, v2, a, b = (torch.empty_like(args[0]) for _ in range(5))
+    fn = getattr(_library(), f"state_inputs_forward_grouped_{DTYPE_SUFFIX[k.dtype]}")
+    ptrs = tuple(data_ptr(t) for t in args + [m, log_w, k2, v2, a, b])
+    _run_ranges(fn, _split(rows, 16 * N), lambda i: (H, kv_heads, N, DECAY_SCALE) + ptrs)
+    return log_w, k2, v2, a, b
 
 
 def gate_fusion_reference(a: torch.Tensor, y: torch.Tensor, zg: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:

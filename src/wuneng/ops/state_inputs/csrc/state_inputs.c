@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define WUNENG_KERNEL_ABI 2
+#define WUNENG_KERNEL_ABI 3
 #ifndef WUNENG_KERNEL_KEY
 #define WUNENG_KERNEL_KEY ""
 #endif
