@@ -256,24 +256,16 @@ static inline real NAME(sigmoid)(real z)
     return (real)1 / ((real)1 + (real)exp(-(double)z));
 }
 
-static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, const wreal *W, real *y, int64_t lo,
-                              int64_t hi, int act)
+/* matmul_cols over the columns [lo, hi), a row of W at a time: the long rows (the second factors, [D, A]) */
+static void NAME(matmul_cols_rows)(int64_t B, int64_t I, int64_t O, const real *x, const wreal *W, real *y,
+                                   int64_t lo, int64_t hi)
 {
     if (hi <= lo)
         return;
     for (int64_t b = 0; b < B; ++b)
         memset(y + b * O + lo, 0, (size_t)(hi - lo) * sizeof(real));
-    /* Software prefetch of this thread's columns ~2 KB ahead when they are short slices of many rows (a LoRA's
-     * first factor, [C, D] with D of 16-128: 64-512 bytes a row), where the hardware prefetcher alone did not keep
-     * ahead (1-thread A/B, benchmarks in the commit message); longer slices (the second factors) are left to it.
-     * Changes no result. */
-    const int64_t span = (hi - lo) * (int64_t)sizeof(wreal);
-    const int64_t ahead = span >= 2048 ? 0 : (2048 + span - 1) / span;
     for (int64_t i = 0; i < I; ++i) {
         const wreal *restrict wi = W + i * O;
-        if (ahead > 0 && i + ahead < I)
-            for (int64_t off = 0; off < span; off += 64)
-                __builtin_prefetch((const char *)(wi + ahead * O + lo) + off);
         for (int64_t b = 0; b < B; ++b) {
             const real xi = x[b * I + i];
             real *restrict yb = y + b * O;
@@ -282,6 +274,65 @@ static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, co
                 yb[o] += xi * WGET(wi, o);
         }
     }
+}
+
+/* matmul_cols for the nv vectors of columns from c, the sums held in registers over all I rows: for the short
+ * rows of a LoRA's first factor ([C, D], D of 16-128), where summing into y in memory row after row made each
+ * row wait on the previous row's stores (the loop's hot spot in perf). The same products in the same order as
+ * matmul_cols_rows (0 + x_0 w_0 + x_1 w_1 + ...). With software prefetch ~2 KB ahead in the rows: the hardware
+ * prefetcher alone did not keep ahead of these short slices (1-thread A/B, cold layers: 0.88-0.98 of the time
+ * without it). */
+#define MATMUL_COLS_BLOCK 8
+static inline __attribute__((always_inline)) void NAME(matmul_cols_block)(int64_t I, int64_t O, const real *xb,
+                                                                          const wreal *W, real *yb, int64_t c,
+                                                                          const int nv)
+{
+    NAME(vec) acc[MATMUL_COLS_BLOCK];
+    for (int j = 0; j < nv; ++j)
+        acc[j] = (NAME(vec)){0};
+    const int64_t bytes = nv * VEC_LANES * (int64_t)sizeof(wreal);
+    const int64_t ahead = (2048 + bytes - 1) / bytes;
+    for (int64_t i = 0; i < I; ++i) {
+        const wreal *wi = W + i * O + c;
+        if (i + ahead < I)
+            for (int64_t off = 0; off < bytes; off += 64)
+                __builtin_prefetch((const char *)(wi + ahead * O) + off);
+        const NAME(vec) xi = (NAME(vec)){0} + xb[i];
+        for (int j = 0; j < nv; ++j)
+            acc[j] += xi * NAME(wvload)(wi + j * VEC_LANES);
+    }
+    for (int j = 0; j < nv; ++j)
+        memcpy(yb + c + j * VEC_LANES, &acc[j], sizeof acc[j]);
+}
+
+static void NAME(matmul_cols)(int64_t B, int64_t I, int64_t O, const real *x, const wreal *W, real *y, int64_t lo,
+                              int64_t hi, int act)
+{
+    if (hi <= lo)
+        return;
+    int64_t c = lo;
+    if ((hi - lo) * (int64_t)sizeof(wreal) < 2048) { /* short rows: in registers, whole vectors of columns */
+        for (int64_t b = 0; b < B; ++b) {
+            const real *xb = x + b * I;
+            real *yb = y + b * O;
+            c = lo;
+            for (; c + MATMUL_COLS_BLOCK * VEC_LANES <= hi; c += MATMUL_COLS_BLOCK * VEC_LANES)
+                NAME(matmul_cols_block)(I, O, xb, W, yb, c, MATMUL_COLS_BLOCK);
+            if (c + 4 * VEC_LANES <= hi) {
+                NAME(matmul_cols_block)(I, O, xb, W, yb, c, 4);
+                c += 4 * VEC_LANES;
+            }
+            if (c + 2 * VEC_LANES <= hi) {
+                NAME(matmul_cols_block)(I, O, xb, W, yb, c, 2);
+                c += 2 * VEC_LANES;
+            }
+            if (c + VEC_LANES <= hi) {
+                NAME(matmul_cols_block)(I, O, xb, W, yb, c, 1);
+                c += VEC_LANES;
+            }
+        }
+    }
+    NAME(matmul_cols_rows)(B, I, O, x, W, y, c, hi); /* the rest (all of the long rows) */
     if (act)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t o = lo; o < hi; ++o) {
