@@ -585,7 +585,10 @@ class HybridMixer(nn.Module):
         ``(x + xx mu_i) A_i = x A_i + xx (mu_i A_i)``, so the first factors of all maps are one matmul of x (u for
         the u-fed maps) plus one of xx for the token-shift-fed maps; each map's bias rides in its second matmul as
         a row of ``B_i`` against a column of ones in the hidden layer (no broadcast copy of the bias). Equal to
-        :func:`low_rank_bank` up to float rounding (tests: float64). u, x, xx [B,T,C] -> {name: [B,T,n_i]}."""
+        :func:`low_rank_bank` up to float rounding (tests: float64). u, x, xx [B,T,C] -> {name: [B,T,n_i]}; with
+        :data:`PREFILL_FUSED_CHAIN` the state heads' maps and the gate come before their sigmoids (``decay_logit``,
+        ``alpha_logit``, ``value_gate_logit``, ``gate_logit``) and the receptance correction as its first factor
+        ``r`` = u R1 (:meth:`state_heads` adds q in its addmm)."""
         lead, C = u.shape[:-1], u.shape[-1]
         layout = derived_weight(
             self,
