@@ -3,50 +3,10 @@
  * v_out (forward) and their gradients (backward) are NULL without value residual. */
 
 
-void NAME(state_inputs_forward)(int64_t r0, int64_t r1, int64_t H, int64_t N, double decay_scale, const real *zw,
-                                const real *za, const real *zv, const real *k, const real *v, const real *vf,
-                                const real *k_k, const real *k_a, const real *mask, real *log_w, real *k_out,
-                                real *v_out, real *a_out, real *b_out)
-{
-    const real c = (real)decay_scale;
-    for (int64_t row = r0; row < r1; row++) {
-        const int64_t o = row * N, p = (row % H) * N;
-        const real m = mask ? mask[row / H] : (real)1;
-        real ss = 0;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t n = 0; n < N; n++) {
-            const real q = k[o + n] * k_k[p + n];
-            ss += q * q;
-        }
-        real nrm = SQRT(ss);
-        const real inv = (real)1 / (nrm > (real)1e-12 ? nrm : (real)1e-12);
-        real sa[N], sw[N], sg[N];
-        SIGROW(N, za + o, sa);
-        SIGROW(N, zw + o, sw);
-        if (v_out)
-            SIGROW(N, zv + o, sg);
-#pragma omp simd
-        for (int64_t n = 0; n < N; n++) {
-            const real alpha = sa[n];
-            const real kk = k[o + n] * k_k[p + n] * inv;
-            log_w[o + n] = -c * sw[n] * m;
-            k_out[o + n] = k[o + n] * ((real)1 + (alpha - (real)1) * k_a[p + n]) * m;
-            a_out[o + n] = -kk;
-            b_out[o + n] = kk * alpha * m;
-        }
-        if (v_out) {
-#pragma omp simd
-            for (int64_t n = 0; n < N; n++) {
-                const real g = sg[n];
-                v_out[o + n] = (v[o + n] + (vf[o + n] - v[o + n]) * g) * m;
-            }
-        }
-    }
-}
-
 /* The forward for grouped keys and values (no backward: the no-grad prefill): k, v are [tokens * G, N] with G
  * key/value heads shared by H / G consecutive state heads each (the teacher's grouped-query attention), read in
- * place of a repeated copy; v_out is always written (v' of the value residual, else v itself), times the mask. */
+ * place of a repeated copy; v_out is written where given (v' of the value residual, else v itself), times the mask.
+ * With G = H it is the plain forward (state_inputs_forward). */
 void NAME(state_inputs_forward_grouped)(int64_t r0, int64_t r1, int64_t H, int64_t G, int64_t N, double decay_scale,
                                         const real *zw, const real *za, const real *zv, const real *k, const real *v,
                                         const real *vf, const real *k_k, const real *k_a, const real *mask,
@@ -83,13 +43,25 @@ void NAME(state_inputs_forward_grouped)(int64_t r0, int64_t r1, int64_t H, int64
 #pragma omp simd
             for (int64_t n = 0; n < N; n++)
                 v_out[o + n] = (v[g + n] + (vf[o + n] - v[g + n]) * sg[n]) * m;
-        } else {
+        } else if (v_out) {
 #pragma omp simd
             for (int64_t n = 0; n < N; n++)
                 v_out[o + n] = v[g + n] * m;
         }
     }
 }
+
+/* The forward of the training path: k, v are [rows, N] (one key/value row per state head); v_out is NULL without
+ * value residual. The grouped forward with one state head per key/value head. */
+void NAME(state_inputs_forward)(int64_t r0, int64_t r1, int64_t H, int64_t N, double decay_scale, const real *zw,
+                                const real *za, const real *zv, const real *k, const real *v, const real *vf,
+                                const real *k_k, const real *k_a, const real *mask, real *log_w, real *k_out,
+                                real *v_out, real *a_out, real *b_out)
+{
+    NAME(state_inputs_forward_grouped)(r0, r1, H, H, N, decay_scale, zw, za, zv, k, v, vf, k_k, k_a, mask, log_w,
+                                       k_out, zv ? v_out : NULL, a_out, b_out);
+}
+
 
 /* d_kk, d_ka: this range's own [H * N] accumulators (summed by the caller), zeroed by the caller. */
 void NAME(state_inputs_backward)(int64_t r0, int64_t r1, int64_t H, int64_t N, double decay_scale, const real *zw,
